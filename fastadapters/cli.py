@@ -1,0 +1,42 @@
+"""The `fastadapters` command line: one sub-command per job, each owned by its own module.
+
+    fastadapters bench   training-step table on an embedded default model (fastadapters.bench)
+    fastadapters train   fine-tune an adapter like LLM-Adapters' finetune.py (fastadapters.train)
+    fastadapters eval    score a model/adapter on the LLM-Adapters test sets (fastadapters.evaluate)
+
+Each module exposes ``main(argv) -> int``; this file only routes, so importing it stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "bench": ("fastadapters.bench", "time training steps: frozen base, PEFT LoRA, fastadapters adapters"),
+    "train": ("fastadapters.train", "fine-tune an adapter on an Alpaca-format JSON file"),
+    "eval": ("fastadapters.evaluate", "evaluate a base model or adapter on math/commonsense test sets"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fastadapters <command> [options]", "", "commands:"]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\nRun `fastadapters <command> --help` for the options of one command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"fastadapters: unknown command {cmd!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
