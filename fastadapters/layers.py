@@ -1,0 +1,189 @@
+"""Modules that wrap a frozen base linear and run adapters through the ops layer.
+
+``AdapterLinear`` holds one frozen base module (``nn.Linear`` or transformers' ``Conv1D``) and any
+number of named adapters of any type beside it, because a model can carry a LoRA adapter and a
+parallel adapter on the same projection. Parameter names follow the files users already have:
+``lora_A.<name>.weight`` (r, in) / ``lora_B.<name>.weight`` (out, r) as PEFT, and
+``adapter_down.<name>.weight`` (b, d) / ``adapter_up.<name>.weight`` (d, b) /
+``adapter_scaling.<name>`` as the LLM-Adapters fork. Adapter weights are kept in fp32 whatever the
+base dtype (PEFT's autocast_adapter_dtype behaviour; LLM-Adapters computes its branch in fp32).
+
+Only the active adapter runs; ``routing`` (set by the multi-adapter router) overrides it per row.
+``PrefixEncoder`` produces prefix-tuning key/value prefixes for every layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import AdapterConfig, LoRAConfig, PrefixConfig, _BottleneckConfig
+from .ops.bottleneck import bottleneck_linear
+from .ops.lora import lora_linear
+
+try:  # transformers' GPT-2 style linear (weight stored (in, out))
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers always ships it
+    Conv1D = ()
+
+SUPPORTED_BASES = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+
+@dataclass
+class AdapterSpec:
+    """What one named adapter does on one linear."""
+
+    kind: str  # "lora" | "mh" | "output" | "parallel"
+    config: AdapterConfig
+    scaling: float | None  # None: learned (adapter_scaling parameter)
+
+
+def base_weight_nk(base: nn.Module) -> torch.Tensor:
+    """The base weight as an (out, in) matrix: a transposed view for Conv1D, no copy."""
+    return base.weight.t() if (Conv1D and isinstance(base, Conv1D)) else base.weight
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    w = base_weight_nk(base)
+    return int(w.shape[1]), int(w.shape[0])
+
+
+class AdapterLinear(nn.Module):
+    """A frozen base linear plus named adapters (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_BASES):
+            raise TypeError(f"AdapterLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_scaling = nn.ParameterDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapter: str | None = None
+        self.backend: str | None = None
+        self.routing = None  # set per forward by fastadapters.serving routing
+
+    # -- building ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: AdapterConfig, kind: str, generator: torch.Generator | None = None):
+        dev = self.base_layer.weight.device
+        k, n = self.in_features, self.out_features
+        if isinstance(config, LoRAConfig):
+            A = nn.Linear(k, config.r, bias=False, device=dev, dtype=torch.float32)
+            B = nn.Linear(config.r, n, bias=False, device=dev, dtype=torch.float32)
+            with torch.no_grad():  # PEFT's init: A kaiming-uniform(a=sqrt(5)), B zero
+                bound = 1.0 / math.sqrt(k)  # kaiming_uniform with a=sqrt(5) on fan_in k
+                A.weight.uniform_(-bound, bound, generator=generator)
+                B.weight.zero_()
+            self.lora_A[name], self.lora_B[name] = A, B
+            self.specs[name] = AdapterSpec("lora", config, config.scaling)
+            return
+        assert isinstance(config, _BottleneckConfig)
+        d_in = n if kind == "output" else k
+        d_out = k if kind == "mh" else n
+        b = config.bottleneck_size
+        D = nn.Linear(d_in, b, bias=False, device=dev, dtype=torch.float32)
+        U = nn.Linear(b, d_out, bias=False, device=dev, dtype=torch.float32)
+        with torch.no_grad():
+            if config.init == "bert":
+                D.weight.normal_(0.0, 0.02, generator=generator)
+                U.weight.normal_(0.0, 0.02, generator=generator)
+            else:  # zero_up: the adapter starts as the identity
+                bound = 1.0 / math.sqrt(d_in)
+                D.weight.uniform_(-bound, bound, generator=generator)
+                U.weight.zero_()
+        self.adapter_down[name], self.adapter_up[name] = D, U
+        learned = config.scaling == "learned"
+        if learned:
+            self.adapter_scaling[name] = nn.Parameter(torch.ones((), device=dev, dtype=torch.float32))
+        self.specs[name] = AdapterSpec(kind, config, None if learned else float(config.scaling))
+
+    def delete_adapter(self, name: str) -> None:
+        for container in (self.lora_A, self.lora_B, self.adapter_down, self.adapter_up, self.adapter_scaling):
+            if name in container:
+                del container[name]
+        self.specs.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def adapter_parameters(self, name: str):
+        for container in (self.lora_A, self.lora_B, self.adapter_down, self.adapter_up):
+            if name in container:
+                yield from container[name].parameters()
+        if name in self.adapter_scaling:
+            yield self.adapter_scaling[name]
+
+    def scaling_of(self, name: str):
+        spec = self.specs[name]
+        return self.adapter_scaling[name] if spec.scaling is None else spec.scaling
+
+    # -- compute -----------------------------------------------------------------------------
+    def _base_args(self):
+        return base_weight_nk(self.base_layer), self.base_layer.bias
+
+    def forward_adapter(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        spec = self.specs[name]
+        weight, bias = self._base_args()
+        if spec.kind == "lora":
+            cfg = spec.config
+            return lora_linear(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                               spec.scaling, cfg.dropout, self.training, self.backend)
+        cfg = spec.config
+        return bottleneck_linear(spec.kind, x, (weight, bias), self.adapter_down[name].weight,
+                                 self.adapter_up[name].weight, self.scaling_of(name), cfg.non_linearity,
+                                 cfg.dropout, self.training, self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing.forward(self, x)
+        name = self.active_adapter
+        if name is None or name not in self.specs:
+            return self.base_layer(x)
+        return self.forward_adapter(x, name)
+
+    def extra_repr(self) -> str:
+        kinds = ", ".join(f"{n}:{s.kind}" for n, s in self.specs.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{kinds}], active={self.active_adapter}"
+
+
+class PrefixEncoder(nn.Module):
+    """Learned prefixes for every layer: ``forward(batch)`` gives per-layer (key, value) pairs,
+    each (batch, kv_heads, num_virtual_tokens, head_dim).
+
+    The flat layout of ``embedding.weight`` (P, layers*2*kv_heads*head_dim) is PEFT's
+    ``prompt_embeddings`` layout: per token, layer-major, key before value, then heads, then dims.
+    """
+
+    def __init__(self, config: PrefixConfig, num_layers: int, kv_heads: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        p = config.num_virtual_tokens
+        flat = num_layers * 2 * kv_heads * head_dim
+        if config.prefix_projection:
+            token_dim = kv_heads * head_dim
+            self.embedding = nn.Embedding(p, token_dim, device=device, dtype=dtype)
+            self.transform = nn.Sequential(
+                nn.Linear(token_dim, config.encoder_hidden_size, device=device, dtype=dtype),
+                nn.Tanh(),
+                nn.Linear(config.encoder_hidden_size, flat, device=device, dtype=dtype),
+            )
+        else:
+            self.embedding = nn.Embedding(p, flat, device=device, dtype=dtype)
+            self.transform = None
+
+    def forward(self, batch: int, dtype: torch.dtype):
+        w = self.embedding.weight
+        if self.transform is not None:
+            w = self.transform(w)
+        p = w.shape[0]
+        kv = w.to(dtype).view(p, self.num_layers * 2, self.kv_heads, self.head_dim)
+        kv = kv.permute(1, 2, 0, 3)  # (layers*2, heads, P, head_dim)
+        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]

@@ -1,0 +1,365 @@
+"""``patch`` / ``unpatch`` and named-adapter management, on the model *instance*.
+
+Patching swaps each target linear for an ``AdapterLinear`` that wraps it (classes in transformers
+are never touched). Prefix-tuning adds a ``PrefixEncoder`` under ``fastadapters_prefix`` and wraps
+the instance's ``forward`` so that prefixes enter through the model's own KV cache (see
+``_prefix_forward``). Everything is validated before the first change, so a failed ``patch``
+leaves the model exactly as it was. ``unpatch`` puts the original modules, ``forward`` and
+``requires_grad`` flags back: the state dict is identical, key for key and bit for bit.
+
+The bookkeeping lives in ``model._fastadapters`` (a plain object, not a module, so it adds
+nothing to the state dict).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from . import models
+from .config import AdapterConfig, PrefixConfig, SeriesConfig, make_config
+from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder
+from .ops import dispatch
+
+PREFIX_MODULE = "fastadapters_prefix"
+RESERVED_NAMES = ("__base__",)
+
+
+@dataclass
+class PatchState:
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    kinds: dict[str, dict[str, str]] = field(default_factory=dict)  # adapter -> {module path: kind}
+    active: str | None = None
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # original flags of base params
+    wrapped: list[str] = field(default_factory=list)  # module paths now holding an AdapterLinear
+    orig_forward: Any = None  # set while a prefix adapter is present
+    backend: str | None = None
+
+
+def _state(model: nn.Module) -> PatchState | None:
+    return model.__dict__.get("_fastadapters")
+
+
+def _require_state(model: nn.Module) -> PatchState:
+    st = _state(model)
+    if st is None:
+        raise ValueError("this model has no fastadapters adapters; call fastadapters.patch(model, ...) first")
+    return st
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    st = _state(model)
+    return list(st.configs) if st else []
+
+
+def get_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    st = _require_state(model)
+    name = st.active if name is None else name
+    if name not in st.configs:
+        raise ValueError(f"no adapter named {name!r}; loaded: {list(st.configs)}")
+    return st.configs[name]
+
+
+def _check_name(st: PatchState | None, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or name in RESERVED_NAMES:
+        raise ValueError(f"name: got {name!r}; valid: a non-empty string without '.', not {RESERVED_NAMES}")
+    if st is not None and name in st.configs:
+        raise ValueError(f"an adapter named {name!r} is already on this model (loaded: {list(st.configs)}); "
+                         "pick another name or fastadapters.delete_adapter(model, name) first")
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Candidate modules by path: wrappers count under their own path, their insides are skipped."""
+    out: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for path, mod in model.named_modules():
+        if any(path.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(mod, AdapterLinear):
+            skip.append(path)
+        out[path] = mod
+    return out
+
+
+def _resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
+    """{module path: kind} for a non-prefix config; a ValueError naming what is valid otherwise."""
+    variant = cfg.variant if isinstance(cfg, SeriesConfig) else None
+    targets = cfg.target_modules or models.default_targets(model, cfg.adapter_type, variant)
+    mods = _linear_modules(model)
+    found = {p: m for p, m in mods.items() if p and models.matches(p, targets)}
+    if not found:
+        linear_names = sorted({p.rsplit(".", 1)[-1] for p, m in mods.items()
+                               if isinstance(m, SUPPORTED_BASES + (AdapterLinear,))})
+        raise ValueError(f"target_modules {list(targets)} matched no module of this model; "
+                         f"its linear modules are named: {linear_names}")
+    bad = [f"{p} ({type(m).__name__})" for p, m in found.items()
+           if not isinstance(m, SUPPORTED_BASES + (AdapterLinear,))]
+    if bad:
+        raise ValueError(f"target_modules matched modules that are not linear layers: {bad[:5]}; "
+                         "valid targets are nn.Linear or transformers Conv1D modules")
+    kinds = {}
+    for p in found:
+        if cfg.adapter_type == "lora":
+            kinds[p] = "lora"
+        elif cfg.adapter_type == "parallel":
+            kinds[p] = "parallel"
+        elif variant == "pfeiffer":
+            kinds[p] = "output"
+        else:  # houlsby: output placement on the FFN output linear, mh elsewhere
+            kinds[p] = "output" if models.is_ffn_output(model, p) else "mh"
+    return kinds
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _wrappers(model: nn.Module):
+    for path, mod in model.named_modules():
+        if isinstance(mod, AdapterLinear):
+            yield path, mod
+
+
+def _prefix_encoders(model: nn.Module) -> nn.ModuleDict | None:
+    return model._modules.get(PREFIX_MODULE)
+
+
+def _adapter_params(model: nn.Module, name: str):
+    for _, w in _wrappers(model):
+        yield from w.adapter_parameters(name)
+    enc = _prefix_encoders(model)
+    if enc is not None and name in enc:
+        yield from enc[name].parameters()
+
+
+def _mark_trainable(model: nn.Module, st: PatchState) -> None:
+    for name in st.configs:
+        for p in _adapter_params(model, name):
+            p.requires_grad_(name == st.active)
+
+
+def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig | None = None,
+          name: str = "default", backend: str | None = None, **fields) -> nn.Module:
+    """Add adapter ``name`` to ``model`` (in place) and return the model.
+
+    ``adapter`` is "lora" | "series" | "parallel" | "prefix" with the config's fields as keywords,
+    or ``config`` is a ready config. The first adapter becomes active; later ones are added beside
+    it (``set_adapter`` switches). The base is frozen; only the active adapter trains.
+    """
+    # ---- validate everything first: nothing changes on error ----
+    if config is None:
+        if adapter is None:
+            raise ValueError("patch needs adapter=... (lora, series, parallel, prefix) or config=...")
+        cfg = make_config(adapter, **fields)
+    else:
+        if adapter is not None or fields:
+            raise ValueError("pass either config=... or adapter=... with fields, not both")
+        if not isinstance(config, AdapterConfig) or not config.adapter_type:
+            raise ValueError(f"config: got {type(config).__name__}; valid: LoRAConfig, SeriesConfig, "
+                             "ParallelConfig, PrefixConfig")
+        cfg = type(config).from_dict(config.to_dict())  # a validated private copy
+    dispatch.check_backend_name(backend)
+    st = _state(model)
+    _check_name(st, name)
+    if isinstance(cfg, PrefixConfig):
+        if not hasattr(model, "config"):
+            raise ValueError("prefix-tuning needs a transformers model (with .config)")
+        try:
+            geometry = models.attention_geometry(model.config)
+        except AttributeError as e:
+            raise ValueError(f"prefix-tuning could not read the attention geometry from the config: {e}") from None
+        if st is not None and st.orig_forward is None and "forward" in model.__dict__:
+            raise ValueError("this model instance already has its forward replaced; prefix-tuning cannot wrap it")
+        kinds: dict[str, str] = {}
+    else:
+        kinds = _resolve_targets(model, cfg)
+
+    # ---- apply ----
+    first = st is None
+    if first:
+        st = PatchState(backend=backend)
+        st.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.__dict__["_fastadapters"] = st
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if isinstance(cfg, PrefixConfig):
+        layers, kv_heads, head_dim = geometry
+        dev = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
+        if _prefix_encoders(model) is None:
+            model.add_module(PREFIX_MODULE, nn.ModuleDict())
+        _prefix_encoders(model)[name] = PrefixEncoder(cfg, layers, kv_heads, head_dim, device=dev)
+        if st.orig_forward is None:
+            st.orig_forward = model.forward
+            model.forward = _prefix_forward(model, st.orig_forward)
+    else:
+        for path, kind in kinds.items():
+            mod = model.get_submodule(path)
+            if not isinstance(mod, AdapterLinear):
+                wrapper = AdapterLinear(mod)
+                wrapper.backend = st.backend
+                wrapper.active_adapter = st.active
+                _set_submodule(model, path, wrapper)
+                st.wrapped.append(path)
+                mod = wrapper
+            mod.add_adapter(name, cfg, kind)
+    st.configs[name] = cfg
+    st.kinds[name] = kinds
+    if first or st.active is None:
+        set_adapter(model, name)
+    else:
+        _mark_trainable(model, st)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter (None: run the bare base model); only it trains."""
+    st = _require_state(model)
+    if name is not None and name not in st.configs:
+        raise ValueError(f"no adapter named {name!r}; loaded: {list(st.configs)}")
+    st.active = name
+    for _, w in _wrappers(model):
+        w.active_adapter = name
+    _mark_trainable(model, st)
+
+
+def set_backend(model: nn.Module, backend: str | None) -> None:
+    """Choose the kernel backend of every patched layer (None: FASTADAPTERS_BACKEND or auto)."""
+    st = _require_state(model)
+    dispatch.check_backend_name(backend)
+    st.backend = backend
+    for _, w in _wrappers(model):
+        w.backend = backend
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; removing the last one unpatches the model."""
+    st = _require_state(model)
+    if name not in st.configs:
+        raise ValueError(f"no adapter named {name!r}; loaded: {list(st.configs)}")
+    if len(st.configs) == 1:
+        unpatch(model)
+        return
+    for _, w in _wrappers(model):
+        w.delete_adapter(name)
+    enc = _prefix_encoders(model)
+    if enc is not None and name in enc:
+        del enc[name]
+    del st.configs[name]
+    del st.kinds[name]
+    if st.active == name:
+        set_adapter(model, next(iter(st.configs)))
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove every adapter and give the original modules back (state dict identical)."""
+    st = _require_state(model)
+    for path in sorted(st.wrapped, key=lambda p: -p.count(".")):
+        wrapper = model.get_submodule(path)
+        _set_submodule(model, path, wrapper.base_layer)
+    if PREFIX_MODULE in model._modules:
+        del model._modules[PREFIX_MODULE]
+    if st.orig_forward is not None:
+        model.__dict__.pop("forward", None)
+    for n, p in model.named_parameters():
+        if n in st.requires_grad:
+            p.requires_grad_(st.requires_grad[n])
+    del model.__dict__["_fastadapters"]
+    return model
+
+
+class TrainableCount(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
+                f"|| trainable%: {self.percent:.4f}")
+
+
+def trainable_parameters(model: nn.Module) -> TrainableCount:
+    """(trainable, total) parameter counts, as PEFT's ``get_nb_trainable_parameters``; str() prints them."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return TrainableCount(trainable, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix-tuning through the KV cache
+# ---------------------------------------------------------------------------------------------
+
+def _prefix_forward(model: nn.Module, orig_forward):
+    """Wrap ``orig_forward`` so the active prefix adapter's keys/values lead every layer's cache.
+
+    On a call without a started cache (training, or generate's first step) the per-layer prefixes
+    are written into a fresh or empty ``DynamicCache`` that is marked with the prefix length P.
+    On every call with a marked cache, P is added to ``cache_position``/``position_ids`` and P
+    ones are put before the attention mask, so the model sees P real past positions. Generation
+    thereby uses the ordinary Cache API: beams, sampling and left padding need no special case.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    params = list(inspect.signature(orig_forward).parameters)
+
+    @functools.wraps(orig_forward)
+    def forward(*args, **kwargs):
+        st = _state(model)
+        enc = _prefix_encoders(model)
+        if st is None or enc is None or st.active not in enc:
+            return orig_forward(*args, **kwargs)
+        for i, a in enumerate(args):
+            if params[i] in kwargs:
+                raise TypeError(f"forward got multiple values for argument {params[i]!r}")
+            kwargs[params[i]] = a
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("prefix-tuning needs input_ids or inputs_embeds")
+        batch, length = ref.shape[0], ref.shape[1]
+        encoder = enc[st.active]
+        p = encoder.config.num_virtual_tokens
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not hasattr(cache, "get_seq_length"):
+            raise ValueError("prefix-tuning needs a transformers Cache object as past_key_values "
+                             f"(e.g. DynamicCache), got {type(cache).__name__}")
+        marked = cache is not None and getattr(cache, "_fa_prefix_len", None) is not None
+        if not marked:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("past_key_values holds a cache not started by this prefix-tuned model; "
+                                 "pass None or an empty cache")
+            if cache is None:
+                cache = DynamicCache()
+            dtype = model.get_input_embeddings().weight.dtype
+            for layer, (k, v) in enumerate(encoder(batch, dtype)):
+                cache.update(k, v, layer)
+            cache._fa_prefix_len = p
+            kwargs["past_key_values"] = cache
+        p = cache._fa_prefix_len
+        for key in ("cache_position", "position_ids"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = kwargs[key] + p
+        mask = kwargs.get("attention_mask")
+        past = cache.get_seq_length()  # prefix + earlier real tokens
+        if mask is None:
+            mask = torch.ones(batch, past + length, dtype=torch.long, device=ref.device)
+        elif mask.dim() == 2:
+            mask = torch.cat([mask.new_ones(batch, p), mask], dim=1)
+        else:
+            raise ValueError(f"prefix-tuning supports 2-D attention masks, got shape {tuple(mask.shape)}")
+        kwargs["attention_mask"] = mask
+        return orig_forward(**kwargs)
+
+    return forward
