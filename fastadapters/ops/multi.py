@@ -1,0 +1,366 @@
+"""Multi-adapter op: many LoRA and bottleneck adapters in one batch, each row routed to its own.
+
+One op family serves LoRA (shrink/expand) and bottleneck adapters (down/act/up): LoRA is the
+bottleneck with the identity activation. Semantics (shapes: y0 (M, N), x (M, K), row_slot (M,)
+int32, down (S, R, K), up (S, N, R), sizes (S,) int32, scales (S,) fp32, act_ids (S,) int32)::
+
+    for m in range(M):
+        s = row_slot[m]
+        if s < 0:                                   # base row: y0 as is, no work
+            y[m] = y0[m]; continue
+        r = sizes[s]                                # 0 <= r <= R; storage pads to R, compute does not
+        h = down[s, :r, :] @ x[m]                   # (r,)  accumulated in fp32 (fp64 for fp64 inputs)
+        y[m] = y0[m] + scales[s] * up[s, :, :r] @ act[act_ids[s]](h)   # cast to y0's dtype
+
+``act_ids`` are ``fastadapters.ops.bottleneck.ACT_IDS``: 0 identity (LoRA: down = A, up = B,
+scale = alpha/r), 1 tanh, 2 relu, 3 gelu (erf), 4 silu, 5 sigmoid.
+
+What lives here:
+
+- ``multi_adapter_ref``: the loop above in plain torch (fp64-able), the statement tests compare to.
+- ``MultiPlan`` / ``build_plan``: the per-row metadata every layer shares (rows sorted by slot,
+  per-slot segments, fixed-size row tiles). Built with static-shape torch ops and no host sync, so a
+  CUDA graph can replay it (``build_plan(..., out=plan)`` refills the same buffers for a new mix).
+- the torch path (``multi_adapter_torch``): rows are grouped by slot into row tiles, each tile's
+  adapter weights are gathered, and the tiles run as one ``torch.bmm`` per *rank class* (sizes
+  rounded up to a power of two), so a rank-4 adapter costs rank-4..8 work beside a rank-64 one
+  and base rows cost nothing. The loops are over at most log2(R)+1 rank classes and at most six
+  activation kinds, never over adapters.
+- the ``triton`` backend (``fastadapters::multi_adapter_triton``, a ``torch.library.custom_op``
+  with a fake) launching ``fastadapters.kernels.multi``; and the ``cuda`` backend when the compiled
+  extension provides ``torch.ops.fastadapters.cuda_multi_adapter``.
+- ``multi_adapter``: the checked entry point, dispatching on ``backend``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from .bottleneck import ACT_IDS
+
+OP = "multi_adapter"
+
+#: activation id -> function, ids as ``ACT_IDS`` (swish is silu's alias)
+ACT_BY_ID = {0: lambda t: t, 1: torch.tanh, 2: F.relu, 3: F.gelu, 4: F.silu, 5: torch.sigmoid}
+ACT_NAMES = {0: "identity", 1: "tanh", 2: "relu", 3: "gelu", 4: "silu", 5: "sigmoid"}
+assert all(ACT_IDS[n] == i for i, n in ACT_NAMES.items())
+
+
+def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+# ---------------------------------------------------------------------------------------------
+
+def multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, act_ids):
+    """The semantics in the module docstring, one row at a time (slow; for tests)."""
+    cd = _compute_dtype(y0, x, down, up)
+    y = y0.clone()
+    slots, sz, act = row_slot.tolist(), sizes.tolist(), act_ids.tolist()
+    for m, s in enumerate(slots):
+        if s < 0 or sz[s] == 0:
+            continue
+        r = sz[s]
+        h = down[s, :r, :].to(cd) @ x[m].to(cd)
+        d = scales[s].to(cd) * (up[s, :, :r].to(cd) @ ACT_BY_ID[act[s]](h))
+        y[m] = (y0[m].to(cd) + d).to(y.dtype)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+
+def check_multi_args(y0, x, row_slot, down, up, sizes, scales, act_ids, check_values: bool = True) -> None:
+    """Shape/dtype checks that name the bad value; ``check_values`` also reads row_slot/sizes/act_ids
+    (a host sync on CUDA; the router skips it because it built row_slot itself)."""
+    if x.dim() != 2:
+        raise ValueError(f"expected x of shape (M, K), got {tuple(x.shape)}")
+    m, k = x.shape
+    if y0.dim() != 2 or y0.shape[0] != m:
+        raise ValueError(f"expected y0 of shape ({m}, N), got {tuple(y0.shape)}")
+    n = y0.shape[1]
+    dispatch.check_shape("row_slot", row_slot, (m,))
+    if down.dim() != 3 or down.shape[2] != k:
+        raise ValueError(f"expected down of shape (S, R, {k}), got {tuple(down.shape)}")
+    s, r = down.shape[0], down.shape[1]
+    dispatch.check_shape("up", up, (s, n, r))
+    dispatch.check_shape("sizes", sizes, (s,))
+    dispatch.check_shape("scales", scales, (s,))
+    dispatch.check_shape("act_ids", act_ids, (s,))
+    for name, t in (("row_slot", row_slot), ("sizes", sizes), ("act_ids", act_ids)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expected {name} of dtype int32, got {t.dtype}")
+    for name, t in (("y0", y0), ("x", x), ("down", down), ("up", up), ("scales", scales)):
+        if not t.is_floating_point():
+            raise ValueError(f"expected {name} of a floating dtype, got {t.dtype}")
+    devs = {t.device for t in (y0, x, row_slot, down, up, sizes, scales, act_ids)}
+    if len(devs) != 1:
+        raise ValueError(f"expected all tensors on one device, got {sorted(map(str, devs))}")
+    if check_values and m and s:
+        lo, hi = int(row_slot.min()), int(row_slot.max())
+        if lo < -1 or hi >= s:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"row_slot: got slot {bad}; valid: -1 (base) or 0..{s - 1}")
+    if check_values and s:
+        smin, smax = int(sizes.min()), int(sizes.max())
+        if smin < 0 or smax > r:
+            raise ValueError(f"sizes: got {smin if smin < 0 else smax}; valid: 0..{r} (the padded rank R)")
+        bad = sorted(set(act_ids.tolist()) - set(ACT_BY_ID))
+        if bad:
+            raise ValueError(f"act_ids: got {bad[0]}; valid: {sorted(ACT_BY_ID)} ({ACT_NAMES})")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row metadata shared by every layer
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MultiPlan:
+    """Rows grouped by slot, computed once per forward and shared by all layers and phases.
+
+    ``sorted_rows`` lists active rows by slot then base rows; slot s owns
+    ``sorted_rows[seg_start[s] : seg_start[s] + seg_count[s]]``. That segment is cut into tiles of
+    ``block_m`` rows: tile t covers ``sorted_rows[tile_start[t] : tile_start[t] + tile_len[t]]`` of
+    slot ``tile_slot[t]`` (-1: unused tile). Shapes depend on (M, S, block_m) only.
+    """
+
+    row_slot: torch.Tensor  # (M,) int32
+    num_slots: int
+    block_m: int
+    sorted_rows: torch.Tensor  # (M,) int32
+    seg_start: torch.Tensor  # (S,) int32
+    seg_count: torch.Tensor  # (S,) int32
+    tile_slot: torch.Tensor  # (cdiv(M, block_m) + S,) int32
+    tile_start: torch.Tensor
+    tile_len: torch.Tensor
+    _torch_layout: tuple | None = field(default=None, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_slot.shape[0])
+
+    def torch_layout(self):
+        """Host-side row tiles for the torch path (cached; a host sync on CUDA)."""
+        if self._torch_layout is None:
+            self._torch_layout = _torch_layout(self.row_slot, self.num_slots)
+        return self._torch_layout
+
+
+def max_tiles(m: int, s: int, block_m: int) -> int:
+    return -(-m // block_m) + s
+
+
+def build_plan(row_slot: torch.Tensor, num_slots: int, block_m: int = 64, out: MultiPlan | None = None) -> MultiPlan:
+    """The ``MultiPlan`` of ``row_slot`` (values -1..num_slots-1). Static shapes, no host sync;
+    with ``out`` the same buffers are refilled (for CUDA-graph replay with a new adapter mix)."""
+    dev = row_slot.device
+    m, s = int(row_slot.shape[0]), int(num_slots)
+    if s < 1:
+        raise ValueError(f"num_slots: got {num_slots}; valid: >= 1")
+    slot_c = torch.where(row_slot < 0, torch.full_like(row_slot, s), row_slot).long()
+    sorted_rows = torch.sort(slot_c, stable=True).indices
+    counts = torch.zeros(s + 1, dtype=torch.long, device=dev).scatter_add_(0, slot_c, torch.ones_like(slot_c))
+    cnt = counts[:s]
+    seg_start = torch.cumsum(counts, 0)[:s] - cnt
+    tiles = (cnt + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    t = torch.arange(max_tiles(m, s, block_m), device=dev)
+    slot_of_t = torch.searchsorted(tile_end, t, right=True)
+    valid = slot_of_t < s
+    sc = slot_of_t.clamp(max=s - 1)
+    local = t - (tile_end[sc] - tiles[sc])
+    tile_start = seg_start[sc] + local * block_m
+    tile_len = (cnt[sc] - local * block_m).clamp(0, block_m)
+    tile_slot = torch.where(valid, sc, torch.full_like(sc, -1))
+    fields = dict(sorted_rows=sorted_rows, seg_start=seg_start, seg_count=cnt, tile_slot=tile_slot,
+                  tile_start=torch.where(valid, tile_start, 0), tile_len=torch.where(valid, tile_len, 0))
+    fields = {k: v.to(torch.int32) for k, v in fields.items()}
+    if out is None:
+        return MultiPlan(row_slot=row_slot.to(torch.int32), num_slots=s, block_m=block_m, **fields)
+    if out.num_slots != s or out.block_m != block_m or out.num_rows != m:
+        raise ValueError("build_plan(out=...): the plan was built for another (M, S, block_m)")
+    out.row_slot.copy_(row_slot)
+    for k, v in fields.items():
+        getattr(out, k).copy_(v)
+    out._torch_layout = None
+    return out
+
+
+def _torch_layout(row_slot: torch.Tensor, s: int):
+    """(rows, tile_of_row, lane, tile_slot, L) on the CPU: active rows grouped by slot into tiles of
+    L rows, L = next power of two of the mean rows per used slot (<= 64), so padding < 2x the rows."""
+    rs = row_slot.detach().to("cpu", torch.long)
+    act = torch.nonzero(rs >= 0).flatten()
+    if act.numel() == 0:
+        return None
+    slots = rs[act]
+    order = torch.sort(slots, stable=True).indices
+    rows, srt = act[order], slots[order]
+    counts = torch.bincount(srt, minlength=s)
+    used = int((counts > 0).sum())
+    L = min(64, 1 << max(0, math.ceil(math.log2(max(1.0, rows.numel() / used)))))
+    tiles_per = (counts + L - 1) // L
+    tile_off = torch.cumsum(tiles_per, 0) - tiles_per
+    seg_start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel()) - seg_start[srt]
+    tile_of_row = tile_off[srt] + pos // L
+    lane = pos % L
+    tile_slot = torch.repeat_interleave(torch.arange(s), tiles_per)
+    return rows, tile_of_row, lane, tile_slot, L
+
+
+# ---------------------------------------------------------------------------------------------
+# torch path: row tiles x gathered weights, one bmm per rank class
+# ---------------------------------------------------------------------------------------------
+
+def _apply_act_tiles(h: torch.Tensor, tile_act: torch.Tensor) -> torch.Tensor:
+    """act per tile (dim 0) by id; a loop over the (at most six) activation kinds present."""
+    kinds = torch.unique(tile_act).tolist()
+    if kinds == [0]:
+        return h
+    if len(kinds) == 1:
+        return ACT_BY_ID[kinds[0]](h)
+    out = h.clone()
+    for a in kinds:
+        if a:
+            sel = torch.nonzero(tile_act == a).flatten()
+            out[sel] = ACT_BY_ID[a](h[sel])
+    return out
+
+
+def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan: MultiPlan | None = None,
+                        sizes_host: torch.Tensor | None = None, act_host: torch.Tensor | None = None):
+    """The torch path (CPU serving; the fallback on CUDA, where it syncs to read the layout)."""
+    s_slots = down.shape[0]
+    layout = plan.torch_layout() if plan is not None else _torch_layout(row_slot, s_slots)
+    if layout is None:
+        return y0.clone()
+    rows, tile_of_row, lane, tile_slot, L = layout
+    sz = (sizes_host if sizes_host is not None else sizes.cpu()).long()
+    tile_size = sz[tile_slot]
+    # rank class: next power of two >= size (0 stays 0: that tile does nothing)
+    cls = torch.where(tile_size > 0, 2 ** torch.ceil(torch.log2(tile_size.clamp(min=1).double())).long(), 0)
+    cls = cls.clamp(max=down.shape[1])
+    classes = [c for c in torch.unique(cls).tolist() if c > 0]
+    y = y0.clone()
+    if not classes:
+        return y
+    dev = x.device
+    cd = _compute_dtype(y0, x, down, up)
+    k, n = x.shape[1], y0.shape[1]
+    ntiles = int(tile_slot.numel())
+    rows_d, tor_d, lane_d = rows.to(dev), tile_of_row.to(dev), lane.to(dev)
+    xt = x.new_zeros((ntiles, L, k), dtype=cd)
+    xt[tor_d, lane_d] = x[rows_d].to(cd)
+    delta = x.new_zeros((ntiles, L, n), dtype=cd)
+    act_cpu = (act_host if act_host is not None else act_ids.cpu()).long()
+    sc_all = scales.to(cd)
+    for c in classes:
+        sel = torch.nonzero(cls == c).flatten()
+        sl = tile_slot[sel]
+        sel_d, sl_d = sel.to(dev), sl.to(dev)
+        wd = down[sl_d, :c, :].to(cd)  # (t, c, K) gathered
+        h = torch.bmm(xt[sel_d], wd.transpose(1, 2))  # (t, L, c)
+        h = _apply_act_tiles(h, act_cpu[sl])
+        short = tile_size[sel] < c
+        if bool(short.any()):  # ranks beyond an adapter's size are padding: mask them
+            keep = torch.arange(c) < tile_size[sel][:, None]
+            h = h * keep.to(dev, cd)[:, None, :]
+        h = h * sc_all[sl_d][:, None, None]
+        wu = up[sl_d, :, :c].to(cd)  # (t, N, c)
+        delta[sel_d] = torch.bmm(h, wu.transpose(1, 2))
+    d_rows = delta[tor_d, lane_d]
+    y[rows_d] = (y0[rows_d].to(cd) + d_rows).to(y.dtype)
+    return y
+
+
+dispatch.register(OP, "torch", multi_adapter_torch)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend: a custom op (torch.compile sees no graph break), kernels in fastadapters.kernels
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastadapters::multi_adapter_triton", mutates_args=())
+def multi_adapter_triton_op(y0: torch.Tensor, x: torch.Tensor, sorted_rows: torch.Tensor,
+                            seg_start: torch.Tensor, seg_count: torch.Tensor, tile_slot: torch.Tensor,
+                            tile_start: torch.Tensor, tile_len: torch.Tensor, down: torch.Tensor,
+                            up: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor,
+                            act_ids: torch.Tensor, block_m: int, gather: bool) -> torch.Tensor:
+    from ..kernels import multi as km  # lazy: importing triton is not free
+
+    return km.multi_adapter_launch(y0, x, sorted_rows, seg_start, seg_count, tile_slot, tile_start, tile_len,
+                                   down, up, sizes, scales, act_ids, block_m, gather)
+
+
+@multi_adapter_triton_op.register_fake
+def _(y0, x, sorted_rows, seg_start, seg_count, tile_slot, tile_start, tile_len, down, up, sizes, scales,
+      act_ids, block_m, gather):
+    return torch.empty_like(y0)
+
+
+#: rows at or below which the triton backend takes the gather (decode) path
+GATHER_MAX_ROWS = 64
+SEGMENT_BLOCK_M = 64
+
+
+def multi_adapter_triton(y0, x, row_slot, down, up, sizes, scales, act_ids, plan: MultiPlan | None = None,
+                         sizes_host=None, act_host=None):
+    """Launch the Triton kernels: gather path for M <= GATHER_MAX_ROWS, segmented path above.
+    The path depends on M only (not on the adapter mix), so a captured graph stays valid."""
+    if plan is None or plan.block_m != SEGMENT_BLOCK_M:
+        plan = build_plan(row_slot, down.shape[0], SEGMENT_BLOCK_M)
+    gather = x.shape[0] <= GATHER_MAX_ROWS
+    return multi_adapter_triton_op(y0, x, plan.sorted_rows, plan.seg_start, plan.seg_count, plan.tile_slot,
+                                   plan.tile_start, plan.tile_len, down, up, sizes.to(torch.int32),
+                                   scales.to(torch.float32), act_ids.to(torch.int32), plan.block_m, gather)
+
+
+dispatch.register(OP, "triton", multi_adapter_triton)
+
+
+def _register_cuda_backend() -> None:
+    """Use the CUDA engineer's ``torch.ops.fastadapters.cuda_multi_adapter`` when the extension loads."""
+    try:
+        from . import cuda_ops  # noqa: F401  (their module loads fastadapters._C)
+    except Exception:
+        try:
+            import fastadapters._C  # noqa: F401
+        except Exception:
+            return
+    try:
+        op = torch.ops.fastadapters.cuda_multi_adapter
+    except (AttributeError, RuntimeError):
+        return
+
+    def multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=None, sizes_host=None,
+                           act_host=None):
+        return op(y0, x, row_slot.to(torch.int32), down, up, sizes.to(torch.int32), scales.to(torch.float32),
+                  act_ids.to(torch.int32))
+
+    dispatch.register(OP, "cuda", multi_adapter_cuda)
+
+
+_register_cuda_backend()
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+def multi_adapter(y0, x, row_slot, down, up, sizes, scales, act_ids, *, plan: MultiPlan | None = None,
+                  backend: str | None = None, sizes_host=None, act_host=None, check: bool = True):
+    """y = y0 + per-row adapter deltas (see the module docstring). ``plan``: shared metadata from
+    ``build_plan(row_slot, S)`` (built here when absent); ``sizes_host``/``act_host``: CPU copies of
+    sizes/act_ids so the torch path needs no device read; ``check=False`` skips the value checks."""
+    if check:
+        check_multi_args(y0, x, row_slot, down, up, sizes, scales, act_ids, check_values=plan is None)
+    return dispatch.call(OP, backend, x.device, y0, x, row_slot, down, up, sizes, scales, act_ids, plan,
+                         sizes_host, act_host)

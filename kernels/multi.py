@@ -1,0 +1,310 @@
+"""Triton kernels for mixed-adapter batches: every row runs its own LoRA or bottleneck adapter.
+
+    h[m]  = scales[s] * act_{act_ids[s]}(down[s, :r, :] @ x[m])        s = row slot, r = sizes[s]
+    y[m]  = y0[m] + up[s, :, :r] @ h[m]                                 base rows (s < 0): y0
+
+Each path is a shrink kernel writing h (M, R) in fp32, then an expand kernel adding into y:
+
+  segmented (prefill): rows sorted by slot, cut into tiles of BM rows of one slot
+      _seg_shrink_kernel   grid (tiles, cdiv(R, BR))   tile x down-slice, tl.dot over K
+      _seg_expand_kernel   grid (tiles, cdiv(N, BN))   tile x up-slice,   tl.dot over r < size
+  gather (decode): one program per slot walks that slot's rows, so each adapter's weights are read
+  once per step (as long as its rows fit in BMG, which the launcher sizes to the batch)
+      _gather_shrink_kernel  grid (S, cdiv(R, BR))     broadcast-multiply-reduce, no padding to 16
+      _gather_expand_kernel  grid (S, cdiv(N, BN))
+
+Both are CUDA-graph friendly: the grids depend on (M, N, R, S) only, every tile/slot reads its
+segment, size and activation from device tensors at run time (loops run to ``sizes[s]``, so a
+rank-4 adapter costs rank-4 work beside a rank-64 one; size 0 or an unused tile returns at once),
+and nothing syncs with the host. The metadata (``sorted_rows``, ``seg_*``, ``tile_*``) comes from
+``fastadapters.ops.multi.build_plan``. Activation ids follow ``fastadapters.ops.bottleneck.ACT_IDS``
+(0 identity, 1 tanh, 2 relu, 3 gelu, 4 silu, 5 sigmoid) and are runtime values: one launch mixes
+LoRA and bottleneck adapters. Accumulation is fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["multi_adapter_launch", "KERNELS", "compile_offline"]
+
+
+@triton.jit
+def _act_by_id(h, act_id):
+    """act(h) for fp32 h with a runtime activation id (ids as ACT_IDS)."""
+    sg = 1.0 / (1.0 + tl.exp(-h))
+    th = 2.0 / (1.0 + tl.exp(-2.0 * h)) - 1.0
+    out = tl.where(act_id == 1, th, h)
+    out = tl.where(act_id == 2, tl.maximum(h, 0.0), out)
+    out = tl.where(act_id == 3, 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476)), out)
+    out = tl.where(act_id == 4, h * sg, out)
+    out = tl.where(act_id == 5, sg, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# segmented path (prefill): tensor-core tiles of BM rows that share one adapter
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _seg_shrink_kernel(
+    x_ptr, down_ptr, h_ptr,
+    sorted_rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr,
+    sizes_ptr, scales_ptr, act_ptr,
+    K,
+    stride_xm, stride_xk, stride_ds, stride_dr, stride_dk, stride_hm, stride_hr,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    r0 = tl.program_id(1) * BR
+    slot = tl.load(tile_slot_ptr + t)
+    if slot < 0:
+        return
+    size = tl.load(sizes_ptr + slot)
+    if r0 >= size:
+        return
+    start = tl.load(tile_start_ptr + t)
+    n_rows = tl.load(tile_len_ptr + t)
+    lm = tl.arange(0, BM)
+    row_ok = lm < n_rows
+    rows = tl.load(sorted_rows_ptr + start + lm, mask=row_ok, other=0).to(tl.int64)
+    rr = r0 + tl.arange(0, BR)
+    r_ok = rr < size
+    rk = tl.arange(0, BK)
+    d_base = down_ptr + slot.to(tl.int64) * stride_ds
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_ok = kk < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        dt = tl.load(d_base + rr[None, :] * stride_dr + kk[:, None] * stride_dk,
+                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BR)
+        acc += tl.dot(xt.to(dt.dtype), dt, input_precision=DOT_PREC)
+    h = _act_by_id(acc, tl.load(act_ptr + slot)) * tl.load(scales_ptr + slot)
+    tl.store(h_ptr + rows[:, None] * stride_hm + rr[None, :] * stride_hr, h,
+             mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _seg_expand_kernel(
+    h_ptr, up_ptr, y_ptr,
+    sorted_rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr, sizes_ptr,
+    N,
+    stride_hm, stride_hr, stride_us, stride_un, stride_ur, stride_ym, stride_yn,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    t = tl.program_id(0)
+    n0 = tl.program_id(1) * BN
+    slot = tl.load(tile_slot_ptr + t)
+    if slot < 0:
+        return
+    size = tl.load(sizes_ptr + slot)
+    if size == 0:
+        return
+    start = tl.load(tile_start_ptr + t)
+    n_rows = tl.load(tile_len_ptr + t)
+    lm = tl.arange(0, BM)
+    row_ok = lm < n_rows
+    rows = tl.load(sorted_rows_ptr + start + lm, mask=row_ok, other=0).to(tl.int64)
+    nn = n0 + tl.arange(0, BN)
+    n_ok = nn < N
+    u_base = up_ptr + slot.to(tl.int64) * stride_us
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, size, BR):
+        rr = r0 + tl.arange(0, BR)
+        r_ok = rr < size
+        ht = tl.load(h_ptr + rows[:, None] * stride_hm + rr[None, :] * stride_hr,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        ut = tl.load(u_base + nn[None, :] * stride_un + rr[:, None] * stride_ur,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # (BR, BN)
+        acc += tl.dot(ht.to(ut.dtype), ut, input_precision=DOT_PREC)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + nn[None, :] * stride_yn
+    ym = row_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=ym, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ym)
+
+
+# ----------------------------------------------------------------------------------------------
+# gather path (decode): one program per adapter slot, its rows gathered, weights read once
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gather_shrink_kernel(
+    x_ptr, down_ptr, h_ptr,
+    sorted_rows_ptr, seg_start_ptr, seg_count_ptr,
+    sizes_ptr, scales_ptr, act_ptr,
+    K,
+    stride_xm, stride_xk, stride_ds, stride_dr, stride_dk, stride_hm, stride_hr,
+    BMG: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    r0 = tl.program_id(1) * BR
+    count = tl.load(seg_count_ptr + slot)
+    size = tl.load(sizes_ptr + slot)
+    if (count == 0) | (r0 >= size):
+        return
+    start = tl.load(seg_start_ptr + slot)
+    rr = r0 + tl.arange(0, BR)
+    r_ok = rr < size
+    rk = tl.arange(0, BK)
+    act_id = tl.load(act_ptr + slot)
+    scale = tl.load(scales_ptr + slot)
+    d_base = down_ptr + slot.to(tl.int64) * stride_ds
+    for m0 in range(0, count, BMG):
+        lm = m0 + tl.arange(0, BMG)
+        row_ok = lm < count
+        rows = tl.load(sorted_rows_ptr + start + lm, mask=row_ok, other=0).to(tl.int64)
+        acc = tl.zeros((BMG, BR), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            k_ok = kk < K
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            dt = tl.load(d_base + rr[:, None] * stride_dr + kk[None, :] * stride_dk,
+                         mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (BR, BK)
+            acc += tl.sum(xt[:, None, :] * dt[None, :, :], axis=2)
+        h = _act_by_id(acc, act_id) * scale
+        tl.store(h_ptr + rows[:, None] * stride_hm + rr[None, :] * stride_hr, h,
+                 mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _gather_expand_kernel(
+    h_ptr, up_ptr, y_ptr,
+    sorted_rows_ptr, seg_start_ptr, seg_count_ptr, sizes_ptr,
+    N,
+    stride_hm, stride_hr, stride_us, stride_un, stride_ur, stride_ym, stride_yn,
+    BMG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    n0 = tl.program_id(1) * BN
+    count = tl.load(seg_count_ptr + slot)
+    size = tl.load(sizes_ptr + slot)
+    if (count == 0) | (size == 0):
+        return
+    start = tl.load(seg_start_ptr + slot)
+    nn = n0 + tl.arange(0, BN)
+    n_ok = nn < N
+    u_base = up_ptr + slot.to(tl.int64) * stride_us
+    for m0 in range(0, count, BMG):
+        lm = m0 + tl.arange(0, BMG)
+        row_ok = lm < count
+        rows = tl.load(sorted_rows_ptr + start + lm, mask=row_ok, other=0).to(tl.int64)
+        acc = tl.zeros((BMG, BN), dtype=tl.float32)
+        for r0 in range(0, size, BR):
+            rr = r0 + tl.arange(0, BR)
+            r_ok = rr < size
+            ht = tl.load(h_ptr + rows[:, None] * stride_hm + rr[None, :] * stride_hr,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            ut = tl.load(u_base + nn[:, None] * stride_un + rr[None, :] * stride_ur,
+                         mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # (BN, BR)
+            acc += tl.sum(ht[:, None, :] * ut[None, :, :], axis=2)
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + nn[None, :] * stride_yn
+        ym = row_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=ym, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ym)
+
+
+KERNELS = {
+    "seg_shrink": _seg_shrink_kernel,
+    "seg_expand": _seg_expand_kernel,
+    "gather_shrink": _gather_shrink_kernel,
+    "gather_expand": _gather_expand_kernel,
+}
+
+# ----------------------------------------------------------------------------------------------
+# launch
+# ----------------------------------------------------------------------------------------------
+
+SEG_BN, SEG_BK, SEG_BR = 64, 64, 16
+GATHER_BN, GATHER_BK, GATHER_BR = 64, 32, 16
+SEG_WARPS, GATHER_WARPS = 4, 4
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def gather_rows_block(m: int) -> int:
+    """Rows a gather program holds at once: the whole decode batch up to 32, so one weight read."""
+    return max(2, min(32, triton.next_power_of_2(max(int(m), 1))))
+
+
+def multi_adapter_launch(y0, x, sorted_rows, seg_start, seg_count, tile_slot, tile_start, tile_len,
+                         down, up, sizes, scales, act_ids, block_m: int, gather: bool):
+    """y = y0 + deltas (semantics in the module docstring); returns a new tensor."""
+    m, k = x.shape
+    n = y0.shape[1]
+    s, r = down.shape[0], down.shape[1]
+    y = y0.clone()
+    if m == 0 or s == 0 or r == 0:
+        return y
+    h = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    if gather:
+        bmg = gather_rows_block(m)
+        _gather_shrink_kernel[(s, triton.cdiv(r, GATHER_BR))](
+            x, down, h, sorted_rows, seg_start, seg_count, sizes, scales, act_ids, k,
+            x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), h.stride(1),
+            BMG=bmg, BR=GATHER_BR, BK=GATHER_BK, num_warps=GATHER_WARPS)
+        _gather_expand_kernel[(s, triton.cdiv(n, GATHER_BN))](
+            h, up, y, sorted_rows, seg_start, seg_count, sizes, n,
+            h.stride(0), h.stride(1), up.stride(0), up.stride(1), up.stride(2), y.stride(0), y.stride(1),
+            BMG=bmg, BN=GATHER_BN, BR=GATHER_BR, num_warps=GATHER_WARPS)
+        return y
+    tiles = tile_slot.shape[0]
+    prec = _dot_precision(down.dtype)
+    _seg_shrink_kernel[(tiles, triton.cdiv(r, SEG_BR))](
+        x, down, h, sorted_rows, tile_slot, tile_start, tile_len, sizes, scales, act_ids, k,
+        x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), h.stride(1),
+        DOT_PREC=prec, BM=block_m, BR=SEG_BR, BK=SEG_BK, num_warps=SEG_WARPS)
+    _seg_expand_kernel[(tiles, triton.cdiv(n, SEG_BN))](
+        h, up, y, sorted_rows, tile_slot, tile_start, tile_len, sizes, n,
+        h.stride(0), h.stride(1), up.stride(0), up.stride(1), up.stride(2), y.stride(0), y.stride(1),
+        DOT_PREC=_dot_precision(up.dtype), BM=block_m, BN=SEG_BN, BR=SEG_BR, num_warps=SEG_WARPS)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# offline compile (no GPU needed): what the tests check for sm_80 / sm_90
+# ----------------------------------------------------------------------------------------------
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def shipped_configs(dtype: torch.dtype = torch.bfloat16, block_m: int = 64):
+    """(name, kernel, signature, constexprs, num_warps) of every kernel configuration the launcher uses."""
+    w = _TL[dtype]
+    prec = "tf32" if dtype == torch.float32 else "tf32"  # ignored by the compiler for 16-bit dots
+    ptr = {"x_ptr": w, "down_ptr": w, "up_ptr": w, "y_ptr": w, "h_ptr": "fp32", "scales_ptr": "fp32"}
+    out = []
+    specs = [
+        ("seg_shrink", _seg_shrink_kernel, dict(DOT_PREC=prec, BM=block_m, BR=SEG_BR, BK=SEG_BK), SEG_WARPS),
+        ("seg_expand", _seg_expand_kernel, dict(DOT_PREC=prec, BM=block_m, BN=SEG_BN, BR=SEG_BR), SEG_WARPS),
+        ("gather_shrink", _gather_shrink_kernel, dict(BMG=32, BR=GATHER_BR, BK=GATHER_BK), GATHER_WARPS),
+        ("gather_expand", _gather_expand_kernel, dict(BMG=32, BN=GATHER_BN, BR=GATHER_BR), GATHER_WARPS),
+    ]
+    for name, fn, cx, warps in specs:
+        sig = {}
+        for a in fn.arg_names:
+            if a in cx:
+                sig[a] = "constexpr"
+            elif a.endswith("_ptr"):
+                sig[a] = "*" + ptr.get(a, "i32")
+            else:
+                sig[a] = "i32"
+        out.append((name, fn, sig, cx, warps))
+    return out
+
+
+def compile_offline(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = 2):
+    """Compile ``fn`` for CUDA compute capability ``cc`` without a GPU; returns the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
