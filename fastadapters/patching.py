@@ -38,6 +38,7 @@ class PatchState:
     wrapped: list[str] = field(default_factory=list)  # module paths now holding an AdapterLinear
     orig_forward: Any = None  # set while a prefix adapter is present
     backend: str | None = None
+    version: int = 0  # bumped whenever adapters are added or removed (the serving store rebuilds on it)
 
 
 def _state(model: nn.Module) -> PatchState | None:
@@ -210,6 +211,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
             mod.add_adapter(name, cfg, kind)
     st.configs[name] = cfg
     st.kinds[name] = kinds
+    st.version += 1
     if first or st.active is None:
         set_adapter(model, name)
     else:
@@ -252,6 +254,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del enc[name]
     del st.configs[name]
     del st.kinds[name]
+    st.version += 1
     if st.active == name:
         set_adapter(model, next(iter(st.configs)))
 
