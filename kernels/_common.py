@@ -1,0 +1,292 @@
+"""Shared pieces of the Triton adapter kernels: activations, seeded dropout, launch configs.
+
+Everything here is either a `@triton.jit` helper inlined into the kernels of `lora.py` and
+`bottleneck.py`, or a small host-side helper those modules' launch functions share (argument
+checks that name the bad value, block-size choice, the offline-compile description of a kernel).
+
+Activations are chosen by a constexpr integer id (see `ACTIVATIONS`); gelu is the exact erf form,
+matching `torch.nn.functional.gelu` with its default `approximate="none"`.
+
+Dropout is Philox-based: element (m, k) of an (M, K) input is kept iff
+`tl.rand(seed, m * K + k) >= p`, so forward and backward regenerate the same mask from
+`(seed, p)` and no mask tensor is ever stored. Kept elements are scaled by 1 / (1 - p).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# activations
+# ----------------------------------------------------------------------------------------------
+
+ACT_IDENTITY = 0
+ACT_RELU = 1
+ACT_TANH = 2
+ACT_GELU = 3  # exact: 0.5 * x * (1 + erf(x / sqrt(2)))
+ACT_SILU = 4
+ACT_SIGMOID = 5
+
+#: activation name (as configs spell it) -> constexpr id used by the kernels
+ACTIVATIONS = {
+    "identity": ACT_IDENTITY,
+    "linear": ACT_IDENTITY,
+    "none": ACT_IDENTITY,
+    "relu": ACT_RELU,
+    "tanh": ACT_TANH,
+    "gelu": ACT_GELU,
+    "silu": ACT_SILU,
+    "swish": ACT_SILU,
+    "sigmoid": ACT_SIGMOID,
+}
+
+
+def activation_id(name) -> int:
+    """Map an activation name (case-insensitive) or id to the kernels' constexpr id."""
+    if isinstance(name, int) and name in ACTIVATIONS.values():
+        return name
+    key = str(name).lower()
+    if key not in ACTIVATIONS:
+        raise ValueError(
+            f"expected activation in {sorted(ACTIVATIONS)}, got {name!r}"
+        )
+    return ACTIVATIONS[key]
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2 * sigmoid(2x) - 1; saturates correctly for |x| large (exp -> 0 or inf)
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def apply_act(x, ACT: tl.constexpr):
+    """act(x) for fp32 x; ACT is one of the ACT_* ids."""
+    if ACT == 1:
+        y = tl.maximum(x, 0.0)
+    elif ACT == 2:
+        y = _tanh(x)
+    elif ACT == 3:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 4:
+        y = x * _sigmoid(x)
+    elif ACT == 5:
+        y = _sigmoid(x)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def apply_act_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx for fp32 x (relu'(0) = 0, as torch)."""
+    if ACT == 1:
+        g = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        t = _tanh(x)
+        g = 1.0 - t * t
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        g = cdf + x * pdf
+    elif ACT == 4:
+        sg = _sigmoid(x)
+        g = sg * (1.0 + x * (1.0 - sg))
+    elif ACT == 5:
+        sg = _sigmoid(x)
+        g = sg * (1.0 - sg)
+    else:
+        g = tl.full(x.shape, 1.0, tl.float32)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# tensor-core dot
+# ----------------------------------------------------------------------------------------------
+
+# The CPU interpreter (TRITON_INTERPRET=1, read when this module is imported) keeps bf16 as raw
+# uint16 and feeds it to np.matmul as integers (triton 3.6 - 3.9), so there bf16 operands are
+# widened to fp32 first: exact, since bf16 products are exact in fp32, as on the tensor cores.
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a · b with fp32 accumulation (tl.dot), interpreter-safe for bf16."""
+    if _INTERPRETING:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p):
+    """Boolean keep-mask for elements (rows[:, None], cols[None, :]) of an (M, n_cols) input.
+
+    The Philox offset of element (m, k) is m * n_cols + k, so any tiling regenerates the same mask.
+    """
+    offs = rows[:, None] * n_cols + cols[None, :]
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def load_scale(scale_ptr, scale_val, SCALE_IS_PTR: tl.constexpr):
+    """The adapter scaling as fp32: read from a 1-element tensor, or the float argument."""
+    if SCALE_IS_PTR:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scale_val
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# host-side helpers
+# ----------------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch options of one kernel launch (BM rows x BN cols, BK reduction)."""
+
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+    num_stages: int
+
+
+def check_tensor(name, t, shape, dtype=None, device=None):
+    """Raise a ValueError naming `name` if `t` does not have `shape` (None = any size there)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    exp = tuple("*" if s is None else s for s in shape)
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise ValueError(f"expected {name} of shape {exp}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"expected {name} of dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"expected {name} on device {device}, got {t.device}")
+
+
+def check_dtype(name, t):
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"expected {name} of dtype float16, bfloat16 or float32, got {t.dtype}"
+        )
+
+
+def check_dropout(dropout_p, seed):
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"expected dropout_p in [0, 1), got {dropout_p}")
+    if not (0 <= int(seed) < 2**31):
+        raise ValueError(f"expected seed in [0, 2**31), got {seed}")
+
+
+def check_philox_range(name, m, k):
+    # Philox offsets are m * K + k in int32 inside the kernels
+    if m * k >= 2**31:
+        raise ValueError(
+            f"{name} has {m} x {k} = {m * k} elements; seeded dropout supports fewer than 2**31"
+        )
+
+
+def rank_block(r: int) -> int:
+    """Padded rank / bottleneck width used as a tile dimension (>= 16 for tl.dot)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot input precision: fp32 inputs follow torch's TF32 switch (IEEE fp32 by default)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def scale_args(scaling, like: torch.Tensor):
+    """(scale_ptr, scale_val, SCALE_IS_PTR) for a float or a 1-element tensor scaling."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != 1:
+            raise ValueError(
+                f"expected scaling to be a float or a 1-element tensor, got shape {tuple(scaling.shape)}"
+            )
+        if scaling.device != like.device:
+            raise ValueError(f"expected scaling on device {like.device}, got {scaling.device}")
+        return scaling.reshape(1), 0.0, True
+    return like, float(scaling), False
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small number on CPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int,
+                attrs: dict | None = None):
+    """Compile `fn` offline for CUDA compute capability `cc` (no GPU needed); returns the kernel.
+
+    Works on triton 3.6 - 3.9: ASTSource(fn, signature, constexprs, attrs) + GPUTarget("cuda", cc, 32).
+    `signature` maps every argument name to a type string ("*bf16", "i32", "fp32", "constexpr");
+    `attrs` maps (arg index,) to [["tt.divisibility", 16]] as the JIT's runtime specialisation does.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs or {})
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+
+
+_FLOAT_ARGS = ("scale_val", "p", "inv_keep")
+_UNALIGNED_INTS = ("seed", "R")
+
+
+def make_signature(fn, ptr_dtypes: dict, constexprs: dict, default_ptr: str, unit_strides=()):
+    """(signature, constexprs, attrs) for offline compilation, mimicking the JIT's specialisation.
+
+    Pointers (args ending in `_ptr`) get `ptr_dtypes[name]` (else `default_ptr`) and 16-byte
+    alignment; `scale_val`/`p`/`inv_keep` are fp32; the strides in `unit_strides` become the
+    constant 1 (as the JIT specialises ints equal to 1); other ints are i32, sizes and strides
+    marked divisible by 16 (model dimensions are), the seed and the rank not.
+    """
+    sig, attrs = {}, {}
+    constexprs = dict(constexprs)
+    for name in unit_strides:
+        constexprs[name] = 1
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptr_dtypes.get(name, default_ptr)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in _UNALIGNED_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs

@@ -1,0 +1,589 @@
+"""Fused LoRA linear in Triton: frozen base GEMM + low-rank branch, forward and backward.
+
+    Y = X·Wᵀ + b + s · act(dropout(X)·Aᵀ)·Bᵀ          (LoRA: act = identity)
+
+The five kernels here are written for a general "adapter branch" P = dropout(X)·Aᵀ followed by an
+elementwise activation, so the parallel bottleneck adapter (`bottleneck.py`) reuses them unchanged:
+
+  _down_proj_kernel         P  = dropout(X)·Aᵀ                     (M, r) fp32, one pass over X
+  _fused_up_kernel          Y  = X·Wᵀ + b + (s·act(P))·Bᵀ          the adapter term is one more
+                                                                   tl.dot into the base accumulator:
+                                                                   no (M, N) intermediate
+  _rank_grad_kernel         G  = (dY·B) ⊙ act'(P)                  (M, r) fp32, and from the same
+                            dB = s·dYᵀ·act(P)                      read of dY (fp32 atomics over
+                            ds = Σ (dY·B) ⊙ act(P)                 row blocks; ds per row block)
+  _input_grad_kernel        dX = dY·W + s·(G·A) ⊙ mask/(1-p)       one GEMM, LoRA term in epilogue
+                            (or dX = R + ... with a residual R instead of dY·W, for series adapters)
+  _down_weight_grad_kernel  dA = s·Gᵀ·dropout(X)                   split over M, fp32 atomics
+
+Dropout masks come from Philox (`_common.dropout_keep`) and are regenerated where needed.
+Accumulation is fp32; X, W, A, B and Y are fp16, bf16 or fp32 (fp32 dots are IEEE unless
+`torch.backends.cuda.matmul.allow_tf32` is set). The small (M, r) fp32 P / G tensors are the only
+intermediates written to memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    ACT_IDENTITY,
+    BlockConfig,
+    TRITON_DTYPE_NAMES,
+    apply_act,
+    apply_act_grad,
+    check_dropout,
+    check_dtype,
+    check_philox_range,
+    check_tensor,
+    dot_precision,
+    dropout_keep,
+    load_scale,
+    mma,
+    make_signature,
+    num_sms,
+    rank_block,
+    scale_args,
+)
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _down_proj_kernel(
+    x_ptr, a_ptr, p_out_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed, p, inv_keep,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0,
+        )
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, kk, K, p), x, 0.0).to(x.dtype)
+        a = tl.load(
+            a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+            mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0,
+        )
+        acc = mma(x, a, acc, DOT_PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    tl.store(p_out_ptr + rm[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # L2-friendly order: GROUP_M row blocks share each column block of the weight
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fused_up_kernel(
+    x_ptr, w_ptr, bias_ptr, p_in_ptr, b_ptr, y_ptr, scale_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
+    scale_val,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=m_ok[:, None] & (kk[None, :] < K), other=0.0,
+        )
+        w = tl.load(
+            w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+            mask=n_ok[None, :] & (kk[:, None] < K), other=0.0,
+        )
+        acc = mma(x, w, acc, DOT_PREC)
+    # adapter term into the same accumulator: acc += (s * act(P)) · Bᵀ
+    r_ok = rr < R
+    pt = tl.load(p_in_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
+    h = tl.where(r_ok[None, :], apply_act(pt, ACT) * s, 0.0).to(y_ptr.dtype.element_ty)
+    bt = tl.load(
+        b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+        mask=n_ok[None, :] & r_ok[:, None], other=0.0,
+    )
+    acc = mma(h, bt, acc, DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _rank_grad_kernel(
+    dy_ptr, b_ptr, p_in_ptr, g_out_ptr, db_ptr, dscale_ptr, scale_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    scale_val,
+    ACT: tl.constexpr, NEED_DB: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rn0 = tl.arange(0, BN)
+    m_ok = rm < M
+    r_ok = rr < R
+    valid = m_ok[:, None] & r_ok[None, :]
+    pt = tl.load(p_in_ptr + rm[:, None] * R + rr[None, :], mask=valid, other=0.0)
+    h = tl.where(valid, apply_act(pt, ACT), 0.0)
+    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
+    h_s = (h * s).to(dy_ptr.dtype.element_ty)
+    dh = tl.zeros((BM, BR), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + rn0
+        n_ok = rn < N
+        dy = tl.load(
+            dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+            mask=n_ok[:, None] & r_ok[None, :], other=0.0,
+        )
+        dh = mma(dy, b, dh, DOT_PREC)
+        if NEED_DB:
+            part = mma(tl.trans(dy), h_s, None, DOT_PREC)
+            tl.atomic_add(db_ptr + rn[:, None] * R + rr[None, :], part, mask=n_ok[:, None] & r_ok[None, :])
+    if NEED_DSCALE:
+        tl.store(dscale_ptr + pid, tl.sum(tl.sum(dh * h, axis=1), axis=0))
+    if ACT != 0:
+        dh = dh * apply_act_grad(pt, ACT)
+    tl.store(g_out_ptr + rm[:, None] * R + rr[None, :], dh, mask=valid)
+
+
+@triton.jit
+def _input_grad_kernel(
+    dy_ptr, w_ptr, res_ptr, g_in_ptr, a_ptr, dx_ptr, scale_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_resm, stride_resk,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
+    seed, p, inv_keep, scale_val,
+    HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    m_ok = rm < M
+    k_ok = rk < K
+    r_ok = rr < R
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    if HAS_W:
+        rn0 = tl.arange(0, BN)
+        for n0 in range(0, N, BN):
+            rn = n0 + rn0
+            n_ok = rn < N
+            dy = tl.load(
+                dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                mask=m_ok[:, None] & n_ok[None, :], other=0.0,
+            )
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+            )
+            acc = mma(dy, w, acc, DOT_PREC)
+    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
+    g = tl.load(g_in_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    g = (g * s).to(dx_ptr.dtype.element_ty)
+    a = tl.load(
+        a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+        mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+    )
+    lo = mma(g, a, None, DOT_PREC)
+    if HAS_DROPOUT:
+        lo = tl.where(dropout_keep(seed, rm, rk, K, p), lo * inv_keep, 0.0)
+    acc = acc + lo
+    if HAS_RES:
+        res = tl.load(
+            res_ptr + rm[:, None] * stride_resm + rk[None, :] * stride_resk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        acc = acc + res.to(tl.float32)
+    tl.store(
+        dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & k_ok[None, :],
+    )
+
+
+@triton.jit
+def _down_weight_grad_kernel(
+    x_ptr, g_in_ptr, da_ptr, scale_ptr,
+    M, K, R, rows_per_split,
+    stride_xm, stride_xk,
+    seed, p, inv_keep, scale_val,
+    HAS_DROPOUT: tl.constexpr, SCALE_IS_PTR: tl.constexpr, USE_ATOMIC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    # dAᵀ tile (BK, BR) = dropout(X)ᵀ[BK, rows] · (s·G)[rows, BR], rows of this split only
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    rm0 = tl.arange(0, BM)
+    k_ok = rk < K
+    r_ok = rr < R
+    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BK, BR), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BM):
+        rm = m0 + rm0
+        m_ok = rm < m_end
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, rk, K, p), x, 0.0).to(x.dtype)
+        g = tl.load(g_in_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        g = (g * s).to(x_ptr.dtype.element_ty)
+        acc = mma(tl.trans(x), g, acc, DOT_PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    ptrs = da_ptr + rr[None, :] * K + rk[:, None]
+    out_mask = k_ok[:, None] & r_ok[None, :]
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=out_mask)
+    else:
+        tl.store(ptrs, acc, mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations (the offline compile test walks `shipped_kernel_specs`)
+# ----------------------------------------------------------------------------------------------
+
+# GEMM kernels (_fused_up_kernel, _input_grad_kernel): (BM, BN, BK) tiles per element size.
+_GEMM_LARGE = {2: BlockConfig(128, 128, 64, 8, 3), 4: BlockConfig(128, 128, 32, 8, 3)}
+_GEMM_SMALL = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 64, 32, 4, 3)}
+# row-block kernels (_down_proj, _rank_grad, _down_weight_grad): BM rows, BK/BN streamed columns
+_ROWBLOCK = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
+_ROWBLOCK_WIDE = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}  # BR >= 128
+GROUP_M = 8
+#: ranks above this are padded beyond what the kernels are tuned for; they still work
+MAX_TUNED_RANK = 256
+
+
+def gemm_config(M: int, dtype: torch.dtype) -> BlockConfig:
+    """Tile config of the two GEMM kernels: smaller tiles when M is small (decode, tiny batches)."""
+    size = torch.finfo(dtype).bits // 8
+    return (_GEMM_SMALL if M <= 64 else _GEMM_LARGE)[size]
+
+
+def rowblock_config(BR: int, dtype: torch.dtype) -> BlockConfig:
+    """Config of the kernels that keep a (BM, BR) rank tile: more warps for wide tiles."""
+    size = torch.finfo(dtype).bits // 8
+    return (_ROWBLOCK_WIDE if BR >= 128 else _ROWBLOCK)[size]
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers shared with bottleneck.py (no checks: callers validate)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_args(dropout_p):
+    p = float(dropout_p)
+    return p, (1.0 / (1.0 - p) if p > 0 else 1.0), p > 0
+
+
+def launch_down_proj(x, a, dropout_p, seed):
+    """P = dropout(x) · aᵀ: x (M, K), a (r, K) -> P (M, r) fp32."""
+    M, K = x.shape
+    R = a.shape[0]
+    BR = rank_block(R)
+    cfg = rowblock_config(BR, x.dtype)
+    p, inv_keep, has_do = _dropout_args(dropout_p)
+    out = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    _down_proj_kernel[(triton.cdiv(M, cfg.BM),)](
+        x, a, out, M, K, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+        int(seed), p, inv_keep,
+        HAS_DROPOUT=has_do, DOT_PREC=dot_precision(x.dtype),
+        BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def launch_fused_up(x, weight, bias, p_in, b, scaling, activation):
+    """y = x · weightᵀ + bias + (s · act(p_in)) · bᵀ: x (M, K), weight (N, K), p_in (M, r), b (N, r)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = p_in.shape[1]
+    cfg = gemm_config(M, x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, x)
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
+    _fused_up_kernel[grid](
+        x, weight, bias if bias is not None else x, p_in, b, y, scale_ptr,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
+        y.stride(0), y.stride(1),
+        scale_val,
+        ACT=activation, HAS_BIAS=bias is not None, SCALE_IS_PTR=scale_is_ptr,
+        DOT_PREC=dot_precision(x.dtype),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=rank_block(R), GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale):
+    """G = (dy·b) ⊙ act'(P) (M, r) fp32; dB = s·dyᵀ·act(P) (N, r) fp32; ds = Σ (dy·b) ⊙ act(P)."""
+    M, N = grad_y.shape
+    R = p_in.shape[1]
+    BR = rank_block(R)
+    cfg = rowblock_config(BR, grad_y.dtype)
+    n_blocks = triton.cdiv(M, cfg.BM)
+    g = torch.empty((M, R), device=grad_y.device, dtype=torch.float32)
+    db = torch.zeros((N, R), device=grad_y.device, dtype=torch.float32) if need_db else g
+    ds_part = torch.empty((n_blocks,), device=grad_y.device, dtype=torch.float32) if need_dscale else g
+    scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, grad_y)
+    _rank_grad_kernel[(n_blocks,)](
+        grad_y, b, p_in, g, db, ds_part, scale_ptr,
+        M, N, R,
+        grad_y.stride(0), grad_y.stride(1), b.stride(0), b.stride(1),
+        scale_val,
+        ACT=activation, NEED_DB=need_db, NEED_DSCALE=need_dscale, SCALE_IS_PTR=scale_is_ptr,
+        DOT_PREC=dot_precision(grad_y.dtype),
+        BM=cfg.BM, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return g, (db if need_db else None), (ds_part.sum() if need_dscale else None)
+
+
+def launch_input_grad(grad_y, weight, residual, g, a, scaling, dropout_p, seed, out_dtype):
+    """dx = [grad_y · weight] + [residual] + s · (g · a) ⊙ mask / (1 - p): (M, K) in out_dtype."""
+    M = g.shape[0]
+    R, K = a.shape
+    N = weight.shape[0] if weight is not None else 0
+    cfg = gemm_config(M, out_dtype)
+    p, inv_keep, has_do = _dropout_args(dropout_p)
+    dx = torch.empty((M, K), device=g.device, dtype=out_dtype)
+    scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, g)
+    w = weight if weight is not None else a
+    res = residual if residual is not None else dx
+    # output tile is (BM, BN) over (M, K); the reduction over N streams BK-wide slices
+    bk_out, bn_red = cfg.BN, cfg.BK
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(K, bk_out),)
+    _input_grad_kernel[grid](
+        grad_y if grad_y is not None else dx, w, res, g, a, dx, scale_ptr,
+        M, N, K, R,
+        grad_y.stride(0) if grad_y is not None else 0, grad_y.stride(1) if grad_y is not None else 0,
+        w.stride(0), w.stride(1), res.stride(0), res.stride(1),
+        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
+        int(seed), p, inv_keep, scale_val,
+        HAS_W=weight is not None, HAS_RES=residual is not None, HAS_DROPOUT=has_do,
+        SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(out_dtype),
+        BM=cfg.BM, BN=bn_red, BK=bk_out, BR=rank_block(R), GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx
+
+
+def launch_down_weight_grad(x, g, scaling, dropout_p, seed):
+    """dA = s · gᵀ · dropout(x): x (M, K), g (M, r) fp32 -> (r, K) fp32."""
+    M, K = x.shape
+    R = g.shape[1]
+    BR = rank_block(R)
+    cfg = rowblock_config(BR, x.dtype)
+    p, inv_keep, has_do = _dropout_args(dropout_p)
+    k_blocks = triton.cdiv(K, cfg.BK)
+    m_blocks = triton.cdiv(M, cfg.BM)
+    # enough programs to fill the machine: split the M reduction, combine with fp32 atomics
+    splits = max(1, min(m_blocks, (2 * num_sms(x.device)) // k_blocks))
+    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
+    splits = triton.cdiv(M, rows_per_split)
+    use_atomic = splits > 1
+    da = (torch.zeros if use_atomic else torch.empty)((R, K), device=x.device, dtype=torch.float32)
+    scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, x)
+    _down_weight_grad_kernel[(k_blocks, splits)](
+        x, g, da, scale_ptr,
+        M, K, R, rows_per_split,
+        x.stride(0), x.stride(1),
+        int(seed), p, inv_keep, scale_val,
+        HAS_DROPOUT=has_do, SCALE_IS_PTR=scale_is_ptr, USE_ATOMIC=use_atomic,
+        DOT_PREC=dot_precision(x.dtype),
+        BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return da
+
+
+# ----------------------------------------------------------------------------------------------
+# public launch functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_lora_args(x, weight, bias, lora_A, lora_B):
+    check_tensor("x", x, (None, None))
+    check_dtype("x", x)
+    M, K = x.shape
+    check_tensor("weight", weight, (None, K), dtype=x.dtype, device=x.device)
+    N = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, (N,), dtype=x.dtype, device=x.device)
+    check_tensor("lora_A", lora_A, (None, K), device=x.device)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"expected lora_A of shape (r, {K}) with r >= 1, got {tuple(lora_A.shape)}")
+    check_tensor("lora_B", lora_B, (N, r), device=x.device)
+    check_dtype("lora_A", lora_A)
+    check_dtype("lora_B", lora_B)
+    return M, K, N, r
+
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
+    """Fused LoRA linear forward.
+
+        keep[m, k] = philox(seed, m*K + k) >= p             (no mask stored; all-true when p = 0)
+        S = (x ⊙ keep / (1 - p)) · lora_Aᵀ                 (M, r) fp32
+        y = x · weightᵀ + bias + (scaling · S) · lora_Bᵀ    (M, N), one GEMM accumulator
+
+    x (M, K) fp16/bf16/fp32; weight (N, K) in x's dtype, any strides (a transposed view such as
+    gpt2's Conv1D weight.t() is read in place); bias (N,) or None; lora_A (r, K); lora_B (N, r)
+    (cast to x's dtype for the tensor-core dots); scaling float or 1-element tensor; dropout_p in
+    [0, 1); seed in [0, 2**31). Returns (y (M, N) in x's dtype, S (M, r) fp32): keep S for backward.
+    """
+    M, K, N, r = _check_lora_args(x, weight, bias, lora_A, lora_B)
+    check_dropout(dropout_p, seed)
+    if dropout_p > 0:
+        check_philox_range("x", M, K)
+    a = lora_A.to(x.dtype)
+    b = lora_B.to(x.dtype)
+    if M == 0:
+        return x.new_empty((0, N)), torch.empty((0, r), device=x.device, dtype=torch.float32)
+    s = launch_down_proj(x, a, dropout_p, seed)
+    y = launch_fused_up(x, weight, bias, s, b, scaling, ACT_IDENTITY)
+    return y, s
+
+
+def lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0,
+                    need_grad_x=True):
+    """Fused LoRA linear backward; the dropout mask is regenerated from (seed, dropout_p).
+
+        dS      = grad_y · lora_B                                  (M, r) fp32
+        grad_B  = scaling · grad_yᵀ · S                            (N, r)   from the same read of grad_y
+        grad_x  = grad_y · weight + scaling · (dS · lora_A) ⊙ keep / (1 - p)   (M, K), one GEMM
+        grad_A  = scaling · dSᵀ · (x ⊙ keep / (1 - p))             (r, K)
+
+    grad_y (M, N) in x's dtype; x, weight, lora_A, lora_B, scaling, dropout_p, seed as given to
+    `lora_linear_fwd`; s the (M, r) fp32 S it returned. The frozen weight and bias get no
+    gradient. Returns (grad_x or None if not need_grad_x, grad_A in lora_A's dtype,
+    grad_B in lora_B's dtype).
+    """
+    M, K, N, r = _check_lora_args(x, weight, None, lora_A, lora_B)
+    check_tensor("grad_y", grad_y, (M, N), dtype=x.dtype, device=x.device)
+    check_tensor("s", s, (M, r), dtype=torch.float32, device=x.device)
+    check_dropout(dropout_p, seed)
+    if M == 0:
+        return (torch.zeros_like(x) if need_grad_x else None,
+                torch.zeros_like(lora_A), torch.zeros_like(lora_B))
+    a = lora_A.to(x.dtype)
+    b = lora_B.to(x.dtype)
+    s = s.contiguous()
+    ds, db, _ = launch_rank_grad(grad_y, b, s, scaling, ACT_IDENTITY, need_db=True, need_dscale=False)
+    grad_x = None
+    if need_grad_x:
+        grad_x = launch_input_grad(grad_y, weight, None, ds, a, scaling, dropout_p, seed, x.dtype)
+    da = launch_down_weight_grad(x, ds, scaling, dropout_p, seed)
+    return grad_x, da.to(lora_A.dtype), db.to(lora_B.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# offline-compile description of every shipped configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _spec(name, fn, dtype, constexprs, cfg, fp32_ptrs=(), unit_strides=()):
+    sig, consts, attrs = make_signature(
+        fn, {k: "fp32" for k in fp32_ptrs}, constexprs, TRITON_DTYPE_NAMES[dtype], unit_strides
+    )
+    return dict(name=name, fn=fn, dtype=dtype, signature=sig, constexprs=consts, attrs=attrs,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def shipped_kernel_specs(dtypes=(torch.bfloat16, torch.float32), ranks=(16, 64)):
+    """One entry per (kernel, tile config, dtype, padded rank) the launchers can pick.
+
+    fp16 shares bf16's configs (same element size). The activation id is a pure elementwise
+    specialisation and is compiled with identity here (the bottleneck specs use the others).
+    """
+    specs = []
+    for dtype in dtypes:
+        size = torch.finfo(dtype).bits // 8
+        prec = dot_precision(dtype)
+        for BR in ranks:
+            for tag, cfg in (("large", _GEMM_LARGE[size]), ("small", _GEMM_SMALL[size])):
+                specs.append(_spec(
+                    f"lora_fused_up/{tag}/r{BR}", _fused_up_kernel, dtype,
+                    dict(ACT=ACT_IDENTITY, HAS_BIAS=True, SCALE_IS_PTR=False, DOT_PREC=prec,
+                         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=BR, GROUP_M=GROUP_M),
+                    cfg, fp32_ptrs=("p_in_ptr", "scale_ptr"),
+                    unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_yn"),
+                ))
+                specs.append(_spec(
+                    f"lora_input_grad/{tag}/r{BR}", _input_grad_kernel, dtype,
+                    dict(HAS_W=True, HAS_RES=False, HAS_DROPOUT=True, SCALE_IS_PTR=False,
+                         DOT_PREC=prec, BM=cfg.BM, BN=cfg.BK, BK=cfg.BN, BR=BR, GROUP_M=GROUP_M),
+                    cfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
+                    unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
+                ))
+            cfg = rowblock_config(BR, dtype)
+            specs.append(_spec(
+                f"lora_down_proj/r{BR}", _down_proj_kernel, dtype,
+                dict(HAS_DROPOUT=True, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BR=BR),
+                cfg, fp32_ptrs=("p_out_ptr",), unit_strides=("stride_xk", "stride_ak"),
+            ))
+            specs.append(_spec(
+                f"lora_rank_grad/r{BR}", _rank_grad_kernel, dtype,
+                dict(ACT=ACT_IDENTITY, NEED_DB=True, NEED_DSCALE=False, SCALE_IS_PTR=False,
+                     DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
+                cfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
+                unit_strides=("stride_dyn", "stride_br"),
+            ))
+            specs.append(_spec(
+                f"lora_down_weight_grad/r{BR}", _down_weight_grad_kernel, dtype,
+                dict(HAS_DROPOUT=True, SCALE_IS_PTR=False, USE_ATOMIC=True, DOT_PREC=prec,
+                     BM=cfg.BM, BK=cfg.BK, BR=BR),
+                cfg, fp32_ptrs=("g_in_ptr", "da_ptr", "scale_ptr"), unit_strides=("stride_xk",),
+            ))
+    return specs
