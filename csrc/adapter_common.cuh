@@ -16,13 +16,6 @@
 
 namespace fastadapters {
 
-// Element type of the activation / weight tensors of one call (all of y, y0, x, down, up share it).
-enum class ScalarKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
-
-inline int scalar_kind_bytes(ScalarKind kind) {
-  return kind == ScalarKind::kFloat32 ? 4 : 2;
-}
-
 enum ActId : int {
   kActIdentity = 0,
   kActTanh = 1,

@@ -3,6 +3,8 @@
 // The contract is in bottleneck.cuh, the kernel in adapter_branch.cuh.
 #include "bottleneck.cuh"
 
+#include "adapter_branch.cuh"
+
 namespace fastadapters {
 
 AdapterBranchPlan bottleneck_fwd_plan(int64_t M, int64_t N, int64_t K, int64_t b,

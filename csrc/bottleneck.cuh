@@ -14,7 +14,9 @@
 // before the launch. No torch headers.
 #pragma once
 
-#include "adapter_branch.cuh"
+#include <cuda_runtime.h>
+
+#include "adapter_plan.cuh"
 
 namespace fastadapters {
 

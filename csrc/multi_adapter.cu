@@ -3,6 +3,8 @@
 // The contract (metadata, workspace) is in multi_adapter.cuh, the kernel in adapter_branch.cuh.
 #include "multi_adapter.cuh"
 
+#include "adapter_branch.cuh"
+
 namespace fastadapters {
 
 AdapterBranchPlan multi_adapter_plan(int64_t M, int64_t N, int64_t K, int64_t R,

@@ -32,7 +32,9 @@
 // Needs sm_70+ (nanosleep in the wait loop). No torch headers.
 #pragma once
 
-#include "adapter_branch.cuh"
+#include <cuda_runtime.h>
+
+#include "adapter_plan.cuh"
 
 namespace fastadapters {
 
