@@ -203,6 +203,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
             mod = model.get_submodule(path)
             if not isinstance(mod, AdapterLinear):
                 wrapper = AdapterLinear(mod)
+                wrapper.train(mod.training)  # an eval-mode model stays in eval mode (no dropout)
                 wrapper.backend = st.backend
                 wrapper.active_adapter = st.active
                 _set_submodule(model, path, wrapper)
