@@ -1,0 +1,223 @@
+"""Per-row adapter routing: ``with fa.route(model, names): model(...)`` runs row i with ``names[i]``.
+
+    with fa.route(model, ["math", None, "chat", "math"]):      # None / "__base__": the bare base model
+        logits = model(input_ids).logits
+        tokens = model.generate(input_ids, max_new_tokens=16)
+
+On entry the names are checked against the loaded adapters (an unknown name fails before any
+compute, listing the loaded ones), the adapter store is synced (rebuilt if adapters were added,
+removed or changed) and the batch's adapters are made resident in device slots. Every
+``AdapterLinear`` then forwards through ``Router.forward`` in three phases, each one
+``fastadapters.ops.multi.multi_adapter`` call over the layer's stacked tables::
+
+    x' = multi(x, x,  pre)        # mh (Houlsby) adapters: x + f(x); other rows keep x
+    y  = base(x')                 # the frozen base linear, all rows in one GEMM
+    y  = multi(y, x', post_in)    # LoRA and parallel adapters: y + f(x)
+    y  = multi(y, y,  post_out)   # output (Houlsby / Pfeiffer) adapters: h + f(h)
+
+mh rows feed x + f(x) to the LoRA/parallel phase too, exactly as LLM-Adapters' mh placement
+(a linear carries one adapter per row, so this only matters for the row's own adapter). The
+per-row metadata (slot per token, rows sorted by slot, tiles) is built once per input shape, so
+one forward pays for it once and every layer and phase shares it.
+
+Generation: ``model.generate`` inside ``route`` works; when generate expands the batch
+(``num_beams`` / ``num_return_sequences``, each row's copies adjacent) the names are expanded the
+same way. Outside ``generate`` the batch must have exactly ``len(names)`` rows. Routing is for
+inference: adapter dropout is not applied and no gradient reaches the adapter weights (the store
+holds copies). A prefix-tuning adapter cannot be routed per row; one that is active is switched off
+inside ``route``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+import torch.nn as nn
+
+from ..config import PrefixConfig
+from ..layers import AdapterLinear
+from ..ops.multi import SEGMENT_BLOCK_M, MultiPlan, build_plan, multi_adapter
+from ..patching import RESERVED_NAMES, _state, _wrappers
+from .store import get_store
+
+BASE = RESERVED_NAMES[0]  # "__base__"
+
+__all__ = ["route", "Router", "BASE"]
+
+
+def _batch_of(args, kwargs) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[0])
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return int(args[0].shape[0])
+    return None
+
+
+class Router:
+    """The routing state ``AdapterLinear.forward`` calls into while ``route`` is active."""
+
+    def __init__(self, model: nn.Module, names: list[str | None]):
+        self.model = model
+        self.state = _state(model)
+        self.store = get_store(model)
+        self.names = list(names)
+        self.expand = 1  # rows per name: > 1 inside generate with beams / several return sequences
+        self.in_generate = 0
+        self._plans: dict[tuple[int, int], MultiPlan] = {}
+        self._lock = threading.Lock()
+        self._assign()
+
+    # -- slots and metadata ------------------------------------------------------------------
+    def _assign(self) -> None:
+        """Sync the store, make this batch's adapters resident and compute each row's slot."""
+        self.store.sync()
+        used = [n for n in self.names if n is not None and n != BASE]
+        slots = self.store.acquire(used)
+        self.row_slots = [-1 if (n is None or n == BASE) else slots[n] for n in self.names]
+        self.any_active = any(s >= 0 for s in self.row_slots)
+        self.version = self.store.version
+        self._plans = {}
+
+    def _refresh_if_changed(self) -> None:
+        if self.state.version != self.version:  # adapters added/removed while routing
+            with self._lock:
+                if self.state.version != self.version:
+                    missing = [n for n in self.names if n not in (None, BASE) and n not in self.state.configs]
+                    if missing:
+                        raise ValueError(f"adapter {missing[0]!r} was removed while routing; "
+                                         f"loaded: {list(self.state.configs)}")
+                    self._assign()
+                    for _, w in _wrappers(self.model):  # wrappers a new adapter created
+                        w.routing = self
+
+    def plan(self, rows: int, tokens: int, device: torch.device) -> MultiPlan:
+        """Metadata for a (rows, tokens) input: built once per shape and shared by every layer."""
+        key = (rows, tokens, str(device))
+        plan = self._plans.get(key)
+        if plan is None:
+            n = len(self.names)
+            if rows != n * self.expand:
+                detail = f" (expanded x{self.expand} by generate)" if self.expand > 1 else ""
+                raise ValueError(f"route: got {n} adapter names{detail} for a batch of {rows} rows; "
+                                 "pass one name (or None) per row")
+            per_row = torch.tensor(self.row_slots, dtype=torch.int32)
+            per_tok = per_row.repeat_interleave(self.expand * tokens)
+            plan = build_plan(per_tok.to(device), max(self.store.num_slots, 1), SEGMENT_BLOCK_M)
+            self._plans[key] = plan
+        return plan
+
+    # -- the hooks ---------------------------------------------------------------------------
+    def check_batch(self, rows: int | None) -> None:
+        """Called before the model's forward: fail on a wrong-length list before any compute."""
+        if rows is None:
+            return
+        n = len(self.names)
+        if rows == n:
+            self.expand = 1
+        elif self.in_generate and rows % n == 0:
+            self.expand = rows // n
+        else:
+            raise ValueError(f"route: got {n} adapter names for a batch of {rows} rows; "
+                             "pass one name (or None) per row")
+
+    def forward(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        self._refresh_if_changed()
+        tables = self.store.tables(layer)
+        if tables is None or not self.any_active:
+            return layer.base_layer(x)
+        k = x.shape[-1]
+        rows = x.shape[0] if x.dim() > 1 else 1
+        tokens = x.numel() // max(rows * k, 1)
+        plan = self.plan(rows, tokens, x.device)
+        x2 = x.reshape(-1, k)
+        backend = layer.backend
+        call = functools.partial(multi_adapter, plan=plan, backend=backend, check=False)
+        t = tables.pre
+        if t is not None:
+            x2 = call(x2, x2, plan.row_slot, *t.args(), sizes_host=t.sizes_host, act_host=t.act_host)
+        y = layer.base_layer(x2)
+        t = tables.post_in
+        if t is not None:
+            y = call(y, x2, plan.row_slot, *t.args(), sizes_host=t.sizes_host, act_host=t.act_host)
+        t = tables.post_out
+        if t is not None:
+            y = call(y, y, plan.row_slot, *t.args(), sizes_host=t.sizes_host, act_host=t.act_host)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _check_names(state, names) -> list[str | None]:
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__len__"):
+        raise ValueError(f"route: names must be a list with one adapter name (or None) per batch row, "
+                         f"got {type(names).__name__} {names!r}")
+    names = list(names)
+    if not names:
+        raise ValueError("route: names is empty; pass one adapter name (or None) per batch row")
+    routable = [n for n, c in state.configs.items() if not isinstance(c, PrefixConfig)]
+    for i, n in enumerate(names):
+        if n is None or n == BASE:
+            continue
+        if not isinstance(n, str):
+            raise ValueError(f"route: names[{i}] is {type(n).__name__} {n!r}; valid: an adapter name, "
+                             f"None or {BASE!r}")
+        if n not in routable:
+            if n in state.configs:
+                raise ValueError(f"route: names[{i}] = {n!r} is a prefix-tuning adapter, which cannot be routed "
+                                 f"per row; routable adapters: {routable}")
+            raise ValueError(f"route: unknown adapter {n!r} at names[{i}]; loaded: {routable} "
+                             f"(None or {BASE!r} for the base model)")
+    return names
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names):
+    """Run ``model(...)`` / ``model.generate(...)`` with adapter ``names[i]`` on batch row i."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("route: this model has no fastadapters adapters; call fastadapters.patch or "
+                         "fastadapters.load_adapter first")
+    names = _check_names(state, names)
+    router = Router(model, names)
+    wrappers = [w for _, w in _wrappers(model)]
+    previous = [w.routing for w in wrappers]
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: router.check_batch(_batch_of(args, kwargs)),
+                                           with_kwargs=True)
+    had_generate = "generate" in model.__dict__
+    orig_generate = model.__dict__.get("generate")
+    if hasattr(model, "generate"):
+        bound = model.generate
+
+        @functools.wraps(bound)
+        def generate(*args, **kwargs):
+            router.in_generate += 1
+            try:
+                return bound(*args, **kwargs)
+            finally:
+                router.in_generate -= 1
+                router.expand = 1
+
+        model.__dict__["generate"] = generate
+    prefix_active = state.active if isinstance(state.configs.get(state.active), PrefixConfig) else None
+    if prefix_active is not None:
+        state.active = None  # per-row routing has no prefix; restored on exit
+    try:
+        for w in wrappers:
+            w.routing = router
+        yield router
+    finally:
+        for w, prev in zip(wrappers, previous):
+            w.routing = prev
+        # wrappers created inside the block (an adapter loaded on new modules) stop routing too
+        for _, w in _wrappers(model):
+            if w.routing is router:
+                w.routing = None
+        hook.remove()
+        if had_generate:
+            model.__dict__["generate"] = orig_generate
+        else:
+            model.__dict__.pop("generate", None)
+        if prefix_active is not None and state.active is None and prefix_active in state.configs:
+            state.active = prefix_active
