@@ -11,13 +11,13 @@ is fp16/bf16 (the branch then runs in the adapter dtype and is cast back, as PEF
 ``lora_linear_ref`` states the semantics in plain torch; ``lora_linear`` is the entry point the
 layers call: it checks the shapes and dispatches to a backend (``torch`` here; kernels register
 theirs). The torch path is what CPU users run, so it is lean: the base GEMM is one ``addmm``, the
-low-rank product is folded into its output with an in-place ``addmm_`` (no (M, N) temporary), and
-dropout is applied only when it does something.
+low-rank product is folded into its output with an in-place ``addmm_`` (no (M, N) temporary),
+dropout is applied only when it does something, and the backward is written by hand (see
+``_LoRALinearTorch``).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
 
@@ -45,19 +45,61 @@ def check_lora_args(x, weight, bias, lora_A, lora_B) -> None:
     dispatch.check_shape("lora_B", lora_B, (n, lora_A.shape[0]))
 
 
+class _LoRALinearTorch(torch.autograd.Function):
+    """The CPU path with a hand-written backward.
+
+    Saves x (usually alive anyway: the previous op's output, shared by q/k/v), the bool dropout
+    mask and S = xd·Aᵀ (M, r) — not PEFT's per-target dropped copy of x. Backward takes dX in one
+    ``addmm`` on top of the masked low-rank term, so no (M, K) partial sums are added separately.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
+        mask = None
+        if training and dropout_p > 0:
+            xd, mask = torch.native_dropout(x2, dropout_p, True)
+        else:
+            xd = x2
+        xa = xd if xd.dtype == lora_A.dtype else xd.to(lora_A.dtype)
+        s = xa @ lora_A.t()  # (M, r)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        if s.dtype != out.dtype:
+            out.addmm_(s.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
+        else:
+            out.addmm_(s, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, s, mask)
+        ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
+        scaling, p = ctx.scaling, ctx.dropout_p
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dyf = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
+        g = (dyf @ lora_B).mul_(scaling)  # dS: (M, r)
+        dx = dw = db = da = dbb = None
+        if need_bb:
+            dbb = (dyf.t() @ s).mul_(scaling)
+        if need_a:
+            xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+            da = g.t() @ (xd if xd.dtype == g.dtype else xd.to(g.dtype))
+        if need_x:
+            low = g.to(dy.dtype) @ lora_A.to(dy.dtype)  # (M, K)
+            if mask is not None:
+                low.mul_(mask).mul_(1.0 / (1.0 - p))
+            dx = low.addmm_(dy, weight)
+        if need_w:
+            dw = dy.t() @ x2
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, da, dbb, None, None, None
+
+
 @dispatch.register(OP, "torch")
 def lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
     k, n = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, k)
-    xd = F.dropout(x2, dropout_p, True) if (training and dropout_p > 0) else x2
-    if xd.dtype != lora_A.dtype:
-        xd = xd.to(lora_A.dtype)
-    s = xd @ lora_A.t()  # (M, r)
-    out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-    B = lora_B
-    if s.dtype != out.dtype:
-        s, B = s.to(out.dtype), B.to(out.dtype)
-    out.addmm_(s, B.t(), alpha=scaling)
+    out = _LoRALinearTorch.apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     return out.view(*x.shape[:-1], n)
 
 
