@@ -1,0 +1,265 @@
+"""``fastadapters bench``: training-step time and memory of each adapter type against PEFT.
+
+Also the shared benchmark harness (``time_fn``, ``saved_activation_bytes``, ``environment``,
+``append_results``) that the scripts in ``bench/`` import, so every number is taken the same way:
+warm-up, then the median of repeats (``triton.testing.do_bench`` on CUDA, a wall clock on the
+CPU). A benchmark measures; it never asserts speed.
+
+The default model is embedded (a small Llama-architecture config with random weights: nothing is
+downloaded). Rows: the frozen base (forward + backward into the inputs, no weight gradients: the
+floor any adapter pays), PEFT LoRA, and fastadapters LoRA, series (Houlsby, Pfeiffer), parallel
+and prefix. The figure of merit is a ratio from the same run: fastadapters / PEFT for LoRA, and
+every row / frozen base.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+PRESETS = {
+    # name: (LlamaConfig kwargs, batch, seq)
+    "micro": (dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2), 2, 32),
+    "tiny": (dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4), 4, 128),
+    "1b": (dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4), 4, 2048),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# harness
+# ---------------------------------------------------------------------------------------------
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds per call of ``fn`` on ``device``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25 * warmup, rep=100 * repeats) / 1e3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes autograd saves for backward while ``fn`` runs (distinct storages counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def environment(device: torch.device) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": name, "device_type": device.type, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
+            "peft": version("peft"), "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def append_results(path: str, record: dict) -> None:
+    """Append ``record`` to the JSON list at ``path`` (atomic replace)."""
+    data = []
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.append(record)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# training-step table
+# ---------------------------------------------------------------------------------------------
+
+def _build_model(preset: str, device, dtype, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**PRESETS[preset][0])
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def _variants(r: int, dropout: float, bottleneck: int):
+    return [
+        ("frozen base", None, {}),
+        ("PEFT lora", "peft", dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["q_proj", "v_proj"])),
+        ("fa lora", "lora", dict(r=r, alpha=2 * r, dropout=dropout)),
+        ("fa series houlsby", "series", dict(variant="houlsby", bottleneck_size=bottleneck)),
+        ("fa series pfeiffer", "series", dict(variant="pfeiffer", bottleneck_size=bottleneck)),
+        ("fa parallel", "parallel", dict(bottleneck_size=bottleneck)),
+        ("fa prefix", "prefix", dict(num_virtual_tokens=30)),
+    ]
+
+
+def _prepare(model, kind, fields):
+    import fastadapters as fa
+
+    if kind is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # backward into the inputs: every layer's dX runs, no weight gradient (the adapter floor)
+        emb = model.get_input_embeddings()
+        hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        return model, lambda: hook.remove()
+    if kind == "peft":
+        import peft
+
+        pm = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **fields))
+        return pm, lambda: pm.unload()
+    fa.patch(model, adapter=kind, **fields)
+    return model, lambda: fa.unpatch(model)
+
+
+def training_step_table(preset: str = "tiny", device: str | None = None, dtype: str | None = None,
+                        r: int = 16, dropout: float = 0.05, bottleneck: int = 64, repeats: int = 5,
+                        only: list[str] | None = None, log=print) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cfg_kwargs, batch, seq = PRESETS[preset]
+    model = _build_model(preset, dev, dt)
+    model.train()
+    ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev)
+    rows = []
+    for label, kind, fields in _variants(r, dropout, bottleneck):
+        if only and not any(o in label for o in only):
+            continue
+        try:
+            m, undo = _prepare(model, kind, fields)
+        except ImportError as e:
+            log(f"  skipped {label}: {e}")
+            continue
+        try:
+            def step():
+                out = m(input_ids=ids, labels=ids, use_cache=False)
+                out.loss.backward()
+                for p in m.parameters():
+                    p.grad = None
+
+            sec = time_fn(step, dev, warmup=2, repeats=repeats)
+            saved = saved_activation_bytes(lambda: m(input_ids=ids, labels=ids, use_cache=False).loss)
+            peak = peak_memory(step, dev)
+        finally:
+            undo()
+        rows.append({"variant": label, "step_s": sec, "tokens_per_s": batch * seq / sec,
+                     "saved_activation_MiB": saved / 2**20,
+                     "peak_MiB": None if peak is None else peak / 2**20})
+        log(f"  {label:<20} {sec * 1e3:9.1f} ms/step")
+    by = {r_["variant"]: r_ for r_ in rows}
+    base = by.get("frozen base")
+    for row in rows:
+        row["vs_frozen_base"] = row["step_s"] / base["step_s"] if base else None
+    if "PEFT lora" in by and "fa lora" in by:
+        by["fa lora"]["vs_peft"] = by["fa lora"]["step_s"] / by["PEFT lora"]["step_s"]
+        by["fa lora"]["saved_vs_peft"] = by["fa lora"]["saved_activation_MiB"] / by["PEFT lora"]["saved_activation_MiB"]
+    return {"benchmark": "training_step", "preset": preset, "model": cfg_kwargs, "batch": batch, "seq": seq,
+            "dtype": str(dt).replace("torch.", ""), "r": r, "lora_dropout": dropout, "bottleneck_size": bottleneck,
+            "env": environment(dev), "rows": rows}
+
+
+def render(result: dict) -> str:
+    env = result["env"]
+    lines = [f"Training step, {result['preset']} Llama config ({result['model']['num_hidden_layers']} layers, "
+             f"hidden {result['model']['hidden_size']}), batch {result['batch']} x seq {result['seq']}, "
+             f"{result['dtype']}, on {env['device']} ({env['device_type']}, {env['threads']} threads), "
+             f"LoRA r={result['r']} dropout={result['lora_dropout']}, bottleneck {result['bottleneck_size']}",
+             "",
+             f"| {'variant':<20} | {'ms/step':>9} | {'tokens/s':>9} | {'saved act MiB':>13} | {'peak MiB':>9} "
+             f"| {'vs base':>7} | {'vs PEFT':>7} |",
+             "|" + "|".join("-" * w for w in (22, 11, 11, 15, 11, 9, 9)) + "|"]
+    for row in result["rows"]:
+        peak = "-" if row["peak_MiB"] is None else f"{row['peak_MiB']:.0f}"
+        vs_peft = f"{row['vs_peft']:.3f}" if "vs_peft" in row else "-"
+        vs_base = f"{row['vs_frozen_base']:.3f}" if row.get("vs_frozen_base") else "-"
+        lines.append(f"| {row['variant']:<20} | {row['step_s'] * 1e3:9.1f} | {row['tokens_per_s']:9.0f} "
+                     f"| {row['saved_activation_MiB']:13.1f} | {peak:>9} | {vs_base:>7} | {vs_peft:>7} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fastadapters bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model size (default: tiny on CPU, 1b on CUDA)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--bottleneck-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", nargs="*", help="run only variants whose label contains one of these words")
+    ap.add_argument("--no-serving", action="store_true", help="skip the multi-adapter serving table")
+    ap.add_argument("--json", metavar="PATH", help="append the numbers to this JSON file")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastadapters bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    preset = args.preset or ("1b" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "tiny")
+    print(f"fastadapters bench: preset {preset}")
+    result = training_step_table(preset, args.device, args.dtype, args.r, args.dropout, args.bottleneck_size,
+                                 args.repeats, args.only)
+    print()
+    print(render(result))
+    records = [result]
+    if not args.no_serving:
+        try:
+            from .serving.bench import bench_serving_table, render_serving
+        except ImportError:
+            bench_serving_table = None
+        if bench_serving_table is not None:
+            print()
+            serving = bench_serving_table(args.device, quick=True)
+            print(render_serving(serving))
+            records.append(serving)
+    if args.json:
+        for rec in records:
+            append_results(args.json, rec)
+        print(f"\nappended {len(records)} record(s) to {args.json}")
+    return 0

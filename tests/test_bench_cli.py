@@ -1,0 +1,31 @@
+"""`fastadapters bench` runs end to end on the micro preset and writes parseable JSON."""
+import json
+
+from fastadapters import bench, cli
+
+
+def test_bench_micro_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = cli.main(["bench", "--preset", "micro", "--repeats", "1", "--no-serving", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| fa lora" in text and "| PEFT lora" in text
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data[0]["rows"]}
+    assert {"frozen base", "PEFT lora", "fa lora", "fa series houlsby", "fa parallel", "fa prefix"} <= set(rows)
+    assert all(r["step_s"] > 0 for r in rows.values())
+    assert rows["fa lora"]["vs_peft"] == rows["fa lora"]["step_s"] / rows["PEFT lora"]["step_s"]
+    assert data[0]["env"]["device_type"] == "cpu"
+
+
+def test_saved_activation_bytes_counts_storages_once():
+    import torch
+
+    x = torch.randn(64, 32, requires_grad=True)
+    n = bench.saved_activation_bytes(lambda: (x * x).sum())  # x saved twice, one storage
+    assert n == x.untyped_storage().nbytes()
+
+
+def test_unknown_command_exits_2(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "valid: bench, train, eval" in capsys.readouterr().err
