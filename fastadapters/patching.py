@@ -250,9 +250,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         return
     for _, w in _wrappers(model):
         w.delete_adapter(name)
+    for path in [p for p in st.wrapped if not model.get_submodule(p).specs]:  # no adapter left here:
+        _set_submodule(model, path, model.get_submodule(path).base_layer)  # the original module back
+        st.wrapped.remove(path)
     enc = _prefix_encoders(model)
     if enc is not None and name in enc:
         del enc[name]
+        if not len(enc):  # the last prefix adapter: original forward back, as unpatch does
+            del model._modules[PREFIX_MODULE]
+            model.__dict__.pop("forward", None)
+            st.orig_forward = None
     del st.configs[name]
     del st.kinds[name]
     st.version += 1

@@ -383,6 +383,35 @@ def test_existing_adapter_with_other_config_is_refused(saved_lora):
     assert_unchanged(model, before, ["default"])
 
 
+def test_truncated_llm_adapters_bin(tmp_path):
+    _write_llm_adapters(tmp_path, 2, bottleneck_size=4, target_modules=["down_proj"], use_adapterp=True)
+    data = (tmp_path / "adapter_model.bin").read_bytes()
+    (tmp_path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    model = fresh()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="adapter_model.bin: could not be read"):
+        fa.load_adapter(model, tmp_path)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("others", [(), ("keep",)])
+def test_failure_after_patching_is_rolled_back(saved_lora, monkeypatch, others):
+    model = fresh()
+    for n in others:
+        fa.patch(model, adapter="series", variant="pfeiffer", bottleneck_size=4, name=n)
+    before = snapshot(model)
+
+    def boom(*a, **k):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(faio, "_adapter_entries", boom)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        fa.load_adapter(model, saved_lora, name="new")
+    assert_unchanged(model, before, others)
+    if not others:
+        assert patching._state(model) is None and "forward" not in model.__dict__
+
+
 def test_unknown_format(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="unknown adapter format"):
