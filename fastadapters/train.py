@@ -1,0 +1,428 @@
+"""``fastadapters train``: fine-tune one adapter on an Alpaca-format JSON file, like LLM-Adapters'
+``finetune.py`` (same prompt, tokenization, batch arithmetic and Trainer loop), without its bugs:
+
+- gradient checkpointing works on a full-precision or bf16 base (non-reentrant checkpointing plus
+  input grads, so a frozen base still back-propagates into the adapters), not only in 8-bit;
+- ``--target-modules`` is honoured for every adapter type that has target modules;
+- the best checkpoint (lowest eval loss) is loaded back at the end before the adapter is saved;
+- checkpoints and the final output hold only adapter weights (``fastadapters.save_adapter``), and
+  resuming restores them with ``fastadapters.load_adapter`` plus the Trainer's optimizer state.
+
+Adapter-only checkpoints are implemented in :class:`AdapterTrainer`, a ``transformers.Trainer`` whose
+three weight hooks are replaced: ``_save`` (what a checkpoint/`save_model` writes),
+``_load_from_checkpoint`` (resume) and ``_load_best_model`` (best checkpoint at the end). Everything
+else (optimizer, scheduler, RNG and trainer state files, rotation, evaluation) is the stock Trainer.
+
+Every argument is checked, the data is read and validated and the adapter config is built before
+anything is written; errors print one line on stderr and return exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from .data import DataError, load_records, split_train_val, tokenize_records
+from .prompts import STYLES
+
+ADAPTERS = ("lora", "series", "pfeiffer", "parallel", "prefix")
+SAVE_FORMATS = ("fastadapters", "peft")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# CLI flag (argparse dest) -> config field. Which fields apply is read from the config dataclass.
+FIELD_FLAGS = {
+    "r": "r",
+    "alpha": "alpha",
+    "dropout": "dropout",
+    "use_rslora": "use_rslora",
+    "bottleneck_size": "bottleneck_size",
+    "non_linearity": "non_linearity",
+    "scaling": "scaling",
+    "init": "init",
+    "variant": "variant",
+    "target_modules": "target_modules",
+    "num_virtual_tokens": "num_virtual_tokens",
+    "prefix_projection": "prefix_projection",
+    "encoder_hidden_size": "encoder_hidden_size",
+}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message, and no SystemExit
+        raise UsageError(message)
+
+
+def _scaling(value: str):
+    if value == "learned":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'learned', got {value!r}") from None
+
+
+def _modules(values: list[str]) -> list[str]:
+    out = []
+    for v in values:
+        out += [s.strip() for s in v.split(",") if s.strip()]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastadapters train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--base-model", required=True, help="local model directory or transformers model id")
+    g.add_argument("--data", required=True, help="Alpaca-format JSON (or .jsonl): instruction, input, output")
+    g.add_argument("--output-dir", required=True, help="where checkpoints and the final adapter go")
+    g.add_argument("--cutoff-len", type=int, default=256, help="maximum tokens per example (truncated)")
+    g.add_argument("--val-set-size", type=int, default=2000, help="records held out for evaluation (0: none)")
+    g.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compute the loss on the prompt tokens (false: mask them with -100)")
+    g.add_argument("--prompt-style", choices=STYLES, default="llm-adapters",
+                   help="llm-adapters: their template byte for byte; alpaca: the clean template")
+    g.add_argument("--model-dtype", choices=DTYPES, default=None,
+                   help="dtype of the base weights (default: bfloat16 with --bf16, else float32)")
+
+    a = p.add_argument_group("adapter (unset fields take the config's defaults)")
+    a.add_argument("--adapter", choices=ADAPTERS, default="lora",
+                   help="series = Houlsby placement (AdapterH), pfeiffer = series with the Pfeiffer placement (AdapterP)")
+    a.add_argument("--r", type=int, help="LoRA rank")
+    a.add_argument("--alpha", type=float, help="LoRA alpha")
+    a.add_argument("--dropout", type=float, help="LoRA / bottleneck dropout")
+    a.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, default=None, help="LoRA scaling alpha/sqrt(r)")
+    a.add_argument("--bottleneck-size", type=int, help="series/parallel bottleneck width")
+    a.add_argument("--non-linearity", help="series/parallel activation (tanh, relu, gelu, silu, swish, sigmoid)")
+    a.add_argument("--scaling", type=_scaling, help="series/parallel output scaling: a number or 'learned'")
+    a.add_argument("--init", help="series/parallel init: bert (LLM-Adapters) or zero_up")
+    a.add_argument("--variant", choices=("houlsby", "pfeiffer"), help="series placement (same as --adapter pfeiffer)")
+    a.add_argument("--target-modules", nargs="+", metavar="NAME",
+                   help="module-name suffixes to adapt (space or comma separated); default: the architecture's")
+    a.add_argument("--num-virtual-tokens", type=int, help="prefix length")
+    a.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefix through an MLP (Li & Liang)")
+    a.add_argument("--encoder-hidden-size", type=int, help="width of the prefix MLP")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step")
+    t.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (the rest is gradient accumulation)")
+    t.add_argument("--num-epochs", type=float, default=3)
+    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)")
+    t.add_argument("--learning-rate", type=float, default=3e-4)
+    t.add_argument("--warmup-steps", type=int, default=100)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name")
+    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    t.add_argument("--fp16", action="store_true", help="fp16 mixed precision (needs a GPU)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--eval-steps", type=int, default=200)
+    t.add_argument("--save-steps", type=int, default=200)
+    t.add_argument("--save-total-limit", type=int, default=3)
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--group-by-length", action="store_true")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--resume-from-checkpoint", metavar="PATH",
+                   help="a checkpoint-N directory, 'last' (newest in --output-dir), or a saved adapter (weights only)")
+    t.add_argument("--save-format", choices=SAVE_FORMATS, default="fastadapters",
+                   help="format of the final adapter (peft: LoRA only)")
+    t.add_argument("--report-to", default="none", help="Trainer integrations (none, wandb, tensorboard, ...)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines are still printed)")
+    t.add_argument("--overwrite-output-dir", action="store_true", help="allow a non-empty --output-dir")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (nothing is written here)
+# ---------------------------------------------------------------------------------------------
+
+def adapter_config(args) -> Any:
+    """The validated adapter config for ``args`` (UsageError naming the flag or field otherwise)."""
+    from .config import CONFIG_CLASSES, make_config
+
+    kind = {"pfeiffer": "series"}.get(args.adapter, args.adapter)
+    cls = CONFIG_CLASSES[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields: dict[str, Any] = {}
+    for dest, fld in FIELD_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest == "target_modules":
+            value = _modules(value)
+        if fld not in names:
+            flag = "--" + dest.replace("_", "-")
+            raise UsageError(f"{flag} does not apply to --adapter {args.adapter} "
+                             f"(its fields: {', '.join(sorted(names))})")
+        fields[fld] = value
+    if args.adapter == "pfeiffer":
+        if fields.get("variant", "pfeiffer") != "pfeiffer":
+            raise UsageError("--adapter pfeiffer conflicts with --variant houlsby")
+        fields["variant"] = "pfeiffer"
+    if args.adapter == "series":
+        fields.setdefault("variant", "houlsby")
+    try:
+        return make_config(kind, **fields)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_args(args) -> None:
+    if args.micro_batch_size < 1 or args.batch_size < 1:
+        raise UsageError("--batch-size and --micro-batch-size must be >= 1")
+    if args.batch_size % args.micro_batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if args.cutoff_len < 1:
+        raise UsageError(f"--cutoff-len must be >= 1, got {args.cutoff_len}")
+    if args.bf16 and args.fp16:
+        raise UsageError("--bf16 and --fp16 are exclusive")
+    if args.save_format == "peft" and args.adapter != "lora":
+        raise UsageError(f"--save-format peft holds LoRA adapters only; use --save-format fastadapters for --adapter {args.adapter}")
+    if args.val_set_size > 0:
+        if args.eval_steps < 1 or args.save_steps < 1:
+            raise UsageError("--eval-steps and --save-steps must be >= 1")
+        if args.save_steps % args.eval_steps:
+            raise UsageError(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
+                             "so that the best checkpoint can be reloaded at the end")
+    if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
+        raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
+
+
+def _resume_target(args) -> tuple[str | None, str | None]:
+    """(trainer checkpoint to resume, adapter directory to start from); both None when not resuming."""
+    r = args.resume_from_checkpoint
+    if r is None:
+        return None, None
+    if r == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise UsageError(f"--resume-from-checkpoint last: no checkpoint-N directory in {args.output_dir}")
+        return last, None
+    if not os.path.isdir(r):
+        raise UsageError(f"--resume-from-checkpoint: no such directory: {r}")
+    if os.path.isfile(os.path.join(r, "trainer_state.json")):
+        return r, None
+    from .io import read_adapter
+
+    try:
+        read_adapter(r)
+    except ValueError as e:
+        raise UsageError(f"--resume-from-checkpoint: neither a Trainer checkpoint nor an adapter: {e}") from None
+    return None, r
+
+
+def _load_model_and_tokenizer(args, dtype_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load base model {args.base_model!r}: {first}") from None
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """LLM-Adapters padded with id 0 (LLaMA's unk) so that pad differs from EOS; without a pad
+    token we use unk when there is one, else EOS (labels are padded with -100 either way)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer pieces
+# ---------------------------------------------------------------------------------------------
+
+def _trainer_classes():
+    """AdapterTrainer and the loss-line callbacks (built lazily: importing transformers is slow)."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer import TRAINING_ARGS_NAME
+    from transformers.trainer_callback import ProgressCallback
+
+    from . import io as fa_io
+
+    class AdapterTrainer(Trainer):
+        """Trainer whose checkpoints hold only the adapter (fastadapters format)."""
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            fa_io.save_adapter(self.model, output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+            fa_io.load_adapter(self.model if model is None else model, resume_from_checkpoint)
+
+        def _load_best_model(self) -> None:
+            best = self.state.best_model_checkpoint
+            print(f"loading the best checkpoint {best} (eval loss {self.state.best_metric:.4f})", flush=True)
+            fa_io.load_adapter(self.model, best)
+
+    def loss_line(state, logs: dict) -> str | None:
+        step = f"step {state.global_step}/{state.max_steps}"
+        if "loss" in logs:
+            parts = [step, f"epoch {logs.get('epoch', state.epoch or 0):.2f}", f"loss {logs['loss']:.4f}"]
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.2e}")
+            if logs.get("grad_norm") is not None:
+                parts.append(f"grad-norm {float(logs['grad_norm']):.3f}")
+            return " | ".join(parts)
+        if "eval_loss" in logs:
+            return f"{step} | eval loss {logs['eval_loss']:.4f}"
+        if "train_runtime" in logs:
+            return (f"done: {state.global_step} steps in {logs['train_runtime']:.1f} s, "
+                    f"mean train loss {logs.get('train_loss', float('nan')):.4f}")
+        return None
+
+    class LossLineProgress(ProgressCallback):
+        """The stock progress bar, with a readable line per log instead of a dict."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = loss_line(state, logs or {})
+            if line and state.is_world_process_zero:
+                if self.training_bar is not None:
+                    self.training_bar.write(line)
+                else:
+                    print(line, flush=True)
+
+    class LossLinePrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = loss_line(state, logs or {})
+            if line and state.is_world_process_zero:
+                print(line, flush=True)
+
+    return AdapterTrainer, LossLineProgress, LossLinePrinter
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except UsageError as e:
+        print(f"fastadapters train: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    # 1. inputs, cheapest first; nothing is written until all of them passed
+    try:
+        records = load_records(args.data)
+        train_records, val_records = split_train_val(records, args.val_set_size, seed=args.seed)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    config = adapter_config(args)
+    resume_checkpoint, resume_adapter = _resume_target(args)
+    if (os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and resume_checkpoint is None
+            and not args.overwrite_output_dir):
+        raise UsageError(f"--output-dir {args.output_dir} is not empty; pass --overwrite-output-dir or "
+                         "--resume-from-checkpoint")
+    dtype_name = args.model_dtype or ("bfloat16" if args.bf16 else "float32")
+    model, tokenizer = _load_model_and_tokenizer(args, dtype_name)
+
+    import fastadapters as fa
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    try:
+        fa.patch(model, config=config)
+        if resume_adapter is not None:
+            fa.load_adapter(model, resume_adapter)
+    except ValueError as e:
+        raise UsageError(f"adapter does not fit {args.base_model}: {e}") from None
+    if args.fp16:  # fp16 autocast needs fp32 master weights for what trains (as PEFT does)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    # 2. tokenize
+    tokenizer.padding_side = "right"
+    tok_kwargs = dict(cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs, style=args.prompt_style)
+    train_data = tokenize_records(tokenizer, train_records, **tok_kwargs)
+    val_data = tokenize_records(tokenizer, val_records, **tok_kwargs) if val_records else None
+
+    print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: {config.to_json()}".replace("\n", " "))
+    print(f"{len(train_data)} training / {len(val_data or [])} validation examples; "
+          f"{fa.trainable_parameters(model)}", flush=True)
+
+    if args.gradient_checkpointing:
+        # a frozen base gives the checkpointed blocks inputs without grad; make the embeddings'
+        # output require grad so the adapters inside still receive gradients
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    has_val = val_data is not None
+    targs = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=args.eval_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to=args.report_to,
+        seed=args.seed,
+        disable_tqdm=args.no_progress,
+        dataloader_num_workers=0,
+    )
+    AdapterTrainer, LossLineProgress, LossLinePrinter = _trainer_classes()
+    trainer = AdapterTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LossLinePrinter() if args.no_progress else LossLineProgress())
+
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume_checkpoint)
+    model.eval()
+    fa.save_adapter(model, args.output_dir, format=args.save_format)
+    best = ""
+    if trainer.state.best_metric is not None and math.isfinite(trainer.state.best_metric):
+        best = f"; best eval loss {trainer.state.best_metric:.4f} ({trainer.state.best_model_checkpoint})"
+    print(f"saved the {args.adapter} adapter ({args.save_format} format) to {args.output_dir} "
+          f"after {trainer.state.global_step} steps, {time.time() - t0:.1f} s{best}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
