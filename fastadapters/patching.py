@@ -347,12 +347,18 @@ def _prefix_forward(model: nn.Module, orig_forward):
             raise ValueError("prefix-tuning needs a transformers Cache object as past_key_values "
                              f"(e.g. DynamicCache), got {type(cache).__name__}")
         marked = cache is not None and getattr(cache, "_fa_prefix_len", None) is not None
+        own_cache = None  # a cache made here for a caller that asked for none: not handed back
         if not marked:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("past_key_values holds a cache not started by this prefix-tuned model; "
                                  "pass None or an empty cache")
             if cache is None:
                 cache = DynamicCache()
+                use_cache = kwargs.get("use_cache")
+                if use_cache is None:
+                    use_cache = getattr(getattr(model, "config", None), "use_cache", True)
+                if not use_cache:
+                    own_cache = cache
             dtype = model.get_input_embeddings().weight.dtype
             for layer, (k, v) in enumerate(encoder(batch, dtype)):
                 cache.update(k, v, layer)
@@ -371,6 +377,13 @@ def _prefix_forward(model: nn.Module, orig_forward):
         else:
             raise ValueError(f"prefix-tuning supports 2-D attention masks, got shape {tuple(mask.shape)}")
         kwargs["attention_mask"] = mask
-        return orig_forward(**kwargs)
+        out = orig_forward(**kwargs)
+        if own_cache is not None:  # use_cache=False: returning the prefix cache would make generate
+            # feed it back with the whole sequence again (prefix + tokens counted twice)
+            if isinstance(out, tuple):
+                out = tuple(o for o in out if o is not own_cache)
+            elif getattr(out, "past_key_values", None) is own_cache:  # rebuilt: a ModelOutput keeps
+                out = type(out)(**{k: v for k, v in out.items() if v is not own_cache})  # keys set to None
+        return out
 
     return forward
