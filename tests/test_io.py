@@ -155,6 +155,8 @@ def test_peft_both_ways(tmp_path, arch):
     assert meta["peft_type"] == "LORA" and meta["fan_in_fan_out"] == (arch == "gpt2")
     theirs = peft.PeftModel.from_pretrained(fresh(arch), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+    back = fa.load_adapter(fresh(arch), tmp_path / "ours")  # and our reader takes our PEFT export
+    assert torch.equal(logits(back), logits(ours))
 
     # PEFT -> ours
     targets = fa.models.default_targets(fresh(arch), "lora")
@@ -196,6 +198,29 @@ def test_peft_layers_subset_and_regex_targets(tmp_path):
     lin = model.get_submodule(q)
     x = torch.randn(5, 32)
     torch.testing.assert_close(lin(x), lin.base_layer(x) + 2.0 * (x @ A.t() @ B.t()))
+
+
+def test_llm_adapters_lora_bin(tmp_path):
+    # the fork's LoRA checkpoints: PEFT keys in adapter_model.bin, its older config fields
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for i in range(2):
+        for proj, out in (("q_proj", 32), ("v_proj", 16)):
+            pre = f"model.layers.{i}.self_attn.{proj}"
+            sd[f"{pre}.lora_A.weight"] = torch.randn(4, 32, generator=g)
+            sd[f"{pre}.lora_B.weight"] = torch.randn(out, 4, generator=g)
+    torch.save({faio.PEFT_PREFIX + k: v for k, v in sd.items()}, str(tmp_path / "adapter_model.bin"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "yahma/llama-7b-hf", "bias": "none", "enable_lora": None,
+         "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 16, "lora_dropout": 0.05,
+         "merge_weights": False, "modules_to_save": None, "peft_type": "LORA", "r": 4,
+         "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}))
+    model = fa.load_adapter(fresh(), tmp_path)
+    assert fa.get_config(model).target_modules == ["q_proj", "v_proj"]
+    pre = "model.layers.1.self_attn.v_proj"
+    lin, x = model.get_submodule(pre), torch.randn(3, 32)
+    want = lin.base_layer(x) + 4.0 * (x @ sd[f"{pre}.lora_A.weight"].t() @ sd[f"{pre}.lora_B.weight"].t())
+    torch.testing.assert_close(lin(x), want)
 
 
 # ---------------------------------------------------------------------------------------------
