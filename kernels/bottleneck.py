@@ -1,0 +1,358 @@
+"""Bottleneck (series / parallel) adapters in Triton, forward and backward.
+
+    f(z) = act(dropout(z)·Dᵀ)·Uᵀ       D = adapter_down (b, d_in), U = adapter_up (d_out, b)
+
+Placements (LLM-Adapters semantics):
+  output   h = base(x);  y = h + s·f(h)           `bottleneck_residual_fwd/bwd` on h
+  mh       x' = x + s·f(x);  y = base(x')          `bottleneck_residual_fwd/bwd` on x; the caller
+                                                  runs the base linear
+  parallel y = x·Wᵀ + bias + s·f(x)               `bottleneck_parallel_fwd/bwd`: the LoRA kernels
+                                                  of `lora.py` with the activation switched on
+
+The residual forward is one kernel per row block (`_residual_fwd_kernel`): it streams z once to
+build the (BM, b) pre-activation tile P, keeps act(P) on chip and streams the output columns
+y = z + s·act(P)·Uᵀ. Only z and P (M, b) fp32 are needed by the backward:
+  G  = (dy·U) ⊙ act'(P),  dU = s·dyᵀ·act(P),  ds = Σ (dy·U) ⊙ act(P)   one read of dy
+  dz = dy + s·(G·D) ⊙ mask/(1-p)                                       one pass
+  dD = s·Gᵀ·dropout(z)
+The scaling s is a float or a learned 1-element tensor (read on device, gradient returned).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    BlockConfig,
+    TRITON_DTYPE_NAMES,
+    activation_id,
+    apply_act,
+    check_dropout,
+    check_dtype,
+    check_philox_range,
+    check_tensor,
+    dot_precision,
+    dropout_keep,
+    load_scale,
+    make_signature,
+    mma,
+    rank_block,
+    scale_args,
+)
+from .lora import (
+    GROUP_M,
+    _down_weight_grad_kernel,
+    _input_grad_kernel,
+    _rank_grad_kernel,
+    _spec,
+    gemm_config,
+    launch_down_proj,
+    launch_down_weight_grad,
+    launch_fused_up,
+    launch_input_grad,
+    launch_rank_grad,
+    rowblock_config,
+    shipped_kernel_specs as _lora_specs,
+)
+
+
+@triton.jit
+def _residual_fwd_kernel(
+    z_ptr, d_ptr, u_ptr, y_ptr, p_out_ptr, scale_ptr,
+    M, D, R,
+    stride_zm, stride_zk, stride_dr, stride_dk, stride_un, stride_ur, stride_ym, stride_yn,
+    seed, p, inv_keep, scale_val,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rk0 = tl.arange(0, BK)
+    m_ok = rm < M
+    r_ok = rr < R
+    # P = dropout(z) · Dᵀ, (BM, BR) fp32, kept on chip
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + rk0
+        z = tl.load(
+            z_ptr + rm[:, None] * stride_zm + kk[None, :] * stride_zk,
+            mask=m_ok[:, None] & (kk[None, :] < D), other=0.0,
+        )
+        if HAS_DROPOUT:
+            z = tl.where(dropout_keep(seed, rm, kk, D, p), z, 0.0).to(z.dtype)
+        dw = tl.load(
+            d_ptr + rr[None, :] * stride_dr + kk[:, None] * stride_dk,
+            mask=r_ok[None, :] & (kk[:, None] < D), other=0.0,
+        )
+        acc = mma(z, dw, acc, DOT_PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    tl.store(p_out_ptr + rm[:, None] * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
+    h = tl.where(r_ok[None, :], apply_act(acc, ACT) * s, 0.0).to(y_ptr.dtype.element_ty)
+    # y = z + (s·act(P)) · Uᵀ, streamed over output columns
+    rn0 = tl.arange(0, BN)
+    for n0 in range(0, D, BN):
+        rn = n0 + rn0
+        n_ok = rn < D
+        ut = tl.load(
+            u_ptr + rn[None, :] * stride_un + rr[:, None] * stride_ur,
+            mask=n_ok[None, :] & r_ok[:, None], other=0.0,
+        )
+        out = mma(h, ut, None, DOT_PREC)
+        res = tl.load(
+            z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zk,
+            mask=m_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        out = out + res.to(tl.float32)
+        tl.store(
+            y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+            out.to(y_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+
+# (BM, BN, BK) of the residual kernel per element size; more warps for wide hidden tiles
+_RESIDUAL = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
+_RESIDUAL_WIDE = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}
+
+
+def residual_config(BR: int, dtype: torch.dtype) -> BlockConfig:
+    size = torch.finfo(dtype).bits // 8
+    return (_RESIDUAL_WIDE if BR >= 128 else _RESIDUAL)[size]
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_adapter(z, down, up, d_out):
+    M, d_in = z.shape
+    check_tensor("adapter_down", down, (None, d_in), device=z.device)
+    b = down.shape[0]
+    if b < 1:
+        raise ValueError(f"expected adapter_down of shape (b, {d_in}) with b >= 1, got {tuple(down.shape)}")
+    check_tensor("adapter_up", up, (d_out, b), device=z.device)
+    check_dtype("adapter_down", down)
+    check_dtype("adapter_up", up)
+    return b
+
+
+def _scaling_grad_wanted(scaling):
+    return isinstance(scaling, torch.Tensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# residual placements (output, mh)
+# ----------------------------------------------------------------------------------------------
+
+
+def bottleneck_residual_fwd(z, adapter_down, adapter_up, scaling, activation="relu",
+                            dropout_p=0.0, seed=0):
+    """Series adapter with its residual, one kernel per row block.
+
+        keep[m, k] = philox(seed, m*d + k) >= p
+        P = (z ⊙ keep / (1 - p)) · adapter_downᵀ        (M, b) fp32, the pre-activation
+        y = z + (scaling · act(P)) · adapter_upᵀ        (M, d)
+
+    z (M, d) fp16/bf16/fp32 (h for the output placement, x for mh); adapter_down (b, d);
+    adapter_up (d, b) (cast to z's dtype); scaling float or 1-element tensor; activation a name of
+    `_common.ACTIVATIONS` or its id. Returns (y (M, d) in z's dtype, P (M, b) fp32): keep z and P
+    for the backward.
+    """
+    check_tensor("z", z, (None, None))
+    check_dtype("z", z)
+    M, d = z.shape
+    b = _check_adapter(z, adapter_down, adapter_up, d)
+    act = activation_id(activation)
+    check_dropout(dropout_p, seed)
+    if dropout_p > 0:
+        check_philox_range("z", M, d)
+    if M == 0:
+        return z.new_empty((0, d)), torch.empty((0, b), device=z.device, dtype=torch.float32)
+    dw = adapter_down.to(z.dtype)
+    uw = adapter_up.to(z.dtype)
+    BR = rank_block(b)
+    cfg = residual_config(BR, z.dtype)
+    p = float(dropout_p)
+    y = torch.empty((M, d), device=z.device, dtype=z.dtype)
+    pre = torch.empty((M, b), device=z.device, dtype=torch.float32)
+    scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, z)
+    _residual_fwd_kernel[(triton.cdiv(M, cfg.BM),)](
+        z, dw, uw, y, pre, scale_ptr,
+        M, d, b,
+        z.stride(0), z.stride(1), dw.stride(0), dw.stride(1), uw.stride(0), uw.stride(1),
+        y.stride(0), y.stride(1),
+        int(seed), p, 1.0 / (1.0 - p), scale_val,
+        ACT=act, HAS_DROPOUT=p > 0, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(z.dtype),
+        BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, pre
+
+
+def _adapter_bwd(grad_y, z, weight, pre, adapter_down, adapter_up, scaling, act, dropout_p, seed,
+                 need_grad_z):
+    dw = adapter_down.to(z.dtype)
+    uw = adapter_up.to(z.dtype)
+    pre = pre.contiguous()
+    want_ds = _scaling_grad_wanted(scaling)
+    g, du, ds = launch_rank_grad(grad_y, uw, pre, scaling, act, need_db=True, need_dscale=want_ds)
+    grad_z = None
+    if need_grad_z:
+        residual = grad_y if weight is None else None
+        grad_z = launch_input_grad(grad_y, weight, residual, g, dw, scaling, dropout_p, seed, z.dtype)
+    dd = launch_down_weight_grad(z, g, scaling, dropout_p, seed)
+    if want_ds:
+        ds = ds.reshape(scaling.shape).to(scaling.dtype)
+    return grad_z, dd.to(adapter_down.dtype), du.to(adapter_up.dtype), ds
+
+
+def bottleneck_residual_bwd(grad_y, z, pre, adapter_down, adapter_up, scaling, activation="relu",
+                            dropout_p=0.0, seed=0, need_grad_z=True):
+    """Backward of `bottleneck_residual_fwd` from z and the pre-activation P only.
+
+        Hd        = grad_y · adapter_up                              (M, b) fp32
+        G         = Hd ⊙ act'(P)
+        grad_up   = scaling · grad_yᵀ · act(P)                       (d, b)   same read of grad_y
+        grad_s    = Σ Hd ⊙ act(P)                                    scalar (tensor scaling only)
+        grad_z    = grad_y + scaling · (G · adapter_down) ⊙ keep / (1 - p)       (M, d)
+        grad_down = scaling · Gᵀ · (z ⊙ keep / (1 - p))               (b, d)
+
+    Arguments as given to / returned by the forward; grad_y (M, d) in z's dtype. Returns
+    (grad_z or None, grad_down, grad_up, grad_scaling: a tensor shaped like scaling when scaling
+    is a tensor, else None).
+    """
+    check_tensor("z", z, (None, None))
+    check_dtype("z", z)
+    M, d = z.shape
+    b = _check_adapter(z, adapter_down, adapter_up, d)
+    check_tensor("grad_y", grad_y, (M, d), dtype=z.dtype, device=z.device)
+    check_tensor("pre", pre, (M, b), dtype=torch.float32, device=z.device)
+    check_dropout(dropout_p, seed)
+    act = activation_id(activation)
+    if M == 0:
+        ds = torch.zeros_like(scaling) if _scaling_grad_wanted(scaling) else None
+        return (grad_y.clone() if need_grad_z else None, torch.zeros_like(adapter_down),
+                torch.zeros_like(adapter_up), ds)
+    return _adapter_bwd(grad_y, z, None, pre, adapter_down, adapter_up, scaling, act, dropout_p,
+                        seed, need_grad_z)
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel placement
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_parallel(x, weight, bias):
+    check_tensor("x", x, (None, None))
+    check_dtype("x", x)
+    M, K = x.shape
+    check_tensor("weight", weight, (None, K), dtype=x.dtype, device=x.device)
+    N = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, (N,), dtype=x.dtype, device=x.device)
+    return M, K, N
+
+
+def bottleneck_parallel_fwd(x, weight, bias, adapter_down, adapter_up, scaling, activation="relu",
+                            dropout_p=0.0, seed=0):
+    """Parallel adapter fused into the frozen base GEMM.
+
+        P = (x ⊙ keep / (1 - p)) · adapter_downᵀ                         (M, b) fp32
+        y = x · weightᵀ + bias + (scaling · act(P)) · adapter_upᵀ        (M, N), one accumulator
+
+    x (M, K); weight (N, K) in x's dtype, any strides; bias (N,) or None; adapter_down (b, K);
+    adapter_up (N, b). Returns (y (M, N), P (M, b) fp32).
+    """
+    M, K, N = _check_parallel(x, weight, bias)
+    b = _check_adapter(x, adapter_down, adapter_up, N)
+    act = activation_id(activation)
+    check_dropout(dropout_p, seed)
+    if dropout_p > 0:
+        check_philox_range("x", M, K)
+    if M == 0:
+        return x.new_empty((0, N)), torch.empty((0, b), device=x.device, dtype=torch.float32)
+    pre = launch_down_proj(x, adapter_down.to(x.dtype), dropout_p, seed)
+    y = launch_fused_up(x, weight, bias, pre, adapter_up.to(x.dtype), scaling, act)
+    return y, pre
+
+
+def bottleneck_parallel_bwd(grad_y, x, weight, pre, adapter_down, adapter_up, scaling,
+                            activation="relu", dropout_p=0.0, seed=0, need_grad_x=True):
+    """Backward of `bottleneck_parallel_fwd` (frozen weight and bias get no gradient).
+
+        Hd        = grad_y · adapter_up;  G = Hd ⊙ act'(P)               (M, b) fp32
+        grad_up   = scaling · grad_yᵀ · act(P)                           (N, b)
+        grad_s    = Σ Hd ⊙ act(P)                                        (tensor scaling only)
+        grad_x    = grad_y · weight + scaling · (G · adapter_down) ⊙ keep / (1 - p)   one GEMM
+        grad_down = scaling · Gᵀ · (x ⊙ keep / (1 - p))                   (b, K)
+
+    Returns (grad_x or None, grad_down, grad_up, grad_scaling or None).
+    """
+    M, K, N = _check_parallel(x, weight, None)
+    b = _check_adapter(x, adapter_down, adapter_up, N)
+    check_tensor("grad_y", grad_y, (M, N), dtype=x.dtype, device=x.device)
+    check_tensor("pre", pre, (M, b), dtype=torch.float32, device=x.device)
+    check_dropout(dropout_p, seed)
+    act = activation_id(activation)
+    if M == 0:
+        ds = torch.zeros_like(scaling) if _scaling_grad_wanted(scaling) else None
+        return (torch.zeros_like(x) if need_grad_x else None, torch.zeros_like(adapter_down),
+                torch.zeros_like(adapter_up), ds)
+    return _adapter_bwd(grad_y, x, weight, pre, adapter_down, adapter_up, scaling, act, dropout_p,
+                        seed, need_grad_x)
+
+
+# ----------------------------------------------------------------------------------------------
+# offline-compile description
+# ----------------------------------------------------------------------------------------------
+
+
+def shipped_kernel_specs(dtypes=(torch.bfloat16, torch.float32), widths=(64, 256)):
+    """Bottleneck-specific kernel configurations (b padded to 64 and 256, the issue's sizes).
+
+    The parallel placement's forward/backward GEMMs are the LoRA kernels (see
+    `lora.shipped_kernel_specs`, which this includes for the wide padded ranks); the residual
+    backward adds `_input_grad_kernel` without the weight GEMM (HAS_W=False).
+    """
+    specs = []
+    for dtype in dtypes:
+        prec = dot_precision(dtype)
+        for BR in widths:
+            cfg = residual_config(BR, dtype)
+            specs.append(_spec(
+                f"bottleneck_residual_fwd/b{BR}", _residual_fwd_kernel, dtype,
+                dict(ACT=2, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
+                     BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR),
+                cfg, fp32_ptrs=("p_out_ptr", "scale_ptr"),
+                unit_strides=("stride_zk", "stride_dk", "stride_ur", "stride_yn"),
+            ))
+            rcfg = rowblock_config(BR, dtype)
+            specs.append(_spec(
+                f"bottleneck_rank_grad/b{BR}", _rank_grad_kernel, dtype,
+                dict(ACT=3, NEED_DB=True, NEED_DSCALE=True, SCALE_IS_PTR=True, DOT_PREC=prec,
+                     BM=rcfg.BM, BN=rcfg.BN, BR=BR),
+                rcfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
+                unit_strides=("stride_dyn", "stride_br"),
+            ))
+            gcfg = gemm_config(4096, dtype)
+            specs.append(_spec(
+                f"bottleneck_residual_input_grad/b{BR}", _input_grad_kernel, dtype,
+                dict(HAS_W=False, HAS_RES=True, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
+                     BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=BR, GROUP_M=GROUP_M),
+                gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
+                unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
+            ))
+            specs.append(_spec(
+                f"bottleneck_down_weight_grad/b{BR}", _down_weight_grad_kernel, dtype,
+                dict(HAS_DROPOUT=True, SCALE_IS_PTR=True, USE_ATOMIC=True, DOT_PREC=prec,
+                     BM=rcfg.BM, BK=rcfg.BK, BR=BR),
+                rcfg, fp32_ptrs=("g_in_ptr", "da_ptr", "scale_ptr"), unit_strides=("stride_xk",),
+            ))
+        specs += [s for s in _lora_specs(dtypes=(dtype,), ranks=(256,)) if "rank_grad" not in s["name"] and "down_weight_grad" not in s["name"]]
+    return specs
