@@ -269,12 +269,13 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
         wd = down[sl_d, :c, :].to(cd)  # (t, c, K) gathered
         h = torch.bmm(xt[sel_d], wd.transpose(1, 2))  # (t, L, c)
         h = _apply_act_tiles(h, act_cpu[sl])
-        short = tile_size[sel] < c
-        if bool(short.any()):  # ranks beyond an adapter's size are padding: mask them
-            keep = torch.arange(c) < tile_size[sel][:, None]
-            h = h * keep.to(dev, cd)[:, None, :]
         h = h * sc_all[sl_d][:, None, None]
-        wu = up[sl_d, :, :c].to(cd)  # (t, N, c)
+        wu = up[sl_d, :, :c].to(cd)  # (t, N, c), a gathered copy
+        short = tile_size[sel] < c
+        if bool(short.any()):  # ranks beyond an adapter's size are padding: never read them
+            drop = (torch.arange(c) >= tile_size[sel][:, None]).to(dev)[:, None, :]  # (t, 1, c)
+            h = h.masked_fill(drop, 0.0)
+            wu.masked_fill_(drop, 0.0)
         delta[sel_d] = torch.bmm(h, wu.transpose(1, 2))
     d_rows = delta[tor_d, lane_d]
     y[rows_d] = (y0[rows_d].to(cd) + d_rows).to(y.dtype)
