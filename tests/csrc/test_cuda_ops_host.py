@@ -1,0 +1,362 @@
+"""Host-side logic of the CUDA ops, on the CPU: the segment metadata and its contract, the
+multi-adapter reference against an explicit per-row loop in fp64, the ops' CPU kernels, fakes and
+opcheck, argument checks that name the bad value, and the extension loader's choices.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastadapters import _ext
+from fastadapters.ops import cuda_ops as co
+
+PATTERNS = ("distinct", "uniform", "skewed", "identical")
+
+
+def make_row_slot(pattern: str, M: int, S: int, base_frac: float, gen: torch.Generator):
+    """Per-row slots in a popularity pattern, with about base_frac of the rows base (-1)."""
+    if pattern == "distinct":
+        slots = torch.arange(M) % S
+    elif pattern == "uniform":
+        slots = torch.randint(0, S, (M,), generator=gen)
+    elif pattern == "skewed":  # Zipf-like: slot 0 most popular
+        w = torch.tensor([1.0 / (i + 1) ** 1.5 for i in range(S)])
+        slots = torch.multinomial(w, M, replacement=True, generator=gen)
+    elif pattern == "identical":
+        slots = torch.full((M,), S // 2)
+    else:
+        raise KeyError(pattern)
+    base = torch.rand(M, generator=gen) < base_frac
+    return torch.where(base, torch.full_like(slots, -1), slots).to(torch.int32)
+
+
+def make_store(S, R, K, N, dtype, gen, sizes=None, acts=None):
+    down = torch.randn(S, R, K, generator=gen).to(dtype) / math.sqrt(K)
+    up = torch.randn(S, N, R, generator=gen).to(dtype) / math.sqrt(R)
+    if sizes is None:
+        sizes = torch.randint(0, R + 1, (S,), generator=gen)
+    sizes = torch.as_tensor(sizes, dtype=torch.int32)
+    if acts is None:
+        acts = torch.arange(S) % 6
+    acts = torch.as_tensor(acts, dtype=torch.int32)
+    scales = (torch.rand(S, generator=gen) + 0.5).to(torch.float32)
+    return down, up, sizes, scales, acts
+
+
+def loop_reference(y0, x, row_slot, down, up, sizes, scales, act_ids):
+    """The semantics row by row, in fp64, exactly as written in the module docstring."""
+    acts = [lambda t: t, torch.tanh, torch.relu, lambda t: F.gelu(t), F.silu, torch.sigmoid]
+    y = y0.double().clone()
+    for m in range(x.shape[0]):
+        s = int(row_slot[m])
+        if s < 0:
+            continue
+        r = int(sizes[s])
+        h = acts[int(act_ids[s])](down[s, :r, :].double() @ x[m].double())
+        y[m] = y0[m].double() + float(scales[s]) * (up[s, :, :r].double() @ h)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M,S", [(1, 1), (1, 4), (37, 5), (64, 64), (37, 100)])
+def test_meta_contract_and_round_trip(pattern, M, S):
+    gen = torch.Generator().manual_seed(M * 1000 + S)
+    row_slot = make_row_slot(pattern, M, S, 0.25, gen)
+    meta = co.multi_adapter_meta(row_slot, S)
+    co.check_multi_adapter_meta(meta, M, S)
+    G = min(M, S + 1)
+    assert meta.seg_slots.shape == (G,) and meta.seg_starts.shape == (G + 1,)
+    assert all(t.dtype == torch.int32 for t in meta)
+    # each segment holds the rows of exactly its slot, base rows form the last used segment
+    st, sl, rows = meta.seg_starts.tolist(), meta.seg_slots.tolist(), meta.sorted_rows.tolist()
+    for g in range(G):
+        seg_rows = rows[st[g]:st[g + 1]]
+        assert all(int(row_slot[r]) == sl[g] for r in seg_rows), (g, sl[g], seg_rows)
+        assert seg_rows == sorted(seg_rows)  # stable
+    used = [g for g in range(G) if st[g + 1] > st[g]]
+    assert len(used) == len(set(row_slot.tolist()))
+    assert used == list(range(len(used)))  # used segments first, empty ones at the tail
+    assert torch.equal(co._row_slot_from_meta(meta, M, S), row_slot)
+
+
+def test_meta_edge_cases():
+    empty = co.multi_adapter_meta(torch.zeros(0, dtype=torch.int32), 4)
+    assert empty.sorted_rows.shape == (0,) and empty.seg_starts.tolist() == [0]
+    base = co.multi_adapter_meta(torch.full((5,), -1, dtype=torch.int32), 3)
+    assert base.seg_slots.tolist() == [-1, -1, -1, -1] and base.seg_starts.tolist() == [0, 5, 5, 5, 5]
+    # out-of-range slots are treated as base rows (memory safety in the kernel)
+    oob = co.multi_adapter_meta(torch.tensor([0, 7, 1, -3], dtype=torch.int32), 2)
+    assert co._row_slot_from_meta(oob, 4, 2).tolist() == [0, -1, 1, -1]
+    # the segment count depends on the shapes only, not on the mix
+    a = co.multi_adapter_meta(torch.tensor([0, 0, 0, 0], dtype=torch.int32), 8)
+    b = co.multi_adapter_meta(torch.tensor([3, 1, 2, 0], dtype=torch.int32), 8)
+    assert a.seg_slots.shape == b.seg_slots.shape == (4,)
+
+
+def test_meta_validator_rejects_broken_metadata():
+    meta = co.multi_adapter_meta(torch.tensor([1, 0, 1, -1], dtype=torch.int32), 2)
+    bad_perm = meta._replace(sorted_rows=torch.tensor([0, 0, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="permutation"):
+        co.check_multi_adapter_meta(bad_perm, 4, 2)
+    bad_starts = meta._replace(seg_starts=torch.tensor([0, 3, 2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        co.check_multi_adapter_meta(bad_starts, 4, 2)
+    dup = meta._replace(seg_slots=torch.tensor([1, 1, -1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="more than one segment"):
+        co.check_multi_adapter_meta(dup, 4, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# reference and CPU kernels
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M,K,N", [(1, 100, 77), (37, 100, 77), (8, 64, 32)])
+def test_ref_matches_per_row_loop_fp64(pattern, M, K, N):
+    gen = torch.Generator().manual_seed(M + K + N)
+    S, R = 6, 8
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float64, gen,
+                                               sizes=[1, 5, 8, 0, 3, 7], acts=[0, 1, 2, 3, 4, 5])
+    x = torch.randn(M, K, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(M, N, generator=gen, dtype=torch.float64)
+    row_slot = make_row_slot(pattern, M, S, 0.2, gen)
+    got = co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts)
+    want = loop_reference(y0, x, row_slot, down, up, sizes, scales, acts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_ref_ignores_padding_and_base_rows():
+    gen = torch.Generator().manual_seed(1)
+    S, R, K, N, M = 3, 6, 20, 9, 7
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float64, gen, sizes=[2, 0, 6],
+                                               acts=[5, 3, 1])
+    down[0, 2:] = float("nan")  # padding beyond sizes[s] must never be read into the result
+    up[0, :, 2:] = float("inf")
+    x = torch.randn(M, K, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(M, N, generator=gen, dtype=torch.float64)
+    row_slot = torch.tensor([0, -1, 1, 2, 0, -1, 1], dtype=torch.int32)
+    y = co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts)
+    assert torch.isfinite(y).all()
+    base = row_slot < 0
+    assert torch.equal(y[base], y0[base])
+    assert torch.equal(y[2], y0[2]) and torch.equal(y[6], y0[6])  # size 0 slot: no change
+    torch.testing.assert_close(y, loop_reference(y0, x, row_slot, down.nan_to_num(0),
+                                                 up.nan_to_num(0, 0, 0), sizes, scales, acts))
+
+
+def test_mixed_batch_equals_each_adapter_alone():
+    """Metamorphic: every row of a mixed batch equals that row run in a batch of its adapter only."""
+    gen = torch.Generator().manual_seed(2)
+    S, R, K, N, M = 5, 16, 48, 40, 23
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float32, gen,
+                                               sizes=[1, 4, 16, 5, 9], acts=[0, 0, 1, 3, 4])
+    x = torch.randn(M, K, generator=gen)
+    y0 = torch.randn(M, N, generator=gen)
+    row_slot = make_row_slot("skewed", M, S, 0.2, gen)
+    mixed = co.multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, acts)
+    for s in range(-1, S):
+        rows = (row_slot == s).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        alone = co.multi_adapter_cuda(y0[rows], x[rows], row_slot[rows], down, up, sizes, scales, acts)
+        torch.testing.assert_close(mixed[rows], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_op_matches_ref(dtype):
+    gen = torch.Generator().manual_seed(3)
+    S, R, K, N, M = 4, 5, 100, 77, 37
+    down, up, sizes, scales, acts = make_store(S, R, K, N, dtype, gen, sizes=[1, 5, 0, 3])
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    y0 = torch.randn(M, N, generator=gen).to(dtype)
+    row_slot = make_row_slot("uniform", M, S, 0.3, gen)
+    meta = co.multi_adapter_meta(row_slot, S)
+    y = torch.ops.fastadapters.cuda_multi_adapter(y0, x, *meta, down, up, sizes, scales, acts)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert torch.equal(y, co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts))
+
+
+def test_opcheck_cpu():
+    gen = torch.Generator().manual_seed(4)
+    S, R, K, N, M = 3, 5, 24, 10, 9
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float32, gen, sizes=[1, 5, 2])
+    x = torch.randn(M, K, generator=gen)
+    y0 = torch.randn(M, N, generator=gen)
+    meta = co.multi_adapter_meta(make_row_slot("uniform", M, S, 0.3, gen), S)
+    torch.library.opcheck(torch.ops.fastadapters.cuda_multi_adapter,
+                          (y0, x, *meta, down, up, sizes, scales, acts))
+    scale = torch.tensor([0.7])
+    torch.library.opcheck(torch.ops.fastadapters.cuda_bottleneck_fwd,
+                          (x, y0, torch.randn(4, K), torch.randn(N, 4), scale, 3))
+
+
+def test_fakes_give_shapes_without_data():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(37, 100, dtype=torch.bfloat16)
+        y0 = torch.empty(37, 77, dtype=torch.bfloat16)
+        down = torch.empty(6, 16, 100, dtype=torch.bfloat16)
+        up = torch.empty(6, 77, 16, dtype=torch.bfloat16)
+        ints = torch.empty(6, dtype=torch.int32)
+        y = torch.ops.fastadapters.cuda_multi_adapter(
+            y0, x, torch.empty(37, dtype=torch.int32), torch.empty(8, dtype=torch.int32),
+            torch.empty(7, dtype=torch.int32), down, up, ints, torch.empty(6), ints)
+        assert y.shape == (37, 77) and y.dtype == torch.bfloat16
+        yb = torch.ops.fastadapters.cuda_bottleneck_fwd(x, y0, torch.empty(8, 100, dtype=torch.bfloat16),
+                                                        torch.empty(77, 8, dtype=torch.bfloat16),
+                                                        torch.empty(1), 1)
+        assert yb.shape == (37, 77) and yb.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match=r"expected up of shape \(S, N, R\) = \(6, 77, 16\)"):
+            torch.ops.fastadapters.cuda_multi_adapter(
+                y0, x, torch.empty(37, dtype=torch.int32), torch.empty(8, dtype=torch.int32),
+                torch.empty(7, dtype=torch.int32), down, up[:, :, :15], ints, torch.empty(6), ints)
+
+
+def test_compile_fullgraph_cpu():
+    gen = torch.Generator().manual_seed(5)
+    S, R, K, N, M = 3, 4, 16, 12, 6
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float32, gen, sizes=[4, 2, 1])
+    x = torch.randn(M, K, generator=gen)
+    y0 = torch.randn(M, N, generator=gen)
+    row_slot = torch.tensor([2, -1, 0, 0, 1, 2], dtype=torch.int32)
+
+    def f(y0, x, row_slot):
+        return co.multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, acts)
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(y0, x, row_slot)
+    torch.testing.assert_close(got, f(y0, x, row_slot))
+
+
+@pytest.mark.parametrize("placement", ["parallel", "output"])
+@pytest.mark.parametrize("act", ["identity", "tanh", "relu", "gelu", "swish", "sigmoid"])
+def test_bottleneck_fwd_cpu_matches_formula(placement, act):
+    gen = torch.Generator().manual_seed(6)
+    M, K, b = 5, 33, 7
+    N = K if placement == "output" else 21
+    x = torch.randn(2, M, K, generator=gen, dtype=torch.float64)
+    down = torch.randn(b, K, generator=gen, dtype=torch.float64)
+    up = torch.randn(N, b, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(2, M, N, generator=gen, dtype=torch.float64) if placement == "parallel" else None
+    fn = {"identity": lambda t: t, "tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu,
+          "swish": F.silu, "sigmoid": torch.sigmoid}[act]
+    y = co.bottleneck_fwd_cuda(x, down, up, 0.3, act=act, placement=placement, y0=y0)
+    base = x if placement == "output" else y0
+    torch.testing.assert_close(y, base + 0.3 * fn(x @ down.t()) @ up.t())
+    # a learned (tensor) scaling gives the same
+    y_t = co.bottleneck_fwd_cuda(x, down, up, torch.tensor(0.3, dtype=torch.float64), act=act,
+                                 placement=placement, y0=y0)
+    torch.testing.assert_close(y_t, y)
+
+
+def test_act_ids_agree_with_the_store_table():
+    from fastadapters.ops.bottleneck import ACT_IDS
+
+    for name, i in ACT_IDS.items():
+        assert co.act_id_of(name) == i, name
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _good_args(M=4, K=8, N=6, S=3, R=2):
+    return dict(y0=torch.zeros(M, N), x=torch.zeros(M, K), row_slot=torch.zeros(M, dtype=torch.int32),
+                down=torch.zeros(S, R, K), up=torch.zeros(S, N, R),
+                sizes=torch.ones(S, dtype=torch.int32), scales=torch.ones(S),
+                act_ids=torch.zeros(S, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("x", torch.zeros(4, 9), r"expected down of shape \(S, R, K\) = \(3, 2, 9\), got \(3, 2, 8\)"),
+    ("y0", torch.zeros(4, 5), r"expected y0 of shape \(M, N\) = \(4, 6\), got \(4, 5\)"),
+    ("up", torch.zeros(3, 6, 3), r"expected up of shape \(S, N, R\) = \(3, 6, 2\), got \(3, 6, 3\)"),
+    ("sizes", torch.ones(2, dtype=torch.int32), r"expected sizes of shape \(S,\) = \(3,\), got \(2,\)"),
+    ("sizes", torch.ones(3, dtype=torch.int64), r"expected sizes of dtype torch.int32, got torch.int64"),
+    ("scales", torch.ones(3, dtype=torch.float64), r"expected scales of dtype torch.float32"),
+    ("down", torch.zeros(3, 2, 8, dtype=torch.float16), r"expected down of dtype torch.float32, got torch.float16"),
+    ("x", torch.zeros(4, 8, dtype=torch.int32), r"expected x of dtype"),
+    ("act_ids", torch.zeros(3, dtype=torch.int32, device="meta"), r"expected act_ids on cpu"),
+    ("row_slot", torch.zeros(5, dtype=torch.int32), r"expected row_slot of shape \(M,\) = \(4,\), got \(5,\)"),
+    ("x", torch.zeros(4, 8, 1), r"expected x with 2 dimensions \(M, K\), got shape \(4, 8, 1\)"),
+])
+def test_multi_adapter_checks_name_the_bad_value(field, value, message):
+    args = _good_args()
+    args[field] = value
+    with pytest.raises(ValueError, match=message):
+        co.multi_adapter_cuda(**args)
+
+
+def test_ref_checks_values():
+    args = _good_args()
+    args["row_slot"] = torch.tensor([0, 3, 1, -1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"row_slot\[1\] = 3, but the store has 3 slots"):
+        co.multi_adapter_ref(**args)
+    args = _good_args()
+    args["sizes"] = torch.tensor([1, 3, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"sizes: expected values in 0..R=2"):
+        co.multi_adapter_ref(**args)
+    args = _good_args()
+    args["act_ids"] = torch.tensor([0, 6, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"act_ids: expected values in 0..5"):
+        co.multi_adapter_ref(**args)
+
+
+def test_bottleneck_checks():
+    x, down, up = torch.zeros(3, 8), torch.zeros(2, 8), torch.zeros(8, 2)
+    with pytest.raises(ValueError, match="act: got 'elu'"):
+        co.bottleneck_fwd_cuda(x, down, up, 1.0, act="elu", placement="output")
+    with pytest.raises(ValueError, match="placement: got 'mh'"):
+        co.bottleneck_fwd_cuda(x, down, up, 1.0, placement="mh")
+    with pytest.raises(ValueError, match="needs y0"):
+        co.bottleneck_fwd_cuda(x, down, up, 1.0, placement="parallel")
+    with pytest.raises(ValueError, match=r"expected up of shape \(N, b\) = \(8, 2\), got \(8, 3\)"):
+        co.bottleneck_fwd_cuda(x, down, torch.zeros(8, 3), 1.0, placement="output")
+    with pytest.raises(ValueError, match=r"expected y0 of shape \(M, N\) = \(3, 5\), got \(3, 8\)"):
+        co.bottleneck_fwd_cuda(x, down, torch.zeros(5, 2), 1.0, placement="output")
+    with pytest.raises(ValueError, match="expected scale with 1 element"):
+        co.bottleneck_fwd_cuda(x, down, up, torch.ones(2), placement="output")
+
+
+# ------------------------------------------------------------------------------------------------
+# the extension loader
+
+
+def test_arch_flags():
+    base = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+            "-gencode", "arch=compute_80,code=compute_80"]
+    assert _ext.arch_gencode_flags("") == base
+    assert _ext.arch_gencode_flags("8.0;8.6 9.0a;10.0+PTX") == base + [
+        "-gencode", "arch=compute_86,code=sm_86", "-gencode", "arch=compute_100,code=sm_100",
+        "-gencode", "arch=compute_100,code=compute_100"]
+    with pytest.raises(ValueError, match="cannot parse 'Ampere'"):
+        _ext.arch_gencode_flags("Ampere")
+
+
+def test_sources_found():
+    src = _ext.csrc_dir()
+    assert all((src / s).is_file() for s in _ext.SOURCES)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
+def test_load_extension_on_cpu_torch_says_what_to_do():
+    assert "CPU-only build" in _ext.extension_status()
+    with pytest.raises(_ext.ExtensionUnavailable, match="CPU-only build of|CPU-only build"):
+        _ext.load_extension()
+
+
+def test_import_touches_no_cuda():
+    import subprocess
+    import sys
+
+    code = ("import torch, fastadapters._ext, fastadapters.ops.cuda_ops; "
+            "assert not torch.cuda.is_initialized(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
