@@ -190,6 +190,7 @@ def build_plan(row_slot: torch.Tensor, num_slots: int, block_m: int = 64, out: M
     for k, v in fields.items():
         getattr(out, k).copy_(v)
     out._torch_layout = None
+    out.__dict__.pop("_cuda_meta", None)
     return out
 
 
@@ -328,23 +329,22 @@ dispatch.register(OP, "triton", multi_adapter_triton)
 
 
 def _register_cuda_backend() -> None:
-    """Use the CUDA engineer's ``torch.ops.fastadapters.cuda_multi_adapter`` when the extension loads."""
+    """The CUDA C++ kernel (``fastadapters.ops.cuda_ops.multi_adapter_cuda``, csrc/) as the ``cuda``
+    backend; its segment metadata is computed once per plan and shared by all layers."""
     try:
-        from . import cuda_ops  # noqa: F401  (their module loads fastadapters._C)
-    except Exception:
-        try:
-            import fastadapters._C  # noqa: F401
-        except Exception:
-            return
-    try:
-        op = torch.ops.fastadapters.cuda_multi_adapter
-    except (AttributeError, RuntimeError):
+        from .cuda_ops import multi_adapter_cuda as _cuda, multi_adapter_meta as _meta
+    except Exception:  # the CUDA engineer's module is absent or broken: no cuda backend
         return
 
     def multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=None, sizes_host=None,
                            act_host=None):
-        return op(y0, x, row_slot.to(torch.int32), down, up, sizes.to(torch.int32), scales.to(torch.float32),
-                  act_ids.to(torch.int32))
+        meta = None
+        if plan is not None:
+            meta = plan.__dict__.get("_cuda_meta")
+            if meta is None:
+                meta = plan.__dict__["_cuda_meta"] = _meta(plan.row_slot, plan.num_slots)
+        return _cuda(y0, x, row_slot.to(torch.int32), down, up, sizes.to(torch.int32),
+                     scales.to(torch.float32), act_ids.to(torch.int32), meta=meta)
 
     dispatch.register(OP, "cuda", multi_adapter_cuda)
 

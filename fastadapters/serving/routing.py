@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from ..config import PrefixConfig
 from ..layers import AdapterLinear
+from ..ops import dispatch
 from ..ops.multi import SEGMENT_BLOCK_M, MultiPlan, build_plan, multi_adapter
 from ..patching import RESERVED_NAMES, _state, _wrappers
 from .store import get_store
@@ -60,8 +61,9 @@ def _batch_of(args, kwargs) -> int | None:
 class Router:
     """The routing state ``AdapterLinear.forward`` calls into while ``route`` is active."""
 
-    def __init__(self, model: nn.Module, names: list[str | None]):
+    def __init__(self, model: nn.Module, names: list[str | None], backend: str | None = None):
         self.model = model
+        self.backend = backend  # None: each layer's own (fa.set_backend / FASTADAPTERS_BACKEND)
         self.state = _state(model)
         self.store = get_store(model)
         self.names = list(names)
@@ -134,7 +136,7 @@ class Router:
         tokens = x.numel() // max(rows * k, 1)
         plan = self.plan(rows, tokens, x.device)
         x2 = x.reshape(-1, k)
-        backend = layer.backend
+        backend = self.backend if self.backend is not None else layer.backend
         call = functools.partial(multi_adapter, plan=plan, backend=backend, check=False)
         t = tables.pre
         if t is not None:
@@ -173,14 +175,18 @@ def _check_names(state, names) -> list[str | None]:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, names):
-    """Run ``model(...)`` / ``model.generate(...)`` with adapter ``names[i]`` on batch row i."""
+def route(model: nn.Module, names, backend: str | None = None):
+    """Run ``model(...)`` / ``model.generate(...)`` with adapter ``names[i]`` on batch row i.
+
+    ``backend`` ("torch" | "triton" | "cuda" | "auto") overrides the layers' backend for the
+    multi-adapter op inside the block (None: each layer's, i.e. ``fa.set_backend``)."""
+    dispatch.check_backend_name(backend)
     state = _state(model)
     if state is None:
         raise ValueError("route: this model has no fastadapters adapters; call fastadapters.patch or "
                          "fastadapters.load_adapter first")
     names = _check_names(state, names)
-    router = Router(model, names)
+    router = Router(model, names, backend)
     wrappers = [w for _, w in _wrappers(model)]
     previous = [w.routing for w in wrappers]
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: router.check_batch(_batch_of(args, kwargs)),

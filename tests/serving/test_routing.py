@@ -279,3 +279,24 @@ def test_lora_rows_equal_peft_mixed_batch(tmp_path):
         with fa.route(model, names):
             out = model(ids).logits
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_routed_model_on_triton_backend_matches_torch():
+    """The whole routed forward with the Triton kernels (interpreter): decode-size (gather path)
+    and prefill-size (segmented path) batches equal the torch path."""
+    from fastadapters.ops import multi as mo
+
+    model = add_zoo(tiny_llama(layers=1), ["lora_r1", "lora_r16", "houlsby", "parallel"])
+    names = ["lora_r16", None, "houlsby", "lora_r1", "parallel", "lora_r16"]
+    for length in (1, 12):  # 6 rows (gather) / 72 rows (segmented)
+        ids = _ids(len(names), length=length, seed=length)
+        with torch.no_grad():
+            with fa.route(model, names, backend="torch"):
+                ref = model(ids).logits
+            with fa.route(model, names, backend="triton"):
+                got = model(ids).logits
+        assert (len(names) * length <= mo.GATHER_MAX_ROWS) == (length == 1)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        with fa.route(model, names, backend="nope"):
+            pass
