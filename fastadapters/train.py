@@ -220,10 +220,29 @@ def _resume_target(args) -> tuple[str | None, str | None]:
     return None, r
 
 
+def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
+    """Non-reentrant activation checkpointing, under the TrainingArguments name of this transformers
+    version (``activation_checkpointing`` since 5.2x, ``gradient_checkpointing`` before)."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing_kwargs" in names else "gradient_checkpointing"
+    return {key: enabled, key + "_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or info logs: the CLI's own lines and errors stay readable."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
+
+
 def _load_model_and_tokenizer(args, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.base_model)
         model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name))
@@ -336,8 +355,10 @@ def _run(argv: list[str]) -> int:
     dtype_name = args.model_dtype or ("bfloat16" if args.bf16 else "float32")
     model, tokenizer = _load_model_and_tokenizer(args, dtype_name)
 
-    import fastadapters as fa
+    import torch
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    import fastadapters as fa
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     try:
@@ -381,8 +402,7 @@ def _run(argv: list[str]) -> int:
         lr_scheduler_type=args.lr_scheduler,
         bf16=args.bf16,
         fp16=args.fp16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **_checkpointing_kwargs(args.gradient_checkpointing),
         logging_steps=args.logging_steps,
         eval_strategy="steps" if has_val else "no",
         eval_steps=args.eval_steps if has_val else None,
@@ -399,6 +419,7 @@ def _run(argv: list[str]) -> int:
         seed=args.seed,
         disable_tqdm=args.no_progress,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     AdapterTrainer, LossLineProgress, LossLinePrinter = _trainer_classes()
     trainer = AdapterTrainer(

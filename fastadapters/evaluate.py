@@ -1,0 +1,272 @@
+"""``fastadapters eval``: score a base model, or a base model with an adapter, on the LLM-Adapters
+math and commonsense test sets with their prompt and answer extraction (``fastadapters.extraction``).
+
+Differences from the original scripts, each a fix: generation is batched with left padding and an
+attention mask (theirs padded without a mask, or ran one example at a time), the model is put in
+``eval()`` mode (theirs left dropout on in the GPU path), decoding is greedy unless ``--num-beams``
+asks for beams (theirs: 4 beams), and ``--adapter`` may be left out to score the base model.
+
+Output: one JSON line per example (dataset, index, prompt, response, extracted, label, correct) in
+``--output``, and a table of accuracy per dataset on stdout. Data, adapter and output path are all
+checked before the model is loaded and before any file is created; errors print one line on stderr
+and return exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .data import DataError, load_records
+from .extraction import AQUA_MODES, DATASETS, canonical_dataset, dataset_kind, infer_dataset_rules, label_is_valid, score
+from .prompts import STYLES, evaluation_prompt
+
+MAX_NEW_TOKENS = {"math": 256, "choice": 256, "commonsense": 32}
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_DIR_ENV = "FASTADAPTERS_DATA_DIR"
+
+
+class UsageError(Exception):
+    """Reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastadapters eval", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base-model", required=True, help="local model directory or transformers model id")
+    p.add_argument("--adapter", metavar="PATH", help="adapter directory (fastadapters, PEFT LoRA or LLM-Adapters); none: the base model")
+    p.add_argument("--dataset", nargs="+", metavar="NAME",
+                   help=f"test sets under --data-dir (<name>/test.json): {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
+                   help=f"directory holding <name>/test.json (default: ${DATA_DIR_ENV})")
+    p.add_argument("--data", metavar="PATH",
+                   help="one test file instead of --dataset; its rules come from --dataset NAME if given, "
+                        "else from its labels (numeric: math, A-E: AQuA, label words: that commonsense set)")
+    p.add_argument("--output", metavar="PATH", help="JSON Lines file with one record per example")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=1, help="1: greedy (the original used 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 256 for math and AQuA, 32 for commonsense sets")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set")
+    p.add_argument("--aqua-extraction", choices=AQUA_MODES, default="first",
+                   help="first: the original rule (first capital A-E); strict: the option the response chooses")
+    p.add_argument("--prompt-style", choices=STYLES, default="llm-adapters")
+    p.add_argument("--model-dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_sets(args) -> list[tuple[str, str, list[dict]]]:
+    """[(display name, rules dataset, records)], every record validated."""
+    if args.data is not None:
+        if args.dataset and len(args.dataset) > 1:
+            raise UsageError("--data takes at most one --dataset (the rules to score it with)")
+        rules = None
+        if args.dataset:
+            try:
+                rules = canonical_dataset(args.dataset[0])
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        files = [(Path(args.data).stem if rules is None else rules, rules, Path(args.data))]
+    else:
+        if not args.dataset:
+            raise UsageError("give --dataset NAME [NAME ...] (with --data-dir) or --data PATH")
+        if not args.data_dir:
+            raise UsageError(f"--dataset needs --data-dir (or ${DATA_DIR_ENV}) holding <name>/test.json")
+        files = []
+        for name in args.dataset:
+            try:
+                rules = canonical_dataset(name)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            files.append((rules, rules, Path(args.data_dir) / rules / "test.json"))
+    sets = []
+    for display, rules, path in files:
+        try:
+            records = load_records(path, require_answer=True, require_output=False)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        if rules is None:
+            rules = infer_dataset_rules([r["answer"] for r in records])
+            if rules is None:
+                raise UsageError(f"{path}: cannot tell which answer rules fit its labels; pass --dataset NAME "
+                                 f"({', '.join(DATASETS)})")
+        for i, r in enumerate(records):
+            if not label_is_valid(rules, r["answer"]):
+                raise UsageError(f"{path}: record {i}: field 'answer' {r['answer']!r} is not a valid {rules} label")
+        if args.limit is not None:
+            records = records[: args.limit]
+        sets.append((display, rules, records))
+    return sets
+
+
+def _check_args(args) -> None:
+    for flag in ("batch_size", "num_beams"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    if args.output is not None:
+        out = Path(args.output)
+        if out.is_dir():
+            raise UsageError(f"--output {out} is a directory")
+        if not out.parent.exists() and str(out.parent) not in ("", "."):
+            raise UsageError(f"--output: directory {out.parent} does not exist")
+
+
+def _check_adapter_files(path: str) -> None:
+    from .io import read_adapter
+
+    try:
+        read_adapter(path)
+    except ValueError as e:
+        raise UsageError(f"--adapter: {e}") from None
+
+
+def _load(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .train import ensure_pad_token, quiet_transformers
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, args.model_dtype))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load base model {args.base_model!r}: {first}") from None
+    if args.adapter is not None:
+        import fastadapters as fa
+
+        try:
+            fa.load_adapter(model, args.adapter)
+        except ValueError as e:
+            raise UsageError(f"adapter {args.adapter} does not fit {args.base_model}: {e}") from None
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    model.eval()
+    return model, tokenizer, device
+
+
+# ---------------------------------------------------------------------------------------------
+# generation and scoring
+# ---------------------------------------------------------------------------------------------
+
+def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, num_beams: int = 1,
+                   device: str = "cpu") -> list[str]:
+    """Responses (decoded new tokens, special tokens dropped, stripped) for a left-padded batch."""
+    import torch
+    from transformers import GenerationConfig
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    gen = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.bos_token_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gen)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def evaluate_set(model, tokenizer, name: str, rules: str, records: list[dict], args, device: str, sink) -> tuple[int, int]:
+    """Generate, extract and score one test set; writes JSON lines to ``sink``; returns (correct, total)."""
+    from tqdm.auto import tqdm
+
+    kind = dataset_kind(rules)
+    max_new = args.max_new_tokens or MAX_NEW_TOKENS[kind]
+    correct = 0
+    bar = tqdm(total=len(records), desc=name, unit="ex", disable=args.no_progress, file=sys.stderr)
+    for start in range(0, len(records), args.batch_size):
+        batch = records[start:start + args.batch_size]
+        prompts = [evaluation_prompt(r["instruction"], r["input"], style=args.prompt_style) for r in batch]
+        responses = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new, num_beams=args.num_beams,
+                                   device=device)
+        for i, (r, prompt, response) in enumerate(zip(batch, prompts, responses)):
+            extracted, ok = score(rules, response, r["answer"], aqua_mode=args.aqua_extraction)
+            correct += ok
+            if sink is not None:
+                sink.write(json.dumps({"dataset": name, "index": start + i, "prompt": prompt, "response": response,
+                                       "extracted": _jsonable(extracted), "label": r["answer"], "correct": ok}) + "\n")
+        if sink is not None:
+            sink.flush()
+        bar.update(len(batch))
+        bar.set_postfix(acc=f"{correct / min(start + len(batch), len(records)):.3f}")
+    bar.close()
+    return correct, len(records)
+
+
+def format_table(rows: list[tuple[str, int, int]]) -> str:
+    width = max([len("dataset")] + [len(r[0]) for r in rows])
+    lines = [f"{'dataset':<{width}}  {'correct':>7}  {'total':>6}  {'accuracy':>8}"]
+    for name, correct, total in rows:
+        lines.append(f"{name:<{width}}  {correct:>7d}  {total:>6d}  {correct / max(total, 1):>8.4f}")
+    if len(rows) > 1:
+        c, t = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        mean = sum(r[1] / max(r[2], 1) for r in rows) / len(rows)
+        lines.append(f"{'(all)':<{width}}  {c:>7d}  {t:>6d}  {c / max(t, 1):>8.4f}  (mean of sets {mean:.4f})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except UsageError as e:
+        print(f"fastadapters eval: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    sets = _resolve_sets(args)
+    if args.adapter is not None:
+        _check_adapter_files(args.adapter)
+    model, tokenizer, device = _load(args)
+
+    # everything is checked: only now is the output file created
+    sink = open(args.output, "w", encoding="utf-8") if args.output else None
+    rows = []
+    t0 = time.time()
+    try:
+        for name, rules, records in sets:
+            correct, total = evaluate_set(model, tokenizer, name, rules, records, args, device, sink)
+            rows.append((name, correct, total))
+    finally:
+        if sink is not None:
+            sink.close()
+    what = f"{args.base_model}" + (f" + {args.adapter}" if args.adapter else " (base model)")
+    print(f"fastadapters eval: {what}, {time.time() - t0:.1f} s")
+    print(format_table(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
