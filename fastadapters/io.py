@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import secrets
 from typing import Any
 
@@ -503,6 +502,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         kinds = dict(st.kinds[name])
         if not isinstance(cfg, PrefixConfig):
             _file_modules(model, tensors)  # a key that fits no module gets its own message
+        if recorded and recorded != kinds:
+            diff = sorted(p for p in set(recorded) | set(kinds) if recorded.get(p) != kinds.get(p))
+            raise ValueError(f"adapter {name!r} on this model is placed differently than in {source} "
+                             f"(first difference at {diff[0]!r}: {kinds.get(diff[0])!r} here, "
+                             f"{recorded.get(diff[0])!r} in the file)")
     else:
         patching._check_name(st, name)
         from .ops import dispatch
