@@ -290,3 +290,38 @@ def make_signature(fn, ptr_dtypes: dict, constexprs: dict, default_ptr: str, uni
             if name not in _UNALIGNED_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, constexprs, attrs
+
+
+#: shared memory per block the chips allow (opt-in maximum), bytes
+SMEM_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
+
+
+def compile_report(module_names, dtype_name: str, cc: int, names=None):
+    """Compile every shipped spec of the given kernel modules for `cc`; one dict per spec.
+
+    Run without TRITON_INTERPRET (the interpreter's functions cannot be compiled). Each dict has
+    name, cc, dtype, ok, error, mma (sm_80-style mma.sync in the PTX), wgmma, shared (bytes),
+    smem_limit. `names` restricts to specs whose name is listed.
+    """
+    import importlib
+
+    dtype = getattr(torch, dtype_name)
+    out = []
+    for mod_name in module_names:
+        mod = importlib.import_module(mod_name)
+        for spec in mod.shipped_kernel_specs(dtype):
+            if names is not None and spec["name"] not in names:
+                continue
+            rec = dict(name=f"{mod_name.rsplit('.', 1)[-1]}:{spec['name']}", cc=cc, dtype=dtype_name,
+                       smem_limit=SMEM_LIMIT[cc])
+            try:
+                k = compile_for(spec["fn"], spec["signature"], spec["constexprs"], cc,
+                                spec["num_warps"], spec["num_stages"], spec["attrs"])
+                ptx = k.asm["ptx"]
+                rec.update(ok=True, error=None, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+                           shared=int(k.metadata.shared))
+            except Exception as e:  # reported per spec by the test
+                rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], mma=False, wgmma=False,
+                           shared=-1)
+            out.append(rec)
+    return out

@@ -43,9 +43,7 @@ from ._common import (
 )
 from .lora import (
     GROUP_M,
-    _down_weight_grad_kernel,
     _input_grad_kernel,
-    _rank_grad_kernel,
     _spec,
     gemm_config,
     launch_down_proj,
@@ -53,8 +51,7 @@ from .lora import (
     launch_fused_up,
     launch_input_grad,
     launch_rank_grad,
-    rowblock_config,
-    shipped_kernel_specs as _lora_specs,
+    gemm_specs,
 )
 
 
@@ -313,46 +310,34 @@ def bottleneck_parallel_bwd(grad_y, x, weight, pre, adapter_down, adapter_up, sc
 # ----------------------------------------------------------------------------------------------
 
 
-def shipped_kernel_specs(dtypes=(torch.bfloat16, torch.float32), widths=(64, 256)):
-    """Bottleneck-specific kernel configurations (b padded to 64 and 256, the issue's sizes).
+def shipped_kernel_specs(dtype=torch.bfloat16):
+    """Bottleneck-only kernel configurations, for offline compilation.
 
-    The parallel placement's forward/backward GEMMs are the LoRA kernels (see
-    `lora.shipped_kernel_specs`, which this includes for the wide padded ranks); the residual
-    backward adds `_input_grad_kernel` without the weight GEMM (HAS_W=False).
+    The residual forward at b padded to 64 and to 256 (its narrow and wide configs); the residual
+    backward's input-grad kernel without the weight GEMM (HAS_W=False, large tiles, b=256); the
+    parallel placement's GEMMs (the LoRA kernels) with a gelu branch at b=256. The row-block
+    backward kernels are the LoRA ones (`lora.shipped_kernel_specs` compiles them at 64 and 256).
     """
+    size = torch.finfo(dtype).bits // 8
+    prec = dot_precision(dtype)
     specs = []
-    for dtype in dtypes:
-        prec = dot_precision(dtype)
-        for BR in widths:
-            cfg = residual_config(BR, dtype)
-            specs.append(_spec(
-                f"bottleneck_residual_fwd/b{BR}", _residual_fwd_kernel, dtype,
-                dict(ACT=2, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
-                     BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR),
-                cfg, fp32_ptrs=("p_out_ptr", "scale_ptr"),
-                unit_strides=("stride_zk", "stride_dk", "stride_ur", "stride_yn"),
-            ))
-            rcfg = rowblock_config(BR, dtype)
-            specs.append(_spec(
-                f"bottleneck_rank_grad/b{BR}", _rank_grad_kernel, dtype,
-                dict(ACT=3, NEED_DB=True, NEED_DSCALE=True, SCALE_IS_PTR=True, DOT_PREC=prec,
-                     BM=rcfg.BM, BN=rcfg.BN, BR=BR),
-                rcfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
-                unit_strides=("stride_dyn", "stride_br"),
-            ))
-            gcfg = gemm_config(4096, dtype)
-            specs.append(_spec(
-                f"bottleneck_residual_input_grad/b{BR}", _input_grad_kernel, dtype,
-                dict(HAS_W=False, HAS_RES=True, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
-                     BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=BR, GROUP_M=GROUP_M),
-                gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
-                unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
-            ))
-            specs.append(_spec(
-                f"bottleneck_down_weight_grad/b{BR}", _down_weight_grad_kernel, dtype,
-                dict(HAS_DROPOUT=True, SCALE_IS_PTR=True, USE_ATOMIC=True, DOT_PREC=prec,
-                     BM=rcfg.BM, BK=rcfg.BK, BR=BR),
-                rcfg, fp32_ptrs=("g_in_ptr", "da_ptr", "scale_ptr"), unit_strides=("stride_xk",),
-            ))
-        specs += [s for s in _lora_specs(dtypes=(dtype,), ranks=(256,)) if "rank_grad" not in s["name"] and "down_weight_grad" not in s["name"]]
+    for BR in (64, 256):
+        cfg = residual_config(BR, dtype)
+        specs.append(_spec(
+            f"residual_fwd/{'wide' if BR >= 128 else 'narrow'}/b{BR}", _residual_fwd_kernel, dtype,
+            dict(ACT=2, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
+                 BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR),
+            cfg, fp32_ptrs=("p_out_ptr", "scale_ptr"),
+            unit_strides=("stride_zk", "stride_dk", "stride_ur", "stride_yn"),
+        ))
+    for tag, M in (("large", 4096), ("small", 64)):
+        gcfg = gemm_config(M, dtype)
+        specs.append(_spec(
+            f"residual_input_grad/{tag}/b256", _input_grad_kernel, dtype,
+            dict(HAS_W=False, HAS_RES=True, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
+                 BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=256, GROUP_M=GROUP_M),
+            gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
+            unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
+        ))
+    specs += gemm_specs("large", gemm_config(4096, dtype), 256, dtype, prec, act=3)
     return specs

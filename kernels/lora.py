@@ -541,49 +541,58 @@ def _spec(name, fn, dtype, constexprs, cfg, fp32_ptrs=(), unit_strides=()):
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def shipped_kernel_specs(dtypes=(torch.bfloat16, torch.float32), ranks=(16, 64)):
-    """One entry per (kernel, tile config, dtype, padded rank) the launchers can pick.
+def shipped_kernel_specs(dtype=torch.bfloat16):
+    """One entry per tile configuration the LoRA launchers can pick, for offline compilation.
 
-    fp16 shares bf16's configs (same element size). The activation id is a pure elementwise
-    specialisation and is compiled with identity here (the bottleneck specs use the others).
+    GEMM kernels: the large and the small-M config, with the padded rank 64 (BR only adds one
+    (BM, BR)·(BR, BN) dot; `bottleneck.shipped_kernel_specs` compiles them at 256, the widest).
+    Row-block kernels: the BR < 128 config at 64 and the wide one at 256. fp16 compiles to the same
+    code as bf16 (same configs, same element size); the activation id only changes elementwise code.
     """
+    size = torch.finfo(dtype).bits // 8
+    prec = dot_precision(dtype)
     specs = []
-    for dtype in dtypes:
-        size = torch.finfo(dtype).bits // 8
-        prec = dot_precision(dtype)
-        for BR in ranks:
-            for tag, cfg in (("large", _GEMM_LARGE[size]), ("small", _GEMM_SMALL[size])):
-                specs.append(_spec(
-                    f"lora_fused_up/{tag}/r{BR}", _fused_up_kernel, dtype,
-                    dict(ACT=ACT_IDENTITY, HAS_BIAS=True, SCALE_IS_PTR=False, DOT_PREC=prec,
-                         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=BR, GROUP_M=GROUP_M),
-                    cfg, fp32_ptrs=("p_in_ptr", "scale_ptr"),
-                    unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_yn"),
-                ))
-                specs.append(_spec(
-                    f"lora_input_grad/{tag}/r{BR}", _input_grad_kernel, dtype,
-                    dict(HAS_W=True, HAS_RES=False, HAS_DROPOUT=True, SCALE_IS_PTR=False,
-                         DOT_PREC=prec, BM=cfg.BM, BN=cfg.BK, BK=cfg.BN, BR=BR, GROUP_M=GROUP_M),
-                    cfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
-                    unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
-                ))
-            cfg = rowblock_config(BR, dtype)
-            specs.append(_spec(
-                f"lora_down_proj/r{BR}", _down_proj_kernel, dtype,
-                dict(HAS_DROPOUT=True, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BR=BR),
-                cfg, fp32_ptrs=("p_out_ptr",), unit_strides=("stride_xk", "stride_ak"),
-            ))
-            specs.append(_spec(
-                f"lora_rank_grad/r{BR}", _rank_grad_kernel, dtype,
-                dict(ACT=ACT_IDENTITY, NEED_DB=True, NEED_DSCALE=False, SCALE_IS_PTR=False,
-                     DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
-                cfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
-                unit_strides=("stride_dyn", "stride_br"),
-            ))
-            specs.append(_spec(
-                f"lora_down_weight_grad/r{BR}", _down_weight_grad_kernel, dtype,
-                dict(HAS_DROPOUT=True, SCALE_IS_PTR=False, USE_ATOMIC=True, DOT_PREC=prec,
-                     BM=cfg.BM, BK=cfg.BK, BR=BR),
-                cfg, fp32_ptrs=("g_in_ptr", "da_ptr", "scale_ptr"), unit_strides=("stride_xk",),
-            ))
+    for tag, cfg in (("large", _GEMM_LARGE[size]), ("small", _GEMM_SMALL[size])):
+        specs += gemm_specs(tag, cfg, 64, dtype, prec)
+    for BR in (64, 256):
+        cfg = rowblock_config(BR, dtype)
+        tag = "wide" if BR >= 128 else "narrow"
+        specs.append(_spec(
+            f"down_proj/{tag}/r{BR}", _down_proj_kernel, dtype,
+            dict(HAS_DROPOUT=True, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BR=BR),
+            cfg, fp32_ptrs=("p_out_ptr",), unit_strides=("stride_xk", "stride_ak"),
+        ))
+        specs.append(_spec(
+            f"rank_grad/{tag}/r{BR}", _rank_grad_kernel, dtype,
+            dict(ACT=ACT_IDENTITY if BR < 128 else 3, NEED_DB=True, NEED_DSCALE=BR >= 128,
+                 SCALE_IS_PTR=BR >= 128, DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
+            cfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
+            unit_strides=("stride_dyn", "stride_br"),
+        ))
+        specs.append(_spec(
+            f"down_weight_grad/{tag}/r{BR}", _down_weight_grad_kernel, dtype,
+            dict(HAS_DROPOUT=True, SCALE_IS_PTR=False, USE_ATOMIC=True, DOT_PREC=prec,
+                 BM=cfg.BM, BK=cfg.BK, BR=BR),
+            cfg, fp32_ptrs=("g_in_ptr", "da_ptr", "scale_ptr"), unit_strides=("stride_xk",),
+        ))
     return specs
+
+
+def gemm_specs(tag, cfg, BR, dtype, prec, act=ACT_IDENTITY):
+    """Compile specs of the two GEMM kernels (forward and input-grad) for one tile config."""
+    return [
+        _spec(
+            f"fused_up/{tag}/r{BR}", _fused_up_kernel, dtype,
+            dict(ACT=act, HAS_BIAS=True, SCALE_IS_PTR=False, DOT_PREC=prec,
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=BR, GROUP_M=GROUP_M),
+            cfg, fp32_ptrs=("p_in_ptr", "scale_ptr"),
+            unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_yn"),
+        ),
+        _spec(
+            f"input_grad/{tag}/r{BR}", _input_grad_kernel, dtype,
+            dict(HAS_W=True, HAS_RES=False, HAS_DROPOUT=True, SCALE_IS_PTR=False,
+                 DOT_PREC=prec, BM=cfg.BM, BN=cfg.BK, BK=cfg.BN, BR=BR, GROUP_M=GROUP_M),
+            cfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
+            unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
+        ),
+    ]
