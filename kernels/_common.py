@@ -25,9 +25,10 @@ import triton.language as tl
 # activations
 # ----------------------------------------------------------------------------------------------
 
+# same ids as fastadapters.ops.bottleneck.ACT_IDS (the multi-adapter store uses them too)
 ACT_IDENTITY = 0
-ACT_RELU = 1
-ACT_TANH = 2
+ACT_TANH = 1
+ACT_RELU = 2
 ACT_GELU = 3  # exact: 0.5 * x * (1 + erf(x / sqrt(2)))
 ACT_SILU = 4
 ACT_SIGMOID = 5
@@ -73,9 +74,9 @@ def _tanh(x):
 def apply_act(x, ACT: tl.constexpr):
     """act(x) for fp32 x; ACT is one of the ACT_* ids."""
     if ACT == 1:
-        y = tl.maximum(x, 0.0)
-    elif ACT == 2:
         y = _tanh(x)
+    elif ACT == 2:
+        y = tl.maximum(x, 0.0)
     elif ACT == 3:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 4:
@@ -91,10 +92,10 @@ def apply_act(x, ACT: tl.constexpr):
 def apply_act_grad(x, ACT: tl.constexpr):
     """d act(x) / dx for fp32 x (relu'(0) = 0, as torch)."""
     if ACT == 1:
-        g = tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == 2:
         t = _tanh(x)
         g = 1.0 - t * t
+    elif ACT == 2:
+        g = tl.where(x > 0.0, 1.0, 0.0)
     elif ACT == 3:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)

@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    ACT_GELU,
+    ACT_TANH,
     BlockConfig,
-    TRITON_DTYPE_NAMES,
     activation_id,
     apply_act,
     check_dropout,
@@ -36,7 +37,6 @@ from ._common import (
     dot_precision,
     dropout_keep,
     load_scale,
-    make_signature,
     mma,
     rank_block,
     scale_args,
@@ -325,7 +325,7 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
         cfg = residual_config(BR, dtype)
         specs.append(_spec(
             f"residual_fwd/{'wide' if BR >= 128 else 'narrow'}/b{BR}", _residual_fwd_kernel, dtype,
-            dict(ACT=2, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
+            dict(ACT=ACT_TANH, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
                  BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR),
             cfg, fp32_ptrs=("p_out_ptr", "scale_ptr"),
             unit_strides=("stride_zk", "stride_dk", "stride_ur", "stride_yn"),
@@ -339,5 +339,5 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
             gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
         ))
-    specs += gemm_specs("large", gemm_config(4096, dtype), 256, dtype, prec, act=3)
+    specs += gemm_specs("large", gemm_config(4096, dtype), 256, dtype, prec, act=ACT_GELU)
     return specs

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    ACT_GELU,
     ACT_IDENTITY,
     BlockConfig,
     TRITON_DTYPE_NAMES,
@@ -564,7 +565,7 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
         ))
         specs.append(_spec(
             f"rank_grad/{tag}/r{BR}", _rank_grad_kernel, dtype,
-            dict(ACT=ACT_IDENTITY if BR < 128 else 3, NEED_DB=True, NEED_DSCALE=BR >= 128,
+            dict(ACT=ACT_IDENTITY if BR < 128 else ACT_GELU, NEED_DB=True, NEED_DSCALE=BR >= 128,
                  SCALE_IS_PTR=BR >= 128, DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
             cfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_br"),
