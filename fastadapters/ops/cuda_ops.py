@@ -143,12 +143,15 @@ class MultiAdapterMeta(NamedTuple):
     seg_slots: torch.Tensor    # (G,) int32, slot of segment g, -1 for base rows / unused segments
 
 
-def multi_adapter_meta(row_slot: torch.Tensor, num_slots: int) -> MultiAdapterMeta:
+def multi_adapter_meta(row_slot: torch.Tensor, num_slots: int,
+                       out: MultiAdapterMeta | None = None) -> MultiAdapterMeta:
     """Segment metadata of a batch, on row_slot's device, with no host sync (CUDA-graph safe).
 
     Rows are stably sorted by slot; rows with row_slot < 0 (or >= num_slots, treated as base)
     form the last segment with slot -1; segments past the distinct slots are empty (start = M).
     The number of segments G = min(M, num_slots + 1) depends on the shapes only.
+    ``out``: metadata of a previous call with the same (M, num_slots), refilled in place and
+    returned (a CUDA graph captured with those tensors then replays the new mix).
     """
     _check_dim("row_slot", row_slot, 1, "(M,)")
     if row_slot.dtype not in (torch.int32, torch.int64):
@@ -169,7 +172,16 @@ def multi_adapter_meta(row_slot: torch.Tensor, num_slots: int) -> MultiAdapterMe
     starts = torch.searchsorted(seg_id, torch.arange(G + 1, device=dev, dtype=torch.long))
     first = sorted_key.gather(0, starts[:G].clamp(max=max(M - 1, 0))) if M > 0 else starts[:0]
     seg_slots = torch.where((starts[:G] < M) & (first < S), first, torch.full_like(first, -1))
-    return MultiAdapterMeta(order.to(torch.int32), starts.to(torch.int32), seg_slots.to(torch.int32))
+    meta = MultiAdapterMeta(order.to(torch.int32), starts.to(torch.int32), seg_slots.to(torch.int32))
+    if out is None:
+        return meta
+    for name, dst, src in zip(MultiAdapterMeta._fields, out, meta):
+        if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
+            raise ValueError(f"multi_adapter_meta(out=...): {name} was built for another (M, S) or "
+                             f"device: expected {tuple(src.shape)} {src.dtype} on {src.device}, got "
+                             f"{tuple(dst.shape)} {dst.dtype} on {dst.device}")
+        dst.copy_(src)
+    return out
 
 
 def check_multi_adapter_meta(meta: MultiAdapterMeta, M: int, S: int) -> None:

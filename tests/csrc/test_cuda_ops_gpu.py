@@ -175,6 +175,36 @@ def test_cuda_graph_replay_with_another_mix():
         assert_house_rule(out.cpu(), ref_t, exact, "graph replay")
 
 
+def test_cuda_graph_with_metadata_refilled_outside():
+    """The serving pattern: metadata built once per forward outside the graph, refilled in place
+    (multi_adapter_meta(out=...)) for the next mix, the captured op replayed."""
+    gen = torch.Generator().manual_seed(12)
+    M, K, N, S, R = 16, 128, 96, 5, 8
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float16, gen, sizes=[8, 1, 5, 0, 3])
+    x = torch.randn(M, K, generator=gen).half()
+    y0 = torch.randn(M, N, generator=gen).half()
+    dev_args = [t.to(DEV) for t in (y0, x)]
+    store = [t.to(DEV) for t in (down, up, sizes, scales, acts)]
+    row_slot = torch.zeros(M, dtype=torch.int32, device=DEV)
+    meta = co.multi_adapter_meta(row_slot, S)
+    for _ in range(2):
+        co.multi_adapter_cuda(*dev_args, row_slot, *store, meta=meta)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = co.multi_adapter_cuda(*dev_args, row_slot, *store, meta=meta)
+    for pattern in PATTERNS:
+        mix = make_row_slot(pattern, M, S, 0.25, gen)
+        row_slot.copy_(mix.to(DEV))
+        co.multi_adapter_meta(row_slot, S, out=meta)
+        graph.replay()
+        torch.cuda.synchronize()
+        exact = co.multi_adapter_ref(y0.double(), x.double(), mix, down.double(), up.double(),
+                                     sizes, scales, acts)
+        ref_t = co.multi_adapter_ref(y0, x, mix, down, up, sizes, scales, acts)
+        assert_house_rule(out.cpu(), ref_t, exact, f"graph replay, meta refilled, {pattern}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("placement", ["parallel", "output"])
 @pytest.mark.parametrize("M", [1, 5, 37])

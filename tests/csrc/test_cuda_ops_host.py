@@ -55,6 +55,17 @@ def test_meta_edge_cases():
     assert a.seg_slots.shape == b.seg_slots.shape == (4,)
 
 
+def test_meta_refills_in_place():
+    a = co.multi_adapter_meta(torch.tensor([2, 2, -1, 0, 1], dtype=torch.int32), 3)
+    ptrs = [t.data_ptr() for t in a]
+    mix = torch.tensor([1, -1, 0, 0, 2], dtype=torch.int32)
+    b = co.multi_adapter_meta(mix, 3, out=a)
+    assert b is a and [t.data_ptr() for t in b] == ptrs
+    assert all(torch.equal(x, y) for x, y in zip(b, co.multi_adapter_meta(mix, 3)))
+    with pytest.raises(ValueError, match="built for another"):
+        co.multi_adapter_meta(torch.zeros(6, dtype=torch.int32), 3, out=a)
+
+
 def test_meta_validator_rejects_broken_metadata():
     meta = co.multi_adapter_meta(torch.tensor([1, 0, 1, -1], dtype=torch.int32), 2)
     bad_perm = meta._replace(sorted_rows=torch.tensor([0, 0, 2, 3], dtype=torch.int32))
