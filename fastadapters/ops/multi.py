@@ -260,24 +260,28 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
     rows_d, tor_d, lane_d = rows.to(dev), tile_of_row.to(dev), lane.to(dev)
     xt = x.new_zeros((ntiles, L, k), dtype=cd)
     xt[tor_d, lane_d] = x[rows_d].to(cd)
-    delta = x.new_zeros((ntiles, L, n), dtype=cd)
+    delta = x.new_zeros((ntiles, L, n), dtype=cd) if len(classes) > 1 else None
     act_cpu = (act_host if act_host is not None else act_ids.cpu()).long()
     sc_all = scales.to(cd)
     for c in classes:
         sel = torch.nonzero(cls == c).flatten()
         sl = tile_slot[sel]
         sel_d, sl_d = sel.to(dev), sl.to(dev)
-        wd = down[sl_d, :c, :].to(cd)  # (t, c, K) gathered
-        h = torch.bmm(xt[sel_d], wd.transpose(1, 2))  # (t, L, c)
-        h = _apply_act_tiles(h, act_cpu[sl])
-        h = h * sc_all[sl_d][:, None, None]
-        wu = up[sl_d, :, :c].to(cd)  # (t, N, c), a gathered copy
+        # gather whole slots (index_select: contiguous copies), then view the first c ranks
+        wd = down.index_select(0, sl_d)[:, :c, :]  # (t, c, K)
+        h = torch.bmm(xt if len(classes) == 1 else xt.index_select(0, sel_d), wd.transpose(1, 2).to(cd))
+        h = _apply_act_tiles(h, act_cpu[sl])  # (t, L, c)
+        h = h * sc_all.index_select(0, sl_d)[:, None, None]
+        wu = up.index_select(0, sl_d)[:, :, :c].to(cd)  # (t, N, c), a gathered copy
         short = tile_size[sel] < c
         if bool(short.any()):  # ranks beyond an adapter's size are padding: never read them
             drop = (torch.arange(c) >= tile_size[sel][:, None]).to(dev)[:, None, :]  # (t, 1, c)
             h = h.masked_fill(drop, 0.0)
             wu.masked_fill_(drop, 0.0)
-        delta[sel_d] = torch.bmm(h, wu.transpose(1, 2))
+        if len(classes) == 1:
+            delta = torch.bmm(h, wu.transpose(1, 2))
+        else:
+            delta.index_copy_(0, sel_d, torch.bmm(h, wu.transpose(1, 2)))
     d_rows = delta[tor_d, lane_d]
     y[rows_d] = (y0[rows_d].to(cd) + d_rows).to(y.dtype)
     return y
