@@ -144,3 +144,180 @@ def output_adapter_linear(x, base, down, up, scaling, act="tanh", dropout_p=0.0,
 
 def parallel_adapter_linear(x, base, down, up, scaling, act="tanh", dropout_p=0.0, training=False, backend=None):
     return bottleneck_linear("parallel", x, base, down, up, scaling, act, dropout_p, training, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton path: fastadapters.kernels.bottleneck behind torch.library custom ops
+# ---------------------------------------------------------------------------------------------
+#
+# residual ops (z -> z + s f(z)) serve the output placement (on h = base(x)) and the mh placement
+# (on x, then the base linear in torch); the parallel ops fuse the branch into the base GEMM.
+# A learned scaling is passed as a tensor (read on the device, its gradient computed in-kernel);
+# a float scaling as `scaling_val`. Dropout: a 1-element int64 CPU seed tensor drawn from torch's
+# default generator outside the op; the kernels regenerate the Philox mask in the backward. The
+# branch runs in z's dtype on the tensor cores (fp32 adapter weights are rounded to z's dtype for
+# the dots, accumulation in fp32; the adapters' gradients come back in their dtype).
+
+Tensor = torch.Tensor
+
+
+def _scale_arg(scaling, scaling_val):
+    return scaling if scaling is not None else scaling_val
+
+
+def _empty_scale_grad(like):
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastadapters::bottleneck_residual_triton_fwd", mutates_args=())
+def _residual_triton_fwd(z: Tensor, down: Tensor, up: Tensor, scaling: Tensor | None, scaling_val: float,
+                         act: str, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    from fastadapters.kernels.bottleneck import bottleneck_residual_fwd
+
+    return bottleneck_residual_fwd(z, down, up, _scale_arg(scaling, scaling_val), act, dropout_p,
+                                   int(seed.item()))
+
+
+@_residual_triton_fwd.register_fake
+def _(z, down, up, scaling, scaling_val, act, dropout_p, seed):
+    return torch.empty_like(z), z.new_empty((z.shape[0], down.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastadapters::bottleneck_residual_triton_bwd", mutates_args=())
+def _residual_triton_bwd(grad_y: Tensor, z: Tensor, pre: Tensor, down: Tensor, up: Tensor, scaling: Tensor | None,
+                         scaling_val: float, act: str, dropout_p: float, seed: Tensor,
+                         need_grad_z: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastadapters.kernels.bottleneck import bottleneck_residual_bwd
+
+    dz, dd, du, ds = bottleneck_residual_bwd(grad_y.contiguous(), z, pre, down, up,
+                                             _scale_arg(scaling, scaling_val), act, dropout_p,
+                                             int(seed.item()), need_grad_z=need_grad_z)
+    return (dz if dz is not None else z.new_empty((0,)), dd, du,
+            ds if ds is not None else _empty_scale_grad(z))
+
+
+@_residual_triton_bwd.register_fake
+def _(grad_y, z, pre, down, up, scaling, scaling_val, act, dropout_p, seed, need_grad_z):
+    ds = torch.empty_like(scaling) if scaling is not None else _empty_scale_grad(z)
+    return (torch.empty_like(z) if need_grad_z else z.new_empty((0,)), torch.empty_like(down),
+            torch.empty_like(up), ds)
+
+
+def _residual_setup(ctx, inputs, output):
+    z, down, up, scaling, scaling_val, act, dropout_p, seed = inputs
+    ctx.save_for_backward(z, output[1], down, up, scaling, seed)
+    ctx.scaling_val, ctx.act, ctx.dropout_p = scaling_val, act, dropout_p
+    ctx.mark_non_differentiable(output[1])
+
+
+def _residual_backward(ctx, grad_y, grad_pre):
+    z, pre, down, up, scaling, seed = ctx.saved_tensors
+    need_z, need_d, need_u, need_s = ctx.needs_input_grad[:4]
+    if not (need_z or need_d or need_u or need_s):
+        return (None,) * 8
+    dz, dd, du, ds = _residual_triton_bwd(grad_y, z, pre, down, up, scaling, ctx.scaling_val, ctx.act,
+                                          ctx.dropout_p, seed, bool(need_z))
+    return (dz if need_z else None, dd if need_d else None, du if need_u else None,
+            ds if need_s else None, None, None, None, None)
+
+
+_residual_triton_fwd.register_autograd(_residual_backward, setup_context=_residual_setup)
+
+
+@torch.library.custom_op("fastadapters::bottleneck_parallel_triton_fwd", mutates_args=())
+def _parallel_triton_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor,
+                         scaling: Tensor | None, scaling_val: float, act: str, dropout_p: float,
+                         seed: Tensor) -> tuple[Tensor, Tensor]:
+    from fastadapters.kernels.bottleneck import bottleneck_parallel_fwd
+
+    return bottleneck_parallel_fwd(x, weight, bias, down, up, _scale_arg(scaling, scaling_val), act,
+                                   dropout_p, int(seed.item()))
+
+
+@_parallel_triton_fwd.register_fake
+def _(x, weight, bias, down, up, scaling, scaling_val, act, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], down.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastadapters::bottleneck_parallel_triton_bwd", mutates_args=())
+def _parallel_triton_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, down: Tensor, up: Tensor,
+                         scaling: Tensor | None, scaling_val: float, act: str, dropout_p: float, seed: Tensor,
+                         need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastadapters.kernels.bottleneck import bottleneck_parallel_bwd
+
+    dx, dd, du, ds = bottleneck_parallel_bwd(grad_y.contiguous(), x, weight, pre, down, up,
+                                             _scale_arg(scaling, scaling_val), act, dropout_p,
+                                             int(seed.item()), need_grad_x=need_grad_x)
+    return (dx if dx is not None else x.new_empty((0,)), dd, du,
+            ds if ds is not None else _empty_scale_grad(x))
+
+
+@_parallel_triton_bwd.register_fake
+def _(grad_y, x, weight, pre, down, up, scaling, scaling_val, act, dropout_p, seed, need_grad_x):
+    ds = torch.empty_like(scaling) if scaling is not None else _empty_scale_grad(x)
+    return (torch.empty_like(x) if need_grad_x else x.new_empty((0,)), torch.empty_like(down),
+            torch.empty_like(up), ds)
+
+
+def _parallel_setup(ctx, inputs, output):
+    x, weight, bias, down, up, scaling, scaling_val, act, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, output[1], down, up, scaling, seed)
+    ctx.scaling_val, ctx.act, ctx.dropout_p, ctx.has_bias = scaling_val, act, dropout_p, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _parallel_backward(ctx, grad_y, grad_pre):
+    x, weight, pre, down, up, scaling, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_d, need_u, need_s = ctx.needs_input_grad[:6]
+    dx = dw = db = dd = du = ds = None
+    if need_x or need_d or need_u or need_s:
+        dx, dd, du, ds = _parallel_triton_bwd(grad_y, x, weight, pre, down, up, scaling, ctx.scaling_val,
+                                              ctx.act, ctx.dropout_p, seed, bool(need_x))
+        dx, dd, du, ds = (dx if need_x else None, dd if need_d else None, du if need_u else None,
+                          ds if need_s else None)
+    if need_w:  # an unfrozen base weight: plain GEMM, the kernels assume it frozen
+        dw = (grad_y.t() @ x).to(weight.dtype)
+    if need_b and ctx.has_bias:
+        db = grad_y.sum(0)
+    return dx, dw, db, dd, du, ds, None, None, None, None
+
+
+_parallel_triton_fwd.register_autograd(_parallel_backward, setup_context=_parallel_setup)
+
+
+def _draw_seed(p: float) -> Tensor:
+    if p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return torch.zeros((1,), dtype=torch.int64)
+
+
+def bottleneck_linear_triton(placement: str, x, base, down, up, scaling, act: str, dropout_p: float,
+                             training: bool):
+    """The triton backend of the three placements (same arguments as the torch path)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    p = float(dropout_p) if training else 0.0
+    seed = _draw_seed(p)
+    s_t, s_val = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
+    if placement == "mh":
+        xp, _ = _residual_triton_fwd(x2, down, up, s_t, s_val, act, p, seed)
+        y = _linear(xp, base)
+    elif placement == "output":
+        y, _ = _residual_triton_fwd(_linear(x2, base), down, up, s_t, s_val, act, p, seed)
+    else:
+        weight, bias = base
+        y, _ = _parallel_triton_fwd(x2, weight, bias, down, up, s_t, s_val, act, p, seed)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+if _triton_importable():
+    for _p in PLACEMENTS:
+        dispatch.register(f"bottleneck_{_p}", "triton",
+                          lambda x, base, *a, _p=_p: bottleneck_linear_triton(_p, x, base, *a))

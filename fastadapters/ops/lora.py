@@ -109,3 +109,97 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     check_lora_args(x, weight, bias, lora_A, lora_B)
     return dispatch.call(OP, backend, x.device, x, weight, bias, lora_A, lora_B, float(scaling),
                          float(dropout_p), bool(training))
+
+
+# ---------------------------------------------------------------------------------------------
+# triton path: fastadapters.kernels.lora behind torch.library custom ops
+# ---------------------------------------------------------------------------------------------
+#
+# Two opaque ops (forward returns (y, S); backward returns (dx, dA, dB)) with fakes, and
+# register_autograd tying them together, so torch.compile(fullgraph=True) traces through without
+# a graph break. The dropout seed is a 1-element int64 CPU tensor drawn from torch's default
+# generator outside the op (reproducible under torch.manual_seed, traceable); the kernels
+# regenerate the Philox mask from it, so no mask is saved. The branch runs in x's dtype on the
+# tensor cores (fp32 adapter weights are rounded to x's dtype for the dots; accumulation is fp32,
+# S and the gradients of A and B are fp32-accumulated and returned in the adapters' dtype).
+
+
+def _draw_seed() -> torch.Tensor:
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastadapters::lora_linear_triton_fwd", mutates_args=())
+def _lora_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastadapters.kernels.lora import lora_linear_fwd
+
+    return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()))
+
+
+@_lora_triton_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastadapters::lora_linear_triton_bwd", mutates_args=())
+def _lora_triton_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
+                     need_grad_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastadapters.kernels.lora import lora_linear_bwd
+
+    dx, da, db = lora_linear_bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, s, scaling, dropout_p,
+                                 int(seed.item()), need_grad_x=need_grad_x)
+    return (dx if dx is not None else x.new_empty((0,))), da, db
+
+
+@_lora_triton_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, need_grad_x):
+    dx = torch.empty_like(x) if need_grad_x else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _lora_triton_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lora_triton_backward(ctx, grad_y, grad_s):
+    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dx = dw = db = da = dbb = None
+    if need_x or need_a or need_bb:
+        dx, da, dbb = _lora_triton_bwd(grad_y, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p,
+                                       seed, bool(need_x))
+        dx = dx if need_x else None
+        da = da if need_a else None
+        dbb = dbb if need_bb else None
+    if need_w:  # an unfrozen base weight: plain GEMM, the kernels assume it frozen
+        dw = (grad_y.t() @ x).to(weight.dtype)
+    if need_b and ctx.has_bias:
+        db = grad_y.sum(0)
+    return dx, dw, db, da, dbb, None, None, None
+
+
+_lora_triton_fwd.register_autograd(_lora_triton_backward, setup_context=_lora_triton_setup)
+
+
+def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
+    """The triton backend of ``lora_linear`` (same arguments as the torch path)."""
+    k, n = x.shape[-1], weight.shape[0]
+    p = float(dropout_p) if training else 0.0
+    seed = _draw_seed() if p > 0 else torch.zeros((1,), dtype=torch.int64)
+    y, _ = _lora_triton_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    return y.view(*x.shape[:-1], n)
+
+
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+if _triton_importable():
+    dispatch.register(OP, "triton", lora_linear_triton)

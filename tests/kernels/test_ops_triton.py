@@ -1,0 +1,163 @@
+"""The triton backend of the ops layer (custom ops over the kernels), under TRITON_INTERPRET.
+
+opcheck on every custom op (schema, fake, autograd registration); the dispatcher with
+backend="triton" gives the outputs and gradients of backend="torch"; dropout is reproducible
+under torch.manual_seed and its backward uses the forward's mask.
+"""
+import pytest
+import torch
+
+from fastadapters.ops import bottleneck as OB
+from fastadapters.ops import lora as OL
+from fastadapters.ops import dispatch
+
+
+def test_triton_backend_registered_and_auto_keeps_cpu_on_torch():
+    assert dispatch.resolve("lora_linear", "triton", torch.device("cpu")) == "triton"
+    assert dispatch.resolve("lora_linear", "auto", torch.device("cpu")) == "torch"
+    for p in OB.PLACEMENTS:
+        assert dispatch.resolve(f"bottleneck_{p}", "triton", torch.device("cpu")) == "triton"
+
+
+def _lora_inputs(grad=True, M=37, K=100, N=77, r=5):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g)
+    W = torch.randn(N, K, generator=g) / 10
+    b = torch.randn(N, generator=g)
+    A = torch.randn(r, K, generator=g) / 10
+    B = torch.randn(N, r, generator=g)
+    if grad:
+        for t in (x, A, B):
+            t.requires_grad_()
+    return x, W, b, A, B
+
+
+def test_opcheck_lora_ops():
+    x, W, b, A, B = _lora_inputs()
+    seed = torch.tensor([5])
+    torch.library.opcheck(OL._lora_triton_fwd, (x, W, b, A, B, 0.5, 0.1, seed))
+    torch.library.opcheck(OL._lora_triton_fwd, (x, W, None, A, B, 2.0, 0.0, seed))
+    with torch.no_grad():
+        _, S = OL._lora_triton_fwd(x, W, b, A, B, 0.5, 0.1, seed)
+    dy = torch.randn(37, 77)
+    for need_x in (True, False):
+        torch.library.opcheck(OL._lora_triton_bwd,
+                              (dy, x.detach(), W, A.detach(), B.detach(), S, 0.5, 0.1, seed, need_x))
+
+
+def _bn_inputs(placement, M=37, K=100, N=77, b=3, learned=True):
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out = {"mh": (K, K), "output": (N, N), "parallel": (K, N)}[placement]
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W = torch.randn(N, K, generator=g) / 10
+    bias = torch.randn(N, generator=g)
+    D = (torch.randn(b, d_in, generator=g) / 10).requires_grad_()
+    U = torch.randn(d_out, b, generator=g).requires_grad_()
+    s = torch.tensor(0.7, requires_grad=True) if learned else 0.7
+    return x, W, bias, D, U, s
+
+
+def test_opcheck_bottleneck_ops():
+    seed = torch.tensor([9])
+    z, _, _, D, U, s = _bn_inputs("mh")
+    torch.library.opcheck(OB._residual_triton_fwd, (z, D, U, s, 1.0, "tanh", 0.2, seed))
+    torch.library.opcheck(OB._residual_triton_fwd, (z, D, U, None, 0.5, "relu", 0.0, seed))
+    with torch.no_grad():
+        _, pre = OB._residual_triton_fwd(z, D, U, s, 1.0, "tanh", 0.2, seed)
+    dy = torch.randn_like(z)
+    for sc in (s.detach(), None):
+        torch.library.opcheck(OB._residual_triton_bwd,
+                              (dy, z.detach(), pre, D.detach(), U.detach(), sc, 0.5, "tanh", 0.2, seed, True))
+    x, W, bias, D, U, s = _bn_inputs("parallel")
+    torch.library.opcheck(OB._parallel_triton_fwd, (x, W, bias, D, U, s, 1.0, "gelu", 0.2, seed))
+    torch.library.opcheck(OB._parallel_triton_fwd, (x, W, None, D, U, None, 0.3, "silu", 0.0, seed))
+    with torch.no_grad():
+        _, pre = OB._parallel_triton_fwd(x, W, bias, D, U, s, 1.0, "gelu", 0.2, seed)
+    dy = torch.randn(37, 77)
+    torch.library.opcheck(OB._parallel_triton_bwd,
+                          (dy, x.detach(), W, pre, D.detach(), U.detach(), s.detach(), 1.0, "gelu", 0.2, seed, False))
+
+
+def _run(fn, leaves, dy):
+    for t in leaves:
+        t.grad = None
+    y = fn()
+    y.backward(dy)
+    return [y.detach()] + [t.grad.clone() for t in leaves]
+
+
+def _assert_same(a, b, what):
+    for i, (u, v) in enumerate(zip(a, b)):
+        torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_triton_equals_torch(bias):
+    x, W, b, A, B = _lora_inputs()
+    x3 = x.detach().view(1, 37, 100).requires_grad_()  # leading dims go through the reshape
+    dy = torch.randn(1, 37, 77)
+    res = {be: _run(lambda: OL.lora_linear(x3, W, b if bias else None, A, B, 0.5, 0.3, False, backend=be),
+                    (x3, A, B), dy) for be in ("torch", "triton")}
+    _assert_same(res["torch"], res["triton"], "lora")
+
+
+def test_lora_triton_unfrozen_base_gets_grads():
+    x, W, b, A, B = _lora_inputs()
+    W.requires_grad_()
+    b.requires_grad_()
+    dy = torch.randn(37, 77)
+    res = {be: _run(lambda: OL.lora_linear(x, W, b, A, B, 0.5, backend=be), (x, W, b, A, B), dy)
+           for be in ("torch", "triton")}
+    _assert_same(res["torch"], res["triton"], "lora unfrozen")
+
+
+def test_lora_triton_dropout_reproducible_and_mask_shared():
+    x, W, b, A, B = _lora_inputs(M=32, K=64, N=48, r=4)
+    dy = torch.randn(32, 48)
+    torch.manual_seed(123)
+    r1 = _run(lambda: OL.lora_linear(x, W, b, A, B, 1.0, 0.4, True, backend="triton"), (x, A, B), dy)
+    torch.manual_seed(123)
+    r2 = _run(lambda: OL.lora_linear(x, W, b, A, B, 1.0, 0.4, True, backend="triton"), (x, A, B), dy)
+    for u, v in zip(r1, r2):
+        assert torch.equal(u, v)
+    # the backward used the forward's mask: recover xd from the output (y - base = (xd Aᵀ) Bᵀ s)
+    # by taking A = I, B = I-like; then dA must equal dSᵀ·xd for that same xd
+    eye = torch.eye(64)
+    torch.manual_seed(7)
+    y_id = OL.lora_linear(x.detach(), torch.zeros(64, 64), None, eye, eye, 1.0, 0.4, True, backend="triton")
+    torch.manual_seed(7)
+    A2 = A.detach().clone().requires_grad_()
+    B2 = B.detach().clone().requires_grad_()
+    y = OL.lora_linear(x.detach(), W, b, A2, B2, 1.0, 0.4, True, backend="triton")
+    y.backward(dy)
+    xd = y_id.detach()
+    torch.testing.assert_close(A2.grad, (dy @ B2.detach()).t() @ xd, atol=1e-4, rtol=1e-4)
+    kept = (xd != 0).float().mean().item()
+    assert abs(kept - 0.6) < 0.05, kept
+
+
+@pytest.mark.parametrize("placement", OB.PLACEMENTS)
+@pytest.mark.parametrize("learned", [True, False])
+def test_bottleneck_triton_equals_torch(placement, learned):
+    x, W, bias, D, U, s = _bn_inputs(placement, learned=learned)
+    dy = torch.randn(37, 77)
+    leaves = (x, D, U) + ((s,) if learned else ())
+    res = {be: _run(lambda: OB.bottleneck_linear(placement, x, (W, bias), D, U, s, "tanh", 0.2, False, backend=be),
+                    leaves, dy) for be in ("torch", "triton")}
+    _assert_same(res["torch"], res["triton"], placement)
+
+
+@pytest.mark.parametrize("placement", OB.PLACEMENTS)
+def test_bottleneck_triton_dropout_reproducible(placement):
+    x, W, bias, D, U, s = _bn_inputs(placement, M=16, b=4)
+    dy = torch.randn(16, 77)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(99)
+        outs.append(_run(lambda: OB.bottleneck_linear(placement, x, (W, bias), D, U, s, "relu", 0.3, True,
+                                                      backend="triton"), (x, D, U, s), dy))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+    torch.manual_seed(100)
+    other = OB.bottleneck_linear(placement, x, (W, bias), D, U, s, "relu", 0.3, True, backend="triton")
+    assert not torch.allclose(other, outs[0][0])
