@@ -143,8 +143,12 @@ def _load(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import ensure_pad_token, quiet_transformers
+    from .train import check_base_model_path, ensure_pad_token, quiet_transformers
 
+    try:
+        check_base_model_path(args.base_model)
+    except Exception as e:  # train.UsageError: same message, this module's exit path
+        raise UsageError(str(e)) from None
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.base_model)

@@ -230,6 +230,14 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {key: enabled, key + "_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def check_base_model_path(name: str) -> None:
+    """A --base-model written as a path must exist (otherwise it would be tried as a hub id)."""
+    if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name:
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise UsageError(f"--base-model: no such directory: {name}")
+
+
 def quiet_transformers() -> None:
     """No weight-loading progress bars or info logs: the CLI's own lines and errors stay readable."""
     from transformers.utils import logging as hf_logging
@@ -242,6 +250,7 @@ def _load_model_and_tokenizer(args, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_base_model_path(args.base_model)
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.base_model)

@@ -236,9 +236,26 @@ def test_eval_base_model_and_limit(workdir, capsys):
     assert sum(x["correct"] for x in lines) / 24 > 0.5  # the base knows its own task
     assert "gsm8k" in capsys.readouterr().out
 
+    # several sets in one run: one JSONL, a row each and a total; commonsense rules on boolq
+    (data_dir / "boolq").mkdir(exist_ok=True)
+    write_json(data_dir / "boolq" / "test.json",
+               [{"instruction": r["instruction"], "input": "", "output": "", "answer": "true"}
+                for r in make_records("last", 4, seed=4)])
+    rc = eval_main(["--base-model", str(base), "--dataset", "gsm8k", "boolq", "--data-dir", str(data_dir),
+                    "--limit", "4", "--output", str(out), "--max-new-tokens", "4", "--no-progress",
+                    "--prompt-style", STYLE])
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["dataset"] for x in lines] == ["gsm8k"] * 4 + ["boolq"] * 4
+    assert all(x["extracted"] == "" and not x["correct"] for x in lines[4:])  # no true/false in "The answer is N."
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3].startswith("gsm8k") and table[-2].startswith("boolq") and table[-1].startswith("(all)")
 
-def test_batched_generation_matches_single(workdir):
-    """Left padding + attention mask: a batch gives the responses each prompt gets alone."""
+
+@pytest.mark.parametrize("adapter", [None, "prefix", "series"])
+def test_batched_generation_matches_single(workdir, adapter):
+    """Left padding + attention mask: a batch gives the responses each prompt gets alone (also with
+    prefix-tuning, whose prefixes enter through the KV cache, and a series adapter)."""
     from transformers import AutoTokenizer
 
     from fastadapters.evaluate import generate_batch
@@ -249,6 +266,10 @@ def test_batched_generation_matches_single(workdir):
     ensure_pad_token(tok)
     tok.padding_side = "left"
     model = _load(base)
+    if adapter is not None:
+        torch.manual_seed(0)
+        fa.patch(model, adapter=adapter, **({"num_virtual_tokens": 4} if adapter == "prefix" else {"bottleneck_size": 8}))
+        model.eval()
     recs = make_records("last", 6, seed=3)
     recs[0]["instruction"] = "Which number comes last: 1 2 3 4 5 6 7 8 9 1 2 3 4 5 6 7?"  # forces padding
     prompts = [evaluation_prompt(r["instruction"], style=STYLE) for r in recs]
@@ -359,6 +380,19 @@ def test_train_errors(workdir, tmp_path, capsys):
     _one_line_error(capsys, "peft")
     assert train_main(argv(good, "--target-modules", "no_such_proj")) == 2
     _one_line_error(capsys, "no_such_proj")
+    assert train_main(argv(good) + ["--base-model", str(tmp_path / "no_model")]) == 2
+    _one_line_error(capsys, "--base-model: no such directory")
+
+    # adapter/model mismatch: starting from an adapter saved on a model of another width
+    from pipeline_utils import build_model
+
+    other = build_model(vocab_size=400, hidden_size=32)
+    fa.patch(other, adapter="lora", r=8, alpha=16)
+    mismatched = fa.save_adapter(other, tmp_path / "other_lora")
+    assert train_main(argv(good) + ["--resume-from-checkpoint", mismatched]) == 2
+    _one_line_error(capsys, "does not fit")
+    assert train_main(argv(good) + ["--resume-from-checkpoint", str(tmp_path / "no_ckpt")]) == 2
+    _one_line_error(capsys, "--resume-from-checkpoint")
     assert not out.exists()
 
 
