@@ -1,0 +1,24 @@
+"""Serving one base model with many adapters: the adapter store and per-row routing.
+
+    import fastadapters as fa
+    fa.load_adapter(model, "math/", name="math"); fa.load_adapter(model, "chat/", name="chat")
+    with fa.route(model, ["math", None, "chat"]):          # one adapter (or None) per batch row
+        out = model.generate(input_ids, max_new_tokens=32)
+    fastadapters.serving.configure(model, max_slots=16)   # more adapters than device slots: LRU
+
+``store.py`` stacks every adapter's weights per layer in global slots; ``routing.py`` runs each
+``AdapterLinear`` as pre (mh) / base / post (LoRA, parallel) / output phases over those stacks with
+``fastadapters.ops.multi``; ``bench.py`` is the serving benchmark table. Submodules import lazily.
+"""
+
+
+def __getattr__(name):
+    if name == "route":
+        from .routing import route
+
+        return route
+    if name in ("configure", "get_store", "AdapterStore"):
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'fastadapters.serving' has no attribute {name!r}")
