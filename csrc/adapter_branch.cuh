@@ -10,9 +10,9 @@
 // N-tile and do the rows x rank x K shrink work on a single SM per tile, so instead the grid has
 // two roles:
 //   producers  (segment g, K-chunk c): partial[c][p][j] = sum_{k in chunk c} down[s, j, k] * x[row(p), k]
-//              for every sorted position p of segment g and j < r: one warp per rank index j,
-//              the down row held in registers (16-byte loads), every row of the segment dotted
-//              against it, warp-shuffle reduction. Each down element is read from DRAM once.
+//              for every sorted position p of segment g and j < r: a warp task is (rank index
+//              j, up to 16 rows), the down row slice held in registers (16-byte loads), the rows
+//              dotted against it, warp-shuffle reduction. Each down element is read from DRAM once.
 //   consumers  (segment g, N-tile t): wait until the num_k_chunks producers of g have signalled,
 //              h = act(sum_c partial[c][p][:r]) in shared memory, y[row, n] = y0[row, n] +
 //              scale * sum_j up[s, n, j] * h[p, j] for the tile's n (one thread per n, 16-byte loads
@@ -130,19 +130,29 @@ __device__ void branch_producer(const AdapterBranchParams& p, int64_t g, int64_t
   const int64_t k_end = min(p.K, k_begin + p.plan.k_chunk);
   float* __restrict__ part = p.partials + chunk * p.M * p.R;
 
-  for (int j = warp; j < seg.size; j += num_warps) {
+  // Warp tasks: (rank index j, group of kProducerTaskRows rows of the segment). With a large
+  // rank every warp holds one down row and dots all rows against it; with a small rank and many
+  // rows (rank 1 over 64 rows) the row groups keep all warps busy. The down row slice is reloaded
+  // per task (an L1 hit after the first).
+  const int64_t seg_rows = seg.end - seg.begin;
+  const int64_t row_groups = (seg_rows + kProducerTaskRows - 1) / kProducerTaskRows;
+  const int64_t num_tasks = int64_t(seg.size) * row_groups;
+  for (int64_t task = warp; task < num_tasks; task += num_warps) {
+    const int j = int(task % seg.size);
+    const int64_t task_begin = seg.begin + (task / seg.size) * kProducerTaskRows;
+    const int64_t task_end = min(seg.end, task_begin + kProducerTaskRows);
     const T* __restrict__ drow = down + int64_t(j) * p.down_sr;
     for (int64_t ks = k_begin; ks < k_end; ks += kSubSpan) {
       float dv[kSubVecs][kVec];
 #pragma unroll
       for (int v = 0; v < kSubVecs; ++v)
         load_chunk<T>(drow, ks + int64_t(v * 32 + lane) * kVec, k_end, p.vec_x_down, dv[v]);
-      for (int64_t pos = seg.begin; pos < seg.end; pos += kProducerRowGroup) {
+      for (int64_t pos = task_begin; pos < task_end; pos += kProducerRowGroup) {
         float acc[kProducerRowGroup];
 #pragma unroll
         for (int i = 0; i < kProducerRowGroup; ++i) {
           acc[i] = 0.f;
-          if (pos + i < seg.end) {  // warp-uniform
+          if (pos + i < task_end) {  // warp-uniform
             const T* __restrict__ xrow = x + row_at(p, pos + i) * p.ld_x;
 #pragma unroll
             for (int v = 0; v < kSubVecs; ++v) {
@@ -158,7 +168,7 @@ __device__ void branch_producer(const AdapterBranchParams& p, int64_t g, int64_t
         if (lane == 0) {
 #pragma unroll
           for (int i = 0; i < kProducerRowGroup; ++i) {
-            if (pos + i < seg.end) {
+            if (pos + i < task_end) {  // the same lane wrote the previous sub-chunk's value
               float* dst = part + (pos + i) * p.R + j;
               *dst = (ks == k_begin) ? acc[i] : *dst + acc[i];
             }

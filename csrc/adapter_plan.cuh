@@ -19,6 +19,7 @@ constexpr int kRowChunk = 8;              // rows per consumer pass (register ac
 constexpr int kRankChunk = 64;            // rank entries of h staged in shared memory per pass
 constexpr int kSubVecs = 2;               // 16-byte vectors per lane per producer K sub-chunk
 constexpr int kProducerRowGroup = 4;      // rows dotted together in a producer (ILP)
+constexpr int kProducerTaskRows = 16;     // rows per producer warp task (a multiple of the above)
 constexpr int64_t kPartialBudgetFloats = int64_t(1) << 22;  // 16 MiB of fp32 partials at most
                                                              // (unless K forces one chunk)
 
