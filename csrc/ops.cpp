@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <vector>

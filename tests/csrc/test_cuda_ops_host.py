@@ -306,6 +306,19 @@ def test_arch_flags():
         _ext.arch_gencode_flags("Ampere")
 
 
+def test_setup_builds_the_same_archs_and_sources():
+    """setup.py cannot import the package under build isolation, so it repeats the lists: keep
+    them equal to the loader's."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "setup.py").read_text())
+    values = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and t.id in ("BASE_GENCODE", "EXT_SOURCES")}
+    assert tuple(values["BASE_GENCODE"]) == _ext.BASE_GENCODE
+    assert [s.split("/")[-1] for s in values["EXT_SOURCES"]] == list(_ext.SOURCES)
+
+
 def test_sources_found():
     src = _ext.csrc_dir()
     assert all((src / s).is_file() for s in _ext.SOURCES)
