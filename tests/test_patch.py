@@ -178,6 +178,30 @@ def test_bert_init_statistics():
                    if ".adapter_down." in n or ".adapter_up." in n])
     assert w.numel() > 10000
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    # learned scaling: one trainable scalar per adapted linear, initialised to 1, in the state dict
+    fa.patch(model, adapter="parallel", scaling="learned", name="p")
+    scal = {k: v for k, v in model.state_dict().items() if ".adapter_scaling.p" in k}
+    assert len(scal) == 6 and all(v.shape == () and v.item() == 1.0 for v in scal.values())
+
+
+def test_lora_init_is_peft_kaiming_uniform():
+    model = tiny_model("llama")
+    fa.patch(model, adapter="lora", r=16)
+    A = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if ".lora_A." in n])
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) on fan_in 32
+    assert A.abs().max() <= bound and A.abs().max() > 0.95 * bound
+    assert abs(A.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def test_model_level_dropout_only_in_train_mode():
+    model = tiny_model("llama")
+    fa.patch(model, adapter="series", dropout=0.5, bottleneck_size=8)
+    ids = input_ids(2, 7)
+    with torch.no_grad():
+        e1, e2 = model(input_ids=ids).logits, model(input_ids=ids).logits
+        model.train()
+        t1, t2 = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(e1, e2) and not torch.equal(t1, t2)
 
 
 @pytest.mark.parametrize("kw", [dict(adapter="series", variant="houlsby"), dict(adapter="series", variant="pfeiffer"),
