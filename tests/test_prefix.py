@@ -163,3 +163,30 @@ def test_prefix_unpatch_restores_model():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_prefix_beside_lora_switches():
+    ids = input_ids(2, 5)
+    only_prefix = prefixed("llama")
+    model = tiny_model("llama")
+    fa.patch(model, adapter="lora", r=2, name="lo")
+    fa.patch(model, adapter="prefix", num_virtual_tokens=P, name="pre")
+    with torch.no_grad():
+        model.fastadapters_prefix["pre"].embedding.weight.copy_(only_prefix.fastadapters_prefix["default"].embedding.weight)
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+        lo = model(input_ids=ids).logits
+        fa.set_adapter(model, "pre")
+        torch.testing.assert_close(model(input_ids=ids).logits, only_prefix(input_ids=ids).logits, rtol=0, atol=0)
+        fa.set_adapter(model, None)
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits, rtol=0, atol=0)
+        fa.set_adapter(model, "lo")
+        torch.testing.assert_close(model(input_ids=ids).logits, lo, rtol=0, atol=0)
+    fa.set_adapter(model, "pre")
+    ids1 = input_ids(1, 4, seed=9)
+    assert torch.equal(model.generate(ids1, max_new_tokens=4, do_sample=False), greedy_no_cache(only_prefix, ids1, 4))
+    fa.delete_adapter(model, "pre")  # the last prefix: the instance forward goes away
+    assert "forward" not in model.__dict__ and fa.adapter_names(model) == ["lo"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, lo, rtol=0, atol=0)
