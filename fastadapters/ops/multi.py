@@ -260,7 +260,8 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
     rows_d, tor_d, lane_d = rows.to(dev), tile_of_row.to(dev), lane.to(dev)
     xt = x.new_zeros((ntiles, L, k), dtype=cd)
     xt[tor_d, lane_d] = x[rows_d].to(cd)
-    delta = x.new_zeros((ntiles, L, n), dtype=cd) if len(classes) > 1 else None
+    whole = len(classes) == 1 and bool((cls > 0).all())  # one class covering every tile: no re-gather
+    delta = None if whole else x.new_zeros((ntiles, L, n), dtype=cd)
     act_cpu = (act_host if act_host is not None else act_ids.cpu()).long()
     sc_all = scales.to(cd)
     for c in classes:
@@ -269,7 +270,7 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
         sel_d, sl_d = sel.to(dev), sl.to(dev)
         # gather whole slots (index_select: contiguous copies), then view the first c ranks
         wd = down.index_select(0, sl_d)[:, :c, :]  # (t, c, K)
-        h = torch.bmm(xt if len(classes) == 1 else xt.index_select(0, sel_d), wd.transpose(1, 2).to(cd))
+        h = torch.bmm(xt if whole else xt.index_select(0, sel_d), wd.transpose(1, 2).to(cd))
         h = _apply_act_tiles(h, act_cpu[sl])  # (t, L, c)
         h = h * sc_all.index_select(0, sl_d)[:, None, None]
         wu = up.index_select(0, sl_d)[:, :, :c].to(cd)  # (t, N, c), a gathered copy
@@ -278,7 +279,7 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
             drop = (torch.arange(c) >= tile_size[sel][:, None]).to(dev)[:, None, :]  # (t, 1, c)
             h = h.masked_fill(drop, 0.0)
             wu.masked_fill_(drop, 0.0)
-        if len(classes) == 1:
+        if whole:
             delta = torch.bmm(h, wu.transpose(1, 2))
         else:
             delta.index_copy_(0, sel_d, torch.bmm(h, wu.transpose(1, 2)))

@@ -234,3 +234,11 @@ def test_offline_compile_sm80_sm90():
         if key.startswith("seg_"):  # the tl.dot kernels use the tensor cores (wgmma on Hopper)
             assert flags["mma"], key
             assert flags["wgmma"] == ("/sm90/" in key), key
+
+
+@pytest.mark.parametrize("sizes", [(4, 0, 4, 0, 4, 0, 4), (0,) * 7, (16, 16, 0, 1, 16, 1, 0)])
+def test_torch_path_size_zero_tiles(sizes):
+    """Slots whose adapter is absent from this table (size 0) beside one or more rank classes."""
+    args = _case(pattern="uniform", sizes=sizes, seed=13)
+    got = mo.multi_adapter(*args, backend="torch")
+    torch.testing.assert_close(got.double(), _ref64(args), atol=1e-5, rtol=1e-5)
