@@ -18,7 +18,9 @@ removed or changed) and the batch's adapters are made resident in device slots. 
 mh rows feed x + f(x) to the LoRA/parallel phase too, exactly as LLM-Adapters' mh placement
 (a linear carries one adapter per row, so this only matters for the row's own adapter). The
 per-row metadata (slot per token, rows sorted by slot, tiles) is built once per input shape, so
-one forward pays for it once and every layer and phase shares it.
+one forward pays for it once and every layer and phase shares it. Layers see (B, T, K) inputs, or
+(B*T, K) with each row's tokens adjacent; a layer that permutes tokens (mixture-of-experts
+dispatch) is not supported.
 
 Generation: ``model.generate`` inside ``route`` works; when generate expands the batch
 (``num_beams`` / ``num_return_sequences``, each row's copies adjacent) the names are expanded the
@@ -133,6 +135,9 @@ class Router:
             return layer.base_layer(x)
         k = x.shape[-1]
         rows = x.shape[0] if x.dim() > 1 else 1
+        batch = len(self.names) * self.expand
+        if x.dim() == 2 and rows != batch and batch and rows % batch == 0:
+            rows = batch  # a layer that sees (B*T, K): tokens of each row adjacent, row-major
         tokens = x.numel() // max(rows * k, 1)
         plan = self.plan(rows, tokens, x.device)
         x2 = x.reshape(-1, k)

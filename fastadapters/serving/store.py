@@ -162,6 +162,10 @@ class AdapterStore:
 
     # -- building ----------------------------------------------------------------------------
     def rebuild(self) -> None:
+        with torch.no_grad(), torch.inference_mode(False):  # plain tensors, usable in and out of inference mode
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         st = _require_state(self.model)
         self.names = [n for n, c in st.configs.items() if not isinstance(c, PrefixConfig)]
         n_ad = len(self.names)
@@ -204,9 +208,10 @@ class AdapterStore:
         self.version = st.version
 
     def _fill(self, name: str, slot: int) -> None:
-        for lt in self.layers.values():
-            for t in lt.tables():
-                t.fill_slot(slot, name)
+        with torch.no_grad(), torch.inference_mode(False):
+            for lt in self.layers.values():
+                for t in lt.tables():
+                    t.fill_slot(slot, name)
         self.slot_of[name] = slot
         self._lru[name] = None
         self.swaps += 1

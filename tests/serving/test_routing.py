@@ -300,3 +300,15 @@ def test_routed_model_on_triton_backend_matches_torch():
     with pytest.raises(ValueError, match="backend"):
         with fa.route(model, names, backend="nope"):
             pass
+
+
+def test_inference_mode_and_lru_outside_it():
+    model = add_zoo(tiny_llama(layers=1), ["lora_r4", "houlsby", "pfeiffer"])
+    store_mod.configure(model, max_slots=2)
+    ids = _ids(2)
+    with torch.inference_mode(), fa.route(model, ["lora_r4", "houlsby"]):
+        first = model(ids).logits
+    with torch.no_grad(), fa.route(model, ["pfeiffer", "lora_r4"]):  # swaps a slot outside inference mode
+        second = model(ids).logits
+    torch.testing.assert_close(first[0], run_alone(model, ids[:1], "lora_r4")[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[0], run_alone(model, ids[:1], "pfeiffer")[0], atol=ATOL, rtol=0)
