@@ -1,0 +1,22 @@
+"""bench/kernels.py imports and runs its CPU smoke configuration (the Triton ops via the interpreter)."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_kernels_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "k.json"
+    assert mod.main(["--smoke", "--device", "cpu", "--repeats", "1", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())[-1]
+    kinds = [r["kind"] for r in rec["rows"]]
+    assert kinds == ["lora", "bottleneck_output", "bottleneck_parallel"]
+    lora = rec["rows"][0]
+    assert {"base", "fused", "addmm"} <= set(lora["impls"])
+    for impl in lora["impls"].values():
+        assert impl["full_ms"] > 0 and impl["saved_bytes_per_token"] > 0
+    assert rec["env"]["device_type"] == "cpu"
