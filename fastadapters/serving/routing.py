@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 
 import torch
 import torch.nn as nn
@@ -156,6 +157,15 @@ class Router:
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def _check_names(state, names) -> list[str | None]:
     if isinstance(names, (str, bytes)) or not hasattr(names, "__len__"):
         raise ValueError(f"route: names must be a list with one adapter name (or None) per batch row, "
@@ -191,6 +201,9 @@ def route(model: nn.Module, names, backend: str | None = None):
         raise ValueError("route: this model has no fastadapters adapters; call fastadapters.patch or "
                          "fastadapters.load_adapter first")
     names = _check_names(state, names)
+    if model.training and any(getattr(state.configs[n], "dropout", 0) for n in set(names) if n not in (None, BASE)):
+        _warn_once("route: the model is in training mode but routed forwards apply no adapter dropout "
+                   "(routing is for inference; call model.eval() to silence this)")
     router = Router(model, names, backend)
     wrappers = [w for _, w in _wrappers(model)]
     previous = [w.routing for w in wrappers]

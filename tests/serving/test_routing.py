@@ -312,3 +312,12 @@ def test_inference_mode_and_lru_outside_it():
         second = model(ids).logits
     torch.testing.assert_close(first[0], run_alone(model, ids[:1], "lora_r4")[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(second[0], run_alone(model, ids[:1], "pfeiffer")[0], atol=ATOL, rtol=0)
+
+
+def test_training_mode_warns_once_about_dropout():
+    model = tiny_llama(layers=1)
+    fa.patch(model, "lora", name="d", r=2, dropout=0.1)
+    model.train()
+    with pytest.warns(RuntimeWarning, match="no adapter dropout"):
+        with fa.route(model, ["d"]):
+            pass
