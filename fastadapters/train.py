@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=100)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name")
-    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    t.add_argument("--bf16", action="store_true",
+                   help="bf16: base weights in bfloat16, adapters in fp32 (autocast only with --model-dtype float32)")
     t.add_argument("--fp16", action="store_true", help="fp16 mixed precision (needs a GPU)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--eval-steps", type=int, default=200)
@@ -191,6 +192,11 @@ def _check_args(args) -> None:
         if args.save_steps % args.eval_steps:
             raise UsageError(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                              "so that the best checkpoint can be reloaded at the end")
+    if args.adapter == "prefix" and args.gradient_checkpointing:
+        # transformers' checkpointed decoder layers drop past_key_values in training, and that cache
+        # is what carries the prefixes into attention (patching._prefix_forward)
+        raise UsageError("--gradient-checkpointing does not work with --adapter prefix: checkpointed layers "
+                         "drop the KV cache that carries the prefixes")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
 
@@ -398,7 +404,7 @@ def _run(argv: list[str]) -> int:
     model.config.use_cache = False
 
     has_val = val_data is not None
-    targs = TrainingArguments(
+    targs_kwargs = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.micro_batch_size,
         per_device_eval_batch_size=args.micro_batch_size,
@@ -409,7 +415,9 @@ def _run(argv: list[str]) -> int:
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         lr_scheduler_type=args.lr_scheduler,
-        bf16=args.bf16,
+        # --bf16 loads the base in bf16 and trains the (fp32) adapters without autocast: the adapter
+        # ops take the mixed dtypes themselves. Autocast only when the base was kept in another dtype.
+        bf16=args.bf16 and dtype_name != "bfloat16",
         fp16=args.fp16,
         **_checkpointing_kwargs(args.gradient_checkpointing),
         logging_steps=args.logging_steps,
@@ -429,7 +437,12 @@ def _run(argv: list[str]) -> int:
         disable_tqdm=args.no_progress,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # lets --bf16 run on a CPU (autocast) instead of refusing
     )
+    try:
+        targs = TrainingArguments(**targs_kwargs)
+    except ValueError as e:
+        raise UsageError(f"invalid training arguments: {e}") from None
     AdapterTrainer, LossLineProgress, LossLinePrinter = _trainer_classes()
     trainer = AdapterTrainer(
         model=model,

@@ -333,6 +333,17 @@ def test_gradient_checkpointing_reaches_adapters(workdir):
     assert all(weights[k].abs().sum() > 0 for k in b_keys)
 
 
+def test_bf16_trains_fp32_adapters_on_bf16_base(workdir):
+    from safetensors.torch import load_file
+
+    root, base = workdir
+    out = root / "out_bf16"
+    assert train_main(_train_argv(base, root / "next.json", out, "lora", steps=3) + ["--bf16"]) == 0
+    weights = load_file(out / "adapter_model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if k.endswith("lora_B.weight"))
+
+
 def test_cli_routes_train_and_eval(workdir, capsys):
     root, base = workdir
     assert cli.main(["train", "--help"]) == 0
@@ -380,6 +391,8 @@ def test_train_errors(workdir, tmp_path, capsys):
     _one_line_error(capsys, "peft")
     assert train_main(argv(good, "--target-modules", "no_such_proj")) == 2
     _one_line_error(capsys, "no_such_proj")
+    assert train_main(argv(good) + ["--adapter", "prefix", "--gradient-checkpointing"]) == 2
+    _one_line_error(capsys, "--gradient-checkpointing does not work with --adapter prefix")
     assert train_main(argv(good) + ["--base-model", str(tmp_path / "no_model")]) == 2
     _one_line_error(capsys, "--base-model: no such directory")
 
