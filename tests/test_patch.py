@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import fastadapters as fa
-from conftest import ARCHS, assert_state_identical, input_ids, snapshot, tiny_model
+from tiny_models import ARCHS, assert_state_identical, input_ids, snapshot, tiny_model
 from fastadapters import models
 
 ACTS = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastadapters as fa
-from conftest import input_ids, tiny_model
+from tiny_models import input_ids, tiny_model
 from fastadapters import models
 
 peft = pytest.importorskip("peft")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastadapters as fa
-from conftest import ARCHS, LAYERS, assert_state_identical, input_ids, snapshot, tiny_model
+from tiny_models import ARCHS, LAYERS, assert_state_identical, input_ids, snapshot, tiny_model
 
 P = 3
 
