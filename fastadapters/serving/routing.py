@@ -87,6 +87,21 @@ class Router:
         self.version = self.store.version
         self._plans = {}
 
+    def reroute(self, names) -> None:
+        """Switch to a new list of names of the same length, refilling the cached per-shape plans in
+        place (same buffers): a CUDA graph captured inside this ``route`` replays with the new mix."""
+        names = _check_names(self.state, names)
+        if len(names) != len(self.names):
+            raise ValueError(f"reroute: got {len(names)} adapter names for a route of {len(self.names)} rows")
+        plans = self._plans
+        self.names = names
+        self._assign()  # may swap adapters into slots: in place, in the same stacked tensors
+        for (rows, tokens, _), plan in plans.items():
+            per_row = torch.tensor(self.row_slots, dtype=torch.int32)
+            per_tok = per_row.repeat_interleave(rows // len(names) * tokens)
+            build_plan(per_tok.to(plan.row_slot.device), plan.num_slots, plan.block_m, out=plan)
+        self._plans = plans
+
     def _refresh_if_changed(self) -> None:
         if self.state.version != self.version:  # adapters added/removed while routing
             with self._lock:

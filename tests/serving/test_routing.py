@@ -321,3 +321,19 @@ def test_training_mode_warns_once_about_dropout():
     with pytest.warns(RuntimeWarning, match="no adapter dropout"):
         with fa.route(model, ["d"]):
             pass
+
+
+def test_reroute_refills_plans_in_place():
+    model = add_zoo(tiny_llama(layers=1), ["lora_r4", "houlsby", "parallel"])
+    ids = _ids(3)
+    with torch.no_grad(), fa.route(model, ["lora_r4", None, "houlsby"]) as router:
+        model(ids)
+        plan = next(iter(router._plans.values()))
+        ptr = plan.sorted_rows.data_ptr()
+        router.reroute(["parallel", "houlsby", None])
+        assert next(iter(router._plans.values())) is plan and plan.sorted_rows.data_ptr() == ptr
+        out = model(ids).logits
+        with pytest.raises(ValueError, match="reroute: got 2 adapter names for a route of 3 rows"):
+            router.reroute(["parallel", None])
+    for i, n in enumerate(["parallel", "houlsby", None]):
+        torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=ATOL, rtol=0)
