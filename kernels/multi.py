@@ -229,9 +229,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+GATHER_ROW_BLOCKS = (8, 32)
+
+
 def gather_rows_block(m: int) -> int:
-    """Rows a gather program holds at once: the whole decode batch up to 32, so one weight read."""
-    return max(2, min(32, triton.next_power_of_2(max(int(m), 1))))
+    """Rows a gather program holds at once (8 for batches up to 8 rows, else 32): an adapter's
+    weights are read once per step as long as at most that many rows share it."""
+    return GATHER_ROW_BLOCKS[0] if m <= GATHER_ROW_BLOCKS[0] else GATHER_ROW_BLOCKS[1]
 
 
 def multi_adapter_launch(y0, x, sorted_rows, seg_start, seg_count, tile_slot, tile_start, tile_len,
@@ -278,15 +282,18 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 def shipped_configs(dtype: torch.dtype = torch.bfloat16, block_m: int = 64):
     """(name, kernel, signature, constexprs, num_warps) of every kernel configuration the launcher uses."""
     w = _TL[dtype]
-    prec = "tf32" if dtype == torch.float32 else "tf32"  # ignored by the compiler for 16-bit dots
+    prec = "tf32"  # the launcher's choice for fp32 only when TF32 is allowed; ignored for 16-bit dots
     ptr = {"x_ptr": w, "down_ptr": w, "up_ptr": w, "y_ptr": w, "h_ptr": "fp32", "scales_ptr": "fp32"}
     out = []
     specs = [
         ("seg_shrink", _seg_shrink_kernel, dict(DOT_PREC=prec, BM=block_m, BR=SEG_BR, BK=SEG_BK), SEG_WARPS),
         ("seg_expand", _seg_expand_kernel, dict(DOT_PREC=prec, BM=block_m, BN=SEG_BN, BR=SEG_BR), SEG_WARPS),
-        ("gather_shrink", _gather_shrink_kernel, dict(BMG=32, BR=GATHER_BR, BK=GATHER_BK), GATHER_WARPS),
-        ("gather_expand", _gather_expand_kernel, dict(BMG=32, BN=GATHER_BN, BR=GATHER_BR), GATHER_WARPS),
     ]
+    for bmg in GATHER_ROW_BLOCKS:
+        specs += [
+            (f"gather_shrink_bmg{bmg}", _gather_shrink_kernel, dict(BMG=bmg, BR=GATHER_BR, BK=GATHER_BK), GATHER_WARPS),
+            (f"gather_expand_bmg{bmg}", _gather_expand_kernel, dict(BMG=bmg, BN=GATHER_BN, BR=GATHER_BR), GATHER_WARPS),
+        ]
     for name, fn, cx, warps in specs:
         sig = {}
         for a in fn.arg_names:
