@@ -83,7 +83,7 @@ def _bottleneck_impls(torch, placement, K, N, b, dtype, device, dropout):
     return {"base": lambda x: torch.nn.functional.linear(x, W), "fused": run("triton"), "unfused": run("torch")}
 
 
-def _measure(torch, harness, fn, x, device, repeats):
+def _measure(torch, harness, fn, x, device, repeats, warmup=2):
     dy = torch.randn(x.shape[0], fn(x).shape[-1], device=device, dtype=x.dtype)
 
     def fwd():
@@ -93,8 +93,8 @@ def _measure(torch, harness, fn, x, device, repeats):
         fn(x).backward(dy)
 
     rec = {
-        "fwd_ms": 1e3 * harness.time_fn(fwd, device, repeats=repeats),
-        "full_ms": 1e3 * harness.time_fn(full, device, repeats=repeats),
+        "fwd_ms": 1e3 * harness.time_fn(fwd, device, warmup=warmup, repeats=repeats),
+        "full_ms": 1e3 * harness.time_fn(full, device, warmup=warmup, repeats=repeats),
         "saved_bytes_per_token": harness.saved_activation_bytes(fwd) / x.shape[0],
     }
     rec["bwd_ms"] = rec["full_ms"] - rec["fwd_ms"]
@@ -139,7 +139,7 @@ def run(args):
         for name, fn in impls.items():
             if name == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 continue
-            res[name] = _measure(torch, harness, fn, x, device, args.repeats)
+            res[name] = _measure(torch, harness, fn, x, device, args.repeats, 1 if args.smoke else 2)
         row = dict(kind="lora", model=model, proj=proj, M=M, K=K, N=N, r=r, dropout=args.dropout, impls=res)
         if "fused" in res:
             row["fused_over_base_full"] = res["fused"]["full_ms"] / res["base"]["full_ms"]
@@ -159,7 +159,7 @@ def run(args):
             for name, fn in impls.items():
                 if name == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                     continue
-                res[name] = _measure(torch, harness, fn, x, device, args.repeats)
+                res[name] = _measure(torch, harness, fn, x, device, args.repeats, 1 if args.smoke else 2)
             row = dict(kind=f"bottleneck_{placement}", model=model, proj=proj, M=M, K=K, N=N, b=b,
                        dropout=args.dropout, impls=res)
             if "fused" in res:
