@@ -13,6 +13,10 @@ layer, so the per-row metadata is computed once per forward; a layer (or phase) 
 adapter has size 0 in slot s. R is the largest size any adapter has in that table: storage pads,
 compute does not (kernels loop to ``sizes[s]``).
 
+Dtype: the stacks take the base layer's dtype when it is fp16/bf16 (half the bytes a decode step
+reads, and 16-bit tensor-core dots), else the adapters' own (fp32: routed rows then equal
+``set_adapter`` rows to fp32 rounding); ``configure(model, dtype=...)`` overrides.
+
 Slots: with ``max_slots`` unset every adapter has a slot (resident). With ``max_slots`` below the
 number of adapters, each adapter's weights are copied once into a CPU-side store (pinned memory
 when the model is on CUDA) and the slots are filled on demand, evicting the least recently used
@@ -183,7 +187,9 @@ class AdapterStore:
             dev = w.base_layer.weight.device
             for phase, members in by_phase.items():
                 any_m = next(iter(members.values()))
-                dtype = self.dtype or any_m.down.dtype
+                base_dtype = w.base_layer.weight.dtype
+                half = base_dtype in (torch.float16, torch.bfloat16)
+                dtype = self.dtype or (base_dtype if half else any_m.down.dtype)
                 r = max(m.size for m in members.values())
                 d_in, d_out = any_m.down.shape[1], any_m.up.shape[0]
                 s = self.num_slots
@@ -267,7 +273,8 @@ def get_store(model: nn.Module) -> AdapterStore:
 
 def configure(model: nn.Module, max_slots: int | None = None, dtype: torch.dtype | None = None) -> AdapterStore:
     """Set the number of device slots (None: one per adapter) and the stacked weights' dtype (None:
-    the adapters' own, fp32 by default); the store rebuilds on the next ``route``."""
+    the base model's dtype when it is fp16/bf16, as serving systems store LoRA weights, else the
+    adapters' own fp32); the store rebuilds on the next ``route``."""
     if _state(model) is None:
         raise ValueError("this model has no fastadapters adapters; call fastadapters.patch(model, ...) first")
     store = AdapterStore(model, max_slots=max_slots, dtype=dtype)

@@ -337,3 +337,19 @@ def test_reroute_refills_plans_in_place():
             router.reroute(["parallel", None])
     for i, n in enumerate(["parallel", "houlsby", None]):
         torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=ATOL, rtol=0)
+
+
+def test_half_precision_model_stacks_in_its_dtype():
+    model = add_zoo(tiny_llama(layers=1), ["lora_r16", "houlsby"]).to(torch.bfloat16)
+    ids = _ids(2)
+    with torch.no_grad(), fa.route(model, ["lora_r16", "houlsby"]) as router:
+        out = model(ids).logits.float()
+    tables = [t for lt in router.store.layers.values() for t in lt.tables()]
+    assert tables and all(t.down.dtype == torch.bfloat16 for t in tables)
+    for i, n in enumerate(["lora_r16", "houlsby"]):
+        alone = run_alone(model, ids[i:i + 1], n)[0].float()
+        assert (out[i] - alone).abs().max() <= 0.05 * alone.abs().max()
+    store_mod.configure(model, dtype=torch.float32)
+    with torch.no_grad(), fa.route(model, ["lora_r16", None]) as router:
+        model(ids)
+    assert all(t.down.dtype == torch.float32 for lt in router.store.layers.values() for t in lt.tables())
