@@ -275,18 +275,36 @@ __global__ void __launch_bounds__(kBranchThreads) adapter_branch_kernel(AdapterB
   }
 }
 
-// Fills the vector-load flags from pointer alignment and strides, then launches on `stream`.
-// Returns cudaErrorInvalidConfiguration for a grid past the 1-D limit, else the launch status.
+// Sets the vector-load flags from pointer alignment and strides (host side, once per launch).
 template <typename T>
-cudaError_t launch_adapter_branch_typed(AdapterBranchParams p, cudaStream_t stream) {
+void finalize_adapter_branch_params(AdapterBranchParams& p) {
   constexpr int64_t kVec = Vec16<T>::kElems;
   p.vec_x_down = is_aligned16(p.x) && is_aligned16(p.down) && p.ld_x % kVec == 0 &&
                  p.down_ss % kVec == 0 && p.down_sr % kVec == 0;
   p.vec_up = is_aligned16(p.up) && p.up_ss % kVec == 0 && p.up_sn % kVec == 0;
+}
+
+#if defined(FASTADAPTERS_HOST_EMULATION)
+// tests/csrc/kernel_emulator.cpp runs the grid on host threads (CTAs one after another, in
+// ticket order) to check the kernel's arithmetic and indexing without a GPU.
+template <typename T>
+cudaError_t emulate_adapter_branch(const AdapterBranchParams& p);
+#endif
+
+// Launches on `stream`. Returns cudaErrorInvalidConfiguration for a grid past the 1-D limit,
+// else the launch status.
+template <typename T>
+cudaError_t launch_adapter_branch_typed(AdapterBranchParams p, cudaStream_t stream) {
+  finalize_adapter_branch_params<T>(p);
   if (p.plan.grid == 0) return cudaSuccess;
   if (p.plan.grid > int64_t(0x7fffffff)) return cudaErrorInvalidConfiguration;
+#if defined(FASTADAPTERS_HOST_EMULATION)
+  (void)stream;
+  return emulate_adapter_branch<T>(p);
+#else
   adapter_branch_kernel<T><<<dim3(unsigned(p.plan.grid)), dim3(p.plan.threads), 0, stream>>>(p);
   return cudaGetLastError();
+#endif
 }
 
 inline cudaError_t launch_adapter_branch(const AdapterBranchParams& p, ScalarKind kind,

@@ -69,7 +69,8 @@ def run_case(M, K, N, S, R, sizes, acts, pattern, dtype, seed, x_offset=0):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("M,K,N", [(1, 100, 77), (37, 100, 77), (64, 1024, 1536)])
 def test_multi_adapter_vs_fp64(dtype, pattern, M, K, N):
-    run_case(M, K, N, S=6, R=64, sizes=[1, 5, 64, 0, 16, 33], acts=[0, 0, 1, 3, 4, 5],
+    # "identical" sends every active row to slot 3 (rank 16): one large segment
+    run_case(M, K, N, S=6, R=64, sizes=[1, 5, 64, 16, 0, 33], acts=[0, 0, 1, 3, 4, 5],
              pattern=pattern, dtype=dtype, seed=M * 7 + K)
 
 
