@@ -81,7 +81,14 @@ def _resolve_sets(args) -> list[tuple[str, str, list[dict]]]:
                 rules = canonical_dataset(args.dataset[0])
             except ValueError as e:
                 raise UsageError(str(e)) from None
-        files = [(Path(args.data).stem if rules is None else rules, rules, Path(args.data))]
+        path = Path(args.data)
+        if rules is None:  # <name>/test.json of a known set: its rules
+            try:
+                rules = canonical_dataset(path.parent.name)
+            except ValueError:
+                rules = None
+        display = rules or (path.parent.name if path.stem == "test" and path.parent.name else path.stem)
+        files = [(display, rules, path)]
     else:
         if not args.dataset:
             raise UsageError("give --dataset NAME [NAME ...] (with --data-dir) or --data PATH")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -378,10 +379,17 @@ def _run(argv: list[str]) -> int:
 
     try:
         fa.patch(model, config=config)
-        if resume_adapter is not None:
-            fa.load_adapter(model, resume_adapter)
     except ValueError as e:
         raise UsageError(f"adapter does not fit {args.base_model}: {e}") from None
+    # a checkpoint to resume must fit the adapter built from the flags: check (and load) it here,
+    # where a mismatch is one line, rather than inside Trainer.train
+    for path in (resume_adapter, resume_checkpoint):
+        if path is not None:
+            try:
+                fa.load_adapter(model, path)
+            except ValueError as e:
+                raise UsageError(f"--resume-from-checkpoint {path} does not fit {args.base_model} with these "
+                                 f"adapter flags: {e}") from None
     if args.fp16:  # fp16 autocast needs fp32 master weights for what trains (as PEFT does)
         for p in model.parameters():
             if p.requires_grad:
@@ -393,7 +401,8 @@ def _run(argv: list[str]) -> int:
     train_data = tokenize_records(tokenizer, train_records, **tok_kwargs)
     val_data = tokenize_records(tokenizer, val_records, **tok_kwargs) if val_records else None
 
-    print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: {config.to_json()}".replace("\n", " "))
+    print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: "
+          f"{json.dumps(config.to_dict(), sort_keys=True)}")
     print(f"{len(train_data)} training / {len(val_data or [])} validation examples; "
           f"{fa.trainable_parameters(model)}", flush=True)
 
