@@ -341,6 +341,11 @@ def _prefix_forward(model: nn.Module, orig_forward):
             raise ValueError("prefix-tuning needs input_ids or inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
         encoder = enc[st.active]
+        if model.training and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                  and not getattr(m, "_can_checkpoint_with_cache", False) for m in model.modules()):
+            raise RuntimeError("prefix-tuning feeds its prefixes through past_key_values, which transformers' "
+                               "gradient-checkpointed layers drop; disable gradient checkpointing "
+                               "(model.gradient_checkpointing_disable()) to train a prefix adapter")
         p = encoder.config.num_virtual_tokens
         cache = kwargs.get("past_key_values")
         if cache is not None and not hasattr(cache, "get_seq_length"):

@@ -190,3 +190,18 @@ def test_prefix_beside_lora_switches():
     assert "forward" not in model.__dict__ and fa.adapter_names(model) == ["lo"]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, lo, rtol=0, atol=0)
+
+
+def test_prefix_with_gradient_checkpointing_says_why():
+    """transformers' checkpointed layers drop past_key_values, so training a prefix under gradient
+    checkpointing cannot work; it must fail with an error that says so (not a shape mismatch)."""
+    model = prefixed("llama")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    ids = input_ids(2, 5)
+    model.train()
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        model(input_ids=ids, labels=ids)
+    model.eval()  # checkpointing only acts in training: inference and generate still work
+    ids1 = input_ids(1, 4, seed=9)
+    assert torch.equal(model.generate(ids1, max_new_tokens=3, do_sample=False), greedy_no_cache(model, ids1, 3))
