@@ -146,7 +146,7 @@ def test_emulated_bottleneck(emulator, tmp_path, dtype, placement):
     y0 = torch.randn(M, N, generator=gen).to(dtype)
     base = x if placement == "output" else y0
     scale = torch.tensor([0.6])
-    for act in range(6):
+    for act in (range(6) if dtype == torch.float16 else (1, 3)):  # every activation once
         files = [_dump(tmp_path / f"{n}.bin", t) for n, t in
                  zip(("y0", "x", "down", "up", "scale"), (y0, x, down, up, scale))]
         out = tmp_path / "y.bin"
