@@ -181,6 +181,9 @@ def _check_args(args) -> None:
         raise UsageError("--batch-size and --micro-batch-size must be >= 1")
     if args.batch_size % args.micro_batch_size:
         raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if args.batch_size % (args.micro_batch_size * _world_size()):
+        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {_world_size()} processes")
     if args.cutoff_len < 1:
         raise UsageError(f"--cutoff-len must be >= 1, got {args.cutoff_len}")
     if args.bf16 and args.fp16:
@@ -200,6 +203,15 @@ def _check_args(args) -> None:
                          "drop the KV cache that carries the prefixes")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
+
+
+def _world_size() -> int:
+    return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+
+
+def _accumulation_steps(args) -> int:
+    """batch = micro batch x accumulation x processes (torchrun sets WORLD_SIZE), as the original."""
+    return max(args.batch_size // (args.micro_batch_size * _world_size()), 1)
 
 
 def _resume_target(args) -> tuple[str | None, str | None]:
@@ -417,7 +429,7 @@ def _run(argv: list[str]) -> int:
         output_dir=args.output_dir,
         per_device_train_batch_size=args.micro_batch_size,
         per_device_eval_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+        gradient_accumulation_steps=_accumulation_steps(args),
         num_train_epochs=args.num_epochs,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,

@@ -46,7 +46,7 @@ def _one_thread():
 def workdir(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pipeline")
-    base = make_base_model_dir(root, pretrain_steps=200)
+    base = make_base_model_dir(root, pretrain_steps=150)
     write_json(root / "next.json", make_records("next", 400, seed=5))
     write_json(root / "next_test.json", make_records("next", 40, seed=99))
     write_json(root / "last_test.json", make_records("last", 40, seed=98))
@@ -146,6 +146,16 @@ def test_load_records_and_split(tmp_path):
     assert sorted(r["instruction"] for r in train + val) == sorted(r["instruction"] for r in recs)
     with pytest.raises(DataError, match="leaves no training records"):
         split_train_val(recs, 10)
+
+
+def test_bundled_training_file_validates():
+    from test_extraction import DATA_DIR
+
+    path = DATA_DIR / "train" / "math_data.json"
+    if not path.exists():
+        pytest.skip(f"bundled LLM-Adapters data not found at {path}")
+    recs = load_records(path, require_answer=True)
+    assert len(recs) == 3260 and all(r["input"] == "" for r in recs)
 
 
 def test_tokenize_record(base_loaded):
