@@ -362,6 +362,9 @@ def multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, act_ids,
     CUDA tensors run the csrc kernel (built or JIT-built on first use), CPU tensors the reference.
     """
     M, N, K, S, R = _check_multi_args(y0, x, down, up, sizes, scales, act_ids)
+    # the kernel takes any row stride but needs each row contiguous (a transposed view is copied)
+    x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+    y0 = y0 if y0.shape[1] <= 1 or y0.stride(1) == 1 else y0.contiguous()
     if meta is None:
         _check_dim("row_slot", row_slot, 1, "(M,)")
         _check_shape("row_slot", row_slot, "(M,)", (M,))

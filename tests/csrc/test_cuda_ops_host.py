@@ -149,6 +149,18 @@ def test_cpu_op_matches_ref(dtype):
     assert torch.equal(y, co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts))
 
 
+def test_wrapper_accepts_column_strided_inputs():
+    gen = torch.Generator().manual_seed(13)
+    S, R, K, N, M = 3, 4, 12, 10, 5
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float32, gen, sizes=[4, 1, 2])
+    x = torch.randn(K, M, generator=gen).t()  # stride(1) == M
+    y0 = torch.randn(N, M, generator=gen).t()
+    row_slot = torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32)
+    got = co.multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, acts)
+    want = co.multi_adapter_ref(y0.contiguous(), x.contiguous(), row_slot, down, up, sizes, scales, acts)
+    assert torch.equal(got, want)
+
+
 def test_opcheck_cpu():
     gen = torch.Generator().manual_seed(4)
     S, R, K, N, M = 3, 5, 24, 10, 9
