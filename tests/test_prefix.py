@@ -99,6 +99,17 @@ def test_prefix_trains_and_generates(arch):
         out = model(input_ids=ids, use_cache=False, return_dict=False)
         assert out[0].shape[:2] == (2, 5) and not any(hasattr(o, "get_seq_length") for o in out)
 
+    # a returned cache continues the sequence: model(b, past of a) == model(a + b) on b's positions
+    a, b = ids, input_ids(2, 3, seed=2)
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([a, b], 1)).logits[:, a.shape[1]:]
+        past = model(input_ids=a, use_cache=True).past_key_values
+        torch.testing.assert_close(model(input_ids=b, past_key_values=past).logits, full, rtol=1e-5, atol=1e-5)
+        past = model(input_ids=a, use_cache=True, attention_mask=torch.ones_like(a)).past_key_values
+        mask = torch.ones(2, a.shape[1] + b.shape[1], dtype=torch.long)
+        torch.testing.assert_close(model(input_ids=b, past_key_values=past, attention_mask=mask).logits, full,
+                                   rtol=1e-5, atol=1e-5)
+
     # greedy generate with the cache == cache-free greedy loop
     ids1 = input_ids(1, 5, seed=3)
     gen = model.generate(ids1, max_new_tokens=6, do_sample=False)
