@@ -314,6 +314,10 @@ def test_best_checkpoint_resume_and_peft_format(workdir, capsys):
     assert set(final) == {"base_model.model." + k for k in best}
     for k in best:
         torch.testing.assert_close(final["base_model.model." + k], best[k], rtol=0, atol=0)
+    # eval reads the PEFT-format adapter
+    assert eval_main(["--base-model", str(base), "--adapter", str(full), "--data", str(root / "next_test.json"),
+                      "--limit", "4", "--max-new-tokens", "4", "--no-progress", "--prompt-style", STYLE]) == 0
+    assert "next_test" in capsys.readouterr().out
 
     # resume from checkpoint-5 in a copy of the run directory: same weights at step 10
     import shutil
