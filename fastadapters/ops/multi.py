@@ -190,7 +190,8 @@ def build_plan(row_slot: torch.Tensor, num_slots: int, block_m: int = 64, out: M
     for k, v in fields.items():
         getattr(out, k).copy_(v)
     out._torch_layout = None
-    out.__dict__.pop("_cuda_meta", None)
+    for k in ("_cuda_meta", "_parts", "_torch_idx"):
+        out.__dict__.pop(k, None)
     return out
 
 
@@ -221,70 +222,105 @@ def _torch_layout(row_slot: torch.Tensor, s: int):
 # torch path: row tiles x gathered weights, one bmm per rank class
 # ---------------------------------------------------------------------------------------------
 
-def _apply_act_tiles(h: torch.Tensor, tile_act: torch.Tensor) -> torch.Tensor:
-    """act per tile (dim 0) by id; a loop over the (at most six) activation kinds present."""
-    kinds = torch.unique(tile_act).tolist()
-    if kinds == [0]:
-        return h
-    if len(kinds) == 1:
-        return ACT_BY_ID[kinds[0]](h)
-    out = h.clone()
-    for a in kinds:
-        if a:
-            sel = torch.nonzero(tile_act == a).flatten()
-            out[sel] = ACT_BY_ID[a](h[sel])
-    return out
+def _partition(layout, sz: torch.Tensor, act: torch.Tensor, r_max: int, dev: torch.device):
+    """Tiles grouped by rank class for one table: [(c, sel, slots, act_groups, drop)], whole.
+
+    c: the class width (next power of two >= size, at most R); sel/slots: that class's tiles and
+    their slots (on ``dev``); act_groups: [(act_id, tile indices within the class or None = all)];
+    drop: (t, 1, c) bool mask of padded ranks, or None; whole: one class covering every tile."""
+    rows, tile_of_row, lane, tile_slot, L = layout
+    tile_size = sz.long()[tile_slot]
+    cls = torch.where(tile_size > 0, 2 ** torch.ceil(torch.log2(tile_size.clamp(min=1).double())).long(), 0)
+    cls = cls.clamp(max=r_max)
+    groups = []
+    for c in torch.unique(cls).tolist():
+        if c <= 0:
+            continue
+        sel = torch.nonzero(cls == c).flatten()
+        sl = tile_slot[sel]
+        acts = act.long()[sl]
+        kinds = torch.unique(acts).tolist()
+        if len(kinds) == 1:
+            act_groups = [(kinds[0], None)] if kinds[0] else []
+        else:
+            act_groups = [(a, torch.nonzero(acts == a).flatten().to(dev)) for a in kinds if a]
+        short = tile_size[sel] < c
+        drop = None
+        if bool(short.any()):
+            drop = (torch.arange(c) >= tile_size[sel][:, None]).to(dev)[:, None, :]
+        groups.append((c, sel.to(dev), sl.to(dev), act_groups, drop))
+    whole = len(groups) == 1 and bool((cls > 0).all())
+    return groups, whole
 
 
 def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan: MultiPlan | None = None,
                         sizes_host: torch.Tensor | None = None, act_host: torch.Tensor | None = None):
-    """The torch path (CPU serving; the fallback on CUDA, where it syncs to read the layout)."""
-    s_slots = down.shape[0]
+    """The torch path (CPU serving; the fallback on CUDA, where it syncs to read the layout).
+
+    With a plan and CPU ``sizes_host``/``act_host`` (the store's), the layout and each table's
+    rank-class partition are computed once and cached on the plan (keyed by those tensors' version
+    counters, which a slot fill bumps), so a decode step does only the gathers and bmms."""
+    s_slots, r_max = down.shape[0], down.shape[1]
     layout = plan.torch_layout() if plan is not None else _torch_layout(row_slot, s_slots)
     if layout is None:
         return y0.clone()
-    rows, tile_of_row, lane, tile_slot, L = layout
-    sz = (sizes_host if sizes_host is not None else sizes.cpu()).long()
-    tile_size = sz[tile_slot]
-    # rank class: next power of two >= size (0 stays 0: that tile does nothing)
-    cls = torch.where(tile_size > 0, 2 ** torch.ceil(torch.log2(tile_size.clamp(min=1).double())).long(), 0)
-    cls = cls.clamp(max=down.shape[1])
-    classes = [c for c in torch.unique(cls).tolist() if c > 0]
-    y = y0.clone()
-    if not classes:
-        return y
     dev = x.device
+    sz = sizes_host if sizes_host is not None else sizes.cpu()
+    act = act_host if act_host is not None else act_ids.cpu()
+    cache = plan.__dict__.setdefault("_parts", {}) if (plan is not None and sizes_host is not None
+                                                       and act_host is not None) else None
+    key = (id(sizes_host), sizes_host._version, id(act_host), act_host._version, r_max, str(dev)) \
+        if cache is not None else None
+    part = cache.get(key) if cache is not None else None
+    if part is None:
+        part = _partition(layout, sz, act, r_max, dev)
+        if cache is not None:
+            cache[key] = part
+    groups, whole = part
+    if not groups:
+        return y0.clone()
+    rows, tile_of_row, lane, tile_slot, L = layout
+    idx = plan.__dict__.get("_torch_idx") if plan is not None else None
+    if idx is None or idx[0] != str(dev):
+        idx = (str(dev), rows.to(dev), (tile_of_row * L + lane).to(dev))
+        if plan is not None:
+            plan.__dict__["_torch_idx"] = idx
+    _, rows_d, pos_d = idx
     cd = _compute_dtype(y0, x, down, up)
     k, n = x.shape[1], y0.shape[1]
     ntiles = int(tile_slot.numel())
-    rows_d, tor_d, lane_d = rows.to(dev), tile_of_row.to(dev), lane.to(dev)
-    xt = x.new_zeros((ntiles, L, k), dtype=cd)
-    xt[tor_d, lane_d] = x[rows_d].to(cd)
-    whole = len(classes) == 1 and bool((cls > 0).all())  # one class covering every tile: no re-gather
+    xr = x.index_select(0, rows_d).to(cd)
+    if pos_d.numel() == ntiles * L:  # every lane used (e.g. L = 1): the rows are the tiles
+        xt = x.new_empty((ntiles * L, k), dtype=cd).index_copy_(0, pos_d, xr).view(ntiles, L, k)
+    else:
+        xt = x.new_zeros((ntiles * L, k), dtype=cd).index_copy_(0, pos_d, xr).view(ntiles, L, k)
     delta = None if whole else x.new_zeros((ntiles, L, n), dtype=cd)
-    act_cpu = (act_host if act_host is not None else act_ids.cpu()).long()
     sc_all = scales.to(cd)
-    for c in classes:
-        sel = torch.nonzero(cls == c).flatten()
-        sl = tile_slot[sel]
-        sel_d, sl_d = sel.to(dev), sl.to(dev)
+    for c, sel_d, sl_d, act_groups, drop in groups:
         # gather whole slots (index_select: contiguous copies), then view the first c ranks
         wd = down.index_select(0, sl_d)[:, :c, :]  # (t, c, K)
-        h = torch.bmm(xt if whole else xt.index_select(0, sel_d), wd.transpose(1, 2).to(cd))
-        h = _apply_act_tiles(h, act_cpu[sl])  # (t, L, c)
+        h = torch.bmm(xt if whole else xt.index_select(0, sel_d), wd.transpose(1, 2).to(cd))  # (t, L, c)
+        for a, which in act_groups:  # at most six activation kinds, never a loop over adapters
+            if which is None:
+                h = ACT_BY_ID[a](h)
+            else:
+                h.index_copy_(0, which, ACT_BY_ID[a](h.index_select(0, which)))
         h = h * sc_all.index_select(0, sl_d)[:, None, None]
         wu = up.index_select(0, sl_d)[:, :, :c].to(cd)  # (t, N, c), a gathered copy
-        short = tile_size[sel] < c
-        if bool(short.any()):  # ranks beyond an adapter's size are padding: never read them
-            drop = (torch.arange(c) >= tile_size[sel][:, None]).to(dev)[:, None, :]  # (t, 1, c)
+        if drop is not None:  # ranks beyond an adapter's size are padding: never read them
             h = h.masked_fill(drop, 0.0)
             wu.masked_fill_(drop, 0.0)
+        out = torch.bmm(h, wu.transpose(1, 2))
         if whole:
-            delta = torch.bmm(h, wu.transpose(1, 2))
+            delta = out
         else:
-            delta.index_copy_(0, sel_d, torch.bmm(h, wu.transpose(1, 2)))
-    d_rows = delta[tor_d, lane_d]
-    y[rows_d] = (y0[rows_d].to(cd) + d_rows).to(y.dtype)
+            delta.index_copy_(0, sel_d, out)
+    d_rows = delta.view(ntiles * L, n).index_select(0, pos_d)
+    y = y0.clone()
+    if y.dtype == cd:
+        y.index_add_(0, rows_d, d_rows)
+    else:
+        y.index_copy_(0, rows_d, (y0.index_select(0, rows_d).to(cd) + d_rows).to(y.dtype))
     return y
 
 
