@@ -115,6 +115,8 @@ at::Tensor multi_adapter_cuda(const at::Tensor& y0, const at::Tensor& x,
   check_shape(op, act_ids, "act_ids", "(S,)", {S});
   check_shape(op, sorted_rows, "sorted_rows", "(M,)", {M});
   check_shape(op, seg_starts, "seg_starts", "(G + 1,)", {G + 1});
+  TORCH_CHECK(M == 0 || G >= 1, op, ": expected at least one segment for M = ", M,
+              " rows, got seg_slots of shape ", dims_str(seg_slots.sizes().vec()));
 
   const at::Device device = x.device();
   const std::pair<const at::Tensor*, const char*> all[] = {

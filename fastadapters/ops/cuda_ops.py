@@ -316,6 +316,8 @@ def _multi_adapter_fake(y0, x, sorted_rows, seg_starts, seg_slots, down, up, siz
     _check_shape("sorted_rows", sorted_rows, "(M,)", (M,))
     _check_dim("seg_slots", seg_slots, 1, "(G,)")
     _check_shape("seg_starts", seg_starts, "(G + 1,)", (seg_slots.shape[0] + 1,))
+    if M > 0 and seg_slots.shape[0] == 0:
+        raise ValueError(f"expected at least one segment for M = {M} rows, got seg_slots of shape (0,)")
     return y0.new_empty((M, N))
 
 
