@@ -72,7 +72,7 @@ class Router:
         self.names = list(names)
         self.expand = 1  # rows per name: > 1 inside generate with beams / several return sequences
         self.in_generate = 0
-        self._plans: dict[tuple[int, int], MultiPlan] = {}
+        self._plans: dict[tuple[int, int, str], MultiPlan] = {}
         self._lock = threading.Lock()
         self._assign()
 
@@ -96,11 +96,16 @@ class Router:
         plans = self._plans
         self.names = names
         self._assign()  # may swap adapters into slots: in place, in the same stacked tensors
-        for (rows, tokens, _), plan in plans.items():
+        kept = {}
+        for key, plan in plans.items():
+            if plan.num_slots != max(self.store.num_slots, 1):
+                continue  # the store was rebuilt (adapters added/removed): a new plan is built on use
+            rows, tokens, _ = key
             per_row = torch.tensor(self.row_slots, dtype=torch.int32)
             per_tok = per_row.repeat_interleave(rows // len(names) * tokens)
             build_plan(per_tok.to(plan.row_slot.device), plan.num_slots, plan.block_m, out=plan)
-        self._plans = plans
+            kept[key] = plan
+        self._plans = kept
 
     def _refresh_if_changed(self) -> None:
         if self.state.version != self.version:  # adapters added/removed while routing
