@@ -353,3 +353,23 @@ def test_half_precision_model_stacks_in_its_dtype():
     with torch.no_grad(), fa.route(model, ["lora_r16", None]) as router:
         model(ids)
     assert all(t.down.dtype == torch.float32 for lt in router.store.layers.values() for t in lt.tables())
+
+
+def test_metadata_built_once_per_shape(monkeypatch):
+    """One plan per input shape, shared by every layer and phase and by later forwards of that
+    shape in the same route: the forward builds one, generate reuses it for the prompt and builds
+    one more for all its 1-token steps."""
+    from fastadapters.serving import routing
+
+    model = add_zoo(tiny_llama(), ["lora_r4", "houlsby", "parallel"])
+    calls = []
+    real = routing.build_plan
+    monkeypatch.setattr(routing, "build_plan", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    ids = _ids(3)
+    with torch.no_grad(), fa.route(model, ["lora_r4", "houlsby", "parallel"]):
+        model(ids)
+        assert len(calls) == 1
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert [tuple(c) for c in calls] == [(18,), (3,)]
+    with pytest.raises(ValueError, match="dtype"):
+        store_mod.configure(model, dtype=torch.int8)
