@@ -78,6 +78,7 @@ def test_llama_placements_spelled_out():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_placements_per_architecture(arch):
     model = tiny_model(arch)
+    before = snapshot(model)
     b = 3
     for adapter, variant in (("series", "houlsby"), ("series", "pfeiffer"), ("parallel", None)):
         kw = {"variant": variant} if variant else {}
@@ -94,7 +95,23 @@ def test_default_placements_per_architecture(arch):
             kind = next(kd for t, kd in kinds.items() if models.matches(path, [t]))
             d_in, d_out = {"mh": (k, k), "output": (n, n), "parallel": (k, n)}[kind]
             assert down == (b, d_in) and up == (d_out, b), (path, kind)
+        _forward_backward_smoke(model)
         fa.unpatch(model)
+    fa.patch(model, adapter="lora", r=2)
+    _forward_backward_smoke(model)
+    fa.unpatch(model)
+    assert_state_identical(before, snapshot(model))
+
+
+def _forward_backward_smoke(model):
+    """One train-mode step's forward and backward: every trainable parameter gets a gradient."""
+    model.train()
+    ids = input_ids(2, 5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    model.zero_grad(set_to_none=True)
+    model.eval()
 
 
 # ----------------------------------------------------------------------------- formulas, restated
