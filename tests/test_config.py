@@ -75,6 +75,8 @@ BAD = [
     (fa.ParallelConfig, "bottleneck_size", -1),
     (fa.ParallelConfig, "non_linearity", "Tanh"),
     (fa.ParallelConfig, "scaling", float("-inf")),
+    (fa.ParallelConfig, "scaling", True),
+    (fa.SeriesConfig, "dropout", False),
     (fa.ParallelConfig, "dropout", -1),
     (fa.ParallelConfig, "init", ""),
     (fa.PrefixConfig, "num_virtual_tokens", 0),
