@@ -243,3 +243,28 @@ def test_checks_reject_bad_cuda_inputs():
     x64 = torch.zeros(4, 8, dtype=torch.float64, device=DEV)
     with pytest.raises(ValueError, match="expected x of dtype"):
         co.multi_adapter_cuda(**dict(args, x=x64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cuda_backend_agrees_with_triton_backend(dtype, pattern):
+    """The same batch through ops.multi with backend="cuda" and backend="triton": both meet the
+    house rule against fp64, and they agree with each other to a few output ulps."""
+    multi = pytest.importorskip("fastadapters.ops.multi")
+    gen = torch.Generator().manual_seed(31)
+    M, K, N, S, R = 37, 100, 77, 6, 64
+    down, up, sizes, scales, acts = make_store(S, R, K, N, dtype, gen, sizes=[1, 5, 64, 16, 0, 33],
+                                               acts=[0, 0, 1, 3, 4, 5])
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    y0 = torch.randn(M, N, generator=gen).to(dtype)
+    row_slot = make_row_slot(pattern, M, S, 0.2, gen)
+    exact = co.multi_adapter_ref(y0.double(), x.double(), row_slot, down.double(), up.double(),
+                                 sizes, scales, acts)
+    ref_t = co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts)
+    args = [t.to(DEV) for t in (y0, x, row_slot, down, up, sizes, scales, acts)]
+    outs = {b: multi.multi_adapter(*args, backend=b).cpu() for b in ("cuda", "triton")}
+    for b, y in outs.items():
+        assert_house_rule(y, ref_t, exact, f"backend {b} {dtype} {pattern}")
+    ulp = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    tol = 4 * ulp * exact.abs().max().item()
+    assert (outs["cuda"].double() - outs["triton"].double()).abs().max().item() <= tol

@@ -351,3 +351,44 @@ def test_import_touches_no_cuda():
             "assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# agreement with the house ops built by others on the same semantics (fp64, CPU)
+
+
+@pytest.mark.parametrize("placement", ["parallel", "output"])
+@pytest.mark.parametrize("act", ["tanh", "gelu", "sigmoid"])
+def test_bottleneck_fwd_agrees_with_ops_bottleneck(placement, act):
+    from fastadapters.ops import bottleneck as ob
+
+    gen = torch.Generator().manual_seed(14)
+    M, K, b = 6, 24, 5
+    N = K if placement == "output" else 18
+    x = torch.randn(M, K, generator=gen, dtype=torch.float64)
+    W = torch.randn(N, K, generator=gen, dtype=torch.float64)
+    bias = torch.randn(N, generator=gen, dtype=torch.float64)
+    d_in = N if placement == "output" else K
+    down = torch.randn(b, d_in, generator=gen, dtype=torch.float64)
+    up = torch.randn(N, b, generator=gen, dtype=torch.float64)
+    # 0.375 is exact in fp32 (the kernels take the scale as fp32)
+    theirs = ob.bottleneck_linear(placement, x, (W, bias), down, up, 0.375, act, backend="torch")
+    h = x @ W.t() + bias
+    if placement == "output":
+        mine = co.bottleneck_fwd_cuda(h, down, up, 0.375, act=act, placement="output")
+    else:
+        mine = co.bottleneck_fwd_cuda(x, down, up, 0.375, act=act, placement="parallel", y0=h)
+    torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_multi_adapter_ref_agrees_with_ops_multi():
+    multi = pytest.importorskip("fastadapters.ops.multi")
+    gen = torch.Generator().manual_seed(15)
+    S, R, K, N, M = 6, 8, 40, 30, 29
+    down, up, sizes, scales, acts = make_store(S, R, K, N, torch.float64, gen, sizes=[1, 5, 8, 7, 0, 3])
+    x = torch.randn(M, K, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(M, N, generator=gen, dtype=torch.float64)
+    row_slot = make_row_slot("skewed", M, S, 0.2, gen)
+    torch.testing.assert_close(co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts),
+                               multi.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts),
+                               rtol=1e-12, atol=1e-12)
