@@ -213,6 +213,8 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
     st.configs[name] = cfg
     st.kinds[name] = kinds
     st.version += 1
+    if not first and backend is not None and backend != st.backend:
+        set_backend(model, backend)  # the backend is per model: a later patch's choice is not ignored
     if first or st.active is None:
         set_adapter(model, name)
     else:

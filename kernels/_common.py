@@ -203,6 +203,14 @@ def check_dropout(dropout_p, seed):
         raise ValueError(f"expected seed in [0, 2**31), got {seed}")
 
 
+def check_index_range(name, t):
+    """The kernels index with int32 element offsets: every tensor must hold fewer than 2**31."""
+    if t is not None and t.numel() >= 2**31:
+        raise ValueError(
+            f"{name} has {t.numel()} elements (shape {tuple(t.shape)}); the kernels support fewer than 2**31"
+        )
+
+
 def check_philox_range(name, m, k):
     # Philox offsets are m * K + k in int32 inside the kernels
     if m * k >= 2**31:

@@ -32,6 +32,7 @@ from ._common import (
     apply_act,
     check_dropout,
     check_dtype,
+    check_index_range,
     check_philox_range,
     check_tensor,
     dot_precision,
@@ -55,7 +56,7 @@ from .lora import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _residual_fwd_kernel(
     z_ptr, d_ptr, u_ptr, y_ptr, p_out_ptr, scale_ptr,
     M, D, R,
@@ -137,6 +138,9 @@ def _check_adapter(z, down, up, d_out):
     check_tensor("adapter_up", up, (d_out, b), device=z.device)
     check_dtype("adapter_down", down)
     check_dtype("adapter_up", up)
+    check_index_range("input", z)
+    if z.shape[0] * d_out >= 2**31:
+        raise ValueError(f"the output would have {z.shape[0]} x {d_out} elements; the kernels support fewer than 2**31")
     return b
 
 
@@ -253,6 +257,7 @@ def _check_parallel(x, weight, bias):
     N = weight.shape[0]
     if bias is not None:
         check_tensor("bias", bias, (N,), dtype=x.dtype, device=x.device)
+    check_index_range("weight", weight)
     return M, K, N
 
 

@@ -37,6 +37,7 @@ from ._common import (
     apply_act_grad,
     check_dropout,
     check_dtype,
+    check_index_range,
     check_philox_range,
     check_tensor,
     dot_precision,
@@ -54,7 +55,7 @@ from ._common import (
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _down_proj_kernel(
     x_ptr, a_ptr, p_out_ptr,
     M, K, R,
@@ -190,7 +191,7 @@ def _rank_grad_kernel(
     tl.store(g_out_ptr + rm[:, None] * R + rr[None, :], dh, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _input_grad_kernel(
     dy_ptr, w_ptr, res_ptr, g_in_ptr, a_ptr, dx_ptr, scale_ptr,
     M, N, K, R,
@@ -247,7 +248,7 @@ def _input_grad_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _down_weight_grad_kernel(
     x_ptr, g_in_ptr, da_ptr, scale_ptr,
     M, K, R, rows_per_split,
@@ -469,6 +470,10 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B):
     check_tensor("lora_B", lora_B, (N, r), device=x.device)
     check_dtype("lora_A", lora_A)
     check_dtype("lora_B", lora_B)
+    check_index_range("x", x)
+    check_index_range("weight", weight)
+    if M * N >= 2**31:
+        raise ValueError(f"y would have {M} x {N} = {M * N} elements; the kernels support fewer than 2**31")
     return M, K, N, r
 
 

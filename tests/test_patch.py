@@ -401,6 +401,11 @@ def test_config_object_and_backend_argument(monkeypatch):
     with pytest.raises(RuntimeError, match="cuda"):
         model(input_ids=ids)
     fa.set_backend(model, None)
+    fa.patch(model, adapter="lora", r=2, name="second", backend="cuda")  # a later patch's backend applies
+    with pytest.raises(RuntimeError, match="cuda"):
+        model(input_ids=ids)
+    fa.delete_adapter(model, "second")
+    fa.set_backend(model, None)
     monkeypatch.setenv("FASTADAPTERS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cuda"):
         model(input_ids=ids)

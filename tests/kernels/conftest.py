@@ -14,3 +14,53 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 for _name in ("fastadapters.kernels._common", "fastadapters.kernels.lora", "fastadapters.kernels.bottleneck"):
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# offline compilation for test_triton_compile.py
+# ---------------------------------------------------------------------------------------------
+# The interpreter's kernels cannot be compiled, so the compiles run in a subprocess without
+# TRITON_INTERPRET. It is started when collection finishes (if the compile tests were collected),
+# so on two cores it overlaps the interpreter tests; the `compile_reports` fixture waits for it.
+
+from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP32_NAMES  # noqa: E402
+
+_COMPILE_CODE = """
+import json, sys
+from fastadapters.kernels._common import compile_report
+out = []
+for mods, dtype, cc, names in json.loads(sys.argv[1]):
+    out += compile_report(mods, dtype, cc, names)
+print('REPORT' + json.dumps(out))
+"""
+_compile_proc = None
+
+
+def _start_compiles():
+    global _compile_proc
+    if _compile_proc is None:
+        jobs = [[COMPILE_MODULES, "bfloat16", cc, None] for cc in COMPILE_CCS]
+        jobs.append([["fastadapters.kernels.lora"], "float32", 80, FP32_NAMES])
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        _compile_proc = subprocess.Popen([sys.executable, "-c", _COMPILE_CODE, json.dumps(jobs)], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _compile_proc
+
+
+def pytest_collection_finish(session):
+    if any(item.path.name == "test_triton_compile.py" for item in session.items):
+        _start_compiles()
+
+
+@pytest.fixture(scope="session")
+def compile_reports():
+    """{(name, dtype, cc): report dict} from `_common.compile_report` for every shipped spec."""
+    proc = _start_compiles()
+    stdout, stderr = proc.communicate(timeout=1200)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("REPORT")]
+    assert proc.returncode == 0 and line, f"compile subprocess failed:\n{stderr[-3000:]}"
+    return {(r["name"], r["dtype"], r["cc"]): r for r in json.loads(line[-1][len("REPORT"):])}

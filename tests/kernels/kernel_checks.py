@@ -21,3 +21,11 @@ def check_rule(name, got, ref64, ref_t):
         f"{name} ({ref_t.dtype}): kernel error {err:.3g} > 2 x torch error {err_t:.3g} + floor "
         f"(bound {bound:.3g}, max|ref| {scale:.3g})"
     )
+
+
+# offline compilation (conftest.compile_reports, test_triton_compile.py)
+COMPILE_MODULES = ["fastadapters.kernels.lora", "fastadapters.kernels.bottleneck"]
+COMPILE_CCS = (80, 90)
+# fp32 (IEEE, torch's default) runs on FMA units, not the tensor cores: its largest tiles are
+# compiled for the shared-memory check only, on sm_80 (fp16 compiles to bf16's configs and code).
+FP32_NAMES = ["fused_up/large/r64", "input_grad/large/r64"]
