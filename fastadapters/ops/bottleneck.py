@@ -300,6 +300,15 @@ def bottleneck_linear_triton(placement: str, x, base, down, up, scaling, act: st
     p = float(dropout_p) if training else 0.0
     seed = _draw_seed(p)
     s_t, s_val = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # the custom ops are opaque to autocast: run the GEMMs in the autocast dtype, as autocast
+        # would run the base linear; the adapter weights keep their dtype (cast inside the kernels)
+        dt = torch.get_autocast_dtype(dev)
+        x2 = x2.to(dt)
+        if not callable(base):
+            weight, bias = base
+            base = (weight.to(dt), None if bias is None else bias.to(dt))
     if placement == "mh":
         xp, _ = _residual_triton_fwd(x2, down, up, s_t, s_val, act, p, seed)
         y = _linear(xp, base)

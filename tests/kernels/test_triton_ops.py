@@ -192,3 +192,19 @@ def test_triton_ops_compile_fullgraph_without_breaks():
     torch.testing.assert_close(loss_c, loss_e)
     for gc, t in zip(grads_c, leaves):
         torch.testing.assert_close(gc, t.grad)
+
+
+@pytest.mark.parametrize("placement", OB.PLACEMENTS)
+def test_bottleneck_triton_under_autocast_runs_in_autocast_dtype(placement):
+    """fp32 inputs and base under CPU autocast(bfloat16): the triton op computes in bf16 like torch's."""
+    x, W, bias, D, U, s = _bn_inputs(placement, M=16)
+    dy = torch.randn(16, 77)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = OB.bottleneck_linear(placement, x, (W, bias), D, U, s, "tanh", 0.0, False, backend="triton")
+    assert y.dtype == torch.bfloat16
+    y.float().backward(dy)
+    assert x.grad.dtype == torch.float32 and D.grad.dtype == torch.float32 and s.grad is not None
+    ref = OB.bottleneck_linear_ref(placement, x.detach().double(), W.double(), bias.double(), D.detach().double(),
+                                   U.detach().double(), s.detach().double(), "tanh")
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 0.05 * ref.abs().max().item(), err
