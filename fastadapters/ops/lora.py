@@ -99,7 +99,18 @@ class _LoRALinearTorch(torch.autograd.Function):
 @dispatch.register(OP, "torch")
 def lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
     k, n = x.shape[-1], weight.shape[0]
-    out = _LoRALinearTorch.apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    x2 = x.reshape(-1, k)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # Autocast would cast each matmul separately and mismatch the in-place fold; do its job
+        # once: the base GEMM runs in the autocast dtype, the adapter stays in its own dtype.
+        dt = torch.get_autocast_dtype(dev)
+        x2, weight = x2.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        with torch.autocast(dev, enabled=False):
+            out = _LoRALinearTorch.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    else:
+        out = _LoRALinearTorch.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     return out.view(*x.shape[:-1], n)
 
 
