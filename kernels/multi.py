@@ -23,11 +23,29 @@ LoRA and bottleneck adapters. Accumulation is fp32.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 __all__ = ["multi_adapter_launch", "KERNELS", "compile_offline"]
+
+
+# The CPU interpreter (TRITON_INTERPRET=1, read at import) keeps bf16 as raw uint16 and multiplies it
+# as integers in tl.dot (triton 3.6 - 3.9); there bf16 operands are widened to fp32 first (exact:
+# bf16 products are exact in fp32, as on the tensor cores). Same rule as kernels/_common.mma.
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation on the tensor cores; interpreter-safe for bf16."""
+    if _INTERPRETING:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -81,7 +99,7 @@ def _seg_shrink_kernel(
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         dt = tl.load(d_base + rr[None, :] * stride_dr + kk[:, None] * stride_dk,
                      mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BR)
-        acc += tl.dot(xt.to(dt.dtype), dt, input_precision=DOT_PREC)
+        acc = _mma(xt.to(dt.dtype), dt, acc, DOT_PREC)
     h = _act_by_id(acc, tl.load(act_ptr + slot)) * tl.load(scales_ptr + slot)
     tl.store(h_ptr + rows[:, None] * stride_hm + rr[None, :] * stride_hr, h,
              mask=row_ok[:, None] & r_ok[None, :])
@@ -119,7 +137,7 @@ def _seg_expand_kernel(
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         ut = tl.load(u_base + nn[None, :] * stride_un + rr[:, None] * stride_ur,
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # (BR, BN)
-        acc += tl.dot(ht.to(ut.dtype), ut, input_precision=DOT_PREC)
+        acc = _mma(ht.to(ut.dtype), ut, acc, DOT_PREC)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + nn[None, :] * stride_yn
     ym = row_ok[:, None] & n_ok[None, :]
     y = tl.load(y_ptrs, mask=ym, other=0.0)

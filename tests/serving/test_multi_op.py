@@ -190,6 +190,21 @@ def test_triton_matches_reference(pattern, gather, monkeypatch):
     assert err <= 2 * err_t + 1e-5 * ref.abs().max(), (err, err_t)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "segmented"])
+def test_triton_half_precision_within_rule(dtype, gather, monkeypatch):
+    """DESIGN rule: error vs fp64 <= 2x the plain-torch statement's error in that dtype + a floor."""
+    args = _case(m=29, k=40, n=19, pattern="skewed", dtype=dtype, seed=17)
+    monkeypatch.setattr(mo, "GATHER_MAX_ROWS", 10 ** 6 if gather else 0)
+    got = mo.multi_adapter(*args, backend="triton")
+    assert got.dtype == dtype
+    ref = _ref64(args)
+    err_t = (mo.multi_adapter_ref(*args).double() - ref).abs().max()
+    err = (got.double() - ref).abs().max()
+    floor = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert err <= 2 * err_t + floor * ref.abs().max(), (err, err_t)
+
+
 def test_triton_one_row_and_rank_one():
     args = _case(m=1, k=33, n=5, s=2, r=5, sizes=(1, 5), pattern="identical")
     args = list(args)
