@@ -202,7 +202,15 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_
     k, n = x.shape[-1], weight.shape[0]
     p = float(dropout_p) if training else 0.0
     seed = _draw_seed() if p > 0 else torch.zeros((1,), dtype=torch.int64)
-    y, _ = _lora_triton_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    x2 = x.reshape(-1, k)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # the custom op is opaque to autocast: run it in the autocast dtype, as autocast would run
+        # the base GEMM; the adapter weights keep their dtype (cast inside the kernels)
+        dt = torch.get_autocast_dtype(dev)
+        x2, weight = x2.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    y, _ = _lora_triton_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y.view(*x.shape[:-1], n)
 
 

@@ -208,3 +208,15 @@ def test_bottleneck_triton_under_autocast_runs_in_autocast_dtype(placement):
                                    U.detach().double(), s.detach().double(), "tanh")
     err = (y.double() - ref).abs().max().item()
     assert err <= 0.05 * ref.abs().max().item(), err
+
+
+def test_lora_triton_under_autocast_runs_in_autocast_dtype():
+    x, W, b, A, B = _lora_inputs(M=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = OL.lora_linear(x, W, b, A, B, 0.5, backend="triton")
+        y_torch = OL.lora_linear(x, W, b, A, B, 0.5, backend="torch")
+    assert y.dtype == y_torch.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32
+    ref = OL.lora_linear_ref(x.detach().double(), W.double(), b.double(), A.detach().double(), B.detach().double(), 0.5)
+    assert (y.double() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
