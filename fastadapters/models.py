@@ -27,24 +27,21 @@ _LLAMA = Architecture(
     ffn_output=("down_proj",),
 )
 
+# bloom and gpt_neox: one fused query_key_value projection, dense_h_to_4h / dense_4h_to_h FFN
+_FUSED_QKV = Architecture(
+    lora=("query_key_value",),
+    series=("dense_h_to_4h", "dense_4h_to_h"),
+    pfeiffer=("dense_4h_to_h",),
+    parallel=("query_key_value",),
+    ffn_output=("dense_4h_to_h",),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "bloom": Architecture(
-        lora=("query_key_value",),
-        series=("dense_h_to_4h", "dense_4h_to_h"),
-        pfeiffer=("dense_4h_to_h",),
-        parallel=("query_key_value",),
-        ffn_output=("dense_4h_to_h",),
-    ),
-    "gpt_neox": Architecture(
-        lora=("query_key_value",),
-        series=("dense_h_to_4h", "dense_4h_to_h"),
-        pfeiffer=("dense_4h_to_h",),
-        parallel=("query_key_value",),
-        ffn_output=("dense_4h_to_h",),
-    ),
+    "bloom": _FUSED_QKV,
+    "gpt_neox": _FUSED_QKV,
     "opt": Architecture(
         lora=("q_proj", "v_proj"),
         series=("fc1", "fc2"),
