@@ -1,0 +1,158 @@
+"""GPU checks of the compiled Triton adapter kernels (run by test_triton_gpu.py in a subprocess).
+
+The kernel tests' conftest sets TRITON_INTERPRET=1 for the whole pytest process, which would make
+these kernels run interpreted; this script runs without it, on CUDA, with the compiled kernels:
+
+  - lora_linear, bottleneck residual and parallel, bf16 and fp16, issue-3-sized shapes
+    (K = N = 4096, M = 2048 and M = 1, r = 16 / b = 64 and 256) against an fp64 reference with
+    the DESIGN.md rule (2x the error of the same-dtype torch reference);
+  - dropout on the device: same seed same output, kept fraction, backward uses the forward mask;
+  - the ops' triton backend equals the torch backend (fp32, forward and backward) on CUDA.
+
+    python tests/kernels/gpu_check.py        # exits non-zero on the first failure
+"""
+import os
+import sys
+
+import torch
+
+from kernel_checks import check_rule
+
+DEV = "cuda"
+
+
+def _rand(*shape, g, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
+
+
+def _lora_torch(x, w, b, a, bb, s, dy):
+    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+    y = torch.nn.functional.linear(x, w, b) + (x @ a.t() @ bb.t()) * s
+    y.backward(dy)
+    return y.detach(), x.grad, a.grad, bb.grad
+
+
+def check_lora(dtype, M, K=4096, N=4096, r=16):
+    from fastadapters.kernels.lora import lora_linear_bwd, lora_linear_fwd
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = _rand(M, K, g=g, dtype=dtype), _rand(N, K, g=g, scale=K**-0.5, dtype=dtype), _rand(N, g=g, dtype=dtype)
+    a, bb = _rand(r, K, g=g, scale=K**-0.5, dtype=dtype), _rand(N, r, g=g, scale=r**-0.5, dtype=dtype)
+    dy = _rand(M, N, g=g, dtype=dtype)
+    y, S = lora_linear_fwd(x, w, b, a, bb, 2.0)
+    gx, ga, gb = lora_linear_bwd(dy, x, w, a, bb, S, 2.0)
+    ref64 = _lora_torch(*(t.double() for t in (x, w, b, a, bb)), 2.0, dy.double())
+    ref_t = _lora_torch(x, w, b, a, bb, 2.0, dy)
+    for name, got, r64, rt in zip(("y", "grad_x", "grad_A", "grad_B"), (y, gx, ga, gb), ref64, ref_t):
+        check_rule(f"lora {dtype} M={M} {name}", got, r64, rt)
+
+
+def check_lora_dropout(K=256, N=192, M=512, r=8, p=0.1):
+    from fastadapters.kernels.lora import launch_down_proj, lora_linear_bwd, lora_linear_fwd
+
+    g = torch.Generator().manual_seed(1)
+    x, w = _rand(M, K, g=g), _rand(N, K, g=g, scale=K**-0.5)
+    a, bb = _rand(r, K, g=g, scale=K**-0.5), _rand(N, r, g=g)
+    y1, S1 = lora_linear_fwd(x, w, None, a, bb, 1.0, p, 42)
+    y2, S2 = lora_linear_fwd(x, w, None, a, bb, 1.0, p, 42)
+    assert torch.equal(y1, y2) and torch.equal(S1, S2), "same seed, different output"
+    xd = launch_down_proj(x, torch.eye(K, device=DEV), p, 42)  # x ⊙ keep / (1 - p), the forward's
+    kept = (xd != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01, f"kept fraction {kept}"
+    torch.testing.assert_close(S1, xd @ a.t(), atol=1e-4, rtol=1e-4)
+    dy = _rand(M, N, g=g)
+    _, ga, _ = lora_linear_bwd(dy, x, w, a, bb, S1, 1.0, p, 42)
+    torch.testing.assert_close(ga, (dy @ bb).t() @ xd, atol=1e-3, rtol=1e-4)
+
+
+def _branch_torch(z, down, up, s, act, base=None):
+    z, down, up = (t.detach().requires_grad_() for t in (z, down, up))
+    f = act(z @ down.t()) @ up.t()
+    y = (z if base is None else base(z)) + s * f
+    return y, (z, down, up)
+
+
+def check_bottleneck(dtype, M, b, d=4096, N=4096):
+    from fastadapters.kernels import bottleneck as BK
+
+    g = torch.Generator().manual_seed(2)
+    z = _rand(M, d, g=g, dtype=dtype)
+    down, up = _rand(b, d, g=g, scale=d**-0.5, dtype=dtype), _rand(d, b, g=g, scale=b**-0.5, dtype=dtype)
+    dy = _rand(M, d, g=g, dtype=dtype)
+    y, pre = BK.bottleneck_residual_fwd(z, down, up, 0.5, "gelu")
+    gz, gd, gu, _ = BK.bottleneck_residual_bwd(dy, z, pre, down, up, 0.5, "gelu")
+
+    def ref(dt):
+        yr, leaves = _branch_torch(z.to(dt), down.to(dt), up.to(dt), 0.5, torch.nn.functional.gelu)
+        yr.backward(dy.to(dt))
+        return [yr.detach()] + [t.grad for t in leaves]
+
+    for name, got, r64, rt in zip(("y", "grad_z", "grad_down", "grad_up"), (y, gz, gd, gu), ref(torch.float64), ref(dtype)):
+        check_rule(f"residual {dtype} M={M} b={b} {name}", got, r64, rt)
+
+    w = _rand(N, d, g=g, scale=d**-0.5, dtype=dtype)
+    up_p = _rand(N, b, g=g, scale=b**-0.5, dtype=dtype)
+    dy = _rand(M, N, g=g, dtype=dtype)
+    y, pre = BK.bottleneck_parallel_fwd(z, w, None, down, up_p, 0.5, "relu")
+    gx, gd, gu, _ = BK.bottleneck_parallel_bwd(dy, z, w, pre, down, up_p, 0.5, "relu")
+
+    def ref_p(dt):
+        wd = w.to(dt)
+        yr, leaves = _branch_torch(z.to(dt), down.to(dt), up_p.to(dt), 0.5, torch.relu,
+                                   base=lambda t: torch.nn.functional.linear(t, wd))
+        yr.backward(dy.to(dt))
+        return [yr.detach()] + [t.grad for t in leaves]
+
+    for name, got, r64, rt in zip(("y", "grad_x", "grad_down", "grad_up"), (y, gx, gd, gu), ref_p(torch.float64), ref_p(dtype)):
+        check_rule(f"parallel {dtype} M={M} b={b} {name}", got, r64, rt)
+
+
+def check_ops_backends(M=300, K=512, N=384):
+    from fastadapters.ops.bottleneck import PLACEMENTS, bottleneck_linear
+    from fastadapters.ops.lora import lora_linear
+
+    g = torch.Generator().manual_seed(3)
+    x = _rand(M, K, g=g).requires_grad_()
+    w, b = _rand(N, K, g=g, scale=K**-0.5), _rand(N, g=g)
+    a, bb = _rand(8, K, g=g, scale=K**-0.5).requires_grad_(), _rand(N, 8, g=g).requires_grad_()
+    dy = _rand(M, N, g=g)
+
+    def run(fn, leaves):
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        return [y.detach()] + [t.grad.clone() for t in leaves]
+
+    res = [run(lambda: lora_linear(x, w, b, a, bb, 0.5, backend=be), (x, a, bb)) for be in ("torch", "triton")]
+    for u, v in zip(*res):
+        torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+    for placement in PLACEMENTS:
+        d_in, d_out = {"mh": (K, K), "output": (N, N), "parallel": (K, N)}[placement]
+        down = _rand(16, d_in, g=g, scale=d_in**-0.5).requires_grad_()
+        up = _rand(d_out, 16, g=g, scale=0.25).requires_grad_()
+        s = torch.tensor(0.7, device=DEV, requires_grad=True)
+        res = [run(lambda: bottleneck_linear(placement, x, (w, b), down, up, s, "tanh", backend=be), (x, down, up, s))
+               for be in ("torch", "triton")]
+        for u, v in zip(*res):
+            torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype in (torch.bfloat16, torch.float16):
+        for M in (2048, 1):
+            check_lora(dtype, M)
+        for b in (64, 256):
+            check_bottleneck(dtype, 2048, b)
+    check_bottleneck(torch.bfloat16, 1, 64)
+    check_lora_dropout()
+    check_ops_backends()
+    print("gpu_check: all passed on", torch.cuda.get_device_name())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
