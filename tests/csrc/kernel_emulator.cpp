@@ -14,7 +14,8 @@
 //   kernel_emulator multi DTYPE M N K S R G LDX XOFF  y0 x down up sizes scales acts rows starts slots out
 //   kernel_emulator bottleneck DTYPE M N K B ACT LDX XOFF OUTPUT_PLACEMENT  y0 x down up scale out
 // DTYPE: f16 | bf16 | f32. x is read from a buffer of M * LDX elements starting XOFF elements in
-// (XOFF = 1 makes every row misaligned: the scalar fallback path). Prints the plan, writes y.
+// (XOFF = 1 makes every row misaligned: the scalar fallback path). Writes y and prints the plan
+// with the bytes the kernel's 16-byte loads read from down and from up.
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -77,8 +78,23 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 inline int atomicAdd(int* p, int v) {
   return std::atomic_ref<int>(*p).fetch_add(v, std::memory_order_seq_cst);
 }
+namespace emu {
+// Bytes the kernel reads through __ldg (its 16-byte vector loads) from the down / up buffers:
+// with aligned inputs and sizes that are multiples of 8, every weight read is counted.
+struct Range {
+  const char* begin = nullptr;
+  const char* end = nullptr;
+  std::atomic<long long> bytes{0};
+};
+Range down_reads, up_reads;
+}  // namespace emu
 template <typename U>
-inline U __ldg(const U* p) { return *p; }
+inline U __ldg(const U* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (emu::Range* r : {&emu::down_reads, &emu::up_reads})
+    if (c >= r->begin && c < r->end) r->bytes.fetch_add(static_cast<long long>(sizeof(U)));
+  return *p;
+}
 template <typename U>
 inline U __ldcg(const U* p) { return *p; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -140,9 +156,15 @@ static fastadapters::ScalarKind kind_of(const std::string& s) {
 }
 
 static void print_plan(const fastadapters::AdapterBranchPlan& p) {
-  std::printf("{\"grid\": %lld, \"num_k_chunks\": %lld, \"num_n_tiles\": %lld, \"max_segs\": %lld}\n",
+  std::printf("{\"grid\": %lld, \"num_k_chunks\": %lld, \"num_n_tiles\": %lld, \"max_segs\": %lld, "
+              "\"down_bytes_read\": %lld, \"up_bytes_read\": %lld}\n",
               (long long)p.grid, (long long)p.num_k_chunks, (long long)p.num_n_tiles,
-              (long long)p.max_segs);
+              (long long)p.max_segs, emu::down_reads.bytes.load(), emu::up_reads.bytes.load());
+}
+
+static void watch(emu::Range& r, const std::vector<char>& buf) {
+  r.begin = buf.data();
+  r.end = buf.data() + buf.size();
 }
 
 int main(int argc, char** argv) {
@@ -178,8 +200,10 @@ int main(int argc, char** argv) {
     a.ld_y = N, a.ld_y0 = N, a.ld_x = ldx;
     a.partials = partials.data();
     a.counters = counters.data();
-    print_plan(plan);
+    watch(emu::down_reads, down);
+    watch(emu::up_reads, up);
     if (launch_multi_adapter(a, kind, nullptr) != cudaSuccess) return 3;
+    print_plan(plan);
     write_file(argv[21], y.data(), y.size());
     return 0;
   }
@@ -207,8 +231,10 @@ int main(int argc, char** argv) {
     a.ld_y = N, a.ld_y0 = output_placement ? ldx : N, a.ld_x = ldx, a.ld_down = K, a.ld_up = B;
     a.partials = partials.data();
     a.counters = counters.data();
-    print_plan(plan);
+    watch(emu::down_reads, down);
+    watch(emu::up_reads, up);
     if (launch_bottleneck_fwd(a, kind, nullptr) != cudaSuccess) return 3;
+    print_plan(plan);
     write_file(argv[16], y.data(), y.size());
     return 0;
   }
