@@ -219,6 +219,16 @@ def check_philox_range(name, m, k):
         )
 
 
+#: widest LoRA rank / bottleneck size the kernels take: the (BM, r) tile and an (r, BN) operand
+#: must fit registers and shared memory next to the GEMM's tiles (checked for sm_80 and sm_90)
+MAX_RANK = 256
+
+
+def check_rank(name, r):
+    if r > MAX_RANK:
+        raise ValueError(f"expected {name} <= {MAX_RANK} for the Triton kernels, got {r}")
+
+
 def rank_block(r: int) -> int:
     """Padded rank / bottleneck width used as a tile dimension (>= 16 for tl.dot)."""
     return max(16, triton.next_power_of_2(int(r)))

@@ -34,6 +34,7 @@ from ._common import (
     check_dtype,
     check_index_range,
     check_philox_range,
+    check_rank,
     check_tensor,
     dot_precision,
     dropout_keep,
@@ -135,6 +136,7 @@ def _check_adapter(z, down, up, d_out):
     b = down.shape[0]
     if b < 1:
         raise ValueError(f"expected adapter_down of shape (b, {d_in}) with b >= 1, got {tuple(down.shape)}")
+    check_rank("bottleneck size b (adapter_down.shape[0])", b)
     check_tensor("adapter_up", up, (d_out, b), device=z.device)
     check_dtype("adapter_down", down)
     check_dtype("adapter_up", up)

@@ -39,6 +39,7 @@ from ._common import (
     check_dtype,
     check_index_range,
     check_philox_range,
+    check_rank,
     check_tensor,
     dot_precision,
     dropout_keep,
@@ -303,8 +304,6 @@ _GEMM_SMALL = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 64, 32, 4, 3
 _ROWBLOCK = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
 _ROWBLOCK_WIDE = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}  # BR >= 128
 GROUP_M = 8
-#: ranks above this are padded beyond what the kernels are tuned for; they still work
-MAX_TUNED_RANK = 256
 
 
 def gemm_config(M: int, dtype: torch.dtype) -> BlockConfig:
@@ -467,6 +466,7 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B):
     r = lora_A.shape[0]
     if r < 1:
         raise ValueError(f"expected lora_A of shape (r, {K}) with r >= 1, got {tuple(lora_A.shape)}")
+    check_rank("rank r (lora_A.shape[0])", r)
     check_tensor("lora_B", lora_B, (N, r), device=x.device)
     check_dtype("lora_A", lora_A)
     check_dtype("lora_B", lora_B)

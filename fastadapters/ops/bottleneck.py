@@ -158,6 +158,8 @@ def parallel_adapter_linear(x, base, down, up, scaling, act="tanh", dropout_p=0.
 # branch runs in z's dtype on the tensor cores (fp32 adapter weights are rounded to z's dtype for
 # the dots, accumulation in fp32; the adapters' gradients come back in their dtype).
 
+from .lora import triton_fallback_warning, triton_unsupported  # noqa: E402
+
 Tensor = torch.Tensor
 
 
@@ -309,6 +311,10 @@ def bottleneck_linear_triton(placement: str, x, base, down, up, scaling, act: st
         if not callable(base):
             weight, bias = base
             base = (weight.to(dt), None if bias is None else bias.to(dt))
+    why = triton_unsupported(x2.dtype, down.shape[0], "bottleneck size")
+    if why is not None:
+        triton_fallback_warning(f"bottleneck_{placement}", why)
+        return bottleneck_linear_torch(placement, x, base, down, up, scaling, act, dropout_p, training)
     if placement == "mh":
         xp, _ = _residual_triton_fwd(x2, down, up, s_t, s_val, act, p, seed)
         y = _linear(xp, base)

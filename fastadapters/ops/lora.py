@@ -197,6 +197,29 @@ def _lora_triton_backward(ctx, grad_y, grad_s):
 _lora_triton_fwd.register_autograd(_lora_triton_backward, setup_context=_lora_triton_setup)
 
 
+_FALLBACK_WARNED: set = set()
+
+
+def triton_unsupported(dtype, width: int, what: str) -> str | None:
+    """Why the Triton kernels cannot take this call (None if they can)."""
+    from fastadapters.kernels._common import MAX_RANK, SUPPORTED_DTYPES
+
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the kernels take float16, bfloat16 or float32 inputs, got {dtype}"
+    if width > MAX_RANK:
+        return f"the kernels take {what} <= {MAX_RANK}, got {width}"
+    return None
+
+
+def triton_fallback_warning(op: str, why: str) -> None:
+    """One warning per (op, reason) when the triton backend hands a call to the torch path."""
+    if (op, why) not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add((op, why))
+        import warnings
+
+        warnings.warn(f"fastadapters: {op} runs the plain torch path (slower): {why}", RuntimeWarning, stacklevel=3)
+
+
 def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
     """The triton backend of ``lora_linear`` (same arguments as the torch path)."""
     k, n = x.shape[-1], weight.shape[0]
@@ -210,6 +233,10 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_
         dt = torch.get_autocast_dtype(dev)
         x2, weight = x2.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
+    why = triton_unsupported(x2.dtype, lora_A.shape[0], "rank r")
+    if why is not None:
+        triton_fallback_warning(OP, why)
+        return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     y, _ = _lora_triton_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y.view(*x.shape[:-1], n)
 

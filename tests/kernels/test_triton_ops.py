@@ -220,3 +220,16 @@ def test_lora_triton_under_autocast_runs_in_autocast_dtype():
     assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32
     ref = OL.lora_linear_ref(x.detach().double(), W.double(), b.double(), A.detach().double(), B.detach().double(), 0.5)
     assert (y.double() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+
+
+def test_triton_backend_warns_once_and_uses_torch_beyond_max_rank():
+    from fastadapters.kernels._common import MAX_RANK
+
+    x, W, b, A, B = _lora_inputs(M=4, K=8, N=6, r=MAX_RANK + 1)
+    with pytest.warns(RuntimeWarning, match=rf"plain torch path.*rank r <= {MAX_RANK}, got {MAX_RANK + 1}"):
+        y = OL.lora_linear(x, W, b, A, B, 0.5, backend="triton")
+    torch.testing.assert_close(y, OL.lora_linear(x, W, b, A, B, 0.5, backend="torch"))
+    with pytest.raises(ValueError, match=rf"expected rank r \(lora_A.shape\[0\]\) <= {MAX_RANK} for the Triton kernels, got {MAX_RANK + 1}"):
+        from fastadapters.kernels.lora import lora_linear_fwd
+
+        lora_linear_fwd(x.detach(), W, b, A.detach(), B.detach(), 0.5)
