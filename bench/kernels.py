@@ -56,8 +56,11 @@ def _lora_impls(torch, K, N, r, dtype, device, dropout):
         base = nn.Linear(K, N, bias=False, device=device, dtype=dtype)
         base.weight.data.copy_(W)
         base.weight.requires_grad_(False)
-        cfg = peft.LoraConfig(r=r, lora_alpha=int(s * r), lora_dropout=dropout)
-        pl = peft_lora.Linear(base, "default", cfg, r=r, lora_alpha=int(s * r), lora_dropout=dropout)
+        kw = dict(r=r, lora_alpha=int(s * r), lora_dropout=dropout)
+        try:  # peft >= 0.18 passes the LoraConfig to the layer
+            pl = peft_lora.Linear(base, "default", peft.LoraConfig(**kw), **kw)
+        except TypeError:
+            pl = peft_lora.Linear(base, "default", **kw)
         pl.lora_A["default"].to(torch.float32)
         pl.lora_B["default"].to(torch.float32)
         pl.train()
