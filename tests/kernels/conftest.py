@@ -24,8 +24,9 @@ import pytest  # noqa: E402
 # offline compilation for test_triton_compile.py
 # ---------------------------------------------------------------------------------------------
 # The interpreter's kernels cannot be compiled, so the compiles run in a subprocess without
-# TRITON_INTERPRET. It is started when collection finishes (if the compile tests were collected),
-# so on two cores it overlaps the interpreter tests; the `compile_reports` fixture waits for it.
+# TRITON_INTERPRET. It is started when collection finishes (if the compile tests were collected)
+# and the compile tests are moved to the end of the run, so on two cores it overlaps the
+# interpreter tests; the `compile_reports` fixture waits for it.
 
 from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP32_NAMES  # noqa: E402
 
@@ -51,7 +52,17 @@ def _start_compiles():
     return _compile_proc
 
 
+def pytest_collection_modifyitems(session, config, items):
+    # the compile checks wait for the subprocess: run them last so it overlaps everything else
+    compile_items = [it for it in items if it.path.name == "test_triton_compile.py"]
+    if compile_items:
+        rest = [it for it in items if it.path.name != "test_triton_compile.py"]
+        items[:] = rest + compile_items
+
+
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     if any(item.path.name == "test_triton_compile.py" for item in session.items):
         _start_compiles()
 
