@@ -16,6 +16,9 @@ elementwise activation, so the parallel bottleneck adapter (`bottleneck.py`) reu
                             (or dX = R + ... with a residual R instead of dY·W, for series adapters)
   _down_weight_grad_kernel  dA = s·Gᵀ·dropout(X)                   split over M, fp32 atomics
 
+The fp32 atomics make dB and dA sums order-dependent in the last bits; under
+`torch.use_deterministic_algorithms(True)` the launchers use per-row-block partials (dB) and one
+split (dA) instead, and the results are bitwise reproducible.
 Dropout masks come from Philox (`_common.dropout_keep`) and are regenerated where needed.
 Accumulation is fp32; X, W, A, B and Y are fp16, bf16 or fp32 (fp32 dots are IEEE unless
 `torch.backends.cuda.matmul.allow_tf32` is set). The small (M, r) fp32 P / G tensors are the only
@@ -154,10 +157,12 @@ def _rank_grad_kernel(
     M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scale_val,
-    ACT: tl.constexpr, NEED_DB: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    ACT: tl.constexpr, NEED_DB: tl.constexpr, DB_PARTIAL: tl.constexpr, NEED_DSCALE: tl.constexpr,
     SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
+    # DB_PARTIAL: each row block stores its own (N, R) slice of dB (deterministic, summed by the
+    # caller) instead of fp32 atomics into one (N, R) buffer
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
@@ -184,7 +189,11 @@ def _rank_grad_kernel(
         dh = mma(dy, b, dh, DOT_PREC)
         if NEED_DB:
             part = mma(tl.trans(dy), h_s, None, DOT_PREC)
-            tl.atomic_add(db_ptr + rn[:, None] * R + rr[None, :], part, mask=n_ok[:, None] & r_ok[None, :])
+            db_ptrs = db_ptr + rn[:, None] * R + rr[None, :]
+            if DB_PARTIAL:
+                tl.store(db_ptrs + pid * N * R, part, mask=n_ok[:, None] & r_ok[None, :])
+            else:
+                tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
     if NEED_DSCALE:
         tl.store(dscale_ptr + pid, tl.sum(tl.sum(dh * h, axis=1), axis=0))
     if ACT != 0:
@@ -369,6 +378,11 @@ def launch_fused_up(x, weight, bias, p_in, b, scaling, activation):
     return y
 
 
+def deterministic() -> bool:
+    """torch.use_deterministic_algorithms(True): reductions over M without fp32 atomics."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale):
     """G = (dy·b) ⊙ act'(P) (M, r) fp32; dB = s·dyᵀ·act(P) (N, r) fp32; ds = Σ (dy·b) ⊙ act(P)."""
     M, N = grad_y.shape
@@ -377,7 +391,13 @@ def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale)
     cfg = rowblock_config(BR, grad_y.dtype)
     n_blocks = triton.cdiv(M, cfg.BM)
     g = torch.empty((M, R), device=grad_y.device, dtype=torch.float32)
-    db = torch.zeros((N, R), device=grad_y.device, dtype=torch.float32) if need_db else g
+    partial = need_db and deterministic() and n_blocks > 1
+    if partial:
+        db = torch.empty((n_blocks, N, R), device=grad_y.device, dtype=torch.float32)
+    elif need_db:
+        db = torch.zeros((N, R), device=grad_y.device, dtype=torch.float32)
+    else:
+        db = g
     ds_part = torch.empty((n_blocks,), device=grad_y.device, dtype=torch.float32) if need_dscale else g
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, grad_y)
     _rank_grad_kernel[(n_blocks,)](
@@ -385,10 +405,12 @@ def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale)
         M, N, R,
         grad_y.stride(0), grad_y.stride(1), b.stride(0), b.stride(1),
         scale_val,
-        ACT=activation, NEED_DB=need_db, NEED_DSCALE=need_dscale, SCALE_IS_PTR=scale_is_ptr,
-        DOT_PREC=dot_precision(grad_y.dtype),
+        ACT=activation, NEED_DB=need_db, DB_PARTIAL=partial, NEED_DSCALE=need_dscale,
+        SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(grad_y.dtype),
         BM=cfg.BM, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if partial:
+        db = db.sum(0)
     return g, (db if need_db else None), (ds_part.sum() if need_dscale else None)
 
 
@@ -432,6 +454,8 @@ def launch_down_weight_grad(x, g, scaling, dropout_p, seed):
     m_blocks = triton.cdiv(M, cfg.BM)
     # enough programs to fill the machine: split the M reduction, combine with fp32 atomics
     splits = max(1, min(m_blocks, (2 * num_sms(x.device)) // k_blocks))
+    if deterministic():
+        splits = 1
     rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
     splits = triton.cdiv(M, rows_per_split)
     use_atomic = splits > 1
@@ -570,7 +594,7 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
         ))
         specs.append(_spec(
             f"rank_grad/{tag}/r{BR}", _rank_grad_kernel, dtype,
-            dict(ACT=ACT_IDENTITY if BR < 128 else ACT_GELU, NEED_DB=True, NEED_DSCALE=BR >= 128,
+            dict(ACT=ACT_IDENTITY if BR < 128 else ACT_GELU, NEED_DB=True, DB_PARTIAL=False, NEED_DSCALE=BR >= 128,
                  SCALE_IS_PTR=BR >= 128, DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
             cfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_br"),

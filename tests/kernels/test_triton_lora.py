@@ -124,3 +124,19 @@ def test_lora_errors_name_the_bad_value():
         K.lora_linear_fwd(x, w, b[:15], a, bb, 1.0)
     with pytest.raises(ValueError, match="expected x of dtype float16, bfloat16 or float32, got torch.float64"):
         K.lora_linear_fwd(x.double(), w.double(), None, a, bb, 1.0)
+
+
+def test_lora_deterministic_mode_matches_atomics():
+    """Under torch.use_deterministic_algorithms the reductions over M avoid atomics; same values."""
+    M, Kd, N, r = 200, 64, 48, 4  # several row blocks, several dA splits
+    x, w, b, a, bb = make(M, Kd, N, r, torch.float32)
+    dy = torch.randn(M, N)
+    y, S = K.lora_linear_fwd(x, w, b, a, bb, 1.0, 0.2, 5)
+    ref = K.lora_linear_bwd(dy, x, w, a, bb, S, 1.0, 0.2, 5)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = K.lora_linear_bwd(dy, x, w, a, bb, S, 1.0, 0.2, 5)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for u, v in zip(ref, det):
+        torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-5)
