@@ -183,15 +183,21 @@ def build_plan(row_slot: torch.Tensor, num_slots: int, block_m: int = 64, out: M
                   tile_start=torch.where(valid, tile_start, 0), tile_len=torch.where(valid, tile_len, 0))
     fields = {k: v.to(torch.int32) for k, v in fields.items()}
     if out is None:
-        return MultiPlan(row_slot=row_slot.to(torch.int32), num_slots=s, block_m=block_m, **fields)
+        # a copy: refilling the plan later must not write into the caller's tensor
+        return MultiPlan(row_slot=row_slot.to(torch.int32, copy=True), num_slots=s, block_m=block_m, **fields)
     if out.num_slots != s or out.block_m != block_m or out.num_rows != m:
         raise ValueError("build_plan(out=...): the plan was built for another (M, S, block_m)")
     out.row_slot.copy_(row_slot)
     for k, v in fields.items():
         getattr(out, k).copy_(v)
     out._torch_layout = None
-    for k in ("_cuda_meta", "_parts", "_torch_idx"):
+    for k in ("_parts", "_torch_idx"):
         out.__dict__.pop(k, None)
+    meta = out.__dict__.get("_cuda_meta")
+    if meta is not None:  # refill in place: a captured CUDA graph holds these very buffers
+        from .cuda_ops import multi_adapter_meta
+
+        multi_adapter_meta(out.row_slot, s, out=meta)
     return out
 
 

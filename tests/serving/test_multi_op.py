@@ -274,3 +274,26 @@ def test_cuda_backend_plumbing_on_cpu_reference():
     assert "_cuda_meta" in plan.__dict__  # computed once, shared by the next layer
     got2 = impl(*args, plan=plan)
     assert torch.equal(got, got2)
+
+
+def test_plan_refill_keeps_and_refills_cuda_metadata():
+    """build_plan(out=plan) refills the cuda backend's segment metadata in place: a CUDA graph
+    captured with those buffers must replay the new mix, not the old one."""
+    import torch
+
+    from fastadapters.ops.cuda_ops import multi_adapter_meta
+    from fastadapters.ops.multi import build_plan
+
+    s = 4
+    first = torch.tensor([0, 1, -1, 1, 3, 0], dtype=torch.int32)
+    second = torch.tensor([2, 2, 2, -1, 0, 3], dtype=torch.int32)
+    plan = build_plan(first, s)
+    meta = plan.__dict__["_cuda_meta"] = multi_adapter_meta(plan.row_slot, s)
+    buffers = [t.data_ptr() for t in meta]
+    build_plan(second, s, out=plan)
+    assert plan.__dict__["_cuda_meta"] is meta
+    assert [t.data_ptr() for t in meta] == buffers
+    fresh = multi_adapter_meta(second, s)
+    assert not torch.equal(fresh.sorted_rows, multi_adapter_meta(first, s).sorted_rows)
+    for k, v in fresh._asdict().items():
+        assert torch.equal(getattr(meta, k), v), k
