@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 # and the compile tests are moved to the end of the run, so on two cores it overlaps the
 # interpreter tests; the `compile_reports` fixture waits for it.
 
-from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP32_NAMES  # noqa: E402
+from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP16_NAMES, FP32_NAMES  # noqa: E402
 
 _COMPILE_CODE = """
 import json, sys
@@ -46,6 +46,7 @@ def _start_compiles():
     if _compile_proc is None:
         jobs = [[COMPILE_MODULES, "bfloat16", cc, None] for cc in COMPILE_CCS]
         jobs.append([["fastadapters.kernels.lora"], "float32", 80, FP32_NAMES])
+        jobs += [[["fastadapters.kernels.lora"], "float16", cc, FP16_NAMES] for cc in COMPILE_CCS]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         _compile_proc = subprocess.Popen([sys.executable, "-c", _COMPILE_CODE, json.dumps(jobs)], env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -29,3 +29,5 @@ COMPILE_CCS = (80, 90)
 # fp32 (IEEE, torch's default) runs on FMA units, not the tensor cores: its largest tiles are
 # compiled for the shared-memory check only, on sm_80 (fp16 compiles to bf16's configs and code).
 FP32_NAMES = ["fused_up/large/r64", "input_grad/large/r64"]
+# fp16 shares bf16's configs; two of them are compiled in fp16 too, to check the dtype itself
+FP16_NAMES = ["fused_up/large/r64", "rank_grad/wide/r256"]

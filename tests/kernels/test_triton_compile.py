@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP32_NAMES
+from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP16_NAMES, FP32_NAMES
 
 
 def _spec_names(dtype=torch.bfloat16):
@@ -37,3 +37,12 @@ def test_fp32_largest_tiles_fit_sm80(compile_reports, name):
     rec = compile_reports[(f"lora:{name}", "float32", 80)]
     assert rec["ok"], f"{name} fp32 sm_80: {rec['error']}"
     assert 0 <= rec["shared"] <= rec["smem_limit"], f"{name} fp32 sm_80: {rec['shared']} B"
+
+
+@pytest.mark.parametrize("cc", COMPILE_CCS)
+@pytest.mark.parametrize("name", FP16_NAMES)
+def test_fp16_compiles_on_tensor_cores(compile_reports, name, cc):
+    rec = compile_reports[(f"lora:{name}", "float16", cc)]
+    assert rec["ok"], f"{name} fp16 sm_{cc}: {rec['error']}"
+    assert rec["mma"] if cc == 80 else rec["wgmma"], f"{name} fp16 sm_{cc}: no tensor-core instruction"
+    assert 0 <= rec["shared"] <= rec["smem_limit"]
