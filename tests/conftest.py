@@ -2,6 +2,8 @@
 qwen2, opt, bloom, gptj, gpt2, gpt_neox; hidden 32, 2 layers, built in code, nothing downloaded)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tiny_models import tiny_model
@@ -11,3 +13,12 @@ from tiny_models import tiny_model
 def make_tiny():
     """Factory fixture: ``make_tiny("llama")`` -> a fresh tiny model."""
     return tiny_model
+
+
+def pytest_configure(config):
+    """A run that selects GPU tests (``pytest -m gpu``) must launch the real Triton kernels, so
+    the kernel and serving folders set TRITON_INTERPRET=1 (their CPU tests run the kernels in the
+    interpreter) only when this flag is absent."""
+    expr = (config.getoption("markexpr") or "").replace(" ", "")
+    if "gpu" in expr and "notgpu" not in expr:
+        os.environ["FASTADAPTERS_TEST_GPU_RUN"] = "1"

@@ -8,7 +8,8 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("FASTADAPTERS_TEST_GPU_RUN") != "1":  # see tests/conftest.py: `-m gpu` runs real kernels
+    os.environ["TRITON_INTERPRET"] = "1"
 
 if "fastadapters.kernels.multi" in sys.modules:
     importlib.reload(sys.modules["fastadapters.kernels.multi"])
