@@ -6,14 +6,16 @@ warm-up, then the median of repeats (``triton.testing.do_bench`` on CUDA, a wall
 CPU). A benchmark measures; it never asserts speed.
 
 The default model is embedded (a small Llama-architecture config with random weights: nothing is
-downloaded). Rows: the frozen base (forward + backward into the inputs, no weight gradients: the
-floor any adapter pays), PEFT LoRA, and fastadapters LoRA, series (Houlsby, Pfeiffer), parallel
+downloaded). Rows: the frozen base (forward + backward into the input embeddings, no weight
+gradients: what an adapter on every layer pays at least; an adapter only on late linears, such as
+Pfeiffer's, can stop its backward earlier and come in under it), PEFT LoRA, and fastadapters LoRA, series (Houlsby, Pfeiffer), parallel
 and prefix. The figure of merit is a ratio from the same run: fastadapters / PEFT for LoRA, and
 every row / frozen base.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -84,6 +86,17 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     def version(mod):
         try:
@@ -96,7 +109,7 @@ def environment(device: torch.device) -> dict:
                                 cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
     except Exception:
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": name, "device_type": device.type, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
             "peft": version("peft"), "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -168,31 +181,51 @@ def training_step_table(preset: str = "tiny", device: str | None = None, dtype: 
     model = _build_model(preset, dev, dt)
     model.train()
     ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev)
-    rows = []
-    for label, kind, fields in _variants(r, dropout, bottleneck):
-        if only and not any(o in label for o in only):
-            continue
+    variants = [v for v in _variants(r, dropout, bottleneck) if not only or any(o in v[0] for o in only)]
+    # On the CPU the variants are timed round-robin on their own copies of the model, so slow drift
+    # of the machine (other processes, allocator warm-up) hits every variant alike; on CUDA
+    # do_bench is steady and one model is patched and unpatched in turn (no copies in GPU memory).
+    interleave = dev.type != "cuda"
+    rows, steps = [], {}
+    for label, kind, fields in variants:
         try:
-            m, undo = _prepare(model, kind, fields)
+            m, undo = _prepare(copy.deepcopy(model) if interleave else model, kind, fields)
         except ImportError as e:
             log(f"  skipped {label}: {e}")
             continue
-        try:
-            def step():
-                out = m(input_ids=ids, labels=ids, use_cache=False)
-                out.loss.backward()
-                for p in m.parameters():
-                    p.grad = None
 
-            sec = time_fn(step, dev, warmup=2, repeats=repeats)
-            saved = saved_activation_bytes(lambda: m(input_ids=ids, labels=ids, use_cache=False).loss)
-            peak = peak_memory(step, dev)
-        finally:
-            undo()
-        rows.append({"variant": label, "step_s": sec, "tokens_per_s": batch * seq / sec,
-                     "saved_activation_MiB": saved / 2**20,
-                     "peak_MiB": None if peak is None else peak / 2**20})
-        log(f"  {label:<20} {sec * 1e3:9.1f} ms/step")
+        def step(m=m):
+            out = m(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            for p in m.parameters():
+                p.grad = None
+
+        saved = saved_activation_bytes(lambda: m(input_ids=ids, labels=ids, use_cache=False).loss)
+        row = {"variant": label, "saved_activation_MiB": saved / 2**20}
+        if interleave:
+            steps[label] = step
+        else:
+            try:
+                row["step_s"] = time_fn(step, dev, warmup=2, repeats=repeats)
+                peak = peak_memory(step, dev)
+                row["peak_MiB"] = None if peak is None else peak / 2**20
+            finally:
+                undo()
+        rows.append(row)
+    if interleave:
+        times: dict[str, list[float]] = {label: [] for label in steps}
+        for rep in range(repeats + 2):  # two warm-up rounds
+            for label, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                if rep >= 2:
+                    times[label].append(time.perf_counter() - t0)
+        for row in rows:
+            row["step_s"] = statistics.median(times[row["variant"]])
+            row["peak_MiB"] = None
+    for row in rows:
+        row["tokens_per_s"] = batch * seq / row["step_s"]
+        log(f"  {row['variant']:<20} {row['step_s'] * 1e3:9.1f} ms/step")
     by = {r_["variant"]: r_ for r_ in rows}
     base = by.get("frozen base")
     for row in rows:

@@ -77,17 +77,18 @@ class _LoRALinearTorch(torch.autograd.Function):
         scaling, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dyf = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
-        g = (dyf @ lora_B).mul_(scaling)  # dS: (M, r)
+        # dS = s·dY·B, with the dropout scale 1/(1-p) folded into this (M, r) factor, not an (M, K) one
+        g = (dyf @ lora_B).mul_(scaling if mask is None else scaling / (1.0 - p))
         dx = dw = db = da = dbb = None
         if need_bb:
             dbb = (dyf.t() @ s).mul_(scaling)
         if need_a:
-            xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+            xd = x2 if mask is None else x2 * mask
             da = g.t() @ (xd if xd.dtype == g.dtype else xd.to(g.dtype))
         if need_x:
             low = g.to(dy.dtype) @ lora_A.to(dy.dtype)  # (M, K)
             if mask is not None:
-                low.mul_(mask).mul_(1.0 / (1.0 - p))
+                low.mul_(mask)
             dx = low.addmm_(dy, weight)
         if need_w:
             dw = dy.t() @ x2
