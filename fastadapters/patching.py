@@ -68,6 +68,11 @@ def get_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
 def _check_name(st: PatchState | None, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or name in RESERVED_NAMES:
         raise ValueError(f"name: got {name!r}; valid: a non-empty string without '.', not {RESERVED_NAMES}")
+    # adapter weights are entries of nn.ModuleDict / nn.ParameterDict, which refuse keys that are
+    # already attributes ("update", "values", "training", ...) -- only after modules were wrapped
+    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
+        raise ValueError(f"name: got {name!r}; valid: a non-empty string without '.' that is not an attribute "
+                         "of torch.nn.ModuleDict / ParameterDict (where adapter weights are kept)")
     if st is not None and name in st.configs:
         raise ValueError(f"an adapter named {name!r} is already on this model (loaded: {list(st.configs)}); "
                          "pick another name or fastadapters.delete_adapter(model, name) first")
