@@ -530,6 +530,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                     params[k].copy_(t)
             raise
         return model
+    previous = (st.active, st.backend) if st is not None else None
     patching.patch(model, config=cfg, name=name, backend=backend)
     try:
         if dict(patching._require_state(model).kinds[name]) != kinds:  # pragma: no cover - defensive
@@ -540,5 +541,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                 params[k].copy_(t)
     except BaseException:
         patching.delete_adapter(model, name)
+        if previous is not None:  # patch may have made it active / set the backend: put both back
+            patching.set_backend(model, previous[1])
+            patching.set_adapter(model, previous[0])
         raise
     return model
