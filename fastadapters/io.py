@@ -490,6 +490,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     cfg, recorded, tensors, _fmt = read_adapter(source)
     st = patching._state(model)
     existing = st is not None and name in st.configs
+    from .ops import dispatch
+
+    dispatch.check_backend_name(backend)
     if existing:
         have = st.configs[name]
         if type(have) is not type(cfg):
@@ -509,9 +512,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                              f"{recorded.get(diff[0])!r} in the file)")
     else:
         patching._check_name(st, name)
-        from .ops import dispatch
-
-        dispatch.check_backend_name(backend)
         cfg, kinds = _resolve_placements(model, cfg, tensors, recorded)
     expected = _expected_shapes(model, cfg, kinds)
     tensors = _check_tensors(tensors, expected, source)
@@ -529,6 +529,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                 for k, t in backup.items():
                     params[k].copy_(t)
             raise
+        if backend is not None and backend != st.backend:
+            patching.set_backend(model, backend)  # as patch does: a later backend is applied, not ignored
         return model
     previous = (st.active, st.backend) if st is not None else None
     patching.patch(model, config=cfg, name=name, backend=backend)

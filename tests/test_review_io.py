@@ -56,3 +56,13 @@ def test_rolled_back_load_keeps_the_backend(saved_lora, monkeypatch):
     assert patching._state(model).backend == "torch"
     assert all(w.backend == "torch" for _, w in patching._wrappers(model))
 
+
+def test_reload_into_existing_adapter_validates_and_applies_backend(saved_lora):
+    model = tiny_model("llama")
+    fa.load_adapter(model, saved_lora)
+    with pytest.raises(ValueError, match=r"backend: got 'gpu'; valid"):
+        fa.load_adapter(model, saved_lora, backend="gpu")
+    assert patching._state(model).backend is None
+    fa.load_adapter(model, saved_lora, backend="torch")
+    assert patching._state(model).backend == "torch"
+    assert all(w.backend == "torch" for _, w in patching._wrappers(model))
