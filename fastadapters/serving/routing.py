@@ -94,8 +94,12 @@ class Router:
         if len(names) != len(self.names):
             raise ValueError(f"reroute: got {len(names)} adapter names for a route of {len(self.names)} rows")
         plans = self._plans
-        self.names = names
-        self._assign()  # may swap adapters into slots: in place, in the same stacked tensors
+        previous, self.names = self.names, names
+        try:
+            self._assign()  # may swap adapters into slots: in place, in the same stacked tensors
+        except BaseException:  # e.g. more distinct adapters than slots: keep routing the previous names
+            self.names = previous
+            raise
         kept = {}
         for key, plan in plans.items():
             if plan.num_slots != max(self.store.num_slots, 1):
