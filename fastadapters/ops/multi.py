@@ -372,7 +372,14 @@ def multi_adapter_triton(y0, x, row_slot, down, up, sizes, scales, act_ids, plan
                                    scales.to(torch.float32), act_ids.to(torch.int32), plan.block_m, gather)
 
 
-dispatch.register(OP, "triton", multi_adapter_triton)
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+if _triton_importable():  # as ops.lora / ops.bottleneck: no triton, no triton backend (auto takes another)
+    dispatch.register(OP, "triton", multi_adapter_triton)
 
 
 def _register_cuda_backend() -> None:
