@@ -130,6 +130,13 @@ def bottleneck_linear(placement: str, x, base, down, up, scaling, act: str = "ta
     check_bottleneck_args(placement, x, base, down, up, act)
     op = f"bottleneck_{placement}"
     if callable(base):  # an opaque base module: only the torch composition can wrap it
+        requested = dispatch.requested_backend(backend)
+        if requested not in ("auto", "torch"):
+            raise RuntimeError(f"cannot run {op} with backend={requested!r}: a base given as a callable runs "
+                               "only the torch composition; pass base=(weight, bias) for the kernels")
+        if requested == "auto" and x.device.type == "cuda":
+            dispatch._warn_once(op, "callable-base", f"fastadapters: {op} on CUDA runs the plain torch path "
+                                "(slower): its base is an opaque callable; pass base=(weight, bias) for the kernels")
         return bottleneck_linear_torch(placement, x, base, down, up, scaling, act, float(dropout_p), bool(training))
     return dispatch.call(op, backend, x.device, x, base, down, up, scaling, act, float(dropout_p), bool(training))
 
