@@ -318,6 +318,66 @@ def trainable_parameters(model: nn.Module) -> TrainableCount:
 # prefix-tuning through the KV cache
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _read_only_cache_class():
+    """A ``DynamicCache`` whose ``update`` returns (stored + new) without storing anything.
+
+    Under gradient checkpointing a layer runs twice (forward, then again in backward); a cache that
+    grew in the first run would hand the replay P + n more positions. This one stays as filled, so
+    both runs see the same keys/values, and the layers may keep it (``_can_checkpoint_with_cache``).
+    With ``source`` set (``layer -> (keys, values)``) ``update`` takes the leading keys/values from it,
+    computed inside the layer's call, rather than the stored ones (which then only give the lengths):
+    reentrant checkpointing replays a layer under its own ``backward`` call, which would free the
+    encoder's shared graph after the first layer if every layer read tensors computed once outside.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    class ReadOnlyPrefixCache(DynamicCache):
+        source = None
+
+        def fill(self, key_states, value_states, layer_idx):
+            return DynamicCache.update(self, key_states, value_states, layer_idx)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if self.source is not None:
+                keys, values = self.source(layer_idx)
+            else:
+                keys, values = self.layers[layer_idx].keys, self.layers[layer_idx].values
+            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    return ReadOnlyPrefixCache
+
+
+def _checkpointing_overrides(model: nn.Module) -> list[tuple[nn.Module, str, Any]] | None:
+    """Instance attributes to set for one prefix forward under gradient checkpointing; None: not checkpointing.
+
+    transformers drops the cache in two places under checkpointing: ``GradientCheckpointingLayer``
+    (unless the layer's ``_can_checkpoint_with_cache``, read on the instance at call time, is true)
+    and, for some families (GPT-2), the base model's loop (``past_key_values if not
+    (self.gradient_checkpointing and self.training)``), whose flag only decides that there. So the
+    layers get ``_can_checkpoint_with_cache = True`` and the modules above them ``gradient_checkpointing
+    = False`` on the instance, for the call only; the layers themselves still checkpoint. A model
+    that checkpoints without ``GradientCheckpointingLayer`` (its loop calls the checkpoint function)
+    gets a RuntimeError, as does a transformers without ``_can_checkpoint_with_cache``.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - very old transformers
+        GradientCheckpointingLayer = None
+    on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and m.training]
+    if not on:
+        return None
+    layers = [m for m in on if GradientCheckpointingLayer is not None and isinstance(m, GradientCheckpointingLayer)]
+    others = [m for m in on if m not in layers]
+    if not layers or not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
+        raise RuntimeError("prefix-tuning feeds its prefixes through past_key_values, which this model's gradient "
+                           "checkpointing drops (it needs transformers' GradientCheckpointingLayer with "
+                           "_can_checkpoint_with_cache); disable gradient checkpointing "
+                           "(model.gradient_checkpointing_disable()) to train a prefix adapter")
+    return [(m, "_can_checkpoint_with_cache", True) for m in layers] + [(m, "gradient_checkpointing", False)
+                                                                        for m in others]
+
+
 def _prefix_forward(model: nn.Module, orig_forward):
     """Wrap ``orig_forward`` so the active prefix adapter's keys/values lead every layer's cache.
 
@@ -326,6 +386,10 @@ def _prefix_forward(model: nn.Module, orig_forward):
     On every call with a marked cache, P is added to ``cache_position``/``position_ids`` and P
     ones are put before the attention mask, so the model sees P real past positions. Generation
     thereby uses the ordinary Cache API: beams, sampling and left padding need no special case.
+
+    Training under gradient checkpointing uses a read-only cache instead (its ``update`` stores
+    nothing, so the backward replay of a layer sees what the forward saw), kept by the layers
+    through instance flags set for the call only (``_checkpointing_overrides``); it is not handed back.
     """
     from transformers.cache_utils import DynamicCache
 
@@ -348,22 +412,26 @@ def _prefix_forward(model: nn.Module, orig_forward):
             raise ValueError("prefix-tuning needs input_ids or inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
         encoder = enc[st.active]
-        if model.training and any(getattr(m, "gradient_checkpointing", False) is True and m.training
-                                  and not getattr(m, "_can_checkpoint_with_cache", False) for m in model.modules()):
-            raise RuntimeError("prefix-tuning feeds its prefixes through past_key_values, which transformers' "
-                               "gradient-checkpointed layers drop; disable gradient checkpointing "
-                               "(model.gradient_checkpointing_disable()) to train a prefix adapter")
+        overrides = _checkpointing_overrides(model)
         p = encoder.config.num_virtual_tokens
         cache = kwargs.get("past_key_values")
         if cache is not None and not hasattr(cache, "get_seq_length"):
             raise ValueError("prefix-tuning needs a transformers Cache object as past_key_values "
                              f"(e.g. DynamicCache), got {type(cache).__name__}")
         marked = cache is not None and getattr(cache, "_fa_prefix_len", None) is not None
+        if not marked and cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("past_key_values holds a cache not started by this prefix-tuned model; "
+                             "pass None or an empty cache")
         own_cache = None  # a cache made here for a caller that asked for none: not handed back
+        if overrides is not None:  # checkpointed training: a read-only copy, never handed back
+            own_cache = _read_only_cache_class()()
+            if marked:  # the caller's prefix + earlier tokens, read as they are
+                for layer, kv in enumerate(cache.layers):
+                    own_cache.fill(kv.keys, kv.values, layer)
+                own_cache._fa_prefix_len = cache._fa_prefix_len
+            cache = own_cache
+            kwargs["past_key_values"] = cache
         if not marked:
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("past_key_values holds a cache not started by this prefix-tuned model; "
-                                 "pass None or an empty cache")
             if cache is None:
                 cache = DynamicCache()
                 use_cache = kwargs.get("use_cache")
@@ -372,8 +440,14 @@ def _prefix_forward(model: nn.Module, orig_forward):
                 if not use_cache:
                     own_cache = cache
             dtype = model.get_input_embeddings().weight.dtype
-            for layer, (k, v) in enumerate(encoder(batch, dtype)):
-                cache.update(k, v, layer)
+            if cache is own_cache and overrides is not None:  # read-only: lengths from a detached copy,
+                with torch.no_grad():  # the keys/values themselves made in each layer's call
+                    for layer, (k, v) in enumerate(encoder(batch, dtype)):
+                        cache.fill(k, v, layer)
+                cache.source = lambda layer: encoder(batch, dtype)[layer]
+            else:
+                for layer, (k, v) in enumerate(encoder(batch, dtype)):
+                    cache.update(k, v, layer)
             cache._fa_prefix_len = p
             kwargs["past_key_values"] = cache
         p = cache._fa_prefix_len
@@ -389,7 +463,18 @@ def _prefix_forward(model: nn.Module, orig_forward):
         else:
             raise ValueError(f"prefix-tuning supports 2-D attention masks, got shape {tuple(mask.shape)}")
         kwargs["attention_mask"] = mask
-        out = orig_forward(**kwargs)
+        saved = []
+        try:
+            for mod, attr, value in overrides or ():
+                saved.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
+                setattr(mod, attr, value)
+            out = orig_forward(**kwargs)
+        finally:
+            for mod, attr, old in reversed(saved):
+                if old is _MISSING:
+                    mod.__dict__.pop(attr, None)
+                else:
+                    setattr(mod, attr, old)
         if own_cache is not None:  # use_cache=False: returning the prefix cache would make generate
             # feed it back with the whole sequence again (prefix + tokens counted twice)
             if isinstance(out, tuple):
@@ -399,3 +484,6 @@ def _prefix_forward(model: nn.Module, orig_forward):
         return out
 
     return forward
+
+
+_MISSING = object()

@@ -2,7 +2,8 @@
 ``finetune.py`` (same prompt, tokenization, batch arithmetic and Trainer loop), without its bugs:
 
 - gradient checkpointing works on a full-precision or bf16 base (non-reentrant checkpointing plus
-  input grads, so a frozen base still back-propagates into the adapters), not only in 8-bit;
+  input grads, so a frozen base still back-propagates into the adapters), not only in 8-bit, and
+  for every adapter type (prefixes included: see ``patching._prefix_forward``);
 - ``--target-modules`` is honoured for every adapter type that has target modules;
 - the best checkpoint (lowest eval loss) is loaded back at the end before the adapter is saved;
 - checkpoints and the final output hold only adapter weights (``fastadapters.save_adapter``), and
@@ -196,11 +197,6 @@ def _check_args(args) -> None:
         if args.save_steps % args.eval_steps:
             raise UsageError(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                              "so that the best checkpoint can be reloaded at the end")
-    if args.adapter == "prefix" and args.gradient_checkpointing:
-        # transformers' checkpointed decoder layers drop past_key_values in training, and that cache
-        # is what carries the prefixes into attention (patching._prefix_forward)
-        raise UsageError("--gradient-checkpointing does not work with --adapter prefix: checkpointed layers "
-                         "drop the KV cache that carries the prefixes")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
 

@@ -7,7 +7,8 @@ The prefix enters as P past positions of each layer's cache. Checks:
 - training: the loss backpropagates into the prefix and nowhere into the frozen base;
 - generation: greedy ``generate`` with the cache equals a cache-free greedy loop, also for a
   left-padded batch (each row must equal its prompt generated alone), and beam search with the
-  cache equals beam search without it; ``prefix_projection=True`` works the same way.
+  cache equals beam search without it; ``prefix_projection=True`` works the same way;
+- gradient checkpointing: loss and prefix gradients equal those without it (reentrant or not).
 """
 from __future__ import annotations
 
@@ -203,16 +204,85 @@ def test_prefix_beside_lora_switches():
         torch.testing.assert_close(model(input_ids=ids).logits, lo, rtol=0, atol=0)
 
 
-def test_prefix_with_gradient_checkpointing_says_why():
-    """transformers' checkpointed layers drop past_key_values, so training a prefix under gradient
-    checkpointing cannot work; it must fail with an error that says so (not a shape mismatch)."""
+def _enable_checkpointing(model, reentrant):
+    kwargs = {"use_reentrant": reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.2x; gradient_checkpointing_enable is its deprecated alias
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _prefix_loss_and_grads(arch, checkpointing, reentrant=False, **kw):
+    model = prefixed(arch, **kw)
+    for m in model.modules():  # dropout off, train mode on (checkpointing acts only in training)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if checkpointing:
+        _enable_checkpointing(model, reentrant)
+    model.train()
+    leaf_calls = []  # calls of the weight-holding leaf modules (Linear, GPT-2's Conv1D, norms, ...)
+    for m in model.modules():
+        if not list(m.children()) and list(m.parameters(recurse=False)):
+            m.register_forward_hook(lambda *_: leaf_calls.append(1))
+    ids = input_ids(2, 5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    flags = [(m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_can_checkpoint_with_cache"))
+             for m in model.modules()]
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert flags == [(m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_can_checkpoint_with_cache"))
+                     for m in model.modules()], "instance flags not restored after the call"
+    assert sum(f is True for f, _ in flags) >= (LAYERS if checkpointing else 0)
+    forward_calls = len(leaf_calls)
+    out.loss.backward()
+    recomputed = len(leaf_calls) - forward_calls  # > 0 only if layers ran again in backward
+    enc = model.fastadapters_prefix["default"]
+    grads = {n: p.grad for n, p in enc.named_parameters()}
+    assert all(p.grad is None for n, p in model.named_parameters() if "fastadapters_prefix" not in n)
+    return model, out, grads, recomputed
+
+
+@pytest.mark.parametrize("reentrant,projection", [(False, False), (True, True)],
+                         ids=["non_reentrant", "reentrant_projection"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_gradient_checkpointing_equals_plain(arch, reentrant, projection):
+    """Under gradient checkpointing (train mode, dropout off, fp32) the loss and the prefix gradients
+    equal those without it, the layers really are recomputed in backward, and the per-call instance
+    flags are gone afterwards. transformers' checkpointed layers drop past_key_values unless
+    ``_can_checkpoint_with_cache``; the prefix rides a read-only cache that the replay sees unchanged."""
+    kw = dict(prefix_projection=True, encoder_hidden_size=16) if projection else {}
+    _, ref, ref_grads, recomputed = _prefix_loss_and_grads(arch, False, **kw)
+    assert recomputed == 0
+    model, out, grads, recomputed = _prefix_loss_and_grads(arch, True, reentrant, **kw)
+    assert recomputed > 0, "no layer was recomputed: checkpointing did not act"
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-6, atol=1e-6)
+    assert set(grads) == set(ref_grads)
+    for n, g in grads.items():
+        assert g is not None and ref_grads[n].abs().sum() > 0, n
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7)
+    assert out.past_key_values is None  # the read-only training cache is not handed back
+
+
+def test_prefix_gradient_checkpointing_then_generate():
+    """Checkpointing acts only in training: after a checkpointed step, eval, generate and a second
+    training step still work as without it."""
     model = prefixed("llama")
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    _enable_checkpointing(model, False)
     ids = input_ids(2, 5)
     model.train()
-    with pytest.raises(RuntimeError, match="gradient checkpointing"):
-        model(input_ids=ids, labels=ids)
-    model.eval()  # checkpointing only acts in training: inference and generate still work
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
     ids1 = input_ids(1, 4, seed=9)
     assert torch.equal(model.generate(ids1, max_new_tokens=3, do_sample=False), greedy_no_cache(model, ids1, 3))
+    a, b = ids, input_ids(2, 3, seed=2)  # a started cache continues the sequence under checkpointing too
+    with torch.no_grad():
+        past = model(input_ids=a, use_cache=True).past_key_values
+        full = model(input_ids=torch.cat([a, b], 1)).logits[:, a.shape[1]:]
+        model.train()
+        torch.testing.assert_close(model(input_ids=b, past_key_values=past).logits, full, rtol=1e-5, atol=1e-5)
+    assert past.get_seq_length() == P + a.shape[1]  # read, not extended
+    g = model.fastadapters_prefix["default"].embedding.weight.grad.clone()
+    model(input_ids=ids, labels=ids).loss.backward()  # the same step again: the gradient doubles
+    torch.testing.assert_close(model.fastadapters_prefix["default"].embedding.weight.grad, 2 * g)
