@@ -37,6 +37,7 @@ class PatchState:
     requires_grad: dict[str, bool] = field(default_factory=dict)  # original flags of base params
     wrapped: list[str] = field(default_factory=list)  # module paths now holding an AdapterLinear
     orig_forward: Any = None  # set while a prefix adapter is present
+    instance_forward: Any = None  # a forward set on the instance (e.g. accelerate's hook) that orig_forward is
     backend: str | None = None
     version: int = 0  # bumped whenever adapters are added or removed (the serving store rebuilds on it)
 
@@ -201,6 +202,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
             model.add_module(PREFIX_MODULE, nn.ModuleDict())
         _prefix_encoders(model)[name] = PrefixEncoder(cfg, layers, kv_heads, head_dim, device=dev)
         if st.orig_forward is None:
+            st.instance_forward = model.__dict__.get("forward")
             st.orig_forward = model.forward
             model.forward = _prefix_forward(model, st.orig_forward)
     else:
@@ -266,7 +268,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not len(enc):  # the last prefix adapter: original forward back, as unpatch does
             del model._modules[PREFIX_MODULE]
             model.__dict__.pop("forward", None)
-            st.orig_forward = None
+            if st.instance_forward is not None:
+                model.__dict__["forward"] = st.instance_forward
+            st.orig_forward = st.instance_forward = None
     del st.configs[name]
     del st.kinds[name]
     st.version += 1
@@ -284,6 +288,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         del model._modules[PREFIX_MODULE]
     if st.orig_forward is not None:
         model.__dict__.pop("forward", None)
+        if st.instance_forward is not None:  # a forward the instance had before: back in place
+            model.__dict__["forward"] = st.instance_forward
     for n, p in model.named_parameters():
         if n in st.requires_grad:
             p.requires_grad_(st.requires_grad[n])
