@@ -327,6 +327,9 @@ def _from_peft_lora(file: str, d: dict) -> LoRAConfig:
         "modules_to_save": _empty, "layer_replication": _empty, "lora_bias": _empty,
         "target_parameters": _empty, "trainable_token_indices": _empty,
         "enable_lora": _empty,  # LLM-Adapters' merged-qkv LoRA
+        # PEFT LoRA variants whose forward is not plain LoRA (weights may still have LoRA shapes)
+        "alora_invocation_tokens": _empty, "arrow_config": _empty, "use_bdlora": _empty,
+        "kasa_config": _empty, "monteclora_config": _empty, "use_qalora": _empty,
     })
     try:
         tm = d.get("target_modules")
