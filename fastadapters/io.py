@@ -28,6 +28,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 from typing import Any
 
 import torch
@@ -159,10 +160,33 @@ def _write_atomic(directory: str, files: dict[str, bytes]) -> None:
                 pass
 
 
-def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:
+EMBEDDED_CONFIG_KEY = "adapter_config"
+
+
+def _serialize(tensors: dict[str, torch.Tensor], config: bytes | None = None) -> bytes:
+    """safetensors bytes; ``config`` (the adapter_config.json bytes) rides in the header too, so
+    the weights file alone says which config it belongs to (see ``_embedded_config``)."""
     import safetensors.torch
 
-    return safetensors.torch.save(tensors, metadata={"format": "pt"})
+    meta = {"format": "pt"}
+    if config is not None:
+        meta[EMBEDDED_CONFIG_KEY] = config.decode("utf-8")
+    return safetensors.torch.save(tensors, metadata=meta)
+
+
+def _embedded_config(path: str) -> dict[str, Any] | None:
+    """The config a fastadapters-written weights file carries in its header, or None."""
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        return None
+    try:
+        import safetensors
+
+        with safetensors.safe_open(file, framework="pt") as f:
+            text = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+        return None if text is None else json.loads(text)
+    except Exception:  # unreadable weights are reported by the weights reader, with the file named
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +263,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "fastadapters_version": __version__,
                      "base_model_name_or_path": name_or_path, "modules": kinds})
 
-    # serialise both files before touching the directory: a failure here leaves it as it was
-    weights = _serialize(tensors)
+    # serialise both files before touching the directory: a failure here leaves it as it was.
+    # The weights are renamed into place first and carry the config in their header, so a crash
+    # between the two renames leaves new weights whose own config read_adapter then trusts.
     config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    weights = _serialize(tensors, config)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     _write_atomic(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
@@ -369,6 +395,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, str]
     if not os.path.isfile(cfg_file):
         raise ValueError(f"{path}: no {CONFIG_NAME}")
     d = _read_json(cfg_file)
+    embedded = _embedded_config(path)
+    if embedded is not None and embedded != d:
+        warnings.warn(f"{cfg_file} does not match the config recorded in {WEIGHTS_NAME} (a save was "
+                      "interrupted between its two renames); using the weights file's own config", RuntimeWarning)
+        d = embedded
     if d.get("format") == FORMAT:
         version = d.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
