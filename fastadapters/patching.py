@@ -80,11 +80,12 @@ def _check_name(st: PatchState | None, name: str) -> None:
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Candidate modules by path: wrappers count under their own path, their insides are skipped."""
+    """Candidate modules by path: wrappers count under their own path, their insides are skipped,
+    and so are our own prefix encoders (their linears are adapter weights, not targets)."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
+    skip: list[str] = [PREFIX_MODULE]
     for path, mod in model.named_modules():
-        if any(path.startswith(s + ".") for s in skip):
+        if path == PREFIX_MODULE or any(path.startswith(s + ".") for s in skip):
             continue
         if isinstance(mod, AdapterLinear):
             skip.append(path)
