@@ -36,3 +36,18 @@ def test_autocast_bf16_forward_backward(adapter, fields):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_bottleneck_branch_stays_fp32_under_autocast():
+    """Issue 2: f(z) is computed in fp32 and cast back, also when autocast would run it in bf16."""
+    from fastadapters.ops.bottleneck import bottleneck_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+    W, D, U = torch.randn(32, 32) / 6, torch.randn(4, 32) / 6, torch.randn(32, 4) / 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x @ W.t()  # the base output as autocast makes it (bf16)
+        y = bottleneck_linear("output", x, (W, None), D, U, 1.0, "tanh")
+    expected = h + (torch.tanh(h.float() @ D.t()) @ U.t()).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expected)

@@ -67,6 +67,10 @@ def bottleneck_linear_ref(placement: str, x, weight, bias, down, up, scaling, ac
 # ---------------------------------------------------------------------------------------------
 
 def _branch_torch(z, down, up, scaling, act: str, dropout_p: float, training: bool):
+    dev = z.device.type
+    if torch.is_autocast_enabled(dev):  # f is computed in the adapter dtype (fp32), autocast or not
+        with torch.autocast(dev, enabled=False):
+            return _branch_torch(z, down, up, scaling, act, dropout_p, training)
     zf = z if z.dtype == down.dtype else z.to(down.dtype)
     if training and dropout_p > 0:
         zf = F.dropout(zf, dropout_p, True)
