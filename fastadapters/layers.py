@@ -69,6 +69,15 @@ class AdapterLinear(nn.Module):
         self.backend: str | None = None
         self.routing = None  # set per forward by fastadapters.serving routing
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as stored (code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     # -- building ----------------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, kind: str, generator: torch.Generator | None = None):
         dev = self.base_layer.weight.device
