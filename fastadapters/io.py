@@ -49,7 +49,7 @@ FORMATS = ("fastadapters", "peft")
 PEFT_PREFIX = "base_model.model."
 PREFIX_KEY = "prefix_encoder"
 _CONTAINERS = ("lora_A", "lora_B", "adapter_down", "adapter_up")
-_META_KEYS = ("format", "format_version", "modules", "fastadapters_version", "base_model_name_or_path")
+_META_KEYS = ("format", "format_version", "modules", "fastadapters_version", "base_model_name_or_path", "save_id")
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter"]
 
@@ -261,13 +261,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     else:
         meta = cfg.to_dict()
         meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "fastadapters_version": __version__,
-                     "base_model_name_or_path": name_or_path, "modules": kinds})
+                     "base_model_name_or_path": name_or_path, "modules": kinds,
+                     "save_id": secrets.token_hex(8)})
 
     # serialise both files before touching the directory: a failure here leaves it as it was.
-    # The weights are renamed into place first and carry the config in their header, so a crash
-    # between the two renames leaves new weights whose own config read_adapter then trusts.
+    # Our format: the weights are renamed into place first and carry their config (with a fresh
+    # save_id) in the header, so a crash between the two renames leaves new weights whose own
+    # config read_adapter trusts. PEFT files stay exactly as PEFT writes them.
     config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    weights = _serialize(tensors, config)
+    weights = _serialize(tensors, config if format == FORMAT else None)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     _write_atomic(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
@@ -395,11 +397,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, str]
     if not os.path.isfile(cfg_file):
         raise ValueError(f"{path}: no {CONFIG_NAME}")
     d = _read_json(cfg_file)
-    embedded = _embedded_config(path)
-    if embedded is not None and embedded != d:
-        warnings.warn(f"{cfg_file} does not match the config recorded in {WEIGHTS_NAME} (a save was "
-                      "interrupted between its two renames); using the weights file's own config", RuntimeWarning)
-        d = embedded
+    if d.get("format") == FORMAT:
+        # a save_id that differs from the weights' own means a save was torn between its renames
+        # (a hand edit of the JSON keeps the id, and is respected)
+        embedded = _embedded_config(path)
+        if embedded is not None and embedded.get("save_id") != d.get("save_id"):
+            warnings.warn(f"{cfg_file} belongs to another save than {WEIGHTS_NAME} (a save was interrupted "
+                          "between its two renames); using the config recorded in the weights file", RuntimeWarning)
+            d = embedded
     if d.get("format") == FORMAT:
         version = d.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:

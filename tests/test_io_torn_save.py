@@ -52,3 +52,17 @@ def test_intact_save_loads_without_warning(tmp_path, recwarn):
     fresh = tiny_model("llama").eval()
     fa.load_adapter(fresh, tmp_path)
     assert not [w for w in recwarn if "interrupted" in str(w.message)]
+
+
+def test_hand_edited_config_is_respected(tmp_path):
+    import json
+
+    model = _lora(8)
+    fa.save_adapter(model, tmp_path)
+    cfg_file = os.path.join(tmp_path, faio.CONFIG_NAME)
+    d = json.loads(open(cfg_file).read())
+    d["alpha"] = 4  # a user's deliberate edit keeps the save_id
+    open(cfg_file, "w").write(json.dumps(d))
+    fresh = tiny_model("llama").eval()
+    fa.load_adapter(fresh, tmp_path)
+    assert fa.get_config(fresh).alpha == 4
