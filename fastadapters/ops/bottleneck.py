@@ -313,15 +313,11 @@ def bottleneck_linear_triton(placement: str, x, base, down, up, scaling, act: st
     p = float(dropout_p) if training else 0.0
     seed = _draw_seed(p)
     s_t, s_val = (scaling, 1.0) if isinstance(scaling, torch.Tensor) else (None, float(scaling))
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if not callable(base):
         # the custom ops are opaque to autocast: run the GEMMs in the autocast dtype, as autocast
         # would run the base linear; the adapter weights keep their dtype (cast inside the kernels)
-        dt = torch.get_autocast_dtype(dev)
-        x2 = x2.to(dt)
-        if not callable(base):
-            weight, bias = base
-            base = (weight.to(dt), None if bias is None else bias.to(dt))
+        x2, weight, bias, _ = dispatch.autocast_inputs(x.device.type, x2, *base)
+        base = (weight, bias)
     why = triton_unsupported(x2.dtype, down.shape[0], "bottleneck size")
     if why is not None:
         triton_fallback_warning(f"bottleneck_{placement}", why)

@@ -95,6 +95,19 @@ def call(op: str, backend: str | None, device: torch.device, *args, **kwargs):
     return _IMPLS[op][resolve(op, backend, device)](*args, **kwargs)
 
 
+def autocast_inputs(device_type: str, x, weight, bias):
+    """(x, weight, bias, on): cast to the autocast dtype when autocast is on for ``device_type``.
+
+    Ops whose base GEMM must follow autocast but that cannot let autocast cast each inner matmul
+    (a fused kernel, an in-place fold) call this once and then run with autocast off; their
+    adapter weights keep their own dtype.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, False
+    dt = torch.get_autocast_dtype(device_type)
+    return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), True
+
+
 def check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
     """Raise ``expected x of shape (*, 4096), got (37, 4095)``; None in ``expected`` matches any size."""
     shape = tuple(t.shape)

@@ -102,12 +102,9 @@ def lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        # Autocast would cast each matmul separately and mismatch the in-place fold; do its job
-        # once: the base GEMM runs in the autocast dtype, the adapter stays in its own dtype.
-        dt = torch.get_autocast_dtype(dev)
-        x2, weight = x2.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+    # autocast would cast each matmul separately and mismatch the in-place fold: do its job once
+    x2, weight, bias, autocast_on = dispatch.autocast_inputs(dev, x2, weight, bias)
+    if autocast_on:
         with torch.autocast(dev, enabled=False):
             out = _LoRALinearTorch.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     else:
@@ -227,13 +224,9 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_
     p = float(dropout_p) if training else 0.0
     seed = _draw_seed() if p > 0 else torch.zeros((1,), dtype=torch.int64)
     x2 = x.reshape(-1, k)
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        # the custom op is opaque to autocast: run it in the autocast dtype, as autocast would run
-        # the base GEMM; the adapter weights keep their dtype (cast inside the kernels)
-        dt = torch.get_autocast_dtype(dev)
-        x2, weight = x2.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+    # the custom op is opaque to autocast: run it in the autocast dtype, as autocast would run the
+    # base GEMM; the adapter weights keep their dtype (cast inside the kernels)
+    x2, weight, bias, _ = dispatch.autocast_inputs(x.device.type, x2, weight, bias)
     why = triton_unsupported(x2.dtype, lora_A.shape[0], "rank r")
     if why is not None:
         triton_fallback_warning(OP, why)
