@@ -8,14 +8,39 @@ Each module exposes ``main(argv) -> int``; this file only routes, so importing i
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import Callable
 
 COMMANDS = {
     "bench": ("fastadapters.bench", "time training steps: frozen base, PEFT LoRA, fastadapters adapters"),
     "train": ("fastadapters.train", "fine-tune an adapter on an Alpaca-format JSON file"),
     "eval": ("fastadapters.evaluate", "evaluate a base model or adapter on math/commonsense test sets"),
 }
+
+
+class UsageError(Exception):
+    """A problem with a command's flags or inputs: reported as one line on stderr, exit code 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, no usage dump, no SystemExit) on a bad flag."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def run_command(prog: str, run: Callable[[list[str]], int], argv: list[str] | None) -> int:
+    """``run(argv)`` with the commands' shared error contract: UsageError -> one line, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
 
 
 def _usage() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "swish", "sigmoid")

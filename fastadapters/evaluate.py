@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import CommandParser as _Parser, UsageError, run_command
 from .data import DataError, load_records
 from .extraction import AQUA_MODES, DATASETS, canonical_dataset, dataset_kind, infer_dataset_rules, label_is_valid, score
 from .prompts import STYLES, evaluation_prompt
@@ -30,13 +31,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_DIR_ENV = "FASTADAPTERS_DATA_DIR"
 
 
-class UsageError(Exception):
-    """Reported as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,14 +238,7 @@ def format_table(rows: list[tuple[str, int, int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(argv)
-    except UsageError as e:
-        print(f"fastadapters eval: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return run_command("fastadapters eval", _run, argv)
 
 
 def _run(argv: list[str]) -> int:

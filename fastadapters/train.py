@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from .cli import CommandParser as _Parser, UsageError, run_command
 from .data import DataError, load_records, split_train_val, tokenize_records
 from .prompts import STYLES
 
@@ -53,13 +54,6 @@ FIELD_FLAGS = {
 }
 
 
-class UsageError(Exception):
-    """A problem with the command line or its inputs: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message, and no SystemExit
-        raise UsageError(message)
 
 
 def _scaling(value: str):
@@ -351,14 +345,7 @@ def _trainer_classes():
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(argv)
-    except UsageError as e:
-        print(f"fastadapters train: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return run_command("fastadapters train", _run, argv)
 
 
 def _run(argv: list[str]) -> int:

@@ -325,7 +325,6 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
     parallel placement's GEMMs (the LoRA kernels) with a gelu branch at b=256. The row-block
     backward kernels are the LoRA ones (`lora.shipped_kernel_specs` compiles them at 64 and 256).
     """
-    size = torch.finfo(dtype).bits // 8
     prec = dot_precision(dtype)
     specs = []
     for BR in (64, 256):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..config import LoRAConfig, PrefixConfig
+from ..config import PrefixConfig
 from ..layers import AdapterLinear
 from ..ops.bottleneck import ACT_IDS
 from ..patching import _require_state, _state, _wrappers
