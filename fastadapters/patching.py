@@ -186,23 +186,61 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
             raise ValueError("this model instance already has its forward replaced; prefix-tuning cannot wrap it")
         kinds: dict[str, str] = {}
     else:
+        geometry = None
         kinds = _resolve_targets(model, cfg)
 
-    # ---- apply ----
+    # ---- apply (an error here, out-of-memory included, is rolled back) ----
+    undo: list = []  # closures that take back what this call did, newest last
+    try:
+        _apply(model, st, name, cfg, kinds, backend, geometry, undo)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    return model
+
+
+def _apply(model: nn.Module, st: PatchState | None, name: str, cfg: AdapterConfig, kinds: dict[str, str],
+           backend: str | None, geometry, undo: list) -> PatchState:
+    """The changing half of ``patch``; every change pushes its inverse onto ``undo``."""
     first = st is None
     if first:
         st = PatchState(backend=backend)
         st.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.__dict__["_fastadapters"] = st
-        for p in model.parameters():
+        undo.append(lambda: model.__dict__.pop("_fastadapters", None))
+        for n, p in model.named_parameters():
+            undo.append(functools.partial(p.requires_grad_, st.requires_grad[n]))
             p.requires_grad_(False)
+    else:
+        old = (st.active, dict(st.configs), dict(st.kinds), st.version, st.backend,
+               {n: p.requires_grad for n, p in model.named_parameters()})
+
+        def restore_state():
+            st.active, st.configs, st.kinds, st.version, st.backend = old[0], old[1], old[2], old[3], old[4]
+            for _, w in _wrappers(model):
+                w.active_adapter, w.backend = st.active, st.backend
+            for n, p in model.named_parameters():
+                if n in old[5]:
+                    p.requires_grad_(old[5][n])
+        undo.append(restore_state)
     if isinstance(cfg, PrefixConfig):
         layers, kv_heads, head_dim = geometry
         dev = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
         if _prefix_encoders(model) is None:
             model.add_module(PREFIX_MODULE, nn.ModuleDict())
+            undo.append(lambda: model._modules.pop(PREFIX_MODULE, None))
         _prefix_encoders(model)[name] = PrefixEncoder(cfg, layers, kv_heads, head_dim, device=dev)
+        undo.append(lambda: _prefix_encoders(model).pop(name, None) if _prefix_encoders(model) is not None else None)
         if st.orig_forward is None:
+            had = model.__dict__.get("forward", _MISSING)
+
+            def restore_forward():
+                model.__dict__.pop("forward", None)
+                if had is not _MISSING:
+                    model.__dict__["forward"] = had
+                st.orig_forward = st.instance_forward = None
+            undo.append(restore_forward)
             st.instance_forward = model.__dict__.get("forward")
             st.orig_forward = model.forward
             model.forward = _prefix_forward(model, st.orig_forward)
@@ -216,7 +254,14 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
                 wrapper.active_adapter = st.active
                 _set_submodule(model, path, wrapper)
                 st.wrapped.append(path)
+
+                def unwrap(path=path, base=mod):
+                    _set_submodule(model, path, base)
+                    if path in st.wrapped:
+                        st.wrapped.remove(path)
+                undo.append(unwrap)
                 mod = wrapper
+            undo.append(functools.partial(mod.delete_adapter, name))
             mod.add_adapter(name, cfg, kind)
     st.configs[name] = cfg
     st.kinds[name] = kinds
@@ -227,7 +272,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
         set_adapter(model, name)
     else:
         _mark_trainable(model, st)
-    return model
+    return st
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:

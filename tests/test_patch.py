@@ -17,6 +17,7 @@ import torch.nn as nn
 import fastadapters as fa
 from tiny_models import ARCHS, assert_state_identical, input_ids, snapshot, tiny_model
 from fastadapters import models
+from fastadapters.layers import AdapterLinear, PrefixEncoder
 
 ACTS = {
     "tanh": torch.tanh,
@@ -496,3 +497,73 @@ def test_unpatched_model_operations_say_patch_first():
     with pytest.raises(ValueError, match=r"model_type 'bert_like'.*pass target_modules.*known families"):
         model.config.model_type = "bert_like"
         fa.patch(model, adapter="lora")
+
+
+def _deep_fingerprint(model):
+    """State dict, module types, grad flags, the instance forward and a copy of the patch state."""
+    st = model.__dict__.get("_fastadapters")
+    copy = None if st is None else {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                                    for k, v in st.__dict__.items()}
+    wrappers = {n: (m.active_adapter, m.backend, sorted(m.specs)) for n, m in model.named_modules()
+                if isinstance(m, AdapterLinear)}
+    return snapshot(model), module_types(model), grad_flags(model), model.__dict__.get("forward"), copy, wrappers
+
+
+def _assert_same(model, fp):
+    sd, types, flags, fwd, st, wrappers = fp
+    now = _deep_fingerprint(model)
+    assert_state_identical(sd, now[0])
+    assert (now[1], now[2], now[3], now[4], now[5]) == (types, flags, fwd, st, wrappers)
+
+
+def _failing_after(monkeypatch, cls, method, calls):
+    """Make ``cls.method`` raise torch.OutOfMemoryError on its ``calls``-th call."""
+    orig = getattr(cls, method)
+    seen = [0]
+
+    def flaky(self, *a, **k):
+        seen[0] += 1
+        if seen[0] == calls:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return orig(self, *a, **k)
+    monkeypatch.setattr(cls, method, flaky)
+
+
+_MID_PATCH = [(a, b, c) for a in ("series", "parallel") for b in (None, "lora", "prefix") for c in (1, 3, 5)] + \
+    [("prefix", b, 1) for b in (None, "lora", "prefix")]  # one prefix encoder is built per patch call
+
+
+@pytest.mark.parametrize("adapter,before,calls", _MID_PATCH)
+def test_failure_in_the_middle_of_patch_is_rolled_back(monkeypatch, before, adapter, calls):
+    """An error after validation (out of memory while making the k-th adapter) leaves the model as it was."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = input_ids()
+    if before == "lora":
+        fa.patch(model, adapter="lora", r=2, target_modules=["q_proj", "v_proj", "up_proj"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+    elif before == "prefix":
+        fa.patch(model, adapter="prefix", num_virtual_tokens=3, name="pre")
+    with torch.no_grad():
+        want = model(ids).logits
+    fp = _deep_fingerprint(model)
+    if adapter == "prefix":
+        _failing_after(monkeypatch, PrefixEncoder, "__init__", calls)
+        kw = dict(adapter="prefix", num_virtual_tokens=2, name="new")
+    else:
+        _failing_after(monkeypatch, AdapterLinear, "add_adapter", calls)
+        kw = dict(adapter=adapter, bottleneck_size=4, name="new")
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        fa.patch(model, **kw)
+    _assert_same(model, fp)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    if before is None:
+        assert "_fastadapters" not in model.__dict__
+        return
+    fa.patch(model, **kw)  # the name is free again and the model still patches
+    assert "new" in fa.adapter_names(model)
