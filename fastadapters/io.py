@@ -11,6 +11,10 @@ Three on-disk formats are understood:
 * **PEFT LoRA** (both ways): keys ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` and an
   ``adapter_config.json`` with ``peft_type: "LORA"`` as PEFT writes it, so that
   ``peft.PeftModel.from_pretrained`` reads our export and we read PEFT's ``save_pretrained``.
+* **PEFT prefix-tuning** (both ways): one tensor ``prompt_embeddings`` (P, layers*2*kv_heads*head_dim)
+  and ``peft_type: "PREFIX_TUNING"``. PEFT stores the prefix itself, after any projection MLP, so a
+  file written from a ``prefix_projection=True`` adapter holds the projected prefixes and loads as
+  a plain (``prefix_projection=False``) prefix adapter, as PEFT itself loads it for inference.
 * **LLM-Adapters checkpoints** (load only): ``adapter_model.bin`` (read with
   ``torch.load(weights_only=True)``) with keys ``base_model.model.<path>.adapter_down.weight`` /
   ``adapter_up.weight`` / ``adapter_scaling`` and the fork's ``peft_type: "BOTTLENECK"`` config
@@ -48,6 +52,7 @@ FORMAT_VERSION = 1
 FORMATS = ("fastadapters", "peft")
 PEFT_PREFIX = "base_model.model."
 PREFIX_KEY = "prefix_encoder"
+PEFT_PROMPT_KEY = "prompt_embeddings"
 _CONTAINERS = ("lora_A", "lora_B", "adapter_down", "adapter_up")
 _META_KEYS = ("format", "format_version", "modules", "fastadapters_version", "base_model_name_or_path", "save_id")
 
@@ -231,12 +236,41 @@ def _peft_config_dict(model: nn.Module, cfg: LoRAConfig, kinds: dict[str, str], 
     }
 
 
+def _flat_prefix(encoder: PrefixEncoder) -> torch.Tensor:
+    """The prefixes as PEFT stores them: (P, layers*2*kv_heads*head_dim), after any projection, fp32."""
+    with torch.no_grad():
+        w = encoder.embedding.weight
+        if encoder.transform is not None:
+            w = encoder.transform(w)
+        return w.detach().to("cpu", torch.float32).contiguous()
+
+
+def _peft_prefix_config_dict(model: nn.Module, cfg: PrefixConfig, name_or_path) -> dict[str, Any]:
+    layers, kv_heads, head_dim = models.attention_geometry(model.config)
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": name_or_path,
+        "encoder_hidden_size": cfg.encoder_hidden_size,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": kv_heads,
+        "num_layers": layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "peft_type": "PREFIX_TUNING",
+        "prefix_projection": cfg.prefix_projection,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": kv_heads * head_dim,
+    }
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
                  format: str = "fastadapters") -> str:
     """Write adapter ``name`` (default: the active one) of ``model`` to directory ``path``.
 
-    ``format="fastadapters"`` keeps every adapter type; ``format="peft"`` writes LoRA adapters so
-    that ``peft.PeftModel.from_pretrained(base, path)`` loads them. Both files are written
+    ``format="fastadapters"`` keeps every adapter type; ``format="peft"`` writes LoRA and
+    prefix-tuning adapters so that ``peft.PeftModel.from_pretrained(base, path)`` loads them. Both files are written
     atomically (temporary file, fsync, rename). Returns ``path`` as a string.
     """
     if format not in FORMATS:
@@ -252,9 +286,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     entries = _adapter_entries(model, name)
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in entries.items()}
-    if format == "peft":
+    if format == "peft" and isinstance(cfg, PrefixConfig):
+        tensors = {PEFT_PROMPT_KEY: _flat_prefix(patching._prefix_encoders(model)[name])}
+        meta = _peft_prefix_config_dict(model, cfg, name_or_path)
+    elif format == "peft":
         if not isinstance(cfg, LoRAConfig):
-            raise ValueError(f"format='peft' supports LoRA adapters only; adapter {name!r} is "
+            raise ValueError(f"format='peft' supports LoRA and prefix-tuning adapters; adapter {name!r} is "
                              f"{cfg.adapter_type!r}: save it with format='fastadapters'")
         tensors = {PEFT_PREFIX + k: t for k, t in tensors.items()}
         meta = _peft_config_dict(model, cfg, kinds, name_or_path)
@@ -368,6 +405,32 @@ def _from_peft_lora(file: str, d: dict) -> LoRAConfig:
         raise ValueError(f"{file}: {e}") from None
 
 
+def _from_peft_prefix(file: str, d: dict, tensors: dict[str, torch.Tensor]):
+    """PEFT PREFIX_TUNING -> a plain PrefixConfig and ``prefix_encoder.embedding.weight``."""
+    _unsupported(file, d, {"num_transformer_submodules": lambda v: v in (None, 1),
+                           "task_type": lambda v: v in (None, "CAUSAL_LM"), "modules_to_save": _empty})
+    if set(tensors) != {PEFT_PROMPT_KEY}:
+        raise ValueError(f"{file}: a PEFT prefix-tuning file holds one tensor {PEFT_PROMPT_KEY!r}, "
+                         f"got keys {sorted(tensors)[:5]}")
+    try:
+        cfg = PrefixConfig(num_virtual_tokens=d.get("num_virtual_tokens", 0), prefix_projection=False).validate()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: {e}") from None
+    return cfg, {f"{PREFIX_KEY}.embedding.weight": tensors[PEFT_PROMPT_KEY]}
+
+
+def _check_peft_prefix_geometry(model: nn.Module, cfg_file: str) -> None:
+    """A PEFT prefix file's declared layers / kv heads / head size against the model's attention."""
+    d = _read_json(cfg_file)
+    if not hasattr(model, "config"):
+        raise ValueError("prefix-tuning needs a transformers model (with .config)")
+    layers, kv_heads, head_dim = models.attention_geometry(model.config)
+    want = {"num_layers": layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
+    bad = [f"{k}={d.get(k)!r} (this model: {v})" for k, v in want.items() if d.get(k) != v]
+    if bad:
+        raise ValueError(f"{cfg_file}: the prefixes were made for another attention geometry: {', '.join(bad)}")
+
+
 def _from_llm_adapters(file: str, d: dict) -> _BottleneckConfig:
     _unsupported(file, d, {"bias": lambda v: v in (None, "none"), "modules_to_save": _empty})
     init = {"bert": "bert", "mam_adapter": "zero_up", None: "bert"}.get(d.get("init_weights"), "bert")
@@ -425,12 +488,17 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, str]
         cfg = _from_peft_lora(cfg_file, d)
         wfile, tensors = _read_weights(path)
         return cfg, None, _strip_peft_keys(wfile, tensors), "peft"
+    if peft_type == "PREFIX_TUNING":
+        wfile, tensors = _read_weights(path)
+        cfg, tensors = _from_peft_prefix(cfg_file, d, tensors)
+        return cfg, None, tensors, "peft"
     if peft_type == "BOTTLENECK":
         cfg = _from_llm_adapters(cfg_file, d)
         wfile, tensors = _read_weights(path)
         return cfg, None, _strip_peft_keys(wfile, tensors), "llm-adapters"
     raise ValueError(f"{cfg_file}: unknown adapter format (\"format\": {d.get('format')!r}, \"peft_type\": "
-                     f"{peft_type!r}); readable: fastadapters files, PEFT LORA, LLM-Adapters BOTTLENECK")
+                     f"{peft_type!r}); readable: fastadapters files, PEFT LORA and PREFIX_TUNING, "
+                     "LLM-Adapters BOTTLENECK")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +594,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     """
     name = "default" if name is None else name
     source = os.fspath(path)
-    cfg, recorded, tensors, _fmt = read_adapter(source)
+    cfg, recorded, tensors, fmt = read_adapter(source)
+    if fmt == "peft" and isinstance(cfg, PrefixConfig):
+        _check_peft_prefix_geometry(model, os.path.join(source, CONFIG_NAME))
     st = patching._state(model)
     existing = st is not None and name in st.configs
     from .ops import dispatch

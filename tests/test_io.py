@@ -170,9 +170,9 @@ def test_peft_both_ways(tmp_path, arch):
     torch.testing.assert_close(logits(model), logits(theirs), rtol=1e-5, atol=1e-5)
 
 
-def test_peft_format_is_lora_only(tmp_path):
+def test_peft_format_refuses_bottleneck_adapters(tmp_path):
     model = fa.patch(fresh(), adapter="parallel", bottleneck_size=4)
-    with pytest.raises(ValueError, match="LoRA adapters only"):
+    with pytest.raises(ValueError, match="supports LoRA and prefix-tuning adapters; adapter .default. is .parallel."):
         fa.save_adapter(model, tmp_path, format="peft")
     assert not (tmp_path / "adapter_config.json").exists()
 
