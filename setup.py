@@ -11,6 +11,7 @@ Architectures: sm_80 and sm_90a always (plus compute_80 PTX), others from TORCH_
 ``FASTADAPTERS_NO_CUDA_EXT=1`` skips the extension. The csrc/ sources are also copied into the
 package (fastadapters/csrc/) by build_py, so a wheel install can JIT-build them.
 """
+import glob
 import os
 import re
 import shutil
@@ -53,11 +54,30 @@ def _gencode_flags():
     return flags
 
 
+def _find_cuda_home():
+    """Toolkit root with bin/nvcc and include/cuda_runtime_api.h (same search as
+    fastadapters._ext.find_cuda_home, which is not importable here under build isolation)."""
+    roots = [os.environ.get(e) for e in ("CUDA_HOME", "CUDA_PATH")]
+    found = shutil.which("nvcc")
+    if found:
+        roots += [str(Path(found).parent.parent), str(Path(found).resolve().parent.parent)]
+    roots += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in roots:
+        if root and (Path(root) / "bin" / "nvcc").is_file() and \
+                (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return root
+    return None
+
+
 def _cuda_extension():
     """(ext_modules, cmdclass) for the CUDA extension, or ([], {}) with the reason logged."""
     if os.environ.get("FASTADAPTERS_NO_CUDA_EXT") == "1":
         _log("FASTADAPTERS_NO_CUDA_EXT=1: building without the CUDA extension")
         return [], {}
+    home = _find_cuda_home()
+    if home and not os.environ.get("CUDA_HOME"):
+        # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit
+        os.environ["CUDA_HOME"] = home
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

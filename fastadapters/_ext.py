@@ -15,6 +15,7 @@ neither CUDA nor the compiler; only ``load_extension()`` does.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -90,6 +91,26 @@ def find_nvcc() -> str | None:
     return None
 
 
+def find_cuda_home(roots: list[str] | None = None) -> str | None:
+    """The CUDA toolkit root (with ``bin/nvcc`` and ``include/cuda_runtime_api.h``), or None.
+
+    Looked for in CUDA_HOME / CUDA_PATH, then beside the nvcc on PATH, then /usr/local/cuda and
+    /usr/local/cuda-*. torch guesses the root from the nvcc on PATH alone, which is wrong where that
+    nvcc is a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc -> /usr/local, no headers).
+    """
+    if roots is None:
+        roots = [os.environ.get(e) for e in ("CUDA_HOME", "CUDA_PATH")]
+        found = shutil.which("nvcc")
+        if found:
+            roots += [str(Path(found).parent.parent), str(Path(found).resolve().parent.parent)]
+        roots += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in roots:
+        if root and (Path(root) / "bin" / "nvcc").is_file() and \
+                (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return str(root)
+    return None
+
+
 def _build_directory() -> Path:
     import torch
 
@@ -105,6 +126,9 @@ def _jit_build(verbose: bool):
     import torch
     import torch.utils.cpp_extension as cpp
 
+    home = find_cuda_home()
+    if home is not None and cpp.CUDA_HOME != home and not os.environ.get("CUDA_HOME"):
+        cpp.CUDA_HOME = home  # torch's guess from PATH can be a wrapper's directory without headers
     src = csrc_dir()
     build_dir = _build_directory()
     if not any(build_dir.glob(f"{JIT_NAME}*.so")):

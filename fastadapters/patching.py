@@ -470,6 +470,10 @@ def _prefix_forward(model: nn.Module, orig_forward):
         if cache is not None and not hasattr(cache, "get_seq_length"):
             raise ValueError("prefix-tuning needs a transformers Cache object as past_key_values "
                              f"(e.g. DynamicCache), got {type(cache).__name__}")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(f"prefix-tuning cannot use a {type(cache).__name__} (a fixed-size cache, e.g. "
+                             "generate(cache_implementation='static')): it has no room for the prefix and "
+                             "generate builds its masks without it; use the default dynamic cache")
         marked = cache is not None and getattr(cache, "_fa_prefix_len", None) is not None
         if not marked and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("past_key_values holds a cache not started by this prefix-tuned model; "

@@ -286,3 +286,18 @@ def test_prefix_gradient_checkpointing_then_generate():
     g = model.fastadapters_prefix["default"].embedding.weight.grad.clone()
     model(input_ids=ids, labels=ids).loss.backward()  # the same step again: the gradient doubles
     torch.testing.assert_close(model.fastadapters_prefix["default"].embedding.weight.grad, 2 * g)
+
+
+def test_prefix_refuses_a_static_cache_with_a_reason():
+    """A fixed-size (compileable) cache has no room for the prefix: a clear error, not a mask-shape one."""
+    from transformers import StaticCache
+
+    model = fa.patch(tiny_model("llama"), adapter="prefix", num_virtual_tokens=3)
+    ids = input_ids()
+    with pytest.raises(ValueError, match=r"prefix-tuning cannot use a StaticCache .*use the default dynamic cache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(ValueError, match="cannot use a StaticCache"):
+        model(ids, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # the default still works
+    assert out.shape == (ids.shape[0], ids.shape[1] + 3)

@@ -331,6 +331,46 @@ def test_setup_builds_the_same_archs_and_sources():
     assert [s.split("/")[-1] for s in values["EXT_SOURCES"]] == list(_ext.SOURCES)
 
 
+def _toolkit(root, headers=True):
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime_api.h").write_text("")
+    return str(root)
+
+
+def test_cuda_home_skips_a_wrapper_without_headers(tmp_path):
+    """nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc) whose parent has no toolkit:
+    the search goes on to a root with both nvcc and the runtime headers."""
+    wrapper = _toolkit(tmp_path / "local", headers=False)
+    real = _toolkit(tmp_path / "cuda-13.0")
+    assert _ext.find_cuda_home([wrapper, real]) == real
+    assert _ext.find_cuda_home([None, wrapper]) is None
+    assert _ext.find_cuda_home([real, wrapper]) == real
+
+
+def test_setup_searches_cuda_home_as_the_loader_does(tmp_path, monkeypatch):
+    import ast
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_find_cuda_home")
+    import glob
+    import os
+    import shutil
+
+    ns = {"glob": glob, "os": os, "shutil": shutil, "Path": Path}
+    exec(compile(ast.Module([fn], []), "setup.py", "exec"), ns)
+    real = _toolkit(tmp_path / "real")
+    wrapper_bin = tmp_path / "wrap" / "bin"
+    _toolkit(tmp_path / "wrap", headers=False)
+    monkeypatch.setenv("PATH", str(wrapper_bin))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", real)
+    assert ns["_find_cuda_home"]() == real == _ext.find_cuda_home()
+
+
 def test_sources_found():
     src = _ext.csrc_dir()
     assert all((src / s).is_file() for s in _ext.SOURCES)
@@ -392,3 +432,34 @@ def test_multi_adapter_ref_agrees_with_ops_multi():
     torch.testing.assert_close(co.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts),
                                multi.multi_adapter_ref(y0, x, row_slot, down, up, sizes, scales, acts),
                                rtol=1e-12, atol=1e-12)
+
+
+def _built_extension():
+    """The extension built at install time, loaded; a skip that says why where there is none."""
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU-only build: fastadapters._C cannot be built")
+    status = _ext.extension_status()
+    if status != "built":
+        pytest.skip(f"fastadapters._C was not built at install time ({status})")
+    return _ext.load_extension()
+
+
+def test_built_extension_registers_cuda_kernels_under_the_python_schemas():
+    """The C++ library adds CUDA kernels to the ops whose schemas, fakes and CPU kernels Python defined
+    (runs with a CUDA build of torch, GPU or not)."""
+    _built_extension()
+    for schema in (co.MULTI_ADAPTER_SCHEMA, co.BOTTLENECK_FWD_SCHEMA):
+        name = f"{co.NAMESPACE}::{schema.split('(', 1)[0]}"
+        for key in ("CUDA", "CPU", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)
+
+
+def test_cuda_kernel_checks_its_arguments_before_launching():
+    """The C++ kernel entry, reached with CPU tensors by forcing the CUDA dispatch key, refuses them
+    with the message csrc/ops.cpp documents (no GPU needed: nothing is launched)."""
+    _built_extension()
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x, y0 = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 5, dtype=torch.bfloat16)
+    down, up = torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(5, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cuda_bottleneck_fwd: expected x on a CUDA device, got x on cpu"):
+        torch.ops.fastadapters.cuda_bottleneck_fwd.default.redispatch(cuda, x, y0, down, up, torch.ones(1), 0)
