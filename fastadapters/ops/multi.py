@@ -330,7 +330,28 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
     return y
 
 
-dispatch.register(OP, "torch", multi_adapter_torch)
+@torch.library.custom_op("fastadapters::multi_adapter_torch", mutates_args=())
+def multi_adapter_torch_op(y0: torch.Tensor, x: torch.Tensor, row_slot: torch.Tensor, down: torch.Tensor,
+                           up: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor,
+                           act_ids: torch.Tensor) -> torch.Tensor:
+    """The torch path as one opaque op, for torch.compile: it reads the routing on the host, which
+    a traced graph cannot, so under compile the layout is recomputed inside the op on every call."""
+    return multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids)
+
+
+@multi_adapter_torch_op.register_fake
+def _(y0, x, row_slot, down, up, sizes, scales, act_ids):
+    return torch.empty_like(y0)
+
+
+def _multi_adapter_torch_entry(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=None, sizes_host=None,
+                               act_host=None):
+    if torch.compiler.is_compiling():  # no graph break per layer and phase: one opaque op instead
+        return multi_adapter_torch_op(y0, x, row_slot, down, up, sizes, scales, act_ids)
+    return multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan, sizes_host, act_host)
+
+
+dispatch.register(OP, "torch", _multi_adapter_torch_entry)
 
 
 # ---------------------------------------------------------------------------------------------

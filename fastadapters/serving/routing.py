@@ -83,6 +83,9 @@ class Router:
         used = [n for n in self.names if n is not None and n != BASE]
         slots = self.store.acquire(used)
         self.row_slots = [-1 if (n is None or n == BASE) else slots[n] for n in self.names]
+        # a tensor, so that a compiled forward reads the mix as data (a list would be baked into the
+        # graph and guarded on, and every new mix would recompile)
+        self.row_slot_tensor = torch.tensor(self.row_slots, dtype=torch.int32)
         self.any_active = any(s >= 0 for s in self.row_slots)
         self.version = self.store.version
         self._plans = {}
@@ -105,8 +108,7 @@ class Router:
             if plan.num_slots != max(self.store.num_slots, 1):
                 continue  # the store was rebuilt (adapters added/removed): a new plan is built on use
             rows, tokens, _ = key
-            per_row = torch.tensor(self.row_slots, dtype=torch.int32)
-            per_tok = per_row.repeat_interleave(rows // len(names) * tokens)
+            per_tok = self.row_slot_tensor.repeat_interleave(rows // len(names) * tokens)
             build_plan(per_tok.to(plan.row_slot.device), plan.num_slots, plan.block_m, out=plan)
             kept[key] = plan
         self._plans = kept
@@ -133,8 +135,7 @@ class Router:
                 detail = f" (expanded x{self.expand} by generate)" if self.expand > 1 else ""
                 raise ValueError(f"route: got {n} adapter names{detail} for a batch of {rows} rows; "
                                  "pass one name (or None) per row")
-            per_row = torch.tensor(self.row_slots, dtype=torch.int32)
-            per_tok = per_row.repeat_interleave(self.expand * tokens)
+            per_tok = self.row_slot_tensor.repeat_interleave(self.expand * tokens)
             plan = build_plan(per_tok.to(device), max(self.store.num_slots, 1), SEGMENT_BLOCK_M)
             self._plans[key] = plan
         return plan

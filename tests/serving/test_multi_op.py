@@ -225,6 +225,16 @@ def test_triton_custom_op_opcheck():
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_torch_path_custom_op_opcheck_and_values():
+    """The torch path's opaque op (what a compiled routed model calls) equals the reference."""
+    for pattern in ("uniform", "distinct"):
+        args = _case(m=9, k=20, n=11, s=3, r=8, sizes=(1, 5, 8), pattern=pattern)
+        torch.library.opcheck(mo.multi_adapter_torch_op, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        torch.testing.assert_close(mo.multi_adapter_torch_op(*args), mo.multi_adapter_ref(*args),
+                                   atol=1e-5, rtol=0)
+
+
 _COMPILE = r"""
 import json, sys, torch
 from fastadapters.kernels import multi as km

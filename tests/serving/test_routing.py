@@ -373,3 +373,38 @@ def test_metadata_built_once_per_shape(monkeypatch):
     assert [tuple(c) for c in calls] == [(18,), (3,)]
     with pytest.raises(ValueError, match="dtype"):
         store_mod.configure(model, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_routed_model_follows_every_mix_without_recompiling(backend):
+    """torch.compile of a patched model used inside ``route``: one graph with no breaks (the torch
+    path is one opaque op under compile, the Triton path a custom op), the mix read as data, so new
+    ``route`` blocks and ``reroute`` reuse that graph and every row still gets its own adapter."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = add_zoo(tiny_llama(layers=1), ["lora_r4", "houlsby", "parallel"])
+    ids = _ids(3)
+    mixes = [["lora_r4", None, "houlsby"], ["parallel", "houlsby", None], [B, "lora_r4", "lora_r4"],
+             ["houlsby", "parallel", "lora_r4"]]
+    torch._dynamo.reset()
+    with torch.no_grad(), fa.route(model, mixes[0], backend=backend):
+        explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    outs = []
+    with torch.no_grad():
+        for names in mixes[:3]:  # a new route per batch
+            with fa.route(model, names, backend=backend):
+                outs.append(compiled(ids).logits)
+        with fa.route(model, mixes[0], backend=backend) as router:  # and one route re-pointed in place
+            router.reroute(mixes[3])
+            outs.append(compiled(ids).logits)
+    assert counters["stats"]["unique_graphs"] == 1
+    for names, out in zip(mixes, outs):
+        for i, n in enumerate(names):
+            torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=1e-4, rtol=0,
+                                       msg=f"{names}: row {i} ({n})")
+    torch._dynamo.reset()
