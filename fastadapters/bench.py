@@ -1,4 +1,5 @@
-"""``fastadapters bench``: training-step time and memory of each adapter type against PEFT.
+"""``fastadapters bench``: training-step time and memory of each adapter type against PEFT, then
+the per-layer kernel table (``fastadapters.kernel_bench``) and the multi-adapter serving table.
 
 Also the shared benchmark harness (``time_fn``, ``saved_activation_bytes``, ``environment``,
 ``append_results``) that the scripts in ``bench/`` import, so every number is taken the same way:
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", nargs="*", help="run only variants whose label contains one of these words")
     ap.add_argument("--no-serving", action="store_true", help="skip the multi-adapter serving table")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--json", metavar="PATH", help="append the numbers to this JSON file")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -281,6 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(result))
     records = [result]
+    if not args.no_kernels:
+        from .kernel_bench import kernel_table, render_kernel_table
+
+        print()
+        dev = result["env"]["device_type"]
+        kernels = kernel_table(dev, args.dtype or ("bfloat16" if dev == "cuda" else "float32"), quick=True,
+                               dropout=args.dropout, repeats=args.repeats, log=lambda msg: None)
+        print(render_kernel_table(kernels))
+        records.append(kernels)
     if not args.no_serving:
         try:
             from .serving.bench import bench_serving_table, render_serving

@@ -16,6 +16,14 @@ def test_bench_micro_writes_json(tmp_path, capsys):
     assert all(r["step_s"] > 0 for r in rows.values())
     assert rows["fa lora"]["vs_peft"] == rows["fa lora"]["step_s"] / rows["PEFT lora"]["step_s"]
     assert data[0]["env"]["device_type"] == "cpu"
+    # the kernel table: on the CPU "fused" is the torch path, beside the frozen base and PEFT's layer
+    assert "fused = torch backend" in text and "| lora | M=512 K=1024 N=1024 r=16 |" in text
+    kernels = data[1]
+    assert kernels["benchmark"] == "kernels"
+    assert [r["kind"] for r in kernels["rows"]] == ["lora", "bottleneck_output", "bottleneck_parallel"]
+    lora = kernels["rows"][0]
+    assert set(lora["impls"]) == {"base", "fused", "peft"} and lora["fused_backend"] == "torch"
+    assert lora["peft_over_fused_full"] == lora["impls"]["peft"]["full_ms"] / lora["impls"]["fused"]["full_ms"]
 
 
 def test_saved_activation_bytes_counts_storages_once():

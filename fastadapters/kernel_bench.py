@@ -1,0 +1,257 @@
+"""Kernel benchmark: fused Triton LoRA linear and bottleneck adapters vs their baselines.
+
+    python bench/kernels.py                      # CUDA: Llama-7B / Llama-3-8B projections, bf16
+    python bench/kernels.py --quick              # CUDA: one shape per family
+    python bench/kernels.py --smoke              # CPU: tiny shapes through the Triton interpreter
+    python bench/kernels.py --json bench/results/kernels.json
+
+``fastadapters bench`` prints the quick table too (``kernel_table``): on CUDA the quick shapes, on
+the CPU one Llama-like projection where "fused" is the torch path (the Triton interpreter measures
+nothing useful), so the CPU numbers compare fastadapters' hand-written torch LoRA with PEFT's layer.
+
+LoRA rows, per (model, projection, M, r), forward ("fwd") and forward+backward ("full"), training
+mode with dropout p (default 0.05), bias-free projections as in Llama:
+  base    the frozen base alone: F.linear forward, backward into x only (the cuBLAS floor)
+  fused   fastadapters' op on the table's backend (`lora_linear(backend="triton")` on CUDA)
+  addmm   the Unsloth-style plain-torch path (`lora_linear(backend="torch")`: addmm + hand backward)
+  peft    PEFT's LoRA layer (adapters in fp32, as get_peft_model's autocast_adapter_dtype leaves them)
+with the ratios fused/base and peft/fused from the same run, peak memory and the bytes autograd
+saves per token. Bottleneck rows (output placement: y = h + s·f(h); parallel: y = xWᵀ + s·f(x)),
+b in {64, 256}: fused vs unfused torch, and for the output placement the bytes-over-bandwidth floor
+(`--bandwidth-gbs`, default 3350 = H100 SXM HBM3) of reading/writing h, y, P, dy, dh.
+Timing comes from the shared harness (`fastadapters.bench.time_fn`: `triton.testing.do_bench` on
+CUDA, a wall clock on the CPU). It measures; it never asserts speed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+SHAPES = {  # model: {projection: (K, N)}
+    "llama-7b": {"qkvo": (4096, 4096), "gate_up": (4096, 11008), "down": (11008, 4096)},
+    "llama-3-8b": {"q_o": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)},
+}
+MS = (2048, 8192)
+RANKS = (8, 16, 64)
+BOTTLENECKS = (64, 256)
+
+
+#: the CPU rows of ``fastadapters bench``: a 1024-wide projection, 512 tokens
+CPU_CASES = (("cpu", "proj1024", 512, 1024, 1024, 16),)
+CPU_BN_CASES = (("cpu", "proj1024", 512, 1024, 1024, 64),)
+
+
+def _lora_impls(torch, K, N, r, dtype, device, dropout, fused_backend="triton"):
+    """name -> module-like callable x -> y."""
+    import torch.nn as nn
+
+    from fastadapters.ops.lora import lora_linear
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(device=device, dtype=torch.float32).requires_grad_()
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(device=device, dtype=torch.float32).requires_grad_()
+    s = 2.0
+    impls = {
+        "base": lambda x: torch.nn.functional.linear(x, W),
+        "fused": lambda x: lora_linear(x, W, None, A, B, s, dropout, True, backend=fused_backend),
+    }
+    if fused_backend != "torch":
+        impls["addmm"] = lambda x: lora_linear(x, W, None, A, B, s, dropout, True, backend="torch")
+    try:
+        import peft
+        from peft.tuners.lora import layer as peft_lora
+
+        base = nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        base.weight.data.copy_(W)
+        base.weight.requires_grad_(False)
+        kw = dict(r=r, lora_alpha=int(s * r), lora_dropout=dropout)
+        try:  # peft >= 0.18 passes the LoraConfig to the layer
+            pl = peft_lora.Linear(base, "default", peft.LoraConfig(**kw), **kw)
+        except TypeError:
+            pl = peft_lora.Linear(base, "default", **kw)
+        pl.lora_A["default"].to(torch.float32)
+        pl.lora_B["default"].to(torch.float32)
+        pl.train()
+        impls["peft"] = pl
+    except ImportError:
+        pass
+    return impls
+
+
+def _bottleneck_impls(torch, placement, K, N, b, dtype, device, dropout, fused_backend="triton"):
+    from fastadapters.ops.bottleneck import bottleneck_linear
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    d_in, d_out = (N, N) if placement == "output" else (K, N)
+    D = (torch.randn(b, d_in, generator=g) / d_in**0.5).to(device=device, dtype=torch.float32).requires_grad_()
+    U = (torch.randn(d_out, b, generator=g) / b**0.5).to(device=device, dtype=torch.float32).requires_grad_()
+    base = (W, None)
+
+    def run(backend):
+        return lambda x: bottleneck_linear(placement, x, base, D, U, 1.0, "relu", dropout, True, backend=backend)
+
+    impls = {"base": lambda x: torch.nn.functional.linear(x, W), "fused": run(fused_backend)}
+    if fused_backend != "torch":
+        impls["unfused"] = run("torch")
+    return impls
+
+
+def _measure(torch, harness, fn, x, device, repeats, warmup=2):
+    dy = torch.randn(x.shape[0], fn(x).shape[-1], device=device, dtype=x.dtype)
+
+    def fwd():
+        return fn(x)
+
+    def full():
+        fn(x).backward(dy)
+
+    rec = {
+        "fwd_ms": 1e3 * harness.time_fn(fwd, device, warmup=warmup, repeats=repeats),
+        "full_ms": 1e3 * harness.time_fn(full, device, warmup=warmup, repeats=repeats),
+        "saved_bytes_per_token": harness.saved_activation_bytes(fwd) / x.shape[0],
+    }
+    rec["bwd_ms"] = rec["full_ms"] - rec["fwd_ms"]
+    rec["peak_mem_bytes"] = harness.peak_memory(full, device)
+    return rec
+
+
+def _output_floor_bytes(M, d, b, elt):
+    # fwd: read h, write y, write P (fp32); bwd: read dy, h, P, write dh
+    return M * d * elt * 2 + M * b * 4 + M * d * elt * 3 + M * b * 4
+
+
+def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = False, dropout: float = 0.05,
+                 repeats: int = 5, bandwidth_gbs: float = 3350.0, log=print) -> dict:
+    """Time the LoRA and bottleneck rows (see the module docstring) and return the record.
+
+    CUDA: the Llama shapes (``quick``: two shapes, one M, rank 16), fused = Triton. CPU with
+    ``smoke``: tiny shapes, fused = Triton under the interpreter. CPU otherwise: ``CPU_CASES``, fused =
+    the torch path."""
+    import torch
+
+    from fastadapters import bench as harness
+
+    device = torch.device(device)
+    dt = getattr(torch, dtype)
+    rows = []
+    fused_backend = "triton" if (device.type == "cuda" or smoke) else "torch"
+    if smoke:
+        lora_cases = [("smoke", "proj", 33, 48, 40, 4)]
+        bn_cases = [("smoke", "proj", 33, 48, 40, 8)]
+    elif device.type != "cuda":
+        lora_cases, bn_cases = list(CPU_CASES), list(CPU_BN_CASES)
+    else:
+        shapes = [(m, p, K, N) for m, projs in SHAPES.items() for p, (K, N) in projs.items()]
+        if quick:
+            shapes = [s for s in shapes if s[1] in ("qkvo", "gate_up")][:2]
+        ms = MS[:1] if quick else MS
+        ranks = (16,) if quick else RANKS
+        lora_cases = [(m, p, M, K, N, r) for (m, p, K, N) in shapes for M in ms for r in ranks]
+        bn_cases = [(m, p, M, K, N, b) for (m, p, K, N) in shapes if p in ("qkvo", "q_o")
+                    for M in ms for b in (BOTTLENECKS[:1] if quick else BOTTLENECKS)]
+    warmup = 1 if smoke else 2
+
+    for model, proj, M, K, N, r in lora_cases:
+        impls = _lora_impls(torch, K, N, r, dt, device, dropout, fused_backend)
+        x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+        res = {name: _measure(torch, harness, fn, x, device, repeats, warmup) for name, fn in impls.items()}
+        row = dict(kind="lora", model=model, proj=proj, M=M, K=K, N=N, r=r, dropout=dropout,
+                   fused_backend=fused_backend, impls=res)
+        row["fused_over_base_full"] = res["fused"]["full_ms"] / res["base"]["full_ms"]
+        if "peft" in res:
+            row["peft_over_fused_full"] = res["peft"]["full_ms"] / res["fused"]["full_ms"]
+            row["saved_fused_over_peft"] = (res["fused"]["saved_bytes_per_token"]
+                                            / max(res["peft"]["saved_bytes_per_token"], 1))
+        rows.append(row)
+        log(_render_row(row))
+
+    elt = torch.finfo(dt).bits // 8
+    for model, proj, M, K, N, b in bn_cases:
+        for placement in ("output", "parallel"):
+            impls = _bottleneck_impls(torch, placement, K, N, b, dt, device, dropout, fused_backend)
+            x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+            res = {name: _measure(torch, harness, fn, x, device, repeats, warmup) for name, fn in impls.items()}
+            row = dict(kind=f"bottleneck_{placement}", model=model, proj=proj, M=M, K=K, N=N, b=b,
+                       dropout=dropout, fused_backend=fused_backend, impls=res)
+            row["fused_over_base_full"] = res["fused"]["full_ms"] / res["base"]["full_ms"]
+            if "unfused" in res:
+                row["unfused_over_fused_full"] = res["unfused"]["full_ms"] / res["fused"]["full_ms"]
+            if placement == "output":
+                floor_ms = 1e3 * _output_floor_bytes(M, N, b, elt) / (bandwidth_gbs * 1e9)
+                # the adapter's share: fused (base + adapter) minus the base alone
+                adapter_ms = res["fused"]["full_ms"] - res["base"]["full_ms"]
+                row["adapter_floor_ms"] = floor_ms
+                row["adapter_over_floor"] = adapter_ms / floor_ms
+            rows.append(row)
+            log(_render_row(row))
+    return dict(benchmark="kernels", dtype=dtype, env=harness.environment(device), rows=rows)
+
+
+def render_kernel_table(result: dict) -> str:
+    """Markdown table of a ``kernel_table`` record: forward+backward ms per implementation."""
+    rows = result["rows"]
+    names = []
+    for row in rows:
+        names += [n for n in row["impls"] if n not in names]
+    backend = rows[0]["fused_backend"] if rows else "?"
+    lines = [f"Kernels ({result['dtype']}, {result['env'].get('device', '')}; fused = {backend} backend), "
+             "forward+backward ms; ratios from this run:", "",
+             "| row | shape | " + " | ".join(names) + " | fused/base | peft/fused |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for row in rows:
+        shape = f"M={row['M']} K={row['K']} N={row['N']} " + (f"r={row['r']}" if "r" in row else f"b={row['b']}")
+        cells = [f"{row['impls'][n]['full_ms']:.3f}" if n in row["impls"] else "" for n in names]
+        peft = f"{row['peft_over_fused_full']:.2f}" if "peft_over_fused_full" in row else ""
+        lines.append(f"| {row['kind']} | {shape} | " + " | ".join(cells)
+                     + f" | {row['fused_over_base_full']:.2f} | {peft} |")
+    return "\n".join(lines)
+
+
+def _render_row(row):
+    impls = " ".join(f"{k}={v['full_ms']:.3f}ms" for k, v in row["impls"].items())
+    shape = f"{row['model']}/{row['proj']} M={row['M']} K={row['K']} N={row['N']}"
+    shape += f" r={row['r']}" if "r" in row else f" b={row['b']}"
+    extra = " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "dropout")
+    return f"{row['kind']:<20} {shape:<48} {impls}  {extra}"
+
+
+def main(argv=None, default_json: str = os.path.join("bench", "results", "kernels.json")) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="default bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--quick", action="store_true", help="CUDA: one M, one rank, two shapes")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes; on the CPU the Triton kernels run through TRITON_INTERPRET=1")
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth for the floor")
+    ap.add_argument("--json", default=default_json,
+                    help="append the record here ('' to skip)")
+    args = ap.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cpu":
+        if args.smoke and "fastadapters.kernels.lora" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        if args.smoke:
+            args.repeats = min(args.repeats, 2)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    result = kernel_table(args.device, args.dtype, args.quick, args.smoke, args.dropout, args.repeats,
+                          args.bandwidth_gbs)
+    print()
+    print(render_kernel_table(result))
+    if args.json:
+        from fastadapters.bench import append_results
+
+        append_results(args.json, result)
+        print(f"appended to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
