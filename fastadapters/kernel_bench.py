@@ -179,7 +179,7 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
             row["fused_over_base_full"] = res["fused"]["full_ms"] / res["base"]["full_ms"]
             if "unfused" in res:
                 row["unfused_over_fused_full"] = res["unfused"]["full_ms"] / res["fused"]["full_ms"]
-            if placement == "output":
+            if placement == "output" and device.type == "cuda":  # the floor is an HBM figure
                 floor_ms = 1e3 * _output_floor_bytes(M, N, b, elt) / (bandwidth_gbs * 1e9)
                 # the adapter's share: fused (base + adapter) minus the base alone
                 adapter_ms = res["fused"]["full_ms"] - res["base"]["full_ms"]
