@@ -150,19 +150,19 @@ def _jit_build(verbose: bool):
 def extension_status() -> str:
     """'built', 'jit' (buildable on first use) or the reason it is unavailable. No compile, no CUDA."""
     try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if torch.version.cuda is None:  # checked first: a _C left by a CUDA torch install cannot load here
+        return (f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch "
+                f"(https://pytorch.org/get-started/locally/)")
+    try:
         import importlib.util
 
         if importlib.util.find_spec("fastadapters._C") is not None:
             return "built"
     except (ImportError, ValueError):
         pass
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if torch.version.cuda is None:
-        return (f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch "
-                f"(https://pytorch.org/get-started/locally/)")
     if find_nvcc() is None:
         return ("nvcc was not found (set CUDA_HOME or put nvcc on PATH), so the extension cannot be "
                 "JIT-built; or reinstall with `pip install --no-build-isolation -e .` on a machine "
