@@ -99,6 +99,37 @@ def _bottleneck_impls(torch, placement, K, N, b, dtype, device, dropout, fused_b
     return impls
 
 
+def _qkv_impls(torch, K, outs, r, dtype, device, dropout):
+    """q/k/v on one input: the frozen bases, three single LoRA ops, and the grouped op (X read once)."""
+    from fastadapters.ops.lora import lora_linear, lora_linear_group
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    Ws = [(torch.randn(n, K, generator=g) / K**0.5).to(device=device, dtype=dtype) for n in outs]
+    As = [(torch.randn(r, K, generator=g) / K**0.5).to(device=device).requires_grad_() for _ in outs]
+    Bs = [(torch.randn(n, r, generator=g) / r**0.5).to(device=device).requires_grad_() for n in outs]
+    s = 2.0
+    return {
+        "base": lambda x: [torch.nn.functional.linear(x, w) for w in Ws],
+        "single": lambda x: [lora_linear(x, w, None, a, b, s, dropout, True, backend="triton")
+                             for w, a, b in zip(Ws, As, Bs)],
+        "grouped": lambda x: lora_linear_group(x, Ws, [None] * len(Ws), As, Bs, [s] * len(Ws), dropout, True,
+                                               backend="triton"),
+    }
+
+
+def _measure_multi(torch, harness, fn, x, device, repeats, warmup=2):
+    """_measure for a callable returning several outputs (one gradient each)."""
+    dys = [torch.randn_like(y) for y in fn(x)]
+
+    def full():
+        torch.autograd.backward(fn(x), dys)
+
+    rec = {"fwd_ms": 1e3 * harness.time_fn(lambda: fn(x), device, warmup=warmup, repeats=repeats),
+           "full_ms": 1e3 * harness.time_fn(full, device, warmup=warmup, repeats=repeats)}
+    rec["bwd_ms"] = rec["full_ms"] - rec["fwd_ms"]
+    return rec
+
+
 def _measure(torch, harness, fn, x, device, repeats, warmup=2):
     dy = torch.randn(x.shape[0], fn(x).shape[-1], device=device, dtype=x.dtype)
 
@@ -167,6 +198,23 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
                                             / max(res["peft"]["saved_bytes_per_token"], 1))
         rows.append(row)
         log(_render_row(row))
+
+    if fused_backend == "triton":  # sibling projections sharing X: the grouped kernels vs three single ops
+        if smoke:
+            qkv_cases = [("smoke", 33, 48, (40, 16, 16), 4)]
+        else:
+            qkv_cases = [("llama-3-8b", M, 4096, (4096, 1024, 1024), r) for M in (MS[:1] if quick else MS)
+                         for r in ((16,) if quick else RANKS)]
+        for model, M, K, outs, r in qkv_cases:
+            impls = _qkv_impls(torch, K, outs, r, dt, device, dropout)
+            x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+            res = {name: _measure_multi(torch, harness, fn, x, device, repeats, warmup) for name, fn in impls.items()}
+            row = dict(kind="lora_qkv_group", model=model, proj="q,k,v", M=M, K=K, N=sum(outs), outs=list(outs),
+                       r=r, dropout=dropout, fused_backend=fused_backend, impls=res,
+                       fused_over_base_full=res["grouped"]["full_ms"] / res["base"]["full_ms"],
+                       grouped_over_single_full=res["grouped"]["full_ms"] / res["single"]["full_ms"])
+            rows.append(row)
+            log(_render_row(row))
 
     elt = torch.finfo(dt).bits // 8
     for model, proj, M, K, N, b in bn_cases:

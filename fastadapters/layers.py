@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, _BottleneckConfig
 from .ops.bottleneck import bottleneck_linear
-from .ops.lora import lora_linear
+from .ops.dispatch import resolve as resolve_backend
+from .ops.lora import OP as LORA_OP, lora_group_unsupported, lora_linear, lora_linear_group
 
 try:  # transformers' GPT-2 style linear (weight stored (in, out))
     from transformers.pytorch_utils import Conv1D
@@ -153,11 +154,83 @@ class AdapterLinear(nn.Module):
         name = self.active_adapter
         if name is None or name not in self.specs:
             return self.base_layer(x)
+        share = self.__dict__.get("shared_input")
+        if share is not None:
+            out = share.output(self, x, name)
+            if out is not None:
+                return out
         return self.forward_adapter(x, name)
 
     def extra_repr(self) -> str:
         kinds = ", ".join(f"{n}:{s.kind}" for n, s in self.specs.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{kinds}], active={self.active_adapter}"
+
+
+class SharedInput:
+    """Sibling AdapterLinears that the model calls one after another on the same tensor (q, k, v;
+    gate, up: ``models.Architecture.shared_input``). When the first of them is called and every
+    member runs the same LoRA adapter on the triton backend, all members' outputs are computed in
+    one ``lora_linear_group`` (X read once); the others' outputs wait here and are handed out when
+    those members are called with that very tensor, unmodified (same object, same version).
+    Anything else -- another input, a member called out of turn, a pre-hook that changed the input,
+    torch.compile tracing -- runs the member on its own, with the same numbers.
+
+    Held in each member's ``__dict__`` (not a submodule); ``patching`` rebuilds the links whenever
+    the set of wrappers changes.
+    """
+
+    def __init__(self, members: list["AdapterLinear"]):
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def _group_args(self, name: str, x: torch.Tensor):
+        """The members' weights when they can run as one group for adapter ``name``, else None."""
+        first = self.members[0]
+        ws, bs, As, Bs, ss = [], [], [], [], []
+        for m in self.members:
+            spec = m.specs.get(name)
+            if (m.active_adapter != name or m.routing is not None or spec is None or spec.kind != "lora"
+                    or m.training != first.training or m.backend != first.backend
+                    or spec.config.dropout != first.specs[name].config.dropout):
+                return None
+            w, b = m._base_args()
+            ws.append(w)
+            bs.append(b)
+            As.append(m.lora_A[name].weight)
+            Bs.append(m.lora_B[name].weight)
+            ss.append(spec.scaling)
+        if lora_group_unsupported(x, ws, As, first.backend) is not None:
+            return None
+        return ws, bs, As, Bs, ss
+
+    def output(self, layer: "AdapterLinear", x: torch.Tensor, name: str) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
+        if self._x is x and self._version == x._version and id(layer) in self._pending:
+            out = self._pending.pop(id(layer))
+            if not self._pending:
+                self._x = None
+            return out
+        if resolve_backend(LORA_OP, layer.backend, x.device) != "triton":
+            return None  # the torch path gains nothing from grouping: cheap early exit
+        if not any(m is layer for m in self.members):
+            return None  # a replica sharing our __dict__ (nn.DataParallel): its own weights, alone
+        args = self._group_args(name, x)
+        if args is None:
+            return None
+        cfg = layer.specs[name].config
+        outs = lora_linear_group(x, *args, cfg.dropout, layer.training, layer.backend)
+        mine = None
+        self._pending = {}
+        for m, out in zip(self.members, outs):
+            if m is layer:
+                mine = out
+            else:
+                self._pending[id(m)] = out
+        self._x, self._version = (x, x._version) if self._pending else (None, -1)
+        return mine
 
 
 class PrefixEncoder(nn.Module):

@@ -17,6 +17,9 @@ class Architecture:
     pfeiffer: tuple[str, ...]
     parallel: tuple[str, ...]
     ffn_output: tuple[str, ...]  # targets that take the output placement under variant="houlsby"
+    # sibling linears (child names of one parent) that the family's forward calls one after the
+    # other on the same tensor: LoRA on several of them can share the read of that input
+    shared_input: tuple[tuple[str, ...], ...] = ()
 
 
 _LLAMA = Architecture(
@@ -25,6 +28,7 @@ _LLAMA = Architecture(
     pfeiffer=("down_proj",),
     parallel=("q_proj", "k_proj", "v_proj"),
     ffn_output=("down_proj",),
+    shared_input=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
 )
 
 # bloom and gpt_neox: one fused query_key_value projection, dense_h_to_4h / dense_4h_to_h FFN
@@ -48,6 +52,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         pfeiffer=("fc2",),
         parallel=("q_proj", "k_proj", "v_proj"),
         ffn_output=("fc2",),
+        shared_input=(("q_proj", "k_proj", "v_proj"),),
     ),
     "gptj": Architecture(
         lora=("q_proj", "v_proj"),
@@ -55,6 +60,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         pfeiffer=("fc_out",),
         parallel=("q_proj", "k_proj", "v_proj"),
         ffn_output=("fc_out",),
+        shared_input=(("q_proj", "k_proj", "v_proj"),),
     ),
     "gpt2": Architecture(
         lora=("c_attn",),

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import models
 from .config import AdapterConfig, PrefixConfig, SeriesConfig, make_config
-from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder
+from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder, SharedInput
 from .ops import dispatch
 
 PREFIX_MODULE = "fastadapters_prefix"
@@ -197,6 +197,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
         for step in reversed(undo):
             step()
         raise
+    _link_shared_inputs(model)
     return model
 
 
@@ -275,6 +276,28 @@ def _apply(model: nn.Module, st: PatchState | None, name: str, cfg: AdapterConfi
     return st
 
 
+def _link_shared_inputs(model: nn.Module) -> None:
+    """Give sibling wrappers that read one input (``Architecture.shared_input``) a common
+    ``SharedInput``; drop stale links. Called whenever the set of wrappers changes."""
+    wrappers = list(_wrappers(model))
+    for _, w in wrappers:
+        w.__dict__.pop("shared_input", None)
+    arch = models.architecture_of(model)
+    if arch is None or not arch.shared_input:
+        return
+    by_parent: dict[str, dict[str, AdapterLinear]] = {}
+    for path, w in wrappers:
+        parent, _, child = path.rpartition(".")
+        by_parent.setdefault(parent, {})[child] = w
+    for children in by_parent.values():
+        for group in arch.shared_input:
+            members = [children[c] for c in group if c in children]
+            if len(members) >= 2:
+                share = SharedInput(members)
+                for w in members:
+                    w.__dict__["shared_input"] = share
+
+
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make ``name`` the active adapter (None: run the bare base model); only it trains."""
     st = _require_state(model)
@@ -320,6 +343,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del st.configs[name]
     del st.kinds[name]
     st.version += 1
+    _link_shared_inputs(model)
     if st.active == name:
         set_adapter(model, next(iter(st.configs)))
 
@@ -329,6 +353,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     st = _require_state(model)
     for path in sorted(st.wrapped, key=lambda p: -p.count(".")):
         wrapper = model.get_submodule(path)
+        wrapper.__dict__.pop("shared_input", None)
         _set_submodule(model, path, wrapper.base_layer)
     if PREFIX_MODULE in model._modules:
         del model._modules[PREFIX_MODULE]

@@ -281,7 +281,7 @@ def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, 
 
 
 _FLOAT_ARGS = ("scale_val", "p", "inv_keep")
-_UNALIGNED_INTS = ("seed", "R")
+_UNALIGNED_INTS = ("seed", "seed0", "seed1", "seed2", "R")
 
 
 def make_signature(fn, ptr_dtypes: dict, constexprs: dict, default_ptr: str, unit_strides=()):

@@ -414,14 +414,17 @@ def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale)
     return g, (db if need_db else None), (ds_part.sum() if need_dscale else None)
 
 
-def launch_input_grad(grad_y, weight, residual, g, a, scaling, dropout_p, seed, out_dtype):
-    """dx = [grad_y · weight] + [residual] + s · (g · a) ⊙ mask / (1 - p): (M, K) in out_dtype."""
+def launch_input_grad(grad_y, weight, residual, g, a, scaling, dropout_p, seed, out_dtype, out=None):
+    """dx = [grad_y · weight] + [residual] + s · (g · a) ⊙ mask / (1 - p): (M, K) in out_dtype.
+
+    ``out``: write dx there (may be ``residual`` itself: each tile is read before it is written by
+    the same program, so a chain of members accumulates in place)."""
     M = g.shape[0]
     R, K = a.shape
     N = weight.shape[0] if weight is not None else 0
     cfg = gemm_config(M, out_dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
-    dx = torch.empty((M, K), device=g.device, dtype=out_dtype)
+    dx = torch.empty((M, K), device=g.device, dtype=out_dtype) if out is None else out
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, g)
     w = weight if weight is not None else a
     res = residual if residual is not None else dx

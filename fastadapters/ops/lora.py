@@ -243,3 +243,81 @@ def _triton_importable() -> bool:
 
 if _triton_importable():
     dispatch.register(OP, "triton", lora_linear_triton)
+
+
+# ---------------------------------------------------------------------------------------------
+# sibling projections on one input (q/k/v, gate/up): X read once on the triton backend
+# ---------------------------------------------------------------------------------------------
+
+
+class _LoRAGroupTriton(torch.autograd.Function):
+    """G LoRA linears on one input through ``kernels.lora_group`` (eager only: under torch.compile
+    the layers run the per-projection custom ops instead)."""
+
+    @staticmethod
+    def forward(ctx, x2, dropout_p, scalings, seeds, *flat):
+        from fastadapters.kernels.lora_group import lora_group_fwd
+
+        ws, bs, As, Bs = list(flat[0::4]), list(flat[1::4]), list(flat[2::4]), list(flat[3::4])
+        ys, s_pad = lora_group_fwd(x2, ws, bs, As, Bs, scalings, dropout_p, seeds)
+        ctx.save_for_backward(x2, s_pad, *ws, *As, *Bs)
+        ctx.dropout_p, ctx.scalings, ctx.seeds = dropout_p, scalings, seeds
+        ctx.has_bias = [b is not None for b in bs]
+        ctx.set_materialize_grads(False)  # an unused member output costs no backward work
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        from fastadapters.kernels.lora_group import lora_group_bwd
+
+        x2, s_pad, *rest = ctx.saved_tensors
+        G = len(dys)
+        ws, As, Bs = rest[:G], rest[G:2 * G], rest[2 * G:]
+        need = ctx.needs_input_grad
+        grads = [None, None, None, None]
+        dx, dAs, dBs = None, [None] * G, [None] * G
+        if need[0] or any(need[4 + 4 * g + 2] or need[4 + 4 * g + 3] for g in range(G)):
+            dx, dAs, dBs = lora_group_bwd(list(dys), x2, list(ws), list(As), list(Bs), s_pad, ctx.scalings,
+                                          ctx.dropout_p, ctx.seeds, need_grad_x=bool(need[0]))
+        grads[0] = dx if need[0] else None
+        for g in range(G):
+            dy = dys[g]
+            dw = (dy.t() @ x2).to(ws[g].dtype) if (need[4 + 4 * g] and dy is not None) else None
+            db = dy.sum(0) if (need[4 + 4 * g + 1] and ctx.has_bias[g] and dy is not None) else None
+            grads += [dw, db, dAs[g] if need[4 + 4 * g + 2] else None, dBs[g] if need[4 + 4 * g + 3] else None]
+        return tuple(grads)
+
+
+def lora_group_unsupported(x, weights, lora_As, backend) -> str | None:
+    """Why ``lora_linear_group`` would run its members one by one here (None: it shares X)."""
+    if dispatch.resolve(OP, backend, x.device) != "triton":
+        return "the shared read needs the triton backend"
+    from fastadapters.kernels.lora_group import group_unsupported
+
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    why = triton_unsupported(dtype, max(a.shape[0] for a in lora_As), "rank r")
+    return why or group_unsupported([a.shape[0] for a in lora_As])
+
+
+def lora_linear_group(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p: float = 0.0,
+                      training: bool = False, backend: str | None = None) -> list[torch.Tensor]:
+    """``[lora_linear(x, weights[g], biases[g], lora_As[g], lora_Bs[g], scalings[g], ...)]`` for
+    sibling projections that take the same input (q/k/v, gate/up): on the triton backend X is read
+    once for all of them (down projections, dA) and their dX is accumulated in place; elsewhere
+    each member runs ``lora_linear``. Either way each member draws its own dropout seed, in order,
+    as separate ``lora_linear`` calls would."""
+    for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
+        check_lora_args(x, w, b, a, bb)
+    if lora_group_unsupported(x, weights, lora_As, backend) is not None:
+        return [lora_linear(x, w, b, a, bb, s, dropout_p, training, backend)
+                for w, b, a, bb, s in zip(weights, biases, lora_As, lora_Bs, scalings)]
+    k = x.shape[-1]
+    p = float(dropout_p) if training else 0.0
+    seeds = [int(_draw_seed().item()) if p > 0 else 0 for _ in weights]
+    x2 = x.reshape(-1, k)
+    flat = []
+    for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
+        x2, w, b, _ = dispatch.autocast_inputs(x.device.type, x2, w, b)  # x2 is cast once, then kept
+        flat += [w, b, a, bb]
+    ys = _LoRAGroupTriton.apply(x2, p, [float(s) for s in scalings], seeds, *flat)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]

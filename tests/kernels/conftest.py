@@ -12,7 +12,8 @@ if os.environ.get("FASTADAPTERS_TEST_GPU_RUN") != "1":  # see tests/conftest.py:
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-for _name in ("fastadapters.kernels._common", "fastadapters.kernels.lora", "fastadapters.kernels.bottleneck"):
+for _name in ("fastadapters.kernels._common", "fastadapters.kernels.lora", "fastadapters.kernels.lora_group",
+              "fastadapters.kernels.bottleneck"):
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 

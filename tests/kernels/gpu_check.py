@@ -7,7 +7,8 @@ these kernels run interpreted; this script runs without it, on CUDA, with the co
     (K = N = 4096, M = 2048 and M = 1, r = 16 / b = 64 and 256) against an fp64 reference with
     the DESIGN.md rule (2x the error of the same-dtype torch reference);
   - dropout on the device: same seed same output, kept fraction, backward uses the forward mask;
-  - the ops' triton backend equals the torch backend (fp32, forward and backward) on CUDA.
+  - the ops' triton backend equals the torch backend (fp32, forward and backward) on CUDA;
+  - the grouped q/k/v kernels (kernels/lora_group.py) equal the single ones with the same seeds.
 
     python tests/kernels/gpu_check.py        # exits non-zero on the first failure
 """
@@ -138,6 +139,32 @@ def check_ops_backends(M=300, K=512, N=384):
             torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
 
 
+def check_lora_group(dtype, M, K=4096, outs=(4096, 1024, 1024), r=16, p=0.05):
+    """q/k/v (Llama-3-8B widths) sharing X: the grouped kernels against the single ones, same seeds."""
+    from fastadapters.kernels.lora import lora_linear_bwd, lora_linear_fwd
+    from fastadapters.kernels.lora_group import lora_group_bwd, lora_group_fwd
+
+    g = torch.Generator().manual_seed(4)
+    x = _rand(M, K, g=g, dtype=dtype)
+    ws = [_rand(n, K, g=g, scale=K**-0.5, dtype=dtype) for n in outs]
+    As = [_rand(r, K, g=g, scale=K**-0.5) for _ in outs]
+    Bs = [_rand(n, r, g=g, scale=r**-0.5) for n in outs]
+    dys = [_rand(M, n, g=g, dtype=dtype) for n in outs]
+    seeds, scal = [5, 6, 7], [2.0, 2.0, 2.0]
+    ys, s_pad = lora_group_fwd(x, ws, [None] * 3, As, Bs, scal, p, seeds)
+    gx, gAs, gBs = lora_group_bwd(dys, x, ws, As, Bs, s_pad, scal, p, seeds)
+    gx_one = torch.zeros(M, K, device=DEV, dtype=torch.float32)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    for i in range(3):
+        y1, s1 = lora_linear_fwd(x, ws[i], None, As[i], Bs[i], scal[i], p, seeds[i])
+        dx1, da1, db1 = lora_linear_bwd(dys[i], x, ws[i], As[i], Bs[i], s1, scal[i], p, seeds[i])
+        torch.testing.assert_close(ys[i], y1, **tol)
+        torch.testing.assert_close(gAs[i], da1, **tol)
+        torch.testing.assert_close(gBs[i], db1, **tol)
+        gx_one += dx1.float()
+    torch.testing.assert_close(gx.float(), gx_one, **tol)
+
+
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -150,6 +177,9 @@ def main() -> int:
     check_bottleneck(torch.bfloat16, 1, 64)
     check_lora_dropout()
     check_ops_backends()
+    for dtype in (torch.bfloat16, torch.float32):
+        for M in (2048, 1):
+            check_lora_group(dtype, M)
     print("gpu_check: all passed on", torch.cuda.get_device_name())
     return 0
 

@@ -24,7 +24,7 @@ def check_rule(name, got, ref64, ref_t):
 
 
 # offline compilation (conftest.compile_reports, test_triton_compile.py)
-COMPILE_MODULES = ["fastadapters.kernels.lora", "fastadapters.kernels.bottleneck"]
+COMPILE_MODULES = ["fastadapters.kernels.lora", "fastadapters.kernels.lora_group", "fastadapters.kernels.bottleneck"]
 COMPILE_CCS = (80, 90)
 # fp32 (IEEE, torch's default) runs on FMA units, not the tensor cores: its largest tiles are
 # compiled for the shared-memory check only, on sm_80 (fp16 compiles to bf16's configs and code).

@@ -1,0 +1,329 @@
+"""LoRA on sibling projections that share one input (q/k/v, gate/up): X read once for all of them.
+
+For G = 2 or 3 members with the same input X, dropout p and their own seeds::
+
+    Y_g = X·W_gᵀ + b_g + s_g · (dropout_g(X)·A_gᵀ)·B_gᵀ           g = 0 .. G-1
+
+the ungrouped op reads X three times per member beyond its base GEMM (the down projection in the
+forward, dA in the backward) and autograd then adds the members' dX. Grouped:
+
+  _down_proj_group_kernel         S = [dropout_g(X)·A_gᵀ]_g            one pass over X for all members
+  (per member) _fused_up_kernel   Y_g = X·W_gᵀ + b_g + s_g·S_g·B_gᵀ     as the single op
+  (per member) _rank_grad_kernel  G_g = dY_g·B_g, dB_g                  as the single op
+  (per member) _input_grad_kernel dX += dY_g·W_g + s_g·(G_g·A_g)⊙keep_g  chained in place: dX is
+                                                                       written once per member,
+                                                                       no separate sums
+  _down_weight_grad_group_kernel  dA = [s_g·G_gᵀ·dropout_g(X)]_g        one pass over X
+
+The members' ranks sit in one padded layout: member g owns columns [g·BRG, g·BRG + r_g) of S and
+rows of A_pad / dA_pad, with BRG = the widest member's padded rank, so one (BM, BRT) tile holds
+every member and each member's dot masks the others' columns. Each member's Philox stream is its
+own seed with offsets m·K + k, exactly the single op's, so grouped and ungrouped runs draw the same
+masks from the same seeds.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    ACT_IDENTITY,
+    check_dropout,
+    check_philox_range,
+    dot_precision,
+    dropout_keep,
+    mma,
+    num_sms,
+    rank_block,
+)
+from .lora import (
+    _check_lora_args,
+    deterministic,
+    launch_fused_up,
+    launch_input_grad,
+    launch_rank_grad,
+    rowblock_config,
+)
+
+MAX_GROUP = 3
+#: widest padded layout (G · BRG rounded up to a power of two) the group kernels take
+MAX_GROUP_WIDTH = 256
+
+
+@triton.jit
+def _member_seed(seed0, seed1, seed2, g: tl.constexpr):
+    if g == 0:
+        s = seed0
+    elif g == 1:
+        s = seed1
+    else:
+        s = seed2
+    return s
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def _down_proj_group_kernel(
+    x_ptr, a_ptr, p_out_ptr,
+    M, K, RT,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed0, seed1, seed2, p, inv_keep,
+    HAS_DROPOUT: tl.constexpr, G: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr, BRT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BRT)
+    rk = tl.arange(0, BK)
+    member = rr // BRG  # which member owns each column of the padded layout
+    acc = tl.zeros((BM, BRT), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0,
+        )
+        a = tl.load(
+            a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+            mask=(rr[None, :] < RT) & (kk[:, None] < K), other=0.0,
+        )
+        if HAS_DROPOUT:
+            for g in tl.static_range(G):  # the X tile stays in registers; one mask per member
+                xg = tl.where(dropout_keep(_member_seed(seed0, seed1, seed2, g), rm, kk, K, p), x, 0.0)
+                ag = tl.where(member[None, :] == g, a, 0.0)
+                acc = mma(xg.to(x.dtype), ag.to(a.dtype), acc, DOT_PREC)
+        else:
+            acc = mma(x, a, acc, DOT_PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    tl.store(p_out_ptr + rm[:, None] * RT + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < RT))
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def _down_weight_grad_group_kernel(
+    x_ptr, g_in_ptr, da_ptr,
+    M, K, RT, rows_per_split,
+    stride_xm, stride_xk,
+    seed0, seed1, seed2, p, inv_keep,
+    HAS_DROPOUT: tl.constexpr, G: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr, BRT: tl.constexpr,
+):
+    # dA_padᵀ tile (BK, BRT) = Σ_g dropout_g(X)ᵀ[BK, rows] · Gs[rows, member g's columns]
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BRT)
+    rm0 = tl.arange(0, BM)
+    member = rr // BRG
+    k_ok = rk < K
+    r_ok = rr < RT
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BK, BRT), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BM):
+        rm = m0 + rm0
+        m_ok = rm < m_end
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        gs = tl.load(g_in_ptr + rm[:, None] * RT + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        gs = gs.to(x_ptr.dtype.element_ty)
+        if HAS_DROPOUT:
+            for g in tl.static_range(G):
+                xg = tl.where(dropout_keep(_member_seed(seed0, seed1, seed2, g), rm, rk, K, p), x, 0.0)
+                gg = tl.where(member[None, :] == g, gs, 0.0)
+                acc = mma(tl.trans(xg.to(x.dtype)), gg.to(gs.dtype), acc, DOT_PREC)
+        else:
+            acc = mma(tl.trans(x), gs, acc, DOT_PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    ptrs = da_ptr + rr[None, :] * K + rk[:, None]
+    out_mask = k_ok[:, None] & r_ok[None, :]
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=out_mask)
+    else:
+        tl.store(ptrs, acc, mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def group_layout(ranks) -> tuple[int, int]:
+    """(BRG, BRT): each member's padded block and the padded width of the whole layout."""
+    brg = max(rank_block(r) for r in ranks)
+    return brg, triton.next_power_of_2(len(ranks) * brg)
+
+
+def group_unsupported(ranks) -> str | None:
+    """Why these members cannot run grouped (None if they can)."""
+    if not 2 <= len(ranks) <= MAX_GROUP:
+        return f"groups of 2 to {MAX_GROUP} projections, got {len(ranks)}"
+    brt = group_layout(ranks)[1]
+    if brt > MAX_GROUP_WIDTH:
+        return f"the padded ranks {list(ranks)} need a {brt}-wide tile (at most {MAX_GROUP_WIDTH})"
+    return None
+
+
+def _seeds3(seeds):
+    s = [int(v) for v in seeds] + [0] * (MAX_GROUP - len(seeds))
+    return s[0], s[1], s[2]
+
+
+def _dropout(p):
+    p = float(p)
+    return p, (1.0 / (1.0 - p) if p > 0 else 1.0), p > 0
+
+
+def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
+    """S_pad (M, RT) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (RT, K) a_pad, one pass over x."""
+    M, K = x.shape
+    RT = a_pad.shape[0]
+    brt = triton.next_power_of_2(RT)
+    cfg = rowblock_config(brt, x.dtype)
+    p, inv_keep, has_do = _dropout(dropout_p)
+    out = torch.empty((M, RT), device=x.device, dtype=torch.float32)
+    _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
+        x, a_pad, out, M, K, RT,
+        x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
+        *_seeds3(seeds), p, inv_keep,
+        HAS_DROPOUT=has_do, G=G, DOT_PREC=dot_precision(x.dtype),
+        BM=cfg.BM, BK=cfg.BK, BRG=brg, BRT=brt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
+    """dA_pad (RT, K) fp32 = [G_gᵀ·dropout_g(x)]_g for the scaled padded (M, RT) g_pad, one pass over x."""
+    M, K = x.shape
+    RT = g_pad.shape[1]
+    brt = triton.next_power_of_2(RT)
+    cfg = rowblock_config(brt, x.dtype)
+    p, inv_keep, has_do = _dropout(dropout_p)
+    k_blocks = triton.cdiv(K, cfg.BK)
+    m_blocks = triton.cdiv(M, cfg.BM)
+    splits = 1 if deterministic() else max(1, min(m_blocks, (2 * num_sms(x.device)) // k_blocks))
+    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
+    splits = triton.cdiv(M, rows_per_split)
+    use_atomic = splits > 1
+    da = (torch.zeros if use_atomic else torch.empty)((RT, K), device=x.device, dtype=torch.float32)
+    _down_weight_grad_group_kernel[(k_blocks, splits)](
+        x, g_pad, da, M, K, RT, rows_per_split,
+        x.stride(0), x.stride(1),
+        *_seeds3(seeds), p, inv_keep,
+        HAS_DROPOUT=has_do, G=G, USE_ATOMIC=use_atomic, DOT_PREC=dot_precision(x.dtype),
+        BM=cfg.BM, BK=cfg.BK, BRG=brg, BRT=brt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return da
+
+
+def _check_group(x, weights, biases, As, Bs, scalings, dropout_p, seeds):
+    G = len(weights)
+    if not (len(biases) == len(As) == len(Bs) == len(scalings) == len(seeds) == G):
+        raise ValueError(f"expected one bias, lora_A, lora_B, scaling and seed per member ({G} weights), got "
+                         f"{len(biases)}, {len(As)}, {len(Bs)}, {len(scalings)}, {len(seeds)}")
+    why = group_unsupported([a.shape[0] for a in As])
+    if why is not None:
+        raise ValueError(f"lora group: {why}")
+    for g in range(G):
+        _check_lora_args(x, weights[g], biases[g], As[g], Bs[g])
+        check_dropout(dropout_p, seeds[g])
+    if dropout_p > 0:
+        check_philox_range("x", *x.shape)
+
+
+def _pad_rows(tensors, brg, width, dtype):
+    """Stack (r_g, K) tensors into one zero-padded (width, K) tensor, member g at row g·brg."""
+    out = torch.zeros((width, tensors[0].shape[1]), device=tensors[0].device, dtype=dtype)
+    for g, t in enumerate(tensors):
+        out[g * brg: g * brg + t.shape[0]] = t
+    return out
+
+
+def lora_group_fwd(x, weights, biases, As, Bs, scalings, dropout_p=0.0, seeds=None):
+    """Forward of G LoRA linears on one input. Returns ([Y_g], S_pad (M, G·BRG) fp32).
+
+    Arguments per member as `lora.lora_linear_fwd` takes them (lists); seeds one per member."""
+    seeds = list(seeds) if seeds is not None else [0] * len(weights)
+    _check_group(x, weights, biases, As, Bs, scalings, dropout_p, seeds)
+    G = len(weights)
+    ranks = [a.shape[0] for a in As]
+    brg, _ = group_layout(ranks)
+    M = x.shape[0]
+    a_pad = _pad_rows([a.to(x.dtype) for a in As], brg, G * brg, x.dtype)
+    if M == 0:
+        s_pad = torch.empty((0, G * brg), device=x.device, dtype=torch.float32)
+    else:
+        s_pad = launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds)
+    ys = []
+    for g in range(G):
+        if M == 0:
+            ys.append(x.new_empty((0, weights[g].shape[0])))
+            continue
+        s_g = s_pad[:, g * brg: g * brg + ranks[g]].contiguous()
+        ys.append(launch_fused_up(x, weights[g], biases[g], s_g, Bs[g].to(x.dtype), scalings[g], ACT_IDENTITY))
+    return ys, s_pad
+
+
+def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, seeds=None, need_grad_x=True):
+    """Backward of `lora_group_fwd`. ``grad_ys[g]`` may be None (that member's output got no
+    gradient). Returns (grad_x or None, [grad_A_g], [grad_B_g]) in the adapters' dtypes."""
+    seeds = list(seeds) if seeds is not None else [0] * len(weights)
+    _check_group(x, weights, [None] * len(weights), As, Bs, scalings, dropout_p, seeds)
+    G = len(weights)
+    ranks = [a.shape[0] for a in As]
+    brg, _ = group_layout(ranks)
+    M, K = x.shape
+    dBs = [torch.zeros_like(b) for b in Bs]
+    g_pad = torch.zeros((M, G * brg), device=x.device, dtype=torch.float32)
+    dx = None
+    for g in range(G):
+        dy = grad_ys[g]
+        if dy is None or M == 0:
+            continue
+        dy = dy.contiguous()
+        s_g = s_pad[:, g * brg: g * brg + ranks[g]].contiguous()
+        b = Bs[g].to(x.dtype)
+        ds, db, _ = launch_rank_grad(dy, b, s_g, scalings[g], ACT_IDENTITY, need_db=True, need_dscale=False)
+        dBs[g] = db.to(Bs[g].dtype)
+        g_pad[:, g * brg: g * brg + ranks[g]] = ds * float(scalings[g])
+        if need_grad_x:  # chained in place: each member adds its dY_g·W_g and masked LoRA term
+            dx = launch_input_grad(dy, weights[g], dx, ds, As[g].to(x.dtype), scalings[g], dropout_p, seeds[g],
+                                   x.dtype, out=dx)
+    if need_grad_x and dx is None:
+        dx = torch.zeros_like(x)
+    if M == 0:
+        return dx, [torch.zeros_like(a) for a in As], dBs
+    da_pad = launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds)
+    dAs = [da_pad[g * brg: g * brg + ranks[g]].to(As[g].dtype) for g in range(G)]
+    return dx, dAs, dBs
+
+
+# ----------------------------------------------------------------------------------------------
+# offline-compile description of the shipped configurations
+# ----------------------------------------------------------------------------------------------
+
+
+def shipped_kernel_specs(dtype=torch.bfloat16):
+    """The two group kernels with dropout at the widest layout they take (G = 3, BRG = 64, BRT = 256)
+    and at q/k/v rank 16 (BRG = 16, BRT = 64), for the offline compile test."""
+    from ._common import TRITON_DTYPE_NAMES, make_signature
+
+    prec = dot_precision(dtype)
+    specs = []
+    for brg, brt in ((16, 64), (64, 256)):
+        cfg = rowblock_config(brt, dtype)
+        for name, fn, consts, fp32_ptrs, unit in (
+            ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3),
+             ("p_out_ptr",), ("stride_xk", "stride_ak")),
+            ("down_weight_grad_group", _down_weight_grad_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
+             ("g_in_ptr", "da_ptr"), ("stride_xk",)),
+        ):
+            sig, cx, attrs = make_signature(fn, {k: "fp32" for k in fp32_ptrs},
+                                            dict(consts, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BRG=brg, BRT=brt),
+                                            TRITON_DTYPE_NAMES[dtype], unit)
+            specs.append(dict(name=f"{name}/g3/r{brg}", fn=fn, dtype=dtype, signature=sig, constexprs=cx,
+                              attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return specs

@@ -1,0 +1,140 @@
+"""LoRA on sibling projections that read one input (q/k/v, gate/up) shares that read on the triton
+backend (interpreter here): the grouped path runs where the patched model allows it, gives the
+numbers of the one-projection-at-a-time path (same seeds, same dropout masks), and steps aside
+whenever its assumptions do not hold."""
+import pytest
+import torch
+
+import fastadapters as fa
+from fastadapters.kernels import lora_group as KG
+from tiny_models import input_ids, tiny_model
+
+ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def group_calls(monkeypatch):
+    calls = []
+    orig = KG.launch_down_proj_group
+
+    def counting(x, a_pad, brg, G, p, seeds):
+        calls.append(G)
+        return orig(x, a_pad, brg, G, p, seeds)
+    monkeypatch.setattr(KG, "launch_down_proj_group", counting)
+    return calls
+
+
+def _unlink(model):
+    for m in model.modules():
+        if isinstance(m, fa.layers.AdapterLinear):
+            m.__dict__.pop("shared_input", None)
+
+
+def _patched(backend="triton", targets=ALL_LLAMA, dropout=0.1, arch="llama"):
+    model = tiny_model(arch, seed=0)
+    fa.patch(model, backend=backend, adapter="lora", r=4, alpha=8, dropout=dropout, target_modules=targets)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _steps(model, steps=2):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    ids = input_ids(batch=2, length=9)
+    torch.manual_seed(0)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in params]))
+        opt.step()
+    return out
+
+
+def test_llama_groups_qkv_and_gate_up(group_calls):
+    model = _patched()
+    ids = input_ids(batch=2, length=9)
+    with torch.no_grad():
+        model(ids)
+    assert group_calls == [3, 2, 3, 2]  # per layer: q/k/v then gate/up; down_proj stands alone
+
+
+def test_grouped_training_equals_ungrouped_with_dropout(group_calls):
+    grouped = _steps(_patched())
+    assert group_calls, "the grouped path did not run"
+    ref_model = _patched()
+    _unlink(ref_model)
+    calls_before = len(group_calls)
+    ungrouped = _steps(ref_model)
+    assert len(group_calls) == calls_before
+    for step, ((la, ga), (lb, gb)) in enumerate(zip(grouped, ungrouped)):
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"loss step {step}: {m}")
+        for i, (a, b) in enumerate(zip(ga, gb)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {i} step {step}: {m}")
+
+
+def test_default_targets_group_q_and_v(group_calls):
+    model = _patched(targets=None)  # LoRA's default targets on llama: q_proj, v_proj (k stays plain)
+    with torch.no_grad():
+        model(input_ids(batch=2, length=5))
+    assert group_calls == [2, 2]
+
+
+def test_steps_aside_when_its_assumptions_fail(group_calls):
+    ids = input_ids(batch=2, length=6)
+    model = _patched(dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    # a pre-hook that changes k_proj's input: k must see its own input, not the shared one
+    attn = model.model.layers[0].self_attn
+    handle = attn.k_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 2.0,))
+    with torch.no_grad():
+        hooked = model(ids).logits
+    handle.remove()
+    ref = _patched(dropout=0.0)
+    ref.eval()
+    _unlink(ref)
+    handle = ref.model.layers[0].self_attn.k_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 2.0,))
+    with torch.no_grad():
+        torch.testing.assert_close(hooked, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    # an adapter that sits on q only is not grouped; switching back groups again
+    fa.patch(model, adapter="lora", r=2, target_modules=["q_proj"], name="q_only")
+    fa.set_adapter(model, "q_only")
+    group_calls.clear()
+    with torch.no_grad():
+        model(ids)
+    assert group_calls == []
+    fa.set_adapter(model, "default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=1e-6)
+    assert group_calls == [3, 2, 3, 2]
+
+
+def test_torch_backend_and_links_follow_the_wrappers(group_calls):
+    model = _patched(backend="torch")
+    with torch.no_grad():
+        model(input_ids(batch=2, length=5))
+    assert group_calls == []  # nothing to share on the torch path
+    q = model.model.layers[0].self_attn.q_proj
+    share = q.__dict__["shared_input"]
+    assert [m for m in share.members] == [q, model.model.layers[0].self_attn.k_proj,
+                                          model.model.layers[0].self_attn.v_proj]
+    fa.unpatch(model)
+    assert not any("shared_input" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch,linked", [("opt", 3), ("gptj", 3), ("gpt2", 0), ("bloom", 0)])
+def test_families_that_share_an_input(arch, linked):
+    targets = {"opt": ["q_proj", "k_proj", "v_proj"], "gptj": ["q_proj", "k_proj", "v_proj"]}.get(arch)
+    model = _patched(arch=arch, targets=targets)
+    shares = {id(m.__dict__["shared_input"]): len(m.__dict__["shared_input"].members)
+              for m in model.modules() if "shared_input" in m.__dict__}
+    assert set(shares.values()) <= {linked} and (len(shares) == 2) == bool(linked)
