@@ -55,9 +55,13 @@ def test_tiny_llama_trains_same_with_triton(kind):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m: f"{kind} grad {i} step {step}: {m}")
 
 
-def test_patched_model_compiles_fullgraph_with_triton_ops():
+@pytest.mark.parametrize("fields", [dict(adapter="lora", r=4, alpha=8, dropout=0.1),
+                                    dict(adapter="series", bottleneck_size=4, scaling="learned", dropout=0.1),
+                                    dict(adapter="parallel", bottleneck_size=4, dropout=0.1)],
+                         ids=["lora", "series", "parallel"])
+def test_patched_model_compiles_fullgraph_with_triton_ops(fields):
     model = tiny_model("llama", seed=0)
-    fa.patch(model, backend="triton", adapter="lora", r=4, alpha=8, dropout=0.1)
+    fa.patch(model, backend="triton", **fields)
     model.train()
     ids = input_ids(batch=2, length=9)
 
