@@ -43,11 +43,16 @@ PRESETS = {
 # harness
 # ---------------------------------------------------------------------------------------------
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
-    """Median seconds per call of ``fn`` on ``device``."""
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
+            cuda_graph: bool = False) -> float:
+    """Seconds per call of ``fn`` on ``device``: on CUDA the mean of ``triton.testing.do_bench``
+    (``cuda_graph``: of ``do_bench_cudagraph``, the calls replayed from a captured graph, so no
+    Python or launch overhead -- how serving engines run decode); on the CPU the median wall clock."""
     if device.type == "cuda":
         import triton.testing
 
+        if cuda_graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=100 * repeats) / 1e3
         return triton.testing.do_bench(fn, warmup=25 * warmup, rep=100 * repeats) / 1e3
     for _ in range(warmup):
         fn()

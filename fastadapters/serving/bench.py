@@ -10,6 +10,9 @@ turn) it times, on the same weights:
   sequential  the layer run once per adapter on that adapter's rows (base GEMM + LoRA each time)
   merged      one merged adapter: the base GEMM alone (W + s·B·A folded in: what a single-adapter
               deployment pays)
+  fa_graph,   on CUDA, fa and merged replayed from a captured CUDA graph (no Python or launch
+  merged_graph  overhead: how serving engines run decode); PEFT's loop cannot be captured (it builds
+              index tensors on the host) and is timed eagerly, as it runs
 
 and reports each as time over the *memory floor*: bytes that must be read or written at least once
 (base weight, x, y, and each distinct adapter's A and B once) over the bandwidth measured in the same
@@ -146,6 +149,13 @@ def bench_case(device, dtype, k: int, n: int, rows: int, tokens: int, a: int, se
             x3 = x.view(rows, tokens, k)
             names_rows = [f"a{int(i)}" for i in per_row]
             res["peft"] = time_fn(lambda: layer(x3, adapter_names=names_rows), device, repeats=repeats)
+        graph_error = None
+        if device.type == "cuda":  # decode as serving engines run it: replayed from a CUDA graph
+            try:
+                res["fa_graph"] = time_fn(fa_step, device, repeats=repeats, cuda_graph=True)
+                res["merged_graph"] = time_fn(merged_step, device, repeats=repeats, cuda_graph=True)
+            except Exception as e:  # reported in the row, never a silent gap
+                graph_error = f"{type(e).__name__}: {e}"[:300]
         # correctness guard: the table never reports a wrong kernel
         ref = sequential_step()
         got = fa_step()
@@ -160,6 +170,10 @@ def bench_case(device, dtype, k: int, n: int, rows: int, tokens: int, a: int, se
     for key, t in res.items():
         out[f"{key}_us"] = t * 1e6
         out[f"{key}_over_floor"] = t / floor
+    if graph_error is not None:
+        out["graph_error"] = graph_error
+    if "fa_graph" in res:
+        out["fa_graph_over_merged_graph"] = res["fa_graph"] / res["merged_graph"]
     if "peft" in res:
         out["peft_over_fa"] = res["peft"] / res["fa"]
     out["sequential_over_fa"] = res["sequential"] / res["fa"]
@@ -221,9 +235,14 @@ def render_serving(result: dict) -> str:
             return "-"
         return f"{r[f'{key}_us']:.0f} ({r[f'{key}_over_floor']:.1f})"
 
+    graphs = any("fa_graph_us" in r for r in result["rows"])  # CUDA: the graph-replayed column too
+    if graphs:
+        lines[2] = lines[2].replace("| PEFT us", "| fa graph us (x floor) | PEFT us")
+        lines[3] += "---|"
     for r in result["rows"]:
         peft = f"{r['peft_over_fa']:.1f}" if "peft_over_fa" in r else "-"
-        lines.append(f"| {r['mode']} | {r['B']} | {r['A']} | {r['ranks']} | {r['floor_us']:.1f} | {cell(r, 'fa')} "
+        fa = cell(r, "fa") + (f" | {cell(r, 'fa_graph')}" if graphs else "")
+        lines.append(f"| {r['mode']} | {r['B']} | {r['A']} | {r['ranks']} | {r['floor_us']:.1f} | {fa} "
                      f"| {cell(r, 'peft')} | {cell(r, 'sequential')} | {cell(r, 'merged')} | {peft} "
                      f"| {r['sequential_over_fa']:.1f} | {r['fa_over_merged']:.2f} |")
     return "\n".join(lines)
