@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Everything a GPU loan is for, in at most two device runs of under ten minutes each.
 #
-#   PYTHONUNBUFFERED=1 bash bench/gpu_session.sh tests   # build, pytest -m gpu, quick benchmarks
-#   PYTHONUNBUFFERED=1 bash bench/gpu_session.sh bench   # build, the full benchmark set
+#   FASTADAPTERS_GIT_COMMIT=<sha> PYTHONUNBUFFERED=1 bash bench/gpu_session.sh tests   # build, pytest -m gpu, quick benches
+#   FASTADAPTERS_GIT_COMMIT=<sha> PYTHONUNBUFFERED=1 bash bench/gpu_session.sh bench   # build, every benchmark
+#
+# (the device gets a copy of the tree without .git: pass the commit so every record names it)
+# A step that reaches its limit gets SIGINT first: the benchmarks then write the rows they have,
+# marked "truncated", and pytest prints its summary.
 #
 # Each phase installs the project (building fastadapters._C: a loaned machine starts bare), runs its
 # steps each under its own timeout so one slow step cannot eat the others, and leaves at most eight
@@ -17,7 +21,7 @@ log() { echo "[gpu_session +$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/session
 step() {  # step SECONDS NAME COMMAND...: run under a timeout, log its status, keep going
   local limit=$1 name=$2; shift 2
   log "start $name (limit ${limit}s)"
-  timeout "$limit" "$@"
+  timeout -s INT -k 20 "$limit" "$@"
   log "end $name: rc=$?"
 }
 
@@ -25,23 +29,26 @@ log "phase $phase on $(hostname)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 | tee -a "$OUT/session.log"
 python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/session.log"
+python -c "import ninja" 2>/dev/null && log "ninja present" || log "ninja missing: the extension builds serially"
 if ! pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
   log "install failed"; tail -40 "$OUT/build.log"; exit 1
 fi
+log "installed"
 python -c "from fastadapters import _ext; _ext.load_extension(); print('fastadapters._C:', _ext.extension_status())" \
   >> "$OUT/build.log" 2>&1 && log "CUDA extension loaded" || { log "CUDA extension NOT loaded"; tail -20 "$OUT/build.log"; }
 
 case "$phase" in
   tests)
-    step 330 "pytest -m gpu" sh -c "python -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider \
-      > '$OUT/gpu_tests.log' 2>&1"
+    log "start pytest -m gpu (limit 240s)"
+    timeout -s INT -k 20 240 python -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    log "end pytest -m gpu: rc=$?"
     tail -25 "$OUT/gpu_tests.log"
     step 60 "serving_cuda --quick" python bench/serving_cuda.py --quick --out "$OUT/serving_cuda.json"
-    step 90 "kernels --quick" python bench/kernels.py --quick --json "$OUT/kernels.json"
+    step 120 "kernels --quick" python bench/kernels.py --quick --json "$OUT/kernels.json"
     ;;
   bench)
-    step 200 "kernels" python bench/kernels.py --json "$OUT/kernels.json"
-    step 90 "serving" python bench/serving.py --json "$OUT/serving.json"
+    step 150 "kernels" python bench/kernels.py --json "$OUT/kernels.json"
+    step 120 "serving" python bench/serving.py --json "$OUT/serving.json"
     step 60 "serving_cuda" python bench/serving_cuda.py --out "$OUT/serving_cuda.json"
     step 150 "fastadapters bench (1b, bf16)" fastadapters bench --no-serving --no-kernels \
       --json "$OUT/training_step.json"

@@ -29,7 +29,7 @@ def render_record(rec: dict) -> str:
             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('git_commit')}, {env.get('time')}")
     meta = {k: v for k, v in rec.items() if k not in ("rows", "env", "benchmark")}
     lines = [head, "", "Setting: " + ", ".join(f"{k}={_fmt(v)}" for k, v in meta.items()), ""]
-    rows = rec.get("rows", [])
+    rows = [_flat(r) for r in rec.get("rows", [])]
     if rows:
         cols = [c for c in rows[0] if not isinstance(rows[0][c], (list, dict))]
         for r in rows[1:]:
@@ -41,10 +41,24 @@ def render_record(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def _flat(row: dict) -> dict:
+    """A kernel row's per-implementation timings ({"impls": {name: {"full_ms": ...}}}) as columns."""
+    out = {k: v for k, v in row.items() if k != "impls"}
+    for name, rec in (row.get("impls") or {}).items():
+        for key in ("fwd_ms", "full_ms"):
+            if key in rec:
+                out[f"{name}_{key}"] = rec[key]
+    return out
+
+
+RATIO_KEYS = ("vs_frozen_base", "floor_ratio", "speedup", "vs_peft", "fused_over_base_full",
+              "fa_graph_over_floor", "fa_over_floor", "cuda_over_floor")
+
+
 def plot_record(rec: dict, path: str) -> bool:
     """A bar chart of the first ratio column (vs_frozen_base / floor_ratio / speedup); False if none."""
     rows = rec.get("rows", [])
-    key = next((k for k in ("vs_frozen_base", "floor_ratio", "speedup", "vs_peft") if rows and k in rows[0]), None)
+    key = next((k for k in RATIO_KEYS if rows and k in rows[0]), None)
     if key is None:
         return False
     import matplotlib
@@ -52,7 +66,8 @@ def plot_record(rec: dict, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [str(r.get("variant") or r.get("name") or i) for i, r in enumerate(rows)]
+    labels = [str(r.get("variant") or r.get("name") or " ".join(str(r[k]) for k in ("kind", "mode", "B", "A", "M", "r", "b")
+                                                                   if k in r) or i) for i, r in enumerate(rows)]
     values = [r.get(key) or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 4))
     ax.bar(range(len(rows)), values)

@@ -72,15 +72,19 @@ def decode_table(device: torch.device, quick: bool = False) -> dict:
     grid_b = (1, 8) if quick else (1, 8, 32, 64)
     grid_a = (1, 8) if quick else (1, 8, 32, 64)
     rows = []
-    for ranks in ("16", "mix"):
-        for B in grid_b:
-            for A in grid_a:
-                rec = decode_case(B, A, ranks, device)
-                rec["floor_s"] = rec["bytes"] / bw
-                for k in ("cuda", "cuda_meta", "torch"):
-                    rec[f"{k}_over_floor"] = rec[f"{k}_s"] / rec["floor_s"]
-                rows.append(rec)
-    return {"bench": "serving_cuda.decode", "bandwidth_Bps": bw, "env": environment(device), "rows": rows}
+    out = {"benchmark": "serving_cuda.decode", "bandwidth_Bps": bw, "env": environment(device), "rows": rows}
+    try:
+        for ranks in ("16", "mix"):
+            for B in grid_b:
+                for A in grid_a:
+                    rec = decode_case(B, A, ranks, device)
+                    rec["floor_s"] = rec["bytes"] / bw
+                    for k in ("cuda", "cuda_meta", "torch"):
+                        rec[f"{k}_over_floor"] = rec[f"{k}_s"] / rec["floor_s"]
+                    rows.append(rec)
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far, marked
+        out["truncated"] = True
+    return out
 
 
 def render(result: dict) -> str:

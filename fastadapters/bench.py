@@ -45,15 +45,16 @@ PRESETS = {
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
             cuda_graph: bool = False) -> float:
-    """Seconds per call of ``fn`` on ``device``: on CUDA the mean of ``triton.testing.do_bench``
-    (``cuda_graph``: of ``do_bench_cudagraph``, the calls replayed from a captured graph, so no
-    Python or launch overhead -- how serving engines run decode); on the CPU the median wall clock."""
+    """Median seconds per call of ``fn`` on ``device``: on CUDA ``triton.testing.do_bench`` (about
+    10·warmup ms of warm-up, 20·repeats ms of timed calls; ``cuda_graph``: ``do_bench_cudagraph``,
+    the calls replayed from a captured graph, so no Python or launch overhead -- how serving engines
+    run decode); on the CPU the wall clock of ``repeats`` calls after ``warmup``."""
     if device.type == "cuda":
         import triton.testing
 
         if cuda_graph:
-            return triton.testing.do_bench_cudagraph(fn, rep=100 * repeats) / 1e3
-        return triton.testing.do_bench(fn, warmup=25 * warmup, rep=100 * repeats) / 1e3
+            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") / 1e3
+        return triton.testing.do_bench(fn, warmup=10 * warmup, rep=20 * repeats, return_mode="median") / 1e3
     for _ in range(warmup):
         fn()
     times = []
@@ -110,8 +111,9 @@ def environment(device: torch.device) -> dict:
         except Exception:
             return None
 
+    commit = os.environ.get("FASTADAPTERS_GIT_COMMIT")  # a device run gets a copy of the tree, no .git
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
     except Exception:
         commit = None

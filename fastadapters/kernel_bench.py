@@ -184,7 +184,20 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
         bn_cases = [(m, p, M, K, N, b) for (m, p, K, N) in shapes if p in ("qkvo", "q_o")
                     for M in ms for b in (BOTTLENECKS[:1] if quick else BOTTLENECKS)]
     warmup = 1 if smoke else 2
+    try:
+        _run_rows(torch, harness, device, dt, rows, lora_cases, bn_cases, fused_backend, smoke, quick, dropout,
+                  repeats, warmup, bandwidth_gbs, log)
+        truncated = False
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far, marked
+        truncated = True
+    out = dict(benchmark="kernels", dtype=dtype, env=harness.environment(device), rows=rows)
+    if truncated:
+        out["truncated"] = True
+    return out
 
+
+def _run_rows(torch, harness, device, dt, rows, lora_cases, bn_cases, fused_backend, smoke, quick, dropout,
+              repeats, warmup, bandwidth_gbs, log):
     for model, proj, M, K, N, r in lora_cases:
         impls = _lora_impls(torch, K, N, r, dt, device, dropout, fused_backend)
         x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
@@ -235,7 +248,6 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
                 row["adapter_over_floor"] = adapter_ms / floor_ms
             rows.append(row)
             log(_render_row(row))
-    return dict(benchmark="kernels", dtype=dtype, env=harness.environment(device), rows=rows)
 
 
 def render_kernel_table(result: dict) -> str:

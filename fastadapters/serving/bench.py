@@ -10,9 +10,9 @@ turn) it times, on the same weights:
   sequential  the layer run once per adapter on that adapter's rows (base GEMM + LoRA each time)
   merged      one merged adapter: the base GEMM alone (W + s·B·A folded in: what a single-adapter
               deployment pays)
-  fa_graph,   on CUDA, fa and merged replayed from a captured CUDA graph (no Python or launch
-  merged_graph  overhead: how serving engines run decode); PEFT's loop cannot be captured (it builds
-              index tensors on the host) and is timed eagerly, as it runs
+  fa_graph,   on CUDA, decode rows: fa and merged replayed from a captured CUDA graph (no Python or
+  merged_graph  launch overhead: how serving engines run decode); PEFT's loop cannot be captured (it
+              builds index tensors on the host) and is timed eagerly, as it runs
 
 and reports each as time over the *memory floor*: bytes that must be read or written at least once
 (base weight, x, y, and each distinct adapter's A and B once) over the bandwidth measured in the same
@@ -150,7 +150,7 @@ def bench_case(device, dtype, k: int, n: int, rows: int, tokens: int, a: int, se
             names_rows = [f"a{int(i)}" for i in per_row]
             res["peft"] = time_fn(lambda: layer(x3, adapter_names=names_rows), device, repeats=repeats)
         graph_error = None
-        if device.type == "cuda":  # decode as serving engines run it: replayed from a CUDA graph
+        if device.type == "cuda" and tokens == 1:  # decode as serving engines run it: from a CUDA graph
             try:
                 res["fa_graph"] = time_fn(fa_step, device, repeats=repeats, cuda_graph=True)
                 res["merged_graph"] = time_fn(merged_step, device, repeats=repeats, cuda_graph=True)
@@ -172,7 +172,7 @@ def bench_case(device, dtype, k: int, n: int, rows: int, tokens: int, a: int, se
         out[f"{key}_over_floor"] = t / floor
     if graph_error is not None:
         out["graph_error"] = graph_error
-    if "fa_graph" in res:
+    if "fa_graph" in res and "merged_graph" in res:
         out["fa_graph_over_merged_graph"] = res["fa_graph"] / res["merged_graph"]
     if "peft" in res:
         out["peft_over_fa"] = res["peft"] / res["fa"]
@@ -202,6 +202,8 @@ def bench_serving_table(device: str | torch.device | None = None, quick: bool = 
     threads = torch.get_num_threads()
     if device.type == "cpu" and quick:
         torch.set_num_threads(1)  # steadier on a shared machine; recorded in the result
+    truncated = False
+    used_threads = torch.get_num_threads()
     try:
         for setting, a in itertools.product(("16", "mixed"), as_):
             if setting == "mixed" and a == 1:
@@ -210,13 +212,18 @@ def bench_serving_table(device: str | torch.device | None = None, quick: bool = 
                 if a <= b:
                     rows.append(bench_case(device, dtype, k, n, b, tok, a, setting, bw, backend, repeats, with_peft))
         used_threads = torch.get_num_threads()
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far, marked
+        truncated = True
     finally:
         torch.set_num_threads(threads)
         _PEFT_CACHE.clear()
     order = {"decode": 0, "prefill": 1}
     rows.sort(key=lambda r: (order[r["mode"]], r["ranks"] != "16", r["B"], r["A"]))
-    return {"benchmark": "serving_multi_adapter", "env": environment(device), "dtype": str(dtype),
-            "backend": backend, "threads": used_threads, "bandwidth_GBps": bw / 1e9, "rows": rows}
+    out = {"benchmark": "serving_multi_adapter", "env": environment(device), "dtype": str(dtype),
+           "backend": backend, "threads": used_threads, "bandwidth_GBps": bw / 1e9, "rows": rows}
+    if truncated:
+        out["truncated"] = True
+    return out
 
 
 def render_serving(result: dict) -> str:
