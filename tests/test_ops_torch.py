@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastadapters.ops import dispatch
 from fastadapters.ops.bottleneck import bottleneck_linear

@@ -119,7 +119,7 @@ def test_kernel_uses_vector_loads_and_warp_shuffles(compiled_objects, name):
 
 
 def test_ops_cpp_syntax_against_torch_headers(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from torch.utils.cpp_extension import include_paths
 
     cxx = _cxx()
