@@ -191,7 +191,7 @@ def build_plan(row_slot: torch.Tensor, num_slots: int, block_m: int = 64, out: M
     for k, v in fields.items():
         getattr(out, k).copy_(v)
     out._torch_layout = None
-    for k in ("_parts", "_torch_idx"):
+    for k in ("_parts", "_torch_idx", "_gathered"):
         out.__dict__.pop(k, None)
     meta = out.__dict__.get("_cuda_meta")
     if meta is not None:  # refill in place: a captured CUDA graph holds these very buffers
@@ -256,7 +256,10 @@ def _partition(layout, sz: torch.Tensor, act: torch.Tensor, r_max: int, dev: tor
             drop = (torch.arange(c) >= tile_size[sel][:, None]).to(dev)[:, None, :]
         groups.append((c, sel.to(dev), sl.to(dev), act_groups, drop))
     whole = len(groups) == 1 and bool((cls > 0).all())
-    return groups, whole
+    # one tile per used slot (decode): gathered weights are one copy of the used adapters at most,
+    # so the torch path may keep them between calls
+    one_tile_per_slot = int(torch.unique(tile_slot).numel()) == int(tile_slot.numel())
+    return groups, whole, one_tile_per_slot
 
 
 def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan: MultiPlan | None = None,
@@ -282,7 +285,7 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
         part = _partition(layout, sz, act, r_max, dev)
         if cache is not None:
             cache[key] = part
-    groups, whole = part
+    groups, whole, one_tile_per_slot = part
     if not groups:
         return y0.clone()
     rows, tile_of_row, lane, tile_slot, L = layout
@@ -301,22 +304,35 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
     else:
         xt = x.new_zeros((ntiles * L, k), dtype=cd).index_copy_(0, pos_d, xr).view(ntiles, L, k)
     delta = None if whole else x.new_zeros((ntiles, L, n), dtype=cd)
-    sc_all = scales.to(cd)
-    for c, sel_d, sl_d, act_groups, drop in groups:
-        # gather whole slots (index_select: contiguous copies), then view the first c ranks
-        wd = down.index_select(0, sl_d)[:, :c, :]  # (t, c, K)
-        h = torch.bmm(xt if whole else xt.index_select(0, sel_d), wd.transpose(1, 2).to(cd))  # (t, L, c)
+    # the gathered weights of each rank class, scaled, padding zeroed: kept on the plan for decode
+    # (one tile per slot) and reused while the tables' contents are unchanged (version counters)
+    store = plan.__dict__.setdefault("_gathered", {}) if (cache is not None and one_tile_per_slot) else None
+    wkey = (key, id(down), id(up), id(scales), cd)  # one entry per table (layer and phase)
+    versions = (down._version, up._version, scales._version)
+    hit = store.get(wkey) if store is not None else None
+    gathered = hit[1] if (hit is not None and hit[0] == versions) else None
+    if gathered is None:
+        gathered = []
+        sc_all = scales.to(cd)
+        for c, sel_d, sl_d, act_groups, drop in groups:
+            # gather whole slots (index_select: contiguous copies), then the first c ranks
+            wd_t = down.index_select(0, sl_d)[:, :c, :].transpose(1, 2).to(cd)  # (t, K, c)
+            wu = up.index_select(0, sl_d)[:, :, :c].to(cd) * sc_all.index_select(0, sl_d)[:, None, None]
+            if drop is not None:  # ranks beyond an adapter's size are padding: never read them
+                wu.masked_fill_(drop, 0.0)
+            gathered.append((wd_t, wu.transpose(1, 2)))  # (t, K, c), (t, c, N)
+        if store is not None:
+            store[wkey] = (versions, gathered)  # replaces this table's copy made before a slot fill
+    for (c, sel_d, sl_d, act_groups, drop), (wd_t, wu_t) in zip(groups, gathered):
+        h = torch.bmm(xt if whole else xt.index_select(0, sel_d), wd_t)  # (t, L, c)
         for a, which in act_groups:  # at most six activation kinds, never a loop over adapters
             if which is None:
                 h = ACT_BY_ID[a](h)
             else:
                 h.index_copy_(0, which, ACT_BY_ID[a](h.index_select(0, which)))
-        h = h * sc_all.index_select(0, sl_d)[:, None, None]
-        wu = up.index_select(0, sl_d)[:, :, :c].to(cd)  # (t, N, c), a gathered copy
-        if drop is not None:  # ranks beyond an adapter's size are padding: never read them
+        if drop is not None:
             h = h.masked_fill(drop, 0.0)
-            wu.masked_fill_(drop, 0.0)
-        out = torch.bmm(h, wu.transpose(1, 2))
+        out = torch.bmm(h, wu_t)
         if whole:
             delta = out
         else:

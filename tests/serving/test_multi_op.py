@@ -307,3 +307,24 @@ def test_plan_refill_keeps_and_refills_cuda_metadata():
     assert not torch.equal(fresh.sorted_rows, multi_adapter_meta(first, s).sorted_rows)
     for k, v in fresh._asdict().items():
         assert torch.equal(getattr(meta, k), v), k
+
+
+def test_torch_path_reuses_gathered_weights_until_a_table_changes():
+    """Decode-shaped calls (one tile per slot) keep the gathered, scaled weights on the plan; an
+    in-place change of down, up or scales (a slot fill, a reload) is seen at the next call."""
+    y0, x, rs, down, up, sz, sc, act = _case(m=6, k=20, n=11, s=6, r=8, sizes=(1, 5, 8, 3, 8, 2),
+                                             pattern="distinct")
+    plan = mo.build_plan(rs, 6)
+    sizes_host, act_host = sz.clone(), act.clone()
+
+    def run():
+        return mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, plan=plan, backend="torch",
+                                sizes_host=sizes_host, act_host=act_host)
+    first = run()
+    torch.testing.assert_close(first, mo.multi_adapter_ref(y0, x, rs, down, up, sz, sc, act), atol=1e-5, rtol=0)
+    assert plan.__dict__["_gathered"], "decode-shaped calls keep their gathered weights"
+    torch.testing.assert_close(run(), first, atol=0, rtol=0)
+    for t in (up, down, sc):
+        with torch.no_grad():
+            t.mul_(1.5)
+        torch.testing.assert_close(run(), mo.multi_adapter_ref(y0, x, rs, down, up, sz, sc, act), atol=1e-5, rtol=0)
