@@ -41,12 +41,26 @@ class AdapterSpec:
     scaling: float | None  # None: learned (adapter_scaling parameter)
 
 
+def fusable(base: nn.Module) -> bool:
+    """Whether the kernels may read ``base.weight`` / ``base.bias`` in place of calling ``base``:
+    true for nn.Linear and Conv1D and subclasses that keep their forward; false for a subclass
+    with its own forward (bitsandbytes' 4/8-bit linears, fake-quantised or otherwise custom
+    layers), whose weight is not what its forward multiplies by."""
+    own = type(base).forward
+    return own is nn.Linear.forward or (isinstance(Conv1D, type) and own is Conv1D.forward)
+
+
+_UNFUSED_WARNED: set[str] = set()
+
+
 def base_weight_nk(base: nn.Module) -> torch.Tensor:
     """The base weight as an (out, in) matrix: a transposed view for Conv1D, no copy."""
     return base.weight.t() if (Conv1D and isinstance(base, Conv1D)) else base.weight
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, nn.Linear):  # its attributes, not the weight's shape (packed in quantised subclasses)
+        return int(base.in_features), int(base.out_features)
     w = base_weight_nk(base)
     return int(w.shape[1]), int(w.shape[0])
 
@@ -60,6 +74,15 @@ class AdapterLinear(nn.Module):
             raise TypeError(f"AdapterLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_features(base_layer)
+        self.fusable = fusable(base_layer)
+        name = type(base_layer).__name__
+        if not self.fusable and name not in _UNFUSED_WARNED:
+            _UNFUSED_WARNED.add(name)
+            import warnings
+
+            warnings.warn(f"fastadapters: {name} has its own forward (a quantised or custom linear), so the "
+                          "fused kernels cannot read its weight: its adapters run beside base_layer(x) with the "
+                          "plain torch ops (slower, same results)", RuntimeWarning, stacklevel=3)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.adapter_down = nn.ModuleDict()
@@ -136,7 +159,24 @@ class AdapterLinear(nn.Module):
     def _base_args(self):
         return base_weight_nk(self.base_layer), self.base_layer.bias
 
+    def _forward_unfused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """An opaque base layer (see ``fusable``): base_layer(x) plus the adapter, plain torch."""
+        spec = self.specs[name]
+        cfg = spec.config
+        if spec.kind == "lora":
+            y = self.base_layer(x)
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            xd = x if x.dtype == A.dtype else x.to(A.dtype)
+            if self.training and cfg.dropout > 0:
+                xd = torch.nn.functional.dropout(xd, cfg.dropout, True)
+            return y + (spec.scaling * ((xd @ A.t()) @ B.t())).to(y.dtype)
+        return bottleneck_linear(spec.kind, x, self.base_layer, self.adapter_down[name].weight,
+                                 self.adapter_up[name].weight, self.scaling_of(name), cfg.non_linearity,
+                                 cfg.dropout, self.training, "torch")
+
     def forward_adapter(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if not self.fusable:
+            return self._forward_unfused(x, name)
         spec = self.specs[name]
         weight, bias = self._base_args()
         if spec.kind == "lora":
@@ -155,7 +195,7 @@ class AdapterLinear(nn.Module):
         if name is None or name not in self.specs:
             return self.base_layer(x)
         share = self.__dict__.get("shared_input")
-        if share is not None:
+        if share is not None and self.fusable:
             out = share.output(self, x, name)
             if out is not None:
                 return out
@@ -192,6 +232,7 @@ class SharedInput:
         for m in self.members:
             spec = m.specs.get(name)
             if (m.active_adapter != name or m.routing is not None or spec is None or spec.kind != "lora"
+                    or not m.fusable
                     or m.training != first.training or m.backend != first.backend
                     or spec.config.dropout != first.specs[name].config.dropout):
                 return None
@@ -213,8 +254,11 @@ class SharedInput:
             if not self._pending:
                 self._x = None
             return out
-        if resolve_backend(LORA_OP, layer.backend, x.device) != "triton":
-            return None  # the torch path gains nothing from grouping: cheap early exit
+        try:
+            if resolve_backend(LORA_OP, layer.backend, x.device) != "triton":
+                return None  # the torch path gains nothing from grouping: cheap early exit
+        except RuntimeError:
+            return None  # an unusable backend request: the member's own call says why
         if not any(m is layer for m in self.members):
             return None  # a replica sharing our __dict__ (nn.DataParallel): its own weights, alone
         args = self._group_args(name, x)
