@@ -206,12 +206,19 @@ class AdapterLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters=[{kinds}], active={self.active_adapter}"
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """The version counter, None for an inference tensor (torch.inference_mode keeps none; there
+    the same object is taken to be the same input)."""
+    return None if t.is_inference() else t._version
+
+
 class SharedInput:
     """Sibling AdapterLinears that the model calls one after another on the same tensor (q, k, v;
     gate, up: ``models.Architecture.shared_input``). When the first of them is called and every
     member runs the same LoRA adapter on the triton backend, all members' outputs are computed in
     one ``lora_linear_group`` (X read once); the others' outputs wait here and are handed out when
-    those members are called with that very tensor, unmodified (same object, same version).
+    those members are called with that very tensor, unmodified (same object, same version; under
+    torch.inference_mode, which keeps no versions, the same object).
     Anything else -- another input, a member called out of turn, a pre-hook that changed the input,
     torch.compile tracing -- runs the member on its own, with the same numbers.
 
@@ -249,7 +256,7 @@ class SharedInput:
     def output(self, layer: "AdapterLinear", x: torch.Tensor, name: str) -> torch.Tensor | None:
         if torch.compiler.is_compiling():
             return None
-        if self._x is x and self._version == x._version and id(layer) in self._pending:
+        if self._x is x and self._version == _version_of(x) and id(layer) in self._pending:
             out = self._pending.pop(id(layer))
             if not self._pending:
                 self._x = None
@@ -273,7 +280,7 @@ class SharedInput:
                 mine = out
             else:
                 self._pending[id(m)] = out
-        self._x, self._version = (x, x._version) if self._pending else (None, -1)
+        self._x, self._version = (x, _version_of(x)) if self._pending else (None, -1)
         return mine
 
 

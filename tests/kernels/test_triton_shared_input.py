@@ -138,3 +138,17 @@ def test_families_that_share_an_input(arch, linked):
     shares = {id(m.__dict__["shared_input"]): len(m.__dict__["shared_input"].members)
               for m in model.modules() if "shared_input" in m.__dict__}
     assert set(shares.values()) <= {linked} and (len(shares) == 2) == bool(linked)
+
+
+def test_grouped_under_inference_mode(group_calls):
+    """torch.inference_mode keeps no version counters: the grouped path still runs and agrees."""
+    model = _patched(dropout=0.0)
+    model.eval()
+    ids = input_ids(batch=2, length=6)
+    with torch.no_grad():
+        want = model(ids).logits
+    group_calls.clear()
+    with torch.inference_mode():
+        got = model(ids).logits
+    assert group_calls == [3, 2, 3, 2]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
