@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, _BottleneckConfig
-from .ops.bottleneck import bottleneck_linear
+from .ops.bottleneck import bottleneck_linear, parallel_linear_group
 from .ops.dispatch import resolve as resolve_backend
-from .ops.lora import OP as LORA_OP, lora_group_unsupported, lora_linear, lora_linear_group
+from .ops.lora import OP as LORA_OP, branch_group_unsupported, lora_linear, lora_linear_group
 
 try:  # transformers' GPT-2 style linear (weight stored (in, out))
     from transformers.pytorch_utils import Conv1D
@@ -215,8 +215,9 @@ def _version_of(t: torch.Tensor) -> int | None:
 class SharedInput:
     """Sibling AdapterLinears that the model calls one after another on the same tensor (q, k, v;
     gate, up: ``models.Architecture.shared_input``). When the first of them is called and every
-    member runs the same LoRA adapter on the triton backend, all members' outputs are computed in
-    one ``lora_linear_group`` (X read once); the others' outputs wait here and are handed out when
+    member runs the same LoRA or parallel adapter on the triton backend, all members' outputs are
+    computed in one ``lora_linear_group`` / ``parallel_linear_group`` (X read once); the others'
+    outputs wait here and are handed out when
     those members are called with that very tensor, unmodified (same object, same version; under
     torch.inference_mode, which keeps no versions, the same object).
     Anything else -- another input, a member called out of turn, a pre-hook that changed the input,
@@ -232,26 +233,38 @@ class SharedInput:
         self._version = -1
         self._pending: dict[int, torch.Tensor] = {}
 
-    def _group_args(self, name: str, x: torch.Tensor):
-        """The members' weights when they can run as one group for adapter ``name``, else None."""
+    def _group_call(self, name: str, x: torch.Tensor):
+        """A call computing every member's output for adapter ``name`` in one group, else None."""
         first = self.members[0]
-        ws, bs, As, Bs, ss = [], [], [], [], []
+        spec0 = first.specs.get(name)
+        if spec0 is None or spec0.kind not in ("lora", "parallel"):
+            return None
+        cfg0 = spec0.config
+        ws, bs, downs, ups, ss = [], [], [], [], []
         for m in self.members:
             spec = m.specs.get(name)
-            if (m.active_adapter != name or m.routing is not None or spec is None or spec.kind != "lora"
-                    or not m.fusable
-                    or m.training != first.training or m.backend != first.backend
-                    or spec.config.dropout != first.specs[name].config.dropout):
+            if (m.active_adapter != name or m.routing is not None or spec is None or spec.kind != spec0.kind
+                    or not m.fusable or m.training != first.training or m.backend != first.backend
+                    or spec.config.dropout != cfg0.dropout
+                    or getattr(spec.config, "non_linearity", None) != getattr(cfg0, "non_linearity", None)):
                 return None
             w, b = m._base_args()
             ws.append(w)
             bs.append(b)
-            As.append(m.lora_A[name].weight)
-            Bs.append(m.lora_B[name].weight)
-            ss.append(spec.scaling)
-        if lora_group_unsupported(x, ws, As, first.backend) is not None:
+            if spec.kind == "lora":
+                downs.append(m.lora_A[name].weight)
+                ups.append(m.lora_B[name].weight)
+            else:
+                downs.append(m.adapter_down[name].weight)
+                ups.append(m.adapter_up[name].weight)
+            ss.append(m.scaling_of(name))
+        op = LORA_OP if spec0.kind == "lora" else "bottleneck_parallel"
+        if branch_group_unsupported(op, x, [d.shape[0] for d in downs], first.backend) is not None:
             return None
-        return ws, bs, As, Bs, ss
+        if spec0.kind == "lora":
+            return lambda: lora_linear_group(x, ws, bs, downs, ups, ss, cfg0.dropout, first.training, first.backend)
+        return lambda: parallel_linear_group(x, ws, bs, downs, ups, ss, cfg0.non_linearity, cfg0.dropout,
+                                             first.training, first.backend)
 
     def output(self, layer: "AdapterLinear", x: torch.Tensor, name: str) -> torch.Tensor | None:
         if torch.compiler.is_compiling():
@@ -261,18 +274,21 @@ class SharedInput:
             if not self._pending:
                 self._x = None
             return out
+        kind = layer.specs[name].kind
+        if kind not in ("lora", "parallel"):
+            return None
         try:
-            if resolve_backend(LORA_OP, layer.backend, x.device) != "triton":
+            op = LORA_OP if kind == "lora" else "bottleneck_parallel"
+            if resolve_backend(op, layer.backend, x.device) != "triton":
                 return None  # the torch path gains nothing from grouping: cheap early exit
         except RuntimeError:
             return None  # an unusable backend request: the member's own call says why
         if not any(m is layer for m in self.members):
             return None  # a replica sharing our __dict__ (nn.DataParallel): its own weights, alone
-        args = self._group_args(name, x)
-        if args is None:
+        call = self._group_call(name, x)
+        if call is None:
             return None
-        cfg = layer.specs[name].config
-        outs = lora_linear_group(x, *args, cfg.dropout, layer.training, layer.backend)
+        outs = call()
         mine = None
         self._pending = {}
         for m, out in zip(self.members, outs):

@@ -1,4 +1,5 @@
-"""LoRA on sibling projections that share one input (q/k/v, gate/up): X read once for all of them.
+"""LoRA (and parallel adapters) on sibling projections that share one input (q/k/v, gate/up): X
+read once for all of them.
 
 For G = 2 or 3 members with the same input X, dropout p and their own seeds::
 
@@ -19,7 +20,9 @@ The members' ranks sit in one padded layout: member g owns columns [g·BRG, g·B
 rows of A_pad / dA_pad, with BRG = the widest member's padded rank, so one (BM, BRT) tile holds
 every member and each member's dot masks the others' columns. Each member's Philox stream is its
 own seed with offsets m·K + k, exactly the single op's, so grouped and ungrouped runs draw the same
-masks from the same seeds.
+masks from the same seeds. With an activation the members are parallel bottleneck adapters
+(Y_g = X·W_gᵀ + b_g + s_g·act(dropout_g(X)·D_gᵀ)·U_gᵀ, the LoRA kernels with the activation on, as
+``bottleneck.bottleneck_parallel_*``), learned scalings included.
 """
 from __future__ import annotations
 
@@ -242,10 +245,13 @@ def _pad_rows(tensors, brg, width, dtype):
     return out
 
 
-def lora_group_fwd(x, weights, biases, As, Bs, scalings, dropout_p=0.0, seeds=None):
+def lora_group_fwd(x, weights, biases, As, Bs, scalings, dropout_p=0.0, seeds=None, activation=ACT_IDENTITY):
     """Forward of G LoRA linears on one input. Returns ([Y_g], S_pad (M, G·BRG) fp32).
 
-    Arguments per member as `lora.lora_linear_fwd` takes them (lists); seeds one per member."""
+    Arguments per member as `lora.lora_linear_fwd` takes them (lists); seeds one per member.
+    ``activation`` (an ``_common`` activation id) makes the members parallel bottleneck adapters,
+    Y_g = X·W_gᵀ + b_g + s_g·act(S_g)·B_gᵀ, as ``bottleneck.bottleneck_parallel_fwd``; a scaling
+    may be a 1-element tensor (learned)."""
     seeds = list(seeds) if seeds is not None else [0] * len(weights)
     _check_group(x, weights, biases, As, Bs, scalings, dropout_p, seeds)
     G = len(weights)
@@ -263,13 +269,15 @@ def lora_group_fwd(x, weights, biases, As, Bs, scalings, dropout_p=0.0, seeds=No
             ys.append(x.new_empty((0, weights[g].shape[0])))
             continue
         s_g = s_pad[:, g * brg: g * brg + ranks[g]].contiguous()
-        ys.append(launch_fused_up(x, weights[g], biases[g], s_g, Bs[g].to(x.dtype), scalings[g], ACT_IDENTITY))
+        ys.append(launch_fused_up(x, weights[g], biases[g], s_g, Bs[g].to(x.dtype), scalings[g], activation))
     return ys, s_pad
 
 
-def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, seeds=None, need_grad_x=True):
+def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, seeds=None, need_grad_x=True,
+                   activation=ACT_IDENTITY):
     """Backward of `lora_group_fwd`. ``grad_ys[g]`` may be None (that member's output got no
-    gradient). Returns (grad_x or None, [grad_A_g], [grad_B_g]) in the adapters' dtypes."""
+    gradient). Returns (grad_x or None, [grad_A_g], [grad_B_g], [grad_scaling_g]) in the adapters'
+    dtypes; grad_scaling_g is None for a float scaling."""
     seeds = list(seeds) if seeds is not None else [0] * len(weights)
     _check_group(x, weights, [None] * len(weights), As, Bs, scalings, dropout_p, seeds)
     G = len(weights)
@@ -277,6 +285,8 @@ def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, 
     brg, _ = group_layout(ranks)
     M, K = x.shape
     dBs = [torch.zeros_like(b) for b in Bs]
+    learned = [isinstance(sc, torch.Tensor) for sc in scalings]
+    dscales = [torch.zeros_like(sc) if ln else None for sc, ln in zip(scalings, learned)]
     g_pad = torch.zeros((M, G * brg), device=x.device, dtype=torch.float32)
     dx = None
     for g in range(G):
@@ -286,19 +296,23 @@ def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, 
         dy = dy.contiguous()
         s_g = s_pad[:, g * brg: g * brg + ranks[g]].contiguous()
         b = Bs[g].to(x.dtype)
-        ds, db, _ = launch_rank_grad(dy, b, s_g, scalings[g], ACT_IDENTITY, need_db=True, need_dscale=False)
+        ds, db, dsc = launch_rank_grad(dy, b, s_g, scalings[g], activation, need_db=True, need_dscale=learned[g])
         dBs[g] = db.to(Bs[g].dtype)
-        g_pad[:, g * brg: g * brg + ranks[g]] = ds * float(scalings[g])
+        if learned[g]:
+            dscales[g] = dsc.reshape(scalings[g].shape).to(scalings[g].dtype)
+            g_pad[:, g * brg: g * brg + ranks[g]] = ds * scalings[g].detach().reshape(()).float()
+        else:
+            g_pad[:, g * brg: g * brg + ranks[g]] = ds * float(scalings[g])
         if need_grad_x:  # chained in place: each member adds its dY_g·W_g and masked LoRA term
             dx = launch_input_grad(dy, weights[g], dx, ds, As[g].to(x.dtype), scalings[g], dropout_p, seeds[g],
                                    x.dtype, out=dx)
     if need_grad_x and dx is None:
         dx = torch.zeros_like(x)
     if M == 0:
-        return dx, [torch.zeros_like(a) for a in As], dBs
+        return dx, [torch.zeros_like(a) for a in As], dBs, dscales
     da_pad = launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds)
     dAs = [da_pad[g * brg: g * brg + ranks[g]].to(As[g].dtype) for g in range(G)]
-    return dx, dAs, dBs
+    return dx, dAs, dBs, dscales
 
 
 # ----------------------------------------------------------------------------------------------

@@ -343,3 +343,21 @@ if _triton_importable():
     for _p in PLACEMENTS:
         dispatch.register(f"bottleneck_{_p}", "triton",
                           lambda x, base, *a, _p=_p: bottleneck_linear_triton(_p, x, base, *a))
+
+
+def parallel_linear_group(x, weights, biases, downs, ups, scalings, act: str, dropout_p: float = 0.0,
+                          training: bool = False, backend: str | None = None) -> list[torch.Tensor]:
+    """``[bottleneck_linear("parallel", x, (weights[g], biases[g]), downs[g], ups[g], scalings[g], act,
+    ...)]`` for sibling projections on one input (parallel adapters on q/k/v): on the triton backend X
+    is read once for all of them (``lora.branch_group``, the LoRA kernels with the activation on),
+    elsewhere each member runs on its own; each member draws its own dropout seed, in order."""
+    from .lora import branch_group, branch_group_unsupported
+
+    for w, b, d, u in zip(weights, biases, downs, ups):
+        check_bottleneck_args("parallel", x, (w, b), d, u, act)
+    if branch_group_unsupported("bottleneck_parallel", x, [d.shape[0] for d in downs], backend) is not None:
+        return [bottleneck_linear("parallel", x, (w, b), d, u, sc, act, dropout_p, training, backend)
+                for w, b, d, u, sc in zip(weights, biases, downs, ups, scalings)]
+    from fastadapters.kernels._common import activation_id
+
+    return branch_group(x, weights, biases, downs, ups, scalings, activation_id(act), dropout_p, training)

@@ -250,18 +250,21 @@ if _triton_importable():
 # ---------------------------------------------------------------------------------------------
 
 
-class _LoRAGroupTriton(torch.autograd.Function):
-    """G LoRA linears on one input through ``kernels.lora_group`` (eager only: under torch.compile
-    the layers run the per-projection custom ops instead)."""
+class _BranchGroupTriton(torch.autograd.Function):
+    """G sibling projections on one input through ``kernels.lora_group`` (eager only: under
+    torch.compile the layers run the per-projection custom ops instead). Per member the flat
+    arguments are (weight, bias, down/A, up/B, scaling); a scaling is a float or a learned tensor."""
 
     @staticmethod
-    def forward(ctx, x2, dropout_p, scalings, seeds, *flat):
+    def forward(ctx, x2, dropout_p, activation, seeds, *flat):
         from fastadapters.kernels.lora_group import lora_group_fwd
 
-        ws, bs, As, Bs = list(flat[0::4]), list(flat[1::4]), list(flat[2::4]), list(flat[3::4])
-        ys, s_pad = lora_group_fwd(x2, ws, bs, As, Bs, scalings, dropout_p, seeds)
-        ctx.save_for_backward(x2, s_pad, *ws, *As, *Bs)
-        ctx.dropout_p, ctx.scalings, ctx.seeds = dropout_p, scalings, seeds
+        ws, bs, As, Bs, ss = (list(flat[i::5]) for i in range(5))
+        ys, s_pad = lora_group_fwd(x2, ws, bs, As, Bs, ss, dropout_p, seeds, activation)
+        tensor_scales = [sc for sc in ss if isinstance(sc, torch.Tensor)]
+        ctx.save_for_backward(x2, s_pad, *ws, *As, *Bs, *tensor_scales)
+        ctx.float_scales = [None if isinstance(sc, torch.Tensor) else sc for sc in ss]
+        ctx.dropout_p, ctx.activation, ctx.seeds = dropout_p, activation, seeds
         ctx.has_bias = [b is not None for b in bs]
         ctx.set_materialize_grads(False)  # an unused member output costs no backward work
         return tuple(ys)
@@ -272,31 +275,56 @@ class _LoRAGroupTriton(torch.autograd.Function):
 
         x2, s_pad, *rest = ctx.saved_tensors
         G = len(dys)
-        ws, As, Bs = rest[:G], rest[G:2 * G], rest[2 * G:]
+        ws, As, Bs = rest[:G], rest[G:2 * G], rest[2 * G:3 * G]
+        tensor_scales = iter(rest[3 * G:])
+        ss = [next(tensor_scales) if f is None else f for f in ctx.float_scales]
         need = ctx.needs_input_grad
+        at = lambda g, i: need[4 + 5 * g + i]  # noqa: E731  (i: 0 weight, 1 bias, 2 down, 3 up, 4 scale)
         grads = [None, None, None, None]
-        dx, dAs, dBs = None, [None] * G, [None] * G
-        if need[0] or any(need[4 + 4 * g + 2] or need[4 + 4 * g + 3] for g in range(G)):
-            dx, dAs, dBs = lora_group_bwd(list(dys), x2, list(ws), list(As), list(Bs), s_pad, ctx.scalings,
-                                          ctx.dropout_p, ctx.seeds, need_grad_x=bool(need[0]))
+        dx, dAs, dBs, dSs = None, [None] * G, [None] * G, [None] * G
+        if need[0] or any(at(g, 2) or at(g, 3) or at(g, 4) for g in range(G)):
+            dx, dAs, dBs, dSs = lora_group_bwd(list(dys), x2, list(ws), list(As), list(Bs), s_pad, ss,
+                                               ctx.dropout_p, ctx.seeds, need_grad_x=bool(need[0]),
+                                               activation=ctx.activation)
         grads[0] = dx if need[0] else None
         for g in range(G):
             dy = dys[g]
-            dw = (dy.t() @ x2).to(ws[g].dtype) if (need[4 + 4 * g] and dy is not None) else None
-            db = dy.sum(0) if (need[4 + 4 * g + 1] and ctx.has_bias[g] and dy is not None) else None
-            grads += [dw, db, dAs[g] if need[4 + 4 * g + 2] else None, dBs[g] if need[4 + 4 * g + 3] else None]
+            dw = (dy.t() @ x2).to(ws[g].dtype) if (at(g, 0) and dy is not None) else None
+            db = dy.sum(0) if (at(g, 1) and ctx.has_bias[g] and dy is not None) else None
+            grads += [dw, db, dAs[g] if at(g, 2) else None, dBs[g] if at(g, 3) else None,
+                      dSs[g] if at(g, 4) else None]
         return tuple(grads)
 
 
-def lora_group_unsupported(x, weights, lora_As, backend) -> str | None:
-    """Why ``lora_linear_group`` would run its members one by one here (None: it shares X)."""
-    if dispatch.resolve(OP, backend, x.device) != "triton":
+def branch_group_unsupported(op: str, x, widths, backend) -> str | None:
+    """Why sibling projections with branch widths ``widths`` (ranks / bottleneck sizes) would run one
+    by one here (None: they share the read of X)."""
+    if dispatch.resolve(op, backend, x.device) != "triton":
         return "the shared read needs the triton backend"
     from fastadapters.kernels.lora_group import group_unsupported
 
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    why = triton_unsupported(dtype, max(a.shape[0] for a in lora_As), "rank r")
-    return why or group_unsupported([a.shape[0] for a in lora_As])
+    why = triton_unsupported(dtype, max(widths), "rank / bottleneck size")
+    return why or group_unsupported(list(widths))
+
+
+def lora_group_unsupported(x, weights, lora_As, backend) -> str | None:
+    """``branch_group_unsupported`` for LoRA (kept for the layers' early check)."""
+    return branch_group_unsupported(OP, x, [a.shape[0] for a in lora_As], backend)
+
+
+def branch_group(x, weights, biases, downs, ups, scalings, activation: int, dropout_p: float, training: bool):
+    """The grouped triton path of ``lora_linear_group`` / ``parallel_linear_group`` (checked by the caller)."""
+    k = x.shape[-1]
+    p = float(dropout_p) if training else 0.0
+    seeds = [int(_draw_seed().item()) if p > 0 else 0 for _ in weights]
+    x2 = x.reshape(-1, k)
+    flat = []
+    for w, b, d, u, sc in zip(weights, biases, downs, ups, scalings):
+        x2, w, b, _ = dispatch.autocast_inputs(x.device.type, x2, w, b)  # x2 is cast once, then kept
+        flat += [w, b, d, u, sc if isinstance(sc, torch.Tensor) else float(sc)]
+    ys = _BranchGroupTriton.apply(x2, p, activation, seeds, *flat)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def lora_linear_group(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p: float = 0.0,
@@ -311,13 +339,4 @@ def lora_linear_group(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p:
     if lora_group_unsupported(x, weights, lora_As, backend) is not None:
         return [lora_linear(x, w, b, a, bb, s, dropout_p, training, backend)
                 for w, b, a, bb, s in zip(weights, biases, lora_As, lora_Bs, scalings)]
-    k = x.shape[-1]
-    p = float(dropout_p) if training else 0.0
-    seeds = [int(_draw_seed().item()) if p > 0 else 0 for _ in weights]
-    x2 = x.reshape(-1, k)
-    flat = []
-    for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
-        x2, w, b, _ = dispatch.autocast_inputs(x.device.type, x2, w, b)  # x2 is cast once, then kept
-        flat += [w, b, a, bb]
-    ys = _LoRAGroupTriton.apply(x2, p, [float(s) for s in scalings], seeds, *flat)
-    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+    return branch_group(x, weights, biases, lora_As, lora_Bs, scalings, 0, dropout_p, training)

@@ -8,7 +8,8 @@ these kernels run interpreted; this script runs without it, on CUDA, with the co
     the DESIGN.md rule (2x the error of the same-dtype torch reference);
   - dropout on the device: same seed same output, kept fraction, backward uses the forward mask;
   - the ops' triton backend equals the torch backend (fp32, forward and backward) on CUDA;
-  - the grouped q/k/v kernels (kernels/lora_group.py) equal the single ones with the same seeds.
+  - the grouped q/k/v kernels (kernels/lora_group.py; LoRA and parallel adapters) equal the single
+    ones with the same seeds.
 
     python tests/kernels/gpu_check.py        # exits non-zero on the first failure
 """
@@ -139,8 +140,11 @@ def check_ops_backends(M=300, K=512, N=384):
             torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
 
 
-def check_lora_group(dtype, M, K=4096, outs=(4096, 1024, 1024), r=16, p=0.05):
-    """q/k/v (Llama-3-8B widths) sharing X: the grouped kernels against the single ones, same seeds."""
+def check_lora_group(dtype, M, K=4096, outs=(4096, 1024, 1024), r=16, p=0.05, act=None):
+    """q/k/v (Llama-3-8B widths) sharing X: the grouped kernels against the single ones, same seeds
+    (``act``: parallel adapters with that activation and learned scalings, against bottleneck_parallel)."""
+    from fastadapters.kernels import bottleneck as BK
+    from fastadapters.kernels._common import activation_id
     from fastadapters.kernels.lora import lora_linear_bwd, lora_linear_fwd
     from fastadapters.kernels.lora_group import lora_group_bwd, lora_group_fwd
 
@@ -150,14 +154,22 @@ def check_lora_group(dtype, M, K=4096, outs=(4096, 1024, 1024), r=16, p=0.05):
     As = [_rand(r, K, g=g, scale=K**-0.5) for _ in outs]
     Bs = [_rand(n, r, g=g, scale=r**-0.5) for n in outs]
     dys = [_rand(M, n, g=g, dtype=dtype) for n in outs]
-    seeds, scal = [5, 6, 7], [2.0, 2.0, 2.0]
-    ys, s_pad = lora_group_fwd(x, ws, [None] * 3, As, Bs, scal, p, seeds)
-    gx, gAs, gBs = lora_group_bwd(dys, x, ws, As, Bs, s_pad, scal, p, seeds)
+    seeds = [5, 6, 7]
+    scal = [2.0, 2.0, 2.0] if act is None else [torch.tensor(v, device=DEV) for v in (0.5, 1.0, 2.0)]
+    aid = 0 if act is None else activation_id(act)
+    ys, s_pad = lora_group_fwd(x, ws, [None] * 3, As, Bs, scal, p, seeds, aid)
+    gx, gAs, gBs, gSs = lora_group_bwd(dys, x, ws, As, Bs, s_pad, scal, p, seeds, activation=aid)
     gx_one = torch.zeros(M, K, device=DEV, dtype=torch.float32)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     for i in range(3):
-        y1, s1 = lora_linear_fwd(x, ws[i], None, As[i], Bs[i], scal[i], p, seeds[i])
-        dx1, da1, db1 = lora_linear_bwd(dys[i], x, ws[i], As[i], Bs[i], s1, scal[i], p, seeds[i])
+        if act is None:
+            y1, s1 = lora_linear_fwd(x, ws[i], None, As[i], Bs[i], scal[i], p, seeds[i])
+            dx1, da1, db1 = lora_linear_bwd(dys[i], x, ws[i], As[i], Bs[i], s1, scal[i], p, seeds[i])
+        else:
+            y1, s1 = BK.bottleneck_parallel_fwd(x, ws[i], None, As[i], Bs[i], scal[i], act, p, seeds[i])
+            dx1, da1, db1, ds1 = BK.bottleneck_parallel_bwd(dys[i], x, ws[i], s1, As[i], Bs[i], scal[i], act, p,
+                                                            seeds[i])
+            torch.testing.assert_close(gSs[i], ds1, **tol)
         torch.testing.assert_close(ys[i], y1, **tol)
         torch.testing.assert_close(gAs[i], da1, **tol)
         torch.testing.assert_close(gBs[i], db1, **tol)
@@ -180,6 +192,7 @@ def main() -> int:
     for dtype in (torch.bfloat16, torch.float32):
         for M in (2048, 1):
             check_lora_group(dtype, M)
+    check_lora_group(torch.bfloat16, 2048, r=64, act="relu")  # parallel adapters on q/k/v, b = 64
     print("gpu_check: all passed on", torch.cuda.get_device_name())
     return 0
 

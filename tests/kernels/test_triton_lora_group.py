@@ -59,7 +59,7 @@ def test_group_matches_fp64_reference(M, Kd, outs, ranks, biases, p, dtype):
     seeds = [11, 222, 3333][:len(outs)]
     dys = [torch.randn(M, n, generator=g).to(dtype) for n in outs]
     ys, s_pad = KG.lora_group_fwd(x, ws, bs, As, Bs, scalings, p, seeds)
-    gx, gAs, gBs = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
+    gx, gAs, gBs, _ = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
     masks = [keep_mask(M, Kd, p, s) for s in seeds]
     if p > 0:  # the members really draw different masks
         assert not torch.equal(masks[0], masks[1])
@@ -82,7 +82,7 @@ def test_group_equals_single_kernels_with_the_same_seeds():
     scalings, seeds = [2.0, 0.5, 1.0], [7, 8, 9]
     dys = [torch.randn(M, n, generator=g) for n in outs]
     ys, s_pad = KG.lora_group_fwd(x, ws, bs, As, Bs, scalings, p, seeds)
-    gx, gAs, gBs = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
+    gx, gAs, gBs, _ = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
     gx_single = torch.zeros_like(x)
     for i in range(3):
         y1, s1 = K.lora_linear_fwd(x, ws[i], bs[i], As[i], Bs[i], scalings[i], p, seeds[i])
@@ -101,7 +101,7 @@ def test_member_without_gradient():
     ws, bs, As, Bs = members(Kd, (16, 16), (4, 4), torch.float32, (False, False))
     dy0 = torch.randn(M, 16)
     ys, s_pad = KG.lora_group_fwd(x, ws, bs, As, Bs, [1.0, 1.0], 0.0, [0, 0])
-    gx, gAs, gBs = KG.lora_group_bwd([dy0, None], x, ws, As, Bs, s_pad, [1.0, 1.0], 0.0, [0, 0])
+    gx, gAs, gBs, _ = KG.lora_group_bwd([dy0, None], x, ws, As, Bs, s_pad, [1.0, 1.0], 0.0, [0, 0])
     _, s1 = K.lora_linear_fwd(x, ws[0], None, As[0], Bs[0], 1.0)
     dx1, da1, db1 = K.lora_linear_bwd(dy0, x, ws[0], As[0], Bs[0], s1, 1.0)
     torch.testing.assert_close(gx, dx1, atol=1e-5, rtol=1e-5)
@@ -117,3 +117,30 @@ def test_group_limits_name_the_problem():
     with pytest.raises(ValueError, match=r"padded ranks \[128, 4, 4\] need a 512-wide tile"):
         KG.lora_group_fwd(x, ws, bs, As, Bs, [1.0] * 3)
     assert KG.group_unsupported([64, 64, 64]) is None
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_parallel_adapter_group_equals_single_kernels(act):
+    """With an activation and learned (tensor) scalings the members are parallel adapters: the group
+    gives bottleneck_parallel_fwd/bwd's outputs and gradients, the scalings' included."""
+    from fastadapters.kernels import bottleneck as BK
+    from fastadapters.kernels._common import activation_id
+
+    M, Kd, outs, b, p = 29, 40, (40, 24, 24), 8, 0.1
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(M, Kd, generator=g)
+    ws, bs, Ds, Us = members(Kd, outs, (b, b, b), torch.float32, (True, False, False))
+    scal = [torch.tensor(v) for v in (0.5, 1.5, 2.0)]
+    seeds = [3, 4, 5]
+    dys = [torch.randn(M, n, generator=g) for n in outs]
+    ys, s_pad = KG.lora_group_fwd(x, ws, bs, Ds, Us, scal, p, seeds, activation_id(act))
+    gx, gDs, gUs, gSs = KG.lora_group_bwd(dys, x, ws, Ds, Us, s_pad, scal, p, seeds, activation=activation_id(act))
+    gx_single = torch.zeros_like(x)
+    for i in range(3):
+        y1, pre = BK.bottleneck_parallel_fwd(x, ws[i], bs[i], Ds[i], Us[i], scal[i], act, p, seeds[i])
+        dx1, dd1, du1, ds1 = BK.bottleneck_parallel_bwd(dys[i], x, ws[i], pre, Ds[i], Us[i], scal[i], act, p, seeds[i])
+        for name, got, want in (("y", ys[i], y1), ("grad_down", gDs[i], dd1), ("grad_up", gUs[i], du1),
+                                ("grad_scaling", gSs[i], ds1)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}[{i}]: {m}")
+        gx_single += dx1
+    torch.testing.assert_close(gx, gx_single, atol=1e-5, rtol=1e-5)

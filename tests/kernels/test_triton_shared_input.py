@@ -152,3 +152,30 @@ def test_grouped_under_inference_mode(group_calls):
         got = model(ids).logits
     assert group_calls == [3, 2, 3, 2]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_parallel_adapters_on_qkv_group_and_train_the_same(group_calls):
+    """Parallel adapters (their default targets are q, k, v) with a learned scaling and dropout:
+    grouped and ungrouped training give the same losses and gradients (scalings included)."""
+    def patched():
+        model = tiny_model("llama", seed=0)
+        fa.patch(model, backend="triton", adapter="parallel", bottleneck_size=8, non_linearity="relu",
+                 scaling="learned", dropout=0.1)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(4)
+            for n, p in model.named_parameters():
+                if "adapter_up" in n:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        return model
+
+    grouped = _steps(patched())
+    assert group_calls and set(group_calls) == {3}
+    ref = patched()
+    _unlink(ref)
+    n = len(group_calls)
+    ungrouped = _steps(ref)
+    assert len(group_calls) == n
+    for step, ((la, ga), (lb, gb)) in enumerate(zip(grouped, ungrouped)):
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"loss step {step}: {m}")
+        for i, (a, b) in enumerate(zip(ga, gb)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {i} step {step}: {m}")
