@@ -332,7 +332,7 @@ def compile_report(module_names, dtype_name: str, cc: int, names=None):
             if names is not None and spec["name"] not in names:
                 continue
             rec = dict(name=f"{mod_name.rsplit('.', 1)[-1]}:{spec['name']}", cc=cc, dtype=dtype_name,
-                       smem_limit=SMEM_LIMIT[cc])
+                       smem_limit=SMEM_LIMIT[cc], mma_sync_ok=bool(spec.get("mma_sync_ok", False)))
             try:
                 k = compile_for(spec["fn"], spec["signature"], spec["constexprs"], cc,
                                 spec["num_warps"], spec["num_stages"], spec["attrs"])

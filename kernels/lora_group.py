@@ -17,8 +17,10 @@ forward, dA in the backward) and autograd then adds the members' dX. Grouped:
   _down_weight_grad_group_kernel  dA = [s_g·G_gᵀ·dropout_g(X)]_g        one pass over X
 
 The members' ranks sit in one padded layout: member g owns columns [g·BRG, g·BRG + r_g) of S and
-rows of A_pad / dA_pad, with BRG = the widest member's padded rank, so one (BM, BRT) tile holds
-every member and each member's dot masks the others' columns. Each member's Philox stream is its
+rows of A_pad / dA_pad, with BRG = the widest member's padded rank (<= 256). Each member keeps its
+own (BM, BRG) accumulator, so the X tile loaded once feeds G dots with no work on the others'
+columns; wide members (G·BRG > 256) take short row blocks to keep the accumulators in registers.
+Each member's Philox stream is its
 own seed with offsets m·K + k, exactly the single op's, so grouped and ungrouped runs draw the same
 masks from the same seeds. With an activation the members are parallel bottleneck adapters
 (Y_g = X·W_gᵀ + b_g + s_g·act(dropout_g(X)·D_gᵀ)·U_gᵀ, the LoRA kernels with the activation on, as
@@ -32,6 +34,8 @@ import triton.language as tl
 
 from ._common import (
     ACT_IDENTITY,
+    MAX_RANK,
+    BlockConfig,
     check_dropout,
     check_philox_range,
     dot_precision,
@@ -50,8 +54,6 @@ from .lora import (
 )
 
 MAX_GROUP = 3
-#: widest padded layout (G · BRG rounded up to a power of two) the group kernels take
-MAX_GROUP_WIDTH = 256
 
 
 @triton.jit
@@ -65,6 +67,17 @@ def _member_seed(seed0, seed1, seed2, g: tl.constexpr):
     return s
 
 
+@triton.jit
+def _member_down(x, a_ptr, g: tl.constexpr, rm, kk, K, stride_ar, stride_ak, seed, p, acc,
+                 HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BRG: tl.constexpr):
+    """acc + dropout_g(x tile) · (member g's rows of A_pad)ᵀ: (BM, BRG)."""
+    rr = g * BRG + tl.arange(0, BRG)
+    a = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak, mask=kk[:, None] < K, other=0.0)
+    if HAS_DROPOUT:
+        x = tl.where(dropout_keep(seed, rm, kk, K, p), x, 0.0).to(a.dtype)
+    return mma(x, a, acc, DOT_PREC)
+
+
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
 def _down_proj_group_kernel(
     x_ptr, a_ptr, p_out_ptr,
@@ -72,34 +85,56 @@ def _down_proj_group_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed0, seed1, seed2, p, inv_keep,
     HAS_DROPOUT: tl.constexpr, G: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr, BRT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr,
 ):
+    # one accumulator per member: the X tile is loaded once and feeds G dots of (BM, BK)·(BK, BRG)
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
-    rr = tl.arange(0, BRT)
     rk = tl.arange(0, BK)
-    member = rr // BRG  # which member owns each column of the padded layout
-    acc = tl.zeros((BM, BRT), dtype=tl.float32)
+    acc0 = tl.zeros((BM, BRG), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BRG), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BRG), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
             mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0,
         )
-        a = tl.load(
-            a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
-            mask=(rr[None, :] < RT) & (kk[:, None] < K), other=0.0,
-        )
-        if HAS_DROPOUT:
-            for g in tl.static_range(G):  # the X tile stays in registers; one mask per member
-                xg = tl.where(dropout_keep(_member_seed(seed0, seed1, seed2, g), rm, kk, K, p), x, 0.0)
-                ag = tl.where(member[None, :] == g, a, 0.0)
-                acc = mma(xg.to(x.dtype), ag.to(a.dtype), acc, DOT_PREC)
-        else:
-            acc = mma(x, a, acc, DOT_PREC)
+        acc0 = _member_down(x, a_ptr, 0, rm, kk, K, stride_ar, stride_ak, seed0, p, acc0, HAS_DROPOUT, DOT_PREC, BRG)
+        if G > 1:
+            acc1 = _member_down(x, a_ptr, 1, rm, kk, K, stride_ar, stride_ak, seed1, p, acc1, HAS_DROPOUT, DOT_PREC,
+                                BRG)
+        if G > 2:
+            acc2 = _member_down(x, a_ptr, 2, rm, kk, K, stride_ar, stride_ak, seed2, p, acc2, HAS_DROPOUT, DOT_PREC,
+                                BRG)
+    rr = tl.arange(0, BRG)
+    m_ok = rm[:, None] < M
+    tl.store(p_out_ptr + rm[:, None] * RT + rr[None, :], acc0 * inv_keep, mask=m_ok)
+    if G > 1:
+        tl.store(p_out_ptr + rm[:, None] * RT + (BRG + rr)[None, :], acc1 * inv_keep, mask=m_ok)
+    if G > 2:
+        tl.store(p_out_ptr + rm[:, None] * RT + (2 * BRG + rr)[None, :], acc2 * inv_keep, mask=m_ok)
+
+
+@triton.jit
+def _member_down_grad(x, g_in_ptr, g: tl.constexpr, rm, m_ok, rk, K, RT, seed, p, acc,
+                      HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BRG: tl.constexpr):
+    """acc + dropout_g(x tile)ᵀ · (member g's columns of Gs): (BK, BRG)."""
+    rr = g * BRG + tl.arange(0, BRG)
+    gs = tl.load(g_in_ptr + rm[:, None] * RT + rr[None, :], mask=m_ok[:, None], other=0.0).to(x.dtype)
     if HAS_DROPOUT:
-        acc = acc * inv_keep
-    tl.store(p_out_ptr + rm[:, None] * RT + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < RT))
+        x = tl.where(dropout_keep(seed, rm, rk, K, p), x, 0.0).to(gs.dtype)
+    return mma(tl.trans(x), gs, acc, DOT_PREC)
+
+
+@triton.jit
+def _store_member_grad(da_ptr, acc, g: tl.constexpr, rk, k_ok, K, USE_ATOMIC: tl.constexpr, BRG: tl.constexpr):
+    rr = g * BRG + tl.arange(0, BRG)
+    ptrs = da_ptr + rr[None, :] * K + rk[:, None]
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=k_ok[:, None])
+    else:
+        tl.store(ptrs, acc, mask=k_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
@@ -109,20 +144,19 @@ def _down_weight_grad_group_kernel(
     stride_xm, stride_xk,
     seed0, seed1, seed2, p, inv_keep,
     HAS_DROPOUT: tl.constexpr, G: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr, BRT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr,
 ):
-    # dA_padᵀ tile (BK, BRT) = Σ_g dropout_g(X)ᵀ[BK, rows] · Gs[rows, member g's columns]
+    # per member, dA_gᵀ tile (BK, BRG) = dropout_g(X)ᵀ[BK, rows] · Gs[rows, member g's columns]
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     rk = pid_k * BK + tl.arange(0, BK)
-    rr = tl.arange(0, BRT)
     rm0 = tl.arange(0, BM)
-    member = rr // BRG
     k_ok = rk < K
-    r_ok = rr < RT
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
-    acc = tl.zeros((BK, BRT), dtype=tl.float32)
+    acc0 = tl.zeros((BK, BRG), dtype=tl.float32)
+    acc1 = tl.zeros((BK, BRG), dtype=tl.float32)
+    acc2 = tl.zeros((BK, BRG), dtype=tl.float32)
     for m0 in range(m_start, m_end, BM):
         rm = m0 + rm0
         m_ok = rm < m_end
@@ -130,23 +164,18 @@ def _down_weight_grad_group_kernel(
             x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
             mask=m_ok[:, None] & k_ok[None, :], other=0.0,
         )
-        gs = tl.load(g_in_ptr + rm[:, None] * RT + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        gs = gs.to(x_ptr.dtype.element_ty)
-        if HAS_DROPOUT:
-            for g in tl.static_range(G):
-                xg = tl.where(dropout_keep(_member_seed(seed0, seed1, seed2, g), rm, rk, K, p), x, 0.0)
-                gg = tl.where(member[None, :] == g, gs, 0.0)
-                acc = mma(tl.trans(xg.to(x.dtype)), gg.to(gs.dtype), acc, DOT_PREC)
-        else:
-            acc = mma(tl.trans(x), gs, acc, DOT_PREC)
-    if HAS_DROPOUT:
-        acc = acc * inv_keep
-    ptrs = da_ptr + rr[None, :] * K + rk[:, None]
-    out_mask = k_ok[:, None] & r_ok[None, :]
-    if USE_ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=out_mask)
-    else:
-        tl.store(ptrs, acc, mask=out_mask)
+        acc0 = _member_down_grad(x, g_in_ptr, 0, rm, m_ok, rk, K, RT, seed0, p, acc0, HAS_DROPOUT, DOT_PREC, BRG)
+        if G > 1:
+            acc1 = _member_down_grad(x, g_in_ptr, 1, rm, m_ok, rk, K, RT, seed1, p, acc1, HAS_DROPOUT, DOT_PREC,
+                                     BRG)
+        if G > 2:
+            acc2 = _member_down_grad(x, g_in_ptr, 2, rm, m_ok, rk, K, RT, seed2, p, acc2, HAS_DROPOUT, DOT_PREC,
+                                     BRG)
+    _store_member_grad(da_ptr, acc0 * inv_keep, 0, rk, k_ok, K, USE_ATOMIC, BRG)
+    if G > 1:
+        _store_member_grad(da_ptr, acc1 * inv_keep, 1, rk, k_ok, K, USE_ATOMIC, BRG)
+    if G > 2:
+        _store_member_grad(da_ptr, acc2 * inv_keep, 2, rk, k_ok, K, USE_ATOMIC, BRG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,19 +183,27 @@ def _down_weight_grad_group_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def group_layout(ranks) -> tuple[int, int]:
-    """(BRG, BRT): each member's padded block and the padded width of the whole layout."""
-    brg = max(rank_block(r) for r in ranks)
-    return brg, triton.next_power_of_2(len(ranks) * brg)
+def group_layout(ranks) -> int:
+    """BRG: each member's padded block in the layout (the widest member's padded rank)."""
+    return max(rank_block(r) for r in ranks)
+
+
+def group_config(G: int, brg: int, dtype: torch.dtype) -> BlockConfig:
+    """Tiles of the two group kernels: the G (BM, BRG) accumulators (forward; (BK, BRG) in the dA
+    kernel) stay in registers, so wide members take short row / column blocks."""
+    wide = G * brg > 256
+    size = torch.finfo(dtype).bits // 8
+    if not wide:
+        return rowblock_config(triton.next_power_of_2(G * brg), dtype)
+    return BlockConfig(16, 32, 32 if size == 2 else 16, 8, 2)
 
 
 def group_unsupported(ranks) -> str | None:
     """Why these members cannot run grouped (None if they can)."""
     if not 2 <= len(ranks) <= MAX_GROUP:
         return f"groups of 2 to {MAX_GROUP} projections, got {len(ranks)}"
-    brt = group_layout(ranks)[1]
-    if brt > MAX_GROUP_WIDTH:
-        return f"the padded ranks {list(ranks)} need a {brt}-wide tile (at most {MAX_GROUP_WIDTH})"
+    if max(ranks) > MAX_RANK:
+        return f"ranks up to {MAX_RANK}, got {list(ranks)}"
     return None
 
 
@@ -181,11 +218,10 @@ def _dropout(p):
 
 
 def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
-    """S_pad (M, RT) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (RT, K) a_pad, one pass over x."""
+    """S_pad (M, G·brg) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (G·brg, K) a_pad, one pass over x."""
     M, K = x.shape
     RT = a_pad.shape[0]
-    brt = triton.next_power_of_2(RT)
-    cfg = rowblock_config(brt, x.dtype)
+    cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout(dropout_p)
     out = torch.empty((M, RT), device=x.device, dtype=torch.float32)
     _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
@@ -193,7 +229,7 @@ def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
         x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
         *_seeds3(seeds), p, inv_keep,
         HAS_DROPOUT=has_do, G=G, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BRG=brg, BRT=brt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -202,8 +238,7 @@ def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
     """dA_pad (RT, K) fp32 = [G_gᵀ·dropout_g(x)]_g for the scaled padded (M, RT) g_pad, one pass over x."""
     M, K = x.shape
     RT = g_pad.shape[1]
-    brt = triton.next_power_of_2(RT)
-    cfg = rowblock_config(brt, x.dtype)
+    cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout(dropout_p)
     k_blocks = triton.cdiv(K, cfg.BK)
     m_blocks = triton.cdiv(M, cfg.BM)
@@ -217,7 +252,7 @@ def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
         x.stride(0), x.stride(1),
         *_seeds3(seeds), p, inv_keep,
         HAS_DROPOUT=has_do, G=G, USE_ATOMIC=use_atomic, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BRG=brg, BRT=brt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return da
 
@@ -256,7 +291,7 @@ def lora_group_fwd(x, weights, biases, As, Bs, scalings, dropout_p=0.0, seeds=No
     _check_group(x, weights, biases, As, Bs, scalings, dropout_p, seeds)
     G = len(weights)
     ranks = [a.shape[0] for a in As]
-    brg, _ = group_layout(ranks)
+    brg = group_layout(ranks)
     M = x.shape[0]
     a_pad = _pad_rows([a.to(x.dtype) for a in As], brg, G * brg, x.dtype)
     if M == 0:
@@ -282,7 +317,7 @@ def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, 
     _check_group(x, weights, [None] * len(weights), As, Bs, scalings, dropout_p, seeds)
     G = len(weights)
     ranks = [a.shape[0] for a in As]
-    brg, _ = group_layout(ranks)
+    brg = group_layout(ranks)
     M, K = x.shape
     dBs = [torch.zeros_like(b) for b in Bs]
     learned = [isinstance(sc, torch.Tensor) for sc in scalings]
@@ -321,14 +356,14 @@ def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, 
 
 
 def shipped_kernel_specs(dtype=torch.bfloat16):
-    """The two group kernels with dropout at the widest layout they take (G = 3, BRG = 64, BRT = 256)
-    and at q/k/v rank 16 (BRG = 16, BRT = 64), for the offline compile test."""
+    """The two group kernels with dropout, three members, at q/k/v rank 16 (BRG = 16), at 64 and at
+    the widest members (BRG = 256, the paper's parallel bottleneck), for the offline compile test."""
     from ._common import TRITON_DTYPE_NAMES, make_signature
 
     prec = dot_precision(dtype)
     specs = []
-    for brg, brt in ((16, 64), (64, 256)):
-        cfg = rowblock_config(brt, dtype)
+    for brg in (16, 64, 256):
+        cfg = group_config(3, brg, dtype)
         for name, fn, consts, fp32_ptrs, unit in (
             ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3),
              ("p_out_ptr",), ("stride_xk", "stride_ak")),
@@ -336,8 +371,10 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
              ("g_in_ptr", "da_ptr"), ("stride_xk",)),
         ):
             sig, cx, attrs = make_signature(fn, {k: "fp32" for k in fp32_ptrs},
-                                            dict(consts, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BRG=brg, BRT=brt),
+                                            dict(consts, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BRG=brg),
                                             TRITON_DTYPE_NAMES[dtype], unit)
+            # the wide config's 16-row blocks are below wgmma's 64-row minimum: mma.sync on sm_90 too
             specs.append(dict(name=f"{name}/g3/r{brg}", fn=fn, dtype=dtype, signature=sig, constexprs=cx,
-                              attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                              attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              mma_sync_ok=cfg.BM < 64))
     return specs

@@ -193,6 +193,7 @@ def main() -> int:
         for M in (2048, 1):
             check_lora_group(dtype, M)
     check_lora_group(torch.bfloat16, 2048, r=64, act="relu")  # parallel adapters on q/k/v, b = 64
+    check_lora_group(torch.bfloat16, 2048, r=256, act="relu")  # b = 256 (the paper's): the wide config
     print("gpu_check: all passed on", torch.cuda.get_device_name())
     return 0
 

@@ -113,10 +113,31 @@ def test_group_limits_name_the_problem():
     ws, bs, As, Bs = members(32, (8,) * 4, (4,) * 4, torch.float32, (False,) * 4)
     with pytest.raises(ValueError, match="groups of 2 to 3 projections, got 4"):
         KG.lora_group_fwd(x, ws, bs, As, Bs, [1.0] * 4)
-    ws, bs, As, Bs = members(32, (8, 8, 8), (128, 4, 4), torch.float32, (False,) * 3)
-    with pytest.raises(ValueError, match=r"padded ranks \[128, 4, 4\] need a 512-wide tile"):
-        KG.lora_group_fwd(x, ws, bs, As, Bs, [1.0] * 3)
-    assert KG.group_unsupported([64, 64, 64]) is None
+    assert KG.group_unsupported([64, 64, 64]) is None and KG.group_unsupported([256, 256, 256]) is None
+    assert "ranks up to 256" in KG.group_unsupported([300, 4])
+
+
+def test_wide_members_group_too():
+    """Members as wide as the kernels take (ranks 256 and 200 beside 4: the short-row-block config)
+    still equal the single kernels."""
+    M, Kd, outs, ranks, p = 21, 40, (24, 16, 16), (256, 4, 200), 0.1
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(M, Kd, generator=g)
+    ws, bs, As, Bs = members(Kd, outs, ranks, torch.float32, (False, True, False))
+    scalings, seeds = [1.0, 2.0, 0.5], [1, 2, 3]
+    dys = [torch.randn(M, n, generator=g) for n in outs]
+    ys, s_pad = KG.lora_group_fwd(x, ws, bs, As, Bs, scalings, p, seeds)
+    assert KG.group_config(3, 256, torch.float32).BM == 16
+    gx, gAs, gBs, _ = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
+    gx_single = torch.zeros_like(x)
+    for i in range(3):
+        y1, s1 = K.lora_linear_fwd(x, ws[i], bs[i], As[i], Bs[i], scalings[i], p, seeds[i])
+        dx1, da1, db1 = K.lora_linear_bwd(dys[i], x, ws[i], As[i], Bs[i], s1, scalings[i], p, seeds[i])
+        torch.testing.assert_close(ys[i], y1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gAs[i], da1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gBs[i], db1, atol=1e-5, rtol=1e-5)
+        gx_single += dx1
+    torch.testing.assert_close(gx, gx_single, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
