@@ -99,8 +99,10 @@ def _bottleneck_impls(torch, placement, K, N, b, dtype, device, dropout, fused_b
     return impls
 
 
-def _qkv_impls(torch, K, outs, r, dtype, device, dropout):
-    """q/k/v on one input: the frozen bases, three single LoRA ops, and the grouped op (X read once)."""
+def _qkv_impls(torch, K, outs, r, dtype, device, dropout, kind="lora"):
+    """q/k/v on one input: the frozen bases, three single ops, and the grouped op (X read once);
+    ``kind`` "lora" (rank r) or "parallel" (bottleneck r, relu)."""
+    from fastadapters.ops.bottleneck import bottleneck_linear, parallel_linear_group
     from fastadapters.ops.lora import lora_linear, lora_linear_group
 
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -108,11 +110,20 @@ def _qkv_impls(torch, K, outs, r, dtype, device, dropout):
     As = [(torch.randn(r, K, generator=g) / K**0.5).to(device=device).requires_grad_() for _ in outs]
     Bs = [(torch.randn(n, r, generator=g) / r**0.5).to(device=device).requires_grad_() for n in outs]
     s = 2.0
+    nones = [None] * len(Ws)
+    if kind == "parallel":
+        return {
+            "base": lambda x: [torch.nn.functional.linear(x, w) for w in Ws],
+            "single": lambda x: [bottleneck_linear("parallel", x, (w, None), a, b, s, "relu", dropout, True,
+                                                   backend="triton") for w, a, b in zip(Ws, As, Bs)],
+            "grouped": lambda x: parallel_linear_group(x, Ws, nones, As, Bs, [s] * len(Ws), "relu", dropout, True,
+                                                       backend="triton"),
+        }
     return {
         "base": lambda x: [torch.nn.functional.linear(x, w) for w in Ws],
         "single": lambda x: [lora_linear(x, w, None, a, b, s, dropout, True, backend="triton")
                              for w, a, b in zip(Ws, As, Bs)],
-        "grouped": lambda x: lora_linear_group(x, Ws, [None] * len(Ws), As, Bs, [s] * len(Ws), dropout, True,
+        "grouped": lambda x: lora_linear_group(x, Ws, nones, As, Bs, [s] * len(Ws), dropout, True,
                                                backend="triton"),
     }
 
@@ -214,16 +225,20 @@ def _run_rows(torch, harness, device, dt, rows, lora_cases, bn_cases, fused_back
 
     if fused_backend == "triton":  # sibling projections sharing X: the grouped kernels vs three single ops
         if smoke:
-            qkv_cases = [("smoke", 33, 48, (40, 16, 16), 4)]
+            qkv_cases = [("lora", "smoke", 33, 48, (40, 16, 16), 4), ("parallel", "smoke", 33, 48, (40, 16, 16), 8)]
         else:
-            qkv_cases = [("llama-3-8b", M, 4096, (4096, 1024, 1024), r) for M in (MS[:1] if quick else MS)
+            ms = MS[:1] if quick else MS
+            qkv_cases = [("lora", "llama-3-8b", M, 4096, (4096, 1024, 1024), r) for M in ms
                          for r in ((16,) if quick else RANKS)]
-        for model, M, K, outs, r in qkv_cases:
-            impls = _qkv_impls(torch, K, outs, r, dt, device, dropout)
+            qkv_cases += [("parallel", "llama-3-8b", M, 4096, (4096, 1024, 1024), b) for M in ms
+                          for b in (BOTTLENECKS[:1] if quick else BOTTLENECKS)]
+        for kind, model, M, K, outs, r in qkv_cases:
+            impls = _qkv_impls(torch, K, outs, r, dt, device, dropout, kind)
             x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
             res = {name: _measure_multi(torch, harness, fn, x, device, repeats, warmup) for name, fn in impls.items()}
-            row = dict(kind="lora_qkv_group", model=model, proj="q,k,v", M=M, K=K, N=sum(outs), outs=list(outs),
-                       r=r, dropout=dropout, fused_backend=fused_backend, impls=res,
+            width = {"r": r} if kind == "lora" else {"b": r}
+            row = dict(kind=f"{kind}_qkv_group", model=model, proj="q,k,v", M=M, K=K, N=sum(outs), outs=list(outs),
+                       **width, dropout=dropout, fused_backend=fused_backend, impls=res,
                        fused_over_base_full=res["grouped"]["full_ms"] / res["base"]["full_ms"],
                        grouped_over_single_full=res["grouped"]["full_ms"] / res["single"]["full_ms"])
             rows.append(row)

@@ -14,6 +14,7 @@ Only the active adapter runs; ``routing`` (set by the multi-adapter router) over
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +268,8 @@ class SharedInput:
                                              first.training, first.backend)
 
     def output(self, layer: "AdapterLinear", x: torch.Tensor, name: str) -> torch.Tensor | None:
-        if torch.compiler.is_compiling():
-            return None
+        if torch.compiler.is_compiling() or os.environ.get("FASTADAPTERS_SHARED_INPUT") == "0":
+            return None  # (FASTADAPTERS_SHARED_INPUT=0: every projection on its own, e.g. to compare)
         if self._x is x and self._version == _version_of(x) and id(layer) in self._pending:
             out = self._pending.pop(id(layer))
             if not self._pending:

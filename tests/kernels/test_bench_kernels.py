@@ -14,7 +14,8 @@ def test_bench_kernels_smoke(tmp_path):
     assert mod.main(["--smoke", "--device", "cpu", "--repeats", "1", "--json", str(out)]) == 0
     rec = json.loads(out.read_text())[-1]
     kinds = [r["kind"] for r in rec["rows"]]
-    assert kinds == ["lora", "lora_qkv_group", "bottleneck_output", "bottleneck_parallel"]
+    assert kinds == ["lora", "lora_qkv_group", "parallel_qkv_group", "bottleneck_output", "bottleneck_parallel"]
+    assert set(rec["rows"][2]["impls"]) == {"base", "single", "grouped"} and rec["rows"][2]["b"] == 8
     group = rec["rows"][1]
     assert set(group["impls"]) == {"base", "single", "grouped"} and group["outs"] == [40, 16, 16]
     assert group["grouped_over_single_full"] == group["impls"]["grouped"]["full_ms"] / group["impls"]["single"]["full_ms"]

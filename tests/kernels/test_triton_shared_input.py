@@ -179,3 +179,16 @@ def test_parallel_adapters_on_qkv_group_and_train_the_same(group_calls):
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"loss step {step}: {m}")
         for i, (a, b) in enumerate(zip(ga, gb)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {i} step {step}: {m}")
+
+
+def test_switched_off_by_environment(group_calls, monkeypatch):
+    model = _patched(dropout=0.0)
+    ids = input_ids(batch=2, length=5)
+    with torch.no_grad():
+        want = model(ids).logits
+    group_calls.clear()
+    monkeypatch.setenv("FASTADAPTERS_SHARED_INPUT", "0")
+    with torch.no_grad():
+        got = model(ids).logits
+    assert group_calls == []
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
