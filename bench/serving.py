@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"),
                     help="append the record here ('' to skip)")
     args = ap.parse_args(argv)
-    result = bench_serving_table(args.device, quick=not args.full, with_peft=not args.no_peft)
+    result = bench_serving_table(args.device, quick=not args.full, with_peft=not args.no_peft, partial_on_interrupt=True)
     print(render_serving(result))
     if args.json:
         append_results(args.json, result)

@@ -166,7 +166,7 @@ def _output_floor_bytes(M, d, b, elt):
 
 
 def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = False, dropout: float = 0.05,
-                 repeats: int = 5, bandwidth_gbs: float = 3350.0, log=print) -> dict:
+                 repeats: int = 5, bandwidth_gbs: float = 3350.0, log=print, partial_on_interrupt: bool = False) -> dict:
     """Time the LoRA and bottleneck rows (see the module docstring) and return the record.
 
     CUDA: the Llama shapes (``quick``: two shapes, one M, rank 16), fused = Triton. CPU with
@@ -199,7 +199,9 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
         _run_rows(torch, harness, device, dt, rows, lora_cases, bn_cases, fused_backend, smoke, quick, dropout,
                   repeats, warmup, bandwidth_gbs, log)
         truncated = False
-    except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far, marked
+    except KeyboardInterrupt:  # a time limit (SIGINT, bench/gpu_session.sh): keep the rows so far, marked
+        if not partial_on_interrupt:
+            raise
         truncated = True
     out = dict(benchmark="kernels", dtype=dtype, env=harness.environment(device), rows=rows)
     if truncated:
@@ -317,7 +319,7 @@ def main(argv=None, default_json: str = os.path.join("bench", "results", "kernel
             args.repeats = min(args.repeats, 2)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     result = kernel_table(args.device, args.dtype, args.quick, args.smoke, args.dropout, args.repeats,
-                          args.bandwidth_gbs)
+                          args.bandwidth_gbs, partial_on_interrupt=True)
     print()
     print(render_kernel_table(result))
     if args.json:

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, _BottleneckConfig
-from .ops.bottleneck import bottleneck_linear, parallel_linear_group
-from .ops.dispatch import resolve as resolve_backend
-from .ops.lora import OP as LORA_OP, branch_group_unsupported, lora_linear, lora_linear_group
+from .ops.bottleneck import ACT_IDS, bottleneck_linear
+from .ops.dispatch import _warn_once as warn_once, resolve as resolve_backend
+from .ops.lora import OP as LORA_OP, branch_group, branch_group_unsupported, lora_linear
 
 try:  # transformers' GPT-2 style linear (weight stored (in, out))
     from transformers.pytorch_utils import Conv1D
@@ -51,8 +51,6 @@ def fusable(base: nn.Module) -> bool:
     return own is nn.Linear.forward or (isinstance(Conv1D, type) and own is Conv1D.forward)
 
 
-_UNFUSED_WARNED: set[str] = set()
-
 
 def base_weight_nk(base: nn.Module) -> torch.Tensor:
     """The base weight as an (out, in) matrix: a transposed view for Conv1D, no copy."""
@@ -77,13 +75,10 @@ class AdapterLinear(nn.Module):
         self.in_features, self.out_features = base_features(base_layer)
         self.fusable = fusable(base_layer)
         name = type(base_layer).__name__
-        if not self.fusable and name not in _UNFUSED_WARNED:
-            _UNFUSED_WARNED.add(name)
-            import warnings
-
-            warnings.warn(f"fastadapters: {name} has its own forward (a quantised or custom linear), so the "
-                          "fused kernels cannot read its weight: its adapters run beside base_layer(x) with the "
-                          "plain torch ops (slower, same results)", RuntimeWarning, stacklevel=3)
+        if not self.fusable:
+            warn_once("adapter_linear", name, f"fastadapters: {name} has its own forward (a quantised or custom "
+                      "linear), so the fused kernels cannot read its weight: its adapters run beside "
+                      "base_layer(x) with the plain torch ops (slower, same results)")
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.adapter_down = nn.ModuleDict()
@@ -167,10 +162,12 @@ class AdapterLinear(nn.Module):
         if spec.kind == "lora":
             y = self.base_layer(x)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            xd = x if x.dtype == A.dtype else x.to(A.dtype)
-            if self.training and cfg.dropout > 0:
-                xd = torch.nn.functional.dropout(xd, cfg.dropout, True)
-            return y + (spec.scaling * ((xd @ A.t()) @ B.t())).to(y.dtype)
+            with torch.autocast(x.device.type, enabled=False):  # the branch in the adapter dtype, as
+                xd = x if x.dtype == A.dtype else x.to(A.dtype)  # the fused paths run it
+                if self.training and cfg.dropout > 0:
+                    xd = torch.nn.functional.dropout(xd, cfg.dropout, True)
+                branch = spec.scaling * ((xd @ A.t()) @ B.t())
+            return y + branch.to(y.dtype)
         return bottleneck_linear(spec.kind, x, self.base_layer, self.adapter_down[name].weight,
                                  self.adapter_up[name].weight, self.scaling_of(name), cfg.non_linearity,
                                  cfg.dropout, self.training, "torch")
@@ -222,7 +219,8 @@ class SharedInput:
     those members are called with that very tensor, unmodified (same object, same version; under
     torch.inference_mode, which keeps no versions, the same object).
     Anything else -- another input, a member called out of turn, a pre-hook that changed the input,
-    torch.compile tracing -- runs the member on its own, with the same numbers.
+    torch.compile tracing -- runs the member on its own (the same results; with dropout, that
+    member's mask then comes from a later seed), and the waiting siblings still get theirs.
 
     Held in each member's ``__dict__`` (not a submodule); ``patching`` rebuilds the links whenever
     the set of wrappers changes.
@@ -235,7 +233,7 @@ class SharedInput:
         self._pending: dict[int, torch.Tensor] = {}
 
     def _group_call(self, name: str, x: torch.Tensor):
-        """A call computing every member's output for adapter ``name`` in one group, else None."""
+        """Every member's output for adapter ``name`` from one group call, else None."""
         first = self.members[0]
         spec0 = first.specs.get(name)
         if spec0 is None or spec0.kind not in ("lora", "parallel"):
@@ -262,19 +260,24 @@ class SharedInput:
         op = LORA_OP if spec0.kind == "lora" else "bottleneck_parallel"
         if branch_group_unsupported(op, x, [d.shape[0] for d in downs], first.backend) is not None:
             return None
-        if spec0.kind == "lora":
-            return lambda: lora_linear_group(x, ws, bs, downs, ups, ss, cfg0.dropout, first.training, first.backend)
-        return lambda: parallel_linear_group(x, ws, bs, downs, ups, ss, cfg0.non_linearity, cfg0.dropout,
-                                             first.training, first.backend)
+        act = 0 if spec0.kind == "lora" else ACT_IDS[cfg0.non_linearity]
+        return branch_group(x, ws, bs, downs, ups, ss, act, cfg0.dropout, first.training)
 
     def output(self, layer: "AdapterLinear", x: torch.Tensor, name: str) -> torch.Tensor | None:
         if torch.compiler.is_compiling() or os.environ.get("FASTADAPTERS_SHARED_INPUT") == "0":
             return None  # (FASTADAPTERS_SHARED_INPUT=0: every projection on its own, e.g. to compare)
-        if self._x is x and self._version == _version_of(x) and id(layer) in self._pending:
-            out = self._pending.pop(id(layer))
+        if self._pending:
+            if self._x is x and self._version == _version_of(x) and id(layer) in self._pending:
+                out = self._pending.pop(id(layer))
+                if not self._pending:
+                    self._x = None
+                return out
+            # called with another input (a pre-hook, another call) while siblings wait: this member
+            # runs alone, the others still get their outputs; no second group
+            self._pending.pop(id(layer), None)
             if not self._pending:
                 self._x = None
-            return out
+            return None
         kind = layer.specs[name].kind
         if kind not in ("lora", "parallel"):
             return None
@@ -286,12 +289,10 @@ class SharedInput:
             return None  # an unusable backend request: the member's own call says why
         if not any(m is layer for m in self.members):
             return None  # a replica sharing our __dict__ (nn.DataParallel): its own weights, alone
-        call = self._group_call(name, x)
-        if call is None:
+        outs = self._group_call(name, x)
+        if outs is None:
             return None
-        outs = call()
         mine = None
-        self._pending = {}
         for m, out in zip(self.members, outs):
             if m is layer:
                 mine = out
@@ -299,6 +300,16 @@ class SharedInput:
                 self._pending[id(m)] = out
         self._x, self._version = (x, _version_of(x)) if self._pending else (None, -1)
         return mine
+
+    def __deepcopy__(self, memo):
+        # outputs waiting for their member are not state: a copy starts with none (they are
+        # non-leaf tensors, which deepcopy refuses)
+        import copy
+
+        return SharedInput([copy.deepcopy(m, memo) for m in self.members])
+
+    def __getstate__(self):
+        return {"members": self.members, "_x": None, "_version": -1, "_pending": {}}
 
 
 class PrefixEncoder(nn.Module):

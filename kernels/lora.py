@@ -446,6 +446,19 @@ def launch_input_grad(grad_y, weight, residual, g, a, scaling, dropout_p, seed, 
     return dx
 
 
+def row_splits(M, K, R, cfg, device):
+    """(k_blocks, splits, rows_per_split, da) of a reduction over M into an (R, K) fp32 dA: enough
+    programs to fill the machine, the M range split and combined with fp32 atomics (da zeroed),
+    one split under torch.use_deterministic_algorithms."""
+    k_blocks = triton.cdiv(K, cfg.BK)
+    m_blocks = triton.cdiv(M, cfg.BM)
+    splits = 1 if deterministic() else max(1, min(m_blocks, (2 * num_sms(device)) // k_blocks))
+    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
+    splits = triton.cdiv(M, rows_per_split)
+    da = (torch.zeros if splits > 1 else torch.empty)((R, K), device=device, dtype=torch.float32)
+    return k_blocks, splits, rows_per_split, da
+
+
 def launch_down_weight_grad(x, g, scaling, dropout_p, seed):
     """dA = s · gᵀ · dropout(x): x (M, K), g (M, r) fp32 -> (r, K) fp32."""
     M, K = x.shape
@@ -453,23 +466,14 @@ def launch_down_weight_grad(x, g, scaling, dropout_p, seed):
     BR = rank_block(R)
     cfg = rowblock_config(BR, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
-    k_blocks = triton.cdiv(K, cfg.BK)
-    m_blocks = triton.cdiv(M, cfg.BM)
-    # enough programs to fill the machine: split the M reduction, combine with fp32 atomics
-    splits = max(1, min(m_blocks, (2 * num_sms(x.device)) // k_blocks))
-    if deterministic():
-        splits = 1
-    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
-    splits = triton.cdiv(M, rows_per_split)
-    use_atomic = splits > 1
-    da = (torch.zeros if use_atomic else torch.empty)((R, K), device=x.device, dtype=torch.float32)
+    k_blocks, splits, rows_per_split, da = row_splits(M, K, R, cfg, x.device)
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, x)
     _down_weight_grad_kernel[(k_blocks, splits)](
         x, g, da, scale_ptr,
         M, K, R, rows_per_split,
         x.stride(0), x.stride(1),
         int(seed), p, inv_keep, scale_val,
-        HAS_DROPOUT=has_do, SCALE_IS_PTR=scale_is_ptr, USE_ATOMIC=use_atomic,
+        HAS_DROPOUT=has_do, SCALE_IS_PTR=scale_is_ptr, USE_ATOMIC=splits > 1,
         DOT_PREC=dot_precision(x.dtype),
         BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

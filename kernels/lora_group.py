@@ -41,30 +41,19 @@ from ._common import (
     dot_precision,
     dropout_keep,
     mma,
-    num_sms,
     rank_block,
 )
 from .lora import (
     _check_lora_args,
-    deterministic,
+    _dropout_args,
     launch_fused_up,
     launch_input_grad,
     launch_rank_grad,
+    row_splits,
     rowblock_config,
 )
 
 MAX_GROUP = 3
-
-
-@triton.jit
-def _member_seed(seed0, seed1, seed2, g: tl.constexpr):
-    if g == 0:
-        s = seed0
-    elif g == 1:
-        s = seed1
-    else:
-        s = seed2
-    return s
 
 
 @triton.jit
@@ -212,17 +201,12 @@ def _seeds3(seeds):
     return s[0], s[1], s[2]
 
 
-def _dropout(p):
-    p = float(p)
-    return p, (1.0 / (1.0 - p) if p > 0 else 1.0), p > 0
-
-
 def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
     """S_pad (M, G·brg) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (G·brg, K) a_pad, one pass over x."""
     M, K = x.shape
     RT = a_pad.shape[0]
     cfg = group_config(G, brg, x.dtype)
-    p, inv_keep, has_do = _dropout(dropout_p)
+    p, inv_keep, has_do = _dropout_args(dropout_p)
     out = torch.empty((M, RT), device=x.device, dtype=torch.float32)
     _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
         x, a_pad, out, M, K, RT,
@@ -239,19 +223,13 @@ def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
     M, K = x.shape
     RT = g_pad.shape[1]
     cfg = group_config(G, brg, x.dtype)
-    p, inv_keep, has_do = _dropout(dropout_p)
-    k_blocks = triton.cdiv(K, cfg.BK)
-    m_blocks = triton.cdiv(M, cfg.BM)
-    splits = 1 if deterministic() else max(1, min(m_blocks, (2 * num_sms(x.device)) // k_blocks))
-    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
-    splits = triton.cdiv(M, rows_per_split)
-    use_atomic = splits > 1
-    da = (torch.zeros if use_atomic else torch.empty)((RT, K), device=x.device, dtype=torch.float32)
+    p, inv_keep, has_do = _dropout_args(dropout_p)
+    k_blocks, splits, rows_per_split, da = row_splits(M, K, RT, cfg, x.device)
     _down_weight_grad_group_kernel[(k_blocks, splits)](
         x, g_pad, da, M, K, RT, rows_per_split,
         x.stride(0), x.stride(1),
         *_seeds3(seeds), p, inv_keep,
-        HAS_DROPOUT=has_do, G=G, USE_ATOMIC=use_atomic, DOT_PREC=dot_precision(x.dtype),
+        HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
         BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return da

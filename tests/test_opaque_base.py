@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import fastadapters as fa
 from fastadapters import layers
+from fastadapters.ops import dispatch
 from tiny_models import input_ids, tiny_model
 
 
@@ -76,7 +77,7 @@ def _branch_reference(model, kind, fields):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opaque_base_runs_beside_its_forward(fields, backend):
     model = _swap(tiny_model("llama"), FakeQuantLinear)
-    layers._UNFUSED_WARNED.discard("FakeQuantLinear")
+    dispatch._WARNED.discard(("adapter_linear", "FakeQuantLinear"))
     with pytest.warns(RuntimeWarning, match="FakeQuantLinear has its own forward"):
         fa.patch(model, backend=backend, **fields)
     with torch.no_grad():

@@ -169,7 +169,7 @@ def parallel_adapter_linear(x, base, down, up, scaling, act="tanh", dropout_p=0.
 # branch runs in z's dtype on the tensor cores (fp32 adapter weights are rounded to z's dtype for
 # the dots, accumulation in fp32; the adapters' gradients come back in their dtype).
 
-from .lora import triton_fallback_warning, triton_unsupported  # noqa: E402
+from .lora import branch_group, branch_group_unsupported, triton_fallback_warning, triton_unsupported  # noqa: E402,E501
 
 Tensor = torch.Tensor
 
@@ -351,8 +351,6 @@ def parallel_linear_group(x, weights, biases, downs, ups, scalings, act: str, dr
     ...)]`` for sibling projections on one input (parallel adapters on q/k/v): on the triton backend X
     is read once for all of them (``lora.branch_group``, the LoRA kernels with the activation on),
     elsewhere each member runs on its own; each member draws its own dropout seed, in order."""
-    from .lora import branch_group, branch_group_unsupported
-
     for w, b, d, u in zip(weights, biases, downs, ups):
         check_bottleneck_args("parallel", x, (w, b), d, u, act)
     if branch_group_unsupported("bottleneck_parallel", x, [d.shape[0] for d in downs], backend) is not None:

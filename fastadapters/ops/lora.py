@@ -308,11 +308,6 @@ def branch_group_unsupported(op: str, x, widths, backend) -> str | None:
     return why or group_unsupported(list(widths))
 
 
-def lora_group_unsupported(x, weights, lora_As, backend) -> str | None:
-    """``branch_group_unsupported`` for LoRA (kept for the layers' early check)."""
-    return branch_group_unsupported(OP, x, [a.shape[0] for a in lora_As], backend)
-
-
 def branch_group(x, weights, biases, downs, ups, scalings, activation: int, dropout_p: float, training: bool):
     """The grouped triton path of ``lora_linear_group`` / ``parallel_linear_group`` (checked by the caller)."""
     k = x.shape[-1]
@@ -336,7 +331,7 @@ def lora_linear_group(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p:
     as separate ``lora_linear`` calls would."""
     for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
         check_lora_args(x, w, b, a, bb)
-    if lora_group_unsupported(x, weights, lora_As, backend) is not None:
+    if branch_group_unsupported(OP, x, [a.shape[0] for a in lora_As], backend) is not None:
         return [lora_linear(x, w, b, a, bb, s, dropout_p, training, backend)
                 for w, b, a, bb, s in zip(weights, biases, lora_As, lora_Bs, scalings)]
     return branch_group(x, weights, biases, lora_As, lora_Bs, scalings, 0, dropout_p, training)

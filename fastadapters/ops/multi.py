@@ -307,22 +307,24 @@ def multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan:
     # the gathered weights of each rank class, scaled, padding zeroed: kept on the plan for decode
     # (one tile per slot) and reused while the tables' contents are unchanged (version counters)
     store = plan.__dict__.setdefault("_gathered", {}) if (cache is not None and one_tile_per_slot) else None
-    wkey = (key, id(down), id(up), id(scales), cd)  # one entry per table (layer and phase)
-    versions = (down._version, up._version, scales._version)
-    hit = store.get(wkey) if store is not None else None
+    hit = wkey = versions = None
+    if store is not None:
+        wkey = (id(down), id(up), id(scales), id(sizes_host), id(act_host), cd)  # one entry per table
+        versions = (down._version, up._version, scales._version, sizes_host._version, act_host._version)
+        hit = store.get(wkey)
     gathered = hit[1] if (hit is not None and hit[0] == versions) else None
     if gathered is None:
         gathered = []
         sc_all = scales.to(cd)
         for c, sel_d, sl_d, act_groups, drop in groups:
-            # gather whole slots (index_select: contiguous copies), then the first c ranks
-            wd_t = down.index_select(0, sl_d)[:, :c, :].transpose(1, 2).to(cd)  # (t, K, c)
-            wu = up.index_select(0, sl_d)[:, :, :c].to(cd) * sc_all.index_select(0, sl_d)[:, None, None]
+            # the first c ranks of the tiles' slots, gathered into new tensors of that size only
+            wd_t = down[:, :c].index_select(0, sl_d).transpose(1, 2).to(cd)  # (t, K, c)
+            wu = up[:, :, :c].index_select(0, sl_d).to(cd) * sc_all.index_select(0, sl_d)[:, None, None]
             if drop is not None:  # ranks beyond an adapter's size are padding: never read them
                 wu.masked_fill_(drop, 0.0)
             gathered.append((wd_t, wu.transpose(1, 2)))  # (t, K, c), (t, c, N)
         if store is not None:
-            store[wkey] = (versions, gathered)  # replaces this table's copy made before a slot fill
+            store[wkey] = (versions, gathered)  # replaces this table's copy from before a slot fill
     for (c, sel_d, sl_d, act_groups, drop), (wd_t, wu_t) in zip(groups, gathered):
         h = torch.bmm(xt if whole else xt.index_select(0, sel_d), wd_t)  # (t, L, c)
         for a, which in act_groups:  # at most six activation kinds, never a loop over adapters

@@ -182,8 +182,10 @@ def bench_case(device, dtype, k: int, n: int, rows: int, tokens: int, a: int, se
 
 
 def bench_serving_table(device: str | torch.device | None = None, quick: bool = True, repeats: int | None = None,
-                        with_peft: bool = True) -> dict:
-    """Measure the serving table (see the module docstring); returns a JSON-able record."""
+                        with_peft: bool = True, partial_on_interrupt: bool = False) -> dict:
+    """Measure the serving table (see the module docstring); returns a JSON-able record.
+    ``partial_on_interrupt``: a KeyboardInterrupt (a time limit's SIGINT) ends the table early and
+    the rows so far come back marked ``truncated`` (bench/serving.py); otherwise it propagates."""
     from ..bench import environment
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -213,6 +215,8 @@ def bench_serving_table(device: str | torch.device | None = None, quick: bool = 
                     rows.append(bench_case(device, dtype, k, n, b, tok, a, setting, bw, backend, repeats, with_peft))
         used_threads = torch.get_num_threads()
     except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far, marked
+        if not partial_on_interrupt:
+            raise
         truncated = True
     finally:
         torch.set_num_threads(threads)

@@ -95,9 +95,12 @@ def test_steps_aside_when_its_assumptions_fail(group_calls):
     # a pre-hook that changes k_proj's input: k must see its own input, not the shared one
     attn = model.model.layers[0].self_attn
     handle = attn.k_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 2.0,))
+    group_calls.clear()
     with torch.no_grad():
         hooked = model(ids).logits
     handle.remove()
+    assert group_calls == [3, 2, 3, 2]  # k runs alone; no second group for v, which takes its output
+    assert not any(m.__dict__["shared_input"]._pending for m in model.modules() if "shared_input" in m.__dict__)
     ref = _patched(dropout=0.0)
     ref.eval()
     _unlink(ref)
@@ -192,3 +195,23 @@ def test_switched_off_by_environment(group_calls, monkeypatch):
         got = model(ids).logits
     assert group_calls == []
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_model_with_waiting_outputs_deep_copies(group_calls):
+    """Outputs waiting for their member (non-leaf tensors) are not copied: deepcopy works and the
+    copy computes the same outputs."""
+    import copy
+
+    model = _patched(dropout=0.0)
+    model.train()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    attn.q_proj(x)  # k and v now wait with graph-attached outputs
+    assert attn.q_proj.__dict__["shared_input"]._pending
+    twin = copy.deepcopy(model)
+    assert not twin.model.layers[0].self_attn.q_proj.__dict__["shared_input"]._pending
+    model.eval()
+    twin.eval()
+    ids = input_ids(batch=2, length=5)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
