@@ -73,18 +73,15 @@ def test_group_matches_fp64_reference(M, Kd, outs, ranks, biases, p, dtype):
     check_rule("grad_x", gx, r64[1], rt[1])
 
 
-def test_group_equals_single_kernels_with_the_same_seeds():
-    """Same seeds, same masks: the grouped path gives the single kernels' outputs and gradients."""
-    M, Kd, outs, ranks, p = 45, 72, (64, 16, 16), (16, 4, 8), 0.2
-    g = torch.Generator().manual_seed(5)
+def _assert_group_equals_single(M, Kd, outs, ranks, biases, p, scalings, seeds, gen_seed):
+    g = torch.Generator().manual_seed(gen_seed)
     x = torch.randn(M, Kd, generator=g)
-    ws, bs, As, Bs = members(Kd, outs, ranks, torch.float32, (True, False, False))
-    scalings, seeds = [2.0, 0.5, 1.0], [7, 8, 9]
+    ws, bs, As, Bs = members(Kd, outs, ranks, torch.float32, biases)
     dys = [torch.randn(M, n, generator=g) for n in outs]
     ys, s_pad = KG.lora_group_fwd(x, ws, bs, As, Bs, scalings, p, seeds)
     gx, gAs, gBs, _ = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
     gx_single = torch.zeros_like(x)
-    for i in range(3):
+    for i in range(len(outs)):
         y1, s1 = K.lora_linear_fwd(x, ws[i], bs[i], As[i], Bs[i], scalings[i], p, seeds[i])
         dx1, da1, db1 = K.lora_linear_bwd(dys[i], x, ws[i], As[i], Bs[i], s1, scalings[i], p, seeds[i])
         torch.testing.assert_close(ys[i], y1, atol=1e-5, rtol=1e-5)
@@ -92,6 +89,12 @@ def test_group_equals_single_kernels_with_the_same_seeds():
         torch.testing.assert_close(gBs[i], db1, atol=1e-5, rtol=1e-5)
         gx_single += dx1
     torch.testing.assert_close(gx, gx_single, atol=1e-5, rtol=1e-5)
+
+
+def test_group_equals_single_kernels_with_the_same_seeds():
+    """Same seeds, same masks: the grouped path gives the single kernels' outputs and gradients."""
+    _assert_group_equals_single(45, 72, (64, 16, 16), (16, 4, 8), (True, False, False), 0.2,
+                                [2.0, 0.5, 1.0], [7, 8, 9], gen_seed=5)
 
 
 def test_member_without_gradient():
@@ -120,24 +123,9 @@ def test_group_limits_name_the_problem():
 def test_wide_members_group_too():
     """Members as wide as the kernels take (ranks 256 and 200 beside 4: the short-row-block config)
     still equal the single kernels."""
-    M, Kd, outs, ranks, p = 21, 40, (24, 16, 16), (256, 4, 200), 0.1
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(M, Kd, generator=g)
-    ws, bs, As, Bs = members(Kd, outs, ranks, torch.float32, (False, True, False))
-    scalings, seeds = [1.0, 2.0, 0.5], [1, 2, 3]
-    dys = [torch.randn(M, n, generator=g) for n in outs]
-    ys, s_pad = KG.lora_group_fwd(x, ws, bs, As, Bs, scalings, p, seeds)
     assert KG.group_config(3, 256, torch.float32).BM == 16
-    gx, gAs, gBs, _ = KG.lora_group_bwd(dys, x, ws, As, Bs, s_pad, scalings, p, seeds)
-    gx_single = torch.zeros_like(x)
-    for i in range(3):
-        y1, s1 = K.lora_linear_fwd(x, ws[i], bs[i], As[i], Bs[i], scalings[i], p, seeds[i])
-        dx1, da1, db1 = K.lora_linear_bwd(dys[i], x, ws[i], As[i], Bs[i], s1, scalings[i], p, seeds[i])
-        torch.testing.assert_close(ys[i], y1, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(gAs[i], da1, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(gBs[i], db1, atol=1e-5, rtol=1e-5)
-        gx_single += dx1
-    torch.testing.assert_close(gx, gx_single, atol=1e-5, rtol=1e-5)
+    _assert_group_equals_single(21, 40, (24, 16, 16), (256, 4, 200), (False, True, False), 0.1,
+                                [1.0, 2.0, 0.5], [1, 2, 3], gen_seed=6)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])

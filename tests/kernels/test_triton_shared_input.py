@@ -57,6 +57,13 @@ def _steps(model, steps=2):
     return out
 
 
+def _assert_same_steps(grouped, ungrouped):
+    for step, ((la, ga), (lb, gb)) in enumerate(zip(grouped, ungrouped)):
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"loss step {step}: {m}")
+        for i, (a, b) in enumerate(zip(ga, gb)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {i} step {step}: {m}")
+
+
 def test_llama_groups_qkv_and_gate_up(group_calls):
     model = _patched()
     ids = input_ids(batch=2, length=9)
@@ -73,10 +80,7 @@ def test_grouped_training_equals_ungrouped_with_dropout(group_calls):
     calls_before = len(group_calls)
     ungrouped = _steps(ref_model)
     assert len(group_calls) == calls_before
-    for step, ((la, ga), (lb, gb)) in enumerate(zip(grouped, ungrouped)):
-        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"loss step {step}: {m}")
-        for i, (a, b) in enumerate(zip(ga, gb)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {i} step {step}: {m}")
+    _assert_same_steps(grouped, ungrouped)
 
 
 def test_default_targets_group_q_and_v(group_calls):
@@ -178,10 +182,7 @@ def test_parallel_adapters_on_qkv_group_and_train_the_same(group_calls):
     n = len(group_calls)
     ungrouped = _steps(ref)
     assert len(group_calls) == n
-    for step, ((la, ga), (lb, gb)) in enumerate(zip(grouped, ungrouped)):
-        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"loss step {step}: {m}")
-        for i, (a, b) in enumerate(zip(ga, gb)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {i} step {step}: {m}")
+    _assert_same_steps(grouped, ungrouped)
 
 
 def test_switched_off_by_environment(group_calls, monkeypatch):
