@@ -30,13 +30,15 @@ def _unlink(model):
             m.__dict__.pop("shared_input", None)
 
 
-def _patched(backend="triton", targets=ALL_LLAMA, dropout=0.1, arch="llama"):
+def _patched(backend="triton", targets=ALL_LLAMA, dropout=0.1, arch="llama", seed=2, **fields):
+    """A tiny model with LoRA r=4 (or the adapter ``fields`` give) and nonzero up weights."""
     model = tiny_model(arch, seed=0)
-    fa.patch(model, backend=backend, adapter="lora", r=4, alpha=8, dropout=dropout, target_modules=targets)
+    fields = fields or dict(adapter="lora", r=4, alpha=8, target_modules=targets)
+    fa.patch(model, backend=backend, dropout=dropout, **fields)
     with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
+        g = torch.Generator().manual_seed(seed)
         for n, p in model.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "adapter_up" in n:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
 
@@ -165,15 +167,7 @@ def test_parallel_adapters_on_qkv_group_and_train_the_same(group_calls):
     """Parallel adapters (their default targets are q, k, v) with a learned scaling and dropout:
     grouped and ungrouped training give the same losses and gradients (scalings included)."""
     def patched():
-        model = tiny_model("llama", seed=0)
-        fa.patch(model, backend="triton", adapter="parallel", bottleneck_size=8, non_linearity="relu",
-                 scaling="learned", dropout=0.1)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(4)
-            for n, p in model.named_parameters():
-                if "adapter_up" in n:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        return model
+        return _patched(seed=4, adapter="parallel", bottleneck_size=8, non_linearity="relu", scaling="learned")
 
     grouped = _steps(patched())
     assert group_calls and set(group_calls) == {3}
