@@ -184,6 +184,8 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
             raise ValueError(f"prefix-tuning could not read the attention geometry from the config: {e}") from None
         if st is not None and st.orig_forward is None and "forward" in model.__dict__:
             raise ValueError("this model instance already has its forward replaced; prefix-tuning cannot wrap it")
+        if st is None or st.orig_forward is None:
+            _prefix_cache_argument(model.forward, type(model).__name__)  # raises where the contract changed
         kinds: dict[str, str] = {}
     else:
         geometry = None
@@ -455,6 +457,28 @@ def _checkpointing_overrides(model: nn.Module) -> list[tuple[nn.Module, str, Any
                                                                         for m in others]
 
 
+def _transformers_version() -> str:
+    try:
+        import transformers
+        return transformers.__version__
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def _prefix_cache_argument(forward, owner: str) -> str:
+    """The name under which ``forward`` takes its KV cache: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier releases). A forward with neither is a contract we do not know:
+    refused with the version named, rather than run with the prefix silently dropped."""
+    params = inspect.signature(forward).parameters
+    for name in PREFIX_CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise RuntimeError(f"prefix-tuning: {owner}.forward under transformers {_transformers_version()} takes its "
+                       f"KV cache under none of {PREFIX_CACHE_ARGUMENTS}, so the prefix cannot be passed in; "
+                       f"this transformers release is not supported for prefix-tuning (tested: "
+                       f"{PREFIX_TESTED_TRANSFORMERS}); install one of those or use another adapter type")
+
+
 def _prefix_forward(model: nn.Module, orig_forward):
     """Wrap ``orig_forward`` so the active prefix adapter's keys/values lead every layer's cache.
 
@@ -471,6 +495,8 @@ def _prefix_forward(model: nn.Module, orig_forward):
     from transformers.cache_utils import DynamicCache
 
     params = list(inspect.signature(orig_forward).parameters)
+    cache_arg = _prefix_cache_argument(orig_forward, type(model).__name__)
+    aliases = [a for a in PREFIX_CACHE_ARGUMENTS if a != cache_arg]
 
     @functools.wraps(orig_forward)
     def forward(*args, **kwargs):
@@ -482,6 +508,13 @@ def _prefix_forward(model: nn.Module, orig_forward):
             if params[i] in kwargs:
                 raise TypeError(f"forward got multiple values for argument {params[i]!r}")
             kwargs[params[i]] = a
+        for alias in aliases:  # the other release's name for the cache (a caller's habit) -> this one's
+            if alias in kwargs and alias not in params:
+                value = kwargs.pop(alias)
+                if value is not None and kwargs.get(cache_arg) is not None:
+                    raise TypeError(f"forward got both {cache_arg!r} and {alias!r}; pass the cache once")
+                if value is not None:
+                    kwargs[cache_arg] = value
         ref = kwargs.get("input_ids")
         if ref is None:
             ref = kwargs.get("inputs_embeds")
@@ -491,9 +524,9 @@ def _prefix_forward(model: nn.Module, orig_forward):
         encoder = enc[st.active]
         overrides = _checkpointing_overrides(model)
         p = encoder.config.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(cache_arg)
         if cache is not None and not hasattr(cache, "get_seq_length"):
-            raise ValueError("prefix-tuning needs a transformers Cache object as past_key_values "
+            raise ValueError(f"prefix-tuning needs a transformers Cache object as {cache_arg} "
                              f"(e.g. DynamicCache), got {type(cache).__name__}")
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(f"prefix-tuning cannot use a {type(cache).__name__} (a fixed-size cache, e.g. "
@@ -501,7 +534,7 @@ def _prefix_forward(model: nn.Module, orig_forward):
                              "generate builds its masks without it; use the default dynamic cache")
         marked = cache is not None and getattr(cache, "_fa_prefix_len", None) is not None
         if not marked and cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("past_key_values holds a cache not started by this prefix-tuned model; "
+            raise ValueError(f"{cache_arg} holds a cache not started by this prefix-tuned model; "
                              "pass None or an empty cache")
         own_cache = None  # a cache made here for a caller that asked for none: not handed back
         if overrides is not None:  # checkpointed training: a read-only copy, never handed back
@@ -511,7 +544,7 @@ def _prefix_forward(model: nn.Module, orig_forward):
                     own_cache.fill(kv.keys, kv.values, layer)
                 own_cache._fa_prefix_len = cache._fa_prefix_len
             cache = own_cache
-            kwargs["past_key_values"] = cache
+            kwargs[cache_arg] = cache
         if not marked:
             if cache is None:
                 cache = DynamicCache()
@@ -530,7 +563,7 @@ def _prefix_forward(model: nn.Module, orig_forward):
                 for layer, (k, v) in enumerate(encoder(batch, dtype)):
                     cache.update(k, v, layer)
             cache._fa_prefix_len = p
-            kwargs["past_key_values"] = cache
+            kwargs[cache_arg] = cache
         p = cache._fa_prefix_len
         for key in ("cache_position", "position_ids"):
             if kwargs.get(key) is not None:
@@ -556,15 +589,25 @@ def _prefix_forward(model: nn.Module, orig_forward):
                     mod.__dict__.pop(attr, None)
                 else:
                     setattr(mod, attr, old)
+        if overrides is None and cache.get_seq_length() != past + length:  # the model read a cache other
+            # than ours (or none): its output ignores the prefix. Never hand that back as a result.
+            raise RuntimeError(
+                f"prefix-tuning: {type(model).__name__}.forward under transformers {_transformers_version()} "
+                f"did not use the cache passed as {cache_arg!r} (it holds {cache.get_seq_length()} positions, "
+                f"expected {past + length}), so the prefix was ignored; this release changed the cache "
+                f"contract. Tested releases: {PREFIX_TESTED_TRANSFORMERS}; install one of those")
         if own_cache is not None:  # use_cache=False: returning the prefix cache would make generate
             # feed it back with the whole sequence again (prefix + tokens counted twice)
-            if isinstance(out, tuple):
+            if isinstance(out, tuple) and not hasattr(out, "items"):
                 out = tuple(o for o in out if o is not own_cache)
-            elif getattr(out, "past_key_values", None) is own_cache:  # rebuilt: a ModelOutput keeps
-                out = type(out)(**{k: v for k, v in out.items() if v is not own_cache})  # keys set to None
+            elif any(v is own_cache for v in out.values()):  # rebuilt: a ModelOutput keeps keys set to None
+                out = type(out)(**{k: v for k, v in out.items() if v is not own_cache})
         return out
 
     return forward
 
 
 _MISSING = object()
+# the names a model's forward takes its KV cache under, newest first, and the releases CI tests
+PREFIX_CACHE_ARGUMENTS = ("cache", "past_key_values")
+PREFIX_TESTED_TRANSFORMERS = "5.17 to 5.24"

@@ -372,6 +372,9 @@ def _run(argv: list[str]) -> int:
     import fastadapters as fa
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the adapter's initial weights follow --seed, as the Trainer's order does
     try:
         fa.patch(model, config=config)
     except ValueError as e:
@@ -438,6 +441,7 @@ def _run(argv: list[str]) -> int:
         label_names=["labels"],
         report_to=args.report_to,
         seed=args.seed,
+        data_seed=args.seed,  # the sampler's order from --seed alone, not from torch's global RNG state
         disable_tqdm=args.no_progress,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),

@@ -15,6 +15,19 @@ def make_tiny():
     return tiny_model
 
 
+def pytest_report_header(config):
+    """The versions that decide what is tested (CI runs the suite at both ends of the declared range)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("torch", "transformers", "peft", "triton", "accelerate", "tokenizers"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} -")
+    return "fastadapters deps: " + ", ".join(found)
+
+
 def pytest_configure(config):
     """A run that selects GPU tests (``pytest -m gpu``) must launch the real Triton kernels, so
     the kernel and serving folders set TRITON_INTERPRET=1 (their CPU tests run the kernels in the

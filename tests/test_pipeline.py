@@ -365,6 +365,24 @@ def test_gradient_checkpointing_trains_prefix_as_without(workdir):
         torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-4, atol=1e-6)
 
 
+def test_same_flags_train_the_same_adapter_twice_in_one_process(workdir):
+    """--seed fixes both the adapter's initial weights and the data order: a second identical run in
+    the same process (torch's global RNG already moved on) trains the same adapter."""
+    from safetensors.torch import load_file
+
+    root, base = workdir
+    flags, lr = ADAPTER_RUNS["lora"]
+    runs = []
+    for i in range(2):
+        out = root / f"out_repeat{i}"
+        torch.manual_seed(1000 + i)  # whatever the caller's RNG state, --seed decides
+        assert train_main(_train_argv(base, root / "next.json", out, "lora", steps=2, extra=flags, lr=lr)) == 0
+        runs.append(load_file(out / "adapter_model.safetensors"))
+    assert set(runs[0]) == set(runs[1]) and runs[0]
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
 def test_bf16_trains_fp32_adapters_on_bf16_base(workdir):
     from safetensors.torch import load_file
 
