@@ -187,6 +187,18 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     "prefix": PrefixConfig,
 }
 
+#: Every spelling of the adapter kind that the API (``patch(adapter=...)``) and the command line
+#: (``fastadapters train --adapter``) accept, one list for both: spelling -> (config type, the
+#: fields the spelling fixes). "houlsby" and "pfeiffer" are the series adapter's two placements.
+ADAPTER_SPELLINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {}),
+    "series": ("series", {}),
+    "houlsby": ("series", {"variant": "houlsby"}),
+    "pfeiffer": ("series", {"variant": "pfeiffer"}),
+    "parallel": ("parallel", {}),
+    "prefix": ("prefix", {}),
+}
+
 
 def make_config(adapter: str, **fields: Any) -> AdapterConfig:
     """Build and validate the config for ``adapter`` from keyword fields (what ``fa.patch`` takes)."""
