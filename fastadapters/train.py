@@ -82,6 +82,24 @@ def _modules(values: list[str]) -> list[str]:
     return out
 
 
+def _config_defaults(dest: str) -> str:
+    """The config defaults behind an adapter flag left unset: "8", or "0.0 for lora, 0.1 for series"."""
+    from .config import CONFIG_CLASSES
+
+    if FIELD_FLAGS.get(dest) is None:
+        return ""
+    found: dict[str, Any] = {}
+    for kind, cls in CONFIG_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            if f.name == FIELD_FLAGS[dest] and f.default is not dataclasses.MISSING and f.default is not None:
+                found[kind] = f.default
+    if not found:
+        return ""
+    if len(set(map(repr, found.values()))) == 1:
+        return str(next(iter(found.values())))
+    return ", ".join(f"{v} for {k}" for k, v in found.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastadapters train", description=DESCRIPTION, epilog=EPILOG)
     g = p.add_argument_group("data and model")
@@ -119,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None,
                    help="prefix through an MLP (Li & Liang)")
     a.add_argument("--encoder-hidden-size", type=int, help="width of the prefix MLP")
+    for action in a._group_actions:  # unset fields take the config's defaults: show those
+        shown = _config_defaults(action.dest)
+        if shown:
+            action.help = f"{action.help} (default: {shown})"
 
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step")
