@@ -80,7 +80,7 @@ def check_device(spec: str | None, flag: str = "--device") -> str:
     if device.type == "cpu":
         return spec
     if device.type == "cuda":
-        if torch.version.cuda is None:
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:  # ROCm is "cuda" too
             raise UsageError(f"{flag} {spec}: this torch build ({torch.__version__}) has no CUDA support; "
                              f"use {flag} cpu, or install a CUDA build of torch")
         count = torch.cuda.device_count()

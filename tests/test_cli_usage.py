@@ -154,6 +154,41 @@ def test_eval_device_cuda_on_a_cpu_build(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_check_device_against_what_torch_has(monkeypatch):
+    """The answers of cli.check_device for a CPU build, a CUDA build without a visible GPU, and two GPUs
+    (torch's view of the machine is simulated, so this runs anywhere)."""
+    def machine(cuda_version, count):
+        monkeypatch.setattr(torch.version, "cuda", cuda_version)
+        monkeypatch.setattr(torch.version, "hip", None, raising=False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+
+    machine(None, 0)
+    assert cli.check_device(None) == "cpu" and cli.check_device("cpu") == "cpu"
+    with pytest.raises(cli.UsageError, match=r"--device cuda: this torch build .* has no CUDA support; use --device cpu"):
+        cli.check_device("cuda")
+    machine("12.8", 0)
+    with pytest.raises(cli.UsageError, match="--device cuda:0: no CUDA device is visible"):
+        cli.check_device("cuda:0")
+    machine("12.8", 2)
+    assert cli.check_device(None) == "cuda"
+    assert cli.check_device("cuda") == "cuda" and cli.check_device("cuda:1") == "cuda:1"
+    with pytest.raises(cli.UsageError, match=re.escape("--device cuda:2: only 2 CUDA device(s) visible (cuda:0..cuda:1)")):
+        cli.check_device("cuda:2")
+    with pytest.raises(cli.UsageError, match="'cuda:x' is not a device"):
+        cli.check_device("cuda:x")
+
+
+def test_fp16_and_bf16_pass_quietly_where_cuda_is_visible(monkeypatch, capsys):
+    from fastadapters.train import _check_precision_for_device
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for flag in ("--fp16", "--bf16"):
+        _check_precision_for_device(train_parser().parse_args(REQUIRED + [flag]))
+    assert capsys.readouterr().err == ""
+
+
 @needs_cpu_only
 def test_fp16_on_a_cpu_is_refused_and_bf16_warns(tmp_path, capsys):
     data = write_json(tmp_path / "d.json", make_records("next", 8, seed=0))
