@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compute the loss on the prompt tokens (false: mask them with -100)")
     g.add_argument("--prompt-style", choices=STYLES, default="llm-adapters",
                    help="llm-adapters: their template byte for byte; alpaca: the clean template")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to train (default: cuda when a GPU is visible, else cpu); pick GPUs with "
+                        "CUDA_VISIBLE_DEVICES or torchrun")
     g.add_argument("--model-dtype", choices=DTYPES, default=None,
                    help="dtype of the base weights (default: bfloat16 with --bf16, else float32)")
 
@@ -240,20 +243,22 @@ def _check_args(args) -> None:
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
 
 
-def _check_precision_for_device(args) -> None:
-    """--fp16 needs CUDA (refused on a CPU, where it used to run in fp32 without a word); --bf16 runs
-    on a CPU but far slower than fp32 (one step of SmolLM2-135M: 170 s against 6 s), so it warns."""
-    device = check_device(None)  # where the Trainer will run: CUDA when visible, else the CPU
+def _training_device(args) -> str:
+    """The device to train on (--device checked: one line when CUDA is asked for and absent). --fp16
+    needs CUDA (refused on a CPU, where it used to run in fp32 without a word); --bf16 runs on a CPU
+    but far slower than fp32 (one step of SmolLM2-135M: 170 s against 6 s), so it warns."""
+    device = check_device(args.device)
     if device != "cpu":
-        return
+        return device
     if args.fp16:
-        raise UsageError("--fp16 needs a CUDA GPU and none is visible; on a CPU drop --fp16 to train in fp32 "
-                         "(fastest there)")
+        why = "--device cpu trains on the CPU" if args.device == "cpu" else "none is visible"
+        raise UsageError(f"--fp16 needs a CUDA GPU and {why}; drop --fp16 to train in fp32 (fastest on a CPU)")
     if args.bf16 or args.model_dtype in ("bfloat16", "float16"):
         what = "--bf16" if args.bf16 else f"--model-dtype {args.model_dtype}"
         print(f"fastadapters train: warning: {what} on a CPU: half-precision matmuls run far slower than fp32 "
               "here (about 28x per step measured on SmolLM2-135M); drop it to train in fp32", file=sys.stderr,
               flush=True)
+    return device
 
 
 def _world_size() -> int:
@@ -427,7 +432,7 @@ def _run(argv: list[str]) -> int:
             and not args.overwrite_output_dir):
         raise UsageError(f"--output-dir {args.output_dir} is not empty; pass --overwrite-output-dir or "
                          "--resume-from-checkpoint")
-    _check_precision_for_device(args)
+    device = _training_device(args)
     dtype_name = args.model_dtype or ("bfloat16" if args.bf16 else "float32")
     model, tokenizer = _load_model_and_tokenizer(args, dtype_name)
 
@@ -507,8 +512,8 @@ def _run(argv: list[str]) -> int:
         seed=args.seed,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # lets --bf16 run on a CPU (autocast) instead of refusing
+        dataloader_pin_memory=device != "cpu",
+        use_cpu=device == "cpu",  # lets --bf16 run on a CPU (autocast) instead of refusing
     )
     try:
         targs = TrainingArguments(**targs_kwargs)

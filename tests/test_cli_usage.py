@@ -180,13 +180,17 @@ def test_check_device_against_what_torch_has(monkeypatch):
 
 
 def test_fp16_and_bf16_pass_quietly_where_cuda_is_visible(monkeypatch, capsys):
-    from fastadapters.train import _check_precision_for_device
+    from fastadapters.train import _training_device
 
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for flag in ("--fp16", "--bf16"):
-        _check_precision_for_device(train_parser().parse_args(REQUIRED + [flag]))
+        assert _training_device(train_parser().parse_args(REQUIRED + [flag])) == "cuda"
     assert capsys.readouterr().err == ""
+    # --device cpu on a GPU machine: trains on the CPU, and --fp16 is refused there too
+    assert _training_device(train_parser().parse_args(REQUIRED + ["--device", "cpu"])) == "cpu"
+    with pytest.raises(cli.UsageError, match="--fp16 needs a CUDA GPU and --device cpu trains on the CPU"):
+        _training_device(train_parser().parse_args(REQUIRED + ["--device", "cpu", "--fp16"]))
 
 
 @needs_cpu_only
@@ -204,6 +208,10 @@ def test_fp16_on_a_cpu_is_refused_and_bf16_warns(tmp_path, capsys):
     assert "--base-model: no such directory" in err[1]
     assert train_main(argv) == 2
     _one_line_error(capsys, "--base-model: no such directory")  # no warning without --bf16
+    assert train_main(argv + ["--device", "cuda"]) == 2
+    _one_line_error(capsys, "--device cuda", "use --device cpu")
+    assert train_main(argv + ["--device", "cuda:1"]) == 2
+    _one_line_error(capsys, "--device", "'cuda:1'", "choose from")  # GPUs: CUDA_VISIBLE_DEVICES or torchrun
     assert not out.exists()
 
 
