@@ -43,7 +43,7 @@ checkpoints too); with a validation set the best checkpoint (lowest eval loss) i
 EPILOG = """\
 example:
   fastadapters train --base-model ./llama --data math_10k.json --output-dir out/lora \\
-      --adapter lora --r 32 --alpha 64 --lr 3e-4 --num-epochs 3 --limit 1000"""
+      --adapter lora --r 32 --alpha 64 --lr 3e-4 --num-epochs 3 --limit 1000 --val-set-size 100"""
 DTYPES = ("float32", "bfloat16", "float16")
 
 # CLI flag (argparse dest) -> config field. Which fields apply is read from the config dataclass.
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
                    help="with a validation set, also evaluate before the first step (the step-0 eval loss)")
     t.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
-    t.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (the best one always is)")
+    t.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (with a validation set the best one is kept too)")
     t.add_argument("--logging-steps", type=int, default=10, help="print a loss line every N steps")
     t.add_argument("--group-by-length", action="store_true", help="batch examples of similar length together")
     t.add_argument("--seed", type=int, default=42, help="seed for the validation split, init and data order")
@@ -422,10 +422,13 @@ def _run(argv: list[str]) -> int:
         records = load_records(args.data)
         if args.limit is not None:
             records = records[: args.limit]
+        if len(records) <= args.val_set_size:
+            kept = f" (--limit {args.limit} kept {len(records)})" if args.limit is not None else ""
+            raise UsageError(f"--val-set-size {args.val_set_size} leaves no training records: {args.data} has "
+                             f"{len(records)}{kept}; give a smaller --val-set-size (0: no validation set)")
         train_records, val_records = split_train_val(records, args.val_set_size, seed=args.seed)
     except DataError as e:
-        kept = f" (--limit {args.limit} kept {len(records)})" if args.limit is not None else ""
-        raise UsageError(f"{e}{kept}") from None
+        raise UsageError(str(e)) from None
     config = adapter_config(args)
     resume_checkpoint, resume_adapter = _resume_target(args)
     if (os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and resume_checkpoint is None

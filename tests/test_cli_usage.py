@@ -310,7 +310,7 @@ def test_limit_step0_eval_and_plain_log_lines(tiny_base, tmp_path, capsys):
     assert train_main(argv + ["--no-eval-at-start", "--overwrite-output-dir"]) == 0
     assert "step 0/2 | eval loss" not in capsys.readouterr().out
     assert train_main(_argv(base, data, tmp_path / "never", "--limit", "4", "--val-set-size", "4")) == 2
-    _one_line_error(capsys, "--limit 4 kept 4")
+    _one_line_error(capsys, "--val-set-size 4 leaves no training records", "--limit 4 kept 4")
     assert train_main(_argv(base, data, tmp_path / "never", "--limit", "0")) == 2
     _one_line_error(capsys, "--limit must be >= 1")
     assert not (tmp_path / "never").exists()
