@@ -31,6 +31,7 @@ from pipeline_utils import STYLE, make_base_model_dir, make_records, write_json
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
 REQUIRED = ["--base-model", "m", "--data", "d.json", "--output-dir", "o"]
+VALID = ["--base-model", "m", "--data", "ok.json", "--output-dir", "o", "--val-set-size", "0"]  # ok.json exists
 
 
 def _one_line_error(capsys, *needles):
@@ -62,24 +63,29 @@ def _probe(argv, cwd):
     return json.loads(line[-1][6:]), proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("argv, rc", [
-    ([], 2),
-    (["--help"], 0),
-    (["frobnicate"], 2),
-    *[([cmd, "--help"], 0) for cmd in cli.COMMANDS],
-    (["train", "--no-such-flag"], 2),
-    (["train", *REQUIRED, "--learning-rat", "1e-4"], 2),        # an abbreviation is an error
-    (["train", "--data", "d.json"], 2),                          # required flags missing
-    (["train", *REQUIRED, "--batch-size", "10", "--micro-batch-size", "4"], 2),
-    (["train", *REQUIRED, "--adapter", "adapterp"], 2),
-    (["train", *REQUIRED], 2),                                   # d.json does not exist
-    (["eval", "--base-model", "m", "--limit", "x"], 2),
-    (["eval", "--base-model", "m"], 2),                          # no --dataset / --data
-    (["bench", "--repeat", "1"], 2),
+@pytest.mark.parametrize("argv, rc, says", [
+    ([], 2, "usage: fastadapters <command>"),
+    (["--help"], 0, "usage: fastadapters <command>"),
+    (["frobnicate"], 2, "unknown command 'frobnicate'"),
+    *[([cmd, "--help"], 0, f"usage: fastadapters {cmd}") for cmd in cli.COMMANDS],
+    (["train", *REQUIRED, "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    (["train", *REQUIRED, "--learning-rat", "1e-4"], 2, "unrecognized arguments: --learning-rat"),
+    (["train", "--data", "d.json"], 2, "required: --base-model"),
+    (["train", *REQUIRED, "--batch-size", "10", "--micro-batch-size", "4"], 2, "not a multiple"),
+    (["train", *REQUIRED, "--adapter", "adapterp"], 2, "invalid choice: 'adapterp'"),
+    (["train", *REQUIRED], 2, "data file not found: d.json"),
+    (["train", *VALID, "--bottleneck-size", "8"], 2, "--bottleneck-size does not apply to --adapter lora"),
+    (["train", *VALID, "--r", "0"], 2, "LoRAConfig.r"),
+    (["train", *VALID, "--resume-from-checkpoint", "nowhere"], 2, "no such directory: nowhere"),
+    (["eval", "--base-model", "m", "--limit", "x"], 2, "--limit"),
+    (["eval", "--base-model", "m"], 2, "give --dataset NAME"),
+    (["bench", "--repeat", "1"], 2, "unrecognized arguments: --repeat"),
 ])
-def test_help_and_usage_errors_do_not_import_torch(argv, rc, tmp_path):
+def test_help_and_usage_errors_do_not_import_torch(argv, rc, says, tmp_path):
+    write_json(tmp_path / "ok.json", make_records("next", 8, seed=0))
     result, out, err = _probe(argv, tmp_path)
     assert result["rc"] == rc, (out, err)
+    assert says in out + err, (out, err)
     assert result["heavy"] == [], f"{argv} imported {result['heavy']}"
     if rc == 2 and argv and argv[0] in cli.COMMANDS:
         assert len(err.strip().splitlines()) == 1, err
