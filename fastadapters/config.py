@@ -15,6 +15,19 @@ from typing import Any, ClassVar
 ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "swish", "sigmoid")
 SERIES_VARIANTS = ("houlsby", "pfeiffer")
 INITS = ("bert", "zero_up")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output head
+
+# Every spelling of an adapter type that the API and the command line accept, mapped to
+# (config type, fields it implies). The placements of series adapters are adapter names in
+# the LLM-Adapters paper (AdapterH, AdapterP), so "houlsby" and "pfeiffer" name them directly.
+ADAPTER_SPELLINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {}),
+    "series": ("series", {}),
+    "houlsby": ("series", {"variant": "houlsby"}),
+    "pfeiffer": ("series", {"variant": "pfeiffer"}),
+    "parallel": ("parallel", {}),
+    "prefix": ("prefix", {}),
+}
 
 
 def _err(cls_name: str, name: str, value: Any, valid: str) -> ValueError:
@@ -185,18 +198,6 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     "series": SeriesConfig,
     "parallel": ParallelConfig,
     "prefix": PrefixConfig,
-}
-
-#: Every spelling of the adapter kind that the API (``patch(adapter=...)``) and the command line
-#: (``fastadapters train --adapter``) accept, one list for both: spelling -> (config type, the
-#: fields the spelling fixes). "houlsby" and "pfeiffer" are the series adapter's two placements.
-ADAPTER_SPELLINGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora": ("lora", {}),
-    "series": ("series", {}),
-    "houlsby": ("series", {"variant": "houlsby"}),
-    "pfeiffer": ("series", {"variant": "pfeiffer"}),
-    "parallel": ("parallel", {}),
-    "prefix": ("prefix", {}),
 }
 
 
