@@ -22,11 +22,15 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from .cli import CommandParser, UsageError, check_device, run_command
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions that use it: `fastadapters bench --help` and a mistyped
+# flag answer without paying for it (fastadapters.cli)
 
 PRESETS = {
     # name: (LlamaConfig kwargs, batch, seq)
@@ -67,6 +71,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
     """Bytes autograd saves for backward while ``fn`` runs (distinct storages counted once)."""
+    import torch
+
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -86,6 +92,8 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
+    import torch
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -105,6 +113,8 @@ def _cpu_name() -> str:
 
 
 def environment(device: torch.device) -> dict:
+    import torch
+
     def version(mod):
         try:
             return __import__(mod).__version__
@@ -141,6 +151,7 @@ def append_results(path: str, record: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _build_model(preset: str, device, dtype, seed: int = 0):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -183,6 +194,8 @@ def _prepare(model, kind, fields):
 def training_step_table(preset: str = "tiny", device: str | None = None, dtype: str | None = None,
                         r: int = 16, dropout: float = 0.05, bottleneck: int = 64, repeats: int = 5,
                         only: list[str] | None = None, log=print) -> dict:
+    import torch
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg_kwargs, batch, seq = PRESETS[preset]
@@ -265,25 +278,39 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fastadapters bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = CommandParser(prog="fastadapters bench", description=(
+        "Time training steps (forward + backward) of each adapter type against PEFT LoRA and the frozen base,\n"
+        "then the per-layer kernel table and the multi-adapter serving table, on an embedded Llama config\n"
+        "with random weights (nothing is downloaded)."))
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="model size (default: tiny on CPU, 1b on CUDA)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--bottleneck-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--r", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (kernel table too)")
+    ap.add_argument("--bottleneck-size", type=int, default=64, help="series/parallel bottleneck width")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per row (the median is reported)")
     ap.add_argument("--only", nargs="*", help="run only variants whose label contains one of these words")
     ap.add_argument("--no-serving", action="store_true", help="skip the multi-adapter serving table")
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--json", metavar="PATH", help="append the numbers to this JSON file")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("fastadapters bench: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    preset = args.preset or ("1b" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "tiny")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("fastadapters bench", _run, argv)
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    device = check_device(args.device)
+    if args.device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: the bench runs on cpu or cuda")
+    preset = args.preset or ("1b" if device.startswith("cuda") else "tiny")
     print(f"fastadapters bench: preset {preset}")
     result = training_step_table(preset, args.device, args.dtype, args.r, args.dropout, args.bottleneck_size,
                                  args.repeats, args.only)

@@ -15,6 +15,19 @@ from typing import Any, ClassVar
 ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "swish", "sigmoid")
 SERIES_VARIANTS = ("houlsby", "pfeiffer")
 INITS = ("bert", "zero_up")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output head
+
+# Every spelling of an adapter type that the API and the command line accept, mapped to
+# (config type, fields it implies). The placements of series adapters are adapter names in
+# the LLM-Adapters paper (AdapterH, AdapterP), so "houlsby" and "pfeiffer" name them directly.
+ADAPTER_SPELLINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {}),
+    "series": ("series", {}),
+    "houlsby": ("series", {"variant": "houlsby"}),
+    "pfeiffer": ("series", {"variant": "pfeiffer"}),
+    "parallel": ("parallel", {}),
+    "prefix": ("prefix", {}),
+}
 
 
 def _err(cls_name: str, name: str, value: Any, valid: str) -> ValueError:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import CommandParser as _Parser, UsageError, run_command
+from .cli import CommandParser as _Parser, UsageError, check_device, run_command, show_progress
 from .data import DataError, load_records
 from .extraction import AQUA_MODES, DATASETS, canonical_dataset, dataset_kind, infer_dataset_rules, label_is_valid, score
 from .prompts import STYLES, evaluation_prompt
@@ -29,13 +29,16 @@ from .prompts import STYLES, evaluation_prompt
 MAX_NEW_TOKENS = {"math": 256, "choice": 256, "commonsense": 32}
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_DIR_ENV = "FASTADAPTERS_DATA_DIR"
+DESCRIPTION = """\
+Score a base model, or a base model with an adapter, on the LLM-Adapters math and commonsense test
+sets, with their prompt and answer extraction: one JSON line per example in --output, a table of
+accuracy per dataset on stdout."""
 
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastadapters eval", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="fastadapters eval", description=DESCRIPTION)
     p.add_argument("--base-model", required=True, help="local model directory or transformers model id")
     p.add_argument("--adapter", metavar="PATH", help="adapter directory (fastadapters, PEFT LoRA or LLM-Adapters); none: the base model")
     p.add_argument("--dataset", nargs="+", metavar="NAME",
@@ -46,17 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one test file instead of --dataset; its rules come from --dataset NAME if given, "
                         "else from its labels (numeric: math, A-E: AQuA, label words: that commonsense set)")
     p.add_argument("--output", metavar="PATH", help="JSON Lines file with one record per example")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     p.add_argument("--num-beams", type=int, default=1, help="1: greedy (the original used 4)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: 256 for math and AQuA, 32 for commonsense sets")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set")
     p.add_argument("--aqua-extraction", choices=AQUA_MODES, default="first",
                    help="first: the original rule (first capital A-E); strict: the option the response chooses")
-    p.add_argument("--prompt-style", choices=STYLES, default="llm-adapters")
-    p.add_argument("--model-dtype", choices=DTYPES, default="float32")
+    p.add_argument("--prompt-style", choices=STYLES, default="llm-adapters",
+                   help="llm-adapters: their evaluation template byte for byte; alpaca: the clean template")
+    p.add_argument("--model-dtype", choices=DTYPES, default="float32", help="dtype of the base weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; there is none anyway when stderr is not a terminal (a log file)")
     return p
 
 
@@ -150,6 +155,7 @@ def _load(args):
         check_base_model_path(args.base_model)
     except Exception as e:  # train.UsageError: same message, this module's exit path
         raise UsageError(str(e)) from None
+    device = check_device(args.device)
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.base_model)
@@ -166,7 +172,6 @@ def _load(args):
             raise UsageError(f"adapter {args.adapter} does not fit {args.base_model}: {e}") from None
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     model.eval()
     return model, tokenizer, device
@@ -205,7 +210,7 @@ def evaluate_set(model, tokenizer, name: str, rules: str, records: list[dict], a
     kind = dataset_kind(rules)
     max_new = args.max_new_tokens or MAX_NEW_TOKENS[kind]
     correct = 0
-    bar = tqdm(total=len(records), desc=name, unit="ex", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(total=len(records), desc=name, unit="ex", disable=not show_progress(args.no_progress), file=sys.stderr)
     for start in range(0, len(records), args.batch_size):
         batch = records[start:start + args.batch_size]
         prompts = [evaluation_prompt(r["instruction"], r["input"], style=args.prompt_style) for r in batch]

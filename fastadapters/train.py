@@ -28,12 +28,22 @@ import sys
 import time
 from typing import Any
 
-from .cli import CommandParser as _Parser, UsageError, run_command
+from .cli import CommandParser as _Parser, UsageError, check_device, run_command, show_progress
+from .config import ADAPTER_SPELLINGS
 from .data import DataError, load_records, split_train_val, tokenize_records
 from .prompts import STYLES
 
-ADAPTERS = ("lora", "series", "pfeiffer", "parallel", "prefix")
+ADAPTERS = tuple(ADAPTER_SPELLINGS)  # the API's spellings (config.py), so CLI and API agree
 SAVE_FORMATS = ("fastadapters", "peft")
+PEFT_FORMAT_ADAPTERS = ("lora", "prefix")  # adapter types io.save_adapter writes in PEFT format
+DESCRIPTION = """\
+Fine-tune one adapter on an Alpaca-format JSON file, like LLM-Adapters' finetune.py: the same prompt,
+tokenization, batch arithmetic and Trainer loop. Only the adapter's weights are trained and saved (in
+checkpoints too); with a validation set the best checkpoint (lowest eval loss) is loaded back at the end."""
+EPILOG = """\
+example:
+  fastadapters train --base-model ./llama --data math_10k.json --output-dir out/lora \\
+      --adapter lora --r 32 --alpha 64 --lr 3e-4 --num-epochs 3 --limit 1000 --val-set-size 100"""
 DTYPES = ("float32", "bfloat16", "float16")
 
 # CLI flag (argparse dest) -> config field. Which fields apply is read from the config dataclass.
@@ -72,25 +82,48 @@ def _modules(values: list[str]) -> list[str]:
     return out
 
 
+def _config_defaults(dest: str) -> str:
+    """The config defaults behind an adapter flag left unset: "8", or "0.0 for lora, 0.1 for series"."""
+    from .config import CONFIG_CLASSES
+
+    if FIELD_FLAGS.get(dest) is None:
+        return ""
+    found: dict[str, Any] = {}
+    for kind, cls in CONFIG_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            if f.name == FIELD_FLAGS[dest] and f.default is not dataclasses.MISSING and f.default is not None:
+                found[kind] = f.default
+    if not found:
+        return ""
+    if len(set(map(repr, found.values()))) == 1:
+        return str(next(iter(found.values())))
+    return ", ".join(f"{v} for {k}" for k, v in found.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastadapters train", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="fastadapters train", description=DESCRIPTION, epilog=EPILOG)
     g = p.add_argument_group("data and model")
     g.add_argument("--base-model", required=True, help="local model directory or transformers model id")
     g.add_argument("--data", required=True, help="Alpaca-format JSON (or .jsonl): instruction, input, output")
     g.add_argument("--output-dir", required=True, help="where checkpoints and the final adapter go")
     g.add_argument("--cutoff-len", type=int, default=256, help="maximum tokens per example (truncated)")
     g.add_argument("--val-set-size", type=int, default=2000, help="records held out for evaluation (0: none)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use only the first N records of --data (before the validation split); default: all")
     g.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=True,
                    help="also compute the loss on the prompt tokens (false: mask them with -100)")
     g.add_argument("--prompt-style", choices=STYLES, default="llm-adapters",
                    help="llm-adapters: their template byte for byte; alpaca: the clean template")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to train (default: cuda when a GPU is visible, else cpu); pick GPUs with "
+                        "CUDA_VISIBLE_DEVICES or torchrun")
     g.add_argument("--model-dtype", choices=DTYPES, default=None,
                    help="dtype of the base weights (default: bfloat16 with --bf16, else float32)")
 
     a = p.add_argument_group("adapter (unset fields take the config's defaults)")
     a.add_argument("--adapter", choices=ADAPTERS, default="lora",
-                   help="series = Houlsby placement (AdapterH), pfeiffer = series with the Pfeiffer placement (AdapterP)")
+                   help="series = houlsby = the Houlsby placement (AdapterH); pfeiffer = series with the Pfeiffer "
+                        "placement (AdapterP); the same spellings as fastadapters.patch(adapter=...)")
     a.add_argument("--r", type=int, help="LoRA rank")
     a.add_argument("--alpha", type=float, help="LoRA alpha")
     a.add_argument("--dropout", type=float, help="LoRA / bottleneck dropout")
@@ -99,39 +132,53 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--non-linearity", help="series/parallel activation (tanh, relu, gelu, silu, swish, sigmoid)")
     a.add_argument("--scaling", type=_scaling, help="series/parallel output scaling: a number or 'learned'")
     a.add_argument("--init", help="series/parallel init: bert (LLM-Adapters) or zero_up")
-    a.add_argument("--variant", choices=("houlsby", "pfeiffer"), help="series placement (same as --adapter pfeiffer)")
+    a.add_argument("--variant", choices=("houlsby", "pfeiffer"),
+                   help="series placement (same as --adapter houlsby / pfeiffer)")
     a.add_argument("--target-modules", nargs="+", metavar="NAME",
                    help="module-name suffixes to adapt (space or comma separated); default: the architecture's")
     a.add_argument("--num-virtual-tokens", type=int, help="prefix length")
     a.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None,
                    help="prefix through an MLP (Li & Liang)")
     a.add_argument("--encoder-hidden-size", type=int, help="width of the prefix MLP")
+    for action in a._group_actions:  # unset fields take the config's defaults: show those
+        shown = _config_defaults(action.dest)
+        if shown:
+            action.help = f"{action.help} (default: {shown})"
 
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step")
     t.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (the rest is gradient accumulation)")
-    t.add_argument("--num-epochs", type=float, default=3)
-    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)")
-    t.add_argument("--learning-rate", type=float, default=3e-4)
-    t.add_argument("--warmup-steps", type=int, default=100)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name")
+    t.add_argument("--num-epochs", type=float, default=3, help="passes over the training records")
+    t.add_argument("--max-steps", type=int, default=-1,
+                   help="stop after this many optimizer steps (overrides --num-epochs; -1: off)")
+    t.add_argument("--learning-rate", "--lr", type=float, default=3e-4, metavar="LR", help="peak learning rate")
+    t.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--lr-scheduler", default="linear",
+                   help="transformers scheduler name (linear, cosine, constant, constant_with_warmup, ...)")
     t.add_argument("--bf16", action="store_true",
-                   help="bf16: base weights in bfloat16, adapters in fp32 (autocast only with --model-dtype float32)")
-    t.add_argument("--fp16", action="store_true", help="fp16 mixed precision (needs a GPU)")
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--eval-steps", type=int, default=200)
-    t.add_argument("--save-steps", type=int, default=200)
-    t.add_argument("--save-total-limit", type=int, default=3)
-    t.add_argument("--logging-steps", type=int, default=10)
-    t.add_argument("--group-by-length", action="store_true")
-    t.add_argument("--seed", type=int, default=42)
+                   help="bf16: base weights in bfloat16, adapters in fp32 (autocast only with --model-dtype "
+                        "float32); meant for a GPU: on a CPU it runs, with a warning, far slower than fp32")
+    t.add_argument("--fp16", action="store_true", help="fp16 mixed precision (needs a CUDA GPU; refused on a CPU)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory, more time)")
+    t.add_argument("--eval-steps", type=int, default=200, help="evaluate on the validation set every N steps")
+    t.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a validation set, also evaluate before the first step (the step-0 eval loss)")
+    t.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
+    t.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (with a validation set the best one is kept too)")
+    t.add_argument("--logging-steps", type=int, default=10, help="print a loss line every N steps")
+    t.add_argument("--group-by-length", action="store_true", help="batch examples of similar length together")
+    t.add_argument("--seed", type=int, default=42, help="seed for the validation split, init and data order")
     t.add_argument("--resume-from-checkpoint", metavar="PATH",
                    help="a checkpoint-N directory, 'last' (newest in --output-dir), or a saved adapter (weights only)")
     t.add_argument("--save-format", choices=SAVE_FORMATS, default="fastadapters",
-                   help="format of the final adapter (peft: LoRA only)")
+                   help=f"format of the final adapter (peft: {' and '.join(PEFT_FORMAT_ADAPTERS)} adapters, "
+                        "read by peft.PeftModel.from_pretrained)")
     t.add_argument("--report-to", default="none", help="Trainer integrations (none, wandb, tensorboard, ...)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines are still printed)")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (loss lines are still printed); there is none anyway when stderr is "
+                        "not a terminal (a log file gets plain lines)")
     t.add_argument("--overwrite-output-dir", action="store_true", help="allow a non-empty --output-dir")
     return p
 
@@ -144,7 +191,7 @@ def adapter_config(args) -> Any:
     """The validated adapter config for ``args`` (UsageError naming the flag or field otherwise)."""
     from .config import CONFIG_CLASSES, make_config
 
-    kind = {"pfeiffer": "series"}.get(args.adapter, args.adapter)
+    kind, implied = ADAPTER_SPELLINGS[args.adapter]
     cls = CONFIG_CLASSES[kind]
     names = {f.name for f in dataclasses.fields(cls)}
     fields: dict[str, Any] = {}
@@ -159,12 +206,10 @@ def adapter_config(args) -> Any:
             raise UsageError(f"{flag} does not apply to --adapter {args.adapter} "
                              f"(its fields: {', '.join(sorted(names))})")
         fields[fld] = value
-    if args.adapter == "pfeiffer":
-        if fields.get("variant", "pfeiffer") != "pfeiffer":
-            raise UsageError("--adapter pfeiffer conflicts with --variant houlsby")
-        fields["variant"] = "pfeiffer"
-    if args.adapter == "series":
-        fields.setdefault("variant", "houlsby")
+    for fld, value in implied.items():  # e.g. --adapter pfeiffer fixes variant=pfeiffer
+        if fields.get(fld, value) != value:
+            raise UsageError(f"--adapter {args.adapter} conflicts with --{fld.replace('_', '-')} {fields[fld]}")
+        fields[fld] = value
     try:
         return make_config(kind, **fields)
     except ValueError as e:
@@ -183,8 +228,11 @@ def _check_args(args) -> None:
         raise UsageError(f"--cutoff-len must be >= 1, got {args.cutoff_len}")
     if args.bf16 and args.fp16:
         raise UsageError("--bf16 and --fp16 are exclusive")
-    if args.save_format == "peft" and args.adapter != "lora":
-        raise UsageError(f"--save-format peft holds LoRA adapters only; use --save-format fastadapters for --adapter {args.adapter}")
+    if args.save_format == "peft" and ADAPTER_SPELLINGS[args.adapter][0] not in PEFT_FORMAT_ADAPTERS:
+        raise UsageError(f"--save-format peft holds {' and '.join(PEFT_FORMAT_ADAPTERS)} adapters only (PEFT has "
+                         f"no bottleneck adapters); use --save-format fastadapters for --adapter {args.adapter}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.val_set_size > 0:
         if args.eval_steps < 1 or args.save_steps < 1:
             raise UsageError("--eval-steps and --save-steps must be >= 1")
@@ -193,6 +241,24 @@ def _check_args(args) -> None:
                              "so that the best checkpoint can be reloaded at the end")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
+
+
+def _training_device(args) -> str:
+    """The device to train on (--device checked: one line when CUDA is asked for and absent). --fp16
+    needs CUDA (refused on a CPU, where it used to run in fp32 without a word); --bf16 runs on a CPU
+    but far slower than fp32 (one step of SmolLM2-135M: 170 s against 6 s), so it warns."""
+    device = check_device(args.device)
+    if device != "cpu":
+        return device
+    if args.fp16:
+        why = "--device cpu trains on the CPU" if args.device == "cpu" else "none is visible"
+        raise UsageError(f"--fp16 needs a CUDA GPU and {why}; drop --fp16 to train in fp32 (fastest on a CPU)")
+    if args.bf16 or args.model_dtype in ("bfloat16", "float16"):
+        what = "--bf16" if args.bf16 else f"--model-dtype {args.model_dtype}"
+        print(f"fastadapters train: warning: {what} on a CPU: half-precision matmuls run far slower than fp32 "
+              "here (about 28x per step measured on SmolLM2-135M); drop it to train in fp32", file=sys.stderr,
+              flush=True)
+    return device
 
 
 def _world_size() -> int:
@@ -354,6 +420,12 @@ def _run(argv: list[str]) -> int:
     # 1. inputs, cheapest first; nothing is written until all of them passed
     try:
         records = load_records(args.data)
+        if args.limit is not None:
+            records = records[: args.limit]
+        if len(records) <= args.val_set_size:
+            kept = f" (--limit {args.limit} kept {len(records)})" if args.limit is not None else ""
+            raise UsageError(f"--val-set-size {args.val_set_size} leaves no training records: {args.data} has "
+                             f"{len(records)}{kept}; give a smaller --val-set-size (0: no validation set)")
         train_records, val_records = split_train_val(records, args.val_set_size, seed=args.seed)
     except DataError as e:
         raise UsageError(str(e)) from None
@@ -363,6 +435,7 @@ def _run(argv: list[str]) -> int:
             and not args.overwrite_output_dir):
         raise UsageError(f"--output-dir {args.output_dir} is not empty; pass --overwrite-output-dir or "
                          "--resume-from-checkpoint")
+    device = _training_device(args)
     dtype_name = args.model_dtype or ("bfloat16" if args.bf16 else "float32")
     model, tokenizer = _load_model_and_tokenizer(args, dtype_name)
 
@@ -411,6 +484,7 @@ def _run(argv: list[str]) -> int:
     model.config.use_cache = False
 
     has_val = val_data is not None
+    progress = show_progress(args.no_progress)
     targs_kwargs = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.micro_batch_size,
@@ -430,6 +504,7 @@ def _run(argv: list[str]) -> int:
         logging_steps=args.logging_steps,
         eval_strategy="steps" if has_val else "no",
         eval_steps=args.eval_steps if has_val else None,
+        eval_on_start=has_val and args.eval_at_start,
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
@@ -442,10 +517,10 @@ def _run(argv: list[str]) -> int:
         report_to=args.report_to,
         seed=args.seed,
         data_seed=args.seed,  # the sampler's order from --seed alone, not from torch's global RNG state
-        disable_tqdm=args.no_progress,
+        disable_tqdm=not progress,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # lets --bf16 run on a CPU (autocast) instead of refusing
+        dataloader_pin_memory=device != "cpu",
+        use_cpu=device == "cpu",  # lets --bf16 run on a CPU (autocast) instead of refusing
     )
     try:
         targs = TrainingArguments(**targs_kwargs)
@@ -461,7 +536,7 @@ def _run(argv: list[str]) -> int:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LossLinePrinter() if args.no_progress else LossLineProgress())
+    trainer.add_callback(LossLineProgress() if progress else LossLinePrinter())
 
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume_checkpoint)
