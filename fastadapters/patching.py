@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .config import AdapterConfig, PrefixConfig, SeriesConfig, make_config
+from .config import ADAPTER_SPELLINGS, ALL_LINEAR, AdapterConfig, PrefixConfig, SeriesConfig, make_config
 from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder, SharedInput
 from .ops import dispatch
 
@@ -93,15 +93,49 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
-    """{module path: kind} for a non-prefix config; a ValueError naming what is valid otherwise."""
+    """{module path: kind} for a non-prefix config; a ValueError naming what is valid otherwise.
+
+    Every name the user gave must match a module (a typo is an error listing the model's linear
+    module names, not a silent half-patch); ``"all-linear"`` is every linear layer but the output
+    head, as in PEFT, and the config's ``target_modules`` becomes the names it stood for (as PEFT
+    does), so a saved adapter says what it adapted. The architecture's defaults (used when
+    ``target_modules`` is None) need only match somewhere.
+    """
     variant = cfg.variant if isinstance(cfg, SeriesConfig) else None
-    targets = cfg.target_modules or models.default_targets(model, cfg.adapter_type, variant)
     mods = _linear_modules(model)
+    linear = {p: m for p, m in mods.items() if p and isinstance(m, SUPPORTED_BASES + (AdapterLinear,))}
+    linear_names = sorted({p.rsplit(".", 1)[-1] for p in linear})
+    given = cfg.target_modules
+    if given == [ALL_LINEAR]:
+        head = _output_head(model)
+
+        def is_head(m):
+            return head is not None and (m is head or getattr(m, "base_layer", None) is head)
+        keep = sorted(p for p, m in linear.items() if not is_head(m))
+        if not keep:
+            raise ValueError(f'target_modules "{ALL_LINEAR}": this model has no linear layer besides its output head')
+        targets = sorted({p.rsplit(".", 1)[-1] for p in keep})
+        if {p for p in mods if p and models.matches(p, targets)} != set(keep):  # a leaf name shared with
+            targets = keep  # the head or a non-linear module: name the layers in full
+    else:
+        targets = given or models.default_targets(model, cfg.adapter_type, variant)
+        if given:
+            missing = [t for t in targets if not any(models.matches(p, [t]) for p in mods if p)]
+            if missing:
+                raise ValueError(f"target_modules {missing} matched no module of this model; its linear modules "
+                                 f"are named: {linear_names} (names are module-name suffixes such as "
+                                 f"'q_proj' or 'mlp.down_proj', or \"{ALL_LINEAR}\")")
     found = {p: m for p, m in mods.items() if p and models.matches(p, targets)}
     if not found:
-        linear_names = sorted({p.rsplit(".", 1)[-1] for p, m in mods.items()
-                               if isinstance(m, SUPPORTED_BASES + (AdapterLinear,))})
         raise ValueError(f"target_modules {list(targets)} matched no module of this model; "
                          f"its linear modules are named: {linear_names}")
     bad = [f"{p} ({type(m).__name__})" for p, m in found.items()
@@ -109,6 +143,8 @@ def _resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
     if bad:
         raise ValueError(f"target_modules matched modules that are not linear layers: {bad[:5]}; "
                          "valid targets are nn.Linear or transformers Conv1D modules")
+    if given == [ALL_LINEAR]:
+        cfg.target_modules = list(targets)  # what "all-linear" stood for, so a saved config reloads as it was
     kinds = {}
     for p in found:
         if cfg.adapter_type == "lora":
@@ -163,7 +199,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
     # ---- validate everything first: nothing changes on error ----
     if config is None:
         if adapter is None:
-            raise ValueError("patch needs adapter=... (lora, series, parallel, prefix) or config=...")
+            raise ValueError(f"patch needs adapter=... ({', '.join(ADAPTER_SPELLINGS)}) or config=...")
         cfg = make_config(adapter, **fields)
     else:
         if adapter is not None or fields:
