@@ -4,11 +4,13 @@
     fa.patch(model, adapter="lora", r=16, alpha=32, dropout=0.05)
     fa.patch(model, adapter="series", variant="houlsby", bottleneck_size=256)
     fa.save_adapter(model, "out/"); fa.load_adapter(model, "out/")
+    fa.merge_and_unload(model)    # LoRA folded into the base weights, plain model back
     fa.unpatch(model)
 """
 __version__ = "0.1.0"
 
 from .config import AdapterConfig, LoRAConfig, ParallelConfig, PrefixConfig, SeriesConfig  # noqa: F401
+from .merge import merge, merge_and_unload  # noqa: F401
 from .patching import (  # noqa: F401
     adapter_names,
     delete_adapter,

@@ -6,6 +6,8 @@ the instance's ``forward`` so that prefixes enter through the model's own KV cac
 ``_prefix_forward``). Everything is validated before the first change, so a failed ``patch``
 leaves the model exactly as it was. ``unpatch`` puts the original modules, ``forward`` and
 ``requires_grad`` flags back: the state dict is identical, key for key and bit for bit.
+While a transformers model is patched, its ``save_pretrained`` refuses (``SavePretrainedRefusal``):
+the wrapper keys would reload as random weights in plain transformers.
 
 The bookkeeping lives in ``model._fastadapters`` (a plain object, not a module, so it adds
 nothing to the state dict).
@@ -40,6 +42,38 @@ class PatchState:
     instance_forward: Any = None  # a forward set on the instance (e.g. accelerate's hook) that orig_forward is
     backend: str | None = None
     version: int = 0  # bumped whenever adapters are added or removed (the serving store rebuilds on it)
+    instance_save: Any = None  # a save_pretrained the instance had before patching (put back by unpatch)
+
+
+class SavePretrainedRefusal:
+    """Stands in for ``save_pretrained`` on a patched transformers model (an instance attribute,
+    removed by ``unpatch``). The state dict of a patched model holds wrapper keys (``base_layer``,
+    ``lora_A``, ...) that plain transformers would load as missing weights, initialised at random;
+    so nothing is written and the error says which call gives what the user wants."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            "save_pretrained on a model patched by fastadapters would write adapter wrapper keys "
+            "(base_layer, lora_A, adapter_down, ...) that plain transformers cannot load; nothing was written. "
+            "For the adapter: fastadapters.save_adapter(model, path); for a model with its LoRA adapter "
+            "folded in: fastadapters.merge_and_unload(model), then save_pretrained; for the base model: "
+            "fastadapters.unpatch(model), then save_pretrained")
+
+
+def _guard_save_pretrained(model: nn.Module, st: PatchState, undo: list) -> None:
+    if not callable(getattr(model, "save_pretrained", None)):
+        return
+    st.instance_save = model.__dict__.get("save_pretrained")
+    model.__dict__["save_pretrained"] = SavePretrainedRefusal()
+    undo.append(functools.partial(_unguard_save_pretrained, model, st))
+
+
+def _unguard_save_pretrained(model: nn.Module, st: PatchState) -> None:
+    if isinstance(model.__dict__.get("save_pretrained"), SavePretrainedRefusal):
+        del model.__dict__["save_pretrained"]
+        if st.instance_save is not None:
+            model.__dict__["save_pretrained"] = st.instance_save
+    st.instance_save = None
 
 
 def _state(model: nn.Module) -> PatchState | None:
@@ -246,6 +280,7 @@ def _apply(model: nn.Module, st: PatchState | None, name: str, cfg: AdapterConfi
         st.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.__dict__["_fastadapters"] = st
         undo.append(lambda: model.__dict__.pop("_fastadapters", None))
+        _guard_save_pretrained(model, st, undo)
         for n, p in model.named_parameters():
             undo.append(functools.partial(p.requires_grad_, st.requires_grad[n]))
             p.requires_grad_(False)
@@ -400,6 +435,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         if n in st.requires_grad:
             p.requires_grad_(st.requires_grad[n])
+    _unguard_save_pretrained(model, st)
     del model.__dict__["_fastadapters"]
     return model
 
