@@ -132,13 +132,20 @@ class LoRAConfig(AdapterConfig):
 
 @dataclass
 class _BottleneckConfig(AdapterConfig):
-    """f(z) = U·act(D·dropout(z)), computed in fp32; scaling a float or "learned" (scalar, init 1)."""
+    """f(z) = U·act(D·dropout(z)), computed in fp32; scaling a float or "learned" (scalar, init 1).
+
+    ``init="bert"`` (the default, as LLM-Adapters) makes the adapter change the model's outputs
+    before training; ``init="zero_up"`` starts it as the identity.
+    """
 
     bottleneck_size: int = 256
     non_linearity: str = "tanh"
     scaling: float | str = 1.0
     dropout: float = 0.0
-    init: str = "bert"  # "bert": D, U ~ N(0, 0.02) (LLM-Adapters); "zero_up": kaiming D, zero U
+    # "bert" (default): D, U ~ N(0, 0.02), LLM-Adapters' init, kept for faithfulness -- a freshly
+    # patched adapter already changes the model's outputs before any training. "zero_up": kaiming D,
+    # zero U, so a new adapter is the identity (as a new LoRA adapter is).
+    init: str = "bert"
 
     def validate(self) -> "_BottleneckConfig":
         super().validate()
