@@ -186,3 +186,13 @@ def test_a_failed_patch_or_the_last_delete_gives_save_pretrained_back():
     fa.patch(model, adapter="lora")
     fa.delete_adapter(model, "default")
     assert "save_pretrained" not in model.__dict__
+
+
+def test_merge_inside_route_is_refused():
+    model = _lora(tiny_model("llama"))
+    before = snapshot(model)
+    with fa.route(model, ["default", None]):
+        with pytest.raises(ValueError, match=r"inside fastadapters\.route"):
+            fa.merge(model)
+    assert fa.adapter_names(model) == ["default"]
+    assert_state_identical(snapshot(model), before)
