@@ -226,8 +226,11 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
           name: str = "default", backend: str | None = None, **fields) -> nn.Module:
     """Add adapter ``name`` to ``model`` (in place) and return the model.
 
-    ``adapter`` is "lora" | "series" | "parallel" | "prefix" with the config's fields as keywords,
-    or ``config`` is a ready config. The first adapter becomes active; later ones are added beside
+    ``adapter`` is "lora" | "series" | "houlsby" | "pfeiffer" | "parallel" | "prefix" (the command
+    line's spellings; "houlsby" / "pfeiffer" are series adapters with that variant) with the
+    config's fields as keywords, or ``config`` is a ready config. ``target_modules``: None (the
+    architecture's default), module-name suffixes (a list or "q_proj,v_proj"), or "all-linear";
+    a name that matches no module is an error. The first adapter becomes active; later ones are added beside
     it (``set_adapter`` switches). The base is frozen; only the active adapter trains.
     """
     # ---- validate everything first: nothing changes on error ----
