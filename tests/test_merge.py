@@ -196,3 +196,39 @@ def test_merge_inside_route_is_refused():
             fa.merge(model)
     assert fa.adapter_names(model) == ["default"]
     assert_state_identical(snapshot(model), before)
+
+
+@pytest.mark.parametrize("arch, rslora", [("llama", False), ("gpt2", True)])
+def test_merged_state_dict_equals_peft_merge_and_unload(arch, rslora):
+    peft = pytest.importorskip("peft")
+    ours = _lora(tiny_model(arch), r=4, alpha=8, use_rslora=rslora)
+    targets = sorted({p.rsplit(".", 1)[-1] for p in ours._fastadapters.kinds["default"]})
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora,
+                          fan_in_fan_out=(arch == "gpt2"), bias="none")
+    theirs = peft.get_peft_model(tiny_model(arch), cfg)
+    named = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if ".lora_" in n:
+                named[f"base_model.model.{n}"].copy_(p)
+    merged_theirs = theirs.merge_and_unload().state_dict()
+    merged_ours = fa.merge_and_unload(ours).state_dict()
+    assert list(merged_ours) == list(merged_theirs)
+    for k in merged_ours:
+        torch.testing.assert_close(merged_ours[k], merged_theirs[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_a_copied_or_pickled_patched_model_still_refuses_and_unpatches(tmp_path):
+    import copy
+    import io as _io
+
+    model = _lora(tiny_model("llama"))
+    buf = _io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        with pytest.raises(RuntimeError, match="nothing was written"):
+            other.save_pretrained(tmp_path / "x")
+        fa.unpatch(other)
+        assert "save_pretrained" not in other.__dict__
+    assert not os.path.exists(tmp_path / "x")
