@@ -4,6 +4,7 @@
     fa.patch(model, adapter="lora", r=16, alpha=32, dropout=0.05)
     fa.patch(model, adapter="series", variant="houlsby", bottleneck_size=256)
     fa.save_adapter(model, "out/"); fa.load_adapter(model, "out/")
+    fa.merge_and_unload(model)    # LoRA folded into the base weights, plain model back
     fa.unpatch(model)
 
 Only the configs are imported eagerly; every other name (and submodule) is imported on first use
@@ -21,6 +22,8 @@ from .config import AdapterConfig, LoRAConfig, ParallelConfig, PrefixConfig, Ser
 _LAZY = {
     **dict.fromkeys(("adapter_names", "delete_adapter", "get_config", "patch", "set_adapter", "set_backend",
                      "trainable_parameters", "unpatch"), "patching"),
+    "merge": "merge",
+    "merge_and_unload": "merge",
     "save_adapter": "io",
     "load_adapter": "io",
     "route": "serving.routing",

@@ -39,17 +39,24 @@ class AdapterConfig:
     """Fields shared by every adapter type."""
 
     adapter_type: ClassVar[str] = ""
-    target_modules: list[str] | None = None  # None: the architecture's default (models.py)
+    # None: the architecture's default (models.py); "all-linear": every linear but the output head;
+    # else module-name suffixes, as a list or one comma-separated string. ``patch`` resolves the
+    # first two to the names it adapted, so a saved config lists them.
+    target_modules: list[str] | str | None = None
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "AdapterConfig":
         tm = self.target_modules
         if tm is not None:
-            if isinstance(tm, str):
-                self.target_modules = tm = [tm]
+            valid = (f'None (architecture default), "{ALL_LINEAR}", a non-empty list of module-name suffixes '
+                     'or one string of them separated by commas ("q_proj,v_proj")')
+            if isinstance(tm, str):  # "q_proj, v_proj" as the command line takes it (not a regex, unlike PEFT)
+                tm = [t.strip() for t in tm.split(",")]
             if not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(t, str) and t for t in tm):
-                raise _err(type(self).__name__, "target_modules", tm,
-                           "None (architecture default) or a non-empty list of module-name suffixes")
+                raise _err(type(self).__name__, "target_modules", self.target_modules, valid)
+            if ALL_LINEAR in tm and len(tm) > 1:
+                raise _err(type(self).__name__, "target_modules", self.target_modules,
+                           f'"{ALL_LINEAR}" on its own, or a list of names without it')
             self.target_modules = list(tm)
         return self
 
@@ -125,13 +132,20 @@ class LoRAConfig(AdapterConfig):
 
 @dataclass
 class _BottleneckConfig(AdapterConfig):
-    """f(z) = U·act(D·dropout(z)), computed in fp32; scaling a float or "learned" (scalar, init 1)."""
+    """f(z) = U·act(D·dropout(z)), computed in fp32; scaling a float or "learned" (scalar, init 1).
+
+    ``init="bert"`` (the default, as LLM-Adapters) makes the adapter change the model's outputs
+    before training; ``init="zero_up"`` starts it as the identity.
+    """
 
     bottleneck_size: int = 256
     non_linearity: str = "tanh"
     scaling: float | str = 1.0
     dropout: float = 0.0
-    init: str = "bert"  # "bert": D, U ~ N(0, 0.02) (LLM-Adapters); "zero_up": kaiming D, zero U
+    # "bert" (default): D, U ~ N(0, 0.02), LLM-Adapters' init, kept for faithfulness -- a freshly
+    # patched adapter already changes the model's outputs before any training. "zero_up": kaiming D,
+    # zero U, so a new adapter is the identity (as a new LoRA adapter is).
+    init: str = "bert"
 
     def validate(self) -> "_BottleneckConfig":
         super().validate()
@@ -202,10 +216,20 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
 
 
 def make_config(adapter: str, **fields: Any) -> AdapterConfig:
-    """Build and validate the config for ``adapter`` from keyword fields (what ``fa.patch`` takes)."""
-    if adapter not in CONFIG_CLASSES:
-        raise ValueError(f"adapter: got {adapter!r}; valid: {', '.join(CONFIG_CLASSES)}")
-    cls = CONFIG_CLASSES[adapter]
+    """Build and validate the config for ``adapter`` from keyword fields (what ``fa.patch`` takes).
+
+    ``adapter`` is any of ``ADAPTER_SPELLINGS``: "houlsby" and "pfeiffer" are series adapters with
+    that variant (a ``variant`` field that says otherwise is an error).
+    """
+    if adapter not in ADAPTER_SPELLINGS:
+        raise ValueError(f"adapter: got {adapter!r}; valid: {', '.join(ADAPTER_SPELLINGS)}")
+    kind, implied = ADAPTER_SPELLINGS[adapter]
+    for key, value in implied.items():
+        if key in fields and fields[key] != value:
+            raise ValueError(f"adapter={adapter!r} means {key}={value!r}; got {key}={fields[key]!r} "
+                             f"(use adapter={kind!r} with {key}={fields[key]!r}, or drop {key})")
+    fields = {**fields, **implied}
+    cls = CONFIG_CLASSES[kind]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - names)
     if unknown:

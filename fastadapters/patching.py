@@ -6,6 +6,8 @@ the instance's ``forward`` so that prefixes enter through the model's own KV cac
 ``_prefix_forward``). Everything is validated before the first change, so a failed ``patch``
 leaves the model exactly as it was. ``unpatch`` puts the original modules, ``forward`` and
 ``requires_grad`` flags back: the state dict is identical, key for key and bit for bit.
+While a transformers model is patched, its ``save_pretrained`` refuses (``SavePretrainedRefusal``):
+the wrapper keys would reload as random weights in plain transformers.
 
 The bookkeeping lives in ``model._fastadapters`` (a plain object, not a module, so it adds
 nothing to the state dict).
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .config import AdapterConfig, PrefixConfig, SeriesConfig, make_config
+from .config import ADAPTER_SPELLINGS, ALL_LINEAR, AdapterConfig, PrefixConfig, SeriesConfig, make_config
 from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder, SharedInput
 from .ops import dispatch
 
@@ -40,6 +42,38 @@ class PatchState:
     instance_forward: Any = None  # a forward set on the instance (e.g. accelerate's hook) that orig_forward is
     backend: str | None = None
     version: int = 0  # bumped whenever adapters are added or removed (the serving store rebuilds on it)
+    instance_save: Any = None  # a save_pretrained the instance had before patching (put back by unpatch)
+
+
+class SavePretrainedRefusal:
+    """Stands in for ``save_pretrained`` on a patched transformers model (an instance attribute,
+    removed by ``unpatch``). The state dict of a patched model holds wrapper keys (``base_layer``,
+    ``lora_A``, ...) that plain transformers would load as missing weights, initialised at random;
+    so nothing is written and the error says which call gives what the user wants."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            "save_pretrained on a model patched by fastadapters would write adapter wrapper keys "
+            "(base_layer, lora_A, adapter_down, ...) that plain transformers cannot load; nothing was written. "
+            "For the adapter: fastadapters.save_adapter(model, path); for a model with its LoRA adapter "
+            "folded in: fastadapters.merge_and_unload(model), then save_pretrained; for the base model: "
+            "fastadapters.unpatch(model), then save_pretrained")
+
+
+def _guard_save_pretrained(model: nn.Module, st: PatchState, undo: list) -> None:
+    if not callable(getattr(model, "save_pretrained", None)):
+        return
+    st.instance_save = model.__dict__.get("save_pretrained")
+    model.__dict__["save_pretrained"] = SavePretrainedRefusal()
+    undo.append(functools.partial(_unguard_save_pretrained, model, st))
+
+
+def _unguard_save_pretrained(model: nn.Module, st: PatchState) -> None:
+    if isinstance(model.__dict__.get("save_pretrained"), SavePretrainedRefusal):
+        del model.__dict__["save_pretrained"]
+        if st.instance_save is not None:
+            model.__dict__["save_pretrained"] = st.instance_save
+    st.instance_save = None
 
 
 def _state(model: nn.Module) -> PatchState | None:
@@ -93,15 +127,49 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
-    """{module path: kind} for a non-prefix config; a ValueError naming what is valid otherwise."""
+    """{module path: kind} for a non-prefix config; a ValueError naming what is valid otherwise.
+
+    Every name the user gave must match a module (a typo is an error listing the model's linear
+    module names, not a silent half-patch); ``"all-linear"`` is every linear layer but the output
+    head, as in PEFT, and the config's ``target_modules`` becomes the names it stood for (as PEFT
+    does), so a saved adapter says what it adapted. The architecture's defaults (used when
+    ``target_modules`` is None) need only match somewhere.
+    """
     variant = cfg.variant if isinstance(cfg, SeriesConfig) else None
-    targets = cfg.target_modules or models.default_targets(model, cfg.adapter_type, variant)
     mods = _linear_modules(model)
+    linear = {p: m for p, m in mods.items() if p and isinstance(m, SUPPORTED_BASES + (AdapterLinear,))}
+    linear_names = sorted({p.rsplit(".", 1)[-1] for p in linear})
+    given = cfg.target_modules
+    if given == [ALL_LINEAR]:
+        head = _output_head(model)
+
+        def is_head(m):
+            return head is not None and (m is head or getattr(m, "base_layer", None) is head)
+        keep = sorted(p for p, m in linear.items() if not is_head(m))
+        if not keep:
+            raise ValueError(f'target_modules "{ALL_LINEAR}": this model has no linear layer besides its output head')
+        targets = sorted({p.rsplit(".", 1)[-1] for p in keep})
+        if {p for p in mods if p and models.matches(p, targets)} != set(keep):  # a leaf name shared with
+            targets = keep  # the head or a non-linear module: name the layers in full
+    else:
+        targets = given or models.default_targets(model, cfg.adapter_type, variant)
+        if given:
+            missing = [t for t in targets if not any(models.matches(p, [t]) for p in mods if p)]
+            if missing:
+                raise ValueError(f"target_modules {missing} matched no module of this model; its linear modules "
+                                 f"are named: {linear_names} (names are module-name suffixes such as "
+                                 f"'q_proj' or 'mlp.down_proj', or \"{ALL_LINEAR}\")")
     found = {p: m for p, m in mods.items() if p and models.matches(p, targets)}
     if not found:
-        linear_names = sorted({p.rsplit(".", 1)[-1] for p, m in mods.items()
-                               if isinstance(m, SUPPORTED_BASES + (AdapterLinear,))})
         raise ValueError(f"target_modules {list(targets)} matched no module of this model; "
                          f"its linear modules are named: {linear_names}")
     bad = [f"{p} ({type(m).__name__})" for p, m in found.items()
@@ -109,6 +177,8 @@ def _resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
     if bad:
         raise ValueError(f"target_modules matched modules that are not linear layers: {bad[:5]}; "
                          "valid targets are nn.Linear or transformers Conv1D modules")
+    if given == [ALL_LINEAR]:
+        cfg.target_modules = list(targets)  # what "all-linear" stood for, so a saved config reloads as it was
     kinds = {}
     for p in found:
         if cfg.adapter_type == "lora":
@@ -156,14 +226,17 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
           name: str = "default", backend: str | None = None, **fields) -> nn.Module:
     """Add adapter ``name`` to ``model`` (in place) and return the model.
 
-    ``adapter`` is "lora" | "series" | "parallel" | "prefix" with the config's fields as keywords,
-    or ``config`` is a ready config. The first adapter becomes active; later ones are added beside
+    ``adapter`` is "lora" | "series" | "houlsby" | "pfeiffer" | "parallel" | "prefix" (the command
+    line's spellings; "houlsby" / "pfeiffer" are series adapters with that variant) with the
+    config's fields as keywords, or ``config`` is a ready config. ``target_modules``: None (the
+    architecture's default), module-name suffixes (a list or "q_proj,v_proj"), or "all-linear";
+    a name that matches no module is an error. The first adapter becomes active; later ones are added beside
     it (``set_adapter`` switches). The base is frozen; only the active adapter trains.
     """
     # ---- validate everything first: nothing changes on error ----
     if config is None:
         if adapter is None:
-            raise ValueError("patch needs adapter=... (lora, series, parallel, prefix) or config=...")
+            raise ValueError(f"patch needs adapter=... ({', '.join(ADAPTER_SPELLINGS)}) or config=...")
         cfg = make_config(adapter, **fields)
     else:
         if adapter is not None or fields:
@@ -212,6 +285,7 @@ def _apply(model: nn.Module, st: PatchState | None, name: str, cfg: AdapterConfi
         st.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.__dict__["_fastadapters"] = st
         undo.append(lambda: model.__dict__.pop("_fastadapters", None))
+        _guard_save_pretrained(model, st, undo)
         for n, p in model.named_parameters():
             undo.append(functools.partial(p.requires_grad_, st.requires_grad[n]))
             p.requires_grad_(False)
@@ -366,6 +440,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         if n in st.requires_grad:
             p.requires_grad_(st.requires_grad[n])
+    _unguard_save_pretrained(model, st)
     del model.__dict__["_fastadapters"]
     return model
 

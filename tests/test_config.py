@@ -104,7 +104,7 @@ def test_bad_field_names_the_field(cls, name, value):
 
 
 def test_unknown_fields_and_types_list_valid():
-    with pytest.raises(ValueError, match=r"adapter: got 'loraa'; valid: lora, series, parallel, prefix"):
+    with pytest.raises(ValueError, match=r"adapter: got 'loraa'; valid: lora, series, houlsby, pfeiffer, parallel, prefix"):
         make_config("loraa")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['rank'\].*valid"):
         make_config("lora", rank=4)

@@ -417,7 +417,7 @@ def test_config_object_and_backend_argument(monkeypatch):
 
 # ----------------------------------------------------------------------------- bad inputs
 BAD_PATCHES = [
-    (dict(adapter="ia3"), r"adapter: got 'ia3'; valid: lora, series, parallel, prefix"),
+    (dict(adapter="ia3"), r"adapter: got 'ia3'; valid: lora, series, houlsby, pfeiffer, parallel, prefix"),
     (dict(adapter="lora", target_modules=["qq_proj"]), r"matched no module.*named: \[.*'q_proj'"),
     (dict(adapter="lora", r=0), r"LoRAConfig\.r: got 0; valid"),
     (dict(adapter="series", bottleneck_size=-2), r"bottleneck_size: got -2; valid"),
@@ -433,7 +433,7 @@ BAD_PATCHES = [
     (dict(adapter="lora", name=""), r"name: got ''; valid"),
     (dict(config=fa.LoRAConfig(), adapter="lora"), r"either config"),
     (dict(config={"adapter_type": "lora"}), r"config: got dict; valid: LoRAConfig"),
-    (dict(), r"adapter=\.\.\. \(lora, series, parallel, prefix\)"),
+    (dict(), r"adapter=\.\.\. \(lora, series, houlsby, pfeiffer, parallel, prefix\)"),
 ]
 
 
