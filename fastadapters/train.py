@@ -131,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bottleneck-size", type=int, help="series/parallel bottleneck width")
     a.add_argument("--non-linearity", help="series/parallel activation (tanh, relu, gelu, silu, swish, sigmoid)")
     a.add_argument("--scaling", type=_scaling, help="series/parallel output scaling: a number or 'learned'")
-    a.add_argument("--init", help="series/parallel init: bert (LLM-Adapters) or zero_up")
+    a.add_argument("--init", help="series/parallel init: bert (LLM-Adapters' own; changes the model's outputs before "
+                        "any training) or zero_up (up-projection at zero: starts as the identity)")
     a.add_argument("--variant", choices=("houlsby", "pfeiffer"),
                    help="series placement (same as --adapter houlsby / pfeiffer)")
     a.add_argument("--target-modules", nargs="+", metavar="NAME",
-                   help="module-name suffixes to adapt (space or comma separated); default: the architecture's")
+                   help="module-name suffixes to adapt (space or comma separated; each must match a module), or "
+                        "all-linear (every linear but the output head); default: the architecture's")
     a.add_argument("--num-virtual-tokens", type=int, help="prefix length")
     a.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None,
                    help="prefix through an MLP (Li & Liang)")
