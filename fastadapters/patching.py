@@ -258,7 +258,8 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
         if st is not None and st.orig_forward is None and "forward" in model.__dict__:
             raise ValueError("this model instance already has its forward replaced; prefix-tuning cannot wrap it")
         if st is None or st.orig_forward is None:
-            _prefix_cache_argument(model.forward, type(model).__name__)  # raises where the contract changed
+            _prefix_cache_argument(model.forward, type(model).__name__, type(model).forward)  # raises where
+            # the contract changed
         kinds: dict[str, str] = {}
     else:
         geometry = None
@@ -540,7 +541,7 @@ def _transformers_version() -> str:
         return "unknown"
 
 
-def _prefix_cache_argument(forward, owner: str) -> str:
+def _prefix_cache_argument(forward, owner: str, class_forward=None) -> str:
     """The name under which ``forward`` takes its KV cache: ``cache`` (transformers >= 5.24) or
     ``past_key_values`` (earlier releases). A forward with neither is a contract we do not know:
     refused with the version named, rather than run with the prefix silently dropped."""
@@ -548,6 +549,9 @@ def _prefix_cache_argument(forward, owner: str) -> str:
     for name in PREFIX_CACHE_ARGUMENTS:
         if name in params:
             return name
+    generic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
+    if generic and class_forward is not None:  # an instance-level wrapper (accelerate's hooks) that passes
+        return _prefix_cache_argument(class_forward, owner)  # everything on: the class's forward decides
     raise RuntimeError(f"prefix-tuning: {owner}.forward under transformers {_transformers_version()} takes its "
                        f"KV cache under none of {PREFIX_CACHE_ARGUMENTS}, so the prefix cannot be passed in; "
                        f"this transformers release is not supported for prefix-tuning (tested: "
@@ -570,7 +574,7 @@ def _prefix_forward(model: nn.Module, orig_forward):
     from transformers.cache_utils import DynamicCache
 
     params = list(inspect.signature(orig_forward).parameters)
-    cache_arg = _prefix_cache_argument(orig_forward, type(model).__name__)
+    cache_arg = _prefix_cache_argument(orig_forward, type(model).__name__, type(model).forward)
     aliases = [a for a in PREFIX_CACHE_ARGUMENTS if a != cache_arg]
 
     @functools.wraps(orig_forward)
