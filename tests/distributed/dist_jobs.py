@@ -232,6 +232,13 @@ def job_triton(outdir: str) -> dict:
     for adapter, mode in (("lora", "ddp"), ("parallel", "fsdp"), ("series", "fsdp")):
         case, _, _ = run_case(adapter, mode, checkpointing=(mode == "fsdp"), backend="triton")
         res["cases"].append(case)
+    # the grouped kernels' backward under FSDP2 bf16 mixed precision (against the fp32 triton run)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    case, _, _ = run_case("lora", "fsdp", backend="triton", mp_policy=mp)
+    case["kind"] = "mp-bf16"
+    res["cases"].append(case)
     res["group_calls"] = calls["n"]
     return res
 
