@@ -53,7 +53,11 @@ def patched_model(adapter: str, backend: str | None = None, base_dtype=torch.flo
     (LoRA's B starts at zero, which would hide half of the gradients)."""
     model = tiny_model("llama", seed=0).to(base_dtype)
     torch.manual_seed(1)
-    fa.patch(model, backend=backend, **ADAPTERS[adapter])
+    if adapter == "lora+idle":  # a second, inactive adapter: frozen, so DDP finds no unused parameter
+        fa.patch(model, backend=backend, **ADAPTERS["lora"])
+        fa.patch(model, backend=backend, name="idle", **ADAPTERS["parallel"])
+    else:
+        fa.patch(model, backend=backend, **ADAPTERS[adapter])
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
@@ -175,6 +179,8 @@ def job_torch(outdir: str) -> dict:
                         logits = ref(input_ids=probe).logits
                     if dist.get_rank() == 0:
                         torch.save({"probe": probe, "logits": logits}, os.path.join(outdir, f"{adapter}-ref.pt"))
+    for ckpt in (False, True):  # DDP with find_unused_parameters=False and an inactive adapter
+        res["cases"].append(run_case("lora+idle", "ddp", ckpt)[0])
     # the refusals: an adapter patched into a sharded / DDP-wrapped model would never be reduced
     model = tiny_model("llama", seed=0)
     fad.shard_model(model)

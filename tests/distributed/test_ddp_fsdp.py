@@ -75,6 +75,7 @@ def test_ddp_and_fsdp2_match_one_process(torch_job):
         seen.add((case["adapter"], case["mode"], case["checkpointing"]))
     want = {(a, m, c) for a in ("lora", "series", "pfeiffer", "parallel", "prefix") for m in ("ddp", "fsdp")
             for c in (False, True)}
+    want |= {("lora+idle", "ddp", False), ("lora+idle", "ddp", True)}  # an inactive adapter beside it
     assert seen == want
 
 
