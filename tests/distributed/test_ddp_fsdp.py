@@ -129,12 +129,12 @@ def test_fsdp2_lora_saved_as_peft_loads_in_peft(torch_job):
     torch.testing.assert_close(logits, ref["logits"], atol=TIGHT, rtol=TIGHT)
 
 
-def test_fsdp2_bf16_mixed_precision_and_bf16_base(tmp_path_factory):
-    res, _ = run_job("mixed", tmp_path_factory)
-    kinds = {(c["adapter"], c["kind"], c["checkpointing"]) for c in res["cases"]}
+def test_fsdp2_bf16_mixed_precision_and_bf16_base(torch_job):
+    res, _ = torch_job
+    kinds = {(c["adapter"], c["kind"], c["checkpointing"]) for c in res["mixed"]}
     assert kinds == {(a, k, c) for a in ("lora", "series", "parallel", "prefix")
                      for k, c in (("mp-bf16", False), ("mp-bf16", True), ("bf16-base", False))}
-    for case in res["cases"]:
+    for case in res["mixed"]:
         what = f"{case['adapter']} {case['kind']} checkpointing={case['checkpointing']}"
         assert case["moved"] > 1e-4, f"{what}: the adapter did not train"
         if case["kind"] == "bf16-base":
@@ -150,8 +150,9 @@ def test_triton_kernels_under_ddp_and_fsdp2(tmp_path_factory):
     """The Triton kernels (interpreter) and the shared-input grouping of q/k/v under DDP and FSDP2."""
     pytest.importorskip("triton")
     res, _ = run_job("triton", tmp_path_factory, env={"TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"})
-    assert [(c["adapter"], c["mode"], c.get("kind")) for c in res["cases"]] == [
-        ("lora", "ddp", None), ("parallel", "fsdp", None), ("series", "fsdp", None), ("lora", "fsdp", "mp-bf16")]
+    assert [(c["adapter"], c["mode"], c["checkpointing"], c.get("kind")) for c in res["cases"]] == [
+        ("lora", "ddp", False, None), ("parallel", "fsdp", True, None), ("series", "fsdp", False, None),
+        ("lora", "fsdp", False, "mp-bf16")]
     for case in res["cases"]:
         assert case["backend"] == "triton"
         if case.get("kind") == "mp-bf16":
