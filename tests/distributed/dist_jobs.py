@@ -29,6 +29,7 @@ import fastadapters as fa  # noqa: E402
 from fastadapters import distributed as fad, io as fa_io  # noqa: E402
 from tiny_models import VOCAB, tiny_model  # noqa: E402
 
+DEVICE = os.environ.get("FA_DIST_DEVICE", "cpu")  # "cuda": the GPU job (nccl, one rank per GPU)
 GLOBAL_BATCH = 4
 SEQ = 7  # odd on purpose
 STEPS = 3
@@ -51,7 +52,7 @@ def batches(steps: int = STEPS) -> list[torch.Tensor]:
 def patched_model(adapter: str, backend: str | None = None, base_dtype=torch.float32):
     """The same tiny patched model on every rank: seeded base, adapters moved off their init
     (LoRA's B starts at zero, which would hide half of the gradients)."""
-    model = tiny_model("llama", seed=0).to(base_dtype)
+    model = tiny_model("llama", seed=0).to(device=DEVICE, dtype=base_dtype)
     torch.manual_seed(1)
     if adapter == "lora+idle":  # a second, inactive adapter: frozen, so DDP finds no unused parameter
         fa.patch(model, backend=backend, **ADAPTERS["lora"])
@@ -62,7 +63,7 @@ def patched_model(adapter: str, backend: str | None = None, base_dtype=torch.flo
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+                p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.device, p.dtype))
     model.train()
     return model
 
@@ -78,7 +79,8 @@ def enable_checkpointing(model) -> None:
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:
     """The whole adapter tensors (gathered from the shards under FSDP2: a collective)."""
-    return {k: fad.full_tensor(p.detach()).float().clone() for k, p in fa_io._adapter_entries(model, "default").items()}
+    return {k: fad.full_tensor(p.detach()).float().cpu().clone()
+            for k, p in fa_io._adapter_entries(model, "default").items()}
 
 
 def train(model, rows: slice, wrapped=None) -> list[float]:
@@ -88,6 +90,7 @@ def train(model, rows: slice, wrapped=None) -> list[float]:
     opt = torch.optim.SGD(params, lr=LR)
     losses = []
     for ids in batches():
+        ids = ids.to(DEVICE)
         loss = runner(input_ids=ids[rows], labels=ids[rows]).loss
         loss.backward()
         opt.step()
@@ -252,12 +255,29 @@ def job_triton(outdir: str) -> dict:
     return res
 
 
-JOBS = {"torch": job_torch, "triton": job_triton}
+def job_gpu(outdir: str) -> dict:
+    """FSDP2 on one GPU rank with the real Triton kernels (shared-input grouping included), against
+    one process without FSDP on the same kernels; bf16 mixed precision against fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    res = {"cases": []}
+    for adapter, ckpt in (("lora", False), ("parallel", True)):
+        res["cases"].append(run_case(adapter, "fsdp", checkpointing=ckpt, backend="triton")[0])
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    case = run_case("lora", "fsdp", backend="triton", mp_policy=mp)[0]
+    case["kind"] = "mp-bf16"
+    res["cases"].append(case)
+    return res
+
+
+JOBS = {"torch": job_torch, "triton": job_triton, "gpu": job_gpu}
 
 
 def main() -> None:
     job, outdir = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     torch.set_num_threads(1)
     try:
         res = JOBS[job](outdir)

@@ -26,10 +26,11 @@ MP_WEIGHT_REL = 1e-2
 _RESULTS: dict = {}
 
 
-def run_job(job: str, tmp_path_factory, env: dict | None = None, timeout: float = 420) -> tuple[dict, str]:
+def run_job(job: str, tmp_path_factory, env: dict | None = None, timeout: float = 420,
+            nproc: int = 2) -> tuple[dict, str]:
     if job not in _RESULTS:
         outdir = str(tmp_path_factory.mktemp(f"dist-{job}"))
-        proc = torchrun([os.path.join(HERE, "dist_jobs.py"), job, outdir], nproc=2, timeout=timeout, env=env)
+        proc = torchrun([os.path.join(HERE, "dist_jobs.py"), job, outdir], nproc=nproc, timeout=timeout, env=env)
         assert proc.returncode == 0, f"job {job} failed:\n{proc.stdout[-6000:]}"
         with open(os.path.join(outdir, "results.json")) as f:
             _RESULTS[job] = (json.load(f), outdir)
@@ -160,3 +161,20 @@ def test_triton_kernels_under_ddp_and_fsdp2(tmp_path_factory):
         else:
             _check_parity(case, tol=1e-4)  # the kernels accumulate in another order per row block
     assert res["group_calls"] > 0, "the shared-input grouping never ran"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp2_one_gpu_rank_with_triton_kernels(tmp_path_factory):
+    """One GPU: FSDP2 (one rank, nccl) with the real Triton kernels and the shared-input grouping
+    gives what the same model gives without FSDP; bf16 mixed precision stays near fp32."""
+    res, _ = run_job("gpu", tmp_path_factory, env={"FA_DIST_DEVICE": "cuda", "TRITON_INTERPRET": "0"},
+                     timeout=180, nproc=1)
+    assert res["world_size"] == 1
+    assert [(c["adapter"], c.get("kind")) for c in res["cases"]] == [("lora", None), ("parallel", None),
+                                                                    ("lora", "mp-bf16")]
+    for case in res["cases"]:
+        if case.get("kind") == "mp-bf16":
+            _check_mixed_precision(case)
+        else:
+            _check_parity(case, tol=1e-4)
