@@ -11,19 +11,20 @@ final norm and the prefix-tuning encoder).
 
 Saving from a sharded run (``fastadapters.io.save_adapter``) gathers each adapter tensor with
 ``full_tensor`` -- a collective, so every rank calls ``save_adapter`` -- and only global rank 0
-writes. An unsharded distributed run (DDP) needs no collective: rank 0 writes, the others return.
+writes; the others wait for it and raise if it failed. An unsharded distributed run (DDP) needs no
+collective: rank 0 writes, the others return at once.
 
 This module imports only torch, so every layer of the package may use it.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 __all__ = ["sharding_of", "shard_model", "decoder_layers", "prepare_for_fully_shard", "full_tensor", "copy_whole",
-           "rank_and_world", "is_writer", "barrier"]
+           "rank_and_world", "write_on_rank0"]
 
 
 def _is_dtensor(t) -> bool:
@@ -145,14 +146,29 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_writer() -> bool:
-    """Whether this process writes shared files: global rank 0, or the only process."""
-    return rank_and_world()[0] == 0
+def write_on_rank0(write: Callable[[], None], every_rank: bool) -> None:
+    """Run ``write`` on global rank 0 only (everywhere when there is no process group).
 
-
-def barrier() -> None:
-    """``dist.barrier()`` when a process group of more than one rank is initialised; else nothing."""
+    ``every_rank``: all ranks are here (a sharded save); they return only once rank 0 has written,
+    and if rank 0 failed, every rank raises (rank 0 its own error, the others a RuntimeError that
+    quotes it) -- none waits forever, and none goes on as if the files existed.
+    """
+    rank, world = rank_and_world()
+    if not every_rank or world == 1:
+        if rank == 0:
+            write()
+        return
     import torch.distributed as dist
 
-    if rank_and_world()[1] > 1:
-        dist.barrier()
+    error = None
+    if rank == 0:
+        try:
+            write()
+        except BaseException as e:  # reported to the other ranks, then raised here
+            error = e
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, src=0)
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise RuntimeError(f"global rank 0 could not write the adapter: {status[0]}")

@@ -278,7 +278,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     atomically (temporary file, fsync, rename). Returns ``path`` as a string.
 
     In a distributed run only global rank 0 writes. A model sharded with FSDP2 is saved whole: every
-    rank must call ``save_adapter`` (the adapter tensors are gathered), and all return once the files exist.
+    rank must call ``save_adapter`` (the adapter tensors are gathered), and all return once the files exist
+    (or all raise, if rank 0 could not write them).
     """
     if format not in FORMATS:
         raise ValueError(f"format: got {format!r}; valid: {', '.join(FORMATS)}")
@@ -318,13 +319,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     # save_id) in the header, so a crash between the two renames leaves new weights whose own
     # config read_adapter trusts. PEFT files stay exactly as PEFT writes them.
     path = os.fspath(path)
-    if distributed.is_writer():  # in a distributed run the files are written once, by global rank 0
+
+    def write() -> None:
         config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
         weights = _serialize(tensors, config if format == FORMAT else None)
         os.makedirs(path, exist_ok=True)
         _write_atomic(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
-    if sharded:  # every rank called: none returns before the files exist
-        distributed.barrier()
+
+    # in a distributed run the files are written once, by global rank 0; after a sharded save (every
+    # rank called) none returns before they exist, and a failure on rank 0 raises on every rank
+    distributed.write_on_rank0(write, every_rank=sharded)
     return path
 
 

@@ -185,6 +185,20 @@ def job_torch(outdir: str) -> dict:
     for ckpt in (False, True):  # DDP with find_unused_parameters=False and an inactive adapter
         res["cases"].append(run_case("lora+idle", "ddp", ckpt)[0])
     res["mixed"] = mixed_cases()  # in this launch too: a launch costs more than these cases
+    # a sharded save that fails on rank 0 (its directory is a file) raises on every rank, none hangs
+    model = patched_model("lora")
+    fad.shard_model(model)
+    blocked = os.path.join(outdir, "blocked")
+    if dist.get_rank() == 0:
+        open(blocked, "w").close()
+    dist.barrier()
+    try:
+        fa.save_adapter(model, blocked)
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    res["failed_save"] = [None] * dist.get_world_size()
+    dist.all_gather_object(res["failed_save"], error)
     # the refusals: an adapter patched into a sharded / DDP-wrapped model would never be reduced
     model = tiny_model("llama", seed=0)
     fad.shard_model(model)

@@ -110,6 +110,13 @@ def test_save_from_fsdp2_loads_unsharded_with_same_outputs(torch_job, saved):
     torch.testing.assert_close(logits, ref["logits"], atol=TIGHT, rtol=TIGHT)
 
 
+def test_failed_sharded_save_raises_on_every_rank(torch_job):
+    res, _ = torch_job
+    rank0, rank1 = res["failed_save"]
+    assert rank0 is not None and rank0.startswith(("FileExistsError", "NotADirectoryError")), rank0
+    assert rank1 == f"RuntimeError: global rank 0 could not write the adapter: {rank0}"
+
+
 def test_load_adapter_into_fsdp2_model(torch_job):
     """Loading a saved adapter into the sharded model (resume) gives every rank its part of it."""
     res, _ = torch_job
