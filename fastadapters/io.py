@@ -21,7 +21,9 @@ Three on-disk formats are understood:
   (``use_parallel_adapter`` -> ParallelConfig, ``use_adapterp`` -> SeriesConfig pfeiffer, otherwise
   SeriesConfig houlsby). The fork's LoRA checkpoints are PEFT LoRA files in ``.bin`` form.
 
-Writes are atomic per file: each file is serialised in memory, written to a temporary name in the
+In a distributed run (DDP, FSDP2) global rank 0 writes; a sharded model's adapter is gathered whole
+first (``fastadapters.distributed``), so the file equals the one an unsharded run writes. Writes are
+atomic per file: each file is serialised in memory, written to a temporary name in the
 target directory, fsync'ed and renamed over the old one, so a failure never leaves a half-written
 file. Loads check everything (keys, shapes, dtypes, missing weights, the config) before the model
 changes; on any error the model is left exactly as it was.
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import __version__, models
+from . import __version__, distributed, models
 from . import patching
 from .config import (AdapterConfig, LoRAConfig, ParallelConfig, PrefixConfig, SeriesConfig,
                      _BottleneckConfig)
@@ -236,12 +238,14 @@ def _peft_config_dict(model: nn.Module, cfg: LoRAConfig, kinds: dict[str, str], 
     }
 
 
-def _flat_prefix(encoder: PrefixEncoder) -> torch.Tensor:
-    """The prefixes as PEFT stores them: (P, layers*2*kv_heads*head_dim), after any projection, fp32."""
+def _flat_prefix(encoder: PrefixEncoder, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The prefixes as PEFT stores them: (P, layers*2*kv_heads*head_dim), after any projection, fp32.
+    ``params``: the encoder's whole parameters by name (gathered when the model is sharded)."""
     with torch.no_grad():
-        w = encoder.embedding.weight
+        w = params["embedding.weight"]
         if encoder.transform is not None:
-            w = encoder.transform(w)
+            inner = {n[len("transform."):]: t for n, t in params.items() if n.startswith("transform.")}
+            w = torch.func.functional_call(encoder.transform, inner, (w,))
         return w.detach().to("cpu", torch.float32).contiguous()
 
 
@@ -272,6 +276,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     ``format="fastadapters"`` keeps every adapter type; ``format="peft"`` writes LoRA and
     prefix-tuning adapters so that ``peft.PeftModel.from_pretrained(base, path)`` loads them. Both files are written
     atomically (temporary file, fsync, rename). Returns ``path`` as a string.
+
+    In a distributed run only global rank 0 writes. A model sharded with FSDP2 is saved whole: every
+    rank must call ``save_adapter`` (the adapter tensors are gathered), and all return once the files exist
+    (or all raise, if rank 0 could not write them).
     """
     if format not in FORMATS:
         raise ValueError(f"format: got {format!r}; valid: {', '.join(FORMATS)}")
@@ -285,9 +293,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
     entries = _adapter_entries(model, name)
-    tensors = {k: p.detach().to("cpu").contiguous() for k, p in entries.items()}
+    # a sharded model's adapter tensors are gathered whole (a collective: every rank is here)
+    sharded = distributed.sharding_of(model) is not None
+    tensors = {k: distributed.full_tensor(p.detach()).to("cpu").contiguous() for k, p in entries.items()}
+    # a learned scaling is a scalar on disk (shard_model made it a 1-element vector)
+    tensors = {k: t.reshape(()) if k.endswith(".adapter_scaling") else t for k, t in tensors.items()}
     if format == "peft" and isinstance(cfg, PrefixConfig):
-        tensors = {PEFT_PROMPT_KEY: _flat_prefix(patching._prefix_encoders(model)[name])}
+        enc_params = {k[len(PREFIX_KEY) + 1:]: t for k, t in tensors.items() if k.startswith(PREFIX_KEY + ".")}
+        tensors = {PEFT_PROMPT_KEY: _flat_prefix(patching._prefix_encoders(model)[name], enc_params)}
         meta = _peft_prefix_config_dict(model, cfg, name_or_path)
     elif format == "peft":
         if not isinstance(cfg, LoRAConfig):
@@ -305,11 +318,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     # Our format: the weights are renamed into place first and carry their config (with a fresh
     # save_id) in the header, so a crash between the two renames leaves new weights whose own
     # config read_adapter trusts. PEFT files stay exactly as PEFT writes them.
-    config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    weights = _serialize(tensors, config if format == FORMAT else None)
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    _write_atomic(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
+
+    def write() -> None:
+        config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        weights = _serialize(tensors, config if format == FORMAT else None)
+        os.makedirs(path, exist_ok=True)
+        _write_atomic(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
+
+    # in a distributed run the files are written once, by global rank 0; after a sharded save (every
+    # rank called) none returns before they exist, and a failure on rank 0 raises on every rank
+    distributed.write_on_rank0(write, every_rank=sharded)
     return path
 
 
@@ -632,7 +651,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         try:
             with torch.no_grad():
                 for k, t in tensors.items():
-                    params[k].copy_(t)
+                    distributed.copy_whole(params[k], t)  # a sharded parameter keeps its own part
         except BaseException:
             with torch.no_grad():
                 for k, t in backup.items():

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from . import models
 from .config import ADAPTER_SPELLINGS, ALL_LINEAR, AdapterConfig, PrefixConfig, SeriesConfig, make_config
+from .distributed import sharding_of
 from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder, SharedInput
 from .ops import dispatch
 
@@ -246,6 +247,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
                              "ParallelConfig, PrefixConfig")
         cfg = type(config).from_dict(config.to_dict())  # a validated private copy
     dispatch.check_backend_name(backend)
+    _check_unsharded(model)
     st = _state(model)
     _check_name(st, name)
     if isinstance(cfg, PrefixConfig):
@@ -275,6 +277,17 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
         raise
     _link_shared_inputs(model)
     return model
+
+
+def _check_unsharded(model: nn.Module) -> None:
+    """Refuse a model that a data-parallel wrapper already took over (FSDP2 ``fully_shard``, FSDP1, DDP):
+    the adapters ``patch`` adds would never be all-gathered or reduced, so ranks would silently diverge."""
+    how = sharding_of(model)
+    if how is not None:
+        raise ValueError(f"this model is already wrapped for data parallelism ({how}); fastadapters.patch must come "
+                         "first: patch (or load_adapter) the plain model, then wrap it in DistributedDataParallel "
+                         "or shard it (fastadapters.distributed.shard_model, or fully_shard per decoder layer "
+                         "and at the root)")
 
 
 def _apply(model: nn.Module, st: PatchState | None, name: str, cfg: AdapterConfig, kinds: dict[str, str],

@@ -10,7 +10,7 @@
   resuming restores them with ``fastadapters.load_adapter`` plus the Trainer's optimizer state.
 
 Adapter-only checkpoints are implemented in :class:`AdapterTrainer`, a ``transformers.Trainer`` whose
-three weight hooks are replaced: ``_save`` (what a checkpoint/`save_model` writes),
+three weight hooks are replaced: ``save_model`` (what a checkpoint or the end writes; every rank calls it),
 ``_load_from_checkpoint`` (resume) and ``_load_best_model`` (best checkpoint at the end). Everything
 else (optimizer, scheduler, RNG and trainer state files, rotation, evaluation) is the stock Trainer.
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adapter", choices=ADAPTERS, default="lora",
                    help="series = houlsby = the Houlsby placement (AdapterH); pfeiffer = series with the Pfeiffer "
                         "placement (AdapterP); the same spellings as fastadapters.patch(adapter=...)")
-    a.add_argument("--r", type=int, help="LoRA rank")
+    a.add_argument("--r", "--lora-r", dest="r", type=int, help="LoRA rank (--lora-r under torchrun, which rejects --r)")
     a.add_argument("--alpha", type=float, help="LoRA alpha")
     a.add_argument("--dropout", type=float, help="LoRA / bottleneck dropout")
     a.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, default=None, help="LoRA scaling alpha/sqrt(r)")
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fp16", action="store_true", help="fp16 mixed precision (needs a CUDA GPU; refused on a CPU)")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory, more time)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard with FSDP2 (per decoder layer and at the root) instead of DDP; needs CUDA")
     t.add_argument("--eval-steps", type=int, default=200, help="evaluate on the validation set every N steps")
     t.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
                    help="with a validation set, also evaluate before the first step (the step-0 eval loss)")
@@ -267,6 +269,32 @@ def _world_size() -> int:
     return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
 
 
+def _is_main_process() -> bool:
+    """Global rank 0 (torchrun sets RANK), or the only process: it prints the run's summary lines."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _fsdp_kwargs(args, model) -> dict[str, Any]:
+    """TrainingArguments for ``--fsdp``: FSDP2 through accelerate, one unit per decoder layer and the
+    root, applied by the Trainer after ``patch`` (the order sharding needs). A UsageError where it
+    cannot run: accelerate shards only CUDA models (on a CPU it would silently train with DDP)."""
+    if not args.fsdp:
+        return {}
+    import torch
+
+    from .distributed import decoder_layers, prepare_for_fully_shard
+
+    if not torch.cuda.is_available():
+        raise UsageError("--fsdp needs CUDA GPUs: accelerate does not shard a model on the CPU (it would "
+                         "silently train with DDP); drop --fsdp to train with DDP under torchrun")
+    layers = sorted({type(m).__name__ for m in decoder_layers(model)})
+    if not layers:
+        raise UsageError(f"--fsdp: found no decoder layers to shard in {type(model).__name__}")
+    prepare_for_fully_shard(model)  # learned scalings: 0-d parameters cannot be sharded
+    return {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": layers,
+                                          "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}}
+
+
 def _accumulation_steps(args) -> int:
     """batch = micro batch x accumulation x processes (torchrun sets WORLD_SIZE), as the original."""
     return max(args.batch_size // (args.micro_batch_size * _world_size()), 1)
@@ -362,11 +390,13 @@ def _trainer_classes():
     class AdapterTrainer(Trainer):
         """Trainer whose checkpoints hold only the adapter (fastadapters format)."""
 
-        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            # every rank comes here (checkpoints too): save_adapter gathers a sharded adapter and
+            # global rank 0 writes it, once
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
             fa_io.save_adapter(self.model, output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            if self.args.should_save:
+                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
             fa_io.load_adapter(self.model if model is None else model, resume_from_checkpoint)
@@ -449,7 +479,9 @@ def _run(argv: list[str]) -> int:
 
     from transformers import set_seed
 
-    set_seed(args.seed)  # the adapter's initial weights follow --seed, as the Trainer's order does
+    # the adapter's initial weights follow --seed, whatever ran before (torchrun, distributed loading,
+    # an earlier run in this process): every rank, and a single process, start from the same adapter
+    set_seed(args.seed)
     try:
         fa.patch(model, config=config)
     except ValueError as e:
@@ -474,10 +506,11 @@ def _run(argv: list[str]) -> int:
     train_data = tokenize_records(tokenizer, train_records, **tok_kwargs)
     val_data = tokenize_records(tokenizer, val_records, **tok_kwargs) if val_records else None
 
-    print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: "
-          f"{json.dumps(config.to_dict(), sort_keys=True)}")
-    print(f"{len(train_data)} training / {len(val_data or [])} validation examples; "
-          f"{fa.trainable_parameters(model)}", flush=True)
+    if _is_main_process():
+        print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: "
+              f"{json.dumps(config.to_dict(), sort_keys=True)}")
+        print(f"{len(train_data)} training / {len(val_data or [])} validation examples; "
+              f"{fa.trainable_parameters(model)}", flush=True)
 
     if args.gradient_checkpointing:
         # a frozen base gives the checkpointed blocks inputs without grad; make the embeddings'
@@ -523,6 +556,7 @@ def _run(argv: list[str]) -> int:
         dataloader_num_workers=0,
         dataloader_pin_memory=device != "cpu",
         use_cpu=device == "cpu",  # lets --bf16 run on a CPU (autocast) instead of refusing
+        **_fsdp_kwargs(args, model),
     )
     try:
         targs = TrainingArguments(**targs_kwargs)
@@ -547,8 +581,9 @@ def _run(argv: list[str]) -> int:
     best = ""
     if trainer.state.best_metric is not None and math.isfinite(trainer.state.best_metric):
         best = f"; best eval loss {trainer.state.best_metric:.4f} ({trainer.state.best_model_checkpoint})"
-    print(f"saved the {args.adapter} adapter ({args.save_format} format) to {args.output_dir} "
-          f"after {trainer.state.global_step} steps, {time.time() - t0:.1f} s{best}", flush=True)
+    if _is_main_process():
+        print(f"saved the {args.adapter} adapter ({args.save_format} format) to {args.output_dir} "
+              f"after {trainer.state.global_step} steps, {time.time() - t0:.1f} s{best}", flush=True)
     return 0
 
 
