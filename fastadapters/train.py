@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adapter", choices=ADAPTERS, default="lora",
                    help="series = houlsby = the Houlsby placement (AdapterH); pfeiffer = series with the Pfeiffer "
                         "placement (AdapterP); the same spellings as fastadapters.patch(adapter=...)")
-    a.add_argument("--r", "--lora-r", dest="r", type=int, help="LoRA rank (--lora-r under torchrun, which rejects --r)")
+    a.add_argument("--r", "--lora-r", dest="r", type=int, help="LoRA rank")  # --lora-r: torchrun rejects --r
     a.add_argument("--alpha", type=float, help="LoRA alpha")
     a.add_argument("--dropout", type=float, help="LoRA / bottleneck dropout")
     a.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, default=None, help="LoRA scaling alpha/sqrt(r)")
