@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AdapterEntry", "AdapterRegistry", "AdapterError", "UnknownAdapter", "confine"]
+__all__ = ["AdapterEntry", "AdapterRegistry", "AdapterError", "UnknownAdapter", "PathNotAllowed", "confine"]
 
 
 class AdapterError(ValueError):
@@ -28,6 +28,10 @@ class AdapterError(ValueError):
 
 class UnknownAdapter(AdapterError):
     """No adapter by that name (HTTP 404)."""
+
+
+class PathNotAllowed(AdapterError):
+    """A runtime load from outside the adapter roots, or with runtime loading off (HTTP 403)."""
 
 
 @dataclass(eq=False)
@@ -46,7 +50,7 @@ class AdapterEntry:
 def confine(path: str, roots: list[str]) -> str:
     """``path`` resolved; AdapterError unless it lies inside one of ``roots`` (resolved too)."""
     if not roots:
-        raise AdapterError("runtime adapter loading is off: start the server with --adapter-root DIR")
+        raise PathNotAllowed("runtime adapter loading is off: start the server with --adapter-root DIR")
     if not isinstance(path, str) or not path:
         raise AdapterError(f"lora_path: got {path!r}; valid: a directory under {roots}")
     real = os.path.realpath(path)
@@ -54,7 +58,7 @@ def confine(path: str, roots: list[str]) -> str:
         base = os.path.realpath(root)
         if os.path.commonpath([real, base]) == base:
             return real
-    raise AdapterError(f"lora_path {path!r} resolves to {real!r}, which is outside the adapter roots {roots}")
+    raise PathNotAllowed(f"lora_path {path!r} resolves to {real!r}, which is outside the adapter roots {roots}")
 
 
 class AdapterRegistry:

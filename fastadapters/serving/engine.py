@@ -35,13 +35,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterEntry, AdapterError, AdapterRegistry, UnknownAdapter, confine
+from .adapters import AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine
 from .hf_compat import check_model, geometry, packed_forward
 from .kv_blocks import BlockPool
 from .sampling import SamplingParams, make_generator, sample_next
 from .scheduler import QueueFull, Request, Scheduler, Status
 
-__all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PromptError"]
+__all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError"]
 
 
 class PromptError(ValueError):
