@@ -51,7 +51,7 @@ def prompts(lengths, seed: int = 0, vocab: int = 64) -> list[list[int]]:
 
 
 @torch.no_grad()
-def prefix_ref(model, encoder, ids: list[int], n: int) -> list[int]:
+def prefix_ref(model, encoder, ids: list[int], n: int, eos: set[int] = frozenset()) -> list[int]:
     from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache()
@@ -63,21 +63,27 @@ def prefix_ref(model, encoder, ids: list[int], n: int) -> list[int]:
         o = model(input_ids=x, position_ids=torch.arange(past, past + x.shape[1])[None], use_cache=True,
                   attention_mask=torch.ones(1, past + x.shape[1], dtype=torch.long), past_key_values=cache)
         out.append(int(o.logits[0, -1].argmax()))
+        if out[-1] in eos:
+            break
         x = torch.tensor([[out[-1]]])
     return out
 
 
 @torch.no_grad()
-def greedy_ref(engine, adapter: str | None, ids: list[int], n: int) -> list[int]:
-    """What a request's greedy tokens must be: the model alone with that adapter active."""
+def greedy_ref(engine, adapter: str | None, ids: list[int], n: int, stop_at_eos: bool = False) -> list[int]:
+    """What a request's greedy tokens must be: the model alone with that adapter active
+    (``stop_at_eos``: ends at the model's EOS as the engine does; else exactly ``n`` tokens)."""
     model = engine.model
     entry = None if adapter is None else engine.registry.entries[adapter]
     if entry is not None and entry.prefix_kv is not None:
         fa.set_adapter(model, None)
-        return prefix_ref(model, model.fastadapters_prefix[entry.internal], ids, n)
+        return prefix_ref(model, model.fastadapters_prefix[entry.internal], ids, n,
+                          engine.eos_ids if stop_at_eos else frozenset())
     if fa.adapter_names(model):
         fa.set_adapter(model, None if entry is None else entry.internal)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    kw = {} if stop_at_eos else {"min_new_tokens": n}
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, **kw)
     return out[0, len(ids):].tolist()
 
 
