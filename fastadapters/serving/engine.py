@@ -18,6 +18,16 @@ decode tokens of different requests share that forward. Because each token atten
 own request's keys/values with its own positions, a request's greedy output does not depend on
 what else is batched (up to float rounding: near-ties of the top two logits).
 
+Why not transformers' continuous batching (``generation.continuous_batching``, read on 5.24): a
+request there is ``add_request(input_ids, max_new_tokens, ...)`` with no field for an adapter,
+and the packed forward is built and run inside its manager thread (``model(**batch_data)`` over
+private per-step tensors), so per-token routing would hook private internals that changed shape
+across releases; its paged cache can share prompt blocks but has no way to start a request with
+given keys/values (a prefix adapter), and positions start at the prompt. Measured on the CPU
+(random Llama hidden 256, 4 layers, 32 requests of 8-64 prompt tokens, 16 new tokens, one
+thread): ``generate_batch`` 11.7 tokens/s, this engine 122 tokens/s, both with the same greedy
+tokens for 32 of 32 requests. So the engine is a small scheduler of its own over ``DynamicCache``.
+
 Thread model: ``submit`` / ``abort`` / ``load_adapter`` / ``unload_adapter`` may be called from
 any thread; model and pool changes happen only in the engine thread, between steps. Callbacks
 run in the engine thread and must not block. The engine knows nothing of HTTP.
