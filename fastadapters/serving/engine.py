@@ -74,7 +74,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
-                 adapter_roots: list[str] | None = None):
+                 adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None):
         check_model(model)
         for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
                          ("token_budget", token_budget)):
@@ -93,7 +93,9 @@ class Engine:
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
         per_seq = -(-self.max_model_len // block_size)
-        num_blocks = num_blocks or max_num_seqs * per_seq
+        if num_blocks is None:  # every sequence at full length, within the KV memory budget
+            block_bytes = 2 * layers * kv_heads * block_size * head_dim * emb.element_size()
+            num_blocks = max(per_seq, min(max_num_seqs * per_seq, self._kv_budget(kv_cache_bytes) // block_bytes))
         if num_blocks < per_seq:
             raise ValueError(f"num_blocks: got {num_blocks}; valid: at least {per_seq} (one request of "
                              f"max_model_len {self.max_model_len} in blocks of {block_size})")
@@ -112,6 +114,15 @@ class Engine:
         self.requests: dict[str, Request] = {}  # live (not finished) requests by id
         self.stats = collections.Counter()  # prompt_tokens, generation_tokens, finished_<reason>, steps
         self.last_error: str | None = None
+
+    def _kv_budget(self, requested: int | None) -> int:
+        """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
+        if requested is not None:
+            return int(requested)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.5)
+        return 2 << 30
 
     # -- public, any thread ----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,

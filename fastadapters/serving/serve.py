@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=_positive, default=None, help="context length (prompt + output)")
     p.add_argument("--max-waiting", type=_positive, default=None, help="queued requests before 503 (4 x max-num-seqs)")
     p.add_argument("--block-size", type=_positive, default=16, help="KV positions per block")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="memory for KV blocks (default: half the free GPU memory, or 2 GB on the CPU)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
     return p
 
@@ -88,7 +90,8 @@ def build_app(args):
     model, tokenizer = load_base(args.base_model, args.dtype)
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     block_size=args.block_size, max_waiting=args.max_waiting,
-                    backend=None if args.backend == "auto" else args.backend, adapter_roots=args.adapter_root)
+                    backend=None if args.backend == "auto" else args.backend, adapter_roots=args.adapter_root,
+                    kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:
         name, _, path = spec.partition("=")
         engine.load_adapter(name, path, confined=False)
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise _Usage(f"--adapter-root: {root!r} is not a directory")
         if not os.path.exists(args.base_model):
             raise _Usage(f"--base-model: {args.base_model!r} does not exist")
+        if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+            raise _Usage(f"--kv-cache-gb: got {args.kv_cache_gb}; valid: a positive number")
         if not 0 <= args.port < 65536:
             raise _Usage(f"--port: got {args.port}; valid: 0..65535")
     except _Usage as e:

@@ -193,3 +193,17 @@ def test_background_thread_serves_and_stops(zoo):
     for name, p, req in zip(names, ps, reqs):
         assert req.output_ids == greedy_ref(engine, name, p, GREEDY.max_tokens), name
     assert_no_leaks(engine)
+
+
+def test_kv_memory_budget_sizes_the_pool(zoo):
+    # tiny llama: 2 layers x 2 kv heads x head_dim 8 x 4 bytes x (K and V) = 256 bytes per position
+    full = tiny_engine(max_num_seqs=4, max_model_len=64, block_size=4)
+    assert full.pool.num_blocks == 4 * 16  # every sequence at full length fits the default budget
+    small = tiny_engine(max_num_seqs=4, max_model_len=64, block_size=4, kv_cache_bytes=20 * 4 * 256)
+    assert small.pool.num_blocks == 20
+    floor = tiny_engine(max_num_seqs=4, max_model_len=64, block_size=4, kv_cache_bytes=1)
+    assert floor.pool.num_blocks == 16  # never below one full-length request
+    names, ps = _mixed(1)
+    reqs = small.generate(ps, GREEDY, names[:1] * len(ps))
+    assert all(len(r.output_ids) == GREEDY.max_tokens for r in reqs)
+    assert_no_leaks(small)
