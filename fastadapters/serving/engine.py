@@ -368,13 +368,16 @@ class Engine:
         dev = self.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
+        pool = self.pool
+        past_slots = torch.cat([pool.slots(r.blocks, 0, p) for r, p in zip(reqs, pasts)]).to(dev)
+        new_slots = torch.cat([pool.slots(r.blocks, p, n) for r, p, n in zip(reqs, pasts, news)]).to(dev)
         past_k = past_v = None
-        if sum(pasts):
+        if sum(pasts):  # every request's past, back to back: one gather per layer
             past_k, past_v = [], []
-            for layer in range(self.pool.num_layers):
-                ks, vs = zip(*(self.pool.read(layer, r.blocks, p) for r, p in zip(reqs, pasts)))
-                past_k.append(torch.cat(ks, dim=1)[None])
-                past_v.append(torch.cat(vs, dim=1)[None])
+            for layer in range(pool.num_layers):
+                k, v = pool.gather(layer, past_slots)
+                past_k.append(k[None])
+                past_v.append(v[None])
         last_index = torch.tensor(last, dtype=torch.long, device=dev)
         args = (self.model, input_ids, position_ids, past_k, past_v, pasts, list(news), last_index)
         from ..patching import _state
@@ -386,11 +389,8 @@ class Engine:
                 logits, new_k, new_v = packed_forward(*args)
         else:
             logits, new_k, new_v = packed_forward(*args)
-        off = 0
-        for req, n, p in zip(reqs, news, pasts):
-            for layer in range(self.pool.num_layers):
-                self.pool.write(layer, req.blocks, p, new_k[layer][:, off:off + n], new_v[layer][:, off:off + n])
-            off += n
+        for layer in range(pool.num_layers):  # the new tokens' keys/values into their blocks, one scatter
+            pool.scatter(layer, new_slots, new_k[layer], new_v[layer])
         return logits
 
     # -- outputs -----------------------------------------------------------------------------------

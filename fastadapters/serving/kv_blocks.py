@@ -4,11 +4,14 @@
     blocks = pool.allocate(pool.blocks_for(37))        # a request holding 37 positions: 3 blocks
     pool.write(layer, blocks, start=0, keys, values)     # keys/values (kv_heads, n, head_dim)
     k, v = pool.read(layer, blocks, length=37)           # (kv_heads, 37, head_dim) each
+    slots = pool.slots(blocks, 0, 37)                    # flat slot ids: one gather / scatter per
+    k, v = pool.gather(layer, slots)                     # layer for many requests at once
     pool.free(blocks)                                    # back to the pool when the request ends
 
-Storage per layer is ``(num_blocks, kv_heads, block_size, head_dim)`` for keys and again for
+Storage per layer is ``(num_blocks, block_size, kv_heads, head_dim)`` for keys and again for
 values; position ``p`` of a request lives in block ``blocks[p // block_size]`` at offset
-``p % block_size``. A request holds only the blocks its positions need (not ``max_model_len``),
+``p % block_size``, i.e. flat slot ``block * block_size + offset`` of the
+``(num_blocks * block_size, kv_heads, head_dim)`` view. A request holds only the blocks its positions need (not ``max_model_len``),
 and every block of every layer is freed together. ``free_blocks`` and ``used_blocks`` are what
 the leak checks read. The pool is not thread-safe: the engine thread owns it.
 """
@@ -32,7 +35,7 @@ class BlockPool:
                 raise ValueError(f"BlockPool: {label} must be an integer >= 1, got {v!r}")
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks, kv_heads, block_size, head_dim)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
@@ -65,31 +68,34 @@ class BlockPool:
             self._free.append(b)
         blocks.clear()
 
-    def _index(self, blocks: list[int], start: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def slots(self, blocks: list[int], start: int, n: int) -> torch.Tensor:
+        """Flat slot ids (n,) of positions start..start+n-1 of a request holding ``blocks``."""
+        if start + n > len(blocks) * self.block_size:
+            raise ValueError(f"positions {start}..{start + n - 1} do not fit in {len(blocks)} blocks "
+                             f"of {self.block_size}")
         pos = torch.arange(start, start + n)
         table = torch.tensor(blocks, dtype=torch.long)
-        return table[pos // self.block_size].to(device), (pos % self.block_size).to(device)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _flat(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool.view(self.num_blocks * self.block_size, self.kv_heads, self.head_dim)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``slots`` as (kv_heads, len(slots), head_dim) each (copies)."""
+        idx = slots.to(self.keys[layer].device)
+        return (self._flat(self.keys[layer]).index_select(0, idx).transpose(0, 1),
+                self._flat(self.values[layer]).index_select(0, idx).transpose(0, 1))
+
+    def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` (kv_heads, len(slots), head_dim) at ``slots``."""
+        idx = slots.to(self.keys[layer].device)
+        self._flat(self.keys[layer]).index_copy_(0, idx, keys.transpose(0, 1).to(self.keys[layer].dtype))
+        self._flat(self.values[layer]).index_copy_(0, idx, values.transpose(0, 1).to(self.values[layer].dtype))
 
     def write(self, layer: int, blocks: list[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` (kv_heads, n, head_dim) at positions start..start+n-1."""
-        n = keys.shape[-2]
-        if start + n > len(blocks) * self.block_size:
-            raise ValueError(f"write of positions {start}..{start + n - 1} into {len(blocks)} blocks "
-                             f"of {self.block_size}")
-        b, off = self._index(blocks, start, n, keys.device)
-        # (blocks, heads, block_size, dim)[b, :, off] is (n, heads, dim)
-        self.keys[layer][b, :, off] = keys.transpose(0, 1).to(self.keys[layer].dtype)
-        self.values[layer][b, :, off] = values.transpose(0, 1).to(self.values[layer].dtype)
+        self.scatter(layer, self.slots(blocks, start, keys.shape[-2]), keys, values)
 
     def read(self, layer: int, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions 0..length-1 as (kv_heads, length, head_dim) keys and values (copies)."""
-        nb = self.blocks_for(length)
-        if nb > len(blocks):
-            raise ValueError(f"read of {length} positions from {len(blocks)} blocks of {self.block_size}")
-        idx = torch.tensor(blocks[:nb], dtype=torch.long, device=self.keys[layer].device)
-
-        def gather(pool):
-            g = pool.index_select(0, idx)  # (nb, heads, bs, dim)
-            return g.transpose(0, 1).reshape(self.kv_heads, nb * self.block_size, self.head_dim)[:, :length]
-
-        return gather(self.keys[layer]), gather(self.values[layer])
+        return self.gather(layer, self.slots(blocks, 0, length))
