@@ -264,6 +264,7 @@ class Engine:
             raise AdapterError(f"no adapter at {path!r}: {e}") from None
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise AdapterError(f"could not load an adapter from {path!r}: {e}") from None
+        fa.set_adapter(self.model, None)  # requests choose adapters; none is active between them
         cfg = fa.get_config(self.model, internal)
         entry = AdapterEntry(name, path, internal, cfg.adapter_type, created=int(time.time()))
         if isinstance(cfg, PrefixConfig):
@@ -291,6 +292,8 @@ class Engine:
 
         if internal in fa.adapter_names(self.model):
             fa.delete_adapter(self.model, internal)
+            if fa.adapter_names(self.model):
+                fa.set_adapter(self.model, None)
 
     def _drop_ref(self, req: Request) -> None:
         entry = req.metadata.pop("entry", None)
@@ -382,10 +385,14 @@ class Engine:
         args = (self.model, input_ids, position_ids, past_k, past_v, pasts, list(news), last_index)
         from ..patching import _state
 
-        if _state(self.model) is not None:
+        state = _state(self.model)
+        names = [r.route_name for r in reqs]
+        # a batch of base-model and prefix requests skips routing (and its per-step set-up) when no
+        # adapter is active: its linears are the bare base layers, so base rows pay nothing for adapters
+        if state is not None and (state.active is not None or any(n is not None for n in names)):
             from .routing import route
 
-            with route(self.model, [r.route_name for r in reqs], backend=self.backend, lengths=list(news)):
+            with route(self.model, names, backend=self.backend, lengths=list(news)):
                 logits, new_k, new_v = packed_forward(*args)
         else:
             logits, new_k, new_v = packed_forward(*args)

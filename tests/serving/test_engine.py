@@ -207,3 +207,20 @@ def test_kv_memory_budget_sizes_the_pool(zoo):
     reqs = small.generate(ps, GREEDY, names[:1] * len(ps))
     assert all(len(r.output_ids) == GREEDY.max_tokens for r in reqs)
     assert_no_leaks(small)
+
+
+def test_base_only_batches_skip_routing_and_stay_correct(zoo, monkeypatch):
+    import fastadapters.serving.routing as routing
+
+    engine = tiny_engine(zoo, max_num_seqs=4)
+    ps = prompts([3, 8, 5], seed=11)
+    want = [greedy_ref(engine, None, p, GREEDY.max_tokens) for p in ps]
+    fa.set_adapter(engine.model, None)
+    calls = []
+    real = routing.route
+    monkeypatch.setattr(routing, "route", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert [r.output_ids for r in engine.generate(ps, GREEDY, [None, "prefix", None])][::2] == want[::2]
+    assert calls == []  # base and prefix rows only: no routing set-up at all
+    fa.set_adapter(engine.model, engine.registry.entries["houlsby"].internal)  # someone activated an adapter
+    assert [r.output_ids for r in engine.generate(ps, GREEDY)] == want  # routed: base rows stay base
+    assert calls
