@@ -36,6 +36,8 @@ from .sampling import SamplingParams
 __all__ = ["create_app", "APIError"]
 
 DISCONNECT_POLL_S = 0.25
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+          "/v1/unload_lora_adapter")
 
 
 class APIError(Exception):
@@ -85,7 +87,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
-        metrics.http.labels(request.url.path, str(response.status_code)).inc()
+        path = request.url.path
+        metrics.http.labels(path if path in ROUTES else "other", str(response.status_code)).inc()
         return response
 
     @app.exception_handler(APIError)
@@ -108,7 +111,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.get("/health")
     async def health():
-        if engine._thread is not None and not engine._thread.is_alive():
+        if not engine.healthy():
             return _error_response(503, "the engine thread stopped", "server_error")
         return Response(status_code=200)
 

@@ -202,6 +202,11 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="fastadapters-engine", daemon=True)
         self._thread.start()
 
+    def healthy(self) -> bool:
+        """False once a started engine thread has died."""
+        thread = self._thread
+        return thread is None or thread.is_alive()
+
     def stop(self, timeout: float = 30) -> None:
         thread = self._thread
         if thread is None:
