@@ -140,7 +140,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     def sampling(body, max_default: int) -> SamplingParams:
         bad = body.unsupported()
         if bad:
-            raise APIError(400, bad, param="n")
+            raise APIError(400, bad[1], param=bad[0])
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         max_tokens = body.max_tokens
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:

@@ -37,15 +37,16 @@ class _Sampling(BaseModel):
     ignore_eos: StrictBool = False
     user: StrictStr | None = None
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a field this server cannot honour; None if there is none."""
         if self.n != 1:
-            return f"n: got {self.n}; this server returns one choice per request (n = 1)"
+            return "n", f"n: got {self.n}; this server returns one choice per request (n = 1)"
         extra = self.model_extra or {}
         for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "best_of"):
             value = extra.get(key)
             if value in (None, False, "") or (key == "best_of" and value == 1):
                 continue
-            return f"{key} is not supported by this server (got {value!r})"
+            return key, f"{key} is not supported by this server (got {value!r})"
         return None
 
 
