@@ -224,3 +224,13 @@ def test_base_only_batches_skip_routing_and_stay_correct(zoo, monkeypatch):
     fa.set_adapter(engine.model, engine.registry.entries["houlsby"].internal)  # someone activated an adapter
     assert [r.output_ids for r in engine.generate(ps, GREEDY)] == want  # routed: base rows stay base
     assert calls
+
+
+def test_triton_backend_gives_the_same_tokens(zoo):
+    # the Triton multi-adapter kernels (interpreted on the CPU, see conftest.py) through the engine
+    names = ["lora_r4", "houlsby", None, "parallel"]
+    ps = prompts([5, 3, 4, 6], seed=13)
+    sp = SamplingParams(max_tokens=3, temperature=0)
+    want = [r.output_ids for r in tiny_engine(zoo, backend="torch").generate(ps, sp, names)]
+    got = [r.output_ids for r in tiny_engine(zoo, backend="triton").generate(ps, sp, names)]
+    assert got == want
