@@ -85,9 +85,11 @@ def _new_cache():
     return DynamicCache()
 
 
-def packed_mask(past_lengths: list[int], new_lengths: list[int], dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor:
-    """(1, 1, sum(new), sum(past) + sum(new)) additive mask: 0 where a token may attend, else min."""
+def packed_mask(past_lengths: list[int], new_lengths: list[int], dtype: torch.dtype, device: torch.device,
+                boolean: bool = False) -> torch.Tensor:
+    """(1, 1, sum(new), sum(past) + sum(new)) mask: each token sees its request's past and its own
+    request's tokens up to itself. ``boolean``: True where it may attend (what SDPA takes, a
+    quarter of the bytes); else additive, 0 or the dtype's minimum (eager attention)."""
     total_new, total_past = sum(new_lengths), sum(past_lengths)
     allowed = torch.zeros(total_new, total_past + total_new, dtype=torch.bool, device=device)
     p0 = n0 = 0
@@ -97,9 +99,15 @@ def packed_mask(past_lengths: list[int], new_lengths: list[int], dtype: torch.dt
                                                                                device=device).tril()
         p0 += lp
         n0 += ln
+    if boolean:
+        return allowed[None, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def _takes_boolean_mask(model: nn.Module) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
 
 
 @torch.no_grad()
@@ -115,7 +123,7 @@ def packed_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torc
         _fill(cache, past_keys, past_values)
     emb = model.get_input_embeddings()
     dtype = emb.weight.dtype
-    mask = packed_mask(past_lengths, new_lengths, dtype, input_ids.device)
+    mask = packed_mask(past_lengths, new_lengths, dtype, input_ids.device, boolean=_takes_boolean_mask(model))
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                   **{_cache_keyword(decoder): cache})

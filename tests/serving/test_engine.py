@@ -234,3 +234,19 @@ def test_triton_backend_gives_the_same_tokens(zoo):
     want = [r.output_ids for r in tiny_engine(zoo, backend="torch").generate(ps, sp, names)]
     got = [r.output_ids for r in tiny_engine(zoo, backend="triton").generate(ps, sp, names)]
     assert got == want
+
+
+def test_eager_attention_takes_the_additive_mask(zoo):
+    from fastadapters.serving.engine import Engine
+    from .helpers import tiny_llama
+
+    names, ps = _mixed(1)
+    sdpa = tiny_engine(zoo)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    eager = Engine(model, backend="torch")
+    for name, path in zoo.items():
+        eager.load_adapter(name, path, confined=False)
+    want = [r.output_ids for r in sdpa.generate(ps, GREEDY, names)]
+    assert [r.output_ids for r in eager.generate(ps, GREEDY, names)] == want
