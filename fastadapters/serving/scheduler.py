@@ -150,6 +150,8 @@ class Scheduler:
         for req in decoding + prefilling:
             if budget <= 0:
                 break
+            if req.status is not Status.RUNNING:  # preempted above to make room for an older request
+                continue
             todo = len(req.all_ids) - req.num_computed
             n = min(todo, self.chunk_size, budget)
             while not self._grow(req, req.kv_len + n):

@@ -56,7 +56,11 @@ def test_greedy_equals_generate_alone_every_adapter_type(zoo):
 def test_preemption_when_blocks_run_out_keeps_outputs(zoo):
     engine = tiny_engine(zoo, max_num_seqs=6, block_size=4, num_blocks=8, max_model_len=32)
     names, ps = _mixed(1)
-    reqs = engine.generate(ps, GREEDY, names)
+    reqs = [engine.submit(p, GREEDY, adapter=n) for p, n in zip(ps, names)]
+    while engine.step():  # invariants after every step: waiting requests hold no blocks, none is shared
+        assert all(not r.blocks for r in engine.scheduler.waiting)
+        held = [b for r in engine.scheduler.running for b in r.blocks]
+        assert len(held) == len(set(held)) == engine.pool.used_blocks
     assert sum(r.preemptions for r in reqs) > 0
     for name, p, req in zip(names, ps, reqs):
         assert req.output_ids == greedy_ref(engine, name, p, GREEDY.max_tokens), name
