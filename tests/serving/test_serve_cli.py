@@ -14,7 +14,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 import fastadapters as fa
 from fastadapters.cli import main as cli_main
