@@ -152,6 +152,36 @@ def test_stop_string_ends_the_text(served):
                                                     "temperature": 0, "stop": [stop]}, timeout=60).json()
     assert r["choices"][0]["text"] == full[:full.find(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": BASE, "prompt": "abc", "max_tokens": 12,
+                                                              "temperature": 0, "stop": stop, "stream": True},
+                      timeout=60) as s:
+        chunks = sse(s)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[:full.find(stop)]  # no stop text leaks
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_seeded_sampling_over_http_and_token_counters(served):
+    engine, url = served
+    before = httpx.get(f"{url}/metrics").text
+    body = {"model": "lora_r64", "prompt": "seed me", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9,
+            "top_k": 30, "seed": 42}
+    texts = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+             for _ in range(2)]
+    assert texts[0] == texts[1]
+    others = {httpx.post(f"{url}/v1/completions", json=dict(body, seed=s), timeout=60).json()["choices"][0]["text"]
+              for s in (1, 2, 3)}
+    assert len(others | {texts[0]}) > 1  # the seed matters
+    after = httpx.get(f"{url}/metrics").text
+    gen = "fastadapters:generation_tokens_total"
+    assert _metric(after, gen) - _metric(before, gen) == 5 * 8
+    prompt_len = len(engine.tokenizer("seed me")["input_ids"])
+    assert _metric(after, "fastadapters:prompt_tokens_total") - _metric(before, "fastadapters:prompt_tokens_total") \
+        == 5 * prompt_len
 
 
 def test_errors_are_openai_shaped_4xx_and_change_nothing(served):
