@@ -252,19 +252,24 @@ def test_disconnect_mid_stream_frees_blocks(served):
 
 
 def test_full_queue_answers_503_at_once(zoo):
-    engine = make_engine(zoo, max_num_seqs=1, max_waiting=1, max_model_len=128)
+    engine = make_engine(zoo, max_num_seqs=1, max_waiting=1, max_model_len=4096)
     with live_server(create_app(engine, BASE)) as url:
-        body = {"model": BASE, "prompt": "a", "max_tokens": 120, "ignore_eos": True}
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            slow = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120) for _ in range(2)]
-            deadline = time.monotonic() + 20
-            while engine.snapshot()["running"] + engine.snapshot()["waiting"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            t = time.monotonic()
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
-            assert time.monotonic() - t < 5
-            assert "retry" in error_of(r, 503)
-            assert all(f.result().status_code == 200 for f in slow)
+        long = {"model": BASE, "prompt": "a", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{url}/v1/completions", json=long) as one, \
+                    client.stream("POST", f"{url}/v1/completions", json=long) as two:
+                assert one.status_code == two.status_code == 200
+                snap = engine.snapshot()
+                assert snap["running"] + snap["waiting"] == 2, snap  # one running, one queued: full
+                t = time.monotonic()
+                r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False), timeout=30)
+                assert time.monotonic() - t < 5
+                assert "retry" in error_of(r, 503)
+            # both streams closed: their requests are aborted and the queue drains
+        deadline = time.monotonic() + 20
+        while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(f"{url}/v1/completions", json={"model": BASE, "prompt": "a", "max_tokens": 2}).status_code == 200
     assert_no_leaks(engine)
 
 
