@@ -235,20 +235,22 @@ def test_load_unload_at_runtime_every_type(served):
         error_of(httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "xyz"}), 404)
 
 
-def test_disconnect_mid_stream_frees_blocks(served):
-    engine, url = served
-    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "lora_r64", "prompt": "abc", "max_tokens": 100,
-                                                              "temperature": 0, "ignore_eos": True, "stream": True},
-                      timeout=60) as s:
-        lines = s.iter_lines()
-        got = [next(lines) for _ in range(3)]
-        assert any(g.startswith("data: ") for g in got)
-        assert engine.snapshot()["live_requests"] >= 1
-    deadline = time.monotonic() + 20
-    while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert_no_leaks(engine)
-    assert engine.stats["finished_abort"] >= 1
+def test_disconnect_mid_stream_frees_blocks(zoo):
+    engine = make_engine(zoo, max_model_len=4096)  # room for a stream that outlives the client
+    with live_server(create_app(engine, BASE)) as url:
+        body = {"model": "lora_r64", "prompt": "abc", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
+            lines = s.iter_lines()
+            got = [next(lines) for _ in range(3)]
+            assert any(g.startswith("data: ") for g in got)
+            assert engine.snapshot()["live_requests"] == 1 and engine.pool.used_blocks > 0
+        deadline = time.monotonic() + 20
+        while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_no_leaks(engine)
+        assert engine.stats["finished_abort"] == 1
+        assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_full_queue_answers_503_at_once(zoo):
