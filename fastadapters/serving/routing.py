@@ -241,11 +241,13 @@ def _check_names(state, names) -> list[str | None]:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, names, backend: str | None = None, lengths=None):
+def route(model: nn.Module, names, backend: str | None = None, lengths=None, reuse: Router | None = None):
     """Run ``model(...)`` / ``model.generate(...)`` with adapter ``names[i]`` on batch row i.
 
     ``lengths``: the batch is one packed row and ``names[i]`` covers its next ``lengths[i]``
-    tokens (see the module docstring).
+    tokens (see the module docstring). ``reuse``: the router a previous ``route`` yielded; when
+    it routes the same names, lengths and backend, it is used again with its per-shape metadata
+    (the serving engine's consecutive decode steps), after the same store sync as a new one.
 
     ``backend`` ("torch" | "triton" | "cuda" | "auto") overrides the layers' backend for the
     multi-adapter op inside the block (None: each layer's, i.e. ``fa.set_backend``)."""
@@ -262,7 +264,15 @@ def route(model: nn.Module, names, backend: str | None = None, lengths=None):
     if model.training and any(getattr(state.configs[n], "dropout", 0) for n in set(names) if n not in (None, BASE)):
         _warn_once("route: the model is in training mode but routed forwards apply no adapter dropout "
                    "(routing is for inference; call model.eval() to silence this)")
-    router = Router(model, names, backend, lengths)
+    same = (reuse is not None and reuse.model is model and reuse.names == names and reuse.backend == backend
+            and reuse.lengths == (None if lengths is None else [int(n) for n in lengths]))
+    if same:
+        router = reuse
+        rebuilt = router.store.sync()
+        if rebuilt or router.store.version != router.version or router.store.max_slots is not None:
+            router._assign()  # adapters changed, or LRU slots another route may have refilled
+    else:
+        router = Router(model, names, backend, lengths)
     wrappers = [w for _, w in _wrappers(model)]
     previous = [w.routing for w in wrappers]
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: router.check_batch(_batch_of(args, kwargs)),

@@ -66,3 +66,23 @@ def test_bad_lengths_fail_before_compute(zoo_model):
             router.reroute(["houlsby", "houlsby"])
         with pytest.raises(ValueError, match="batch of one row"):
             model(torch.ones(2, 5, dtype=torch.long))
+
+
+def test_reused_router_routes_the_same_and_follows_adapter_changes():
+    model = add_zoo(tiny_llama(), ["lora_r4", "houlsby"])
+    _, layer = next(iter(_wrappers(model)))
+    x = torch.randn(1, 4, layer.base_layer.in_features, generator=torch.Generator().manual_seed(3))
+    names, lengths = ["lora_r4", None, "houlsby"], [1, 1, 2]
+    with torch.no_grad():
+        with fa.route(model, names, lengths=lengths) as first:
+            want = layer(x)
+        with fa.route(model, names, lengths=lengths, reuse=first) as again:
+            assert again is first and torch.equal(layer(x), want)
+        with fa.route(model, ["houlsby", None, "houlsby"], lengths=lengths, reuse=first) as other:
+            assert other is not first  # other names: a new router
+        with torch.no_grad():  # the adapter's weights change in place: the store resyncs, output follows
+            for p in layer.lora_B["lora_r4"].parameters():
+                p.mul_(2)
+        with fa.route(model, names, lengths=lengths, reuse=first) as again:
+            changed = layer(x)
+        assert not torch.equal(changed[:, :1], want[:, :1]) and torch.equal(changed[:, 1:], want[:, 1:])
