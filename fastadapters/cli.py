@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": ("fastadapters.bench", "time training steps: frozen base, PEFT LoRA, fastadapters adapters"),
     "train": ("fastadapters.train", "fine-tune an adapter on an Alpaca-format JSON file"),
     "eval": ("fastadapters.evaluate", "evaluate a base model or adapter on math/commonsense test sets"),
+    "serve": ("fastadapters.serving.serve", "OpenAI-compatible server: one base model, many adapters of every type"),
 }
 
 

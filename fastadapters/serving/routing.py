@@ -28,6 +28,11 @@ same way. Outside ``generate`` the batch must have exactly ``len(names)`` rows. 
 inference: adapter dropout is not applied and no gradient reaches the adapter weights (the store
 holds copies). A prefix-tuning adapter cannot be routed per row; one that is active is switched off
 inside ``route``.
+
+Packed batches (the serving engine): ``route(model, names, lengths=[5, 1, 1])`` routes one row
+that holds several requests' tokens back to back: ``names[i]`` covers the next ``lengths[i]``
+tokens. A (len(names), K) input -- one token per segment, e.g. each request's last hidden state
+gathered for the LM head -- is routed one name per row.
 """
 from __future__ import annotations
 
@@ -64,8 +69,10 @@ def _batch_of(args, kwargs) -> int | None:
 class Router:
     """The routing state ``AdapterLinear.forward`` calls into while ``route`` is active."""
 
-    def __init__(self, model: nn.Module, names: list[str | None], backend: str | None = None):
+    def __init__(self, model: nn.Module, names: list[str | None], backend: str | None = None,
+                 lengths: list[int] | None = None):
         self.model = model
+        self.lengths = None if lengths is None else [int(n) for n in lengths]  # packed segments
         self.backend = backend  # None: each layer's own (fa.set_backend / FASTADAPTERS_BACKEND)
         self.state = _state(model)
         self.store = get_store(model)
@@ -94,6 +101,8 @@ class Router:
         """Switch to a new list of names of the same length, refilling the cached per-shape plans in
         place (same buffers): a CUDA graph captured inside this ``route`` replays with the new mix."""
         names = _check_names(self.state, names)
+        if self.lengths is not None:
+            raise ValueError("reroute: a route of packed segments (lengths=...) cannot be rerouted; open a new route")
         if len(names) != len(self.names):
             raise ValueError(f"reroute: got {len(names)} adapter names for a route of {len(self.names)} rows")
         plans = self._plans
@@ -129,6 +138,10 @@ class Router:
         """Metadata for a (rows, tokens) input: built once per shape and shared by every layer."""
         key = (rows, tokens, str(device))
         plan = self._plans.get(key)
+        if plan is None and self.lengths is not None:
+            per_tok = self._segment_slots(rows * tokens)
+            plan = build_plan(per_tok.to(device), max(self.store.num_slots, 1), SEGMENT_BLOCK_M)
+            self._plans[key] = plan
         if plan is None:
             n = len(self.names)
             if rows != n * self.expand:
@@ -140,12 +153,25 @@ class Router:
             self._plans[key] = plan
         return plan
 
+    def _segment_slots(self, total: int) -> torch.Tensor:
+        """Slot of each token of a packed batch (or of each segment, one token per segment)."""
+        if total == sum(self.lengths):
+            return self.row_slot_tensor.repeat_interleave(torch.tensor(self.lengths))
+        if total == len(self.lengths):
+            return self.row_slot_tensor
+        raise ValueError(f"route: segments of lengths summing to {sum(self.lengths)} ({len(self.lengths)} "
+                         f"segments) for an input of {total} tokens")
+
     # -- the hooks ---------------------------------------------------------------------------
     def check_batch(self, rows: int | None) -> None:
         """Called before the model's forward: fail on a wrong-length list before any compute."""
         if rows is None:
             return
         n = len(self.names)
+        if self.lengths is not None:
+            if rows != 1:
+                raise ValueError(f"route: packed segments (lengths=...) need a batch of one row, got {rows}")
+            return
         if rows == n:
             self.expand = 1
         elif self.in_generate and rows % n == 0:
@@ -215,8 +241,13 @@ def _check_names(state, names) -> list[str | None]:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, names, backend: str | None = None):
+def route(model: nn.Module, names, backend: str | None = None, lengths=None, reuse: Router | None = None):
     """Run ``model(...)`` / ``model.generate(...)`` with adapter ``names[i]`` on batch row i.
+
+    ``lengths``: the batch is one packed row and ``names[i]`` covers its next ``lengths[i]``
+    tokens (see the module docstring). ``reuse``: the router a previous ``route`` yielded; when
+    it routes the same names, lengths and backend, it is used again with its per-shape metadata
+    (the serving engine's consecutive decode steps), after the same store sync as a new one.
 
     ``backend`` ("torch" | "triton" | "cuda" | "auto") overrides the layers' backend for the
     multi-adapter op inside the block (None: each layer's, i.e. ``fa.set_backend``)."""
@@ -226,10 +257,22 @@ def route(model: nn.Module, names, backend: str | None = None):
         raise ValueError("route: this model has no fastadapters adapters; call fastadapters.patch or "
                          "fastadapters.load_adapter first")
     names = _check_names(state, names)
+    if lengths is not None:
+        if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__") or len(lengths) != len(names) \
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+            raise ValueError(f"route: lengths must be one integer >= 1 per name ({len(names)} names), got {lengths!r}")
     if model.training and any(getattr(state.configs[n], "dropout", 0) for n in set(names) if n not in (None, BASE)):
         _warn_once("route: the model is in training mode but routed forwards apply no adapter dropout "
                    "(routing is for inference; call model.eval() to silence this)")
-    router = Router(model, names, backend)
+    same = (reuse is not None and reuse.model is model and reuse.names == names and reuse.backend == backend
+            and reuse.lengths == (None if lengths is None else [int(n) for n in lengths]))
+    if same:
+        router = reuse
+        rebuilt = router.store.sync()
+        if rebuilt or router.store.version != router.version or router.store.max_slots is not None:
+            router._assign()  # adapters changed, or LRU slots another route may have refilled
+    else:
+        router = Router(model, names, backend, lengths)
     wrappers = [w for _, w in _wrappers(model)]
     previous = [w.routing for w in wrappers]
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: router.check_batch(_batch_of(args, kwargs)),

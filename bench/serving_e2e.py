@@ -1,0 +1,51 @@
+"""End-to-end serving benchmark (issue 13): the engine over Zipf-distributed requests for A adapters.
+
+    python bench/serving_e2e.py                               # "small" random llama, A = 1, 8, 32
+    python bench/serving_e2e.py --model ~/.cache/fastadapters-tests/smollm2-...  --requests 32
+    python bench/serving_e2e.py --json ''                     # print only
+
+Output tokens/s, TTFT and TPOT (p50/p99) against the same engine with base-model requests only and
+PEFT's padded ``generate`` with ``adapter_names``; the measurement lives in
+``fastadapters.serving.e2e_bench``. Results are appended to bench/results/serving_e2e.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fastadapters.bench import append_results
+from fastadapters.serving.e2e_bench import render_e2e, run_e2e
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="small", help="a model folder, or 'small' (a random llama from a config)")
+    ap.add_argument("--adapters", default="1,8,32", help="comma-separated adapter counts A")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--backend", default=None, choices=(None, "torch", "triton", "cuda"))
+    ap.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads")
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--parity", type=int, default=8, help="greedy requests checked against generate alone")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "serving_e2e.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_e2e(args.model, tuple(int(a) for a in args.adapters.split(",")), args.requests, args.max_tokens,
+                     max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, with_peft=not args.no_peft,
+                     parity=args.parity, backend=args.backend)
+    print(render_e2e(result))
+    if args.json:
+        append_results(args.json, result)
+        print(f"\nappended to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""End-to-end serving benchmark: the engine over a stream of requests for A adapters, vs baselines.
+
+For each A in ``adapter_counts`` (default 1, 8, 32) the engine serves ``requests`` requests whose
+adapters are drawn with Zipf popularity (p_i ~ 1/i) from A adapters -- LoRA of ranks 8, 16, 32,
+64 in turn, every fourth a bottleneck adapter (series Houlsby / parallel) -- all submitted at once
+(a burst: the queue drains at ``max_num_seqs``). Measured per run: output tokens/s (generated
+tokens over wall time), time to first token (TTFT) and time per output token after the first
+(TPOT), p50 and p99 over requests. Baselines in the same process, same prompts and lengths:
+
+  base_only   the engine with every request on the base model (what adapters cost is the ratio)
+  peft        ``model.generate`` on padded batches of ``max_num_seqs`` rows with PEFT LoRA adapters
+              and ``adapter_names=`` per row (what a PEFT user has; PEFT has no bottleneck adapters,
+              so its adapters are all LoRA of the same ranks); throughput only
+  greedy parity  how many engine requests (greedy) differ from ``generate`` alone (near-ties)
+
+Models: a folder (e.g. SmolLM2-135M) or ``"small"``: a random Llama (hidden 256, 4 layers, vocab
+2048) built from a config. ``run_e2e(...) -> dict`` returns a JSON-able record; ``render_e2e``
+prints it as markdown. Nothing here asserts speed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+
+import torch
+
+__all__ = ["run_e2e", "render_e2e"]
+
+RANKS = (8, 16, 32, 64)
+
+
+def _small_model(device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+def _load(model_spec: str, device, dtype):
+    if model_spec == "small":
+        return _small_model(device, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_spec, dtype=dtype).to(device).eval()
+
+
+def _adapter_spec(i: int) -> dict:
+    if i % 4 == 3:
+        return (dict(adapter="series", variant="houlsby", bottleneck_size=64) if (i // 4) % 2 == 0
+                else dict(adapter="parallel", bottleneck_size=64))
+    return dict(adapter="lora", r=RANKS[i % len(RANKS)], alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                       "o_proj"])
+
+
+def _write_adapters(model_spec, count: int, folder: str, device, dtype) -> list[str]:
+    """Save ``count`` adapters with small random weights; returns their directories."""
+    import fastadapters as fa
+    from fastadapters.patching import _wrappers
+
+    model = _load(model_spec, device, dtype)
+    paths = []
+    g = torch.Generator().manual_seed(count)
+    for i in range(count):
+        name = f"a{i}"
+        fa.patch(model, name=name, **_adapter_spec(i))
+        with torch.no_grad():
+            for _, w in _wrappers(model):
+                for container in (w.lora_A, w.lora_B, w.adapter_down, w.adapter_up):
+                    if name in container:
+                        p = container[name].weight
+                        p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.02)
+        paths.append(fa.save_adapter(model, os.path.join(folder, name), name=name))
+        fa.delete_adapter(model, name)
+    return paths
+
+
+def _zipf(count: int, n: int, rng: random.Random) -> list[int]:
+    weights = [1.0 / (i + 1) for i in range(count)]
+    return rng.choices(range(count), weights=weights, k=n)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _run_engine(engine, prompts, names, max_tokens: int) -> dict:
+    from .sampling import SamplingParams
+
+    stamps: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    reqs = []
+    for p, n in zip(prompts, names):
+        req = engine.submit(p, params, adapter=n, on_output=lambda out: stamps.setdefault(out.request_id, []).append(
+            time.perf_counter()))
+        reqs.append(req)
+    engine.run_until_done()
+    wall = time.perf_counter() - t0
+    ttft = [stamps[r.request_id][0] - t0 for r in reqs]
+    tpot = [(stamps[r.request_id][-1] - stamps[r.request_id][0]) / max(len(r.output_ids) - 1, 1) for r in reqs]
+    tokens = sum(len(r.output_ids) for r in reqs)
+    return {"tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall, "ttft_p50_ms": _pct(ttft, .5) * 1e3,
+            "ttft_p99_ms": _pct(ttft, .99) * 1e3, "tpot_p50_ms": _pct(tpot, .5) * 1e3,
+            "tpot_p99_ms": _pct(tpot, .99) * 1e3, "outputs": [r.output_ids for r in reqs]}
+
+
+def _peft_run(model_spec, count, prompts, picks, max_tokens, batch, device, dtype) -> dict | None:
+    try:
+        import peft
+    except ImportError:
+        return None
+    model = _load(model_spec, device, dtype)
+    pm = None
+    for i in range(count):
+        r = RANKS[i % len(RANKS)]
+        cfg = peft.LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                              init_lora_weights=False)
+        if pm is None:
+            pm = peft.get_peft_model(model, cfg, adapter_name=f"a{i}")
+        else:
+            pm.add_adapter(f"a{i}", cfg)
+    pm.eval()
+    pad = 0
+    t0 = time.perf_counter()
+    tokens = 0
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s:s + batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
+                              adapter_names=[f"a{i}" for i in picks[s:s + batch]])
+            tokens += (out.shape[1] - width) * len(chunk)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall}
+
+
+def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int = 32, max_tokens: int = 16,
+            prompt_lens=(8, 64), max_num_seqs: int = 16, device: str | None = None, dtype: str = "float32",
+            with_peft: bool = True, parity: int = 8, seed: int = 0, backend: str | None = None) -> dict:
+    from ..bench import environment
+    from .engine import Engine
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype)
+    rng = random.Random(seed)
+    probe = _load(model_spec, dev, dt)
+    vocab = probe.get_input_embeddings().weight.shape[0]
+    del probe
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_lens))] for _ in range(requests)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_adapters(model_spec, max(adapter_counts), tmp, dev, dt)
+        for count in adapter_counts:
+            engine = Engine(_load(model_spec, dev, dt), max_num_seqs=max_num_seqs, max_model_len=512,
+                            backend=backend)
+            for i in range(count):
+                engine.load_adapter(f"a{i}", paths[i], confined=False)
+            picks = _zipf(count, requests, rng)
+            names = [f"a{i}" for i in picks]
+            _run_engine(engine, prompts[:2], names[:2], 2)  # warm-up
+            mixed = _run_engine(engine, prompts, names, max_tokens)
+            base = _run_engine(engine, prompts, [None] * requests, max_tokens)
+            row = {"A": count, "requests": requests, "max_tokens": max_tokens,
+                   "distinct_adapters_used": len(set(picks)), "engine": _strip(mixed), "base_only": _strip(base),
+                   "ratio_vs_base_only": mixed["tok_per_s"] / base["tok_per_s"]}
+            if parity:  # greedy parity with generate alone, first `parity` requests
+                import fastadapters as fa
+
+                diverged = 0
+                for p, n, out in list(zip(prompts, names, mixed["outputs"]))[:parity]:
+                    fa.set_adapter(engine.model, engine.registry.entries[n].internal)
+                    ref = engine.model.generate(torch.tensor([p], device=dev), max_new_tokens=max_tokens,
+                                                min_new_tokens=max_tokens, do_sample=False)[0, len(p):].tolist()
+                    diverged += ref != out
+                row["parity_checked"], row["parity_diverged"] = min(parity, requests), diverged
+            if with_peft:
+                pr = _peft_run(model_spec, count, prompts, picks, max_tokens, max_num_seqs, dev, dt)
+                if pr is not None:
+                    row["peft_padded_generate"] = pr
+                    row["engine_over_peft"] = mixed["tok_per_s"] / pr["tok_per_s"]
+            rows.append(row)
+            del engine
+    return {"benchmark": "serving_e2e", "env": environment(dev), "model": model_spec, "dtype": dtype,
+            "max_num_seqs": max_num_seqs, "prompt_lens": list(prompt_lens), "backend": backend or "auto",
+            "rows": rows}
+
+
+def _strip(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "outputs"}
+
+
+def render_e2e(result: dict) -> str:
+    env = result["env"]
+    lines = [f"serving end to end: {result['model']} ({result['dtype']}), max_num_seqs {result['max_num_seqs']}, "
+             f"prompts {result['prompt_lens'][0]}-{result['prompt_lens'][1]} tokens, on {env['device']} "
+             f"({env['threads']} threads)", "",
+             "| A | adapters used | engine tok/s | base-only tok/s | ratio | TTFT p50/p99 ms | TPOT p50/p99 ms "
+             "| PEFT padded tok/s | engine/PEFT | greedy diverged |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        e, peft = r["engine"], r.get("peft_padded_generate")
+        peft_cells = f"{peft['tok_per_s']:.1f} | {r['engine_over_peft']:.2f}" if peft else "- | -"
+        lines.append(f"| {r['A']} | {r['distinct_adapters_used']} | {e['tok_per_s']:.1f} | "
+                     f"{r['base_only']['tok_per_s']:.1f} | {r['ratio_vs_base_only']:.2f} | "
+                     f"{e['ttft_p50_ms']:.0f}/{e['ttft_p99_ms']:.0f} | {e['tpot_p50_ms']:.0f}/{e['tpot_p99_ms']:.0f} | "
+                     f"{peft_cells} | {r.get('parity_diverged', '-')}/{r.get('parity_checked', '-')} |")
+    return "\n".join(lines)

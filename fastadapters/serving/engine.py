@@ -1,0 +1,497 @@
+"""The generation engine: continuous batching of requests for many adapters over one base model.
+
+    engine = Engine(model, tokenizer, max_num_seqs=16, max_model_len=2048)
+    engine.load_adapter("math", "adapters/math")            # LoRA, series, parallel or prefix
+    req = engine.submit(prompt_ids, SamplingParams(max_tokens=16, temperature=0), adapter="math",
+                        on_output=callback)                 # callback(RequestOutput) per step
+    engine.start()                                          # steps in a background thread
+    ...; engine.abort(req.request_id); engine.stop()
+    # or, without a thread: engine.run_until_done() / engine.generate([...])
+
+Each ``step`` admits waiting requests, asks the scheduler (``scheduler.py``) which tokens run,
+gathers those requests' past keys/values from the block pool (``kv_blocks.py``), runs one packed
+forward (``hf_compat.py``) in which every token is routed to its request's adapter
+(``fa.route(..., lengths=...)``: LoRA of any rank, series and parallel adapters per token; a
+prefix-tuning request's prefix keys/values lead its blocks), writes the new keys/values back,
+and samples one token for every request whose prompt is fully computed. Prefill chunks and
+decode tokens of different requests share that forward. Because each token attends only to its
+own request's keys/values with its own positions, a request's greedy output does not depend on
+what else is batched (up to float rounding: near-ties of the top two logits).
+
+Why not transformers' continuous batching (``generation.continuous_batching``, read on 5.24): a
+request there is ``add_request(input_ids, max_new_tokens, ...)`` with no field for an adapter,
+and the packed forward is built and run inside its manager thread (``model(**batch_data)`` over
+private per-step tensors), so per-token routing would hook private internals that changed shape
+across releases; its paged cache can share prompt blocks but has no way to start a request with
+given keys/values (a prefix adapter), and positions start at the prompt. Measured on the CPU
+(random Llama hidden 256, 4 layers, 32 requests of 8-64 prompt tokens, 16 new tokens, one
+thread): ``generate_batch`` 11.7 tokens/s, this engine 122 tokens/s, both with the same greedy
+tokens for 32 of 32 requests. So the engine is a small scheduler of its own over ``DynamicCache``.
+
+Thread model: ``submit`` / ``abort`` / ``load_adapter`` / ``unload_adapter`` may be called from
+any thread; model and pool changes happen only in the engine thread, between steps. Callbacks
+run in the engine thread and must not block. The engine knows nothing of HTTP.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .adapters import AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine
+from .hf_compat import check_model, geometry, packed_forward
+from .kv_blocks import BlockPool
+from .sampling import SamplingParams, make_generator, sample_next
+from .scheduler import QueueFull, Request, Scheduler, Status
+
+__all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError"]
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot take (empty, too long, bad token ids): HTTP 400."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # tokens generated in this step
+    text: str  # text that became final in this step
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
+                 chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
+                 adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None):
+        check_model(model)
+        for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
+                         ("token_budget", token_budget)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{label}: got {v!r}; valid: an integer >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.backend = backend
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = getattr(text, "max_position_embeddings", None) or 2048
+        self.max_model_len = int(max_model_len or limit)
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len: got {max_model_len!r}; valid: an integer >= 2")
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        layers, kv_heads, head_dim = geometry(model)
+        emb = model.get_input_embeddings().weight
+        self.device, self.dtype = emb.device, emb.dtype
+        per_seq = -(-self.max_model_len // block_size)
+        if num_blocks is None:  # every sequence at full length, within the KV memory budget
+            block_bytes = 2 * layers * kv_heads * block_size * head_dim * emb.element_size()
+            num_blocks = max(per_seq, min(max_num_seqs * per_seq, self._kv_budget(kv_cache_bytes) // block_bytes))
+        if num_blocks < per_seq:
+            raise ValueError(f"num_blocks: got {num_blocks}; valid: at least {per_seq} (one request of "
+                             f"max_model_len {self.max_model_len} in blocks of {block_size})")
+        self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget)
+        self.registry = AdapterRegistry()
+        self.adapter_roots = list(adapter_roots or [])
+        self.eos_ids = self._eos_ids()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._aborts: set[str] = set()
+        self._commands: collections.deque = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.requests: dict[str, Request] = {}  # live (not finished) requests by id
+        self.stats = collections.Counter()  # prompt_tokens, generation_tokens, finished_<reason>, steps
+        self.last_error: str | None = None
+        self._router = None  # (names and lengths, the router of the last routed step)
+
+    def _kv_budget(self, requested: int | None) -> int:
+        """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
+        if requested is not None:
+            return int(requested)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.5)
+        return 2 << 30
+
+    # -- public, any thread ----------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+               on_output: Callable[[RequestOutput], Any] | None = None, request_id: str | None = None) -> Request:
+        """Queue a request; ValueError subclasses name what was wrong, QueueFull when the queue is full."""
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise PromptError("stop strings need a tokenizer; this engine has none")
+        if not isinstance(prompt_ids, list) or not prompt_ids:
+            raise PromptError("the prompt is empty; valid: at least one token")
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise PromptError(f"prompt token id {bad[0]!r} is out of range; valid: 0..{self.vocab_size - 1}")
+        with self._lock:
+            entry = None if adapter is None else self.registry.get(adapter)
+            prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
+            if prefix + len(prompt_ids) >= self.max_model_len:
+                extra = f" + {prefix} prefix positions" if prefix else ""
+                raise PromptError(f"the prompt has {len(prompt_ids)} tokens{extra}, which leaves no room to generate "
+                                  f"in the context of {self.max_model_len} (max_model_len); shorten it")
+            queued = len(self._inbox) + len(self.scheduler.waiting)
+            if queued >= self.scheduler.max_waiting:
+                raise QueueFull(f"the server is at capacity ({queued} requests waiting, "
+                                f"{len(self.scheduler.running)} running); retry later")
+            req = Request(list(prompt_ids), params, adapter=adapter, on_output=on_output)
+            if request_id is not None:
+                req.request_id = request_id
+            if entry is not None:
+                entry.refs += 1
+                req.metadata["entry"] = entry
+                req.route_name = None if entry.prefix_kv is not None else entry.internal
+                req.prefix_kv = entry.prefix_kv
+            req.generator = make_generator(params)
+            self.requests[req.request_id] = req
+            self._inbox.append(req)
+            self._wake.notify_all()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (a client went away): it stops at the next step and frees its blocks."""
+        with self._lock:
+            self._aborts.add(request_id)
+            self._wake.notify_all()
+
+    def load_adapter(self, name: str, path: str, confined: bool = True, timeout: float | None = 600) -> AdapterEntry:
+        """Load the adapter in ``path`` as ``name`` (any type / format ``fa.load_adapter`` reads).
+        ``confined``: the path must lie under an adapter root (runtime loads); False for start-up."""
+        if not isinstance(name, str) or not name.strip():
+            raise AdapterError(f"lora_name: got {name!r}; valid: a non-empty string")
+        if confined:
+            path = confine(path, self.adapter_roots)
+        return self.call(lambda: self._load(name, path), timeout)
+
+    def unload_adapter(self, name: str, timeout: float | None = 600) -> None:
+        return self.call(lambda: self._unload(name), timeout)
+
+    def adapters(self) -> list[AdapterEntry]:
+        with self._lock:
+            return list(self.registry.entries.values())
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = 600):
+        """Run ``fn`` in the engine thread between steps (directly when no thread runs)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            with self._lock:
+                return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._commands.append((fn, fut))
+            self._wake.notify_all()
+        return fut.result(timeout)
+
+    # -- the thread ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fastadapters-engine", daemon=True)
+        self._thread.start()
+
+    def healthy(self) -> bool:
+        """False once a started engine thread has died."""
+        thread = self._thread
+        return thread is None or thread.is_alive()
+
+    def stop(self, timeout: float = 30) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        thread.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not (self._commands or self._inbox or self._aborts
+                                                  or self.scheduler.has_work()):
+                    self._wake.wait(0.5)
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # never let the loop die: the failed step's requests got an error
+                self.last_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"fastadapters serving: engine step failed: {self.last_error}", RuntimeWarning)
+                time.sleep(0.01)
+        with self._lock:  # stopped: nothing more runs; release everything
+            for req in list(self.requests.values()):
+                self._finish(req, "abort")
+            for fn, fut in self._commands:
+                fut.set_exception(RuntimeError("the engine stopped"))
+            self._commands.clear()
+
+    # -- synchronous use (tests, offline) ----------------------------------------------------------
+    def run_until_done(self, max_steps: int = 1_000_000) -> None:
+        for _ in range(max_steps):
+            if not self.step() and not self.scheduler.has_work() and not self._inbox:
+                return
+        raise RuntimeError(f"requests still running after {max_steps} steps")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Request]:
+        """Submit all, step until done (no thread), return the finished requests in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        reqs = [self.submit(list(p), sp, adapter=a) for p, sp, a in zip(prompts, params, adapters)]
+        self.run_until_done()
+        return reqs
+
+    # -- adapters (engine thread) ------------------------------------------------------------------
+    def _load(self, name: str, path: str) -> AdapterEntry:
+        import fastadapters as fa
+        from ..config import PrefixConfig
+        from ..patching import _prefix_encoders
+
+        if name in self.registry.entries:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first to replace it")
+        internal = self.registry.new_internal_name()
+        try:
+            fa.load_adapter(self.model, path, name=internal)
+        except FileNotFoundError as e:
+            raise AdapterError(f"no adapter at {path!r}: {e}") from None
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise AdapterError(f"could not load an adapter from {path!r}: {e}") from None
+        fa.set_adapter(self.model, None)  # requests choose adapters; none is active between them
+        cfg = fa.get_config(self.model, internal)
+        entry = AdapterEntry(name, path, internal, cfg.adapter_type, created=int(time.time()))
+        if isinstance(cfg, PrefixConfig):
+            with torch.no_grad():
+                kv = _prefix_encoders(self.model)[internal](1, self.dtype)
+            entry.prefix_kv = [(k[0].detach().clone(), v[0].detach().clone()) for k, v in kv]
+            if cfg.num_virtual_tokens >= self.max_model_len - 1:
+                self._delete_internal(internal)
+                raise AdapterError(f"the prefix of {name!r} has {cfg.num_virtual_tokens} positions, more than the "
+                                   f"context of {self.max_model_len} allows")
+        self.registry.entries[name] = entry
+        return entry
+
+    def _unload(self, name: str) -> None:
+        entry = self.registry.get(name)
+        del self.registry.entries[name]
+        entry.unloaded = True
+        if entry.refs == 0:
+            self._delete_internal(entry.internal)
+        else:
+            self.registry.retiring.append(entry)
+
+    def _delete_internal(self, internal: str) -> None:
+        import fastadapters as fa
+
+        if internal in fa.adapter_names(self.model):
+            fa.delete_adapter(self.model, internal)
+            if fa.adapter_names(self.model):
+                fa.set_adapter(self.model, None)
+
+    def _drop_ref(self, req: Request) -> None:
+        entry = req.metadata.pop("entry", None)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.unloaded and entry.refs == 0:
+            self._delete_internal(entry.internal)
+            if entry in self.registry.retiring:
+                self.registry.retiring.remove(entry)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _intake(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, collections.deque()
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed to the caller's thread
+                    fut.set_exception(e)
+            while self._inbox:
+                req = self._inbox.popleft()
+                if req.request_id in self._aborts:
+                    continue  # finished below
+                self.scheduler.waiting.append(req)
+            aborts, self._aborts = self._aborts, set()
+            for rid in aborts:
+                req = self.requests.get(rid)
+                if req is not None:
+                    req.cancelled = True
+                    self._finish(req, "abort")
+
+    def step(self) -> bool:
+        """Run one iteration; False if there was nothing to run."""
+        self._intake()
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return False
+        try:
+            logits = self._forward(batch)
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            self.last_error = msg
+            for req in batch.requests:
+                self._finish(req, "error", error=msg)
+            raise
+        with self._lock:
+            self.stats["steps"] += 1
+            for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
+                if req.status is not Status.RUNNING:
+                    continue
+                if req.num_computed < len(req.prompt_ids):
+                    self.stats["prompt_tokens"] += min(n, len(req.prompt_ids) - req.num_computed) \
+                        if req.preemptions == 0 else 0
+                req.num_computed += n
+                if req.num_computed < len(req.all_ids):
+                    continue  # a prefill chunk: more to come
+                token = sample_next(logits[i], req.params, req.generator)
+                req.output_ids.append(token)
+                self.stats["generation_tokens"] += 1
+                self._after_token(req, token)
+        return True
+
+    def _forward(self, batch) -> torch.Tensor:
+        reqs, news = batch.requests, batch.num_new
+        ids, pos, pasts, last = [], [], [], []
+        t = 0
+        for req, n in zip(reqs, news):
+            ids.extend(req.all_ids[req.num_computed:req.num_computed + n])
+            start = req.kv_len
+            pos.extend(range(start, start + n))
+            pasts.append(start)
+            t += n
+            last.append(t - 1)
+        dev = self.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
+        pool = self.pool
+        past_slots = torch.cat([pool.slots(r.blocks, 0, p) for r, p in zip(reqs, pasts)]).to(dev)
+        new_slots = torch.cat([pool.slots(r.blocks, p, n) for r, p, n in zip(reqs, pasts, news)]).to(dev)
+        past_k = past_v = None
+        if sum(pasts):  # every request's past, back to back: one gather per layer
+            past_k, past_v = [], []
+            for layer in range(pool.num_layers):
+                k, v = pool.gather(layer, past_slots)
+                past_k.append(k[None])
+                past_v.append(v[None])
+        last_index = torch.tensor(last, dtype=torch.long, device=dev)
+        args = (self.model, input_ids, position_ids, past_k, past_v, pasts, list(news), last_index)
+        from ..patching import _state
+
+        state = _state(self.model)
+        names = [r.route_name for r in reqs]
+        # a batch of base-model and prefix requests skips routing (and its per-step set-up) when no
+        # adapter is active: its linears are the bare base layers, so base rows pay nothing for adapters
+        if state is not None and (state.active is not None or any(n is not None for n in names)):
+            from .routing import route
+
+            key = (tuple(names), tuple(news))  # consecutive decode steps of one set: the same routing
+            reuse = self._router[1] if self._router is not None and self._router[0] == key else None
+            with route(self.model, names, backend=self.backend, lengths=list(news), reuse=reuse) as router:
+                logits, new_k, new_v = packed_forward(*args)
+            self._router = (key, router)
+        else:
+            logits, new_k, new_v = packed_forward(*args)
+        for layer in range(pool.num_layers):  # the new tokens' keys/values into their blocks, one scatter
+            pool.scatter(layer, new_slots, new_k[layer], new_v[layer])
+        return logits
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def _after_token(self, req: Request, token: int) -> None:
+        reason = None
+        if not req.params.ignore_eos and token in self.eos_ids:
+            reason = "stop"
+        elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + len(req.all_ids) >= self.max_model_len:
+            reason = "length"
+        text = ""
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            cut = self._find_stop(full, req)
+            if cut is not None:
+                full, reason = full[:cut], "stop"
+            final = full if reason else self._stable_prefix(full, req.params.stop)
+            if len(final) > len(req.text) and final.startswith(req.text):
+                text = final[len(req.text):]
+                req.text = final
+        if reason is not None:
+            self._finish(req, reason, last=[token], text=text)
+        else:
+            self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids),
+                                          len(req.output_ids)))
+
+    @staticmethod
+    def _find_stop(text: str, req: Request) -> int | None:
+        hits = [i for i in (text.find(s, max(0, len(req.text) - len(s))) for s in req.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    @staticmethod
+    def _stable_prefix(text: str, stops: list[str]) -> str:
+        """``text`` less what may still change: a partial UTF-8 character, the start of a stop string."""
+        text = text.rstrip("\ufffd")
+        hold = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[:len(text) - hold]
+
+    def _emit(self, req: Request, out: RequestOutput) -> None:
+        if req.on_output is None:
+            return
+        try:
+            req.on_output(out)
+        except Exception as e:  # a broken consumer cancels its own request, never the engine
+            warnings.warn(f"output callback of {req.request_id} failed ({type(e).__name__}: {e}); cancelling it",
+                          RuntimeWarning)
+            req.cancelled = True
+            if req.status is not Status.FINISHED:
+                self._finish(req, "abort")
+
+    def _finish(self, req: Request, reason: str, last: list[int] | None = None, text: str = "",
+                error: str | None = None) -> None:
+        with self._lock:
+            if req.status is Status.FINISHED:
+                return
+            self.scheduler.release(req)
+            req.status = Status.FINISHED
+            req.finish_reason = reason
+            self.requests.pop(req.request_id, None)
+            self._drop_ref(req)
+            self.stats[f"finished_{reason}"] += 1
+        self._emit(req, RequestOutput(req.request_id, last or [], text, True, reason, len(req.prompt_ids),
+                                      len(req.output_ids), error))
+
+    # -- introspection (metrics, leak checks) --------------------------------------------------------
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"running": len(self.scheduler.running),
+                    "waiting": len(self.scheduler.waiting) + len(self._inbox),
+                    "running_adapters": sorted({r.adapter for r in self.scheduler.running if r.adapter}),
+                    "waiting_adapters": sorted({r.adapter for r in list(self.scheduler.waiting) + list(self._inbox)
+                                                if r.adapter}),
+                    "used_blocks": self.pool.used_blocks, "free_blocks": self.pool.free_blocks,
+                    "live_requests": len(self.requests), "stats": dict(self.stats)}
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.tokenizer):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(x) for x in e)
+        return ids

