@@ -36,6 +36,7 @@ from ._common import (
     check_philox_range,
     check_rank,
     check_tensor,
+    device_guard,
     dot_precision,
     dropout_keep,
     load_scale,
@@ -45,6 +46,7 @@ from ._common import (
 )
 from .lora import (
     GROUP_M,
+    gemm_rank_slice,
     _input_grad_kernel,
     _spec,
     gemm_config,
@@ -186,15 +188,16 @@ def bottleneck_residual_fwd(z, adapter_down, adapter_up, scaling, activation="re
     y = torch.empty((M, d), device=z.device, dtype=z.dtype)
     pre = torch.empty((M, b), device=z.device, dtype=torch.float32)
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, z)
-    _residual_fwd_kernel[(triton.cdiv(M, cfg.BM),)](
-        z, dw, uw, y, pre, scale_ptr,
-        M, d, b,
-        z.stride(0), z.stride(1), dw.stride(0), dw.stride(1), uw.stride(0), uw.stride(1),
-        y.stride(0), y.stride(1),
-        int(seed), p, 1.0 / (1.0 - p), scale_val,
-        ACT=act, HAS_DROPOUT=p > 0, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(z.dtype),
-        BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(z):
+        _residual_fwd_kernel[(triton.cdiv(M, cfg.BM),)](
+            z, dw, uw, y, pre, scale_ptr,
+            M, d, b,
+            z.stride(0), z.stride(1), dw.stride(0), dw.stride(1), uw.stride(0), uw.stride(1),
+            y.stride(0), y.stride(1),
+            int(seed), p, 1.0 / (1.0 - p), scale_val,
+            ACT=act, HAS_DROPOUT=p > 0, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(z.dtype),
+            BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return y, pre
 
 
@@ -320,30 +323,32 @@ def bottleneck_parallel_bwd(grad_y, x, weight, pre, adapter_down, adapter_up, sc
 def shipped_kernel_specs(dtype=torch.bfloat16):
     """Bottleneck-only kernel configurations, for offline compilation.
 
-    The residual forward at b padded to 64 and to 256 (its narrow and wide configs); the residual
-    backward's input-grad kernel without the weight GEMM (HAS_W=False, large tiles, b=256); the
-    parallel placement's GEMMs (the LoRA kernels) with a gelu branch at b=256. The row-block
-    backward kernels are the LoRA ones (`lora.shipped_kernel_specs` compiles them at 64 and 256).
+    The residual forward keeps the whole (BM, b) pre-activation on chip: it is compiled at b padded
+    to 64 (the narrow config; 16 and 32 use it with smaller tiles) and at 128 and 256 (the wide
+    one). The residual backward's input-grad kernel without the weight GEMM (HAS_W=False; small
+    tiles at every M), and the parallel placement's GEMMs (the LoRA kernels) with a gelu
+    branch; their rank loop covers every b. The row-block backward kernels are the LoRA ones.
     """
     prec = dot_precision(dtype)
     specs = []
-    for BR in (64, 256):
+    for BR in (64, 128, 256):
         cfg = residual_config(BR, dtype)
         specs.append(_spec(
-            f"residual_fwd/{'wide' if BR >= 128 else 'narrow'}/b{BR}", _residual_fwd_kernel, dtype,
+            f"residual_fwd/b{BR}", _residual_fwd_kernel, dtype,
             dict(ACT=ACT_TANH, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
                  BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR),
             cfg, fp32_ptrs=("p_out_ptr", "scale_ptr"),
             unit_strides=("stride_zk", "stride_dk", "stride_ur", "stride_yn"),
         ))
-    for tag, M in (("large", 4096), ("small", 64)):
+    for tag, M in (("small", 64),):  # the launcher takes the small tiles at every M without W
         gcfg = gemm_config(M, dtype)
         specs.append(_spec(
-            f"residual_input_grad/{tag}/b256", _input_grad_kernel, dtype,
+            f"residual_input_grad/{tag}", _input_grad_kernel, dtype,
             dict(HAS_W=False, HAS_RES=True, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
-                 BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=256, GROUP_M=GROUP_M),
+                 BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=gemm_rank_slice(dtype), GROUP_M=GROUP_M),
             gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
         ))
-    specs += gemm_specs("large", gemm_config(4096, dtype), 256, dtype, prec, act=ACT_GELU)
+    specs += [dict(sp, name="parallel_" + sp["name"])
+              for sp in gemm_specs("large", gemm_config(4096, dtype), dtype, prec, act=ACT_GELU)]
     return specs

@@ -38,6 +38,7 @@ from ._common import (
     BlockConfig,
     check_dropout,
     check_philox_range,
+    device_guard,
     dot_precision,
     dropout_keep,
     mma,
@@ -50,7 +51,6 @@ from .lora import (
     launch_input_grad,
     launch_rank_grad,
     row_splits,
-    rowblock_config,
 )
 
 MAX_GROUP = 3
@@ -121,7 +121,7 @@ def _store_member_grad(da_ptr, acc, g: tl.constexpr, rk, k_ok, K, USE_ATOMIC: tl
     rr = g * BRG + tl.arange(0, BRG)
     ptrs = da_ptr + rr[None, :] * K + rk[:, None]
     if USE_ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=k_ok[:, None])
+        tl.atomic_add(ptrs, acc, mask=k_ok[:, None], sem="relaxed")
     else:
         tl.store(ptrs, acc, mask=k_ok[:, None])
 
@@ -177,14 +177,29 @@ def group_layout(ranks) -> int:
     return max(rank_block(r) for r in ranks)
 
 
+# (BM, BN, BK) of the group kernels per element size: G·BRG <= 64, <= 256, wider
+_GROUP_NARROW = {2: BlockConfig(64, 32, 32, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
+_GROUP_MID = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}
+_GROUP_WIDE = {2: BlockConfig(16, 32, 32, 8, 2), 4: BlockConfig(16, 32, 16, 8, 2)}
+
+
 def group_config(G: int, brg: int, dtype: torch.dtype) -> BlockConfig:
     """Tiles of the two group kernels: the G (BM, BRG) accumulators (forward; (BK, BRG) in the dA
-    kernel) stay in registers, so wide members take short row / column blocks."""
-    wide = G * brg > 256
+    kernel) and G Philox masks of the X tile stay in registers, so narrow members stream 32-wide
+    K slices and wide members take short row / column blocks."""
     size = torch.finfo(dtype).bits // 8
-    if not wide:
-        return rowblock_config(triton.next_power_of_2(G * brg), dtype)
-    return BlockConfig(16, 32, 32 if size == 2 else 16, 8, 2)
+    if G * brg > 256:
+        return _GROUP_WIDE[size]
+    return (_GROUP_NARROW if G * brg <= 64 else _GROUP_MID)[size]
+
+
+def group_dw_config(G: int, brg: int, dtype: torch.dtype) -> BlockConfig:
+    """Tiles of the dA group kernel: as `group_config`, but narrow members keep 64-wide K blocks
+    (its (BK, BRG) accumulators then fill the 64 rows of a Hopper wgmma)."""
+    cfg = group_config(G, brg, dtype)
+    if G * brg <= 64 and torch.finfo(dtype).bits == 16:
+        return BlockConfig(cfg.BM, cfg.BN, 64, cfg.num_warps, cfg.num_stages)
+    return cfg
 
 
 def group_unsupported(ranks) -> str | None:
@@ -208,13 +223,14 @@ def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
     cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
     out = torch.empty((M, RT), device=x.device, dtype=torch.float32)
-    _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
-        x, a_pad, out, M, K, RT,
-        x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
-        *_seeds3(seeds), p, inv_keep,
-        HAS_DROPOUT=has_do, G=G, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
+            x, a_pad, out, M, K, RT,
+            x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
+            *_seeds3(seeds), p, inv_keep,
+            HAS_DROPOUT=has_do, G=G, DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
@@ -222,16 +238,17 @@ def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
     """dA_pad (RT, K) fp32 = [G_gᵀ·dropout_g(x)]_g for the scaled padded (M, RT) g_pad, one pass over x."""
     M, K = x.shape
     RT = g_pad.shape[1]
-    cfg = group_config(G, brg, x.dtype)
+    cfg = group_dw_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
     k_blocks, splits, rows_per_split, da = row_splits(M, K, RT, cfg, x.device)
-    _down_weight_grad_group_kernel[(k_blocks, splits)](
-        x, g_pad, da, M, K, RT, rows_per_split,
-        x.stride(0), x.stride(1),
-        *_seeds3(seeds), p, inv_keep,
-        HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        _down_weight_grad_group_kernel[(k_blocks, splits)](
+            x, g_pad, da, M, K, RT, rows_per_split,
+            x.stride(0), x.stride(1),
+            *_seeds3(seeds), p, inv_keep,
+            HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return da
 
 
@@ -335,18 +352,19 @@ def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, 
 
 def shipped_kernel_specs(dtype=torch.bfloat16):
     """The two group kernels with dropout, three members, at q/k/v rank 16 (BRG = 16), at 64 and at
-    the widest members (BRG = 256, the paper's parallel bottleneck), for the offline compile test."""
+    the widest members (BRG = 256, the paper's parallel bottleneck), for the offline compile test
+    (two members use the same configs with less work; the chained dX is `lora`'s
+    ``input_grad/large/res``)."""
     from ._common import TRITON_DTYPE_NAMES, make_signature
 
     prec = dot_precision(dtype)
     specs = []
     for brg in (16, 64, 256):
-        cfg = group_config(3, brg, dtype)
-        for name, fn, consts, fp32_ptrs, unit in (
+        for name, fn, consts, fp32_ptrs, unit, cfg in (
             ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3),
-             ("p_out_ptr",), ("stride_xk", "stride_ak")),
+             ("p_out_ptr",), ("stride_xk", "stride_ak"), group_config(3, brg, dtype)),
             ("down_weight_grad_group", _down_weight_grad_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
-             ("g_in_ptr", "da_ptr"), ("stride_xk",)),
+             ("g_in_ptr", "da_ptr"), ("stride_xk",), group_dw_config(3, brg, dtype)),
         ):
             sig, cx, attrs = make_signature(fn, {k: "fp32" for k in fp32_ptrs},
                                             dict(consts, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BRG=brg),
