@@ -221,8 +221,9 @@ def check_philox_range(name, m, k):
         )
 
 
-#: widest LoRA rank / bottleneck size the kernels take: the (BM, r) tile and an (r, BN) operand
-#: must fit registers and shared memory next to the GEMM's tiles (checked for sm_80 and sm_90)
+#: widest LoRA rank / bottleneck size the kernels take (they work in rank slices of at most 64;
+#: the series adapter's forward keeps the whole (BM, r) pre-activation on chip: checked for sm_80
+#: and sm_90 by the offline compile test)
 MAX_RANK = 256
 
 
@@ -341,9 +342,24 @@ def _parse_ptxas(log: str):
 
 
 def _ptxas_cache_path() -> str:
-    from triton import knobs
+    try:
+        from triton import knobs
 
-    return os.path.join(knobs.cache.dir, "fastadapters_ptxas_v.json")
+        root = knobs.cache.dir
+    except Exception:  # older triton: the default cache location
+        root = os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(root, "fastadapters_ptxas_v.json")
+
+
+def _ptxas_path(cc: int) -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(cc).path
+    except Exception:  # another triton's helper: the ptxas on PATH
+        import shutil
+
+        return shutil.which("ptxas")
 
 
 def ptxas_usage(kernel, cc: int, captured_log: str = ""):
@@ -370,15 +386,14 @@ def ptxas_usage(kernel, cc: int, captured_log: str = ""):
     usage = _parse_ptxas(captured_log) if captured_log else None
     if usage is None and key in cache:
         return tuple(cache[key])
-    if usage is None:
-        from triton.backends.nvidia.compiler import get_ptxas
-
+    ptxas = _ptxas_path(cc) if usage is None else None
+    if usage is None and ptxas is not None:
         arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")
             with open(src, "w") as f:
                 f.write(ptx)
-            proc = subprocess.run([get_ptxas(cc).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+            proc = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
                                    "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
         usage = _parse_ptxas(proc.stderr + proc.stdout)
     if usage is not None:
@@ -400,8 +415,9 @@ def compile_report(module_names, dtype_name: str, cc: int, names=None):
     Run without TRITON_INTERPRET (the interpreter's functions cannot be compiled). Each dict has
     name, cc, dtype, ok, error, mma (sm_80-style mma.sync in the PTX), wgmma, shared (bytes),
     smem_limit, regs, spill (bytes of spill stores or loads; -1 unknown), spill_bound (the spec's
-    justified bound, bytes; 0 unless the spec sets one), gemm (the kernel is a tl.dot GEMM) and
-    prec (its DOT_PREC). `names` restricts to specs whose name is
+    justified bound, bytes; 0 unless the spec sets one), gemm (the kernel is a tl.dot GEMM),
+    prec (its DOT_PREC), atomics / acq_rel_atomics (global atomic instructions in the PTX, all /
+    those with acquire-release ordering). `names` restricts to specs whose name is
     listed.
     """
     import contextlib
@@ -432,10 +448,12 @@ def compile_report(module_names, dtype_name: str, cc: int, names=None):
                 ptx = k.asm["ptx"]
                 usage = ptxas_usage(k, cc, log.getvalue())
                 rec.update(ok=True, error=None, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+                           acq_rel_atomics=len(re.findall(r"atom\.[^\n;]*acq_rel", ptx)),
+                           atomics=len(re.findall(r"\b(?:atom|red)\.[^\n;]*global", ptx)),
                            shared=int(k.metadata.shared), regs=usage[0] if usage else -1,
                            spill=max(usage[1], usage[2]) if usage else -1)
             except Exception as e:  # reported per spec by the test
                 rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], mma=False, wgmma=False,
-                           shared=-1, regs=-1, spill=-1)
+                           shared=-1, regs=-1, spill=-1, acq_rel_atomics=0, atomics=0)
             out.append(rec)
     return out

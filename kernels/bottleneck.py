@@ -349,6 +349,7 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
             gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
         ))
+    # the parallel placement's forward GEMM with an activation (its input-grad GEMM is lora's)
     specs += [dict(sp, name="parallel_" + sp["name"])
-              for sp in gemm_specs("large", gemm_config(4096, dtype), dtype, prec, act=ACT_GELU)]
+              for sp in gemm_specs("large", gemm_config(4096, dtype), dtype, prec, act=ACT_GELU)[:1]]
     return specs

@@ -16,9 +16,16 @@ elementwise activation, so the parallel bottleneck adapter (`bottleneck.py`) reu
                             (or dX = R + ... with a residual R instead of dY·W, for series adapters)
   _down_weight_grad_kernel  dA = s·Gᵀ·dropout(X)                   split over M, fp32 atomics
 
-The fp32 atomics make dB and dA sums order-dependent in the last bits; under
-`torch.use_deterministic_algorithms(True)` the launchers use per-row-block partials (dB) and one
-split (dA) instead, and the results are bitwise reproducible.
+Ranks up to 256 run in 64-wide rank slices: the GEMM kernels loop over them (16-wide in fp32),
+the row-block kernels run one program per (row block, rank slice), so no kernel holds a
+(rows, 256) tile (it asked for more shared memory than a block may have in fp32, and spilled).
+When the row blocks are too few to fill the GPU (M = 2048 is 32 row blocks on 132 SMs), the down
+projection also splits K and the LoRA rank gradient splits N, adding into a zeroed P / G.
+
+The fp32 atomics (relaxed: `red`) make those sums and dB / dA order-dependent in the last bits;
+under `torch.use_deterministic_algorithms(True)` the launchers split no reduction, use
+per-row-block partials (dB) and one split (dA), and the results are bitwise reproducible.
+Every launch runs under the tensors' CUDA device (`_common.device_guard`).
 Dropout masks come from Philox (`_common.dropout_keep`) and are regenerated where needed.
 Accumulation is fp32; X, W, A, B and Y are fp16, bf16 or fp32 (fp32 dots are IEEE unless
 `torch.backends.cuda.matmul.allow_tf32` is set). The small (M, r) fp32 P / G tensors are the only

@@ -193,15 +193,6 @@ def group_config(G: int, brg: int, dtype: torch.dtype) -> BlockConfig:
     return (_GROUP_NARROW if G * brg <= 64 else _GROUP_MID)[size]
 
 
-def group_dw_config(G: int, brg: int, dtype: torch.dtype) -> BlockConfig:
-    """Tiles of the dA group kernel: as `group_config`, but narrow members keep 64-wide K blocks
-    (its (BK, BRG) accumulators then fill the 64 rows of a Hopper wgmma)."""
-    cfg = group_config(G, brg, dtype)
-    if G * brg <= 64 and torch.finfo(dtype).bits == 16:
-        return BlockConfig(cfg.BM, cfg.BN, 64, cfg.num_warps, cfg.num_stages)
-    return cfg
-
-
 def group_unsupported(ranks) -> str | None:
     """Why these members cannot run grouped (None if they can)."""
     if not 2 <= len(ranks) <= MAX_GROUP:
@@ -238,7 +229,7 @@ def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
     """dA_pad (RT, K) fp32 = [G_gᵀ·dropout_g(x)]_g for the scaled padded (M, RT) g_pad, one pass over x."""
     M, K = x.shape
     RT = g_pad.shape[1]
-    cfg = group_dw_config(G, brg, x.dtype)
+    cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
     k_blocks, splits, rows_per_split, da = row_splits(M, K, RT, cfg, x.device)
     with device_guard(x):
@@ -364,13 +355,15 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
             ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3),
              ("p_out_ptr",), ("stride_xk", "stride_ak"), group_config(3, brg, dtype)),
             ("down_weight_grad_group", _down_weight_grad_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
-             ("g_in_ptr", "da_ptr"), ("stride_xk",), group_dw_config(3, brg, dtype)),
+             ("g_in_ptr", "da_ptr"), ("stride_xk",), group_config(3, brg, dtype)),
         ):
             sig, cx, attrs = make_signature(fn, {k: "fp32" for k in fp32_ptrs},
                                             dict(consts, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BRG=brg),
                                             TRITON_DTYPE_NAMES[dtype], unit)
-            # the wide config's 16-row blocks are below wgmma's 64-row minimum: mma.sync on sm_90 too
+            # tiles below wgmma's 64 rows (the wide config's 16-row blocks; the dA kernel's (BK, BRG)
+            # accumulators with 32-wide K blocks, which at BK = 64 spilled 36 B): mma.sync on sm_90 too
+            rows = cfg.BM if fn is _down_proj_group_kernel else cfg.BK
             specs.append(dict(name=f"{name}/g3/r{brg}", fn=fn, dtype=dtype, signature=sig, constexprs=cx,
                               attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              mma_sync_ok=cfg.BM < 64))
+                              mma_sync_ok=rows < 64))
     return specs

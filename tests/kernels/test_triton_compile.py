@@ -21,11 +21,6 @@ import pytest
 from kernel_checks import COMPILE_JOBS
 
 
-@pytest.fixture(scope="module")
-def records(compile_reports):
-    return compile_reports
-
-
 def _job_ids():
     return [f"{dtype}-sm{cc}" + ("" if names is None else "-subset") for dtype, cc, names in COMPILE_JOBS]
 
@@ -77,6 +72,16 @@ def test_gemms_use_tensor_cores(compile_reports, dtype, cc, names):
         elif cc == 90 and not (r["wgmma"] or (r["mma_sync_ok"] and r["mma"])):
             bad.append(f"{r['name']}: no wgmma.mma_async in the sm_90 PTX")
     assert not bad, f"{dtype} sm_{cc}:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("cc", (80, 90))
+def test_atomics_are_relaxed(compile_reports, cc):
+    """The fp32 reductions add with relaxed atomics (`red`), not tl.atomic_add's default acq_rel
+    (`atom.acq_rel`, which orders memory for nothing here)."""
+    recs = _records_of(compile_reports, "bfloat16", cc, None)
+    assert sum(r.get("atomics", 0) for r in recs) > 0, "no atomics found: the check would not see them"
+    bad = [r["name"] for r in recs if r.get("acq_rel_atomics", 1)]
+    assert not bad, f"sm_{cc}: acquire-release atomics in {bad}"
 
 
 def test_guard_covers_every_kernel_function():
