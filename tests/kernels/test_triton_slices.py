@@ -73,7 +73,8 @@ def test_rank_grad_n_split_only_for_identity_without_dscale():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bottleneck_b_above_one_slice_learned_scaling(dtype, forced_splits):
-    """b = 100 with gelu and a learned scaling: the scaling gradient sums over rank slices."""
+    """b = 100 with gelu and a learned scaling: the scaling gradient sums over rank slices; the
+    residual forward splits its output columns (each split rebuilds P)."""
     M, d, b, p, seed = 37, 100, 100, 0.1, 11
     down, up = params(d, d, b, dtype)
     z = torch.randn(M, d, generator=torch.Generator().manual_seed(8)).to(dtype)
