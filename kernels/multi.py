@@ -242,14 +242,20 @@ SEG_WARPS = 4
 STAGES = 3
 
 
-def seg_rank_block(r: int) -> int:
+def seg_rank_block(r: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Rank slice of a segmented shrink program: the padded rank up to 64, so X is read once per
-    tile for ranks up to 64 (16-wide slices re-read it R / 16 times)."""
-    return min(64, max(16, triton.next_power_of_2(int(r))))
+    tile for ranks up to 64 (16-wide slices re-read it R / 16 times). fp32 keeps 16: its IEEE dot
+    runs on the FMA units and spilled 64 B at 32 and 972 B at 64 (sm_80)."""
+    cap = 16 if dtype == torch.float32 else 64
+    return min(cap, max(16, triton.next_power_of_2(int(r))))
 
 
 SEG_BR_EXPAND = 16  # the expand loops over the adapter's own rank in 16-wide steps
-SEG_SHRINK_BRS = (16, 32, 64)
+
+
+def seg_shrink_blocks(dtype: torch.dtype):
+    """Every rank slice the segmented shrink may take in ``dtype`` (for the compile specs)."""
+    return tuple(sorted({seg_rank_block(r, dtype) for r in (1, 32, 64)}))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -297,7 +303,7 @@ def multi_adapter_launch(y0, x, sorted_rows, seg_start, seg_count, tile_slot, ti
                 BMG=bmg, BN=GATHER_BN, BR=GATHER_BR, num_warps=warps, num_stages=STAGES)
             return y
         tiles = tile_slot.shape[0]
-        br = seg_rank_block(r)
+        br = seg_rank_block(r, down.dtype)
         _seg_shrink_kernel[(tiles, triton.cdiv(r, br))](
             x, down, h, sorted_rows, tile_slot, tile_start, tile_len, sizes, scales, act_ids, k, r,
             x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), h.stride(1),
@@ -326,7 +332,7 @@ def shipped_configs(dtype: torch.dtype = torch.bfloat16, block_m: int = 64):
     ptr = {"x_ptr": w, "down_ptr": w, "up_ptr": w, "y_ptr": w, "h_ptr": "fp32", "scales_ptr": "fp32"}
     out = []
     specs = [(f"seg_shrink_r{br}", _seg_shrink_kernel, dict(DOT_PREC=prec, BM=block_m, BR=br, BK=SEG_BK), SEG_WARPS)
-             for br in SEG_SHRINK_BRS]
+             for br in seg_shrink_blocks(dtype)]
     specs.append(("seg_expand", _seg_expand_kernel, dict(DOT_PREC=prec, BM=block_m, BN=SEG_BN, BR=SEG_BR_EXPAND),
                   SEG_WARPS))
     for bmg in GATHER_ROW_BLOCKS:

@@ -8,7 +8,7 @@ dtypes on which chip, are `kernel_checks.COMPILE_JOBS`). For each compiled spec:
   - its shared memory fits the per-block opt-in limit (163 KiB sm_80, 227 KiB sm_90): a launch
     past it raises OutOfResources (issue 12: fp32 at rank 129-256 asked for 262,144 B);
   - bf16 / fp16 on sm_90 do not spill registers (`ptxas -v`), or stay within the bound the spec
-    states and justifies (`spill_bound`);
+    states and justifies (`spill_bound`); fp32 does not spill on sm_80 either;
   - GEMMs use the tensor cores: `mma.sync` in sm_80 PTX, `wgmma.mma_async` in sm_90 PTX (kernels
     whose tiles are below wgmma's 64 rows by design may use mma.sync there); fp32 with IEEE
     dots runs on the FMA units and is exempt, fp32 with TF32 is not.
@@ -59,6 +59,14 @@ def test_16bit_configs_do_not_spill_on_sm90(compile_reports, dtype, cc, names):
         elif r["spill"] > r["spill_bound"]:
             bad.append(f"{r['name']}: {r['spill']} B spilled ({r['regs']} registers), bound {r['spill_bound']} B")
     assert not bad, f"{dtype} sm_{cc}:\n" + "\n".join(bad)
+
+
+def test_fp32_configs_do_not_spill_on_sm80(compile_reports):
+    """fp32 (FMA-unit dots unless TF32) takes tiles that fit registers too: 64 x 64 with 8 warps,
+    16-wide rank slices in the GEMM loops (the 128 x 128 tiles spilled 3-47 KB per thread)."""
+    bad = [f"{r['name']}: {r['spill']} B spilled ({r['regs']} registers)"
+           for r in _records_of(compile_reports, "float32", 80, None) if r["ok"] and r["spill"] != 0]
+    assert not bad, "float32 sm_80:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("dtype,cc,names", COMPILE_JOBS, ids=_job_ids())
