@@ -62,7 +62,7 @@ else
 fi
 
 # 2. compiled Triton kernels vs fp64 (no TRITON_INTERPRET: real kernels)
-(cd tests/kernels && step 120 "gpu_check" "$OUT/gpu_check.log" env -u TRITON_INTERPRET python gpu_check.py)
+(cd tests/kernels && step 180 "gpu_check" "$OUT/gpu_check.log" env -u TRITON_INTERPRET python gpu_check.py)
 [ -f "$OUT/gpu_check.log" ] && tail -15 "$OUT/gpu_check.log" | tee -a "$OUT/session.log"
 
 # 3. GPU-marked tests, GPU test files only (gpu_check already ran: its pytest wrapper is deselected)

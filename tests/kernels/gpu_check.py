@@ -203,6 +203,29 @@ def check_multi_device():
         DEV = saved
 
 
+def report_fp32_timing(M=2048, K=4096, N=4096, r=16):
+    """Information, not a check: fp32 (IEEE) fused LoRA forward + backward vs plain torch (cuBLAS),
+    to decide whether fp32 without TF32 should run the kernels or the torch path (issue 12)."""
+    import triton.testing
+
+    from fastadapters.kernels.lora import lora_linear_bwd, lora_linear_fwd
+
+    g = torch.Generator().manual_seed(9)
+    x, w = _rand(M, K, g=g), _rand(N, K, g=g, scale=K**-0.5)
+    a, bb, dy = _rand(r, K, g=g, scale=K**-0.5), _rand(N, r, g=g), _rand(M, N, g=g)
+
+    def fused():
+        y, S = lora_linear_fwd(x, w, None, a, bb, 2.0)
+        lora_linear_bwd(dy, x, w, a, bb, S, 2.0)
+
+    def plain():
+        _lora_torch(x, w, None, a, bb, 2.0, dy)
+
+    t_f, t_p = triton.testing.do_bench(fused), triton.testing.do_bench(plain)
+    print(f"info fp32 LoRA fwd+bwd M={M} K={K} N={N} r={r}: fused {t_f:.3f} ms, torch {t_p:.3f} ms "
+          f"(ratio {t_f / t_p:.2f}) on {torch.cuda.get_device_name()}", flush=True)
+
+
 CHECKS = [
     ("lora bf16 M=2048", lambda: check_lora(torch.bfloat16, 2048)),
     ("lora bf16 M=1", lambda: check_lora(torch.bfloat16, 1)),
@@ -221,6 +244,7 @@ CHECKS = [
     ("parallel group bf16 b=64", lambda: check_lora_group(torch.bfloat16, 2048, r=64, act="relu")),
     ("parallel group bf16 b=256", lambda: check_lora_group(torch.bfloat16, 2048, r=256, act="relu")),
     ("multi device", check_multi_device),
+    ("fp32 timing (information)", report_fp32_timing),
 ]
 
 
