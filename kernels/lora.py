@@ -410,8 +410,8 @@ def launch_down_proj(x, a, dropout_p, seed, k_splits=None):
     m_blocks, r_slices = triton.cdiv(M, cfg.BM), triton.cdiv(R, BR)
     k_blocks = triton.cdiv(K, cfg.BK)
     splits = k_splits if k_splits is not None else _split(k_blocks, m_blocks * r_slices, x.device)
-    k_per_split = triton.cdiv(k_blocks, splits) * cfg.BK
-    splits = triton.cdiv(K, k_per_split)
+    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * cfg.BK
+    splits = max(1, triton.cdiv(K, k_per_split))
     out = (torch.zeros if splits > 1 else torch.empty)((M, R), device=x.device, dtype=torch.float32)
     with device_guard(x):
         _down_proj_kernel[(m_blocks, r_slices, splits)](
@@ -473,8 +473,8 @@ def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale,
         splits = n_splits
     else:
         splits = _split(n_blocks, m_blocks * r_slices, grad_y.device)
-    n_per_split = triton.cdiv(n_blocks, splits) * cfg.BN
-    splits = triton.cdiv(N, n_per_split) if N > 0 else 1
+    n_per_split = max(1, triton.cdiv(n_blocks, splits)) * cfg.BN
+    splits = max(1, triton.cdiv(N, n_per_split))
     g = (torch.zeros if splits > 1 else torch.empty)((M, R), device=grad_y.device, dtype=torch.float32)
     if partial:
         db = torch.empty((m_blocks, N, R), device=grad_y.device, dtype=torch.float32)

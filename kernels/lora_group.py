@@ -44,6 +44,7 @@ from ._common import (
     mma,
     rank_block,
 )
+from . import lora as _lora_kernels
 from .lora import (
     _check_lora_args,
     _dropout_args,
@@ -70,24 +71,27 @@ def _member_down(x, a_ptr, g: tl.constexpr, rm, kk, K, stride_ar, stride_ak, see
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
 def _down_proj_group_kernel(
     x_ptr, a_ptr, p_out_ptr,
-    M, K, RT,
+    M, K, RT, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed0, seed1, seed2, p, inv_keep,
-    HAS_DROPOUT: tl.constexpr, G: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, G: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr,
 ):
-    # one accumulator per member: the X tile is loaded once and feeds G dots of (BM, BK)·(BK, BRG)
+    # one accumulator per member: the X tile is loaded once and feeds G dots of (BM, BK)·(BK, BRG);
+    # program (row block, K split): K splits add into a zeroed S_pad with relaxed atomics
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc0 = tl.zeros((BM, BRG), dtype=tl.float32)
     acc1 = tl.zeros((BM, BRG), dtype=tl.float32)
     acc2 = tl.zeros((BM, BRG), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         kk = k0 + rk
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0,
+            mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0.0,
         )
         acc0 = _member_down(x, a_ptr, 0, rm, kk, K, stride_ar, stride_ak, seed0, p, acc0, HAS_DROPOUT, DOT_PREC, BRG)
         if G > 1:
@@ -96,13 +100,21 @@ def _down_proj_group_kernel(
         if G > 2:
             acc2 = _member_down(x, a_ptr, 2, rm, kk, K, stride_ar, stride_ak, seed2, p, acc2, HAS_DROPOUT, DOT_PREC,
                                 BRG)
-    rr = tl.arange(0, BRG)
-    m_ok = rm[:, None] < M
-    tl.store(p_out_ptr + rm[:, None] * RT + rr[None, :], acc0 * inv_keep, mask=m_ok)
+    _store_member_p(p_out_ptr, acc0 * inv_keep, 0, rm, M, RT, USE_ATOMIC, BRG)
     if G > 1:
-        tl.store(p_out_ptr + rm[:, None] * RT + (BRG + rr)[None, :], acc1 * inv_keep, mask=m_ok)
+        _store_member_p(p_out_ptr, acc1 * inv_keep, 1, rm, M, RT, USE_ATOMIC, BRG)
     if G > 2:
-        tl.store(p_out_ptr + rm[:, None] * RT + (2 * BRG + rr)[None, :], acc2 * inv_keep, mask=m_ok)
+        _store_member_p(p_out_ptr, acc2 * inv_keep, 2, rm, M, RT, USE_ATOMIC, BRG)
+
+
+@triton.jit
+def _store_member_p(p_out_ptr, acc, g: tl.constexpr, rm, M, RT, USE_ATOMIC: tl.constexpr, BRG: tl.constexpr):
+    rr = g * BRG + tl.arange(0, BRG)
+    ptrs = p_out_ptr + rm[:, None] * RT + rr[None, :]
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=rm[:, None] < M, sem="relaxed")
+    else:
+        tl.store(ptrs, acc, mask=rm[:, None] < M)
 
 
 @triton.jit
@@ -207,19 +219,25 @@ def _seeds3(seeds):
     return s[0], s[1], s[2]
 
 
-def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
-    """S_pad (M, G·brg) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (G·brg, K) a_pad, one pass over x."""
+def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds, k_splits=None):
+    """S_pad (M, G·brg) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (G·brg, K) a_pad, one pass over x
+    (K split, the splits adding with relaxed atomics, when the row blocks are too few for the GPU;
+    ``k_splits`` overrides the choice)."""
     M, K = x.shape
     RT = a_pad.shape[0]
     cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
-    out = torch.empty((M, RT), device=x.device, dtype=torch.float32)
+    m_blocks, k_blocks = triton.cdiv(M, cfg.BM), triton.cdiv(K, cfg.BK)
+    splits = k_splits if k_splits is not None else _lora_kernels._split(k_blocks, m_blocks, x.device)
+    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * cfg.BK
+    splits = max(1, triton.cdiv(K, k_per_split))
+    out = (torch.zeros if splits > 1 else torch.empty)((M, RT), device=x.device, dtype=torch.float32)
     with device_guard(x):
-        _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
-            x, a_pad, out, M, K, RT,
+        _down_proj_group_kernel[(m_blocks, splits)](
+            x, a_pad, out, M, K, RT, k_per_split,
             x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
             *_seeds3(seeds), p, inv_keep,
-            HAS_DROPOUT=has_do, G=G, DOT_PREC=dot_precision(x.dtype),
+            HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
             BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
@@ -352,7 +370,7 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
     specs = []
     for brg in (16, 64, 256):
         for name, fn, consts, fp32_ptrs, unit, cfg in (
-            ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3),
+            ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
              ("p_out_ptr",), ("stride_xk", "stride_ak"), group_config(3, brg, dtype)),
             ("down_weight_grad_group", _down_weight_grad_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
              ("g_in_ptr", "da_ptr"), ("stride_xk",), group_config(3, brg, dtype)),

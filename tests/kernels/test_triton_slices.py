@@ -54,6 +54,21 @@ def test_down_proj_k_split_equals_whole():
         torch.testing.assert_close(K.launch_down_proj(x, a, 0.2, 7, k_splits=splits), whole, atol=1e-4, rtol=1e-5)
 
 
+def test_down_proj_group_k_split_equals_whole():
+    """The grouped q/k/v down projection (three members, own seeds, dropout) split over K adds up
+    to the unsplit result."""
+    from fastadapters.kernels.lora_group import _pad_rows, group_layout, launch_down_proj_group
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(45, 200, generator=g)
+    As = [torch.randn(r, 200, generator=g) for r in (4, 16, 9)]
+    brg = group_layout([a.shape[0] for a in As])
+    a_pad = _pad_rows(As, brg, 3 * brg, x.dtype)
+    whole = launch_down_proj_group(x, a_pad, brg, 3, 0.1, [1, 2, 3], k_splits=1)
+    split = launch_down_proj_group(x, a_pad, brg, 3, 0.1, [1, 2, 3], k_splits=3)
+    torch.testing.assert_close(split, whole, atol=1e-4, rtol=1e-5)
+
+
 def test_rank_grad_n_split_only_for_identity_without_dscale():
     """N is split only where the partial sums can be added (LoRA); the bottleneck's activation and
     learned-scaling gradient take the whole N in one program, so a requested split is ignored."""
