@@ -15,6 +15,7 @@ enum class ScalarKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 inline int scalar_kind_bytes(ScalarKind kind) { return kind == ScalarKind::kFloat32 ? 4 : 2; }
 
 constexpr int kBranchThreads = 256;       // threads per CTA, both roles; also the consumer N-tile
+constexpr int kBranchMinBlocksPerSM = 2;  // launch-bounds occupancy target (<= 128 registers)
 constexpr int kRowChunk = 8;              // rows per consumer pass (register accumulators)
 constexpr int kRankChunk = 64;            // rank entries of h staged in shared memory per pass
 constexpr int kSubVecs = 2;               // 16-byte vectors per lane per producer K sub-chunk

@@ -14,7 +14,9 @@ Dropout is Philox-based: element (m, k) of an (M, K) input is kept iff
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -219,8 +221,9 @@ def check_philox_range(name, m, k):
         )
 
 
-#: widest LoRA rank / bottleneck size the kernels take: the (BM, r) tile and an (r, BN) operand
-#: must fit registers and shared memory next to the GEMM's tiles (checked for sm_80 and sm_90)
+#: widest LoRA rank / bottleneck size the kernels take (they work in rank slices of at most 64;
+#: the series adapter's forward keeps the whole (BM, r) pre-activation on chip: checked for sm_80
+#: and sm_90 by the offline compile test)
 MAX_RANK = 256
 
 
@@ -252,6 +255,15 @@ def scale_args(scaling, like: torch.Tensor):
             raise ValueError(f"expected scaling on device {like.device}, got {scaling.device}")
         return scaling.reshape(1), 0.0, True
     return like, float(scaling), False
+
+
+def device_guard(t: torch.Tensor):
+    """Context in which Triton launches on ``t``'s device: Triton launches on the *current* CUDA
+    device, and a model spread with ``device_map="auto"`` has tensors on cuda:1 while cuda:0 is
+    current. A no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def num_sms(device: torch.device) -> int:
@@ -311,8 +323,90 @@ def make_signature(fn, ptr_dtypes: dict, constexprs: dict, default_ptr: str, uni
     return sig, constexprs, attrs
 
 
-#: shared memory per block the chips allow (opt-in maximum), bytes
-SMEM_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
+#: shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes: 163 KiB
+#: on A100 (sm_80), 227 KiB on H100 / H200 (sm_90); the SM's 164 / 228 KiB include 1 KiB per block
+#: the runtime reserves
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _parse_ptxas(log: str):
+    """(registers, spill store bytes, spill load bytes) from a `ptxas -v` log (one kernel)."""
+    spill = _PTXAS_SPILL.search(log)
+    regs = _PTXAS_REGS.search(log)
+    if spill is None or regs is None:
+        return None
+    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
+
+
+def _ptxas_cache_path() -> str:
+    try:
+        from triton import knobs
+
+        root = knobs.cache.dir
+    except Exception:  # older triton: the default cache location
+        root = os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(root, "fastadapters_ptxas_v.json")
+
+
+def _ptxas_path(cc: int) -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(cc).path
+    except Exception:  # another triton's helper: the ptxas on PATH
+        import shutil
+
+        return shutil.which("ptxas")
+
+
+def ptxas_usage(kernel, cc: int, captured_log: str = ""):
+    """(registers, spill store bytes, spill load bytes) of an offline-compiled kernel.
+
+    Taken from the `ptxas -v` log triton printed while compiling it (``captured_log``, present when
+    the compile was not a triton cache hit), else from a small JSON cache next to triton's keyed by
+    the PTX's hash, else by running ptxas -v on the PTX once more (what triton ran). None if
+    unknown.
+    """
+    import hashlib
+    import json
+    import subprocess
+    import tempfile
+
+    ptx = kernel.asm["ptx"]
+    key = f"sm_{cc}:" + hashlib.sha256(ptx.encode()).hexdigest()
+    path = _ptxas_cache_path()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    usage = _parse_ptxas(captured_log) if captured_log else None
+    if usage is None and key in cache:
+        return tuple(cache[key])
+    ptxas = _ptxas_path(cc) if usage is None else None
+    if usage is None and ptxas is not None:
+        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            proc = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+                                   "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        usage = _parse_ptxas(proc.stderr + proc.stdout)
+    if usage is not None:
+        cache[key] = list(usage)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = path + f".{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return usage
 
 
 def compile_report(module_names, dtype_name: str, cc: int, names=None):
@@ -320,10 +414,21 @@ def compile_report(module_names, dtype_name: str, cc: int, names=None):
 
     Run without TRITON_INTERPRET (the interpreter's functions cannot be compiled). Each dict has
     name, cc, dtype, ok, error, mma (sm_80-style mma.sync in the PTX), wgmma, shared (bytes),
-    smem_limit. `names` restricts to specs whose name is listed.
+    smem_limit, regs, spill (bytes of spill stores or loads; -1 unknown), spill_bound (the spec's
+    justified bound, bytes; 0 unless the spec sets one), gemm (the kernel is a tl.dot GEMM),
+    prec (its DOT_PREC), atomics / acq_rel_atomics (global atomic instructions in the PTX, all /
+    those with acquire-release ordering). `names` restricts to specs whose name is
+    listed.
     """
+    import contextlib
     import importlib
+    import io
 
+    from triton import knobs
+
+    # triton prints the ptxas -v log of every fresh compile when this knob is on (3.4+)
+    if hasattr(knobs.nvidia, "dump_ptxas_log"):
+        knobs.nvidia.dump_ptxas_log = True
     dtype = getattr(torch, dtype_name)
     out = []
     for mod_name in module_names:
@@ -332,15 +437,23 @@ def compile_report(module_names, dtype_name: str, cc: int, names=None):
             if names is not None and spec["name"] not in names:
                 continue
             rec = dict(name=f"{mod_name.rsplit('.', 1)[-1]}:{spec['name']}", cc=cc, dtype=dtype_name,
-                       smem_limit=SMEM_LIMIT[cc], mma_sync_ok=bool(spec.get("mma_sync_ok", False)))
+                       smem_limit=SMEM_LIMIT[cc], mma_sync_ok=bool(spec.get("mma_sync_ok", False)),
+                       spill_bound=int(spec.get("spill_bound", 0)), gemm=bool(spec.get("gemm", True)),
+                       prec=spec["constexprs"].get("DOT_PREC"))
             try:
-                k = compile_for(spec["fn"], spec["signature"], spec["constexprs"], cc,
-                                spec["num_warps"], spec["num_stages"], spec["attrs"])
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):
+                    k = compile_for(spec["fn"], spec["signature"], spec["constexprs"], cc,
+                                    spec["num_warps"], spec["num_stages"], spec["attrs"])
                 ptx = k.asm["ptx"]
+                usage = ptxas_usage(k, cc, log.getvalue())
                 rec.update(ok=True, error=None, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
-                           shared=int(k.metadata.shared))
+                           acq_rel_atomics=len(re.findall(r"atom\.[^\n;]*acq_rel", ptx)),
+                           atomics=len(re.findall(r"\b(?:atom|red)\.[^\n;]*global", ptx)),
+                           shared=int(k.metadata.shared), regs=usage[0] if usage else -1,
+                           spill=max(usage[1], usage[2]) if usage else -1)
             except Exception as e:  # reported per spec by the test
                 rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], mma=False, wgmma=False,
-                           shared=-1)
+                           shared=-1, regs=-1, spill=-1, acq_rel_atomics=0, atomics=0)
             out.append(rec)
     return out

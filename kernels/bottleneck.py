@@ -11,7 +11,8 @@ Placements (LLM-Adapters semantics):
 
 The residual forward is one kernel per row block (`_residual_fwd_kernel`): it streams z once to
 build the (BM, b) pre-activation tile P, keeps act(P) on chip and streams the output columns
-y = z + s·act(P)·Uᵀ. Only z and P (M, b) fp32 are needed by the backward:
+y = z + s·act(P)·Uᵀ (split in up to four column ranges, each rebuilding P, when the row blocks
+are too few for the GPU). Only z and P (M, b) fp32 are needed by the backward:
   G  = (dy·U) ⊙ act'(P),  dU = s·dyᵀ·act(P),  ds = Σ (dy·U) ⊙ act(P)   one read of dy
   dz = dy + s·(G·D) ⊙ mask/(1-p)                                       one pass
   dD = s·Gᵀ·dropout(z)
@@ -36,6 +37,7 @@ from ._common import (
     check_philox_range,
     check_rank,
     check_tensor,
+    device_guard,
     dot_precision,
     dropout_keep,
     load_scale,
@@ -43,8 +45,10 @@ from ._common import (
     rank_block,
     scale_args,
 )
+from . import lora as _lora_kernels
 from .lora import (
     GROUP_M,
+    gemm_rank_slice,
     _input_grad_kernel,
     _spec,
     gemm_config,
@@ -60,13 +64,15 @@ from .lora import (
 @triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _residual_fwd_kernel(
     z_ptr, d_ptr, u_ptr, y_ptr, p_out_ptr, scale_ptr,
-    M, D, R,
+    M, D, R, n_per_split,
     stride_zm, stride_zk, stride_dr, stride_dk, stride_un, stride_ur, stride_ym, stride_yn,
     seed, p, inv_keep, scale_val,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
+    # program (row block, output-column split): each split recomputes the (BM, BR) P from its
+    # rows (an L2 re-read of z) so that few row blocks still fill the GPU; split 0 stores P
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
@@ -90,14 +96,17 @@ def _residual_fwd_kernel(
         acc = mma(z, dw, acc, DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    tl.store(p_out_ptr + rm[:, None] * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(p_out_ptr + rm[:, None] * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
     s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
     h = tl.where(r_ok[None, :], apply_act(acc, ACT) * s, 0.0).to(y_ptr.dtype.element_ty)
-    # y = z + (s·act(P)) · Uᵀ, streamed over output columns
+    # y = z + (s·act(P)) · Uᵀ, streamed over this split's output columns
     rn0 = tl.arange(0, BN)
-    for n0 in range(0, D, BN):
+    n_start = tl.program_id(1) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, D)
+    for n0 in range(n_start, n_end, BN):
         rn = n0 + rn0
-        n_ok = rn < D
+        n_ok = rn < n_end
         ut = tl.load(
             u_ptr + rn[None, :] * stride_un + rr[:, None] * stride_ur,
             mask=n_ok[None, :] & r_ok[:, None], other=0.0,
@@ -118,6 +127,9 @@ def _residual_fwd_kernel(
 # (BM, BN, BK) of the residual kernel per element size; more warps for wide hidden tiles
 _RESIDUAL = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
 _RESIDUAL_WIDE = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}
+
+
+MAX_COLUMN_SPLITS = 4
 
 
 def residual_config(BR: int, dtype: torch.dtype) -> BlockConfig:
@@ -186,15 +198,22 @@ def bottleneck_residual_fwd(z, adapter_down, adapter_up, scaling, activation="re
     y = torch.empty((M, d), device=z.device, dtype=z.dtype)
     pre = torch.empty((M, b), device=z.device, dtype=torch.float32)
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, z)
-    _residual_fwd_kernel[(triton.cdiv(M, cfg.BM),)](
-        z, dw, uw, y, pre, scale_ptr,
-        M, d, b,
-        z.stride(0), z.stride(1), dw.stride(0), dw.stride(1), uw.stride(0), uw.stride(1),
-        y.stride(0), y.stride(1),
-        int(seed), p, 1.0 / (1.0 - p), scale_val,
-        ACT=act, HAS_DROPOUT=p > 0, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(z.dtype),
-        BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    m_blocks, n_blocks = triton.cdiv(M, cfg.BM), triton.cdiv(d, cfg.BN)
+    # few row blocks (M = 2048 is 32): split the output columns too, at most 4 ways (each split
+    # re-reads its rows of z to rebuild P)
+    splits = min(MAX_COLUMN_SPLITS, _lora_kernels._split(n_blocks, m_blocks, z.device))
+    n_per_split = max(1, triton.cdiv(n_blocks, splits)) * cfg.BN
+    splits = max(1, triton.cdiv(d, n_per_split))
+    with device_guard(z):
+        _residual_fwd_kernel[(m_blocks, splits)](
+            z, dw, uw, y, pre, scale_ptr,
+            M, d, b, n_per_split,
+            z.stride(0), z.stride(1), dw.stride(0), dw.stride(1), uw.stride(0), uw.stride(1),
+            y.stride(0), y.stride(1),
+            int(seed), p, 1.0 / (1.0 - p), scale_val,
+            ACT=act, HAS_DROPOUT=p > 0, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(z.dtype),
+            BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return y, pre
 
 
@@ -320,30 +339,33 @@ def bottleneck_parallel_bwd(grad_y, x, weight, pre, adapter_down, adapter_up, sc
 def shipped_kernel_specs(dtype=torch.bfloat16):
     """Bottleneck-only kernel configurations, for offline compilation.
 
-    The residual forward at b padded to 64 and to 256 (its narrow and wide configs); the residual
-    backward's input-grad kernel without the weight GEMM (HAS_W=False, large tiles, b=256); the
-    parallel placement's GEMMs (the LoRA kernels) with a gelu branch at b=256. The row-block
-    backward kernels are the LoRA ones (`lora.shipped_kernel_specs` compiles them at 64 and 256).
+    The residual forward keeps the whole (BM, b) pre-activation on chip: it is compiled at b padded
+    to 64 (the narrow config; 16 and 32 use it with smaller tiles) and at 128 and 256 (the wide
+    one). The residual backward's input-grad kernel without the weight GEMM (HAS_W=False; small
+    tiles at every M), and the parallel placement's GEMMs (the LoRA kernels) with a gelu
+    branch; their rank loop covers every b. The row-block backward kernels are the LoRA ones.
     """
     prec = dot_precision(dtype)
     specs = []
-    for BR in (64, 256):
+    for BR in (64, 128, 256):
         cfg = residual_config(BR, dtype)
         specs.append(_spec(
-            f"residual_fwd/{'wide' if BR >= 128 else 'narrow'}/b{BR}", _residual_fwd_kernel, dtype,
+            f"residual_fwd/b{BR}", _residual_fwd_kernel, dtype,
             dict(ACT=ACT_TANH, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
                  BM=cfg.BM, BK=cfg.BK, BN=cfg.BN, BR=BR),
             cfg, fp32_ptrs=("p_out_ptr", "scale_ptr"),
             unit_strides=("stride_zk", "stride_dk", "stride_ur", "stride_yn"),
         ))
-    for tag, M in (("large", 4096), ("small", 64)):
+    for tag, M in (("small", 64),):  # the launcher takes the small tiles at every M without W
         gcfg = gemm_config(M, dtype)
         specs.append(_spec(
-            f"residual_input_grad/{tag}/b256", _input_grad_kernel, dtype,
+            f"residual_input_grad/{tag}", _input_grad_kernel, dtype,
             dict(HAS_W=False, HAS_RES=True, HAS_DROPOUT=True, SCALE_IS_PTR=True, DOT_PREC=prec,
-                 BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=256, GROUP_M=GROUP_M),
+                 BM=gcfg.BM, BN=gcfg.BK, BK=gcfg.BN, BR=gemm_rank_slice(dtype), GROUP_M=GROUP_M),
             gcfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
         ))
-    specs += gemm_specs("large", gemm_config(4096, dtype), 256, dtype, prec, act=ACT_GELU)
+    # the parallel placement's forward GEMM with an activation (its input-grad GEMM is lora's)
+    specs += [dict(sp, name="parallel_" + sp["name"])
+              for sp in gemm_specs("large", gemm_config(4096, dtype), dtype, prec, act=ACT_GELU)[:1]]
     return specs

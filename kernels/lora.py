@@ -16,9 +16,16 @@ elementwise activation, so the parallel bottleneck adapter (`bottleneck.py`) reu
                             (or dX = R + ... with a residual R instead of dY·W, for series adapters)
   _down_weight_grad_kernel  dA = s·Gᵀ·dropout(X)                   split over M, fp32 atomics
 
-The fp32 atomics make dB and dA sums order-dependent in the last bits; under
-`torch.use_deterministic_algorithms(True)` the launchers use per-row-block partials (dB) and one
-split (dA) instead, and the results are bitwise reproducible.
+Ranks up to 256 run in 64-wide rank slices: the GEMM kernels loop over them (16-wide in fp32),
+the row-block kernels run one program per (row block, rank slice), so no kernel holds a
+(rows, 256) tile (it asked for more shared memory than a block may have in fp32, and spilled).
+When the row blocks are too few to fill the GPU (M = 2048 is 32 row blocks on 132 SMs), the down
+projection also splits K and the LoRA rank gradient splits N, adding into a zeroed P / G.
+
+The fp32 atomics (relaxed: `red`) make those sums and dB / dA order-dependent in the last bits;
+under `torch.use_deterministic_algorithms(True)` the launchers split no reduction, use
+per-row-block partials (dB) and one split (dA), and the results are bitwise reproducible.
+Every launch runs under the tensors' CUDA device (`_common.device_guard`).
 Dropout masks come from Philox (`_common.dropout_keep`) and are regenerated where needed.
 Accumulation is fp32; X, W, A, B and Y are fp16, bf16 or fp32 (fp32 dots are IEEE unless
 `torch.backends.cuda.matmul.allow_tf32` is set). The small (M, r) fp32 P / G tensors are the only
@@ -44,6 +51,7 @@ from ._common import (
     check_philox_range,
     check_rank,
     check_tensor,
+    device_guard,
     dot_precision,
     dropout_keep,
     load_scale,
@@ -62,33 +70,41 @@ from ._common import (
 @triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _down_proj_kernel(
     x_ptr, a_ptr, p_out_ptr,
-    M, K, R,
+    M, K, R, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed, p, inv_keep,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
+    # program (row block, BR-wide rank slice, K split); K splits add into a zeroed P (relaxed atomics)
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
-    rr = tl.arange(0, BR)
+    rr = tl.program_id(1) * BR + tl.arange(0, BR)
     rk = tl.arange(0, BK)
+    k_start = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         kk = k0 + rk
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0,
+            mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0.0,
         )
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(seed, rm, kk, K, p), x, 0.0).to(x.dtype)
         a = tl.load(
             a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
-            mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0,
+            mask=(rr[None, :] < R) & (kk[:, None] < k_end), other=0.0,
         )
         acc = mma(x, a, acc, DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    tl.store(p_out_ptr + rm[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    ptrs = p_out_ptr + rm[:, None] * R + rr[None, :]
+    out_mask = (rm[:, None] < M) & (rr[None, :] < R)
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -131,16 +147,19 @@ def _fused_up_kernel(
             mask=n_ok[None, :] & (kk[:, None] < K), other=0.0,
         )
         acc = mma(x, w, acc, DOT_PREC)
-    # adapter term into the same accumulator: acc += (s * act(P)) · Bᵀ
-    r_ok = rr < R
-    pt = tl.load(p_in_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    # adapter term into the same accumulator: acc += (s * act(P)) · Bᵀ, in BR-wide rank slices
+    # (BR <= 64) so a rank-256 branch needs no (BM, 256) operand in registers or shared memory
     s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
-    h = tl.where(r_ok[None, :], apply_act(pt, ACT) * s, 0.0).to(y_ptr.dtype.element_ty)
-    bt = tl.load(
-        b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-        mask=n_ok[None, :] & r_ok[:, None], other=0.0,
-    )
-    acc = mma(h, bt, acc, DOT_PREC)
+    for r0 in range(0, R, BR):
+        rs = r0 + rr
+        r_ok = rs < R
+        pt = tl.load(p_in_ptr + rm[:, None] * R + rs[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        h = tl.where(r_ok[None, :], apply_act(pt, ACT) * s, 0.0).to(y_ptr.dtype.element_ty)
+        bt = tl.load(
+            b_ptr + rn[None, :] * stride_bn + rs[:, None] * stride_br,
+            mask=n_ok[None, :] & r_ok[:, None], other=0.0,
+        )
+        acc = mma(h, bt, acc, DOT_PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
@@ -154,30 +173,33 @@ def _fused_up_kernel(
 @triton.jit
 def _rank_grad_kernel(
     dy_ptr, b_ptr, p_in_ptr, g_out_ptr, db_ptr, dscale_ptr, scale_ptr,
-    M, N, R,
+    M, N, R, n_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scale_val,
     ACT: tl.constexpr, NEED_DB: tl.constexpr, DB_PARTIAL: tl.constexpr, NEED_DSCALE: tl.constexpr,
-    SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
+    G_ATOMIC: tl.constexpr, SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
+    # program (row block, BR-wide rank slice, N split). G_ATOMIC: the N splits add their partial
+    # dY·B into a zeroed G (identity activation, no ds: the launcher splits N only then).
     # DB_PARTIAL: each row block stores its own (N, R) slice of dB (deterministic, summed by the
     # caller) instead of fp32 atomics into one (N, R) buffer
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
-    rr = tl.arange(0, BR)
+    rr = tl.program_id(1) * BR + tl.arange(0, BR)
     rn0 = tl.arange(0, BN)
+    n_start = tl.program_id(2) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
     m_ok = rm < M
     r_ok = rr < R
     valid = m_ok[:, None] & r_ok[None, :]
-    pt = tl.load(p_in_ptr + rm[:, None] * R + rr[None, :], mask=valid, other=0.0)
-    h = tl.where(valid, apply_act(pt, ACT), 0.0)
     s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
-    h_s = (h * s).to(dy_ptr.dtype.element_ty)
+    pt = tl.load(p_in_ptr + rm[:, None] * R + rr[None, :], mask=valid, other=0.0)
+    h_s = tl.where(valid, apply_act(pt, ACT) * s, 0.0).to(dy_ptr.dtype.element_ty)
     dh = tl.zeros((BM, BR), dtype=tl.float32)
-    for n0 in range(0, N, BN):
+    for n0 in range(n_start, n_end, BN):
         rn = n0 + rn0
-        n_ok = rn < N
+        n_ok = rn < n_end
         dy = tl.load(
             dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
             mask=m_ok[:, None] & n_ok[None, :], other=0.0,
@@ -190,15 +212,21 @@ def _rank_grad_kernel(
         if NEED_DB:
             part = mma(tl.trans(dy), h_s, None, DOT_PREC)
             db_ptrs = db_ptr + rn[:, None] * R + rr[None, :]
-            if DB_PARTIAL:
-                tl.store(db_ptrs + pid * N * R, part, mask=n_ok[:, None] & r_ok[None, :])
+            if DB_PARTIAL:  # int64: blocks x N x R passes 2**31 long before any one tensor does
+                tl.store(db_ptrs + pid.to(tl.int64) * N * R, part, mask=n_ok[:, None] & r_ok[None, :])
             else:
-                tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
-    if NEED_DSCALE:
-        tl.store(dscale_ptr + pid, tl.sum(tl.sum(dh * h, axis=1), axis=0))
+                tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+    if ACT != 0 or NEED_DSCALE:  # P reloaded (an L2 hit), not held in registers over the loop
+        pt = tl.load(p_in_ptr + rm[:, None] * R + rr[None, :], mask=valid, other=0.0)
+    if NEED_DSCALE:  # one partial per (row block, rank slice), summed by the launcher
+        h = tl.where(valid, apply_act(pt, ACT), 0.0)
+        tl.store(dscale_ptr + pid * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(dh * h, axis=1), axis=0))
     if ACT != 0:
         dh = dh * apply_act_grad(pt, ACT)
-    tl.store(g_out_ptr + rm[:, None] * R + rr[None, :], dh, mask=valid)
+    if G_ATOMIC:
+        tl.atomic_add(g_out_ptr + rm[:, None] * R + rr[None, :], dh, mask=valid, sem="relaxed")
+    else:
+        tl.store(g_out_ptr + rm[:, None] * R + rr[None, :], dh, mask=valid)
 
 
 @triton.jit(do_not_specialize=["seed"])  # one compile for every seed
@@ -218,8 +246,22 @@ def _input_grad_kernel(
     rr = tl.arange(0, BR)
     m_ok = rm < M
     k_ok = rk < K
-    r_ok = rr < R
+    # one (BM, BK) accumulator: the adapter term first, in BR-wide rank slices (BR <= 64), masked,
+    # then the dY·W GEMM on top of it (a second accumulator for the term spilled at BM = BK = 128)
+    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rs = r0 + rr
+        r_ok = rs < R
+        g = tl.load(g_in_ptr + rm[:, None] * R + rs[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        g = (g * s).to(dx_ptr.dtype.element_ty)
+        a = tl.load(
+            a_ptr + rs[:, None] * stride_ar + rk[None, :] * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        acc = mma(g, a, acc, DOT_PREC)
+    if HAS_DROPOUT:
+        acc = tl.where(dropout_keep(seed, rm, rk, K, p), acc * inv_keep, 0.0)
     if HAS_W:
         rn0 = tl.arange(0, BN)
         for n0 in range(0, N, BN):
@@ -234,17 +276,6 @@ def _input_grad_kernel(
                 mask=n_ok[:, None] & k_ok[None, :], other=0.0,
             )
             acc = mma(dy, w, acc, DOT_PREC)
-    s = load_scale(scale_ptr, scale_val, SCALE_IS_PTR)
-    g = tl.load(g_in_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    g = (g * s).to(dx_ptr.dtype.element_ty)
-    a = tl.load(
-        a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-        mask=r_ok[:, None] & k_ok[None, :], other=0.0,
-    )
-    lo = mma(g, a, None, DOT_PREC)
-    if HAS_DROPOUT:
-        lo = tl.where(dropout_keep(seed, rm, rk, K, p), lo * inv_keep, 0.0)
-    acc = acc + lo
     if HAS_RES:
         res = tl.load(
             res_ptr + rm[:, None] * stride_resm + rk[None, :] * stride_resk,
@@ -269,10 +300,11 @@ def _down_weight_grad_kernel(
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
     # dAᵀ tile (BK, BR) = dropout(X)ᵀ[BK, rows] · (s·G)[rows, BR], rows of this split only
+    # program (K block, M split, BR-wide rank slice)
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     rk = pid_k * BK + tl.arange(0, BK)
-    rr = tl.arange(0, BR)
+    rr = tl.program_id(2) * BR + tl.arange(0, BR)
     rm0 = tl.arange(0, BM)
     k_ok = rk < K
     r_ok = rr < R
@@ -297,7 +329,7 @@ def _down_weight_grad_kernel(
     ptrs = da_ptr + rr[None, :] * K + rk[:, None]
     out_mask = k_ok[:, None] & r_ok[None, :]
     if USE_ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=out_mask)
+        tl.atomic_add(ptrs, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(ptrs, acc, mask=out_mask)
 
@@ -307,12 +339,25 @@ def _down_weight_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # GEMM kernels (_fused_up_kernel, _input_grad_kernel): (BM, BN, BK) tiles per element size.
-_GEMM_LARGE = {2: BlockConfig(128, 128, 64, 8, 3), 4: BlockConfig(128, 128, 32, 8, 3)}
-_GEMM_SMALL = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 64, 32, 4, 3)}
-# row-block kernels (_down_proj, _rank_grad, _down_weight_grad): BM rows, BK/BN streamed columns
-_ROWBLOCK = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
-_ROWBLOCK_WIDE = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}  # BR >= 128
+# fp32 (IEEE unless TF32 is allowed) takes 64 x 64 tiles with 8 warps at every M: its FMA-unit
+# dot holds operand tiles in registers, and the 128 x 128 tile spilled 3-47 KB per thread (offline
+# ptxas -v; tests/kernels/test_triton_compile.py checks spills and shared memory of every config).
+_GEMM_LARGE = {2: BlockConfig(128, 128, 64, 8, 3), 4: BlockConfig(64, 64, 32, 8, 3)}
+_GEMM_SMALL = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 64, 32, 8, 3)}
+# row-block kernels (_down_proj, _rank_grad, _down_weight_grad): BM rows, BK/BN streamed columns,
+# one program per BR-wide rank slice (BR <= 64); fp32 with 8 warps for the same reason
+_ROWBLOCK = {2: BlockConfig(64, 64, 64, 4, 3), 4: BlockConfig(64, 32, 32, 8, 3)}
 GROUP_M = 8
+#: widest rank slice a row-block program holds
+RANK_SLICE = 64
+#: rank slice of the GEMM kernels' loop over the rank per element size: fp32 (an FMA-unit dot
+#: unless TF32 is on) spilled with 64-wide slices of both operands in registers
+_GEMM_RANK_SLICE = {2: 64, 4: 16}
+
+
+def gemm_rank_slice(dtype: torch.dtype) -> int:
+    """Width of the rank slices the GEMM kernels loop over (every rank from 1 to MAX_RANK)."""
+    return _GEMM_RANK_SLICE[torch.finfo(dtype).bits // 8]
 
 
 def gemm_config(M: int, dtype: torch.dtype) -> BlockConfig:
@@ -322,9 +367,23 @@ def gemm_config(M: int, dtype: torch.dtype) -> BlockConfig:
 
 
 def rowblock_config(BR: int, dtype: torch.dtype) -> BlockConfig:
-    """Config of the kernels that keep a (BM, BR) rank tile: more warps for wide tiles."""
+    """Config of the kernels that keep a (BM, BR) rank tile (BR <= RANK_SLICE)."""
     size = torch.finfo(dtype).bits // 8
-    return (_ROWBLOCK_WIDE if BR >= 128 else _ROWBLOCK)[size]
+    return _ROWBLOCK[size]
+
+
+def rank_slice(r: int) -> int:
+    """Width of the rank slice a program holds: the padded rank, at most RANK_SLICE."""
+    return min(RANK_SLICE, rank_block(r))
+
+
+def _split(total_blocks: int, programs: int, device) -> int:
+    """Splits of a reduction of `total_blocks` blocks so that `programs` x splits fills the GPU
+    (about two programs per SM); 1 on the CPU and under torch.use_deterministic_algorithms."""
+    if device.type != "cuda" or deterministic():
+        return 1
+    want = -(-2 * num_sms(device) // max(1, programs))
+    return max(1, min(total_blocks, want))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,21 +396,31 @@ def _dropout_args(dropout_p):
     return p, (1.0 / (1.0 - p) if p > 0 else 1.0), p > 0
 
 
-def launch_down_proj(x, a, dropout_p, seed):
-    """P = dropout(x) · aᵀ: x (M, K), a (r, K) -> P (M, r) fp32."""
+def launch_down_proj(x, a, dropout_p, seed, k_splits=None):
+    """P = dropout(x) · aᵀ: x (M, K), a (r, K) -> P (M, r) fp32.
+
+    One program per (row block, rank slice); when those are too few for the GPU (M = 2048 is 32
+    row blocks) K is split too and the splits add into P with relaxed fp32 atomics. ``k_splits``
+    overrides the choice (tests)."""
     M, K = x.shape
     R = a.shape[0]
-    BR = rank_block(R)
+    BR = rank_slice(R)
     cfg = rowblock_config(BR, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
-    out = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    _down_proj_kernel[(triton.cdiv(M, cfg.BM),)](
-        x, a, out, M, K, R,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-        int(seed), p, inv_keep,
-        HAS_DROPOUT=has_do, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    m_blocks, r_slices = triton.cdiv(M, cfg.BM), triton.cdiv(R, BR)
+    k_blocks = triton.cdiv(K, cfg.BK)
+    splits = k_splits if k_splits is not None else _split(k_blocks, m_blocks * r_slices, x.device)
+    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * cfg.BK
+    splits = max(1, triton.cdiv(K, k_per_split))
+    out = (torch.zeros if splits > 1 else torch.empty)((M, R), device=x.device, dtype=torch.float32)
+    with device_guard(x):
+        _down_proj_kernel[(m_blocks, r_slices, splits)](
+            x, a, out, M, K, R, k_per_split,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+            int(seed), p, inv_keep,
+            HAS_DROPOUT=has_do, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
@@ -364,17 +433,18 @@ def launch_fused_up(x, weight, bias, p_in, b, scaling, activation):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, x)
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
-    _fused_up_kernel[grid](
-        x, weight, bias if bias is not None else x, p_in, b, y, scale_ptr,
-        M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
-        y.stride(0), y.stride(1),
-        scale_val,
-        ACT=activation, HAS_BIAS=bias is not None, SCALE_IS_PTR=scale_is_ptr,
-        DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=rank_block(R), GROUP_M=GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        _fused_up_kernel[grid](
+            x, weight, bias if bias is not None else x, p_in, b, y, scale_ptr,
+            M, N, K, R,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
+            y.stride(0), y.stride(1),
+            scale_val,
+            ACT=activation, HAS_BIAS=bias is not None, SCALE_IS_PTR=scale_is_ptr,
+            DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=gemm_rank_slice(x.dtype), GROUP_M=GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return y
 
 
@@ -383,32 +453,48 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale):
-    """G = (dy·b) ⊙ act'(P) (M, r) fp32; dB = s·dyᵀ·act(P) (N, r) fp32; ds = Σ (dy·b) ⊙ act(P)."""
+def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale, n_splits=None):
+    """G = (dy·b) ⊙ act'(P) (M, r) fp32; dB = s·dyᵀ·act(P) (N, r) fp32; ds = Σ (dy·b) ⊙ act(P).
+
+    One program per (row block, rank slice); for LoRA (identity activation, no ds) N is split too
+    when those are too few for the GPU, the splits adding into G with relaxed fp32 atomics.
+    ``n_splits`` overrides the choice (tests)."""
     M, N = grad_y.shape
     R = p_in.shape[1]
-    BR = rank_block(R)
+    BR = rank_slice(R)
     cfg = rowblock_config(BR, grad_y.dtype)
-    n_blocks = triton.cdiv(M, cfg.BM)
-    g = torch.empty((M, R), device=grad_y.device, dtype=torch.float32)
-    partial = need_db and deterministic() and n_blocks > 1
+    m_blocks, r_slices = triton.cdiv(M, cfg.BM), triton.cdiv(R, BR)
+    partial = need_db and deterministic() and m_blocks > 1
+    splittable = activation == ACT_IDENTITY and not need_dscale and not partial
+    n_blocks = triton.cdiv(N, cfg.BN)
+    if not splittable:
+        splits = 1
+    elif n_splits is not None:
+        splits = n_splits
+    else:
+        splits = _split(n_blocks, m_blocks * r_slices, grad_y.device)
+    n_per_split = max(1, triton.cdiv(n_blocks, splits)) * cfg.BN
+    splits = max(1, triton.cdiv(N, n_per_split))
+    g = (torch.zeros if splits > 1 else torch.empty)((M, R), device=grad_y.device, dtype=torch.float32)
     if partial:
-        db = torch.empty((n_blocks, N, R), device=grad_y.device, dtype=torch.float32)
+        db = torch.empty((m_blocks, N, R), device=grad_y.device, dtype=torch.float32)
     elif need_db:
         db = torch.zeros((N, R), device=grad_y.device, dtype=torch.float32)
     else:
         db = g
-    ds_part = torch.empty((n_blocks,), device=grad_y.device, dtype=torch.float32) if need_dscale else g
+    ds_part = (torch.empty((m_blocks * r_slices,), device=grad_y.device, dtype=torch.float32)
+               if need_dscale else g)
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, grad_y)
-    _rank_grad_kernel[(n_blocks,)](
-        grad_y, b, p_in, g, db, ds_part, scale_ptr,
-        M, N, R,
-        grad_y.stride(0), grad_y.stride(1), b.stride(0), b.stride(1),
-        scale_val,
-        ACT=activation, NEED_DB=need_db, DB_PARTIAL=partial, NEED_DSCALE=need_dscale,
-        SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(grad_y.dtype),
-        BM=cfg.BM, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(grad_y):
+        _rank_grad_kernel[(m_blocks, r_slices, splits)](
+            grad_y, b, p_in, g, db, ds_part, scale_ptr,
+            M, N, R, n_per_split,
+            grad_y.stride(0), grad_y.stride(1), b.stride(0), b.stride(1),
+            scale_val,
+            ACT=activation, NEED_DB=need_db, DB_PARTIAL=partial, NEED_DSCALE=need_dscale,
+            G_ATOMIC=splits > 1, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(grad_y.dtype),
+            BM=cfg.BM, BN=cfg.BN, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if partial:
         db = db.sum(0)
     return g, (db if need_db else None), (ds_part.sum() if need_dscale else None)
@@ -422,7 +508,9 @@ def launch_input_grad(grad_y, weight, residual, g, a, scaling, dropout_p, seed, 
     M = g.shape[0]
     R, K = a.shape
     N = weight.shape[0] if weight is not None else 0
-    cfg = gemm_config(M, out_dtype)
+    # without the dY·W GEMM (series adapters) the kernel is memory-bound: the small tiles (the
+    # large ones spilled 168 B on sm_90 for the masked term next to the residual tile)
+    cfg = gemm_config(M if weight is not None else 1, out_dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
     dx = torch.empty((M, K), device=g.device, dtype=out_dtype) if out is None else out
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, g)
@@ -431,28 +519,31 @@ def launch_input_grad(grad_y, weight, residual, g, a, scaling, dropout_p, seed, 
     # output tile is (BM, BN) over (M, K); the reduction over N streams BK-wide slices
     bk_out, bn_red = cfg.BN, cfg.BK
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(K, bk_out),)
-    _input_grad_kernel[grid](
-        grad_y if grad_y is not None else dx, w, res, g, a, dx, scale_ptr,
-        M, N, K, R,
-        grad_y.stride(0) if grad_y is not None else 0, grad_y.stride(1) if grad_y is not None else 0,
-        w.stride(0), w.stride(1), res.stride(0), res.stride(1),
-        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
-        int(seed), p, inv_keep, scale_val,
-        HAS_W=weight is not None, HAS_RES=residual is not None, HAS_DROPOUT=has_do,
-        SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(out_dtype),
-        BM=cfg.BM, BN=bn_red, BK=bk_out, BR=rank_block(R), GROUP_M=GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(g):
+        _input_grad_kernel[grid](
+            grad_y if grad_y is not None else dx, w, res, g, a, dx, scale_ptr,
+            M, N, K, R,
+            grad_y.stride(0) if grad_y is not None else 0, grad_y.stride(1) if grad_y is not None else 0,
+            w.stride(0), w.stride(1), res.stride(0), res.stride(1),
+            a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
+            int(seed), p, inv_keep, scale_val,
+            HAS_W=weight is not None, HAS_RES=residual is not None, HAS_DROPOUT=has_do,
+            SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_precision(out_dtype),
+            BM=cfg.BM, BN=bn_red, BK=bk_out, BR=gemm_rank_slice(out_dtype), GROUP_M=GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return dx
 
 
-def row_splits(M, K, R, cfg, device):
+def row_splits(M, K, R, cfg, device, programs_per_split=None):
     """(k_blocks, splits, rows_per_split, da) of a reduction over M into an (R, K) fp32 dA: enough
     programs to fill the machine, the M range split and combined with fp32 atomics (da zeroed),
-    one split under torch.use_deterministic_algorithms."""
+    one split under torch.use_deterministic_algorithms. ``programs_per_split``: programs of one
+    split (default: the K blocks)."""
     k_blocks = triton.cdiv(K, cfg.BK)
     m_blocks = triton.cdiv(M, cfg.BM)
-    splits = 1 if deterministic() else max(1, min(m_blocks, (2 * num_sms(device)) // k_blocks))
+    per = programs_per_split or k_blocks
+    splits = 1 if deterministic() else max(1, min(m_blocks, (2 * num_sms(device)) // per))
     rows_per_split = triton.cdiv(m_blocks, splits) * cfg.BM
     splits = triton.cdiv(M, rows_per_split)
     da = (torch.zeros if splits > 1 else torch.empty)((R, K), device=device, dtype=torch.float32)
@@ -463,20 +554,23 @@ def launch_down_weight_grad(x, g, scaling, dropout_p, seed):
     """dA = s · gᵀ · dropout(x): x (M, K), g (M, r) fp32 -> (r, K) fp32."""
     M, K = x.shape
     R = g.shape[1]
-    BR = rank_block(R)
+    BR = rank_slice(R)
     cfg = rowblock_config(BR, x.dtype)
+    r_slices = triton.cdiv(R, BR)
     p, inv_keep, has_do = _dropout_args(dropout_p)
-    k_blocks, splits, rows_per_split, da = row_splits(M, K, R, cfg, x.device)
+    k_blocks, splits, rows_per_split, da = row_splits(M, K, R, cfg, x.device,
+                                                      triton.cdiv(K, cfg.BK) * r_slices)
     scale_ptr, scale_val, scale_is_ptr = scale_args(scaling, x)
-    _down_weight_grad_kernel[(k_blocks, splits)](
-        x, g, da, scale_ptr,
-        M, K, R, rows_per_split,
-        x.stride(0), x.stride(1),
-        int(seed), p, inv_keep, scale_val,
-        HAS_DROPOUT=has_do, SCALE_IS_PTR=scale_is_ptr, USE_ATOMIC=splits > 1,
-        DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        _down_weight_grad_kernel[(k_blocks, splits, r_slices)](
+            x, g, da, scale_ptr,
+            M, K, R, rows_per_split,
+            x.stride(0), x.stride(1),
+            int(seed), p, inv_keep, scale_val,
+            HAS_DROPOUT=has_do, SCALE_IS_PTR=scale_is_ptr, USE_ATOMIC=splits > 1,
+            DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BK=cfg.BK, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return da
 
 
@@ -570,44 +664,50 @@ def lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0
 # ----------------------------------------------------------------------------------------------
 
 
-def _spec(name, fn, dtype, constexprs, cfg, fp32_ptrs=(), unit_strides=()):
+def _spec(name, fn, dtype, constexprs, cfg, fp32_ptrs=(), unit_strides=(), **extra):
     sig, consts, attrs = make_signature(
         fn, {k: "fp32" for k in fp32_ptrs}, constexprs, TRITON_DTYPE_NAMES[dtype], unit_strides
     )
     return dict(name=name, fn=fn, dtype=dtype, signature=sig, constexprs=consts, attrs=attrs,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+
+
+#: rank slices a row-block program can hold: rank_slice(r) for r = 1..MAX_RANK
+RANK_SLICES = (16, 32, 64)
 
 
 def shipped_kernel_specs(dtype=torch.bfloat16):
     """One entry per tile configuration the LoRA launchers can pick, for offline compilation.
 
-    GEMM kernels: the large and the small-M config, with the padded rank 64 (BR only adds one
-    (BM, BR)·(BR, BN) dot; `bottleneck.shipped_kernel_specs` compiles them at 256, the widest).
-    Row-block kernels: the BR < 128 config at 64 and the wide one at 256. fp16 compiles to the same
-    code as bf16 (same configs, same element size); the activation id only changes elementwise code.
+    GEMM kernels: the large and the small-M config (the rank term is looped in RANK_SLICE-wide
+    slices whatever the rank, so one compile covers ranks 1 to 256). Row-block kernels: each rank
+    slice (16, 32, 64: ranks 1-16, 17-32, 33-256), with the constexpr variants the launchers use
+    (K / N splits with atomics, the activation with a learned scaling).
     """
     size = torch.finfo(dtype).bits // 8
     prec = dot_precision(dtype)
     specs = []
     for tag, cfg in (("large", _GEMM_LARGE[size]), ("small", _GEMM_SMALL[size])):
-        specs += gemm_specs(tag, cfg, 64, dtype, prec)
-    for BR in (64, 256):
-        cfg = rowblock_config(BR, dtype)
-        tag = "wide" if BR >= 128 else "narrow"
+        specs += gemm_specs(tag, cfg, dtype, prec)
+    if dtype == torch.float32:  # with torch.backends.cuda.matmul.allow_tf32 the dots run on tensor cores
+        specs += gemm_specs("large/tf32", _GEMM_LARGE[size], dtype, "tf32")
+    cfg = _ROWBLOCK[size]
+    for BR in RANK_SLICES:
         specs.append(_spec(
-            f"down_proj/{tag}/r{BR}", _down_proj_kernel, dtype,
-            dict(HAS_DROPOUT=True, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BR=BR),
-            cfg, fp32_ptrs=("p_out_ptr",), unit_strides=("stride_xk", "stride_ak"),
+            f"down_proj/r{BR}", _down_proj_kernel, dtype,
+            dict(HAS_DROPOUT=True, USE_ATOMIC=BR != 64, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BR=BR),
+            cfg, fp32_ptrs=("p_out_ptr",), unit_strides=("stride_xk", "stride_ak"), gemm=True,
         ))
+        wide = BR == 64  # the bottleneck's variant: activation, learned scaling, no N split
         specs.append(_spec(
-            f"rank_grad/{tag}/r{BR}", _rank_grad_kernel, dtype,
-            dict(ACT=ACT_IDENTITY if BR < 128 else ACT_GELU, NEED_DB=True, DB_PARTIAL=False, NEED_DSCALE=BR >= 128,
-                 SCALE_IS_PTR=BR >= 128, DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
+            f"rank_grad/r{BR}", _rank_grad_kernel, dtype,
+            dict(ACT=ACT_GELU if wide else ACT_IDENTITY, NEED_DB=True, DB_PARTIAL=False, NEED_DSCALE=wide,
+                 G_ATOMIC=not wide, SCALE_IS_PTR=wide, DOT_PREC=prec, BM=cfg.BM, BN=cfg.BN, BR=BR),
             cfg, fp32_ptrs=("p_in_ptr", "g_out_ptr", "db_ptr", "dscale_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_br"),
         ))
         specs.append(_spec(
-            f"down_weight_grad/{tag}/r{BR}", _down_weight_grad_kernel, dtype,
+            f"down_weight_grad/r{BR}", _down_weight_grad_kernel, dtype,
             dict(HAS_DROPOUT=True, SCALE_IS_PTR=False, USE_ATOMIC=True, DOT_PREC=prec,
                  BM=cfg.BM, BK=cfg.BK, BR=BR),
             cfg, fp32_ptrs=("g_in_ptr", "da_ptr", "scale_ptr"), unit_strides=("stride_xk",),
@@ -615,20 +715,27 @@ def shipped_kernel_specs(dtype=torch.bfloat16):
     return specs
 
 
-def gemm_specs(tag, cfg, BR, dtype, prec, act=ACT_IDENTITY):
+def gemm_specs(tag, cfg, dtype, prec, act=ACT_IDENTITY):
     """Compile specs of the two GEMM kernels (forward and input-grad) for one tile config."""
     return [
         _spec(
-            f"fused_up/{tag}/r{BR}", _fused_up_kernel, dtype,
+            f"fused_up/{tag}", _fused_up_kernel, dtype,
             dict(ACT=act, HAS_BIAS=True, SCALE_IS_PTR=False, DOT_PREC=prec,
-                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=BR, GROUP_M=GROUP_M),
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=gemm_rank_slice(dtype), GROUP_M=GROUP_M),
             cfg, fp32_ptrs=("p_in_ptr", "scale_ptr"),
             unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_yn"),
         ),
         _spec(
-            f"input_grad/{tag}/r{BR}", _input_grad_kernel, dtype,
+            f"input_grad/{tag}", _input_grad_kernel, dtype,
             dict(HAS_W=True, HAS_RES=False, HAS_DROPOUT=True, SCALE_IS_PTR=False,
-                 DOT_PREC=prec, BM=cfg.BM, BN=cfg.BK, BK=cfg.BN, BR=BR, GROUP_M=GROUP_M),
+                 DOT_PREC=prec, BM=cfg.BM, BN=cfg.BK, BK=cfg.BN, BR=gemm_rank_slice(dtype), GROUP_M=GROUP_M),
+            cfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
+            unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
+        ),
+        _spec(  # the grouped q/k/v backward chains the members' dX in place: W and a residual
+            f"input_grad/{tag}/res", _input_grad_kernel, dtype,
+            dict(HAS_W=True, HAS_RES=True, HAS_DROPOUT=True, SCALE_IS_PTR=True,
+                 DOT_PREC=prec, BM=cfg.BM, BN=cfg.BK, BK=cfg.BN, BR=gemm_rank_slice(dtype), GROUP_M=GROUP_M),
             cfg, fp32_ptrs=("g_in_ptr", "scale_ptr"),
             unit_strides=("stride_dyn", "stride_wk", "stride_resk", "stride_ak", "stride_dxk"),
         ),

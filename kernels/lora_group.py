@@ -38,11 +38,13 @@ from ._common import (
     BlockConfig,
     check_dropout,
     check_philox_range,
+    device_guard,
     dot_precision,
     dropout_keep,
     mma,
     rank_block,
 )
+from . import lora as _lora_kernels
 from .lora import (
     _check_lora_args,
     _dropout_args,
@@ -50,7 +52,6 @@ from .lora import (
     launch_input_grad,
     launch_rank_grad,
     row_splits,
-    rowblock_config,
 )
 
 MAX_GROUP = 3
@@ -70,24 +71,27 @@ def _member_down(x, a_ptr, g: tl.constexpr, rm, kk, K, stride_ar, stride_ak, see
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
 def _down_proj_group_kernel(
     x_ptr, a_ptr, p_out_ptr,
-    M, K, RT,
+    M, K, RT, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed0, seed1, seed2, p, inv_keep,
-    HAS_DROPOUT: tl.constexpr, G: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, G: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BRG: tl.constexpr,
 ):
-    # one accumulator per member: the X tile is loaded once and feeds G dots of (BM, BK)·(BK, BRG)
+    # one accumulator per member: the X tile is loaded once and feeds G dots of (BM, BK)·(BK, BRG);
+    # program (row block, K split): K splits add into a zeroed S_pad with relaxed atomics
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc0 = tl.zeros((BM, BRG), dtype=tl.float32)
     acc1 = tl.zeros((BM, BRG), dtype=tl.float32)
     acc2 = tl.zeros((BM, BRG), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         kk = k0 + rk
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0,
+            mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0.0,
         )
         acc0 = _member_down(x, a_ptr, 0, rm, kk, K, stride_ar, stride_ak, seed0, p, acc0, HAS_DROPOUT, DOT_PREC, BRG)
         if G > 1:
@@ -96,13 +100,21 @@ def _down_proj_group_kernel(
         if G > 2:
             acc2 = _member_down(x, a_ptr, 2, rm, kk, K, stride_ar, stride_ak, seed2, p, acc2, HAS_DROPOUT, DOT_PREC,
                                 BRG)
-    rr = tl.arange(0, BRG)
-    m_ok = rm[:, None] < M
-    tl.store(p_out_ptr + rm[:, None] * RT + rr[None, :], acc0 * inv_keep, mask=m_ok)
+    _store_member_p(p_out_ptr, acc0 * inv_keep, 0, rm, M, RT, USE_ATOMIC, BRG)
     if G > 1:
-        tl.store(p_out_ptr + rm[:, None] * RT + (BRG + rr)[None, :], acc1 * inv_keep, mask=m_ok)
+        _store_member_p(p_out_ptr, acc1 * inv_keep, 1, rm, M, RT, USE_ATOMIC, BRG)
     if G > 2:
-        tl.store(p_out_ptr + rm[:, None] * RT + (2 * BRG + rr)[None, :], acc2 * inv_keep, mask=m_ok)
+        _store_member_p(p_out_ptr, acc2 * inv_keep, 2, rm, M, RT, USE_ATOMIC, BRG)
+
+
+@triton.jit
+def _store_member_p(p_out_ptr, acc, g: tl.constexpr, rm, M, RT, USE_ATOMIC: tl.constexpr, BRG: tl.constexpr):
+    rr = g * BRG + tl.arange(0, BRG)
+    ptrs = p_out_ptr + rm[:, None] * RT + rr[None, :]
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=rm[:, None] < M, sem="relaxed")
+    else:
+        tl.store(ptrs, acc, mask=rm[:, None] < M)
 
 
 @triton.jit
@@ -121,7 +133,7 @@ def _store_member_grad(da_ptr, acc, g: tl.constexpr, rk, k_ok, K, USE_ATOMIC: tl
     rr = g * BRG + tl.arange(0, BRG)
     ptrs = da_ptr + rr[None, :] * K + rk[:, None]
     if USE_ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=k_ok[:, None])
+        tl.atomic_add(ptrs, acc, mask=k_ok[:, None], sem="relaxed")
     else:
         tl.store(ptrs, acc, mask=k_ok[:, None])
 
@@ -177,14 +189,20 @@ def group_layout(ranks) -> int:
     return max(rank_block(r) for r in ranks)
 
 
+# (BM, BN, BK) of the group kernels per element size: G·BRG <= 64, <= 256, wider
+_GROUP_NARROW = {2: BlockConfig(64, 32, 32, 4, 3), 4: BlockConfig(64, 32, 32, 4, 3)}
+_GROUP_MID = {2: BlockConfig(64, 64, 64, 8, 2), 4: BlockConfig(64, 32, 32, 8, 2)}
+_GROUP_WIDE = {2: BlockConfig(16, 32, 32, 8, 2), 4: BlockConfig(16, 32, 16, 8, 2)}
+
+
 def group_config(G: int, brg: int, dtype: torch.dtype) -> BlockConfig:
     """Tiles of the two group kernels: the G (BM, BRG) accumulators (forward; (BK, BRG) in the dA
-    kernel) stay in registers, so wide members take short row / column blocks."""
-    wide = G * brg > 256
+    kernel) and G Philox masks of the X tile stay in registers, so narrow members stream 32-wide
+    K slices and wide members take short row / column blocks."""
     size = torch.finfo(dtype).bits // 8
-    if not wide:
-        return rowblock_config(triton.next_power_of_2(G * brg), dtype)
-    return BlockConfig(16, 32, 32 if size == 2 else 16, 8, 2)
+    if G * brg > 256:
+        return _GROUP_WIDE[size]
+    return (_GROUP_NARROW if G * brg <= 64 else _GROUP_MID)[size]
 
 
 def group_unsupported(ranks) -> str | None:
@@ -201,20 +219,27 @@ def _seeds3(seeds):
     return s[0], s[1], s[2]
 
 
-def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds):
-    """S_pad (M, G·brg) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (G·brg, K) a_pad, one pass over x."""
+def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds, k_splits=None):
+    """S_pad (M, G·brg) fp32 = [dropout_g(x)·A_gᵀ]_g from the padded (G·brg, K) a_pad, one pass over x
+    (K split, the splits adding with relaxed atomics, when the row blocks are too few for the GPU;
+    ``k_splits`` overrides the choice)."""
     M, K = x.shape
     RT = a_pad.shape[0]
     cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
-    out = torch.empty((M, RT), device=x.device, dtype=torch.float32)
-    _down_proj_group_kernel[(triton.cdiv(M, cfg.BM),)](
-        x, a_pad, out, M, K, RT,
-        x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
-        *_seeds3(seeds), p, inv_keep,
-        HAS_DROPOUT=has_do, G=G, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    m_blocks, k_blocks = triton.cdiv(M, cfg.BM), triton.cdiv(K, cfg.BK)
+    splits = k_splits if k_splits is not None else _lora_kernels._split(k_blocks, m_blocks, x.device)
+    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * cfg.BK
+    splits = max(1, triton.cdiv(K, k_per_split))
+    out = (torch.zeros if splits > 1 else torch.empty)((M, RT), device=x.device, dtype=torch.float32)
+    with device_guard(x):
+        _down_proj_group_kernel[(m_blocks, splits)](
+            x, a_pad, out, M, K, RT, k_per_split,
+            x.stride(0), x.stride(1), a_pad.stride(0), a_pad.stride(1),
+            *_seeds3(seeds), p, inv_keep,
+            HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
@@ -225,13 +250,14 @@ def launch_down_weight_grad_group(x, g_pad, brg, G, dropout_p, seeds):
     cfg = group_config(G, brg, x.dtype)
     p, inv_keep, has_do = _dropout_args(dropout_p)
     k_blocks, splits, rows_per_split, da = row_splits(M, K, RT, cfg, x.device)
-    _down_weight_grad_group_kernel[(k_blocks, splits)](
-        x, g_pad, da, M, K, RT, rows_per_split,
-        x.stride(0), x.stride(1),
-        *_seeds3(seeds), p, inv_keep,
-        HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        _down_weight_grad_group_kernel[(k_blocks, splits)](
+            x, g_pad, da, M, K, RT, rows_per_split,
+            x.stride(0), x.stride(1),
+            *_seeds3(seeds), p, inv_keep,
+            HAS_DROPOUT=has_do, G=G, USE_ATOMIC=splits > 1, DOT_PREC=dot_precision(x.dtype),
+            BM=cfg.BM, BK=cfg.BK, BRG=brg, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return da
 
 
@@ -335,24 +361,27 @@ def lora_group_bwd(grad_ys, x, weights, As, Bs, s_pad, scalings, dropout_p=0.0, 
 
 def shipped_kernel_specs(dtype=torch.bfloat16):
     """The two group kernels with dropout, three members, at q/k/v rank 16 (BRG = 16), at 64 and at
-    the widest members (BRG = 256, the paper's parallel bottleneck), for the offline compile test."""
+    the widest members (BRG = 256, the paper's parallel bottleneck), for the offline compile test
+    (two members use the same configs with less work; the chained dX is `lora`'s
+    ``input_grad/large/res``)."""
     from ._common import TRITON_DTYPE_NAMES, make_signature
 
     prec = dot_precision(dtype)
     specs = []
     for brg in (16, 64, 256):
-        cfg = group_config(3, brg, dtype)
-        for name, fn, consts, fp32_ptrs, unit in (
-            ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3),
-             ("p_out_ptr",), ("stride_xk", "stride_ak")),
+        for name, fn, consts, fp32_ptrs, unit, cfg in (
+            ("down_proj_group", _down_proj_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
+             ("p_out_ptr",), ("stride_xk", "stride_ak"), group_config(3, brg, dtype)),
             ("down_weight_grad_group", _down_weight_grad_group_kernel, dict(HAS_DROPOUT=True, G=3, USE_ATOMIC=True),
-             ("g_in_ptr", "da_ptr"), ("stride_xk",)),
+             ("g_in_ptr", "da_ptr"), ("stride_xk",), group_config(3, brg, dtype)),
         ):
             sig, cx, attrs = make_signature(fn, {k: "fp32" for k in fp32_ptrs},
                                             dict(consts, DOT_PREC=prec, BM=cfg.BM, BK=cfg.BK, BRG=brg),
                                             TRITON_DTYPE_NAMES[dtype], unit)
-            # the wide config's 16-row blocks are below wgmma's 64-row minimum: mma.sync on sm_90 too
+            # tiles below wgmma's 64 rows (the wide config's 16-row blocks; the dA kernel's (BK, BRG)
+            # accumulators with 32-wide K blocks, which at BK = 64 spilled 36 B): mma.sync on sm_90 too
+            rows = cfg.BM if fn is _down_proj_group_kernel else cfg.BK
             specs.append(dict(name=f"{name}/g3/r{brg}", fn=fn, dtype=dtype, signature=sig, constexprs=cx,
                               attrs=attrs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              mma_sync_ok=cfg.BM < 64))
+                              mma_sync_ok=rows < 64))
     return specs

@@ -70,7 +70,7 @@ def _seg_shrink_kernel(
     x_ptr, down_ptr, h_ptr,
     sorted_rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr,
     sizes_ptr, scales_ptr, act_ptr,
-    K,
+    K, R,
     stride_xm, stride_xk, stride_ds, stride_dr, stride_dk, stride_hm, stride_hr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
@@ -79,7 +79,7 @@ def _seg_shrink_kernel(
     slot = tl.load(tile_slot_ptr + t)
     if slot < 0:
         return
-    size = tl.load(sizes_ptr + slot)
+    size = tl.minimum(tl.load(sizes_ptr + slot), R)  # as the C++ kernel: never past the storage
     if r0 >= size:
         return
     start = tl.load(tile_start_ptr + t)
@@ -109,7 +109,7 @@ def _seg_shrink_kernel(
 def _seg_expand_kernel(
     h_ptr, up_ptr, y_ptr,
     sorted_rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr, sizes_ptr,
-    N,
+    N, R,
     stride_hm, stride_hr, stride_us, stride_un, stride_ur, stride_ym, stride_yn,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
@@ -118,7 +118,7 @@ def _seg_expand_kernel(
     slot = tl.load(tile_slot_ptr + t)
     if slot < 0:
         return
-    size = tl.load(sizes_ptr + slot)
+    size = tl.minimum(tl.load(sizes_ptr + slot), R)  # as the C++ kernel: never past the storage
     if size == 0:
         return
     start = tl.load(tile_start_ptr + t)
@@ -153,14 +153,14 @@ def _gather_shrink_kernel(
     x_ptr, down_ptr, h_ptr,
     sorted_rows_ptr, seg_start_ptr, seg_count_ptr,
     sizes_ptr, scales_ptr, act_ptr,
-    K,
+    K, R,
     stride_xm, stride_xk, stride_ds, stride_dr, stride_dk, stride_hm, stride_hr,
     BMG: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     slot = tl.program_id(0)
     r0 = tl.program_id(1) * BR
     count = tl.load(seg_count_ptr + slot)
-    size = tl.load(sizes_ptr + slot)
+    size = tl.minimum(tl.load(sizes_ptr + slot), R)  # as the C++ kernel: never past the storage
     if (count == 0) | (r0 >= size):
         return
     start = tl.load(seg_start_ptr + slot)
@@ -192,14 +192,14 @@ def _gather_shrink_kernel(
 def _gather_expand_kernel(
     h_ptr, up_ptr, y_ptr,
     sorted_rows_ptr, seg_start_ptr, seg_count_ptr, sizes_ptr,
-    N,
+    N, R,
     stride_hm, stride_hr, stride_us, stride_un, stride_ur, stride_ym, stride_yn,
     BMG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
     slot = tl.program_id(0)
     n0 = tl.program_id(1) * BN
     count = tl.load(seg_count_ptr + slot)
-    size = tl.load(sizes_ptr + slot)
+    size = tl.minimum(tl.load(sizes_ptr + slot), R)  # as the C++ kernel: never past the storage
     if (count == 0) | (size == 0):
         return
     start = tl.load(seg_start_ptr + slot)
@@ -236,9 +236,26 @@ KERNELS = {
 # launch
 # ----------------------------------------------------------------------------------------------
 
-SEG_BN, SEG_BK, SEG_BR = 64, 64, 16
-GATHER_BN, GATHER_BK, GATHER_BR = 64, 32, 16
-SEG_WARPS, GATHER_WARPS = 4, 4
+SEG_BN, SEG_BK = 64, 64
+SEG_WARPS = 4
+#: pipeline stages of every multi-adapter launch (the offline compile uses the same)
+STAGES = 3
+
+
+def seg_rank_block(r: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Rank slice of a segmented shrink program: the padded rank up to 64, so X is read once per
+    tile for ranks up to 64 (16-wide slices re-read it R / 16 times). fp32 keeps 16: its IEEE dot
+    runs on the FMA units and spilled 64 B at 32 and 972 B at 64 (sm_80)."""
+    cap = 16 if dtype == torch.float32 else 64
+    return min(cap, max(16, triton.next_power_of_2(int(r))))
+
+
+SEG_BR_EXPAND = 16  # the expand loops over the adapter's own rank in 16-wide steps
+
+
+def seg_shrink_blocks(dtype: torch.dtype):
+    """Every rank slice the segmented shrink may take in ``dtype`` (for the compile specs)."""
+    return tuple(sorted({seg_rank_block(r, dtype) for r in (1, 32, 64)}))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -248,6 +265,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 GATHER_ROW_BLOCKS = (8, 32)
+GATHER_BN, GATHER_BR = 64, 16
+#: (BK of the shrink, warps) per row block: the (BMG, BR, BK) broadcast product of the shrink and
+#: the (BMG, BN, BR) one of the expand stay near 32 fp32 registers a thread (no spills)
+GATHER_CFG = {8: (32, 4), 32: (16, 8)}
 
 
 def gather_rows_block(m: int) -> int:
@@ -259,6 +280,8 @@ def gather_rows_block(m: int) -> int:
 def multi_adapter_launch(y0, x, sorted_rows, seg_start, seg_count, tile_slot, tile_start, tile_len,
                          down, up, sizes, scales, act_ids, block_m: int, gather: bool):
     """y = y0 + deltas (semantics in the module docstring); returns a new tensor."""
+    from ._common import device_guard
+
     m, k = x.shape
     n = y0.shape[1]
     s, r = down.shape[0], down.shape[1]
@@ -266,27 +289,31 @@ def multi_adapter_launch(y0, x, sorted_rows, seg_start, seg_count, tile_slot, ti
     if m == 0 or s == 0 or r == 0:
         return y
     h = torch.empty((m, r), device=x.device, dtype=torch.float32)
-    if gather:
-        bmg = gather_rows_block(m)
-        _gather_shrink_kernel[(s, triton.cdiv(r, GATHER_BR))](
-            x, down, h, sorted_rows, seg_start, seg_count, sizes, scales, act_ids, k,
+    with device_guard(x):
+        if gather:
+            bmg = gather_rows_block(m)
+            bk, warps = GATHER_CFG[bmg]
+            _gather_shrink_kernel[(s, triton.cdiv(r, GATHER_BR))](
+                x, down, h, sorted_rows, seg_start, seg_count, sizes, scales, act_ids, k, r,
+                x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), h.stride(1),
+                BMG=bmg, BR=GATHER_BR, BK=bk, num_warps=warps, num_stages=STAGES)
+            _gather_expand_kernel[(s, triton.cdiv(n, GATHER_BN))](
+                h, up, y, sorted_rows, seg_start, seg_count, sizes, n, r,
+                h.stride(0), h.stride(1), up.stride(0), up.stride(1), up.stride(2), y.stride(0), y.stride(1),
+                BMG=bmg, BN=GATHER_BN, BR=GATHER_BR, num_warps=warps, num_stages=STAGES)
+            return y
+        tiles = tile_slot.shape[0]
+        br = seg_rank_block(r, down.dtype)
+        _seg_shrink_kernel[(tiles, triton.cdiv(r, br))](
+            x, down, h, sorted_rows, tile_slot, tile_start, tile_len, sizes, scales, act_ids, k, r,
             x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), h.stride(1),
-            BMG=bmg, BR=GATHER_BR, BK=GATHER_BK, num_warps=GATHER_WARPS)
-        _gather_expand_kernel[(s, triton.cdiv(n, GATHER_BN))](
-            h, up, y, sorted_rows, seg_start, seg_count, sizes, n,
+            DOT_PREC=_dot_precision(down.dtype), BM=block_m, BR=br, BK=SEG_BK, num_warps=SEG_WARPS,
+            num_stages=STAGES)
+        _seg_expand_kernel[(tiles, triton.cdiv(n, SEG_BN))](
+            h, up, y, sorted_rows, tile_slot, tile_start, tile_len, sizes, n, r,
             h.stride(0), h.stride(1), up.stride(0), up.stride(1), up.stride(2), y.stride(0), y.stride(1),
-            BMG=bmg, BN=GATHER_BN, BR=GATHER_BR, num_warps=GATHER_WARPS)
-        return y
-    tiles = tile_slot.shape[0]
-    prec = _dot_precision(down.dtype)
-    _seg_shrink_kernel[(tiles, triton.cdiv(r, SEG_BR))](
-        x, down, h, sorted_rows, tile_slot, tile_start, tile_len, sizes, scales, act_ids, k,
-        x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), h.stride(1),
-        DOT_PREC=prec, BM=block_m, BR=SEG_BR, BK=SEG_BK, num_warps=SEG_WARPS)
-    _seg_expand_kernel[(tiles, triton.cdiv(n, SEG_BN))](
-        h, up, y, sorted_rows, tile_slot, tile_start, tile_len, sizes, n,
-        h.stride(0), h.stride(1), up.stride(0), up.stride(1), up.stride(2), y.stride(0), y.stride(1),
-        DOT_PREC=_dot_precision(up.dtype), BM=block_m, BN=SEG_BN, BR=SEG_BR, num_warps=SEG_WARPS)
+            DOT_PREC=_dot_precision(up.dtype), BM=block_m, BN=SEG_BN, BR=SEG_BR_EXPAND, num_warps=SEG_WARPS,
+            num_stages=STAGES)
     return y
 
 
@@ -298,19 +325,21 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def shipped_configs(dtype: torch.dtype = torch.bfloat16, block_m: int = 64):
-    """(name, kernel, signature, constexprs, num_warps) of every kernel configuration the launcher uses."""
+    """(name, kernel, signature, constexprs, num_warps) of every kernel configuration the launcher
+    uses (compile with ``num_stages=STAGES``, as it launches)."""
     w = _TL[dtype]
-    prec = "tf32"  # the launcher's choice for fp32 only when TF32 is allowed; ignored for 16-bit dots
+    prec = _dot_precision(dtype)
     ptr = {"x_ptr": w, "down_ptr": w, "up_ptr": w, "y_ptr": w, "h_ptr": "fp32", "scales_ptr": "fp32"}
     out = []
-    specs = [
-        ("seg_shrink", _seg_shrink_kernel, dict(DOT_PREC=prec, BM=block_m, BR=SEG_BR, BK=SEG_BK), SEG_WARPS),
-        ("seg_expand", _seg_expand_kernel, dict(DOT_PREC=prec, BM=block_m, BN=SEG_BN, BR=SEG_BR), SEG_WARPS),
-    ]
+    specs = [(f"seg_shrink_r{br}", _seg_shrink_kernel, dict(DOT_PREC=prec, BM=block_m, BR=br, BK=SEG_BK), SEG_WARPS)
+             for br in seg_shrink_blocks(dtype)]
+    specs.append(("seg_expand", _seg_expand_kernel, dict(DOT_PREC=prec, BM=block_m, BN=SEG_BN, BR=SEG_BR_EXPAND),
+                  SEG_WARPS))
     for bmg in GATHER_ROW_BLOCKS:
+        bk, warps = GATHER_CFG[bmg]
         specs += [
-            (f"gather_shrink_bmg{bmg}", _gather_shrink_kernel, dict(BMG=bmg, BR=GATHER_BR, BK=GATHER_BK), GATHER_WARPS),
-            (f"gather_expand_bmg{bmg}", _gather_expand_kernel, dict(BMG=bmg, BN=GATHER_BN, BR=GATHER_BR), GATHER_WARPS),
+            (f"gather_shrink_bmg{bmg}", _gather_shrink_kernel, dict(BMG=bmg, BR=GATHER_BR, BK=bk), warps),
+            (f"gather_expand_bmg{bmg}", _gather_expand_kernel, dict(BMG=bmg, BN=GATHER_BN, BR=GATHER_BR), warps),
         ]
     for name, fn, cx, warps in specs:
         sig = {}
@@ -325,7 +354,26 @@ def shipped_configs(dtype: torch.dtype = torch.bfloat16, block_m: int = 64):
     return out
 
 
-def compile_offline(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = 2):
+def shipped_kernel_specs(dtype: torch.dtype = torch.bfloat16):
+    """``shipped_configs`` in the form of the other kernel modules' specs (the compile guard in
+    tests/kernels/test_triton_compile.py): pointers 16-byte aligned, sizes and strides divisible
+    by 16 except R, the row stride of h and unit strides specialised as the JIT does."""
+    from ._common import make_signature
+
+    w = _TL[dtype]
+    ptr = {"x_ptr": w, "down_ptr": w, "up_ptr": w, "y_ptr": w, "h_ptr": "fp32", "scales_ptr": "fp32",
+           "sorted_rows_ptr": "i32", "tile_slot_ptr": "i32", "tile_start_ptr": "i32", "tile_len_ptr": "i32",
+           "seg_start_ptr": "i32", "seg_count_ptr": "i32", "sizes_ptr": "i32", "act_ptr": "i32"}
+    out = []
+    for name, fn, _sig, cx, warps in shipped_configs(dtype):
+        unit = [a for a in ("stride_xk", "stride_dk", "stride_hr", "stride_ur", "stride_yn") if a in fn.arg_names]
+        sig, consts, attrs = make_signature(fn, ptr, cx, w, unit)
+        out.append(dict(name=name, fn=fn, dtype=dtype, signature=sig, constexprs=consts, attrs=attrs,
+                        num_warps=warps, num_stages=STAGES, mma_sync_ok=False, gemm=name.startswith("seg_")))
+    return out
+
+
+def compile_offline(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = STAGES):
     """Compile ``fn`` for CUDA compute capability ``cc`` without a GPU; returns the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -318,7 +318,8 @@ def bottleneck_linear_triton(placement: str, x, base, down, up, scaling, act: st
         # would run the base linear; the adapter weights keep their dtype (cast inside the kernels)
         x2, weight, bias, _ = dispatch.autocast_inputs(x.device.type, x2, *base)
         base = (weight, bias)
-    why = triton_unsupported(x2.dtype, down.shape[0], "bottleneck size")
+    n_out = up.shape[0]
+    why = triton_unsupported(x2.dtype, down.shape[0], "bottleneck size", max(x2.shape[0] * n_out, x2.numel()))
     if why is not None:
         triton_fallback_warning(f"bottleneck_{placement}", why)
         return bottleneck_linear_torch(placement, x, base, down, up, scaling, act, dropout_p, training)

@@ -198,14 +198,17 @@ _lora_triton_fwd.register_autograd(_lora_triton_backward, setup_context=_lora_tr
 _FALLBACK_WARNED: set = set()
 
 
-def triton_unsupported(dtype, width: int, what: str) -> str | None:
-    """Why the Triton kernels cannot take this call (None if they can)."""
+def triton_unsupported(dtype, width: int, what: str, elements: int = 0) -> str | None:
+    """Why the Triton kernels cannot take this call (None if they can). ``elements``: the largest
+    tensor (input, weight or output) the kernels would index, in elements."""
     from fastadapters.kernels._common import MAX_RANK, SUPPORTED_DTYPES
 
     if dtype not in SUPPORTED_DTYPES:
         return f"the kernels take float16, bfloat16 or float32 inputs, got {dtype}"
     if width > MAX_RANK:
         return f"the kernels take {what} <= {MAX_RANK}, got {width}"
+    if elements >= 2**31:  # e.g. a LoRA on a 128k-vocabulary lm_head over a long batch
+        return f"the kernels index with int32 and take tensors of fewer than 2**31 elements, got {elements}"
     return None
 
 
@@ -227,7 +230,8 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_
     # the custom op is opaque to autocast: run it in the autocast dtype, as autocast would run the
     # base GEMM; the adapter weights keep their dtype (cast inside the kernels)
     x2, weight, bias, _ = dispatch.autocast_inputs(x.device.type, x2, weight, bias)
-    why = triton_unsupported(x2.dtype, lora_A.shape[0], "rank r")
+    why = triton_unsupported(x2.dtype, lora_A.shape[0], "rank r",
+                             max(x2.shape[0] * n, x2.numel(), weight.numel()))
     if why is not None:
         triton_fallback_warning(OP, why)
         return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)

@@ -28,7 +28,8 @@ What lives here:
   activation kinds, never over adapters.
 - the ``triton`` backend (``fastadapters::multi_adapter_triton``, a ``torch.library.custom_op``
   with a fake) launching ``fastadapters.kernels.multi``; and the ``cuda`` backend when the compiled
-  extension provides ``torch.ops.fastadapters.cuda_multi_adapter``.
+  extension provides ``torch.ops.fastadapters.cuda_multi_adapter`` (a decode kernel: batches of
+  more than ``CUDA_MAX_ROWS`` rows go to the Triton segmented path).
 - ``multi_adapter``: the checked entry point, dispatching on ``backend``.
 """
 from __future__ import annotations
@@ -417,8 +418,14 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-if _triton_importable():  # as ops.lora / ops.bottleneck: no triton, no triton backend (auto takes another)
+_TRITON_OK = _triton_importable()
+if _TRITON_OK:  # as ops.lora / ops.bottleneck: no triton, no triton backend (auto takes another)
     dispatch.register(OP, "triton", multi_adapter_triton)
+
+#: rows above which the ``cuda`` backend hands the batch to the Triton segmented path: the C++
+#: kernel is a decode kernel (one CTA per segment and K chunk for the shrink), so at M = 16384,
+#: R = 64 its down projection ran on ~4 CTAs (about 4 ms a layer); the segmented path tiles rows
+CUDA_MAX_ROWS = 256
 
 
 def _register_cuda_backend() -> None:
@@ -431,6 +438,12 @@ def _register_cuda_backend() -> None:
 
     def multi_adapter_cuda(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=None, sizes_host=None,
                            act_host=None):
+        if x.shape[0] > CUDA_MAX_ROWS:  # prefill-sized: the C++ decode kernel would run on a few CTAs
+            if _TRITON_OK:
+                return multi_adapter_triton(y0, x, row_slot, down, up, sizes, scales, act_ids, plan)
+            dispatch._warn_once(OP, "cuda-prefill", f"fastadapters: {OP} with backend 'cuda' runs the "
+                                f"C++ decode kernel on {x.shape[0]} rows (> {CUDA_MAX_ROWS}), slow for prefill: "
+                                "the Triton segmented path it hands such batches to needs triton")
         meta = None
         if plan is not None:
             meta = plan.__dict__.get("_cuda_meta")
@@ -455,6 +468,10 @@ def multi_adapter(y0, x, row_slot, down, up, sizes, scales, act_ids, *, plan: Mu
     ``build_plan(row_slot, S)`` (built here when absent); ``sizes_host``/``act_host``: CPU copies of
     sizes/act_ids so the torch path needs no device read; ``check=False`` skips the value checks."""
     if check:
-        check_multi_args(y0, x, row_slot, down, up, sizes, scales, act_ids, check_values=plan is None)
+        # reading the values syncs with the host, which CUDA-graph capture forbids: under capture
+        # only shapes and dtypes are checked (the kernels clamp sizes to R)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        check_multi_args(y0, x, row_slot, down, up, sizes, scales, act_ids,
+                         check_values=plan is None and not capturing)
     return dispatch.call(OP, backend, x.device, y0, x, row_slot, down, up, sizes, scales, act_ids, plan,
                          sizes_host, act_host)

@@ -149,7 +149,12 @@ class Router:
                 raise ValueError(f"route: got {n} adapter names{detail} for a batch of {rows} rows; "
                                  "pass one name (or None) per row")
             per_tok = self.row_slot_tensor.repeat_interleave(self.expand * tokens)
+            host = per_tok
+            if torch.device(device).type == "cuda":  # pinned: a pageable copy syncs, and fails under capture
+                host = per_tok.pin_memory()
+                per_tok = host.to(device, non_blocking=True)
             plan = build_plan(per_tok.to(device), max(self.store.num_slots, 1), SEGMENT_BLOCK_M)
+            plan.__dict__["_host_row_slot"] = host  # a captured copy reads this buffer on replay
             self._plans[key] = plan
         return plan
 

@@ -1,6 +1,6 @@
 """csrc/ without a GPU: every .cu compiles with nvcc for sm_80 and sm_90a (object files only; the
 per-arch cubins and PTX kept with --keep are checked for the three kernel instantiations, 16-byte
-loads and warp shuffles), kernel sources include no torch headers, ops.cpp passes a syntax
+loads and warp shuffles, and `ptxas -v` for register spills), kernel sources include no torch headers, ops.cpp passes a syntax
 check against torch's headers, and the launch planner (csrc/adapter_plan.cuh) behaves as
 documented, probed through a small host program built with the C++ compiler.
 
@@ -79,7 +79,7 @@ def compiled_objects(tmp_path_factory):
         keep.mkdir()
         # --keep leaves the per-arch cubin and PTX next to the object (no cuobjdump needed)
         cmd = [nvcc, "-std=c++17", "-O3", "-c", str(CSRC / name), "-o", str(obj), "-I", str(CSRC),
-               "--keep", "--keep-dir", str(keep), *gencode]
+               "--keep", "--keep-dir", str(keep), "-Xptxas", "-v", *gencode]
         procs[name] = (obj, keep, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                    stderr=subprocess.STDOUT, text=True))
     results = {}
@@ -105,6 +105,22 @@ def test_cu_compiles_for_sm80_and_sm90a(compiled_objects, name):
         for t in KERNEL_TYPES:  # the kernel is instantiated for fp16, bf16 and fp32
             sym = f"adapter_branch_kernel{t}".encode()
             assert sym in data, f"{name}: {arch} cubin lacks {sym!r}"
+
+
+_PTXAS_FN = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads")
+
+
+@pytest.mark.parametrize("name", CU_FILES)
+def test_kernels_do_not_spill_registers(compiled_objects, name):
+    """`ptxas -v` (sm_80 and sm_90a, every instantiation): no spill stores or loads, no stack frame."""
+    obj, keep, rc, log = compiled_objects[name]
+    assert rc == 0, f"nvcc failed on {name}:\n{log}"
+    found = _PTXAS_FN.findall(log)
+    kernels = [f for f in found if "adapter_branch_kernel" in f[0]]
+    assert len(kernels) == len(KERNEL_TYPES) * len(ARCHS), f"{name}: ptxas -v reported {found}"
+    bad = [f for f in found if any(int(v) for v in f[1:])]
+    assert not bad, f"{name}: register spills / stack frames (fn, stack, spill st, spill ld): {bad}"
 
 
 @pytest.mark.parametrize("name", CU_FILES)

@@ -13,7 +13,7 @@ if os.environ.get("FASTADAPTERS_TEST_GPU_RUN") != "1":  # see tests/conftest.py:
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 for _name in ("fastadapters.kernels._common", "fastadapters.kernels.lora", "fastadapters.kernels.lora_group",
-              "fastadapters.kernels.bottleneck"):
+              "fastadapters.kernels.bottleneck", "fastadapters.kernels.multi"):
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 
@@ -30,14 +30,19 @@ import pytest  # noqa: E402
 # and the compile tests are moved to the end of the run, so on two cores it overlaps the
 # interpreter tests; the `compile_reports` fixture waits for it.
 
-from kernel_checks import COMPILE_CCS, COMPILE_MODULES, FP16_NAMES, FP32_NAMES  # noqa: E402
+from kernel_checks import COMPILE_JOBS, COMPILE_MODULES  # noqa: E402
 
+# names in the jobs are "module:spec"; compile_report takes the spec part per module
 _COMPILE_CODE = """
 import json, sys
 from fastadapters.kernels._common import compile_report
 out = []
 for mods, dtype, cc, names in json.loads(sys.argv[1]):
-    out += compile_report(mods, dtype, cc, names)
+    for mod in mods:
+        short = mod.rsplit('.', 1)[-1]
+        want = None if names is None else [n.split(':', 1)[1] for n in names if n.split(':', 1)[0] == short]
+        if want is None or want:
+            out += compile_report([mod], dtype, cc, want)
 print('REPORT' + json.dumps(out))
 """
 _compile_proc = None
@@ -46,9 +51,7 @@ _compile_proc = None
 def _start_compiles():
     global _compile_proc
     if _compile_proc is None:
-        jobs = [[COMPILE_MODULES, "bfloat16", cc, None] for cc in COMPILE_CCS]
-        jobs.append([["fastadapters.kernels.lora"], "float32", 80, FP32_NAMES])
-        jobs += [[["fastadapters.kernels.lora"], "float16", cc, FP16_NAMES] for cc in COMPILE_CCS]
+        jobs = [[COMPILE_MODULES, dtype, cc, names] for dtype, cc, names in COMPILE_JOBS]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         _compile_proc = subprocess.Popen([sys.executable, "-c", _COMPILE_CODE, json.dumps(jobs)], env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

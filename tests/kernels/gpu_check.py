@@ -1,20 +1,31 @@
-"""GPU checks of the compiled Triton adapter kernels (run by test_triton_gpu.py in a subprocess).
+"""GPU checks of the compiled Triton adapter kernels (bench/gpu_session.sh runs this directly;
+test_triton_gpu.py runs it in a subprocess).
 
 The kernel tests' conftest sets TRITON_INTERPRET=1 for the whole pytest process, which would make
-these kernels run interpreted; this script runs without it, on CUDA, with the compiled kernels:
+these kernels run interpreted; this script runs without it, on CUDA, with the compiled kernels.
+Trimmed to fit a 15-minute GPU loan (issue 12): bf16, plus fp32 where issue 12 found a crash.
 
-  - lora_linear, bottleneck residual and parallel, bf16 and fp16, issue-3-sized shapes
-    (K = N = 4096, M = 2048 and M = 1, r = 16 / b = 64 and 256) against an fp64 reference with
-    the DESIGN.md rule (2x the error of the same-dtype torch reference);
+  - lora_linear, bottleneck residual and parallel, bf16, issue-3-sized shapes (K = N = 4096,
+    M = 2048 and M = 1, r = 16 / b = 64 and 256) against an fp64 reference with the DESIGN.md rule
+    (2x the error of the same-dtype torch reference);
+  - fp32 with rank / bottleneck size 129-256 and M > 64 (the launch that asked for 262,144 B of
+    shared memory before the rank dot was sliced), K = N = 1024;
+  - rank 256 with dropout; the K / N splits of the row-block kernels (M = 2048 at rank 16);
   - dropout on the device: same seed same output, kept fraction, backward uses the forward mask;
   - the ops' triton backend equals the torch backend (fp32, forward and backward) on CUDA;
   - the grouped q/k/v kernels (kernels/lora_group.py; LoRA and parallel adapters) equal the single
-    ones with the same seeds.
+    ones with the same seeds;
+  - with two or more GPUs: a launch on cuda:1 while cuda:0 is current (the device guard).
 
-    python tests/kernels/gpu_check.py        # exits non-zero on the first failure
+Every check runs and prints one line as it finishes (``ok`` / ``FAIL`` with seconds), so a cut-short
+run still says what passed; the exit status is non-zero if any failed.
+
+    python tests/kernels/gpu_check.py
 """
 import os
 import sys
+import time
+import traceback
 
 import torch
 
@@ -177,24 +188,88 @@ def check_lora_group(dtype, M, K=4096, outs=(4096, 1024, 1024), r=16, p=0.05, ac
     torch.testing.assert_close(gx.float(), gx_one, **tol)
 
 
+def check_multi_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launch follows the tensors (device guard)."""
+    if torch.cuda.device_count() < 2:
+        print("skip multi_device: one GPU", flush=True)
+        return
+    global DEV
+    saved, DEV = DEV, "cuda:1"
+    try:
+        torch.cuda.set_device(0)
+        check_lora(torch.bfloat16, 256, K=512, N=384, r=16)
+        check_bottleneck(torch.bfloat16, 130, 64, d=512, N=384)
+    finally:
+        DEV = saved
+
+
+def report_fp32_timing(M=2048, K=4096, N=4096, r=16):
+    """Information, not a check: fp32 (IEEE) fused LoRA forward + backward vs plain torch (cuBLAS),
+    to decide whether fp32 without TF32 should run the kernels or the torch path (issue 12)."""
+    import triton.testing
+
+    from fastadapters.kernels.lora import lora_linear_bwd, lora_linear_fwd
+
+    g = torch.Generator().manual_seed(9)
+    x, w = _rand(M, K, g=g), _rand(N, K, g=g, scale=K**-0.5)
+    a, bb, dy = _rand(r, K, g=g, scale=K**-0.5), _rand(N, r, g=g), _rand(M, N, g=g)
+
+    def fused():
+        y, S = lora_linear_fwd(x, w, None, a, bb, 2.0)
+        lora_linear_bwd(dy, x, w, a, bb, S, 2.0)
+
+    def plain():
+        _lora_torch(x, w, None, a, bb, 2.0, dy)
+
+    t_f, t_p = triton.testing.do_bench(fused), triton.testing.do_bench(plain)
+    print(f"info fp32 LoRA fwd+bwd M={M} K={K} N={N} r={r}: fused {t_f:.3f} ms, torch {t_p:.3f} ms "
+          f"(ratio {t_f / t_p:.2f}) on {torch.cuda.get_device_name()}", flush=True)
+
+
+CHECKS = [
+    ("lora bf16 M=2048", lambda: check_lora(torch.bfloat16, 2048)),
+    ("lora bf16 M=1", lambda: check_lora(torch.bfloat16, 1)),
+    ("lora bf16 M=2048 r=256", lambda: check_lora(torch.bfloat16, 2048, r=256)),
+    ("bottleneck bf16 M=2048 b=64", lambda: check_bottleneck(torch.bfloat16, 2048, 64)),
+    ("bottleneck bf16 M=2048 b=256", lambda: check_bottleneck(torch.bfloat16, 2048, 256)),
+    ("bottleneck bf16 M=1 b=64", lambda: check_bottleneck(torch.bfloat16, 1, 64)),
+    ("lora fp32 M=300 r=256", lambda: check_lora(torch.float32, 300, K=1024, N=1024, r=256)),
+    ("lora fp32 M=300 r=130", lambda: check_lora(torch.float32, 300, K=1024, N=1024, r=130)),
+    ("bottleneck fp32 M=300 b=256", lambda: check_bottleneck(torch.float32, 300, 256, d=1024, N=1024)),
+    ("lora dropout", check_lora_dropout),
+    ("ops triton == torch (fp32)", check_ops_backends),
+    ("lora group bf16 M=2048", lambda: check_lora_group(torch.bfloat16, 2048)),
+    ("lora group bf16 M=1", lambda: check_lora_group(torch.bfloat16, 1)),
+    ("lora group fp32 M=2048", lambda: check_lora_group(torch.float32, 2048)),
+    ("parallel group bf16 b=64", lambda: check_lora_group(torch.bfloat16, 2048, r=64, act="relu")),
+    ("parallel group bf16 b=256", lambda: check_lora_group(torch.bfloat16, 2048, r=256, act="relu")),
+    ("multi device", check_multi_device),
+    ("fp32 timing (information)", report_fp32_timing),
+]
+
+
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
-    for dtype in (torch.bfloat16, torch.float16):
-        for M in (2048, 1):
-            check_lora(dtype, M)
-        for b in (64, 256):
-            check_bottleneck(dtype, 2048, b)
-    check_bottleneck(torch.bfloat16, 1, 64)
-    check_lora_dropout()
-    check_ops_backends()
-    for dtype in (torch.bfloat16, torch.float32):
-        for M in (2048, 1):
-            check_lora_group(dtype, M)
-    check_lora_group(torch.bfloat16, 2048, r=64, act="relu")  # parallel adapters on q/k/v, b = 64
-    check_lora_group(torch.bfloat16, 2048, r=256, act="relu")  # b = 256 (the paper's): the wide config
-    print("gpu_check: all passed on", torch.cuda.get_device_name())
+    only = sys.argv[1:]  # optional substrings of check names
+    failed = []
+    print("gpu_check on", torch.cuda.get_device_name(), flush=True)
+    for name, fn in CHECKS:
+        if only and not any(o in name for o in only):
+            continue
+        t = time.time()
+        try:
+            fn()
+            torch.cuda.synchronize()
+            print(f"ok   {name} ({time.time() - t:.1f}s)", flush=True)
+        except Exception:  # every check runs: one GPU loan, as much learned from it as possible
+            failed.append(name)
+            print(f"FAIL {name} ({time.time() - t:.1f}s)\n{traceback.format_exc()[-3000:]}", flush=True)
+    if failed:
+        print(f"gpu_check: {len(failed)} failed: {failed}", flush=True)
+        return 1
+    print("gpu_check: all passed on", torch.cuda.get_device_name(), flush=True)
     return 0
 
 

@@ -24,10 +24,20 @@ def check_rule(name, got, ref64, ref_t):
 
 
 # offline compilation (conftest.compile_reports, test_triton_compile.py)
-COMPILE_MODULES = ["fastadapters.kernels.lora", "fastadapters.kernels.lora_group", "fastadapters.kernels.bottleneck"]
+COMPILE_MODULES = ["fastadapters.kernels.lora", "fastadapters.kernels.lora_group", "fastadapters.kernels.bottleneck",
+                   "fastadapters.kernels.multi"]
 COMPILE_CCS = (80, 90)
-# fp32 (IEEE, torch's default) runs on FMA units, not the tensor cores: its largest tiles are
-# compiled for the shared-memory check only, on sm_80 (fp16 compiles to bf16's configs and code).
-FP32_NAMES = ["fused_up/large/r64", "input_grad/large/r64"]
-# fp16 shares bf16's configs; two of them are compiled in fp16 too, to check the dtype itself
-FP16_NAMES = ["fused_up/large/r64", "rank_grad/wide/r256"]
+# (dtype, cc, spec names or None = every shipped spec) compiled by the conftest's subprocess:
+#  - bf16: every spec on sm_80 and sm_90;
+#  - fp32: every spec on sm_80, whose 163 KiB per-block limit is the tighter one (IEEE dots run on
+#    the FMA units alike on both chips), and the TF32 GEMM configs on sm_90 (wgmma: other tiling);
+#  - fp16: the same configs and code as bf16 bar the conversions, so each kernel function is compiled
+#    once at its widest configuration on sm_90, where spills are checked.
+FP32_SM90_NAMES = ["lora:fused_up/large/tf32", "lora:input_grad/large/tf32", "lora:input_grad/large/tf32/res"]
+FP16_NAMES = ["lora:fused_up/large", "lora:input_grad/large/res", "lora:down_proj/r64", "lora:rank_grad/r64",
+              "lora:down_weight_grad/r64", "lora_group:down_proj_group/g3/r64",
+              "lora_group:down_weight_grad_group/g3/r64", "bottleneck:residual_fwd/b256",
+              "bottleneck:residual_input_grad/small", "multi:seg_shrink_r64", "multi:seg_expand",
+              "multi:gather_expand_bmg32"]
+COMPILE_JOBS = [("bfloat16", cc, None) for cc in COMPILE_CCS] + [
+    ("float32", 80, None), ("float32", 90, FP32_SM90_NAMES), ("float16", 90, FP16_NAMES)]
