@@ -26,7 +26,8 @@ where Python and dispatch overhead, not the GEMMs, set the time:
   fused   fastadapters' ``AdapterLinear`` (LoRA r=16; parallel / series (output placement) b=64)
   peft    PEFT's ``lora.Linear`` on the same base (LoRA rows only: PEFT has no bottleneck adapters)
 timed round-robin in the same run (each round times every implementation over a loop of calls;
-the median round is reported in microseconds), with the ratios fused/base and peft/fused.
+the median round; ``fwd_ms`` wall clock, ``fwd_cpu_ms`` process CPU time), with the ratios
+fused/base and peft/fused for both (``*_fwd``, ``*_fwd_cpu``); the markdown shows µs.
 Timing comes from the shared harness (`fastadapters.bench.time_fn`: `triton.testing.do_bench` on
 CUDA, a wall clock on the CPU). It measures; it never asserts speed.
 """
@@ -183,8 +184,8 @@ def _decode_layers(torch, kind, K, N, width, device, dtype, dropout):
 
 
 def _time_decode(torch, harness, impls, x, device, rounds, loop_s=0.004):
-    """Per-forward cost of each module on ``x`` under inference_mode, in µs: ``fwd_us`` wall clock
-    (the shared harness), ``fwd_cpu_us`` this process's CPU time over the same loop (on a machine
+    """Per-forward cost of each module on ``x`` under inference_mode, in ms: ``fwd_ms`` wall clock
+    (the shared harness), ``fwd_cpu_ms`` this process's CPU time over the same loop (on a machine
     other jobs share, the steadier figure of the two: time spent descheduled is not counted).
     Every round times each implementation over a loop of about ``loop_s`` seconds, one after the
     other, so a change of load falls on all of them alike; the median round per implementation."""
@@ -209,7 +210,7 @@ def _time_decode(torch, harness, impls, x, device, rounds, loop_s=0.004):
                 c0 = time.process_time()
                 wall[name].append(harness.time_fn(loop, device, warmup=0, repeats=1) / n)
                 cpu[name].append((time.process_time() - c0) / n)
-    return {name: {"fwd_us": 1e6 * statistics.median(wall[name]), "fwd_cpu_us": 1e6 * statistics.median(cpu[name]),
+    return {name: {"fwd_ms": 1e3 * statistics.median(wall[name]), "fwd_cpu_ms": 1e3 * statistics.median(cpu[name]),
                    "calls_per_round": loops[name]} for name in impls}
 
 
@@ -224,8 +225,8 @@ def _run_decode_rows(torch, harness, device, dt, rows, cases, ms, dropout, round
                 wkey = "r" if kind == "lora" else "b"
                 row = dict(kind=f"{kind}_decode", model=device.type, proj=proj, M=M, K=K, N=N, **{wkey: width},
                            dropout=dropout, fused_backend="torch", threads=torch.get_num_threads(), impls=res)
-                for key in ("fwd_us", "fwd_cpu_us"):  # the ratios by wall clock and by CPU time
-                    suffix = "fwd" if key == "fwd_us" else "fwd_cpu"
+                for key in ("fwd_ms", "fwd_cpu_ms"):  # the ratios by wall clock and by CPU time
+                    suffix = "fwd" if key == "fwd_ms" else "fwd_cpu"
                     row[f"fused_over_base_{suffix}"] = res["fused"][key] / res["base"][key]
                     if "peft" in res:
                         row[f"peft_over_fused_{suffix}"] = res["peft"][key] / res["fused"][key]
@@ -404,8 +405,9 @@ def render_kernel_table(result: dict) -> str:
                   "| fused/base | peft/fused |", "|---|---|" + "---|" * 10]
         for row in decode:
             cells = []
-            for key, suffix in (("fwd_us", "fwd"), ("fwd_cpu_us", "fwd_cpu")):
-                cells += [f"{row['impls'][n][key]:.1f}" if n in row["impls"] else "" for n in ("base", "fused", "peft")]
+            for key, suffix in (("fwd_ms", "fwd"), ("fwd_cpu_ms", "fwd_cpu")):
+                cells += [f"{1e3 * row['impls'][n][key]:.1f}" if n in row["impls"] else ""
+                          for n in ("base", "fused", "peft")]
                 cells.append(f"{row[f'fused_over_base_{suffix}']:.2f}")
                 cells.append(f"{row[f'peft_over_fused_{suffix}']:.2f}" if f"peft_over_fused_{suffix}" in row else "")
             lines.append(f"| {row['kind']} | {_shape(row)} | " + " | ".join(cells) + " |")
@@ -417,8 +419,10 @@ def _shape(row):
 
 
 def _render_row(row):
-    unit = "fwd_us" if row["kind"].endswith("_decode") else "full_ms"
-    impls = " ".join(f"{k}={v[unit]:.3f}{unit[-2:]}" for k, v in row["impls"].items())
+    if row["kind"].endswith("_decode"):
+        impls = " ".join(f"{k}={1e3 * v['fwd_ms']:.1f}us(cpu {1e3 * v['fwd_cpu_ms']:.1f}us)" for k, v in row["impls"].items())
+    else:
+        impls = " ".join(f"{k}={v['full_ms']:.3f}ms" for k, v in row["impls"].items())
     shape = f"{row['model']}/{row['proj']} M={row['M']} K={row['K']} N={row['N']}"
     shape += f" r={row['r']}" if "r" in row else f" b={row['b']}"
     extra = " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "dropout")

@@ -27,8 +27,8 @@ def test_bench_micro_writes_json(tmp_path, capsys):
     assert [(r["kind"], r["M"]) for r in decode] == [(f"{k}_decode", m) for k in ("lora", "parallel", "series")
                                                      for m in (1, 2, 8, 64)]
     assert set(decode[0]["impls"]) == {"base", "fused", "peft"} and set(decode[4]["impls"]) == {"base", "fused"}
-    assert all(v["fwd_us"] > 0 and v["fwd_cpu_us"] >= 0 for r in decode for v in r["impls"].values())
-    assert decode[1]["peft_over_fused_fwd"] == decode[1]["impls"]["peft"]["fwd_us"] / decode[1]["impls"]["fused"]["fwd_us"]
+    assert all(v["fwd_ms"] > 0 and v["fwd_cpu_ms"] >= 0 for r in decode for v in r["impls"].values())
+    assert decode[1]["peft_over_fused_fwd"] == decode[1]["impls"]["peft"]["fwd_ms"] / decode[1]["impls"]["fused"]["fwd_ms"]
     assert "| lora_decode | M=2 K=576 N=576 r=16 |" in text
     lora = kernels["rows"][0]
     assert set(lora["impls"]) == {"base", "fused", "peft"} and lora["fused_backend"] == "torch"
