@@ -36,3 +36,24 @@ def test_decode_layers_compute_the_same_function():
         for kind in ("lora", "parallel", "series"):
             impls = lora if kind == "lora" else _decode_layers(torch, kind, 24, 20, 6, "cpu", torch.float32, 0.05)
             assert not torch.allclose(impls["fused"](x), impls["base"](x), atol=1e-3)
+
+
+def test_bench_decode_script_runs_on_a_tiny_model(tmp_path):
+    """bench/decode.py (per-token step and generate loop, base / fa / PEFT) end to end on --tiny."""
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_decode", os.path.join(root, "bench", "decode.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "d.json"
+    assert mod.main(["--tiny", "--steps", "2", "--rounds", "1", "--new", "2", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())[-1]
+    rows = {r["model"]: r for r in rec["rows"]}
+    assert set(rows) == {"base", "fa_lora", "peft_lora", "fa_parallel", "fa_series"}
+    assert rec["peft_tokens_equal"] is True and rec["benchmark"] == "decode"
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["generate_s"] > 0
+        assert r["step_over_base"] == r["step_ms"] / rows["base"]["step_ms"]
