@@ -9,6 +9,9 @@ parallel adapter on the same projection. Parameter names follow the files users 
 base dtype (PEFT's autocast_adapter_dtype behaviour; LLM-Adapters computes its branch in fp32).
 
 Only the active adapter runs; ``routing`` (set by the multi-adapter router) overrides it per row.
+Where the backend is plain torch (the CPU default) ``forward`` calls the torch implementation
+straight (``_forward_direct``), skipping the per-call lookups, checks and dispatch that cost more
+than the GEMMs when decoding a few rows; the arithmetic, and so every result, is the same.
 ``PrefixEncoder`` produces prefix-tuning key/value prefixes for every layer.
 """
 from __future__ import annotations

@@ -13,7 +13,9 @@ layers call: it checks the shapes and dispatches to a backend (``torch`` here; k
 theirs). The torch path is what CPU users run, so it is lean: the base GEMM is one ``addmm``, the
 low-rank product is folded into its output with an in-place ``addmm_`` (no (M, N) temporary),
 dropout is applied only when it does something, and the backward is written by hand (see
-``_LoRALinearTorch``).
+``_LoRALinearTorch``). When no input needs a gradient (decoding under no_grad / inference_mode) the
+same forward arithmetic runs without the ``autograd.Function``, whose ``apply`` costs more than the
+GEMMs at a few rows.
 """
 from __future__ import annotations
 
