@@ -385,10 +385,11 @@ def render_kernel_table(result: dict) -> str:
     for row in rows:
         names += [n for n in row["impls"] if n not in names]
     backend = rows[0]["fused_backend"] if rows else "?"
-    lines = [] if not rows else [f"Kernels ({result['dtype']}, {result['env'].get('device', '')}; fused = {backend} backend), "
-             "forward+backward ms; ratios from this run:", "",
-             "| row | shape | " + " | ".join(names) + " | fused/base | peft/fused |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
+    lines = [] if not rows else [
+        f"Kernels ({result['dtype']}, {result['env'].get('device', '')}; fused = {backend} backend), "
+        "forward+backward ms; ratios from this run:", "",
+        "| row | shape | " + " | ".join(names) + " | fused/base | peft/fused |",
+        "|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:
         cells = [f"{row['impls'][n]['full_ms']:.3f}" if n in row["impls"] else "" for n in names]
         peft = f"{row['peft_over_fused_full']:.2f}" if "peft_over_fused_full" in row else ""
@@ -420,7 +421,8 @@ def _shape(row):
 
 def _render_row(row):
     if row["kind"].endswith("_decode"):
-        impls = " ".join(f"{k}={1e3 * v['fwd_ms']:.1f}us(cpu {1e3 * v['fwd_cpu_ms']:.1f}us)" for k, v in row["impls"].items())
+        impls = " ".join(f"{k}={1e3 * v['fwd_ms']:.1f}us(cpu {1e3 * v['fwd_cpu_ms']:.1f}us)"
+                         for k, v in row["impls"].items())
     else:
         impls = " ".join(f"{k}={v['full_ms']:.3f}ms" for k, v in row["impls"].items())
     shape = f"{row['model']}/{row['proj']} M={row['M']} K={row['K']} N={row['N']}"

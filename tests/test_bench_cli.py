@@ -28,7 +28,8 @@ def test_bench_micro_writes_json(tmp_path, capsys):
                                                      for m in (1, 2, 8, 64)]
     assert set(decode[0]["impls"]) == {"base", "fused", "peft"} and set(decode[4]["impls"]) == {"base", "fused"}
     assert all(v["fwd_ms"] > 0 and v["fwd_cpu_ms"] >= 0 for r in decode for v in r["impls"].values())
-    assert decode[1]["peft_over_fused_fwd"] == decode[1]["impls"]["peft"]["fwd_ms"] / decode[1]["impls"]["fused"]["fwd_ms"]
+    m2 = decode[1]["impls"]
+    assert decode[1]["peft_over_fused_fwd"] == m2["peft"]["fwd_ms"] / m2["fused"]["fwd_ms"]
     assert "| lora_decode | M=2 K=576 N=576 r=16 |" in text
     lora = kernels["rows"][0]
     assert set(lora["impls"]) == {"base", "fused", "peft"} and lora["fused_backend"] == "torch"
