@@ -19,6 +19,15 @@ with the ratios fused/base and peft/fused from the same run, peak memory and the
 saves per token. Bottleneck rows (output placement: y = h + s·f(h); parallel: y = xWᵀ + s·f(x)),
 b in {64, 256}: fused vs unfused torch, and for the output placement the bytes-over-bandwidth floor
 (`--bandwidth-gbs`, default 3350 = H100 SXM HBM3) of reading/writing h, y, P, dy, dh.
+CPU decode rows (``kind`` lora_decode / parallel_decode / series_decode), per M in 1, 2, 8, 64: one
+adapted layer's forward under ``torch.inference_mode`` in eval mode (dropout configured, so off),
+where Python and dispatch overhead, not the GEMMs, set the time:
+  base    the plain ``nn.Linear``
+  fused   fastadapters' ``AdapterLinear`` (LoRA r=16; parallel / series (output placement) b=64)
+  peft    PEFT's ``lora.Linear`` on the same base (LoRA rows only: PEFT has no bottleneck adapters)
+timed round-robin in the same run (each round times every implementation over a loop of calls;
+the median round; ``fwd_ms`` wall clock, ``fwd_cpu_ms`` process CPU time), with the ratios
+fused/base and peft/fused for both (``*_fwd``, ``*_fwd_cpu``); the markdown shows µs.
 Timing comes from the shared harness (`fastadapters.bench.time_fn`: `triton.testing.do_bench` on
 CUDA, a wall clock on the CPU). It measures; it never asserts speed.
 """
@@ -40,6 +49,10 @@ BOTTLENECKS = (64, 256)
 #: the CPU rows of ``fastadapters bench``: a 1024-wide projection, 512 tokens
 CPU_CASES = (("cpu", "proj1024", 512, 1024, 1024, 16),)
 CPU_BN_CASES = (("cpu", "proj1024", 512, 1024, 1024, 64),)
+#: CPU decode rows: one adapted layer's forward at M rows (M = batch of sequences, one token each),
+#: (proj, K, N, LoRA rank r, bottleneck size b): SmolLM2-135M's q_proj and the 1024-wide projection above
+DECODE_MS = (1, 2, 8, 64)
+DECODE_CASES = (("proj576", 576, 576, 16, 64), ("proj1024", 1024, 1024, 16, 64))
 
 
 def _lora_impls(torch, K, N, r, dtype, device, dropout, fused_backend="triton"):
@@ -128,6 +141,99 @@ def _qkv_impls(torch, K, outs, r, dtype, device, dropout, kind="lora"):
     }
 
 
+def _decode_layers(torch, kind, K, N, width, device, dtype, dropout):
+    """name -> module, one adapted projection in eval mode (see the module docstring): the plain
+    linear, fastadapters' AdapterLinear on it and, for LoRA, PEFT's layer on it with the same weights."""
+    import torch.nn as nn
+
+    from fastadapters.config import LoRAConfig, ParallelConfig, SeriesConfig
+    from fastadapters.layers import AdapterLinear
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    base = nn.Linear(K, N, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(N, K, generator=g) / K**0.5)
+    layer = AdapterLinear(base)
+    if kind == "lora":
+        layer.add_adapter("default", LoRAConfig(r=width, alpha=2 * width, dropout=dropout), "lora")
+    elif kind == "parallel":
+        layer.add_adapter("default", ParallelConfig(bottleneck_size=width, dropout=dropout), "parallel")
+    else:  # series: the output placement (h = Wx; y = h + s·f(h)), Pfeiffer's and Houlsby's FFN one
+        layer.add_adapter("default", SeriesConfig(bottleneck_size=width, dropout=dropout), "output")
+    layer.active_adapter = "default"
+    with torch.no_grad():  # LoRA's B starts at zero: every adapter weight nonzero, as after training
+        for p in layer.adapter_parameters("default"):
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    impls = {"base": base, "fused": layer.eval()}
+    if kind == "lora":
+        try:
+            import peft
+            from peft.tuners.lora import layer as peft_lora
+        except ImportError:
+            return impls
+        kw = dict(r=width, lora_alpha=2 * width, lora_dropout=dropout)
+        try:  # peft >= 0.18 passes the LoraConfig to the layer
+            pl = peft_lora.Linear(base, "default", peft.LoraConfig(**kw), **kw)
+        except TypeError:
+            pl = peft_lora.Linear(base, "default", **kw)
+        with torch.no_grad():
+            pl.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+            pl.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
+        impls["peft"] = pl.eval()
+    return impls
+
+
+def _time_decode(torch, harness, impls, x, device, rounds, loop_s=0.004):
+    """Per-forward cost of each module on ``x`` under inference_mode, in ms: ``fwd_ms`` wall clock
+    (the shared harness), ``fwd_cpu_ms`` this process's CPU time over the same loop (on a machine
+    other jobs share, the steadier figure of the two: time spent descheduled is not counted).
+    Every round times each implementation over a loop of about ``loop_s`` seconds, one after the
+    other, so a change of load falls on all of them alike; the median round per implementation."""
+    import statistics
+    import time
+
+    wall = {name: [] for name in impls}
+    cpu = {name: [] for name in impls}
+    with torch.inference_mode():
+        loops = {}
+        for name, fn in impls.items():  # warm-up, then the loop length from one timed call
+            per_call = harness.time_fn(lambda: fn(x), device, warmup=3, repeats=3)
+            loops[name] = max(1, min(5000, int(loop_s / max(per_call, 1e-7))))
+        for _ in range(rounds):
+            for name, fn in impls.items():
+                n = loops[name]
+
+                def loop(fn=fn, n=n):
+                    for _ in range(n):
+                        fn(x)
+
+                c0 = time.process_time()
+                wall[name].append(harness.time_fn(loop, device, warmup=0, repeats=1) / n)
+                cpu[name].append((time.process_time() - c0) / n)
+    return {name: {"fwd_ms": 1e3 * statistics.median(wall[name]), "fwd_cpu_ms": 1e3 * statistics.median(cpu[name]),
+                   "calls_per_round": loops[name]} for name in impls}
+
+
+def _run_decode_rows(torch, harness, device, dt, rows, cases, ms, dropout, rounds, log):
+    for proj, K, N, r, b in cases:
+        for kind in ("lora", "parallel", "series"):
+            width = r if kind == "lora" else b
+            impls = _decode_layers(torch, kind, K, N, width, device, dt, dropout)
+            for M in ms:
+                x = torch.randn(M, K, device=device, dtype=dt)
+                res = _time_decode(torch, harness, impls, x, device, rounds)
+                wkey = "r" if kind == "lora" else "b"
+                row = dict(kind=f"{kind}_decode", model=device.type, proj=proj, M=M, K=K, N=N, **{wkey: width},
+                           dropout=dropout, fused_backend="torch", threads=torch.get_num_threads(), impls=res)
+                for key in ("fwd_ms", "fwd_cpu_ms"):  # the ratios by wall clock and by CPU time
+                    suffix = "fwd" if key == "fwd_ms" else "fwd_cpu"
+                    row[f"fused_over_base_{suffix}"] = res["fused"][key] / res["base"][key]
+                    if "peft" in res:
+                        row[f"peft_over_fused_{suffix}"] = res["peft"][key] / res["fused"][key]
+                rows.append(row)
+                log(_render_row(row))
+
+
 def _measure_multi(torch, harness, fn, x, device, repeats, warmup=2):
     """_measure for a callable returning several outputs (one gradient each)."""
     dys = [torch.randn_like(y) for y in fn(x)]
@@ -198,6 +304,9 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
     try:
         _run_rows(torch, harness, device, dt, rows, lora_cases, bn_cases, fused_backend, smoke, quick, dropout,
                   repeats, warmup, bandwidth_gbs, log)
+        if device.type != "cuda" and not smoke:  # decode: one layer's forward at a few rows
+            _run_decode_rows(torch, harness, device, dt, rows, DECODE_CASES[:1] if quick else DECODE_CASES,
+                             DECODE_MS, dropout, max(5, repeats), log)
         truncated = False
     except KeyboardInterrupt:  # a time limit (SIGINT, bench/gpu_session.sh): keep the rows so far, marked
         if not partial_on_interrupt:
@@ -268,27 +377,54 @@ def _run_rows(torch, harness, device, dt, rows, lora_cases, bn_cases, fused_back
 
 
 def render_kernel_table(result: dict) -> str:
-    """Markdown table of a ``kernel_table`` record: forward+backward ms per implementation."""
-    rows = result["rows"]
+    """Markdown table of a ``kernel_table`` record: forward+backward ms per implementation, then the
+    decode rows (forward µs per implementation) if any."""
+    rows = [r for r in result["rows"] if not r["kind"].endswith("_decode")]
+    decode = [r for r in result["rows"] if r["kind"].endswith("_decode")]
     names = []
     for row in rows:
         names += [n for n in row["impls"] if n not in names]
     backend = rows[0]["fused_backend"] if rows else "?"
-    lines = [f"Kernels ({result['dtype']}, {result['env'].get('device', '')}; fused = {backend} backend), "
-             "forward+backward ms; ratios from this run:", "",
-             "| row | shape | " + " | ".join(names) + " | fused/base | peft/fused |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
+    lines = [] if not rows else [
+        f"Kernels ({result['dtype']}, {result['env'].get('device', '')}; fused = {backend} backend), "
+        "forward+backward ms; ratios from this run:", "",
+        "| row | shape | " + " | ".join(names) + " | fused/base | peft/fused |",
+        "|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:
-        shape = f"M={row['M']} K={row['K']} N={row['N']} " + (f"r={row['r']}" if "r" in row else f"b={row['b']}")
         cells = [f"{row['impls'][n]['full_ms']:.3f}" if n in row["impls"] else "" for n in names]
         peft = f"{row['peft_over_fused_full']:.2f}" if "peft_over_fused_full" in row else ""
-        lines.append(f"| {row['kind']} | {shape} | " + " | ".join(cells)
+        lines.append(f"| {row['kind']} | {_shape(row)} | " + " | ".join(cells)
                      + f" | {row['fused_over_base_full']:.2f} | {peft} |")
+    if decode:
+        if lines:
+            lines.append("")
+        lines += [f"Decode, one layer's forward in eval under inference_mode ({result['dtype']}, "
+                  f"{result['env'].get('device', '')}, {decode[0]['threads']} torch threads): µs per call, "
+                  "median of round-robin rounds; wall clock, and CPU time (steadier where other jobs share "
+                  "the machine):", "",
+                  "| row | shape | base | fused | peft | fused/base | peft/fused | CPU: base | fused | peft "
+                  "| fused/base | peft/fused |", "|---|---|" + "---|" * 10]
+        for row in decode:
+            cells = []
+            for key, suffix in (("fwd_ms", "fwd"), ("fwd_cpu_ms", "fwd_cpu")):
+                cells += [f"{1e3 * row['impls'][n][key]:.1f}" if n in row["impls"] else ""
+                          for n in ("base", "fused", "peft")]
+                cells.append(f"{row[f'fused_over_base_{suffix}']:.2f}")
+                cells.append(f"{row[f'peft_over_fused_{suffix}']:.2f}" if f"peft_over_fused_{suffix}" in row else "")
+            lines.append(f"| {row['kind']} | {_shape(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _shape(row):
+    return f"M={row['M']} K={row['K']} N={row['N']} " + (f"r={row['r']}" if "r" in row else f"b={row['b']}")
+
+
 def _render_row(row):
-    impls = " ".join(f"{k}={v['full_ms']:.3f}ms" for k, v in row["impls"].items())
+    if row["kind"].endswith("_decode"):
+        impls = " ".join(f"{k}={1e3 * v['fwd_ms']:.1f}us(cpu {1e3 * v['fwd_cpu_ms']:.1f}us)"
+                         for k, v in row["impls"].items())
+    else:
+        impls = " ".join(f"{k}={v['full_ms']:.3f}ms" for k, v in row["impls"].items())
     shape = f"{row['model']}/{row['proj']} M={row['M']} K={row['K']} N={row['N']}"
     shape += f" r={row['r']}" if "r" in row else f" b={row['b']}"
     extra = " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "dropout")
@@ -306,12 +442,16 @@ def main(argv=None, default_json: str = os.path.join("bench", "results", "kernel
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth for the floor")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch.set_num_threads (1 keeps the decode rows steady on a shared machine)")
     ap.add_argument("--json", default=default_json,
                     help="append the record here ('' to skip)")
     args = ap.parse_args(argv)
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cpu":
         if args.smoke and "fastadapters.kernels.lora" not in sys.modules:
             os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -9,6 +9,9 @@ parallel adapter on the same projection. Parameter names follow the files users 
 base dtype (PEFT's autocast_adapter_dtype behaviour; LLM-Adapters computes its branch in fp32).
 
 Only the active adapter runs; ``routing`` (set by the multi-adapter router) overrides it per row.
+Where the backend is plain torch (the CPU default) ``forward`` calls the torch implementation
+straight (``_forward_direct``), skipping the per-call lookups, checks and dispatch that cost more
+than the GEMMs when decoding a few rows; the arithmetic, and so every result, is the same.
 ``PrefixEncoder`` produces prefix-tuning key/value prefixes for every layer.
 """
 from __future__ import annotations
@@ -21,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, _BottleneckConfig
-from .ops.bottleneck import ACT_IDS, bottleneck_linear
-from .ops.dispatch import _warn_once as warn_once, resolve as resolve_backend
-from .ops.lora import OP as LORA_OP, branch_group, branch_group_unsupported, lora_linear
+from .ops.bottleneck import ACT_IDS, bottleneck_linear, bottleneck_linear_torch
+from .ops.dispatch import _warn_once as warn_once, plain_torch, resolve as resolve_backend
+from .ops.lora import OP as LORA_OP, branch_group, branch_group_unsupported, lora_linear, lora_linear_torch
 
 try:  # transformers' GPT-2 style linear (weight stored (in, out))
     from transformers.pytorch_utils import Conv1D
@@ -186,12 +189,53 @@ class AdapterLinear(nn.Module):
                                  self.adapter_up[name].weight, self.scaling_of(name), cfg.non_linearity,
                                  cfg.dropout, self.training, self.backend)
 
+    def _forward_direct(self, x: torch.Tensor, name: str, spec: AdapterSpec) -> torch.Tensor | None:
+        """The torch backend's implementation called straight, or None to take ``forward_adapter``.
+
+        Where the backend resolves to plain torch (the CPU default), what ``forward_adapter`` does
+        per call besides the arithmetic -- ModuleDict and parameter lookups through
+        ``nn.Module.__getattr__``, the ops' shape checks, backend resolution and dispatch -- costs
+        more than the GEMMs when M is a few rows (decoding). Here the weights come from the
+        modules' dicts, the weights' shapes are the ones ``add_adapter`` built (x's is checked),
+        and the arithmetic is the very function the dispatcher would call, so the results are the
+        same bits. Anything unusual (a wrong x, another backend, grouped outputs waiting in a
+        ``SharedInput``) returns None and takes the full path, which checks and says why."""
+        if x.shape[-1] != self.in_features or not plain_torch(self.backend, x.is_cuda):
+            return None
+        share = self.__dict__.get("shared_input")
+        if share is not None and share._pending:
+            return None
+        mods = self._modules
+        base = mods["base_layer"]
+        params = base._parameters
+        weight = params.get("weight")
+        if weight is None:
+            return None
+        bias = params["bias"] if "bias" in params else base.bias
+        if isinstance(base, Conv1D):
+            weight = weight.t()  # stored (in, out): the (out, in) view, as base_weight_nk
+        cfg = spec.config
+        if spec.kind == "lora":
+            A = mods["lora_A"]._modules[name]._parameters["weight"]
+            B = mods["lora_B"]._modules[name]._parameters["weight"]
+            return lora_linear_torch(x, weight, bias, A, B, float(spec.scaling), float(cfg.dropout), self.training)
+        down = mods["adapter_down"]._modules[name]._parameters["weight"]
+        up = mods["adapter_up"]._modules[name]._parameters["weight"]
+        scaling = spec.scaling if spec.scaling is not None else self.adapter_scaling[name]
+        return bottleneck_linear_torch(spec.kind, x, (weight, bias), down, up, scaling, cfg.non_linearity,
+                                       float(cfg.dropout), self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routing is not None:
             return self.routing.forward(self, x)
         name = self.active_adapter
-        if name is None or name not in self.specs:
+        spec = self.specs.get(name) if name is not None else None
+        if spec is None:
             return self.base_layer(x)
+        if self.fusable and not torch.compiler.is_compiling():
+            out = self._forward_direct(x, name, spec)
+            if out is not None:
+                return out
         share = self.__dict__.get("shared_input")
         if share is not None and self.fusable:
             out = share.output(self, x, name)

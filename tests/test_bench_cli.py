@@ -20,7 +20,17 @@ def test_bench_micro_writes_json(tmp_path, capsys):
     assert "fused = torch backend" in text and "| lora | M=512 K=1024 N=1024 r=16 |" in text
     kernels = data[1]
     assert kernels["benchmark"] == "kernels"
-    assert [r["kind"] for r in kernels["rows"]] == ["lora", "bottleneck_output", "bottleneck_parallel"]
+    kinds = [r["kind"] for r in kernels["rows"]]
+    assert kinds[:3] == ["lora", "bottleneck_output", "bottleneck_parallel"]
+    # then the decode rows: one layer's forward at M = 1, 2, 8, 64 for each adapter type, PEFT beside LoRA
+    decode = kernels["rows"][3:]
+    assert [(r["kind"], r["M"]) for r in decode] == [(f"{k}_decode", m) for k in ("lora", "parallel", "series")
+                                                     for m in (1, 2, 8, 64)]
+    assert set(decode[0]["impls"]) == {"base", "fused", "peft"} and set(decode[4]["impls"]) == {"base", "fused"}
+    assert all(v["fwd_ms"] > 0 and v["fwd_cpu_ms"] >= 0 for r in decode for v in r["impls"].values())
+    m2 = decode[1]["impls"]
+    assert decode[1]["peft_over_fused_fwd"] == m2["peft"]["fwd_ms"] / m2["fused"]["fwd_ms"]
+    assert "| lora_decode | M=2 K=576 N=576 r=16 |" in text
     lora = kernels["rows"][0]
     assert set(lora["impls"]) == {"base", "fused", "peft"} and lora["fused_backend"] == "torch"
     assert lora["peft_over_fused_full"] == lora["impls"]["peft"]["full_ms"] / lora["impls"]["fused"]["full_ms"]

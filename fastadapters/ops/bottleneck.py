@@ -74,7 +74,7 @@ def _branch_torch(z, down, up, scaling, act: str, dropout_p: float, training: bo
     zf = z if z.dtype == down.dtype else z.to(down.dtype)
     if training and dropout_p > 0:
         zf = F.dropout(zf, dropout_p, True)
-    out = ACT_FNS[act](zf @ down.t()) @ up.t()
+    out = F.linear(ACT_FNS[act](F.linear(zf, down)), up)  # 2-D: z·Dᵀ, then ·Uᵀ (one call each)
     out = out * scaling if isinstance(scaling, torch.Tensor) else (out if scaling == 1.0 else out * scaling)
     return out if out.dtype == z.dtype else out.to(z.dtype)
 
@@ -82,8 +82,7 @@ def _branch_torch(z, down, up, scaling, act: str, dropout_p: float, training: bo
 def _linear(x2, base):
     if callable(base):
         return base(x2)
-    weight, bias = base
-    return torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    return F.linear(x2, *base)  # 2-D: addmm(bias, x2, Wᵀ), or mm without a bias
 
 
 def bottleneck_linear_torch(placement: str, x, base, down, up, scaling, act: str, dropout_p: float,

@@ -91,6 +91,16 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     return "torch"
 
 
+def plain_torch(backend: str | None, on_cuda: bool) -> bool:
+    """Whether ``resolve`` certainly picks ``torch`` for an op that has a torch implementation: an
+    explicit "torch" request, or "auto" (the default) off CUDA. A quick test for per-call hot paths
+    (the layers' direct call at decode time); False for everything else, which takes ``resolve``
+    (and its errors for a bad request)."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or "auto"
+    return backend == "torch" or (backend == "auto" and not on_cuda)
+
+
 def call(op: str, backend: str | None, device: torch.device, *args, **kwargs):
     return _IMPLS[op][resolve(op, backend, device)](*args, **kwargs)
 

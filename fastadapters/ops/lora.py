@@ -13,11 +13,14 @@ layers call: it checks the shapes and dispatches to a backend (``torch`` here; k
 theirs). The torch path is what CPU users run, so it is lean: the base GEMM is one ``addmm``, the
 low-rank product is folded into its output with an in-place ``addmm_`` (no (M, N) temporary),
 dropout is applied only when it does something, and the backward is written by hand (see
-``_LoRALinearTorch``).
+``_LoRALinearTorch``). When no input needs a gradient (decoding under no_grad / inference_mode) the
+same forward arithmetic runs without the ``autograd.Function``, whose ``apply`` costs more than the
+GEMMs at a few rows.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch
 
@@ -45,6 +48,27 @@ def check_lora_args(x, weight, bias, lora_A, lora_B) -> None:
     dispatch.check_shape("lora_B", lora_B, (n, lora_A.shape[0]))
 
 
+def _lora_forward_torch(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
+    """The torch path's forward arithmetic, shared by the autograd path and the no-grad path so both
+    give the same bits: (out (M, N), S = xd·Aᵀ (M, r), the bool dropout mask or None).
+
+    Three GEMM calls: ``linear`` for the base (an ``addmm`` with the bias), ``linear`` for S, and an
+    in-place ``addmm_`` that adds s·S·Bᵀ into the base output (the scale folded into the GEMM's
+    alpha, no (M, N) temporary)."""
+    mask = None
+    if training and dropout_p > 0:
+        xd, mask = torch.native_dropout(x2, dropout_p, True)
+    else:
+        xd = x2
+    s = F.linear(xd if xd.dtype == lora_A.dtype else xd.to(lora_A.dtype), lora_A)  # (M, r)
+    out = F.linear(x2, weight, bias)  # 2-D: addmm(bias, x2, Wᵀ), or mm without a bias
+    if s.dtype != out.dtype:
+        out.addmm_(s.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
+    else:
+        out.addmm_(s, lora_B.t(), alpha=scaling)
+    return out, s, mask
+
+
 class _LoRALinearTorch(torch.autograd.Function):
     """The CPU path with a hand-written backward.
 
@@ -55,18 +79,7 @@ class _LoRALinearTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
-        mask = None
-        if training and dropout_p > 0:
-            xd, mask = torch.native_dropout(x2, dropout_p, True)
-        else:
-            xd = x2
-        xa = xd if xd.dtype == lora_A.dtype else xd.to(lora_A.dtype)
-        s = xa @ lora_A.t()  # (M, r)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        if s.dtype != out.dtype:
-            out.addmm_(s.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
-        else:
-            out.addmm_(s, lora_B.t(), alpha=scaling)
+        out, s, mask = _lora_forward_torch(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, s, mask)
         ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
         return out
@@ -104,12 +117,28 @@ def lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p
     dev = x.device.type
     # autocast would cast each matmul separately and mismatch the in-place fold: do its job once
     x2, weight, bias, autocast_on = dispatch.autocast_inputs(dev, x2, weight, bias)
+    # no input needs a gradient (decoding under no_grad / inference_mode, or everything frozen):
+    # the same arithmetic without the autograd.Function, whose apply costs more than the three
+    # GEMMs when M is a few rows
+    grad = _needs_grad(x2, weight, bias, lora_A, lora_B)
     if autocast_on:
         with torch.autocast(dev, enabled=False):
-            out = _LoRALinearTorch.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+            out = _lora_torch_2d(grad, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     else:
-        out = _LoRALinearTorch.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+        out = _lora_torch_2d(grad, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     return out.view(*x.shape[:-1], n)
+
+
+def _lora_torch_2d(grad: bool, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
+    if grad:
+        return _LoRALinearTorch.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    return _lora_forward_torch(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training)[0]
+
+
+def _needs_grad(x2, weight, bias, lora_A, lora_B) -> bool:
+    """Whether autograd would record the op (grad mode on and an input requires grad)."""
+    return torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
