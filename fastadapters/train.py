@@ -325,6 +325,23 @@ def _resume_target(args) -> tuple[str | None, str | None]:
     return None, r
 
 
+# schedulers that ignore warmup_steps
+_NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau")
+
+
+def warmup_never_ends(warmup_steps: int, total_steps: int, scheduler: str = "linear") -> bool:
+    """True when a linear warm-up of ``warmup_steps`` does not finish within ``total_steps`` steps."""
+    return scheduler not in _NO_WARMUP_SCHEDULERS and total_steps > 0 and warmup_steps >= max(total_steps, 1)
+
+
+def short_warmup_message(warmup_steps: int, total_steps: int, lr: float) -> str:
+    # the Trainer's linear warm-up sets step k's rate to lr * k / warmup (k = 0 .. total - 1)
+    peak = lr * (total_steps - 1) / warmup_steps
+    return (f"fastadapters train: warning: --warmup-steps {warmup_steps} is not shorter than the run's "
+            f"{total_steps} optimizer steps: the learning rate ramps up the whole run and peaks at {peak:.2e}, "
+            f"never reaching --learning-rate {lr:g}; give --warmup-steps below {total_steps} (0: none)")
+
+
 def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     """Non-reentrant activation checkpointing, under the TrainingArguments name of this transformers
     version (``activation_checkpointing`` since 5.2x, ``gradient_checkpointing`` before)."""
@@ -403,7 +420,8 @@ def _trainer_classes():
 
         def _load_best_model(self) -> None:
             best = self.state.best_model_checkpoint
-            print(f"loading the best checkpoint {best} (eval loss {self.state.best_metric:.4f})", flush=True)
+            if self.is_world_process_zero():  # every rank loads it; one line says so
+                print(f"loading the best checkpoint {best} (eval loss {self.state.best_metric:.4f})", flush=True)
             fa_io.load_adapter(self.model, best)
 
     def loss_line(state, logs: dict) -> str | None:
@@ -433,13 +451,25 @@ def _trainer_classes():
                 else:
                     print(line, flush=True)
 
+    class ShortWarmupWarning(TrainerCallback):
+        """Warns (rank 0) when the linear warm-up outlasts the run: the learning rate never reaches
+        --learning-rate (LLM-Adapters' 100 warm-up steps against a short --max-steps run)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            scheduler = getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type))
+            w = args.warmup_steps  # a count, or below 1 a fraction of the run (TrainingArguments' rule)
+            warmup = int(w) if w >= 1 else math.ceil(state.max_steps * w)
+            if state.is_world_process_zero and warmup_never_ends(warmup, state.max_steps, scheduler):
+                print(short_warmup_message(warmup, state.max_steps, args.learning_rate),
+                      file=sys.stderr, flush=True)
+
     class LossLinePrinter(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             line = loss_line(state, logs or {})
             if line and state.is_world_process_zero:
                 print(line, flush=True)
 
-    return AdapterTrainer, LossLineProgress, LossLinePrinter
+    return AdapterTrainer, LossLineProgress, LossLinePrinter, ShortWarmupWarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,6 +566,10 @@ def _run(argv: list[str]) -> int:
         bf16=args.bf16 and dtype_name != "bfloat16",
         fp16=args.fp16,
         **_checkpointing_kwargs(args.gradient_checkpointing),
+        # patch freezes everything but the active adapter, and every trainable parameter takes part in
+        # each forward: DDP need not search for unused ones (the Trainer's default without
+        # checkpointing is True, which costs a graph traversal per step and warns on every rank)
+        ddp_find_unused_parameters=False,
         logging_steps=args.logging_steps,
         eval_strategy="steps" if has_val else "no",
         eval_steps=args.eval_steps if has_val else None,
@@ -562,7 +596,7 @@ def _run(argv: list[str]) -> int:
         targs = TrainingArguments(**targs_kwargs)
     except ValueError as e:
         raise UsageError(f"invalid training arguments: {e}") from None
-    AdapterTrainer, LossLineProgress, LossLinePrinter = _trainer_classes()
+    AdapterTrainer, LossLineProgress, LossLinePrinter, ShortWarmupWarning = _trainer_classes()
     trainer = AdapterTrainer(
         model=model,
         args=targs,
@@ -573,6 +607,7 @@ def _run(argv: list[str]) -> int:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LossLineProgress() if progress else LossLinePrinter())
+    trainer.add_callback(ShortWarmupWarning())
 
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume_checkpoint)
