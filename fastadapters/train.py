@@ -245,6 +245,17 @@ def _check_args(args) -> None:
                              "so that the best checkpoint can be reloaded at the end")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
+    # checked here, before the model loads, rather than by the optimizer or TrainingArguments later
+    # (a traceback, or an error naming their --logging_steps spelling)
+    for flag, value in (("--learning-rate", args.learning_rate), ("--weight-decay", args.weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value:g}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.logging_steps < 1:
+        raise UsageError(f"--logging-steps must be >= 1, got {args.logging_steps}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
 
 
 def _training_device(args) -> str:

@@ -77,6 +77,13 @@ def _probe(argv, cwd):
     (["train", *VALID, "--bottleneck-size", "8"], 2, "--bottleneck-size does not apply to --adapter lora"),
     (["train", *VALID, "--r", "0"], 2, "LoRAConfig.r"),
     (["train", *VALID, "--resume-from-checkpoint", "nowhere"], 2, "no such directory: nowhere"),
+    # numbers the optimizer / TrainingArguments / numpy would reject only after the model loaded
+    (["train", *VALID, "--lr", "-1"], 2, "--learning-rate must be a finite number >= 0, got -1"),
+    (["train", *VALID, "--lr", "nan"], 2, "--learning-rate must be a finite number >= 0, got nan"),
+    (["train", *VALID, "--weight-decay", "-0.1"], 2, "--weight-decay must be a finite number >= 0"),
+    (["train", *VALID, "--warmup-steps", "-3"], 2, "--warmup-steps must be >= 0, got -3"),
+    (["train", *VALID, "--logging-steps", "0"], 2, "--logging-steps must be >= 1, got 0"),
+    (["train", *VALID, "--seed", "-1"], 2, "--seed must be in [0, 2**32 - 1]"),
     (["eval", "--base-model", "m", "--limit", "x"], 2, "--limit"),
     (["eval", "--base-model", "m"], 2, "give --dataset NAME"),
     (["bench", "--repeat", "1"], 2, "unrecognized arguments: --repeat"),
@@ -330,3 +337,22 @@ def test_train_prefix_in_peft_format(tiny_base, tmp_path, capsys):
     assert train_main(argv) == 0
     assert "saved the prefix adapter (peft format)" in capsys.readouterr().out
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+
+
+def test_warmup_longer_than_the_run_warns_with_the_peak_rate(tiny_base, tmp_path, capsys):
+    """LLM-Adapters' 100 warm-up steps against a 2-step run: the rate never gets near --lr. The
+    warning's peak is the rate the scheduler logs at the last step; a constant scheduler (no
+    warm-up) and a warm-up shorter than the run say nothing."""
+    base, data = tiny_base
+    argv = _argv(base, data, tmp_path / "a", "--limit", "8", "--val-set-size", "0", "--max-steps", "2",
+                 "--logging-steps", "1", "--warmup-steps", "100", "--no-progress")
+    assert train_main(argv) == 0
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if "--warmup-steps" in ln]
+    assert err == ["fastadapters train: warning: --warmup-steps 100 is not shorter than the run's 2 optimizer "
+                   "steps: the learning rate ramps up the whole run and peaks at 1.00e-04, never reaching "
+                   "--learning-rate 0.01; give --warmup-steps below 2 (0: none)"], captured.err
+    assert "step 2/2 | epoch" in captured.out and "lr 1.00e-04" in captured.out, captured.out
+    for extra in (["--lr-scheduler", "constant"], ["--warmup-steps", "1"]):
+        assert train_main(argv + extra + ["--overwrite-output-dir"]) == 0
+        assert "warning: --warmup-steps" not in capsys.readouterr().err, extra
