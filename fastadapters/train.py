@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastadapters train", description=DESCRIPTION, epilog=EPILOG)
     g = p.add_argument_group("data and model")
     g.add_argument("--base-model", required=True, help="local model directory or transformers model id")
+    g.add_argument("--gguf-file", metavar="NAME", default=None,
+                   help="load the base model from this GGUF file inside --base-model (dequantized to "
+                        "--model-dtype); default: the directory's config.json and weights")
     g.add_argument("--data", required=True, help="Alpaca-format JSON (or .jsonl): instruction, input, output")
     g.add_argument("--output-dir", required=True, help="where checkpoints and the final adapter go")
     g.add_argument("--cutoff-len", type=int, default=256, help="maximum tokens per example (truncated)")
@@ -363,12 +366,29 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {key: enabled, key + "_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def check_base_model_path(name: str) -> None:
-    """A --base-model written as a path must exist (otherwise it would be tried as a hub id)."""
+def check_base_model_path(name: str, gguf_file: str | None = None) -> None:
+    """A --base-model written as a path must exist (otherwise it would be tried as a hub id); a local
+    directory with GGUF files but no config.json needs --gguf-file (transformers' own error there is
+    about the tokenizer); a --gguf-file must be in the directory."""
+    path = os.path.expanduser(name)
     if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name:
-        path = os.path.expanduser(name)
         if not os.path.isdir(path):
             raise UsageError(f"--base-model: no such directory: {name}")
+    if not os.path.isdir(path):
+        return  # a hub id
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if gguf_file is not None:
+        if not os.path.isfile(os.path.join(path, gguf_file)):
+            raise UsageError(f"--gguf-file {gguf_file}: not in {name}; its GGUF files: {ggufs or 'none'}")
+    elif ggufs and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--base-model {name} has no config.json, only GGUF weights; pass --gguf-file "
+                         f"{ggufs[0]}" + (f" (or one of {ggufs[1:]})" if len(ggufs) > 1 else ""))
+
+
+def load_error_line(e: Exception) -> str:
+    """One line from a loading error (transformers' tokenizer errors run over several lines)."""
+    text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
+    return (text[:400] + " ...") if len(text) > 400 else (text or type(e).__name__)
 
 
 def quiet_transformers() -> None:
@@ -383,14 +403,14 @@ def _load_model_and_tokenizer(args, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_base_model_path(args.base_model)
+    check_base_model_path(args.base_model, args.gguf_file)
     quiet_transformers()
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name))
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load base model {args.base_model!r}: {first}") from None
+        raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
     ensure_pad_token(tokenizer)
     return model, tokenizer
 

