@@ -152,7 +152,8 @@ def _load(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import check_base_model_path, ensure_pad_token, load_error_line, quiet_transformers
+    from .train import (check_base_model_path, ensure_pad_token, load_error_line, quiet_transformers,
+                        unmark_dequantized_gguf)
 
     try:
         check_base_model_path(args.base_model, args.gguf_file)
@@ -166,6 +167,11 @@ def _load(args):
         model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, args.model_dtype), **gguf)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
+    if args.gguf_file:
+        try:
+            unmark_dequantized_gguf(model, args.gguf_file)
+        except Exception as e:  # train.UsageError: same message, this module's exit path
+            raise UsageError(str(e)) from None
     if args.adapter is not None:
         import fastadapters as fa
 

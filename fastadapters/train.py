@@ -385,6 +385,26 @@ def check_base_model_path(name: str, gguf_file: str | None = None) -> None:
                          f"{ggufs[0]}" + (f" (or one of {ggufs[1:]})" if len(ggufs) > 1 else ""))
 
 
+def unmark_dequantized_gguf(model, gguf_file: str) -> None:
+    """A GGUF model that transformers dequantized while loading (its legacy loader; on a CPU, or
+    without the ``kernels`` package) holds plain float weights but can stay marked as quantized
+    (``hf_quantizer``, ``is_quantized``), so the Trainer refuses to train it ("purely quantized
+    models") and save_pretrained refuses to write it. Drop the marker when every parameter and buffer
+    is a float tensor; a GGUF model kept in quantized blocks is refused in one line."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False):
+        return
+    packed = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_floating_point()]
+    if packed:
+        raise UsageError(f"--gguf-file {gguf_file}: transformers kept its weights quantized ({packed[0]} is "
+                         "not a float tensor); fastadapters adapts float layers: load it dequantized (without the `kernels` package) "
+                         "or convert it to safetensors first")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.__dict__.pop("quantization_method", None)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def load_error_line(e: Exception) -> str:
     """One line from a loading error (transformers' tokenizer errors run over several lines)."""
     text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
@@ -411,6 +431,8 @@ def _load_model_and_tokenizer(args, dtype_name: str):
         model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
+    if args.gguf_file:
+        unmark_dequantized_gguf(model, args.gguf_file)
     ensure_pad_token(tokenizer)
     return model, tokenizer
 

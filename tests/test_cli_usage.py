@@ -378,3 +378,37 @@ def test_gguf_only_directory_names_the_flag_and_its_files(tmp_path, capsys):
     assert train_main(["--base-model", str(model_dir), "--gguf-file", "other.gguf", *train]) == 2
     _one_line_error(capsys, "--gguf-file other.gguf: not in", "its GGUF files: ['m.Q4_1.gguf']")
     assert not (tmp_path / "o").exists()
+
+
+def test_dequantized_gguf_model_is_trainable_and_a_quantized_one_is_refused():
+    """transformers' legacy GGUF loader dequantizes every tensor yet leaves the model marked as
+    quantized (``hf_quantizer``, ``is_quantized``: what SmolLM2's GGUF gets on a CPU), and its Trainer
+    then refuses to fine-tune it; the CLI drops the marker when every tensor is a float, and refuses
+    weights kept in packed blocks in one line, changing nothing."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from fastadapters.cli import UsageError
+    from fastadapters.train import unmark_dequantized_gguf
+    from tiny_models import tiny_model
+
+    def marked(model):
+        model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(dequantize=False),
+                                             is_trainable=False, is_qat_trainable=False)
+        model.is_quantized = True
+        model.config.quantization_config = {"quant_method": "gguf"}
+        return model
+
+    model = marked(tiny_model("llama"))
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)  # what `fastadapters train --gguf-file` hit
+    unmark_dequantized_gguf(model, "m.gguf")
+    validate_quantization_for_training(model)
+    assert model.hf_quantizer is None and getattr(model.config, "quantization_config", None) is None
+
+    kept = marked(tiny_model("llama"))
+    kept.register_buffer("packed_block", torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(UsageError, match="--gguf-file m.gguf: transformers kept its weights quantized"):
+        unmark_dequantized_gguf(kept, "m.gguf")
+    assert kept.is_quantized and kept.hf_quantizer is not None
