@@ -590,8 +590,16 @@ def _run(argv: list[str]) -> int:
     val_data = tokenize_records(tokenizer, val_records, **tok_kwargs) if val_records else None
 
     if _is_main_process():
+        shown, where = config.to_dict(), ""
+        if "target_modules" in shown:  # what the architecture's default or all-linear resolved to
+            from .patching import _require_state
+
+            state = _require_state(model)
+            paths = state.kinds.get(state.active, {})
+            shown["target_modules"] = sorted({path.rsplit(".", 1)[-1] for path in paths})
+            where = f" on {len(paths)} modules"
         print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: "
-              f"{json.dumps(config.to_dict(), sort_keys=True)}")
+              f"{json.dumps(shown, sort_keys=True)}{where}")
         print(f"{len(train_data)} training / {len(val_data or [])} validation examples; "
               f"{fa.trainable_parameters(model)}", flush=True)
 

@@ -309,6 +309,8 @@ def test_limit_step0_eval_and_plain_log_lines(tiny_base, tmp_path, capsys):
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "8 training / 4 validation examples" in text  # --limit 12: the first 12 records, 4 held out
+    # the targets the architecture's default resolved to, not "target_modules": null
+    assert '"target_modules": ["q_proj", "v_proj"], "use_rslora": false} on 4 modules' in captured.out, captured.out
     assert re.search(r"^step 0/2 \| eval loss \d+\.\d+$", captured.out, re.M), captured.out
     assert re.search(r"^step 2/2 \| eval loss", captured.out, re.M)
     assert "\r" not in text and "\x1b" not in text and "it/s" not in text
