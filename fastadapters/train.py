@@ -591,7 +591,7 @@ def _run(argv: list[str]) -> int:
 
     if _is_main_process():
         shown, where = config.to_dict(), ""
-        if "target_modules" in shown:  # what the architecture's default or all-linear resolved to
+        if shown.get("adapter_type") != "prefix":  # the targets the architecture's default or all-linear resolved to
             from .patching import _require_state
 
             state = _require_state(model)

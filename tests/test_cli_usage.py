@@ -337,7 +337,9 @@ def test_train_prefix_in_peft_format(tiny_base, tmp_path, capsys):
     argv = _argv(base, data, out, "--adapter", "prefix", "--num-virtual-tokens", "3", "--save-format", "peft",
                  "--max-steps", "1", "--val-set-size", "0", "--save-steps", "100")
     assert train_main(argv) == 0
-    assert "saved the prefix adapter (peft format)" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "saved the prefix adapter (peft format)" in log
+    assert '"num_virtual_tokens": 3, "prefix_projection": false, "target_modules": null}\n' in log, log
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
 
 
