@@ -76,10 +76,9 @@ def _scaling(value: str):
 
 
 def _modules(values: list[str]) -> list[str]:
-    out = []
-    for v in values:
-        out += [s.strip() for s in v.split(",") if s.strip()]
-    return out
+    """--target-modules words: separate arguments, or one quoted argument with commas and/or spaces
+    ("q_proj v_proj", "q_proj, v_proj"); module names hold neither."""
+    return [s for v in values for s in v.replace(",", " ").split()]
 
 
 def _config_defaults(dest: str) -> str:

@@ -416,3 +416,11 @@ def test_dequantized_gguf_model_is_trainable_and_a_quantized_one_is_refused():
     with pytest.raises(UsageError, match="--gguf-file m.gguf: transformers kept its weights quantized"):
         unmark_dequantized_gguf(kept, "m.gguf")
     assert kept.is_quantized and kept.hf_quantizer is not None
+
+
+@pytest.mark.parametrize("words", [["q_proj", "v_proj"], ["q_proj,v_proj"], ["q_proj, v_proj"], ["q_proj v_proj"],
+                                   ["q_proj,", "v_proj"], [" q_proj  v_proj "]])
+def test_target_modules_split_on_commas_and_spaces(words):
+    """--help says "space or comma separated": a quoted "q_proj v_proj" was one name that matched nothing."""
+    parsed = train_parser().parse_args([*REQUIRED, "--target-modules", *words])
+    assert adapter_config(parsed).target_modules == ["q_proj", "v_proj"]
