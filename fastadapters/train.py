@@ -351,7 +351,7 @@ def short_warmup_message(warmup_steps: int, total_steps: int, lr: float) -> str:
     # the Trainer's linear warm-up sets step k's rate to lr * k / warmup (k = 0 .. total - 1)
     peak = lr * (total_steps - 1) / warmup_steps
     return (f"fastadapters train: warning: --warmup-steps {warmup_steps} is not shorter than the run's "
-            f"{total_steps} optimizer steps: the learning rate ramps up the whole run and peaks at {peak:.2e}, "
+            f"{total_steps} optimizer step{'s' if total_steps != 1 else ''}: the learning rate ramps up the whole run and peaks at {peak:.2e}, "
             f"never reaching --learning-rate {lr:g}; give --warmup-steps below {total_steps} (0: none)")
 
 
