@@ -22,8 +22,8 @@ from .config import AdapterConfig, LoRAConfig, ParallelConfig, PrefixConfig, Ser
 _LAZY = {
     **dict.fromkeys(("adapter_names", "delete_adapter", "get_config", "patch", "set_adapter", "set_backend",
                      "trainable_parameters", "unpatch"), "patching"),
-    "merge": "merge",
-    "merge_and_unload": "merge",
+    "merge": "merging",
+    "merge_and_unload": "merging",
     "save_adapter": "io",
     "load_adapter": "io",
     "route": "serving.routing",

@@ -40,6 +40,9 @@ accuracy per dataset on stdout."""
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastadapters eval", description=DESCRIPTION)
     p.add_argument("--base-model", required=True, help="local model directory or transformers model id")
+    p.add_argument("--gguf-file", metavar="NAME", default=None,
+                   help="load the base model from this GGUF file inside --base-model (dequantized to "
+                        "--model-dtype); default: the directory's config.json and weights")
     p.add_argument("--adapter", metavar="PATH", help="adapter directory (fastadapters, PEFT LoRA or LLM-Adapters); none: the base model")
     p.add_argument("--dataset", nargs="+", metavar="NAME",
                    help=f"test sets under --data-dir (<name>/test.json): {', '.join(DATASETS)}")
@@ -149,20 +152,26 @@ def _load(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import check_base_model_path, ensure_pad_token, quiet_transformers
+    from .train import (check_base_model_path, ensure_pad_token, load_error_line, quiet_transformers,
+                        unmark_dequantized_gguf)
 
     try:
-        check_base_model_path(args.base_model)
+        check_base_model_path(args.base_model, args.gguf_file)
     except Exception as e:  # train.UsageError: same message, this module's exit path
         raise UsageError(str(e)) from None
     device = check_device(args.device)
     quiet_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, args.model_dtype))
+        gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, args.model_dtype), **gguf)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load base model {args.base_model!r}: {first}") from None
+        raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
+    if args.gguf_file:
+        try:
+            unmark_dequantized_gguf(model, args.gguf_file)
+        except Exception as e:  # train.UsageError: same message, this module's exit path
+            raise UsageError(str(e)) from None
     if args.adapter is not None:
         import fastadapters as fa
 

