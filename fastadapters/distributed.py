@@ -11,7 +11,14 @@ final norm and the prefix-tuning encoder).
 
 Saving from a sharded run (``fastadapters.io.save_adapter``) gathers each adapter tensor with
 ``full_tensor`` -- a collective, so every rank calls ``save_adapter`` -- and only global rank 0
-writes; the others wait for it and raise if it failed. An unsharded distributed run (DDP) needs no
+writes; the others wait for it and raise if it failed.
+
+The same order holds for changing which adapters exist or train: ``set_adapter`` to another adapter,
+``delete_adapter`` and ``unpatch`` on a sharded or wrapped model are refused
+(``refuse_adapter_change_if_sharded``). FSDP2 fixes its reduce dtype and its gradient set from the
+parameters that need a gradient when it first runs, and keeps references to every parameter it
+sharded; DDP builds its buckets from the parameters that needed a gradient when it was built. Setting
+the adapter that is already active changes nothing and is allowed. An unsharded distributed run (DDP) needs no
 collective: rank 0 writes, the others return at once.
 
 This module imports only torch, so every layer of the package may use it.
@@ -23,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["sharding_of", "shard_model", "decoder_layers", "prepare_for_fully_shard", "full_tensor", "copy_whole",
+__all__ = ["sharding_of", "refuse_adapter_change_if_sharded", "shard_model", "decoder_layers", "prepare_for_fully_shard", "full_tensor", "copy_whole",
            "rank_and_world", "write_on_rank0"]
 
 
@@ -60,6 +67,26 @@ def sharding_of(model: nn.Module) -> str | None:
         if _is_dtensor(p):
             return "DTensor parameters"
     return None
+
+
+def refuse_adapter_change_if_sharded(model: nn.Module, call: str) -> None:
+    """Raise ValueError when ``model`` is sharded or wrapped for data parallelism (``sharding_of``):
+    ``call`` (e.g. "set_adapter(model, 'b')") would change which parameters exist or need a gradient
+    after the wrapper took them over, so ranks would drift apart or FSDP would keep parameters the
+    model no longer has. Nothing is changed; the message says which order works instead.
+
+    A model inside a ``DistributedDataParallel`` carries no mark of it: passing ``ddp.module`` is
+    not detected, so switch adapters before wrapping."""
+    how = sharding_of(model)
+    if how is None:
+        return
+    raise ValueError(
+        f"{call} on a model already wrapped for data parallelism ({how}) is refused; nothing was changed. "
+        "The wrapper took over the parameters that existed and needed a gradient when it was built, so "
+        "adding, removing or switching the training adapter now would leave ranks out of step. Choose the "
+        "adapter (set_adapter / delete_adapter / unpatch) on the plain model first, then wrap it in "
+        "DistributedDataParallel or shard it (fastadapters.distributed.shard_model); a sharded model can be "
+        "saved (fastadapters.save_adapter) and loaded unsharded to change it")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

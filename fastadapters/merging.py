@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from . import patching
 from .config import LoRAConfig
+from .distributed import refuse_adapter_change_if_sharded
 from .layers import AdapterLinear, base_weight_nk
 
 
@@ -45,6 +46,7 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
 
 def _check_mergeable(model: nn.Module, name: str | None) -> tuple[str, list[tuple[str, AdapterLinear]]]:
     """(adapter name, [(path, wrapper)]) to fold, or a ValueError saying why not (nothing changed)."""
+    refuse_adapter_change_if_sharded(model, "merge(model)")  # the fold would end in a refused delete_adapter
     st = patching._require_state(model)
     if name is None:
         name = st.active

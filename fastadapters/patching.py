@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from . import models
 from .config import ADAPTER_SPELLINGS, ALL_LINEAR, AdapterConfig, PrefixConfig, SeriesConfig, make_config
-from .distributed import sharding_of
+from .distributed import refuse_adapter_change_if_sharded, sharding_of
 from .layers import SUPPORTED_BASES, AdapterLinear, PrefixEncoder, SharedInput
 from .ops import dispatch
 
@@ -408,7 +408,11 @@ def _link_shared_inputs(model: nn.Module) -> None:
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the active adapter (None: run the bare base model); only it trains."""
+    """Make ``name`` the active adapter (None: run the bare base model); only it trains.
+    On a sharded / DDP-wrapped model only the adapter already active may be set."""
+    st = _state(model)
+    if st is None or name != st.active:
+        refuse_adapter_change_if_sharded(model, f"set_adapter(model, {name!r})")
     st = _require_state(model)
     if name is not None and name not in st.configs:
         raise ValueError(f"no adapter named {name!r}; loaded: {list(st.configs)}")
@@ -428,7 +432,9 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; removing the last one unpatches the model."""
+    """Remove adapter ``name``; removing the last one unpatches the model. Refused on a sharded /
+    DDP-wrapped model."""
+    refuse_adapter_change_if_sharded(model, f"delete_adapter(model, {name!r})")
     st = _require_state(model)
     if name not in st.configs:
         raise ValueError(f"no adapter named {name!r}; loaded: {list(st.configs)}")
@@ -458,7 +464,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove every adapter and give the original modules back (state dict identical)."""
+    """Remove every adapter and give the original modules back (state dict identical). Refused on a
+    sharded / DDP-wrapped model."""
+    refuse_adapter_change_if_sharded(model, "unpatch(model)")
     st = _require_state(model)
     for path in sorted(st.wrapped, key=lambda p: -p.count(".")):
         wrapper = model.get_submodule(path)

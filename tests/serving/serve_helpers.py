@@ -7,17 +7,37 @@ with the zoo loaded. References: ``generate_ref`` (``model.generate(do_sample=Fa
 adapter set active) and, for prefix adapters, ``prefix_ref`` -- a plain greedy loop over
 transformers' ``DynamicCache`` started with the prefix encoder's keys/values (the same
 semantics as ``patching._prefix_forward``, written independently of the engine's packed path).
+
+Fixtures for the engine and server tests, which import them by name (so they apply only to those
+modules, each with its own module-scoped zoo): ``one_thread`` (autouse) and ``zoo`` (``save_zoo``
+under a temporary directory).
 """
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 import fastadapters as fa
 from .helpers import add_zoo, tiny_llama
 
 ZOO_NAMES = ["lora_r4", "lora_r64", "houlsby", "pfeiffer", "parallel", "prefix"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is ~1000x steadier (OpenMP spin)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Adapter name -> saved directory (``save_zoo``), written once per test module."""
+    return save_zoo(str(tmp_path_factory.mktemp("zoo")))
 
 
 def save_zoo(root: str) -> dict[str, str]:

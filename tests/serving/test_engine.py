@@ -9,28 +9,14 @@ bad input, runtime reload, and that nothing leaks.
 from __future__ import annotations
 
 import pytest
-import torch
 
 import fastadapters as fa
 from fastadapters.serving.engine import AdapterError, PromptError, QueueFull, UnknownAdapter
 from fastadapters.serving.sampling import SamplingParams
-from .serve_helpers import ZOO_NAMES, assert_no_leaks, greedy_ref, prompts, save_zoo, tiny_engine
+from .serve_helpers import ZOO_NAMES, assert_no_leaks, greedy_ref, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
 
 GREEDY = SamplingParams(max_tokens=7, temperature=0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is ~1000x steadier (OpenMP spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return save_zoo(str(tmp_path_factory.mktemp("zoo")))
 
 
 def _mixed(n_each: int = 1):

@@ -21,23 +21,11 @@ import torch
 from fastadapters.serving.api import create_app
 from .char_tokenizer import char_tokenizer
 from .live_server import live_server
-from .serve_helpers import ZOO_NAMES, assert_no_leaks, greedy_ref, save_zoo, tiny_engine
+from .serve_helpers import ZOO_NAMES, assert_no_leaks, greedy_ref, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
 
 BASE = "tiny"
 NAMES = [BASE] + ZOO_NAMES
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return save_zoo(str(tmp_path_factory.mktemp("zoo")))
 
 
 @pytest.fixture(scope="module")
