@@ -1,5 +1,7 @@
 """``fastadapters bench``: training-step time and memory of each adapter type against PEFT, then
-the per-layer kernel table (``fastadapters.kernel_bench``) and the multi-adapter serving table.
+the per-layer kernel table (``fastadapters.kernel_bench``), the multi-adapter serving table, and the
+end-to-end serving table (``fastadapters.serving.e2e_bench``: the engine over a Zipf stream of
+requests for A adapters, against base-only requests and PEFT's padded ``generate``).
 
 Also the shared benchmark harness (``time_fn``, ``saved_activation_bytes``, ``environment``,
 ``append_results``) that the scripts in ``bench/`` import, so every number is taken the same way:
@@ -278,10 +280,30 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+# The end-to-end serving section: the engine on the random "small" Llama (hidden 256, 4 layers,
+# vocab 2048). On the CPU a quick configuration (it adds well under a minute on 2 cores); on CUDA
+# issue 13's A = 1, 8, 32 at bench/serving_e2e.py's defaults.
+E2E_CPU = dict(adapter_counts=(1, 8), requests=16, max_tokens=16, prompt_lens=(8, 32), max_num_seqs=8, parity=4)
+E2E_CUDA = dict(adapter_counts=(1, 8, 32), requests=32, max_tokens=16, prompt_lens=(8, 64), max_num_seqs=16,
+                parity=8)
+
+
+def e2e_section(device: str, dtype: str | None) -> dict:
+    """The end-to-end serving record for ``fastadapters bench`` on ``device`` (``E2E_CPU`` / ``E2E_CUDA``)."""
+    import torch
+
+    from .serving.e2e_bench import run_e2e
+
+    cuda = torch.device(device).type == "cuda"
+    return run_e2e("small", device=device, dtype=dtype or ("bfloat16" if cuda else "float32"),
+                   **(E2E_CUDA if cuda else E2E_CPU))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = CommandParser(prog="fastadapters bench", description=(
         "Time training steps (forward + backward) of each adapter type against PEFT LoRA and the frozen base,\n"
-        "then the per-layer kernel table and the multi-adapter serving table, on an embedded Llama config\n"
+        "then the per-layer kernel table, the multi-adapter serving table and the end-to-end serving table\n"
+        "(the engine over a stream of requests for 1, 8 (CUDA: 32) adapters), on embedded Llama configs\n"
         "with random weights (nothing is downloaded)."))
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="model size (default: tiny on CPU, 1b on CUDA)")
@@ -294,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per row (the median is reported)")
     ap.add_argument("--only", nargs="*", help="run only variants whose label contains one of these words")
     ap.add_argument("--no-serving", action="store_true", help="skip the multi-adapter serving table")
+    ap.add_argument("--no-e2e", action="store_true",
+                    help="skip the end-to-end serving table (engine tokens/s, TTFT, TPOT vs base-only and PEFT)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--json", metavar="PATH", help="append the numbers to this JSON file")
     return ap
@@ -336,6 +360,13 @@ def _run(argv: list[str]) -> int:
             serving = bench_serving_table(args.device, quick=True)
             print(render_serving(serving))
             records.append(serving)
+    if not args.no_e2e:
+        from .serving.e2e_bench import render_e2e
+
+        print()
+        e2e = e2e_section(args.device or result["env"]["device_type"], args.dtype)
+        print(render_e2e(e2e))
+        records.append(e2e)
     if args.json:
         for rec in records:
             append_results(args.json, rec)

@@ -1,4 +1,5 @@
-"""`fastadapters bench` runs end to end on the micro preset and writes parseable JSON."""
+"""`fastadapters bench` runs end to end on the micro preset and writes parseable JSON; its end-to-end
+serving section runs at a tiny size, picks issue 13's configuration on CUDA, and `--no-e2e` skips it."""
 import json
 
 from fastadapters import bench, cli
@@ -6,11 +7,13 @@ from fastadapters import bench, cli
 
 def test_bench_micro_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = cli.main(["bench", "--preset", "micro", "--repeats", "1", "--no-serving", "--json", str(out)])
+    rc = cli.main(["bench", "--preset", "micro", "--repeats", "1", "--no-serving", "--no-e2e", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
+    assert "serving end to end" not in text
     assert "| fa lora" in text and "| PEFT lora" in text
     data = json.loads(out.read_text())
+    assert [d["benchmark"] for d in data] == ["training_step", "kernels"]  # --no-e2e: no serving_e2e record
     rows = {r["variant"]: r for r in data[0]["rows"]}
     assert {"frozen base", "PEFT lora", "fa lora", "fa series houlsby", "fa parallel", "fa prefix"} <= set(rows)
     assert all(r["step_s"] > 0 for r in rows.values())
@@ -34,6 +37,50 @@ def test_bench_micro_writes_json(tmp_path, capsys):
     lora = kernels["rows"][0]
     assert set(lora["impls"]) == {"base", "fused", "peft"} and lora["fused_backend"] == "torch"
     assert lora["peft_over_fused_full"] == lora["impls"]["peft"]["full_ms"] / lora["impls"]["fused"]["full_ms"]
+
+
+def test_bench_e2e_section_tiny(tmp_path, capsys, monkeypatch):
+    # the section's CPU configuration shrunk further, so the test takes seconds
+    monkeypatch.setattr(bench, "E2E_CPU", dict(adapter_counts=(1, 2), requests=4, max_tokens=3, prompt_lens=(4, 9),
+                                               max_num_seqs=4, parity=2))
+    out = tmp_path / "r.json"
+    rc = cli.main(["bench", "--preset", "micro", "--repeats", "1", "--only", "fa lora", "--no-kernels",
+                   "--no-serving", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert ("serving end to end: small random Llama (hidden 256, 4 layers, vocab 2048), float32, "
+            "4 requests x 3 new tokens, max_num_seqs 4, prompts 4-9 tokens, on ") in text
+    assert "(cpu, " in text and "| A | adapters used | engine tok/s |" in text
+    data = json.loads(out.read_text())
+    assert [d["benchmark"] for d in data] == ["training_step", "serving_e2e"]
+    e2e = data[1]
+    assert e2e["dtype"] == "float32" and e2e["env"]["device_type"] == "cpu"
+    assert e2e["model_shape"] == {"hidden_size": 256, "num_hidden_layers": 4, "vocab_size": 2048}
+    assert [r["A"] for r in e2e["rows"]] == [1, 2]
+    for r in e2e["rows"]:
+        assert r["engine"]["tokens"] == r["base_only"]["tokens"] == 4 * 3  # ignore_eos: every token generated
+        assert r["engine"]["tok_per_s"] > 0 and r["engine"]["ttft_p50_ms"] <= r["engine"]["ttft_p99_ms"]
+        assert r["ratio_vs_base_only"] == r["engine"]["tok_per_s"] / r["base_only"]["tok_per_s"]
+        assert 1 <= r["distinct_adapters_used"] <= r["A"]
+        assert r["parity_checked"] == 2 and 0 <= r["parity_diverged"] <= 2
+        assert r["peft_padded_generate"]["tokens"] == 4 * 3
+        assert r["engine_over_peft"] == r["engine"]["tok_per_s"] / r["peft_padded_generate"]["tok_per_s"]
+        assert f"| {r['A']} | {r['distinct_adapters_used']} | {r['engine']['tok_per_s']:.1f} |" in text
+
+
+def test_bench_e2e_section_configuration(monkeypatch):
+    # which configuration each device gets (run_e2e itself is exercised above)
+    from fastadapters.serving import e2e_bench
+
+    calls = []
+    monkeypatch.setattr(e2e_bench, "run_e2e", lambda spec, **kw: calls.append((spec, kw)) or {})
+    bench.e2e_section("cuda", None)
+    bench.e2e_section("cuda:1", "float16")
+    bench.e2e_section("cpu", None)
+    (spec, cuda), (_, cuda1), (_, cpu) = calls
+    assert spec == "small" and cuda["adapter_counts"] == (1, 8, 32) and cuda["dtype"] == "bfloat16"
+    assert cuda["device"] == "cuda" and cuda1["device"] == "cuda:1" and cuda1["dtype"] == "float16"
+    assert cpu["adapter_counts"] == (1, 8) and cpu["dtype"] == "float32" and cpu["requests"] <= 16
 
 
 def test_saved_activation_bytes_counts_storages_once():

@@ -156,6 +156,7 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
     rng = random.Random(seed)
     probe = _load(model_spec, dev, dt)
     vocab = probe.get_input_embeddings().weight.shape[0]
+    shape = {k: getattr(probe.config, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
     del probe
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_lens))] for _ in range(requests)]
     rows = []
@@ -191,7 +192,8 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
                     row["engine_over_peft"] = mixed["tok_per_s"] / pr["tok_per_s"]
             rows.append(row)
             del engine
-    return {"benchmark": "serving_e2e", "env": environment(dev), "model": model_spec, "dtype": dtype,
+    return {"benchmark": "serving_e2e", "env": environment(dev), "model": model_spec, "model_shape": shape,
+            "dtype": dtype, "requests": requests, "max_tokens": max_tokens,
             "max_num_seqs": max_num_seqs, "prompt_lens": list(prompt_lens), "backend": backend or "auto",
             "rows": rows}
 
@@ -202,9 +204,14 @@ def _strip(run: dict) -> dict:
 
 def render_e2e(result: dict) -> str:
     env = result["env"]
-    lines = [f"serving end to end: {result['model']} ({result['dtype']}), max_num_seqs {result['max_num_seqs']}, "
+    shape = result.get("model_shape")  # older records lack it
+    model = result["model"] + (" random Llama" if result["model"] == "small" else "")
+    model += (f" (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+              f"vocab {shape['vocab_size']})" if shape else "")
+    load = (f"{result['requests']} requests x {result['max_tokens']} new tokens, " if "requests" in result else "")
+    lines = [f"serving end to end: {model}, {result['dtype']}, {load}max_num_seqs {result['max_num_seqs']}, "
              f"prompts {result['prompt_lens'][0]}-{result['prompt_lens'][1]} tokens, on {env['device']} "
-             f"({env['threads']} threads)", "",
+             f"({env.get('device_type', '?')}, {env['threads']} threads)", "",
              "| A | adapters used | engine tok/s | base-only tok/s | ratio | TTFT p50/p99 ms | TPOT p50/p99 ms "
              "| PEFT padded tok/s | engine/PEFT | greedy diverged |",
              "|---|---|---|---|---|---|---|---|---|---|"]
