@@ -287,17 +287,15 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def _fsdp_kwargs(args, model) -> dict[str, Any]:
+def _fsdp_kwargs(args, model, device: str) -> dict[str, Any]:
     """TrainingArguments for ``--fsdp``: FSDP2 through accelerate, one unit per decoder layer and the
     root, applied by the Trainer after ``patch`` (the order sharding needs). A UsageError where it
     cannot run: accelerate shards only CUDA models (on a CPU it would silently train with DDP)."""
     if not args.fsdp:
         return {}
-    import torch
-
     from .distributed import decoder_layers, prepare_for_fully_shard
 
-    if not torch.cuda.is_available():
+    if device == "cpu":  # the device this run trains on (--device cpu on a GPU machine too)
         raise UsageError("--fsdp needs CUDA GPUs: accelerate does not shard a model on the CPU (it would "
                          "silently train with DDP); drop --fsdp to train with DDP under torchrun")
     layers = sorted({type(m).__name__ for m in decoder_layers(model)})
@@ -650,7 +648,7 @@ def _run(argv: list[str]) -> int:
         dataloader_num_workers=0,
         dataloader_pin_memory=device != "cpu",
         use_cpu=device == "cpu",  # lets --bf16 run on a CPU (autocast) instead of refusing
-        **_fsdp_kwargs(args, model),
+        **_fsdp_kwargs(args, model, device),
     )
     try:
         targs = TrainingArguments(**targs_kwargs)
