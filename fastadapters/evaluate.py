@@ -149,29 +149,10 @@ def _check_adapter_files(path: str) -> None:
 
 
 def _load(args):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .train import _load_model_and_tokenizer
 
-    from .train import (check_base_model_path, ensure_pad_token, load_error_line, quiet_transformers,
-                        unmark_dequantized_gguf)
-
-    try:
-        check_base_model_path(args.base_model, args.gguf_file)
-    except Exception as e:  # train.UsageError: same message, this module's exit path
-        raise UsageError(str(e)) from None
     device = check_device(args.device)
-    quiet_transformers()
-    try:
-        gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(args.base_model, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, args.model_dtype), **gguf)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
-    if args.gguf_file:
-        try:
-            unmark_dequantized_gguf(model, args.gguf_file)
-        except Exception as e:  # train.UsageError: same message, this module's exit path
-            raise UsageError(str(e)) from None
+    model, tokenizer = _load_model_and_tokenizer(args, args.model_dtype)
     if args.adapter is not None:
         import fastadapters as fa
 
@@ -179,7 +160,6 @@ def _load(args):
             fa.load_adapter(model, args.adapter)
         except ValueError as e:
             raise UsageError(f"adapter {args.adapter} does not fit {args.base_model}: {e}") from None
-    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     model.to(device)
     model.eval()

@@ -551,13 +551,10 @@ def _run(argv: list[str]) -> int:
     dtype_name = args.model_dtype or ("bfloat16" if args.bf16 else "float32")
     model, tokenizer = _load_model_and_tokenizer(args, dtype_name)
 
-    import torch
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
     import fastadapters as fa
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from transformers import set_seed
 
     # the adapter's initial weights follow --seed, whatever ran before (torchrun, distributed loading,
     # an earlier run in this process): every rank, and a single process, start from the same adapter
