@@ -135,3 +135,12 @@ def make_base_model_dir(root: Path, pretrain_steps: int = 200, hidden_size: int 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def one_line_error(capsys, *needles) -> str:
+    """The captured stderr: exactly one line, holding every needle (the CLI's error contract)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err

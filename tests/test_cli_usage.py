@@ -27,19 +27,11 @@ from fastadapters.train import DESCRIPTION, PEFT_FORMAT_ADAPTERS, adapter_config
 from fastadapters.train import build_parser as train_parser
 from fastadapters.train import main as train_main
 from fastadapters.bench import build_parser as bench_parser
-from pipeline_utils import STYLE, make_base_model_dir, make_records, write_json
+from pipeline_utils import STYLE, make_base_model_dir, make_records, one_line_error, write_json
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
 REQUIRED = ["--base-model", "m", "--data", "d.json", "--output-dir", "o"]
 VALID = ["--base-model", "m", "--data", "ok.json", "--output-dir", "o", "--val-set-size", "0"]  # ok.json exists
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +149,13 @@ def test_eval_device_cuda_on_a_cpu_build(tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     common = ["--base-model", str(model_dir), "--data", str(data), "--output", str(out)]
     assert eval_main(common + ["--device", "cuda"]) == 2
-    _one_line_error(capsys, "--device cuda", "--device cpu")
+    one_line_error(capsys, "--device cuda", "--device cpu")
     assert eval_main(common + ["--device", "cuda:3"]) == 2
-    _one_line_error(capsys, "--device cuda:3")
+    one_line_error(capsys, "--device cuda:3")
     assert eval_main(common + ["--device", "gpu0"]) == 2
-    _one_line_error(capsys, "'gpu0' is not a device", "valid: cpu, cuda")
+    one_line_error(capsys, "'gpu0' is not a device", "valid: cpu, cuda")
     assert cli.main(["bench", "--device", "cuda"]) == 2
-    _one_line_error(capsys, "--device cuda", "--device cpu")
+    one_line_error(capsys, "--device cuda", "--device cpu")
     assert not out.exists()
 
 
@@ -213,18 +205,18 @@ def test_fp16_on_a_cpu_is_refused_and_bf16_warns(tmp_path, capsys):
     argv = ["--base-model", str(tmp_path / "no_model"), "--data", str(data), "--output-dir", str(out),
             "--val-set-size", "0"]
     assert train_main(argv + ["--fp16"]) == 2
-    _one_line_error(capsys, "--fp16 needs a CUDA GPU", "drop --fp16")
+    one_line_error(capsys, "--fp16 needs a CUDA GPU", "drop --fp16")
     # --bf16 runs on a CPU (with a warning that says what to use); here the missing model stops it
     assert train_main(argv + ["--bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "warning: --bf16 on a CPU" in err[0] and "fp32" in err[0], err
     assert "--base-model: no such directory" in err[1]
     assert train_main(argv) == 2
-    _one_line_error(capsys, "--base-model: no such directory")  # no warning without --bf16
+    one_line_error(capsys, "--base-model: no such directory")  # no warning without --bf16
     assert train_main(argv + ["--device", "cuda"]) == 2
-    _one_line_error(capsys, "--device cuda", "use --device cpu")
+    one_line_error(capsys, "--device cuda", "use --device cpu")
     assert train_main(argv + ["--device", "cuda:1"]) == 2
-    _one_line_error(capsys, "--device", "'cuda:1'", "choose from")  # GPUs: CUDA_VISIBLE_DEVICES or torchrun
+    one_line_error(capsys, "--device", "'cuda:1'", "choose from")  # GPUs: CUDA_VISIBLE_DEVICES or torchrun
     assert not out.exists()
 
 
@@ -325,9 +317,9 @@ def test_limit_step0_eval_and_plain_log_lines(tiny_base, tmp_path, capsys):
     assert train_main(argv + ["--no-eval-at-start", "--overwrite-output-dir"]) == 0
     assert "step 0/2 | eval loss" not in capsys.readouterr().out
     assert train_main(_argv(base, data, tmp_path / "never", "--limit", "4", "--val-set-size", "4")) == 2
-    _one_line_error(capsys, "--val-set-size 4 leaves no training records", "--limit 4 kept 4")
+    one_line_error(capsys, "--val-set-size 4 leaves no training records", "--limit 4 kept 4")
     assert train_main(_argv(base, data, tmp_path / "never", "--limit", "0")) == 2
-    _one_line_error(capsys, "--limit must be >= 1")
+    one_line_error(capsys, "--limit must be >= 1")
     assert not (tmp_path / "never").exists()
 
 
@@ -374,13 +366,13 @@ def test_gguf_only_directory_names_the_flag_and_its_files(tmp_path, capsys):
     write_json(tmp_path / "d.json", make_records("next", 8, seed=0))
     train = ["--data", str(tmp_path / "d.json"), "--output-dir", str(tmp_path / "o"), "--val-set-size", "0"]
     assert train_main(["--base-model", str(model_dir), *train]) == 2
-    _one_line_error(capsys, f"--base-model {model_dir} has no config.json, only GGUF weights",
+    one_line_error(capsys, f"--base-model {model_dir} has no config.json, only GGUF weights",
                     "pass --gguf-file m.Q4_1.gguf")
     evaluate = ["--data", str(tmp_path / "d.json"), "--device", "cpu"]
     assert eval_main(["--base-model", str(model_dir), *evaluate]) == 2
-    _one_line_error(capsys, "pass --gguf-file m.Q4_1.gguf")
+    one_line_error(capsys, "pass --gguf-file m.Q4_1.gguf")
     assert train_main(["--base-model", str(model_dir), "--gguf-file", "other.gguf", *train]) == 2
-    _one_line_error(capsys, "--gguf-file other.gguf: not in", "its GGUF files: ['m.Q4_1.gguf']")
+    one_line_error(capsys, "--gguf-file other.gguf: not in", "its GGUF files: ['m.Q4_1.gguf']")
     assert not (tmp_path / "o").exists()
 
 

@@ -20,7 +20,7 @@ from fastadapters.data import DataError, load_records, split_train_val, tokenize
 from fastadapters.evaluate import main as eval_main
 from fastadapters.prompts import evaluation_prompt, split_response, training_prompt
 from fastadapters.train import main as train_main
-from pipeline_utils import STYLE, make_base_model_dir, make_records, mean_loss, write_json
+from pipeline_utils import STYLE, make_base_model_dir, make_records, mean_loss, one_line_error, write_json
 
 LOSS_MARGIN = 0.5  # every adapter type must lower the held-out loss on the shifted task by this much
 
@@ -406,43 +406,35 @@ def test_cli_routes_train_and_eval(workdir, capsys):
 # errors: one line on stderr, exit code 2, nothing written
 # ---------------------------------------------------------------------------------------------
 
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
 def test_train_errors(workdir, tmp_path, capsys):
     root, base = workdir
     out = tmp_path / "never"
     argv = lambda data, *extra: _train_argv(base, data, out, "lora", extra=list(extra))  # noqa: E731
 
     assert train_main(argv(tmp_path / "missing.json")) == 2
-    _one_line_error(capsys, "data file not found", "missing.json")
+    one_line_error(capsys, "data file not found", "missing.json")
 
     bad = write_json(tmp_path / "bad.json", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None}])
     assert train_main(argv(bad)) == 2
-    _one_line_error(capsys, "record 1", "'output'")
+    one_line_error(capsys, "record 1", "'output'")
 
     good = root / "next.json"
     assert train_main(argv(good, "--bottleneck-size", "8")) == 2
-    _one_line_error(capsys, "--bottleneck-size does not apply to --adapter lora")
+    one_line_error(capsys, "--bottleneck-size does not apply to --adapter lora")
     assert train_main(argv(good, "--r", "0")) == 2
-    _one_line_error(capsys, "LoRAConfig.r")
+    one_line_error(capsys, "LoRAConfig.r")
     assert train_main(argv(good, "--no-such-flag")) == 2
-    _one_line_error(capsys, "--no-such-flag")
+    one_line_error(capsys, "--no-such-flag")
     assert train_main(argv(good) + ["--batch-size", "10", "--micro-batch-size", "4"]) == 2
-    _one_line_error(capsys, "not a multiple")
+    one_line_error(capsys, "not a multiple")
     assert train_main(argv(good) + ["--val-set-size", "10", "--eval-steps", "3", "--save-steps", "4"]) == 2
-    _one_line_error(capsys, "--save-steps 4 must be a multiple of --eval-steps 3")
+    one_line_error(capsys, "--save-steps 4 must be a multiple of --eval-steps 3")
     assert train_main(argv(good) + ["--save-format", "peft", "--adapter", "series"]) == 2
-    _one_line_error(capsys, "peft")
+    one_line_error(capsys, "peft")
     assert train_main(argv(good, "--target-modules", "no_such_proj")) == 2
-    _one_line_error(capsys, "no_such_proj")
+    one_line_error(capsys, "no_such_proj")
     assert train_main(argv(good) + ["--base-model", str(tmp_path / "no_model")]) == 2
-    _one_line_error(capsys, "--base-model: no such directory")
+    one_line_error(capsys, "--base-model: no such directory")
 
     # adapter/model mismatch: starting from an adapter saved on a model of another width
     from pipeline_utils import build_model
@@ -451,9 +443,9 @@ def test_train_errors(workdir, tmp_path, capsys):
     fa.patch(other, adapter="lora", r=8, alpha=16)
     mismatched = fa.save_adapter(other, tmp_path / "other_lora")
     assert train_main(argv(good) + ["--resume-from-checkpoint", mismatched]) == 2
-    _one_line_error(capsys, "does not fit")
+    one_line_error(capsys, "does not fit")
     assert train_main(argv(good) + ["--resume-from-checkpoint", str(tmp_path / "no_ckpt")]) == 2
-    _one_line_error(capsys, "--resume-from-checkpoint")
+    one_line_error(capsys, "--resume-from-checkpoint")
     assert not out.exists()
 
 
@@ -463,22 +455,22 @@ def test_eval_errors(workdir, tmp_path, capsys):
     common = ["--base-model", str(base), "--output", str(out), "--max-new-tokens", "4"]
 
     assert eval_main(common + ["--dataset", "gsm9k", "--data-dir", str(tmp_path)]) == 2
-    err = _one_line_error(capsys, "unknown dataset 'gsm9k'")
+    err = one_line_error(capsys, "unknown dataset 'gsm9k'")
     assert "AddSub" in err and "hellaswag" in err
 
     assert eval_main(common + ["--dataset", "boolq", "--data-dir", str(tmp_path)]) == 2
-    _one_line_error(capsys, "data file not found", "boolq")
+    one_line_error(capsys, "data file not found", "boolq")
 
     bad = write_json(tmp_path / "bad.json", [{"instruction": "q", "answer": "true"}, {"instruction": "q"}])
     assert eval_main(common + ["--data", str(bad)]) == 2
-    _one_line_error(capsys, "record 1", "missing field 'answer'")
+    one_line_error(capsys, "record 1", "missing field 'answer'")
 
     bad_label = write_json(tmp_path / "bl.json", [{"instruction": "q", "answer": "3"}, {"instruction": "q", "answer": "x"}])
     assert eval_main(common + ["--data", str(bad_label), "--dataset", "gsm8k"]) == 2
-    _one_line_error(capsys, "record 1", "'answer'", "gsm8k")
+    one_line_error(capsys, "record 1", "'answer'", "gsm8k")
 
     assert eval_main(common + ["--data", str(root / "next_test.json"), "--adapter", str(tmp_path / "nope")]) == 2
-    _one_line_error(capsys, "--adapter")
+    one_line_error(capsys, "--adapter")
 
     # an adapter saved from a model of another width does not fit this base
     from pipeline_utils import build_model
@@ -487,5 +479,5 @@ def test_eval_errors(workdir, tmp_path, capsys):
     fa.patch(other, adapter="lora", r=4)
     mismatched = fa.save_adapter(other, tmp_path / "other_lora")
     assert eval_main(common + ["--data", str(root / "next_test.json"), "--adapter", mismatched]) == 2
-    _one_line_error(capsys, "does not fit")
+    one_line_error(capsys, "does not fit")
     assert not out.exists()
