@@ -89,12 +89,6 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 
-    def add(self, req: Request) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, {len(self.running)} running); "
-                            "retry later")
-        self.waiting.append(req)
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
