@@ -288,10 +288,8 @@ class Engine:
         entry = self.registry.get(name)
         del self.registry.entries[name]
         entry.unloaded = True
-        if entry.refs == 0:
+        if entry.refs == 0:  # else the last running request on it deletes it (_drop_ref)
             self._delete_internal(entry.internal)
-        else:
-            self.registry.retiring.append(entry)
 
     def _delete_internal(self, internal: str) -> None:
         import fastadapters as fa
@@ -308,8 +306,6 @@ class Engine:
         entry.refs -= 1
         if entry.unloaded and entry.refs == 0:
             self._delete_internal(entry.internal)
-            if entry in self.registry.retiring:
-                self.registry.retiring.remove(entry)
 
     # -- one step ----------------------------------------------------------------------------------
     def _intake(self) -> None:
