@@ -351,7 +351,7 @@ class Engine:
                     self.stats["prompt_tokens"] += min(n, len(req.prompt_ids) - req.num_computed) \
                         if req.preemptions == 0 else 0
                 req.num_computed += n
-                if req.num_computed < len(req.all_ids):
+                if req.num_computed < req.num_tokens:
                     continue  # a prefill chunk: more to come
                 token = sample_next(logits[i], req.params, req.generator)
                 req.output_ids.append(token)
@@ -410,7 +410,7 @@ class Engine:
         reason = None
         if not req.params.ignore_eos and token in self.eos_ids:
             reason = "stop"
-        elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + len(req.all_ids) >= self.max_model_len:
+        elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + req.num_tokens >= self.max_model_len:
             reason = "length"
         text = ""
         if self.tokenizer is not None:
