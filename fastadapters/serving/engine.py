@@ -114,7 +114,7 @@ class Engine:
         self.requests: dict[str, Request] = {}  # live (not finished) requests by id
         self.stats = collections.Counter()  # prompt_tokens, generation_tokens, finished_<reason>, steps
         self.last_error: str | None = None
-        self._router = None  # (names and lengths, the router of the last routed step)
+        self._router = None  # the router of the last routed step (route reuses it for the same names and lengths)
 
     def _kv_budget(self, requested: int | None) -> int:
         """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
@@ -394,11 +394,10 @@ class Engine:
         if state is not None and (state.active is not None or any(n is not None for n in names)):
             from .routing import route
 
-            key = (tuple(names), tuple(news))  # consecutive decode steps of one set: the same routing
-            reuse = self._router[1] if self._router is not None and self._router[0] == key else None
-            with route(self.model, names, backend=self.backend, lengths=list(news), reuse=reuse) as router:
+            # consecutive decode steps of one set: route reuses the last router (it checks names and lengths)
+            with route(self.model, names, backend=self.backend, lengths=list(news), reuse=self._router) as router:
                 logits, new_k, new_v = packed_forward(*args)
-            self._router = (key, router)
+            self._router = router
         else:
             logits, new_k, new_v = packed_forward(*args)
         for layer in range(pool.num_layers):  # the new tokens' keys/values into their blocks, one scatter
