@@ -64,7 +64,6 @@ def confine(path: str, roots: list[str]) -> str:
 class AdapterRegistry:
     def __init__(self):
         self.entries: dict[str, AdapterEntry] = {}  # public name -> current version
-        self.retiring: list[AdapterEntry] = []  # unloaded / replaced, still used by running requests
         self._counter = itertools.count()
 
     def new_internal_name(self) -> str:

@@ -114,7 +114,7 @@ class Engine:
         self.requests: dict[str, Request] = {}  # live (not finished) requests by id
         self.stats = collections.Counter()  # prompt_tokens, generation_tokens, finished_<reason>, steps
         self.last_error: str | None = None
-        self._router = None  # (names and lengths, the router of the last routed step)
+        self._router = None  # the router of the last routed step (route reuses it for the same names and lengths)
 
     def _kv_budget(self, requested: int | None) -> int:
         """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
@@ -288,10 +288,8 @@ class Engine:
         entry = self.registry.get(name)
         del self.registry.entries[name]
         entry.unloaded = True
-        if entry.refs == 0:
+        if entry.refs == 0:  # else the last running request on it deletes it (_drop_ref)
             self._delete_internal(entry.internal)
-        else:
-            self.registry.retiring.append(entry)
 
     def _delete_internal(self, internal: str) -> None:
         import fastadapters as fa
@@ -308,8 +306,6 @@ class Engine:
         entry.refs -= 1
         if entry.unloaded and entry.refs == 0:
             self._delete_internal(entry.internal)
-            if entry in self.registry.retiring:
-                self.registry.retiring.remove(entry)
 
     # -- one step ----------------------------------------------------------------------------------
     def _intake(self) -> None:
@@ -355,7 +351,7 @@ class Engine:
                     self.stats["prompt_tokens"] += min(n, len(req.prompt_ids) - req.num_computed) \
                         if req.preemptions == 0 else 0
                 req.num_computed += n
-                if req.num_computed < len(req.all_ids):
+                if req.num_computed < req.num_tokens:
                     continue  # a prefill chunk: more to come
                 token = sample_next(logits[i], req.params, req.generator)
                 req.output_ids.append(token)
@@ -398,11 +394,10 @@ class Engine:
         if state is not None and (state.active is not None or any(n is not None for n in names)):
             from .routing import route
 
-            key = (tuple(names), tuple(news))  # consecutive decode steps of one set: the same routing
-            reuse = self._router[1] if self._router is not None and self._router[0] == key else None
-            with route(self.model, names, backend=self.backend, lengths=list(news), reuse=reuse) as router:
+            # consecutive decode steps of one set: route reuses the last router (it checks names and lengths)
+            with route(self.model, names, backend=self.backend, lengths=list(news), reuse=self._router) as router:
                 logits, new_k, new_v = packed_forward(*args)
-            self._router = (key, router)
+            self._router = router
         else:
             logits, new_k, new_v = packed_forward(*args)
         for layer in range(pool.num_layers):  # the new tokens' keys/values into their blocks, one scatter
@@ -414,7 +409,7 @@ class Engine:
         reason = None
         if not req.params.ignore_eos and token in self.eos_ids:
             reason = "stop"
-        elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + len(req.all_ids) >= self.max_model_len:
+        elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + req.num_tokens >= self.max_model_len:
             reason = "length"
         text = ""
         if self.tokenizer is not None:

@@ -70,6 +70,11 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        """``len(all_ids)`` without building the list (read every step)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def kv_len(self) -> int:
         return self.prefix_len + self.num_computed
 
@@ -88,12 +93,6 @@ class Scheduler:
         self.chunk_size, self.token_budget = chunk_size, token_budget
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-
-    def add(self, req: Request) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, {len(self.running)} running); "
-                            "retry later")
-        self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -121,7 +120,7 @@ class Scheduler:
 
     def _start(self, req: Request) -> bool:
         """Give a waiting request its first blocks (and its prefix's keys/values)."""
-        if not self._grow(req, req.prefix_len + min(len(req.all_ids), self.chunk_size)):
+        if not self._grow(req, req.prefix_len + min(req.num_tokens, self.chunk_size)):
             return False
         for layer, (k, v) in enumerate(req.prefix_kv or ()):
             self.pool.write(layer, req.blocks, 0, k, v)
@@ -145,14 +144,14 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
         budget = self.token_budget
         plan: dict[int, int] = {}
-        decoding = [r for r in self.running if r.num_computed >= len(r.all_ids) - 1 and r.output_ids]
+        decoding = [r for r in self.running if r.num_computed >= r.num_tokens - 1 and r.output_ids]
         prefilling = [r for r in self.running if r not in decoding]
         for req in decoding + prefilling:
             if budget <= 0:
                 break
             if req.status is not Status.RUNNING:  # preempted above to make room for an older request
                 continue
-            todo = len(req.all_ids) - req.num_computed
+            todo = req.num_tokens - req.num_computed
             n = min(todo, self.chunk_size, budget)
             while not self._grow(req, req.kv_len + n):
                 victim = self.running[-1]

@@ -17,18 +17,11 @@ import argparse
 import os
 import sys
 
+from ..cli import CommandParser, UsageError
+
 __all__ = ["main", "build_parser", "load_base", "build_app"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _Usage(message)
-
-
-class _Usage(Exception):
-    pass
 
 
 def _positive(text: str) -> int:
@@ -42,7 +35,10 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastadapters serve", description="OpenAI-compatible server for one base model and many adapters")
+    # the shared parser, with plain argparse's prefix abbreviations and help (as this command has had)
+    p = CommandParser(prog="fastadapters serve",
+                      description="OpenAI-compatible server for one base model and many adapters",
+                      allow_abbrev=True, formatter_class=argparse.HelpFormatter)
     p.add_argument("--base-model", required=True, help="transformers model folder or .gguf file")
     p.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: --base-model)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to load at start")
@@ -105,19 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.adapter:
             name, eq, path = spec.partition("=")
             if not eq or not name or not path:
-                raise _Usage(f"--adapter: got {spec!r}; valid: NAME=PATH")
+                raise UsageError(f"--adapter: got {spec!r}; valid: NAME=PATH")
             if not os.path.isdir(path):
-                raise _Usage(f"--adapter {name}: {path!r} is not a directory")
+                raise UsageError(f"--adapter {name}: {path!r} is not a directory")
         for root in args.adapter_root:
             if not os.path.isdir(root):
-                raise _Usage(f"--adapter-root: {root!r} is not a directory")
+                raise UsageError(f"--adapter-root: {root!r} is not a directory")
         if not os.path.exists(args.base_model):
-            raise _Usage(f"--base-model: {args.base_model!r} does not exist")
+            raise UsageError(f"--base-model: {args.base_model!r} does not exist")
         if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
-            raise _Usage(f"--kv-cache-gb: got {args.kv_cache_gb}; valid: a positive number")
+            raise UsageError(f"--kv-cache-gb: got {args.kv_cache_gb}; valid: a positive number")
         if not 0 <= args.port < 65536:
-            raise _Usage(f"--port: got {args.port}; valid: 0..65535")
-    except _Usage as e:
+            raise UsageError(f"--port: got {args.port}; valid: 0..65535")
+    except UsageError as e:
         print(f"fastadapters serve: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
