@@ -425,8 +425,7 @@ def _render_row(row):
                          for k, v in row["impls"].items())
     else:
         impls = " ".join(f"{k}={v['full_ms']:.3f}ms" for k, v in row["impls"].items())
-    shape = f"{row['model']}/{row['proj']} M={row['M']} K={row['K']} N={row['N']}"
-    shape += f" r={row['r']}" if "r" in row else f" b={row['b']}"
+    shape = f"{row['model']}/{row['proj']} {_shape(row)}"
     extra = " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "dropout")
     return f"{row['kind']:<20} {shape:<48} {impls}  {extra}"
 

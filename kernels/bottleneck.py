@@ -50,6 +50,7 @@ from .lora import (
     GROUP_M,
     gemm_rank_slice,
     _input_grad_kernel,
+    _split_range,
     _spec,
     gemm_config,
     launch_down_proj,
@@ -202,8 +203,7 @@ def bottleneck_residual_fwd(z, adapter_down, adapter_up, scaling, activation="re
     # few row blocks (M = 2048 is 32): split the output columns too, at most 4 ways (each split
     # re-reads its rows of z to rebuild P)
     splits = min(MAX_COLUMN_SPLITS, _lora_kernels._split(n_blocks, m_blocks, z.device))
-    n_per_split = max(1, triton.cdiv(n_blocks, splits)) * cfg.BN
-    splits = max(1, triton.cdiv(d, n_per_split))
+    n_per_split, splits = _split_range(d, cfg.BN, splits)
     with device_guard(z):
         _residual_fwd_kernel[(m_blocks, splits)](
             z, dw, uw, y, pre, scale_ptr,

@@ -386,6 +386,13 @@ def _split(total_blocks: int, programs: int, device) -> int:
     return max(1, min(total_blocks, want))
 
 
+def _split_range(total: int, block: int, splits: int):
+    """(elements per split, splits) of a reduction over `total` elements in `block`-wide blocks
+    asked to run in `splits` ranges: whole blocks per split, and only the splits that get any."""
+    per_split = max(1, triton.cdiv(triton.cdiv(total, block), splits)) * block
+    return per_split, max(1, triton.cdiv(total, per_split))
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers shared with bottleneck.py (no checks: callers validate)
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +417,7 @@ def launch_down_proj(x, a, dropout_p, seed, k_splits=None):
     m_blocks, r_slices = triton.cdiv(M, cfg.BM), triton.cdiv(R, BR)
     k_blocks = triton.cdiv(K, cfg.BK)
     splits = k_splits if k_splits is not None else _split(k_blocks, m_blocks * r_slices, x.device)
-    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * cfg.BK
-    splits = max(1, triton.cdiv(K, k_per_split))
+    k_per_split, splits = _split_range(K, cfg.BK, splits)
     out = (torch.zeros if splits > 1 else torch.empty)((M, R), device=x.device, dtype=torch.float32)
     with device_guard(x):
         _down_proj_kernel[(m_blocks, r_slices, splits)](
@@ -473,8 +479,7 @@ def launch_rank_grad(grad_y, b, p_in, scaling, activation, need_db, need_dscale,
         splits = n_splits
     else:
         splits = _split(n_blocks, m_blocks * r_slices, grad_y.device)
-    n_per_split = max(1, triton.cdiv(n_blocks, splits)) * cfg.BN
-    splits = max(1, triton.cdiv(N, n_per_split))
+    n_per_split, splits = _split_range(N, cfg.BN, splits)
     g = (torch.zeros if splits > 1 else torch.empty)((M, R), device=grad_y.device, dtype=torch.float32)
     if partial:
         db = torch.empty((m_blocks, N, R), device=grad_y.device, dtype=torch.float32)

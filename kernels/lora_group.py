@@ -48,6 +48,7 @@ from . import lora as _lora_kernels
 from .lora import (
     _check_lora_args,
     _dropout_args,
+    _split_range,
     launch_fused_up,
     launch_input_grad,
     launch_rank_grad,
@@ -229,8 +230,7 @@ def launch_down_proj_group(x, a_pad, brg, G, dropout_p, seeds, k_splits=None):
     p, inv_keep, has_do = _dropout_args(dropout_p)
     m_blocks, k_blocks = triton.cdiv(M, cfg.BM), triton.cdiv(K, cfg.BK)
     splits = k_splits if k_splits is not None else _lora_kernels._split(k_blocks, m_blocks, x.device)
-    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * cfg.BK
-    splits = max(1, triton.cdiv(K, k_per_split))
+    k_per_split, splits = _split_range(K, cfg.BK, splits)
     out = (torch.zeros if splits > 1 else torch.empty)((M, RT), device=x.device, dtype=torch.float32)
     with device_guard(x):
         _down_proj_group_kernel[(m_blocks, splits)](
