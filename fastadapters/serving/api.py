@@ -7,37 +7,65 @@ Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/comple
 ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events ending in
 ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's
 payloads, any adapter type). A request's ``model`` is the served base name or an adapter name.
-Every error is ``{"error": {"message", "type", "param", "code"}}``: 400 bad input, 403 a load
-from outside the adapter roots, 404 an unknown model, 503 a full queue. A client that goes away
-(closed stream or connection) has its request aborted, which frees its KV blocks.
+Every error, an unhandled one included, is ``{"error": {"message", "type", "param", "code"}}``:
+400 bad input, 401 a missing / wrong API key, 403 a load from outside the adapter roots (or an
+admin route on an open server), 404 an unknown model, 408 a body sent too slowly, 413 a body over
+the limit, 431 headers over the limit, 503 a full queue or an unhealthy engine. ``/openapi.json``
+documents exactly these.
+
+Guarding (``_Guard``, a plain ASGI middleware, so nothing sits between a route and the client's
+disconnect): header and body size limits, a body read timeout, Bearer-key checks on ``/v1/*``,
+the per-route HTTP counter and a one-line access log per request. The guard reads the body before
+the route runs and then watches the connection: a client that goes away (streaming or not) aborts
+its request at once, which frees its KV blocks at the engine's next step. Tokenising and the chat
+template run in one worker thread, never on the event loop, after a cheap length bound.
 
 This module holds no model logic: tokenising, the chat template and response shapes only.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters import AdapterError, PathNotAllowed, UnknownAdapter
+from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, confine, show
 from .engine import PromptError, QueueFull
 from .metrics import ServerMetrics
-from .protocol import ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, error_body
+from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest,
+                       error_body)
 from .sampling import SamplingParams
 
-__all__ = ["create_app", "APIError"]
+__all__ = ["create_app", "APIError", "Limits"]
 
-DISCONNECT_POLL_S = 0.25
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
           "/v1/unload_lora_adapter")
+ACCESS_LOG = logging.getLogger("fastadapters.serve.access")
+_WATCH, _LOG = "fastadapters.disconnect", "fastadapters.log"
+_GONE = object()  # queued when the client went away
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (``fastadapters serve`` exposes each as a flag, with these defaults)."""
+    max_request_bytes: int = 2 << 20  # a JSON body (413 beyond)
+    max_header_bytes: int = 16 << 10  # all request headers together (431 beyond)
+    body_timeout: float = 30.0  # seconds to wait for each piece of a body (408 beyond)
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
+    stall_seconds: float = 120.0  # /health is 503 when no engine step completed this long with work waiting
 
 
 class APIError(Exception):
@@ -46,8 +74,10 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-def _error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, status, param), status_code=status)
+def _json_error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    # ascii-escaped: a message can never fail to encode, whatever it quotes
+    body = json.dumps(error_body(message, type_, status, param), ensure_ascii=True).encode()
+    return Response(body, status_code=status, media_type="application/json")
 
 
 def _api_error(e: Exception) -> APIError:
@@ -59,17 +89,197 @@ def _api_error(e: Exception) -> APIError:
     if isinstance(e, QueueFull):
         return APIError(503, str(e), "service_unavailable")
     if isinstance(e, (AdapterError, PromptError, ValueError)):
-        return APIError(400, str(e), "invalid_request_error")
+        param = "max_tokens" if str(e).startswith("max_tokens") else None
+        return APIError(400, str(e), "invalid_request_error", param)
     return APIError(500, f"{type(e).__name__}: {e}", "server_error")
 
 
-def create_app(engine, served_model_name: str, base_path: str | None = None, manage_engine: bool = True) -> FastAPI:
-    """The FastAPI app. ``manage_engine``: start the engine thread with the app, stop it at shutdown."""
+class _Watch:
+    """A connection's disconnect: callbacks run (on the event loop) when the client goes away."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+        self.callbacks: list = []
+
+    def add(self, fn) -> None:
+        if self.event.is_set():
+            fn()
+        else:
+            self.callbacks.append(fn)
+
+    def discard(self, fn) -> None:
+        if fn in self.callbacks:
+            self.callbacks.remove(fn)
+
+    def fire(self) -> None:
+        self.event.set()
+        callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
+            fn()
+
+
+class _Guard:
+    """Plain ASGI middleware: limits, auth, body buffering + disconnect watch, counter, access log."""
+
+    def __init__(self, app, limits: Limits, metrics: ServerMetrics, api_key: str | None):
+        self.app, self.limits, self.metrics, self.api_key = app, limits, metrics, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.monotonic()
+        info = {"id": "-", "model": None, "adapter": None, "prompt_tokens": 0, "completion_tokens": 0,
+                "finish": None}
+        scope[_LOG] = info
+        state = {"status": 0}
+
+        async def send_seen(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        async def reject(status: int, message: str, type_: str):
+            await _json_error(status, message, type_)(scope, receive, send_seen)
+
+        lim = self.limits
+        try:
+            headers = scope.get("headers") or []
+            size = sum(len(k) + len(v) + 4 for k, v in headers)
+            if size > lim.max_header_bytes:
+                return await reject(431, f"the request headers hold {size} bytes; valid: at most "
+                                         f"{lim.max_header_bytes} (--max-header-bytes)", "invalid_request_error")
+            if self.api_key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+                auth = next((v for k, v in headers if k == b"authorization"), b"").decode("latin-1")
+                if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("latin-1",
+                                                                                               "replace")):
+                    return await reject(401, "a valid API key is needed: send the header 'Authorization: Bearer "
+                                             "<key>' (the key the server was started with)", "authentication_error")
+            length = next((v for k, v in headers if k == b"content-length"), None)
+            if length is not None and length.isdigit() and int(length) > lim.max_request_bytes:
+                return await reject(413, f"the request body has {int(length)} bytes; valid: at most "
+                                         f"{lim.max_request_bytes} (--max-request-bytes)", "invalid_request_error")
+            body, more = bytearray(), True
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), lim.body_timeout)
+                except asyncio.TimeoutError:
+                    return await reject(408, f"the request body did not arrive within {lim.body_timeout:g} s",
+                                        "invalid_request_error")
+                if message["type"] == "http.disconnect":
+                    state["status"] = 499  # the client left before its body was complete
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > lim.max_request_bytes:
+                    return await reject(413, f"the request body has more than {lim.max_request_bytes} bytes; "
+                                             f"valid: at most {lim.max_request_bytes} (--max-request-bytes)",
+                                        "invalid_request_error")
+            watch = _Watch()
+            scope[_WATCH] = watch
+            delivered = False
+
+            async def replay():
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                await watch.event.wait()
+                return {"type": "http.disconnect"}
+
+            async def watch_connection():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                watch.fire()
+
+            watcher = asyncio.ensure_future(watch_connection())
+            try:
+                await self.app(scope, replay, send_seen)
+            finally:
+                watcher.cancel()
+        except BaseException:
+            state["status"] = state["status"] or 500
+            raise
+        finally:
+            path = scope["path"]
+            status = state["status"] or 499
+            self.metrics.http.labels(path if path in ROUTES else "other", str(status)).inc()
+            if path != "/metrics" and path != "/health" or status >= 400:
+                ACCESS_LOG.info(
+                    "%s %s %s status=%d model=%s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s "
+                    "latency_ms=%.1f", info["id"], scope["method"], path[:80], status,
+                    "-" if info["model"] is None else show(info["model"], 60),
+                    "-" if info["adapter"] is None else show(info["adapter"], 60), info["prompt_tokens"],
+                    info["completion_tokens"], info["finish"] or "-", 1000 * (time.monotonic() - t0))
+
+
+_ERRORS_ALL = {408: "the body did not arrive in time", 413: "the body is over the size limit",
+               431: "the headers are over the size limit", 500: "an unexpected server error"}
+_ERRORS = {  # what each route can answer besides 2xx (beyond _ERRORS_ALL; /v1/*: 401 too)
+    "/health": {503: "the engine thread stopped or stalled"},
+    "/v1/completions": {400: "bad input", 404: "unknown model", 503: "the queue is full"},
+    "/v1/chat/completions": {400: "bad input", 404: "unknown model", 503: "the queue is full"},
+    "/v1/load_lora_adapter": {400: "bad input or adapter", 403: "outside the adapter roots, or an open server",
+                              503: "the engine is busy or stopped"},
+    "/v1/unload_lora_adapter": {400: "bad input", 403: "an open server", 404: "unknown adapter",
+                                503: "the engine is busy or stopped"},
+}
+_CONTENT_200 = {"/metrics": "text/plain", "/v1/load_lora_adapter": "text/plain",
+                "/v1/unload_lora_adapter": "text/plain"}
+
+
+def _openapi(app: FastAPI, api_key: bool) -> dict:
+    """FastAPI's schema with the status codes the server really sends (400, never 422)."""
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for sub, sub_schema in schemas["ErrorResponse"].pop("$defs", {}).items():
+        schemas[sub] = sub_schema
+    err = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            ok = responses.get("200")
+            if ok is not None:
+                if path in _CONTENT_200:
+                    ok["content"] = {_CONTENT_200[path]: {"schema": {"type": "string"}}}
+                elif path in ("/v1/completions", "/v1/chat/completions"):
+                    ok["content"] = {"application/json": {"schema": {"type": "object"}},
+                                     "text/event-stream": {"schema": {"type": "string"}}}
+                elif path == "/health":
+                    ok.pop("content", None)
+            codes = dict(_ERRORS_ALL, **_ERRORS.get(path, {}))
+            if api_key and path.startswith("/v1/"):
+                codes[401] = "a missing or wrong API key"
+            for code, what in sorted(codes.items()):
+                responses[str(code)] = {"description": what, "content": err}
+    return schema
+
+
+def create_app(engine, served_model_name: str, base_path: str | None = None, manage_engine: bool = True, *,
+               limits: Limits | None = None, api_key: str | None = None, admin_needs_key: bool = False,
+               max_adapter_bytes: int | None = None, shutdown_timeout: float = 30) -> FastAPI:
+    """The FastAPI app. ``manage_engine``: start the engine thread with the app, stop it at shutdown
+    (waiting ``shutdown_timeout`` s for the thread). ``api_key``: Bearer auth on ``/v1/*``.
+    ``admin_needs_key``: the load / unload routes answer 403 unless an ``api_key`` is set (the CLI
+    sets it when bound to a non-loopback address). ``max_adapter_bytes``: the size limit of a
+    runtime-loaded adapter folder (None: ``adapters.default_max_adapter_bytes`` of the model)."""
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ValueError("the HTTP server needs the engine to have a tokenizer")
+    limits = limits or Limits()
+    if max_adapter_bytes is None:
+        from .adapters import default_max_adapter_bytes
+
+        max_adapter_bytes = default_max_adapter_bytes(engine.model)
     metrics = ServerMetrics(engine)
     created = int(time.time())
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    # a text prompt longer than this cannot fit the context, whatever its tokens (no token is longer)
+    max_prompt_chars = engine.max_model_len * max((len(t) for t in vocab), default=64)
+    tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-tokenize")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -78,41 +288,48 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         try:
             yield
         finally:
+            tokenize_pool.shutdown(wait=False, cancel_futures=True)
             if manage_engine:
-                await run_in_threadpool(engine.stop)
+                await run_in_threadpool(engine.stop, shutdown_timeout)
+            stats = engine.stats
+            ACCESS_LOG.info("fastadapters serve: shut down; %d requests finished, %d aborted, %d failed",
+                            sum(v for k, v in stats.items() if k.startswith("finished_")),
+                            stats.get("finished_abort", 0), stats.get("finished_error", 0))
 
     app = FastAPI(title="fastadapters serve", lifespan=lifespan)
     app.state.engine = engine
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        metrics.http.labels(path if path in ROUTES else "other", str(response.status_code)).inc()
-        return response
+    app.state.limits = limits
+    app.add_middleware(_Guard, limits=limits, metrics=metrics, api_key=api_key)
+    app.openapi = lambda: app.openapi_schema or app.__dict__.setdefault("openapi_schema",
+                                                                        _openapi(app, api_key is not None))
 
     @app.exception_handler(APIError)
     async def on_api_error(request, e: APIError):
-        return _error_response(e.status, e.message, e.type, e.param)
+        return _json_error(e.status, e.message, e.type, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, e: RequestValidationError):
         parts, param = [], None
-        for err in e.errors():
+        for err in e.errors()[:8]:
             loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-            param = param or (".".join(loc) or None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-        return _error_response(400, "invalid request: " + "; ".join(parts), "invalid_request_error", param)
+            param = param or (".".join(loc)[:80] or None)
+            parts.append(f"{'.'.join(loc)[:80] or 'body'}: {str(err.get('msg'))[:200]}")
+        return _json_error(400, "invalid request: " + "; ".join(parts), "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, e: StarletteHTTPException):
-        return _error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
-                               else "invalid_request_error")
+        return _json_error(e.status_code, str(e.detail)[:200], "not_found_error" if e.status_code == 404
+                           else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def on_unhandled(request, e: Exception):
+        return _json_error(500, f"internal error ({type(e).__name__}); the server keeps serving", "server_error")
 
     @app.get("/health")
     async def health():
-        if not engine.healthy():
-            return _error_response(503, "the engine thread stopped", "server_error")
+        problem = engine.health(limits.stall_seconds)
+        if problem is not None:
+            return _json_error(503, problem, "service_unavailable")
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -133,8 +350,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if model == served_model_name:
             return None
         if model not in engine.registry.entries:
-            raise APIError(404, f"the model {model!r} does not exist; served: "
-                                f"{[served_model_name] + engine.registry.names()}", "not_found_error", "model")
+            served = [served_model_name] + engine.registry.names()
+            listed = ", ".join(show(n, 60) for n in served[:20]) + (f" and {len(served) - 20} more"
+                                                                     if len(served) > 20 else "")
+            raise APIError(404, f"the model {show(model)} does not exist; served: {listed}", "not_found_error",
+                           "model")
         return model
 
     def sampling(body, max_default: int) -> SamplingParams:
@@ -142,6 +362,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if bad:
             raise APIError(400, bad[1], param=bad[0])
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > limits.max_stop:
+            raise APIError(400, f"stop: got {len(stop)} strings; valid: at most {limits.max_stop} "
+                                "(--max-stop-strings)", param="stop")
+        long = next((s for s in stop if len(s) > limits.max_stop_chars), None)
+        if long is not None:
+            raise APIError(400, f"stop: a string of {len(long)} characters; valid: at most {limits.max_stop_chars} "
+                                "(--max-stop-chars)", param="stop")
         max_tokens = body.max_tokens
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
@@ -156,6 +383,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
         return params
 
+    def check_chars(n: int, param: str) -> None:
+        if n > max_prompt_chars:
+            raise APIError(400, f"{param}: {n} characters cannot fit the context of {engine.max_model_len} tokens "
+                                f"(max_model_len); shorten it", param=param)
+
     def completion_ids(body: CompletionRequest) -> list[int]:
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
@@ -164,55 +396,78 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                param="prompt")
             p = p[0]
         if isinstance(p, str):
+            check_chars(len(p), "prompt")
             return list(tokenizer(p)["input_ids"])
+        if len(p) >= engine.max_model_len:
+            raise APIError(400, f"prompt: {len(p)} tokens leave no room to generate in the context of "
+                                f"{engine.max_model_len} (max_model_len); shorten it", param="prompt")
         return list(p)
 
-    def chat_ids(body: ChatRequest) -> list[int]:
-        messages = []
+    def chat_messages(body: ChatRequest) -> list[dict]:
+        messages, chars = [], 0
         for m in body.messages:
             content = m.content
             if isinstance(content, list):  # OpenAI content parts: text only
                 texts = []
                 for part in content:
                     if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise APIError(400, f"messages: content part {part.get('type')!r} is not supported; "
+                        raise APIError(400, f"messages: content part {show(part.get('type'), 40)} is not supported; "
                                             "valid: text parts", param="messages")
                     texts.append(part["text"])
                 content = "".join(texts)
+            chars += len(content or "")
             messages.append({"role": m.role, "content": content or ""})
+        check_chars(chars, "messages")
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        return messages
+
+    def chat_ids(messages: list[dict]) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:
-            raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
+            raise APIError(400, f"messages: the chat template failed: {str(e)[:200]}", param="messages") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def run(request: Request, body, ids: list[int], params: SamplingParams, chat: bool):
-        adapter = adapter_of(body.model)
+    async def off_loop(fn, *args):
+        """Run tokenising work in the tokenizer thread (one at a time: fast tokenizers are not
+        safe to call from several threads at once), never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
+
+    async def run(request: Request, body, ids: list[int], params: SamplingParams, chat: bool, adapter):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        info = request.scope.get(_LOG, {})
+        info.update(id=rid, prompt_tokens=len(ids))
         try:
             engine.submit(ids, params, adapter=adapter, request_id=rid,
                           on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         except Exception as e:
             raise _api_error(e) from None
+        watch = request.scope.get(_WATCH)
+
+        def gone():  # the client went away: abort now (freed at the engine's next step), wake the waiter
+            engine.abort(rid)
+            queue.put_nowait(_GONE)
+
+        if watch is not None:
+            watch.add(gone)
         if body.stream:
-            return StreamingResponse(_stream(request, body, rid, queue, chat), media_type="text/event-stream")
+            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info),
+                                     media_type="text/event-stream")
         text, reason, usage = [], None, None
         try:
             while True:
-                try:
-                    out = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.abort(rid)
-                        return Response(status_code=499)
-                    continue
+                out = await queue.get()
+                if out is _GONE:
+                    info["finish"] = "client_gone"
+                    return Response(status_code=499)  # nobody reads it; the access log does
                 text.append(out.text)
+                info["completion_tokens"] = out.completion_tokens
                 if out.finished:
                     reason, usage = out.finish_reason, _usage(out)
+                    info["finish"] = reason
                     if reason == "error":
                         raise APIError(500, f"generation failed: {out.error}", "server_error")
                     if reason == "abort":
@@ -220,8 +475,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                        "service_unavailable")
                     break
         finally:
+            if watch is not None:
+                watch.discard(gone)
             if reason is None:
-                engine.abort(rid)  # cancelled (client gone) or failed: free its blocks
+                engine.abort(rid)  # cancelled (client gone, server stopping) or failed: free its blocks
         now = int(time.time())
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
@@ -232,7 +489,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
                 "choices": [choice], "usage": usage}
 
-    async def _stream(request: Request, body, rid: str, queue: asyncio.Queue, chat: bool):
+    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info):
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -253,14 +510,14 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             if chat:
                 yield chunk(None, None, first=True)
             while True:
-                try:
-                    out = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                out = await queue.get()
+                if out is _GONE:
+                    info["finish"] = "client_gone"
+                    return
+                info["completion_tokens"] = out.completion_tokens
                 if out.finished:
                     finished = True
+                    info["finish"] = out.finish_reason
                     if out.finish_reason in ("error", "abort"):
                         err = error_body(f"generation failed: {out.error or out.finish_reason}", "server_error", 500)
                         yield f"data: {json.dumps(err)}\n\n"
@@ -275,36 +532,65 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 if out.text:
                     yield chunk(out.text, None)
         finally:
+            if watch is not None:
+                watch.discard(gone)
             if not finished:
                 engine.abort(rid)  # the client went away mid-stream: free the request's blocks
 
+    def log_model(request: Request, model: str, adapter) -> None:
+        info = request.scope.get(_LOG, {})
+        info.update(model=model, adapter=adapter)
+
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        ids = completion_ids(body)
-        return await run(request, body, ids, sampling(body, 16), chat=False)
+        adapter = adapter_of(body.model)
+        log_model(request, body.model, adapter)
+        params = sampling(body, 16)
+        ids = await off_loop(completion_ids, body)
+        return await run(request, body, ids, params, chat=False, adapter=adapter)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
-        ids = chat_ids(body)
-        return await run(request, body, ids, sampling(body, max(1, engine.max_model_len - len(ids) - 1)), chat=True)
+        adapter = adapter_of(body.model)
+        log_model(request, body.model, adapter)
+        sampling(body, 1)  # bad sampling fields answer before any tokenising
+        ids = await off_loop(chat_ids, chat_messages(body))
+        entry = engine.registry.entries.get(adapter) if adapter else None
+        prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
+        room = engine.max_model_len - len(ids) - prefix  # the default max_tokens: what the context leaves
+        return await run(request, body, ids, sampling(body, max(1, room)), chat=True, adapter=adapter)
+
+    def admin_allowed() -> None:
+        if admin_needs_key and api_key is None:
+            raise APIError(403, "loading and unloading adapters is off: the server listens on a non-loopback "
+                                "address without --api-key; start it with --api-key (or "
+                                "--allow-unauthenticated-admin)", "permission_error")
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
+        admin_allowed()
+        if len(body.lora_name) > 256 or not body.lora_name.strip():
+            raise APIError(400, f"lora_name: got {show(body.lora_name)}; valid: a name of 1 to 256 characters",
+                           param="lora_name")
         if body.lora_name == served_model_name:
-            raise APIError(400, f"lora_name {body.lora_name!r} is the base model's name", param="lora_name")
+            raise APIError(400, f"lora_name {show(body.lora_name)} is the base model's name", param="lora_name")
         try:
-            await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
+            path = await run_in_threadpool(confine, body.lora_path, engine.adapter_roots, max_adapter_bytes)
+            await run_in_threadpool(engine.load_adapter, body.lora_name, path)
         except Exception as e:
             raise _api_error(e) from None
-        return PlainTextResponse(f"Success: adapter '{body.lora_name}' added successfully.")
+        return PlainTextResponse(f"Success: adapter {show(body.lora_name)} added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest):
+        admin_allowed()
+        if body.lora_name not in engine.registry.entries:
+            raise APIError(404, f"no adapter named {show(body.lora_name)} is loaded", "not_found_error", "lora_name")
         try:
             await run_in_threadpool(engine.unload_adapter, body.lora_name)
         except Exception as e:
             raise _api_error(e) from None
-        return PlainTextResponse(f"Success: adapter '{body.lora_name}' removed successfully.")
+        return PlainTextResponse(f"Success: adapter {show(body.lora_name)} removed successfully.")
 
     return app
 

@@ -45,7 +45,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine
+from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine,
+                       nonfinite_adapter_tensor)
 from .hf_compat import check_model, geometry, packed_forward
 from .kv_blocks import BlockPool
 from .sampling import SamplingParams, make_generator, sample_next
@@ -115,6 +116,7 @@ class Engine:
         self.stats = collections.Counter()  # prompt_tokens, generation_tokens, finished_<reason>, steps
         self.last_error: str | None = None
         self._router = None  # the router of the last routed step (route reuses it for the same names and lengths)
+        self._heartbeat = time.monotonic()  # the engine thread's last completed step or idle wait (health)
 
     def _kv_budget(self, requested: int | None) -> int:
         """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
@@ -144,6 +146,11 @@ class Engine:
                 extra = f" + {prefix} prefix positions" if prefix else ""
                 raise PromptError(f"the prompt has {len(prompt_ids)} tokens{extra}, which leaves no room to generate "
                                   f"in the context of {self.max_model_len} (max_model_len); shorten it")
+            if prefix + len(prompt_ids) + params.max_tokens > self.max_model_len:  # vLLM's rule: a 400, not a cut
+                extra = f" + {prefix} prefix positions" if prefix else ""
+                raise PromptError(f"max_tokens: the prompt has {len(prompt_ids)} tokens{extra} and max_tokens is "
+                                  f"{params.max_tokens}, more than the context of {self.max_model_len} "
+                                  f"(max_model_len); valid: max_tokens <= {self.max_model_len - prefix - len(prompt_ids)}")
             queued = len(self._inbox) + len(self.scheduler.waiting)
             if queued >= self.scheduler.max_waiting:
                 raise QueueFull(f"the server is at capacity ({queued} requests waiting, "
@@ -208,6 +215,22 @@ class Engine:
         thread = self._thread
         return thread is None or thread.is_alive()
 
+    def health(self, stall_seconds: float) -> str | None:
+        """None when healthy; else why not: the started engine thread died, or it completed no step
+        within ``stall_seconds`` while requests or commands were waiting for it."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return "the engine thread stopped" + (f" (last error: {self.last_error})" if self.last_error else "")
+        if thread is None:
+            return None
+        with self._lock:
+            pending = bool(self._commands or self._inbox or self.scheduler.has_work())
+        idle = time.monotonic() - self._heartbeat
+        if pending and idle > stall_seconds:
+            return (f"the engine completed no step in {idle:.0f} s while work was waiting (bound {stall_seconds:g} s)"
+                    + (f"; last error: {self.last_error}" if self.last_error else ""))
+        return None
+
     def stop(self, timeout: float = 30) -> None:
         thread = self._thread
         if thread is None:
@@ -223,11 +246,13 @@ class Engine:
             with self._lock:
                 while not self._stopping and not (self._commands or self._inbox or self._aborts
                                                   or self.scheduler.has_work()):
+                    self._heartbeat = time.monotonic()  # idle is healthy
                     self._wake.wait(0.5)
                 if self._stopping:
                     break
             try:
                 self.step()
+                self._heartbeat = time.monotonic()  # a completed step (health's watchdog)
             except Exception as e:  # never let the loop die: the failed step's requests got an error
                 self.last_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"fastadapters serving: engine step failed: {self.last_error}", RuntimeWarning)
@@ -271,6 +296,10 @@ class Engine:
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise AdapterError(f"could not load an adapter from {path!r}: {e}") from None
         fa.set_adapter(self.model, None)  # requests choose adapters; none is active between them
+        bad = nonfinite_adapter_tensor(self.model, internal)
+        if bad is not None:  # NaN/inf weights would poison every row they touch: refuse, change nothing
+            self._delete_internal(internal)
+            raise AdapterError(f"the adapter {name!r} has non-finite (NaN or inf) weights in {bad}; refusing to load it")
         cfg = fa.get_config(self.model, internal)
         entry = AdapterEntry(name, path, internal, cfg.adapter_type, created=int(time.time()))
         if isinstance(cfg, PrefixConfig):

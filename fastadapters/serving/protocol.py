@@ -2,19 +2,43 @@
 
 Only what the server implements is declared; other OpenAI fields are accepted and ignored, except
 those that would change the result and are not supported (``n`` > 1, ``logprobs``, ``best_of``),
-which are refused with a 400 rather than silently dropped. Numbers and strings are strict: a
-string where a number belongs is a 400, not coerced. ``top_k`` and ``ignore_eos`` are vLLM's
+which are refused with a 400 rather than silently dropped (``logprobs: 0`` included: it asks for
+the sampled token's log-probability). Numbers and strings are strict: a string where a number
+belongs is a 400, not coerced; a string that is not valid Unicode (a lone UTF-16 surrogate, which
+JSON's ``\\ud800`` escapes can carry) is a 400 too. ``top_k`` and ``ignore_eos`` are vLLM's
 extensions, with vLLM's meaning.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator)
 
-__all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body"]
+__all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
+           "ErrorResponse"]
 
 Number = Union[StrictInt, StrictFloat]
+
+
+def _unicode(value):
+    """``value`` unchanged if every string in it encodes as UTF-8; ValueError otherwise."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode: a lone surrogate {value[e.start]!a} at character {e.start}") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode(k)
+            _unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _unicode(v)
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -24,18 +48,18 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr
+    model: Text
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
     top_k: StrictInt | None = None
     seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
     ignore_eos: StrictBool = False
-    user: StrictStr | None = None
+    user: Text | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a field this server cannot honour; None if there is none."""
@@ -43,22 +67,33 @@ class _Sampling(BaseModel):
             return "n", f"n: got {self.n}; this server returns one choice per request (n = 1)"
         extra = self.model_extra or {}
         for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "best_of"):
-            value = extra.get(key)
-            if value in (None, False, "") or (key == "best_of" and value == 1):
+            if key not in extra:
                 continue
-            return key, f"{key} is not supported by this server (got {value!r})"
+            value = extra[key]
+            if value is None or value is False or (key == "suffix" and value == "") \
+                    or (key in ("tools", "functions") and value == []) \
+                    or (key in ("best_of", "top_logprobs") and type(value) is int and value == (key == "best_of")):
+                continue  # the value that asks for nothing
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:40] + "..."
+            return key, f"{key} is not supported by this server (got {shown}); omit it or send null"
         return None
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    prompt: Text | list[StrictInt] | list[Text] | list[list[StrictInt]]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: StrictStr
-    content: StrictStr | list[dict[str, Any]] | None = None
+    role: Text
+    content: Text | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unicode(cls, v):
+        return _unicode(v)
 
 
 class ChatRequest(_Sampling):
@@ -67,17 +102,29 @@ class ChatRequest(_Sampling):
 
 
 class LoadAdapterRequest(BaseModel):
-    lora_name: StrictStr
-    lora_path: StrictStr
+    lora_name: Text
+    lora_path: Text
 
 
 class UnloadAdapterRequest(BaseModel):
-    lora_name: StrictStr
+    lora_name: Text
     lora_int_id: StrictInt | None = None
 
 
 ErrorType = Literal["invalid_request_error", "not_found_error", "permission_error", "server_error",
-                    "service_unavailable", "rate_limit_error"]
+                    "service_unavailable", "rate_limit_error", "authentication_error"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server sends (OpenAI's shape; ``code`` is the HTTP status)."""
+    error: ErrorDetail
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:

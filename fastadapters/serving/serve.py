@@ -1,20 +1,31 @@
 """``fastadapters serve``: load a base model and adapters, then run the OpenAI-compatible server.
 
-    fastadapters serve --base-model PATH [--served-model-name NAME] [--adapter NAME=PATH ...]
-                       [--adapter-root DIR ...] [--host 127.0.0.1] [--port 8000]
-                       [--dtype auto|float32|bfloat16|float16] [--max-num-seqs N] [--max-model-len N]
-                       [--backend auto|torch|triton|cuda]
+    fastadapters serve --base-model DIR [--gguf-file NAME.gguf] [--served-model-name NAME]
+                       [--adapter NAME=PATH ...] [--adapter-root DIR ...] [--host 127.0.0.1] [--port 8000] ...
 
-``--base-model`` is a transformers model folder (or a ``.gguf`` file, loaded dequantised). The
-model goes to the GPU when there is one. ``--dtype auto`` is float32 on the CPU and the
-checkpoint's own dtype on a GPU. Adapters named with ``--adapter`` are loaded at start-up from
-anywhere; ``--adapter-root`` turns on runtime loading, confined to those folders. ``main(argv)``
-returns the exit code: 2 with one line on stderr for bad flags or inputs.
+``--base-model`` is a transformers model folder; ``--gguf-file NAME`` loads the GGUF file of that
+name inside it (dequantised), the same flags as ``train`` and ``eval`` (a path ending in ``.gguf``
+is still taken as folder + file). The model goes to the GPU when there is one. ``--dtype auto`` is
+float32 on the CPU and the checkpoint's own dtype on a GPU. Adapters named with ``--adapter`` are
+loaded at start-up from anywhere; ``--adapter-root`` turns on runtime loading, confined to those
+folders (a relative ``lora_path`` is taken under the root, never the server's working directory).
+``main(argv)`` returns the exit code: 2 with one line on stderr for bad flags or inputs.
+
+Hardening, each with a flag and its default in ``--help``: request body / header size limits, a
+body read timeout and the keep-alive timeout (uvicorn's), stop-string limits, a size limit for
+runtime-loaded adapters, ``--api-key`` (or ``FASTADAPTERS_API_KEY``) for Bearer auth on ``/v1/*``
+(the load / unload routes refuse to run on a non-loopback address without one unless
+``--allow-unauthenticated-admin``), a ``/health`` watchdog bound. SIGTERM (or Ctrl-C) drains for
+up to ``--shutdown-timeout`` seconds, then aborts what is left and exits; a second SIGTERM exits at
+once. One access-log line per request and a shutdown line go to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
+import signal
 import sys
 
 from ..cli import CommandParser, UsageError
@@ -34,39 +45,95 @@ def _positive(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    # the shared parser, with plain argparse's prefix abbreviations and help (as this command has had)
+    from .api import Limits
+
+    lim = Limits()
+    # the shared parser (its help shows defaults), with plain argparse's prefix abbreviations (as this command has had)
     p = CommandParser(prog="fastadapters serve",
-                      description="OpenAI-compatible server for one base model and many adapters",
-                      allow_abbrev=True, formatter_class=argparse.HelpFormatter)
-    p.add_argument("--base-model", required=True, help="transformers model folder or .gguf file")
+                      description="OpenAI-compatible server for one base model and many adapters. The base model "
+                                  "is a transformers folder, or a GGUF file in it with --gguf-file (dequantised).",
+                      allow_abbrev=True)
+    p.add_argument("--base-model", required=True, metavar="DIR",
+                   help="transformers model folder (with --gguf-file: the folder holding the GGUF file)")
+    p.add_argument("--gguf-file", metavar="NAME", default=None,
+                   help="load the base model from this GGUF file inside --base-model, dequantised (as train and "
+                        "eval); --base-model DIR/NAME.gguf is taken the same way")
     p.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: --base-model)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to load at start")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter to load at start (repeatable)")
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                   help="allow runtime loading of adapters from under DIR (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
+                   help="allow runtime loading of adapters from under DIR (repeatable); a relative lora_path is "
+                        "taken under the root")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (auto: float32 on the CPU)")
     p.add_argument("--max-num-seqs", type=_positive, default=16, help="requests in the running batch")
-    p.add_argument("--max-model-len", type=_positive, default=None, help="context length (prompt + output)")
-    p.add_argument("--max-waiting", type=_positive, default=None, help="queued requests before 503 (4 x max-num-seqs)")
+    p.add_argument("--max-model-len", type=_positive, default=None,
+                   help="context length, prompt + output (default: the model's positions)")
+    p.add_argument("--allow-long-max-model-len", action="store_true",
+                   help="accept a --max-model-len beyond the model's position embeddings (its output there is "
+                        "not what it was trained for)")
+    p.add_argument("--max-waiting", type=_positive, default=None,
+                   help="queued requests before 503 (default: 4 x max-num-seqs)")
     p.add_argument("--block-size", type=_positive, default=16, help="KV positions per block")
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="memory for KV blocks (default: half the free GPU memory, or 2 GB on the CPU)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                   help="multi-adapter kernels")
+    g = p.add_argument_group("security and limits")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FASTADAPTERS_API_KEY, else none)")
+    g.add_argument("--allow-unauthenticated-admin", action="store_true",
+                   help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter without --api-key on a "
+                        "non-loopback --host (refused otherwise)")
+    g.add_argument("--max-adapter-bytes", type=_positive, default=None,
+                   help="size limit of a runtime-loaded adapter folder (default: a rank-128 LoRA on every linear "
+                        "layer of the base model, in float32)")
+    g.add_argument("--max-request-bytes", type=_positive, default=lim.max_request_bytes,
+                   help="request body size limit (413 beyond)")
+    g.add_argument("--max-header-bytes", type=_positive, default=lim.max_header_bytes,
+                   help="request headers size limit (431 beyond)")
+    g.add_argument("--body-timeout", type=_seconds, default=lim.body_timeout,
+                   help="seconds to wait for each piece of a request body (408 beyond)")
+    g.add_argument("--timeout-keep-alive", type=_seconds, default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
+    g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, help="stop strings per request")
+    g.add_argument("--max-stop-chars", type=_positive, default=lim.max_stop_chars,
+                   help="characters per stop string")
+    g.add_argument("--health-stall-seconds", type=_seconds, default=lim.stall_seconds,
+                   help="/health answers 503 when the engine completed no step this long while work waited")
+    g.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+                   help="on SIGTERM, seconds to let running requests finish before aborting them")
+    g.add_argument("--no-access-log", action="store_true", help="no per-request log line")
     return p
 
 
-def load_base(path: str, dtype: str = "auto"):
-    """(model, tokenizer) from a folder or a .gguf file; float32 on the CPU unless told otherwise."""
+def _split_gguf(path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder, gguf file name or None) from --base-model / --gguf-file (a path ending in .gguf: its folder and name)."""
+    if gguf_file is None and path.endswith(".gguf"):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    return path, gguf_file
+
+
+def load_base(path: str, dtype: str = "auto", gguf_file: str | None = None):
+    """(model, tokenizer) from a folder (and a GGUF file in it) or a .gguf path; float32 on the CPU
+    unless told otherwise."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = {}
-    if path.endswith(".gguf"):
-        folder, kw["gguf_file"] = os.path.dirname(path) or ".", os.path.basename(path)
-    else:
-        folder = path
+    folder, gguf = _split_gguf(path, gguf_file)
+    kw = {"gguf_file": gguf} if gguf else {}
     cuda = torch.cuda.is_available()
     if dtype == "auto":
         torch_dtype = "auto" if cuda else torch.float32
@@ -79,11 +146,30 @@ def load_base(path: str, dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
+def model_positions(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def build_app(args):
-    from .api import create_app
+    from .api import Limits, create_app
     from .engine import Engine
 
-    model, tokenizer = load_base(args.base_model, args.dtype)
+    model, tokenizer = load_base(args.base_model, args.dtype, args.gguf_file)
+    positions = model_positions(model)
+    if args.max_model_len and positions and args.max_model_len > positions and not args.allow_long_max_model_len:
+        raise ValueError(f"--max-model-len {args.max_model_len} is beyond the model's {positions} positions "
+                         f"(max_position_embeddings); valid: at most {positions}, or add --allow-long-max-model-len")
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     block_size=args.block_size, max_waiting=args.max_waiting,
                     backend=None if args.backend == "auto" else args.backend, adapter_roots=args.adapter_root,
@@ -91,28 +177,72 @@ def build_app(args):
     for spec in args.adapter:
         name, _, path = spec.partition("=")
         engine.load_adapter(name, path, confined=False)
-    return create_app(engine, args.served_model_name or args.base_model, base_path=args.base_model)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_header_bytes=args.max_header_bytes,
+                    body_timeout=args.body_timeout, max_stop=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
+                    stall_seconds=args.health_stall_seconds)
+    return create_app(engine, served_name(args), base_path=args.base_model, limits=limits, api_key=args.api_key,
+                      admin_needs_key=not (_loopback(args.host) or args.allow_unauthenticated_admin),
+                      max_adapter_bytes=args.max_adapter_bytes, shutdown_timeout=args.shutdown_timeout)
+
+
+def served_name(args) -> str:
+    return args.served_model_name or args.base_model
+
+
+def _check(args) -> None:
+    """Flag checks that need no model: UsageError (exit 2, one line)."""
+    from ..train import check_base_model_path
+
+    if args.api_key is None:
+        args.api_key = os.environ.get("FASTADAPTERS_API_KEY") or None
+    if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()):
+        raise UsageError("--api-key: an empty or unprintable key; valid: printable characters")
+    if not os.path.exists(args.base_model):
+        raise UsageError(f"--base-model: {args.base_model!r} does not exist")
+    folder, gguf = _split_gguf(args.base_model, args.gguf_file)
+    if gguf is not None and args.gguf_file is not None and args.base_model.endswith(".gguf"):
+        raise UsageError("--gguf-file: give the folder as --base-model, or the .gguf path alone, not both")
+    if os.path.isdir(folder):
+        check_base_model_path(os.path.abspath(folder), gguf)
+    elif not os.path.isfile(args.base_model):
+        raise UsageError(f"--base-model: {args.base_model!r} is not a model folder")
+    names = set()
+    for spec in args.adapter:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"--adapter: got {spec!r}; valid: NAME=PATH")
+        if name == served_name(args):
+            raise UsageError(f"--adapter {name}: the served base model has that name, so the adapter could never "
+                             "be reached; give the adapter (or --served-model-name) another name")
+        if name in names:
+            raise UsageError(f"--adapter {name}: named twice")
+        names.add(name)
+        if not os.path.isdir(path):
+            raise UsageError(f"--adapter {name}: {path!r} is not a directory")
+    for root in args.adapter_root:
+        if not os.path.isdir(root):
+            raise UsageError(f"--adapter-root: {root!r} is not a directory")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise UsageError(f"--kv-cache-gb: got {args.kv_cache_gb}; valid: a positive number")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port: got {args.port}; valid: 0..65535")
+
+
+def _access_log(enabled: bool) -> None:
+    log = logging.getLogger("fastadapters.serve.access")
+    log.setLevel(logging.INFO if enabled else logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        for spec in args.adapter:
-            name, eq, path = spec.partition("=")
-            if not eq or not name or not path:
-                raise UsageError(f"--adapter: got {spec!r}; valid: NAME=PATH")
-            if not os.path.isdir(path):
-                raise UsageError(f"--adapter {name}: {path!r} is not a directory")
-        for root in args.adapter_root:
-            if not os.path.isdir(root):
-                raise UsageError(f"--adapter-root: {root!r} is not a directory")
-        if not os.path.exists(args.base_model):
-            raise UsageError(f"--base-model: {args.base_model!r} does not exist")
-        if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
-            raise UsageError(f"--kv-cache-gb: got {args.kv_cache_gb}; valid: a positive number")
-        if not 0 <= args.port < 65536:
-            raise UsageError(f"--port: got {args.port}; valid: 0..65535")
+        _check(args)
     except UsageError as e:
         print(f"fastadapters serve: error: {e}", file=sys.stderr)
         return 2
@@ -122,10 +252,44 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = build_app(args)
-    except ValueError as e:  # a model the engine cannot serve, an adapter that does not load
+    except ValueError as e:  # a model the engine cannot serve, an adapter that does not load, a bad length
         print(f"fastadapters serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"fastadapters serve: {args.served_model_name or args.base_model} on http://{args.host}:{args.port}",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    _access_log(not args.no_access_log)
+    if not _loopback(args.host) and args.api_key is None:
+        print(f"fastadapters serve: warning: listening on {args.host} without --api-key: anyone who reaches the "
+              "port can send requests" + ("" if args.allow_unauthenticated_admin else
+                                          "; loading and unloading adapters is refused"), file=sys.stderr)
+    print(f"fastadapters serve: {served_name(args)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_keep_alive=max(1, round(args.timeout_keep_alive)),
+                            timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
+                            h11_max_incomplete_event_size=args.max_header_bytes)
+    _Server(config, args.shutdown_timeout).run()
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus: the first SIGTERM drains (for --shutdown-timeout), a second exits at once."""
+
+        def __init__(self, config, shutdown_timeout: float):
+            super().__init__(config)
+            self.shutdown_timeout = shutdown_timeout
+
+        def handle_exit(self, sig, frame):
+            if self.should_exit and sig == signal.SIGTERM:
+                os.write(2, b"fastadapters serve: second SIGTERM: exiting now\n")
+                os._exit(128 + signal.SIGTERM)
+            if not self.should_exit:
+                os.write(2, f"fastadapters serve: shutting down: running requests get up to "
+                            f"{self.shutdown_timeout:g} s (SIGTERM again to exit now)\n".encode())
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def _Server(config, shutdown_timeout: float):
+    return _server_class()(config, shutdown_timeout)
