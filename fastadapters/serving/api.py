@@ -250,7 +250,7 @@ def _openapi(app: FastAPI, api_key: bool) -> dict:
                                      "text/event-stream": {"schema": {"type": "string"}}}
                 elif path == "/health":
                     ok.pop("content", None)
-            codes = dict(_ERRORS_ALL, **_ERRORS.get(path, {}))
+            codes = {**_ERRORS_ALL, **_ERRORS.get(path, {})}
             if api_key and path.startswith("/v1/"):
                 codes[401] = "a missing or wrong API key"
             for code, what in sorted(codes.items()):
@@ -300,8 +300,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     app.state.engine = engine
     app.state.limits = limits
     app.add_middleware(_Guard, limits=limits, metrics=metrics, api_key=api_key)
-    app.openapi = lambda: app.openapi_schema or app.__dict__.setdefault("openapi_schema",
-                                                                        _openapi(app, api_key is not None))
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi(app, api_key is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def on_api_error(request, e: APIError):
@@ -543,6 +548,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
+        log_model(request, body.model, None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         params = sampling(body, 16)
@@ -551,6 +557,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
+        log_model(request, body.model, None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         sampling(body, 1)  # bad sampling fields answer before any tokenising

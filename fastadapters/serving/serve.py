@@ -228,11 +228,23 @@ def _check(args) -> None:
         raise UsageError(f"--port: got {args.port}; valid: 0..65535")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment, not the one at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _access_log(enabled: bool) -> None:
     log = logging.getLogger("fastadapters.serve.access")
     log.setLevel(logging.INFO if enabled else logging.WARNING)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.propagate = False
@@ -250,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     import uvicorn
 
+    if not sys.stderr.isatty():  # a log file or a pipe: no progress bars in it (transformers' weight loading)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         app = build_app(args)
     except ValueError as e:  # a model the engine cannot serve, an adapter that does not load, a bad length

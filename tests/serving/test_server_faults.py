@@ -1,0 +1,587 @@
+"""`fastadapters serve` under faults and hostile input (issue 17): nothing a client sends or abandons
+may hang, poison or slow the others, and every refusal is an OpenAI-shaped 4xx.
+
+Tiny llama + character tokenizer; in-process (starlette's TestClient) where no socket is needed,
+a live uvicorn on 127.0.0.1 (``live_server``) for disconnects and slow bodies, and a real
+``fastadapters serve`` process for SIGTERM. Each test names the behaviour it checks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from starlette.testclient import TestClient
+
+from fastadapters.serving import serve
+from fastadapters.serving.api import Limits, create_app
+from .char_tokenizer import char_tokenizer
+from .helpers import add_zoo, tiny_llama
+from .live_server import live_server
+from .serve_helpers import assert_no_leaks, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
+
+BASE = "tiny"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def make_engine(paths=None, root=None, **kw):
+    kw.setdefault("max_num_seqs", 4)
+    return tiny_engine(paths, tokenizer=char_tokenizer(), adapter_roots=[str(root)] if root else None, **kw)
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["message"]
+    return err
+
+
+@pytest.fixture(scope="module")
+def client(zoo, tmp_path_factory):
+    """One in-process app over the zoo (lora_r4 loaded) with an adapter root; limits small enough to test."""
+    root = tmp_path_factory.mktemp("faults-root")
+    engine = make_engine({"lora_r4": zoo["lora_r4"]}, root)
+    app = create_app(engine, BASE, limits=Limits(max_request_bytes=64 << 10, max_stop=4, max_stop_chars=20))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield engine, c, root
+
+
+def _wait(cond, timeout: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# -- the watchdog ----------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_is_503_when_the_engine_stalls_or_dies(zoo):
+    engine = make_engine()
+    gate = threading.Event()
+    forward = engine._forward
+
+    def stuck(batch):  # a step that never completes until released
+        gate.wait(30)
+        return forward(batch)
+
+    engine._forward = stuck
+    app = create_app(engine, BASE, limits=Limits(stall_seconds=0.3))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/health").status_code == 200
+        req = engine.submit([3, 4, 5], engine_params(max_tokens=2))
+        time.sleep(0.6)
+        err = error_of(c.get("/health"), 503)
+        assert "no step" in err["message"]
+        gate.set()
+        _wait(lambda: req.finish_reason is not None, what="the released request")
+        assert c.get("/health").status_code == 200
+        engine.step = lambda: (_ for _ in ()).throw(SystemExit("boom"))  # kills the thread: not an Exception
+        engine.submit([3, 4], engine_params(max_tokens=1))
+        _wait(lambda: not engine._thread.is_alive(), what="the engine thread to die")
+        assert "stopped" in error_of(c.get("/health"), 503)["message"]
+
+
+def engine_params(**kw):
+    from fastadapters.serving.sampling import SamplingParams
+
+    return SamplingParams(temperature=0, **kw)
+
+
+# -- adapters --------------------------------------------------------------------------------------
+
+def _nan_copy(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, WEIGHTS))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, os.path.join(dst, WEIGHTS))
+    return str(dst)
+
+
+def test_nonfinite_adapter_refused_at_runtime(client, zoo):
+    engine, c, root = client
+    _nan_copy(zoo["houlsby"], root / "nan_h")
+    before = c.get("/v1/models").json()["data"]
+    names = set(__import__("fastadapters").adapter_names(engine.model))
+    err = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(root / "nan_h")}), 400)
+    assert "non-finite" in err["message"]
+    assert c.get("/v1/models").json()["data"] == before
+    assert set(__import__("fastadapters").adapter_names(engine.model)) == names  # nothing left on the model
+
+
+def test_file_symlink_out_of_the_root_is_refused_without_echo(client, zoo, tmp_path):
+    engine, c, root = client
+    import shutil
+
+    outside = tmp_path / "outside"
+    shutil.copytree(zoo["lora_r64"], outside)
+    evil = root / "evil"
+    evil.mkdir()
+    shutil.copy(os.path.join(zoo["lora_r64"], "adapter_config.json"), evil / "adapter_config.json")
+    (evil / WEIGHTS).symlink_to(outside / WEIGHTS)  # a real folder inside the root, its weights outside
+    err = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": str(evil)}), 403)
+    tensor_names = load_file(str(outside / WEIGHTS)).keys()
+    assert str(outside) not in err["message"] and not any(k in err["message"] for k in tensor_names)
+    assert "evil" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    # a relative path is taken under the root, never the server's working directory, which is never echoed
+    for rel in ("../../../etc", "nope/../../x"):
+        err = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": rel}), 403)
+        assert os.getcwd() not in err["message"] and str(root) not in err["message"]
+    shutil.copytree(zoo["pfeiffer"], root / "pf")
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "pf_rel", "lora_path": "pf"})
+    assert r.status_code == 200, r.text
+    assert c.post("/v1/unload_lora_adapter", json={"lora_name": "pf_rel"}).status_code == 200
+    # not a regular file: refused before any read (a FIFO would block the reader forever)
+    fifo = root / "fifo"
+    fifo.mkdir()
+    shutil.copy(os.path.join(zoo["lora_r64"], "adapter_config.json"), fifo / "adapter_config.json")
+    os.mkfifo(fifo / WEIGHTS)
+    assert "regular file" in error_of(c.post("/v1/load_lora_adapter",
+                                             json={"lora_name": "f", "lora_path": str(fifo)}), 400)["message"]
+
+
+def test_adapter_size_limit_is_checked_before_reading(zoo, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(zoo["lora_r64"], root / "big")
+    engine = make_engine(root=root)
+    size = sum(os.path.getsize(root / "big" / f) for f in os.listdir(root / "big"))
+    app = create_app(engine, BASE, max_adapter_bytes=size - 1)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        err = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": "big"}), 400)
+        assert "--max-adapter-bytes" in err["message"]
+        sparse = root / "sparse"  # 64 GiB on paper, nothing on disk: refused from its size alone
+        sparse.mkdir()
+        shutil.copy(root / "big" / "adapter_config.json", sparse / "adapter_config.json")
+        with open(sparse / WEIGHTS, "wb") as f:
+            f.truncate(64 << 30)
+        t = time.monotonic()
+        error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "s", "lora_path": "sparse"}), 400)
+        assert time.monotonic() - t < 5
+    from fastadapters.serving.adapters import default_max_adapter_bytes
+
+    model = tiny_llama()  # the default: from the model's shapes, a floor for tiny models
+    assert default_max_adapter_bytes(model) == 16 << 20
+    assert default_max_adapter_bytes(model, rank=128, floor=0) == 4 * 128 * sum(
+        m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)) + (1 << 20)
+
+
+# -- request limits and hostile input ----------------------------------------------------------------
+
+def test_body_size_limit_is_413(client):
+    engine, c, _ = client
+    body = json.dumps({"model": BASE, "prompt": "a" * (70 << 10), "max_tokens": 1}).encode()
+    err = error_of(c.post("/v1/completions", content=body, headers={"content-type": "application/json"}), 413)
+    assert "--max-request-bytes" in err["message"]
+
+    def chunks():  # no Content-Length: counted while it arrives
+        for _ in range(10):
+            yield b"x" * (10 << 10)
+
+    error_of(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_tokenising_is_off_the_event_loop_and_long_prompts_are_refused_untokenised(zoo):
+    engine = make_engine()
+    tok = engine.tokenizer
+    calls = []
+
+    class Slow(type(tok)):
+        def __call__(self, text, *a, **kw):
+            calls.append(len(text))
+            if text.startswith("slow"):
+                time.sleep(1.5)
+            return super().__call__(text, *a, **kw)
+
+    tok.__class__ = Slow
+    with live_server(create_app(engine, BASE)) as url:
+        done = []
+        t = threading.Thread(target=lambda: done.append(httpx.post(
+            f"{url}/v1/completions", json={"model": BASE, "prompt": "slow one", "max_tokens": 2}, timeout=30)))
+        t.start()
+        _wait(lambda: calls, what="the slow tokenisation to start")
+        t0 = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 0.75  # answered while the tokenizer thread sleeps
+        t.join(30)
+        assert done[0].status_code == 200
+        calls.clear()
+        limit = engine.max_model_len * max(len(k) for k in tok.get_vocab())
+        r = httpx.post(f"{url}/v1/completions", json={"model": BASE, "prompt": "a" * (limit + 1)}, timeout=30)
+        assert "max_model_len" in error_of(r, 400)["message"] and calls == []  # refused before tokenising
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny", "prompt": "ab\\ud800cd", "max_tokens": 1}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "x\\udfff"}], "max_tokens": 1}',
+    b'{"model": "tiny", "messages": [{"role": "\\ud83d", "content": "x"}], "max_tokens": 1}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+    b'{"model": "ti\\ud800ny", "prompt": "a"}',
+    b'{"model": "tiny", "prompt": "\xff\xfe bad utf-8", "max_tokens": 1}',
+], ids=["prompt", "content", "role", "content-part", "model", "bytes"])
+def test_invalid_unicode_is_a_400(client, body):
+    engine, c, _ = client
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    error_of(c.post(path, content=body, headers={"content-type": "application/json"}), 400)
+    assert c.post("/v1/completions", json={"model": BASE, "prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+def test_stop_strings_are_limited(client):
+    engine, c, _ = client
+    post = lambda stop: c.post("/v1/completions", json={"model": BASE, "prompt": "a", "max_tokens": 2,  # noqa: E731
+                                                       "stop": stop})
+    err = error_of(post(["x"] * 5000), 400)  # under the body limit
+    assert err["param"] == "stop" and "--max-stop-strings" in err["message"]
+    assert "--max-stop-chars" in error_of(post(["y" * 21]), 400)["message"]
+    assert post(["q", "r", "s", "y" * 20]).status_code == 200
+
+
+def test_logprobs_are_refused_not_ignored(client):
+    engine, c, _ = client
+    for path, extra in (("/v1/completions", {"prompt": "a", "logprobs": 0}),
+                        ("/v1/completions", {"prompt": "a", "logprobs": 2}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True,
+                                                  "top_logprobs": 0})):
+        err = error_of(c.post(path, json={"model": BASE, "max_tokens": 1, **extra}), 400)
+        assert err["param"] == "logprobs"
+    r = c.post("/v1/chat/completions", json={"model": BASE, "max_tokens": 1, "logprobs": False,
+                                             "messages": [{"role": "user", "content": "a"}]})
+    assert r.status_code == 200
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_a_400(client):
+    engine, c, _ = client
+    n = engine.max_model_len
+    err = error_of(c.post("/v1/completions", json={"model": BASE, "prompt": [5] * 100, "max_tokens": n - 99}), 400)
+    assert err["param"] == "max_tokens" and str(n - 100) in err["message"]
+    ok = c.post("/v1/completions", json={"model": BASE, "prompt": [5] * 100, "max_tokens": n - 100,
+                                         "temperature": 0, "ignore_eos": True}).json()
+    assert ok["usage"]["completion_tokens"] == n - 100 and ok["choices"][0]["finish_reason"] == "length"
+    assert_no_leaks(engine)
+
+
+def test_echoed_names_are_truncated(client):
+    engine, c, _ = client
+    for path, body in (("/v1/completions", {"model": "m" * 50_000, "prompt": "a"}),
+                       ("/v1/unload_lora_adapter", {"lora_name": "n" * 50_000})):
+        r = c.post(path, json=body)
+        error_of(r, 404)
+        assert len(r.content) < 1000
+
+
+def test_header_size_limit_is_431(client):
+    engine, c, _ = client
+    err = error_of(c.get("/v1/models", headers={"x-big": "a" * 100_000}), 431)
+    assert "--max-header-bytes" in err["message"]
+
+
+def test_slow_body_times_out_with_408(zoo):
+    engine = make_engine()
+    with live_server(create_app(engine, BASE, limits=Limits(body_timeout=0.5))) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100\r\n\r\n{\"model\":")
+            t = time.monotonic()
+            reply = s.recv(65536)
+            assert time.monotonic() - t < 5
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b'"code":408' in reply.replace(b" ", b"")
+
+
+def test_unhandled_errors_are_openai_shaped(zoo):
+    engine = make_engine()
+    app = create_app(engine, BASE)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        engine.adapters = lambda: 1 / 0
+        err = error_of(c.get("/v1/models"), 500)
+        assert err["type"] == "server_error"
+        assert c.get("/health").status_code == 200
+
+
+def test_openapi_documents_400_not_422(client):
+    engine, c, _ = client
+    spec = c.get("/openapi.json").json()
+    text = json.dumps(spec)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter"):
+        assert {"400", "413", "500"} <= set(spec["paths"][path]["post"]["responses"]), path
+    assert "503" in spec["paths"]["/health"]["get"]["responses"]
+
+
+# -- disconnects -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_client_that_leaves_a_non_streaming_request_aborts_it(zoo, path):
+    engine = make_engine(max_model_len=4096)
+    with live_server(create_app(engine, BASE)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = {"model": BASE, "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+        body.update({"prompt": "abc"} if "chat" not in path else {"messages": [{"role": "user", "content": "abc"}]})
+        data = json.dumps(body).encode()
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        _wait(lambda: engine.stats["generation_tokens"] >= 3, what="generation to start")
+        s.close()
+        t = time.monotonic()
+        _wait(lambda: engine.snapshot()["live_requests"] == 0, timeout=10, what="the abort")
+        assert time.monotonic() - t < 2
+        assert engine.stats["finished_abort"] == 1 and engine.stats["generation_tokens"] < 4000
+        assert_no_leaks(engine)
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+def test_api_key_is_required_on_v1_and_admin_needs_a_key_when_open(zoo, tmp_path):
+    engine = make_engine(root=tmp_path)
+    with TestClient(create_app(engine, BASE, api_key="s3cret"), raise_server_exceptions=False) as c:
+        assert c.get("/health").status_code == 200
+        assert error_of(c.get("/v1/models"), 401)["type"] == "authentication_error"
+        error_of(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        error_of(c.post("/v1/completions", json={"model": BASE, "prompt": "a"}), 401)
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert "401" in c.get("/openapi.json").json()["paths"]["/v1/models"]["get"]["responses"]
+    engine = make_engine(root=tmp_path)
+    with TestClient(create_app(engine, BASE, admin_needs_key=True), raise_server_exceptions=False) as c:
+        for route, body in (("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "x"}),
+                            ("/v1/unload_lora_adapter", {"lora_name": "a"})):
+            assert "--api-key" in error_of(c.post(route, json=body), 403)["message"]
+        assert c.post("/v1/completions", json={"model": BASE, "prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+# -- the access log ----------------------------------------------------------------------------------
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_one_access_log_line_per_request_and_a_shutdown_line(zoo):
+    engine = make_engine({"lora_r4": zoo["lora_r4"]})
+    log, seen = logging.getLogger("fastadapters.serve.access"), _Lines()
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(seen)
+    try:
+        _access_log_requests(engine)
+    finally:
+        log.removeHandler(seen)
+        log.setLevel(level)
+    lines = seen.lines
+    _check_access_lines(lines)
+
+
+def _access_log_requests(engine):
+    with TestClient(create_app(engine, BASE), raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json={"model": "lora_r4", "prompt": "abc", "max_tokens": 3, "temperature": 0})
+        rid = r.json()["id"]
+        c.post("/v1/completions", json={"model": "nope", "prompt": "a"})
+
+
+def _check_access_lines(lines):
+    rid = [m.split()[0] for m in lines if m.startswith("cmpl-")][0]
+    mine = [m for m in lines if rid in m]
+    assert len(mine) == 1, lines
+    line = mine[0]
+    for part in ("status=200", "model='lora_r4'", "adapter='lora_r4'", "prompt_tokens=3", "completion_tokens=3",
+                 "finish=length", "latency_ms="):
+        assert part in line, line
+    assert any("status=404" in m and "POST /v1/completions" in m and "model='nope'" in m for m in lines)
+    assert "shut down" in lines[-1] and "finished" in lines[-1]
+
+
+# -- the command line: start-up refusals, flags, GGUF, SIGTERM ---------------------------------------
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    model = tiny_llama()
+    model.save_pretrained(d / "base")
+    char_tokenizer().save_pretrained(d / "base")
+    add_zoo(model, ["houlsby"])
+    import fastadapters as fa
+
+    fa.save_adapter(model, d / "h", name="houlsby")
+    return d
+
+
+class _Started(Exception):
+    pass
+
+
+@pytest.fixture
+def no_uvicorn(monkeypatch):
+    """uvicorn never runs: reaching it raises _Started with the app (a refusal must come before)."""
+    import uvicorn
+
+    def run(self, *a, **kw):
+        raise _Started(self.config.app)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: (_ for _ in ()).throw(_Started(app)))
+
+
+def _one_line(capsys, *parts):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for p in parts:
+        assert p in err, err
+
+
+def test_startup_refusals_exit_2_with_one_line(base_dir, tmp_path, capsys, no_uvicorn, monkeypatch):
+    base = str(base_dir / "base")
+    monkeypatch.setattr(serve, "build_app", lambda args: (_ for _ in ()).throw(AssertionError("loaded the model")))
+    assert serve.main(["--base-model", base, "--served-model-name", "tiny", "--adapter",
+                       f"tiny={base_dir / 'h'}"]) == 2
+    _one_line(capsys, "--adapter tiny", "served base model")
+    monkeypatch.undo()
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **kw: (_ for _ in ()).throw(_Started(self.config.app)))
+    assert serve.main(["--base-model", base, "--max-model-len", "100000"]) == 2
+    _one_line(capsys, "--max-model-len 100000", "128 positions", "--allow-long-max-model-len")
+    with pytest.raises(_Started):
+        serve.main(["--base-model", base, "--max-model-len", "256", "--allow-long-max-model-len"])
+    capsys.readouterr()
+    bad = _nan_copy(str(base_dir / "h"), tmp_path / "nan")
+    assert serve.main(["--base-model", base, "--adapter", f"n={bad}"]) == 2
+    _one_line(capsys, "non-finite")
+
+
+def test_open_host_refuses_admin_routes_without_a_key(base_dir, no_uvicorn, monkeypatch, capsys):
+    base = str(base_dir / "base")
+    for extra, key, status in (([], None, 403), (["--allow-unauthenticated-admin"], None, 404),
+                               (["--api-key", "k"], "k", 404), ([], "env-key", 404)):
+        monkeypatch.delenv("FASTADAPTERS_API_KEY", raising=False)
+        if key == "env-key":
+            monkeypatch.setenv("FASTADAPTERS_API_KEY", key)
+        with pytest.raises(_Started) as started:
+            serve.main(["--base-model", base, "--host", "0.0.0.0", "--adapter-root", str(base_dir), *extra])
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with TestClient(started.value.args[0], raise_server_exceptions=False) as c:
+            r = c.post("/v1/unload_lora_adapter", json={"lora_name": "x"}, headers=headers)
+            assert r.status_code == status, (extra, key, r.text)
+            if key:
+                assert c.get("/v1/models").status_code == 401
+
+
+def test_serve_help_shows_defaults_gguf_and_every_limit(capsys):
+    assert serve.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--gguf-file", "GGUF", "--api-key", "--allow-unauthenticated-admin", "--max-adapter-bytes",
+                 "--max-request-bytes", "--max-header-bytes", "--body-timeout", "--timeout-keep-alive",
+                 "--max-stop-strings", "--max-stop-chars", "--health-stall-seconds", "--shutdown-timeout",
+                 "--allow-long-max-model-len", "(default: 16)", "(default: 127.0.0.1)", "(default: 5.0)"):
+        assert flag in out, flag
+
+
+def test_serve_takes_the_gguf_flags_of_train_and_eval(tmp_path, capsys, monkeypatch, no_uvicorn):
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    assert serve.main(["--base-model", str(d)]) == 2
+    _one_line(capsys, "pass --gguf-file m.Q4_1.gguf")
+    assert serve.main(["--base-model", str(d), "--gguf-file", "other.gguf"]) == 2
+    _one_line(capsys, "--gguf-file other.gguf: not in")
+    seen = []
+    monkeypatch.setattr(serve, "load_base", lambda path, dtype, gguf_file=None: (seen.append(
+        serve._split_gguf(path, gguf_file)), (_ for _ in ()).throw(ValueError("stop here")))[1])
+    assert serve.main(["--base-model", str(d), "--gguf-file", "m.Q4_1.gguf"]) == 2
+    assert serve.main(["--base-model", str(d / "m.Q4_1.gguf")]) == 2  # today's .gguf path form still works
+    assert seen == [(str(d), "m.Q4_1.gguf")] * 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(base_dir, *extra):
+    port = _free_port()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastadapters.cli", "serve", "--base-model",
+                             str(base_dir / "base"), "--served-model-name", "tiny", "--port", str(port),
+                             "--max-num-seqs", "2", "--max-model-len", "60000", "--allow-long-max-model-len",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        time.sleep(0.2)
+
+
+def _long_stream(url):
+    """A request that runs for minutes, streaming, in a background thread."""
+    def go():
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json={
+                    "model": "tiny", "prompt": "a", "max_tokens": 50000, "ignore_eos": True, "stream": True},
+                    timeout=120) as s:
+                for _ in s.iter_lines():
+                    pass
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    return t
+
+
+def test_sigterm_drains_then_aborts_and_a_second_sigterm_exits_at_once(base_dir):
+    proc, url = _start(base_dir, "--shutdown-timeout", "1")
+    try:
+        _long_stream(url)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        took = time.monotonic() - t
+        out = proc.stdout.read().decode()
+        assert took < 10, out
+        assert "shut down" in out and "1 aborted" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    proc, url = _start(base_dir, "--shutdown-timeout", "300")
+    try:
+        _long_stream(url)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert proc.poll() is None  # draining: the running request may still finish
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert "second SIGTERM" in proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
