@@ -69,51 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", metavar="NAME", default=None,
                    help="load the base model from this GGUF file inside --base-model, dequantised (as train and "
                         "eval); --base-model DIR/NAME.gguf is taken the same way")
-    p.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: --base-model)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+    p.add_argument("--served-model-name", default=None, metavar="NAME", help="the base model's id in the API (default: --base-model)")
+    p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
                    help="an adapter to load at start (repeatable)")
-    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+    p.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
                    help="allow runtime loading of adapters from under DIR (repeatable); a relative lora_path is "
                         "taken under the root")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port to bind")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (auto: float32 on the CPU)")
-    p.add_argument("--max-num-seqs", type=_positive, default=16, help="requests in the running batch")
-    p.add_argument("--max-model-len", type=_positive, default=None,
+    p.add_argument("--max-num-seqs", type=_positive, default=16, metavar="N", help="requests in the running batch")
+    p.add_argument("--max-model-len", type=_positive, default=None, metavar="N",
                    help="context length, prompt + output (default: the model's positions)")
     p.add_argument("--allow-long-max-model-len", action="store_true",
                    help="accept a --max-model-len beyond the model's position embeddings (its output there is "
                         "not what it was trained for)")
-    p.add_argument("--max-waiting", type=_positive, default=None,
+    p.add_argument("--max-waiting", type=_positive, default=None, metavar="N",
                    help="queued requests before 503 (default: 4 x max-num-seqs)")
-    p.add_argument("--block-size", type=_positive, default=16, help="KV positions per block")
-    p.add_argument("--kv-cache-gb", type=float, default=None,
+    p.add_argument("--block-size", type=_positive, default=16, metavar="N", help="KV positions per block")
+    p.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
                    help="memory for KV blocks (default: half the free GPU memory, or 2 GB on the CPU)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
                    help="multi-adapter kernels")
     g = p.add_argument_group("security and limits")
-    g.add_argument("--api-key", default=None,
+    g.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $FASTADAPTERS_API_KEY, else none)")
     g.add_argument("--allow-unauthenticated-admin", action="store_true",
                    help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter without --api-key on a "
                         "non-loopback --host (refused otherwise)")
-    g.add_argument("--max-adapter-bytes", type=_positive, default=None,
+    g.add_argument("--max-adapter-bytes", type=_positive, default=None, metavar="BYTES",
                    help="size limit of a runtime-loaded adapter folder (default: a rank-128 LoRA on every linear "
                         "layer of the base model, in float32)")
-    g.add_argument("--max-request-bytes", type=_positive, default=lim.max_request_bytes,
+    g.add_argument("--max-request-bytes", type=_positive, default=lim.max_request_bytes, metavar="BYTES",
                    help="request body size limit (413 beyond)")
-    g.add_argument("--max-header-bytes", type=_positive, default=lim.max_header_bytes,
+    g.add_argument("--max-header-bytes", type=_positive, default=lim.max_header_bytes, metavar="BYTES",
                    help="request headers size limit (431 beyond)")
-    g.add_argument("--body-timeout", type=_seconds, default=lim.body_timeout,
+    g.add_argument("--body-timeout", type=_seconds, default=lim.body_timeout, metavar="S",
                    help="seconds to wait for each piece of a request body (408 beyond)")
-    g.add_argument("--timeout-keep-alive", type=_seconds, default=5.0,
+    g.add_argument("--timeout-keep-alive", type=_seconds, default=5.0, metavar="S",
                    help="seconds an idle keep-alive connection stays open")
-    g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, help="stop strings per request")
-    g.add_argument("--max-stop-chars", type=_positive, default=lim.max_stop_chars,
+    g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, metavar="N", help="stop strings per request")
+    g.add_argument("--max-stop-chars", type=_positive, default=lim.max_stop_chars, metavar="N",
                    help="characters per stop string")
-    g.add_argument("--health-stall-seconds", type=_seconds, default=lim.stall_seconds,
+    g.add_argument("--health-stall-seconds", type=_seconds, default=lim.stall_seconds, metavar="S",
                    help="/health answers 503 when the engine completed no step this long while work waited")
-    g.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+    g.add_argument("--shutdown-timeout", type=_seconds, default=5.0, metavar="S",
                    help="on SIGTERM, seconds to let running requests finish before aborting them")
     g.add_argument("--no-access-log", action="store_true", help="no per-request log line")
     return p
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.adapter, args.adapter_root = args.adapter or [], args.adapter_root or []
         _check(args)
     except UsageError as e:
         print(f"fastadapters serve: error: {e}", file=sys.stderr)

@@ -440,6 +440,7 @@ def no_uvicorn(monkeypatch):
         raise _Started(self.config.app)
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(serve, "_access_log", lambda enabled: None)  # no stderr handler left behind
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: (_ for _ in ()).throw(_Started(app)))
 
 
