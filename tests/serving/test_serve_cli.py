@@ -2,15 +2,19 @@
 
 The process test saves a tiny llama with a character tokenizer and a Houlsby adapter, starts
 ``python -m fastadapters.cli serve`` on a free 127.0.0.1 port with ``--adapter`` and
-``--adapter-root``, waits for /health, runs a completion on the adapter and a runtime load, and
-stops the process (terminate, then kill after a bounded wait).
+``--adapter-root``, waits for /health, runs a completion on the adapter and a runtime load, then
+starts a request that would run for minutes and sends SIGTERM: the process must drain for
+``--shutdown-timeout`` (1 s), abort the request, log its shutdown line and exit (else it is killed
+after a bounded wait).
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -36,6 +40,22 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys):
     assert "--adapter-root" in capsys.readouterr().out
 
 
+def _long_stream(url: str) -> None:
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 50000,
+                                                               "ignore_eos": True, "stream": True}, timeout=120) as s:
+            for _ in s.iter_lines():
+                pass
+    except httpx.HTTPError:
+        pass
+
+
+def _generating(url: str) -> bool:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return any(line.startswith("fastadapters:num_requests_running ") and float(line.split()[-1]) >= 1
+               for line in text.splitlines())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +72,8 @@ def test_serve_process_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # a shared 2-core CI machine
     proc = subprocess.Popen([sys.executable, "-m", "fastadapters.cli", "serve", "--base-model", str(tmp_path / "base"),
                              "--served-model-name", "tiny", "--adapter", f"h={tmp_path / 'root' / 'h'}",
-                             "--adapter-root", str(tmp_path / "root"), "--port", str(port), "--max-num-seqs", "4"],
+                             "--adapter-root", str(tmp_path / "root"), "--port", str(port), "--max-num-seqs", "4",
+                             "--shutdown-timeout", "1", "--max-model-len", "60000", "--allow-long-max-model-len"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -74,6 +95,21 @@ def test_serve_process_end_to_end(tmp_path):
         r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "h2", "lora_path": str(tmp_path / "root" / "h")},
                        timeout=60)
         assert r.status_code == 200, r.text
+        # SIGTERM with a request that would run for minutes: drained for --shutdown-timeout, then aborted
+        long = threading.Thread(target=_long_stream, args=(url,), daemon=True)
+        long.start()
+        deadline = time.monotonic() + 30
+        while not _generating(url):
+            assert time.monotonic() < deadline, "the long request did not start"
+            time.sleep(0.1)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        took = time.monotonic() - t
+        out = proc.stdout.read().decode()
+        assert took < 10, (took, out[-2000:])
+        assert "shutting down" in out and "1 aborted" in out, out[-2000:]
+        assert "status=200 model='h' adapter='h' prompt_tokens=5 completion_tokens=4" in out  # the access log
     finally:
         proc.terminate()
         try:
