@@ -64,7 +64,7 @@ class Limits:
     max_header_bytes: int = 16 << 10  # all request headers together (431 beyond)
     body_timeout: float = 30.0  # seconds to wait for each piece of a body (408 beyond)
     max_stop: int = 16  # stop strings per request
-    max_stop_chars: int = 256  # characters per stop string
+    max_stop_chars: int = 64  # characters per stop string (the per-token stop check is ~ strings x chars)
     stall_seconds: float = 120.0  # /health is 503 when no engine step completed this long with work waiting
 
 

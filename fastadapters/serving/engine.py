@@ -150,7 +150,8 @@ class Engine:
                 extra = f" + {prefix} prefix positions" if prefix else ""
                 raise PromptError(f"max_tokens: the prompt has {len(prompt_ids)} tokens{extra} and max_tokens is "
                                   f"{params.max_tokens}, more than the context of {self.max_model_len} "
-                                  f"(max_model_len); valid: max_tokens <= {self.max_model_len - prefix - len(prompt_ids)}")
+                                  f"(max_model_len); valid: max_tokens <= "
+                                  f"{self.max_model_len - prefix - len(prompt_ids)}")
             queued = len(self._inbox) + len(self.scheduler.waiting)
             if queued >= self.scheduler.max_waiting:
                 raise QueueFull(f"the server is at capacity ({queued} requests waiting, "

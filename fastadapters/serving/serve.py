@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", metavar="NAME", default=None,
                    help="load the base model from this GGUF file inside --base-model, dequantised (as train and "
                         "eval); --base-model DIR/NAME.gguf is taken the same way")
-    p.add_argument("--served-model-name", default=None, metavar="NAME", help="the base model's id in the API (default: --base-model)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the base model's id in the API (default: --base-model)")
     p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
                    help="an adapter to load at start (repeatable)")
     p.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for each piece of a request body (408 beyond)")
     g.add_argument("--timeout-keep-alive", type=_seconds, default=5.0, metavar="S",
                    help="seconds an idle keep-alive connection stays open")
-    g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, metavar="N", help="stop strings per request")
+    g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, metavar="N",
+                   help="stop strings per request")
     g.add_argument("--max-stop-chars", type=_positive, default=lim.max_stop_chars, metavar="N",
                    help="characters per stop string")
     g.add_argument("--health-stall-seconds", type=_seconds, default=lim.stall_seconds, metavar="S",
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_gguf(path: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """(folder, gguf file name or None) from --base-model / --gguf-file (a path ending in .gguf: its folder and name)."""
+    """(folder, GGUF file name or None) from --base-model / --gguf-file (a path ending in .gguf: its
+    folder and name)."""
     if gguf_file is None and path.endswith(".gguf"):
         return os.path.dirname(path) or ".", os.path.basename(path)
     return path, gguf_file
