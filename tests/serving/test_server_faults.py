@@ -207,7 +207,7 @@ def test_tokenising_is_off_the_event_loop_and_long_prompts_are_refused_untokenis
         def __call__(self, text, *a, **kw):
             calls.append(len(text))
             if text.startswith("slow"):
-                time.sleep(1.5)
+                time.sleep(3)
             return super().__call__(text, *a, **kw)
 
     tok.__class__ = Slow
@@ -219,7 +219,7 @@ def test_tokenising_is_off_the_event_loop_and_long_prompts_are_refused_untokenis
         _wait(lambda: calls, what="the slow tokenisation to start")
         t0 = time.monotonic()
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        assert time.monotonic() - t0 < 0.75  # answered while the tokenizer thread sleeps
+        assert time.monotonic() - t0 < 1.5  # answered while the tokenizer thread sleeps (3 s)
         t.join(30)
         assert done[0].status_code == 200
         calls.clear()
@@ -299,8 +299,12 @@ def test_slow_body_times_out_with_408(zoo):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                       b"content-length: 100\r\n\r\n{\"model\":")
-            t = time.monotonic()
-            reply = s.recv(65536)
+            t, reply = time.monotonic(), b""
+            while b"}}" not in reply and time.monotonic() - t < 5:  # headers and body may come apart
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
             assert time.monotonic() - t < 5
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert b'"code":408' in reply.replace(b" ", b"")
