@@ -62,7 +62,7 @@ class Limits:
     """Per-request limits (``fastadapters serve`` exposes each as a flag, with these defaults)."""
     max_request_bytes: int = 2 << 20  # a JSON body (413 beyond)
     max_header_bytes: int = 16 << 10  # all request headers together (431 beyond)
-    body_timeout: float = 30.0  # seconds to wait for each piece of a body (408 beyond)
+    body_timeout: float = 30.0  # seconds to receive a whole body, from the headers on (408 beyond)
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 64  # characters per stop string (the per-token stop check is ~ strings x chars)
     stall_seconds: float = 120.0  # /health is 503 when no engine step completed this long with work waiting
@@ -159,9 +159,10 @@ class _Guard:
                 return await reject(413, f"the request body has {int(length)} bytes; valid: at most "
                                          f"{lim.max_request_bytes} (--max-request-bytes)", "invalid_request_error")
             body, more = bytearray(), True
+            deadline = time.monotonic() + lim.body_timeout  # a whole-body deadline: a trickle cannot hold on
             while more:
                 try:
-                    message = await asyncio.wait_for(receive(), lim.body_timeout)
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     return await reject(408, f"the request body did not arrive within {lim.body_timeout:g} s",
                                         "invalid_request_error")

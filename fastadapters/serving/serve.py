@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-header-bytes", type=_positive, default=lim.max_header_bytes, metavar="BYTES",
                    help="request headers size limit (431 beyond)")
     g.add_argument("--body-timeout", type=_seconds, default=lim.body_timeout, metavar="S",
-                   help="seconds to wait for each piece of a request body (408 beyond)")
+                   help="seconds to receive a request's whole body (408 beyond)")
     g.add_argument("--timeout-keep-alive", type=_seconds, default=5.0, metavar="S",
                    help="seconds an idle keep-alive connection stays open")
     g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, metavar="N",

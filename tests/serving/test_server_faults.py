@@ -308,6 +308,18 @@ def test_slow_body_times_out_with_408(zoo):
             assert time.monotonic() - t < 5
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert b'"code":408' in reply.replace(b" ", b"")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a trickle: the deadline is whole-body
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100\r\n\r\n")
+            t, reply = time.monotonic(), b""
+            s.settimeout(0.1)
+            while b"}}" not in reply and time.monotonic() - t < 5:
+                try:
+                    s.sendall(b" ")
+                    reply += s.recv(65536)
+                except (socket.timeout, BrokenPipeError, ConnectionResetError):
+                    pass
+            assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t < 3, reply[:200]
 
 
 def test_unhandled_errors_are_openai_shaped(zoo):
