@@ -88,6 +88,16 @@ def test_health_is_503_when_the_engine_stalls_or_dies(zoo):
         gate.set()
         _wait(lambda: req.finish_reason is not None, what="the released request")
         assert c.get("/health").status_code == 200
+        step = engine.step
+        engine.step = lambda: (_ for _ in ()).throw(RuntimeError("every step fails"))  # the loop spins
+        with pytest.warns(RuntimeWarning):
+            stuck_req = engine.submit([3, 4], engine_params(max_tokens=1))
+            time.sleep(0.6)
+            err = error_of(c.get("/health"), 503)
+        assert "no step" in err["message"] and "every step fails" in err["message"]
+        engine.step = step
+        _wait(lambda: stuck_req.finish_reason is not None, what="the request after the failures")
+        assert c.get("/health").status_code == 200
         engine.step = lambda: (_ for _ in ()).throw(SystemExit("boom"))  # kills the thread: not an Exception
         engine.submit([3, 4], engine_params(max_tokens=1))
         _wait(lambda: not engine._thread.is_alive(), what="the engine thread to die")
