@@ -32,7 +32,6 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,8 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, confine, show
 from .engine import PromptError, QueueFull
 from .metrics import ServerMetrics
-from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest,
-                       error_body)
+from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, Limits, LoadAdapterRequest,
+                       UnloadAdapterRequest, error_body)
 from .sampling import SamplingParams
 
 __all__ = ["create_app", "APIError", "Limits"]
@@ -55,17 +54,6 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/comp
 ACCESS_LOG = logging.getLogger("fastadapters.serve.access")
 _WATCH, _LOG = "fastadapters.disconnect", "fastadapters.log"
 _GONE = object()  # queued when the client went away
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits (``fastadapters serve`` exposes each as a flag, with these defaults)."""
-    max_request_bytes: int = 2 << 20  # a JSON body (413 beyond)
-    max_header_bytes: int = 16 << 10  # all request headers together (431 beyond)
-    body_timeout: float = 30.0  # seconds to receive a whole body, from the headers on (408 beyond)
-    max_stop: int = 16  # stop strings per request
-    max_stop_chars: int = 64  # characters per stop string (the per-token stop check is ~ strings x chars)
-    stall_seconds: float = 120.0  # /health is 503 when no engine step completed this long with work waiting
 
 
 class APIError(Exception):

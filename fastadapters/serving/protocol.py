@@ -10,15 +10,27 @@ extensions, with vLLM's meaning.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       field_validator)
 
 __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
-           "ErrorResponse"]
+           "ErrorResponse", "Limits"]
 
 Number = Union[StrictInt, StrictFloat]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (``fastadapters serve`` exposes each as a flag, with these defaults)."""
+    max_request_bytes: int = 2 << 20  # a JSON body (413 beyond)
+    max_header_bytes: int = 16 << 10  # all request headers together (431 beyond)
+    body_timeout: float = 30.0  # seconds to receive a whole body, from the headers on (408 beyond)
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 64  # characters per stop string (the per-token stop check is ~ strings x chars)
+    stall_seconds: float = 120.0  # /health is 503 when no engine step completed this long with work waiting
 
 
 def _unicode(value):

@@ -56,7 +56,7 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import Limits
+    from .protocol import Limits  # pydantic only: --help imports no torch
 
     lim = Limits()
     # the shared parser (its help shows defaults), with plain argparse's prefix abbreviations (as this command has had)
@@ -165,7 +165,8 @@ def _loopback(host: str) -> bool:
 
 
 def build_app(args):
-    from .api import Limits, create_app
+    from .api import create_app
+    from .protocol import Limits
     from .engine import Engine
 
     model, tokenizer = load_base(args.base_model, args.dtype, args.gguf_file)
