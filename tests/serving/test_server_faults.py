@@ -2,8 +2,9 @@
 may hang, poison or slow the others, and every refusal is an OpenAI-shaped 4xx.
 
 Tiny llama + character tokenizer; in-process (starlette's TestClient) where no socket is needed,
-a live uvicorn on 127.0.0.1 (``live_server``) for disconnects and slow bodies, and a real
-``fastadapters serve`` process for SIGTERM. Each test names the behaviour it checks.
+a live uvicorn on 127.0.0.1 (``live_server``) for disconnects and slow bodies; ``serve.main`` with
+uvicorn stubbed for the command line (a real process is test_serve_cli's). Each test names the
+behaviour it checks.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -543,62 +542,22 @@ def test_serve_takes_the_gguf_flags_of_train_and_eval(tmp_path, capsys, monkeypa
     assert seen == [(str(d), "m.Q4_1.gguf")] * 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _Exited(Exception):
+    pass
 
 
-def _start(base_dir, *extra):
-    port = _free_port()
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fastadapters.cli", "serve", "--base-model",
-                             str(base_dir / "base"), "--served-model-name", "tiny", "--port", str(port),
-                             "--max-num-seqs", "2", "--max-model-len", "60000", "--allow-long-max-model-len",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become healthy"
-        time.sleep(0.2)
+def test_a_second_sigterm_exits_at_once(monkeypatch, capfd):
+    """The server's signal handler: the first SIGTERM starts the drain (uvicorn's should_exit), the
+    second exits the process at once. (The drain-then-abort of a real process is checked in
+    test_serve_cli's process test.)"""
+    import uvicorn
 
-
-def _long_stream(url):
-    """A request that runs for minutes, streaming, in a background thread."""
-    def go():
-        try:
-            with httpx.stream("POST", f"{url}/v1/completions", json={
-                    "model": "tiny", "prompt": "a", "max_tokens": 50000, "ignore_eos": True, "stream": True},
-                    timeout=120) as s:
-                for _ in s.iter_lines():
-                    pass
-        except httpx.HTTPError:
-            pass
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    time.sleep(1.0)
-    return t
-
-
-def test_a_second_sigterm_exits_at_once(base_dir):
-    """(The first SIGTERM's drain-then-abort is checked in test_serve_cli's process test.)"""
-    proc, url = _start(base_dir, "--shutdown-timeout", "300")
-    try:
-        _long_stream(url)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1.5)
-        assert proc.poll() is None  # draining: the running request may still finish
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        assert "second SIGTERM" in proc.stdout.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    server = serve._Server(uvicorn.Config(lambda scope, receive, send: None), shutdown_timeout=300)
+    monkeypatch.setattr(serve.os, "_exit", lambda code: (_ for _ in ()).throw(_Exited(code)))
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and not server.force_exit
+    assert "up to 300 s (SIGTERM again to exit now)" in capfd.readouterr().err
+    with pytest.raises(_Exited) as exited:
+        server.handle_exit(signal.SIGTERM, None)
+    assert exited.value.args[0] == 128 + signal.SIGTERM
+    assert "second SIGTERM: exiting now" in capfd.readouterr().err
