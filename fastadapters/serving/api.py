@@ -235,8 +235,9 @@ def _openapi(app: FastAPI, api_key: bool) -> dict:
                 if path in _CONTENT_200:
                     ok["content"] = {_CONTENT_200[path]: {"schema": {"type": "string"}}}
                 elif path in ("/v1/completions", "/v1/chat/completions"):
-                    ok["content"] = {"application/json": {"schema": {"type": "object"}},
-                                     "text/event-stream": {"schema": {"type": "string"}}}
+                    ok["description"] = ("the completion; with stream: true, server-sent events (data: <chunk JSON>), "
+                                         "ending with data: [DONE]")
+                    ok["content"] = {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}
                 elif path == "/health":
                     ok.pop("content", None)
             codes = {**_ERRORS_ALL, **_ERRORS.get(path, {})}
