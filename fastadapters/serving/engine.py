@@ -46,8 +46,9 @@ import torch
 import torch.nn as nn
 
 from .adapters import AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine
-from .hf_compat import check_model, geometry, packed_forward
+from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
+from .paged_attention import Segment, StepTables, chunk_mask
 from .sampling import SamplingParams, make_generator, sample_next
 from .scheduler import QueueFull, Request, Scheduler, Status
 
@@ -115,6 +116,7 @@ class Engine:
         self.stats = collections.Counter()  # prompt_tokens, generation_tokens, finished_<reason>, steps
         self.last_error: str | None = None
         self._router = None  # the router of the last routed step (route reuses it for the same names and lengths)
+        self.last_tables: StepTables | None = None  # the last step's block tables and attention counts
 
     def _kv_budget(self, requested: int | None) -> int:
         """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
@@ -361,30 +363,34 @@ class Engine:
 
     def _forward(self, batch) -> torch.Tensor:
         reqs, news = batch.requests, batch.num_new
-        ids, pos, pasts, last = [], [], [], []
+        dev = self.device
+        bs = self.pool.block_size
+        ids, pos, slots, segments, last = [], [], [], [], []
         t = 0
         for req, n in zip(reqs, news):
-            ids.extend(req.all_ids[req.num_computed:req.num_computed + n])
+            ids.extend(req.tokens(req.num_computed, n))
             start = req.kv_len
             pos.extend(range(start, start + n))
-            pasts.append(start)
+            blocks = req.blocks
+            slots.extend([blocks[p // bs] * bs + p % bs for p in range(start, start + n)])
+            if req.contiguous:
+                seg = Segment(t, n, start + n, None, blocks[0])
+            else:
+                table = req.block_table[:len(blocks)]
+                seg = Segment(t, n, start + n, table if table.device == dev else table.to(dev), -1)
+            if n > 1:
+                if start == 0:
+                    seg.causal = True
+                else:
+                    seg.mask = chunk_mask(start, n, dev)
+            segments.append(seg)
             t += n
             last.append(t - 1)
-        dev = self.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
-        pool = self.pool
-        past_slots = torch.cat([pool.slots(r.blocks, 0, p) for r, p in zip(reqs, pasts)]).to(dev)
-        new_slots = torch.cat([pool.slots(r.blocks, p, n) for r, p, n in zip(reqs, pasts, news)]).to(dev)
-        past_k = past_v = None
-        if sum(pasts):  # every request's past, back to back: one gather per layer
-            past_k, past_v = [], []
-            for layer in range(pool.num_layers):
-                k, v = pool.gather(layer, past_slots)
-                past_k.append(k[None])
-                past_v.append(v[None])
         last_index = torch.tensor(last, dtype=torch.long, device=dev)
-        args = (self.model, input_ids, position_ids, past_k, past_v, pasts, list(news), last_index)
+        tables = StepTables(torch.tensor(slots, dtype=torch.long, device=dev), segments)
+        args = (self.model, input_ids, position_ids, self.pool, tables, last_index)
         from ..patching import _state
 
         state = _state(self.model)
@@ -396,12 +402,13 @@ class Engine:
 
             # consecutive decode steps of one set: route reuses the last router (it checks names and lengths)
             with route(self.model, names, backend=self.backend, lengths=list(news), reuse=self._router) as router:
-                logits, new_k, new_v = packed_forward(*args)
+                logits = paged_forward(*args)
             self._router = router
         else:
-            logits, new_k, new_v = packed_forward(*args)
-        for layer in range(pool.num_layers):  # the new tokens' keys/values into their blocks, one scatter
-            pool.scatter(layer, new_slots, new_k[layer], new_v[layer])
+            logits = paged_forward(*args)
+        self.last_tables = tables
+        self.stats["attention_score_elements"] += tables.score_elements
+        self.stats["kv_bytes_gathered"] += tables.gathered_bytes
         return logits
 
     # -- outputs -----------------------------------------------------------------------------------

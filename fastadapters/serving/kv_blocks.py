@@ -14,6 +14,12 @@ values; position ``p`` of a request lives in block ``blocks[p // block_size]`` a
 ``(num_blocks * block_size, kv_heads, head_dim)`` view. A request holds only the blocks its positions need (not ``max_model_len``),
 and every block of every layer is freed together. ``free_blocks`` and ``used_blocks`` are what
 the leak checks read. The pool is not thread-safe: the engine thread owns it.
+
+Attention reads a request's blocks in place when they form one contiguous run (see
+``paged_attention.py``), so ``allocate(n, after=last)`` takes ``last + 1 .. last + n`` when they
+are all free (a request growing by a block keeps its run), else the lowest free ids on the stack.
+The free stack uses lazy deletion: a block taken out of order stays on the stack and is skipped
+when popped (``_free_set`` is the truth).
 """
 from __future__ import annotations
 
@@ -36,14 +42,19 @@ class BlockPool:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.dtype = dtype
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        # (num_blocks * block_size, kv_heads, head_dim) views: where the engine's cache writes new tokens
+        self.flat_keys = [self._flat(k) for k in self.keys]
+        self.flat_values = [self._flat(v) for v in self.values]
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first (may hold stale ids)
+        self._free_set: set[int] = set(self._free)
         self._used: set[int] = set()
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free_set)
 
     @property
     def used_blocks(self) -> int:
@@ -53,11 +64,24 @@ class BlockPool:
         """Blocks needed to hold ``positions`` positions."""
         return -(-max(positions, 0) // self.block_size)
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
-        out = [self._free.pop() for _ in range(n)]
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` free blocks: ``after + 1 .. after + n`` when all free (one run with the caller's last
+        block), else the lowest ids on the free stack."""
+        free = self._free_set
+        if n > len(free):
+            raise OutOfBlocks(f"asked for {n} KV blocks, {len(free)} free of {self.num_blocks}")
+        if after is not None and all(b in free for b in range(after + 1, after + 1 + n)):
+            out = list(range(after + 1, after + 1 + n))
+        else:
+            out = []
+            while len(out) < n:
+                b = self._free.pop()
+                if b in free and b not in out:
+                    out.append(b)
+        free.difference_update(out)
         self._used.update(out)
+        if len(self._free) > 4 * self.num_blocks:  # stale entries piled up: rebuild the stack
+            self._free = sorted(free, reverse=True)
         return out
 
     def free(self, blocks: list[int]) -> None:
@@ -65,6 +89,7 @@ class BlockPool:
             if b not in self._used:
                 raise ValueError(f"KV block {b} freed twice or never allocated")
             self._used.remove(b)
+            self._free_set.add(b)
             self._free.append(b)
         blocks.clear()
 

@@ -53,6 +53,10 @@ class Request:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    # the block table as a tensor, filled incrementally as blocks are added (entries past
+    # len(blocks) are stale), and whether blocks are one run first..first+len-1 of the pool
+    block_table: torch.Tensor | None = None
+    contiguous: bool = True
     num_computed: int = 0  # tokens (prompt + output) whose KV is in the blocks
     generator: torch.Generator | None = None
     finish_reason: str | None = None
@@ -68,6 +72,15 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """``all_ids[start:start + n]`` without building ``all_ids`` (O(n), not O(context))."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt_ids[start:start + n]
+        return self.prompt_ids[start:] + self.output_ids[:start + n - p]
 
     @property
     def num_tokens(self) -> int:
@@ -104,7 +117,21 @@ class Scheduler:
             return True
         if need > self.pool.free_blocks:
             return False
-        req.blocks.extend(self.pool.allocate(need))
+        have = len(req.blocks)
+        last = req.blocks[-1] if have else None
+        new = self.pool.allocate(need, after=last)
+        if not have:
+            req.contiguous = True
+        req.contiguous = req.contiguous and all(b == new[0] + i for i, b in enumerate(new)) \
+            and (last is None or new[0] == last + 1)
+        req.blocks.extend(new)
+        table = req.block_table
+        if table is None or table.numel() < have + need:  # grown by doubling: O(1) amortised per block
+            bigger = torch.empty(max(2 * (have + need), 8), dtype=torch.long)
+            if table is not None and have:
+                bigger[:have] = table[:have]
+            req.block_table = table = bigger
+        table[have:have + need] = torch.tensor(new, dtype=torch.long)
         return True
 
     def release(self, req: Request) -> None:
