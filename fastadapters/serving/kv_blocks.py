@@ -84,6 +84,25 @@ class BlockPool:
             self._free = sorted(free, reverse=True)
         return out
 
+    def allocate_run(self, n: int) -> list[int] | None:
+        """``n`` consecutive free blocks (the lowest such run), or None when no run is that long.
+        O(free blocks): the scheduler calls it once per admitted request."""
+        if n < 1 or n > len(self._free_set):
+            return None
+        start, length, prev = -1, 0, -2
+        for b in sorted(self._free_set):
+            if b == prev + 1:
+                length += 1
+            else:
+                start, length = b, 1
+            prev = b
+            if length == n:
+                out = list(range(start, start + n))
+                self._free_set.difference_update(out)
+                self._used.update(out)
+                return out
+        return None
+
     def free(self, blocks: list[int]) -> None:
         for b in blocks:
             if b not in self._used:

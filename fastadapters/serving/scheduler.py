@@ -117,22 +117,28 @@ class Scheduler:
             return True
         if need > self.pool.free_blocks:
             return False
+        last = req.blocks[-1] if req.blocks else None
+        self._add_blocks(req, self.pool.allocate(need, after=last))
+        return True
+
+    @staticmethod
+    def _add_blocks(req: Request, new: list[int]) -> None:
+        """Append ``new`` to ``req``'s blocks, its block table and its contiguity flag (O(len(new)))."""
         have = len(req.blocks)
         last = req.blocks[-1] if have else None
-        new = self.pool.allocate(need, after=last)
         if not have:
             req.contiguous = True
         req.contiguous = req.contiguous and all(b == new[0] + i for i, b in enumerate(new)) \
             and (last is None or new[0] == last + 1)
         req.blocks.extend(new)
         table = req.block_table
+        need = len(new)
         if table is None or table.numel() < have + need:  # grown by doubling: O(1) amortised per block
             bigger = torch.empty(max(2 * (have + need), 8), dtype=torch.long)
             if table is not None and have:
                 bigger[:have] = table[:have]
             req.block_table = table = bigger
         table[have:have + need] = torch.tensor(new, dtype=torch.long)
-        return True
 
     def release(self, req: Request) -> None:
         """Free ``req``'s blocks and drop it from the queues (finished, cancelled or failed)."""
@@ -146,7 +152,17 @@ class Scheduler:
             pass
 
     def _start(self, req: Request) -> bool:
-        """Give a waiting request its first blocks (and its prefix's keys/values)."""
+        """Give a waiting request its first blocks (and its prefix's keys/values).
+
+        When the pool has room, the blocks for the whole request (prefix, prompt and ``max_tokens``)
+        are taken at once as one contiguous run, so attention reads them in place every step;
+        otherwise (a busy or fragmented pool) blocks are added as the request grows, and attention
+        gathers its own blocks."""
+        want = self.pool.blocks_for(req.prefix_len + req.num_tokens + req.params.max_tokens - len(req.output_ids))
+        if not req.blocks and want <= self.pool.free_blocks // 2:
+            run = self.pool.allocate_run(want)
+            if run is not None:
+                self._add_blocks(req, run)
         if not self._grow(req, req.prefix_len + min(req.num_tokens, self.chunk_size)):
             return False
         for layer, (k, v) in enumerate(req.prefix_kv or ()):
