@@ -49,7 +49,7 @@ from .adapters import AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowe
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
 from .paged_attention import Segment, StepTables, chunk_mask
-from .sampling import SamplingParams, make_generator, sample_next
+from .sampling import SamplingParams, make_generator, sample_rows
 from .scheduler import QueueFull, Request, Scheduler, Status
 
 __all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError"]
@@ -158,7 +158,7 @@ class Engine:
                 req.metadata["entry"] = entry
                 req.route_name = None if entry.prefix_kv is not None else entry.internal
                 req.prefix_kv = entry.prefix_kv
-            req.generator = make_generator(params)
+            req.generator = make_generator(params, self.device)
             self.requests[req.request_id] = req
             self._inbox.append(req)
             self._wake.notify_all()
@@ -346,6 +346,7 @@ class Engine:
             raise
         with self._lock:
             self.stats["steps"] += 1
+            rows, done = [], []
             for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
                 if req.status is not Status.RUNNING:
                     continue
@@ -355,7 +356,18 @@ class Engine:
                 req.num_computed += n
                 if req.num_computed < req.num_tokens:
                     continue  # a prefill chunk: more to come
-                token = sample_next(logits[i], req.params, req.generator)
+                rows.append(i)
+                done.append(req)
+            if not rows:
+                return True
+            x = logits if len(rows) == logits.shape[0] else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))
+            tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
+            for req, token, error in zip(done, tokens, errors):
+                if error is not None:  # this request's numbers went wrong: it ends alone
+                    self.stats["request_errors"] += 1
+                    self._finish(req, "error", error=error)
+                    continue
                 req.output_ids.append(token)
                 self.stats["generation_tokens"] += 1
                 self._after_token(req, token)

@@ -112,7 +112,8 @@ def _member(w: AdapterLinear, name: str, keep_host: bool) -> _Member:
         scale, act = float(spec.scaling), 0
     else:
         down, up = w.adapter_down[name].weight, w.adapter_up[name].weight
-        scale = float(w.scaling_of(name))  # a learned scalar is read here (rebuilds track its version)
+        scale = w.scaling_of(name)  # a learned scalar is read here (rebuilds track its version)
+        scale = float(scale.detach() if isinstance(scale, torch.Tensor) else scale)
         act = ACT_IDS[spec.config.non_linearity]
     down, up = down.detach(), up.detach()
     if keep_host:  # the CPU-side store that device slots are filled from
