@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastadapters.patching import _wrappers
-from fastadapters.serving.sampling import SamplingParams, sample_rows
+from fastadapters.serving.sampling import SamplingParams
 from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
 from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures
 
@@ -62,6 +62,8 @@ def test_tiny_temperature_is_greedy_and_finishes(zoo):
 
 
 def test_nan_logits_at_temperature_end_that_row_only():
+    from fastadapters.serving.sampling import sample_rows
+
     logits = torch.randn(3, 11)
     logits[1, 4] = float("nan")
     ps = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0.8, seed=2), SamplingParams(temperature=0)]
