@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine
+from .detokenizer import DetokState, detokenize
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
 from .paged_attention import Segment, StepTables, chunk_mask
@@ -432,24 +433,49 @@ class Engine:
             reason = "length"
         text = ""
         if self.tokenizer is not None:
-            full = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-            cut = self._find_stop(full, req)
-            if cut is not None:
-                full, reason = full[:cut], "stop"
-            final = full if reason else self._stable_prefix(full, req.params.stop)
-            if len(final) > len(req.text) and final.startswith(req.text):
-                text = final[len(req.text):]
-                req.text = final
+            text, reason = self._new_text(req, reason)
         if reason is not None:
             self._finish(req, reason, last=[token], text=text)
         else:
             self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids),
                                           len(req.output_ids)))
 
-    @staticmethod
-    def _find_stop(text: str, req: Request) -> int | None:
-        hits = [i for i in (text.find(s, max(0, len(req.text) - len(s))) for s in req.params.stop) if i >= 0]
-        return min(hits) if hits else None
+    def _new_text(self, req: Request, reason: str | None) -> tuple[str, str | None]:
+        """The text this token makes final, and the finish reason (a stop string sets "stop").
+
+        Work per token is bounded by the newest tokens' text and the stop strings' lengths, not the
+        output's length: the detokeniser decodes a short window (``detokenizer.py``), and stop
+        strings are searched in the text not yet emitted plus the last ``max(len(stop))`` emitted
+        characters (a stop may begin there). Same text and reasons as decoding the whole output
+        each time."""
+        state = req.metadata.get("detok")
+        if state is None:
+            state = req.metadata["detok"] = DetokState()
+            req.metadata["held"], req.metadata["skip"] = "", 0
+        committed, pending = detokenize(self.tokenizer, req.output_ids, state)
+        # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
+        # (a space before a split character, emitted while the character was still pending)
+        held = req.metadata["held"] + committed
+        skip = req.metadata["skip"]
+        unemitted = (held + pending)[skip:]  # the whole output's decoding minus what was emitted
+        stops = req.params.stop
+        ctx = req.text[-max(len(s) for s in stops):] if stops and req.text else ""
+        window = ctx + unemitted
+        hits = [i for i in (window.find(s, max(0, len(ctx) - len(s))) for s in stops) if i >= 0]
+        if hits:
+            unemitted, reason = unemitted[:max(0, min(hits) - len(ctx))], "stop"
+        if reason is not None:
+            out = unemitted
+        else:
+            stable = self._stable_prefix(ctx + unemitted, stops)
+            out = unemitted[:max(0, len(stable) - len(ctx))]
+        used = skip + len(out)
+        if used <= len(held):
+            req.metadata["held"], req.metadata["skip"] = held[used:], 0
+        else:
+            req.metadata["held"], req.metadata["skip"] = "", used - len(held)
+        req.text += out
+        return out, reason
 
     @staticmethod
     def _stable_prefix(text: str, stops: list[str]) -> str:
