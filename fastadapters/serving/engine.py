@@ -399,10 +399,16 @@ class Engine:
             segments.append(seg)
             t += n
             last.append(t - 1)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
-        last_index = torch.tensor(last, dtype=torch.long, device=dev)
-        tables = StepTables(torch.tensor(slots, dtype=torch.long, device=dev), segments)
+        # the step's index data in one host tensor; on CUDA pinned and copied without a sync
+        host = torch.tensor(ids + pos + last + slots, dtype=torch.long)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(dev, non_blocking=True)
+        t_all = len(ids)
+        input_ids = flat[:t_all].view(1, -1)
+        position_ids = flat[t_all:2 * t_all].view(1, -1)
+        last_index = flat[2 * t_all:2 * t_all + len(last)]
+        tables = StepTables(flat[2 * t_all + len(last):], segments)
         args = (self.model, input_ids, position_ids, self.pool, tables, last_index)
         from ..patching import _state
 
