@@ -9,14 +9,19 @@
     # or, without a thread: engine.run_until_done() / engine.generate([...])
 
 Each ``step`` admits waiting requests, asks the scheduler (``scheduler.py``) which tokens run,
-gathers those requests' past keys/values from the block pool (``kv_blocks.py``), runs one packed
-forward (``hf_compat.py``) in which every token is routed to its request's adapter
-(``fa.route(..., lengths=...)``: LoRA of any rank, series and parallel adapters per token; a
-prefix-tuning request's prefix keys/values lead its blocks), writes the new keys/values back,
-and samples one token for every request whose prompt is fully computed. Prefill chunks and
-decode tokens of different requests share that forward. Because each token attends only to its
-own request's keys/values with its own positions, a request's greedy output does not depend on
-what else is batched (up to float rounding: near-ties of the top two logits).
+and runs one packed forward (``hf_compat.paged_forward``) of every scheduled request's new tokens
+in which every token is routed to its request's adapter (``fa.route(..., lengths=...)``, one
+router for the engine's life, repacked in place: LoRA of any rank, series and parallel adapters
+per token; a prefix-tuning request's prefix keys/values lead its blocks). The new keys/values go
+straight into the block pool (``kv_blocks.py``) and attention reads each request's own blocks
+(``paged_attention.py``): a request's context is never copied next to another's, nor masked
+against it. Then one batched sampling call (``sampling.sample_rows``) gives a token to every
+request whose prompt is fully computed, and the text is detokenised incrementally
+(``detokenizer.py``). Prefill chunks and decode tokens of different requests share the forward.
+Because each token attends only to its own request's keys/values with its own positions, a
+request's greedy output does not depend on what else is batched (up to float rounding: near-ties
+of the top two logits), and one request's non-finite numbers cannot reach another's: a request
+whose logits are NaN/inf, or whose draw fails, ends alone with finish reason "error".
 
 Why not transformers' continuous batching (``generation.continuous_batching``, read on 5.24): a
 request there is ``add_request(input_ids, max_new_tokens, ...)`` with no field for an adapter,
@@ -26,7 +31,7 @@ across releases; its paged cache can share prompt blocks but has no way to start
 given keys/values (a prefix adapter), and positions start at the prompt. Measured on the CPU
 (random Llama hidden 256, 4 layers, 32 requests of 8-64 prompt tokens, 16 new tokens, one
 thread): ``generate_batch`` 11.7 tokens/s, this engine 122 tokens/s, both with the same greedy
-tokens for 32 of 32 requests. So the engine is a small scheduler of its own over ``DynamicCache``.
+tokens for 32 of 32 requests. So the engine is a small scheduler of its own over a paged cache.
 
 Thread model: ``submit`` / ``abort`` / ``load_adapter`` / ``unload_adapter`` may be called from
 any thread; model and pool changes happen only in the engine thread, between steps. Callbacks
