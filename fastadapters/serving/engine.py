@@ -81,8 +81,13 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
-                 adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None):
+                 adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
+                 max_loras: int | None = None):
         check_model(model)
+        if max_loras is not None and (isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1):
+            raise ValueError(f"max_loras: got {max_loras!r}; valid: None (every loaded adapter resident) or an "
+                             "integer >= 1 (device slots, least recently used evicted)")
+        self.max_loras = max_loras
         for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
                          ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -107,7 +112,8 @@ class Engine:
             raise ValueError(f"num_blocks: got {num_blocks}; valid: at least {per_seq} (one request of "
                              f"max_model_len {self.max_model_len} in blocks of {block_size})")
         self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget,
+                                   max_adapters=max_loras)
         self.registry = AdapterRegistry()
         self.adapter_roots = list(adapter_roots or [])
         self.eos_ids = self._eos_ids()
@@ -279,6 +285,12 @@ class Engine:
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise AdapterError(f"could not load an adapter from {path!r}: {e}") from None
         fa.set_adapter(self.model, None)  # requests choose adapters; none is active between them
+        if self.max_loras is not None:
+            from .store import configure, get_store
+
+            if get_store(self.model).max_slots != self.max_loras:  # once: max_loras device slots, LRU
+                configure(self.model, max_slots=self.max_loras)
+                self._router = None  # it held the previous store
         cfg = fa.get_config(self.model, internal)
         entry = AdapterEntry(name, path, internal, cfg.adapter_type, created=int(time.time()))
         if isinstance(cfg, PrefixConfig):

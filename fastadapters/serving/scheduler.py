@@ -100,8 +100,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_waiting: int, chunk_size: int = 256,
-                 token_budget: int = 512):
+                 token_budget: int = 512, max_adapters: int | None = None):
         self.pool = pool
+        self.max_adapters = max_adapters
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.chunk_size, self.token_budget = chunk_size, token_budget
         self.waiting: collections.deque[Request] = collections.deque()
@@ -180,15 +181,38 @@ class Scheduler:
         self.waiting.appendleft(victim)
 
     # -- one step --------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            if not self._start(self.waiting[0]):
+    def _admit(self) -> None:
+        if self.max_adapters is None:
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                if not self._start(self.waiting[0]):
+                    break
+                self.running.append(self.waiting.popleft())
+            return
+        # at most max_adapters distinct routed adapters run at once (the store's device slots): a
+        # request whose adapter is not running waits while all slots are taken, and later requests
+        # on running adapters (or the base model) are admitted past it
+        active = {r.route_name for r in self.running if r.route_name is not None}
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_num_seqs:
+            req = self.waiting[i]
+            name = req.route_name
+            if name is not None and name not in active and len(active) >= self.max_adapters:
+                i += 1
+                continue
+            if not self._start(req):
                 break
-            self.running.append(self.waiting.popleft())
+            del self.waiting[i]
+            self.running.append(req)
+            if name is not None:
+                active.add(name)
+
+    def schedule(self) -> ScheduledBatch:
+        self._admit()
         budget = self.token_budget
         plan: dict[int, int] = {}
         decoding = [r for r in self.running if r.num_computed >= r.num_tokens - 1 and r.output_ids]
-        prefilling = [r for r in self.running if r not in decoding]
+        dec_ids = {id(r) for r in decoding}
+        prefilling = [r for r in self.running if id(r) not in dec_ids]
         for req in decoding + prefilling:
             if budget <= 0:
                 break

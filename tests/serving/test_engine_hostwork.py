@@ -70,3 +70,21 @@ def test_router_is_built_once_while_requests_join_and_leave(zoo, monkeypatch):
     for name, p, n, r in zip(names, ps, lens, reqs):
         assert r.output_ids == greedy_ref(engine, name, p, n), name
     assert_no_leaks(engine)
+
+
+def test_max_loras_limits_resident_adapters_and_keeps_tokens(zoo):
+    engine = tiny_engine(zoo, max_num_seqs=6, max_loras=2)
+    names = ["lora_r4", "houlsby", "lora_r64", "parallel", None, "lora_r4", "pfeiffer", "prefix"]
+    ps = prompts([4, 6, 3, 8, 5, 2, 7, 3], seed=12)
+    reqs = [engine.submit(p, GREEDY, adapter=n) for p, n in zip(ps, names)]
+    seen = 0
+    while engine.step():
+        running = {r.route_name for r in engine.scheduler.running if r.route_name is not None}
+        assert len(running) <= 2
+        seen = max(seen, len(running))
+    from fastadapters.serving.store import get_store
+
+    assert seen == 2 and get_store(engine.model).num_slots == 2 and get_store(engine.model).swaps > 2
+    for name, p, r in zip(names, ps, reqs):
+        assert r.output_ids == greedy_ref(engine, name, p, GREEDY.max_tokens), name
+    assert_no_leaks(engine)
