@@ -82,7 +82,7 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
-                 max_loras: int | None = None):
+                 max_loras: int | None = None, prefix_caching: bool = True):
         check_model(model)
         if max_loras is not None and (isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1):
             raise ValueError(f"max_loras: got {max_loras!r}; valid: None (every loaded adapter resident) or an "
@@ -113,7 +113,7 @@ class Engine:
                              f"max_model_len {self.max_model_len} in blocks of {block_size})")
         self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device)
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget,
-                                   max_adapters=max_loras)
+                                   max_adapters=max_loras, prefix_caching=bool(prefix_caching))
         self.registry = AdapterRegistry()
         self.adapter_roots = list(adapter_roots or [])
         self.eos_ids = self._eos_ids()
@@ -169,6 +169,7 @@ class Engine:
                 entry.refs += 1
                 req.metadata["entry"] = entry
                 req.route_name = None if entry.prefix_kv is not None else entry.internal
+                req.cache_scope = entry.internal
                 req.prefix_kv = entry.prefix_kv
             req.generator = make_generator(params, self.device)
             self.requests[req.request_id] = req
@@ -368,10 +369,15 @@ class Engine:
             for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
                 if req.status is not Status.RUNNING:
                     continue
+                cached = req.metadata.pop("cached_tokens", 0)
+                if cached and req.preemptions == 0:
+                    self.stats["prefix_cache_hit_tokens"] += cached
+                    self.stats["prompt_tokens"] += cached
                 if req.num_computed < len(req.prompt_ids):
                     self.stats["prompt_tokens"] += min(n, len(req.prompt_ids) - req.num_computed) \
                         if req.preemptions == 0 else 0
                 req.num_computed += n
+                self.scheduler.commit_blocks(req)
                 if req.num_computed < req.num_tokens:
                     continue  # a prefill chunk: more to come
                 rows.append(i)

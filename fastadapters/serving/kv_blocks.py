@@ -20,8 +20,16 @@ Attention reads a request's blocks in place when they form one contiguous run (s
 are all free (a request growing by a block keeps its run), else the lowest free ids on the stack.
 The free stack uses lazy deletion: a block taken out of order stays on the stack and is skipped
 when popped (``_free_set`` is the truth).
+
+Prefix caching: blocks are refcounted. ``register(block, key)`` names a full, computed block by
+its content key (the scheduler's chain hash of adapter load id and tokens); ``lookup(key)`` finds
+it and ``share(block)`` takes another reference. A named block whose last reference is freed
+stays cached (``_evictable``, least recently freed first) and counts as free: ``allocate``
+evicts from there only when the free stack runs out.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -51,10 +59,47 @@ class BlockPool:
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first (may hold stale ids)
         self._free_set: set[int] = set(self._free)
         self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
+        self._key_of: dict[int, object] = {}
+        self._cached: dict[object, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free_set)
+        return len(self._free_set) + len(self._evictable)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._cached)
+
+    # -- prefix caching ----------------------------------------------------------------------------
+    def lookup(self, key) -> int | None:
+        return self._cached.get(key)
+
+    def share(self, block: int) -> None:
+        """One more reference to a cached block (from the evictable list if nobody held it)."""
+        if block in self._evictable:
+            del self._evictable[block]
+            self._used.add(block)
+            self._refs[block] = 1
+        elif block in self._used:
+            self._refs[block] += 1
+        else:
+            raise ValueError(f"KV block {block} is neither in use nor cached")
+
+    def register(self, block: int, key) -> None:
+        """Name a full, computed block by its content key (first come keeps the name)."""
+        if key in self._cached or block in self._key_of or block not in self._used:
+            return
+        self._cached[key] = block
+        self._key_of[block] = key
+
+    def _evict(self, n: int) -> None:
+        for _ in range(n):
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self._key_of.pop(b)]
+            self._free_set.add(b)
+            self._free.append(b)
 
     @property
     def used_blocks(self) -> int:
@@ -68,8 +113,10 @@ class BlockPool:
         """``n`` free blocks: ``after + 1 .. after + n`` when all free (one run with the caller's last
         block), else the lowest ids on the free stack."""
         free = self._free_set
+        if n > self.free_blocks:
+            raise OutOfBlocks(f"asked for {n} KV blocks, {self.free_blocks} free of {self.num_blocks}")
         if n > len(free):
-            raise OutOfBlocks(f"asked for {n} KV blocks, {len(free)} free of {self.num_blocks}")
+            self._evict(n - len(free))
         if after is not None and all(b in free for b in range(after + 1, after + 1 + n)):
             out = list(range(after + 1, after + 1 + n))
         else:
@@ -80,6 +127,8 @@ class BlockPool:
                     out.append(b)
         free.difference_update(out)
         self._used.update(out)
+        for b in out:
+            self._refs[b] = 1
         if len(self._free) > 4 * self.num_blocks:  # stale entries piled up: rebuild the stack
             self._free = sorted(free, reverse=True)
         return out
@@ -100,6 +149,8 @@ class BlockPool:
                 out = list(range(start, start + n))
                 self._free_set.difference_update(out)
                 self._used.update(out)
+                for b in out:
+                    self._refs[b] = 1
                 return out
         return None
 
@@ -107,9 +158,16 @@ class BlockPool:
         for b in blocks:
             if b not in self._used:
                 raise ValueError(f"KV block {b} freed twice or never allocated")
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue  # another request still reads it
+            del self._refs[b]
             self._used.remove(b)
-            self._free_set.add(b)
-            self._free.append(b)
+            if b in self._key_of:  # cached: kept until the space is needed
+                self._evictable[b] = None
+            else:
+                self._free_set.add(b)
+                self._free.append(b)
         blocks.clear()
 
     def slots(self, blocks: list[int], start: int, n: int) -> torch.Tensor:

@@ -57,6 +57,7 @@ class Request:
     # len(blocks) are stale), and whether blocks are one run first..first+len-1 of the pool
     block_table: torch.Tensor | None = None
     contiguous: bool = True
+    cache_scope: str | None = None  # what its keys/values depend on besides tokens: the adapter load id
     num_computed: int = 0  # tokens (prompt + output) whose KV is in the blocks
     generator: torch.Generator | None = None
     finish_reason: str | None = None
@@ -100,8 +101,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_waiting: int, chunk_size: int = 256,
-                 token_budget: int = 512, max_adapters: int | None = None):
+                 token_budget: int = 512, max_adapters: int | None = None, prefix_caching: bool = True):
         self.pool = pool
+        self.prefix_caching = prefix_caching
         self.max_adapters = max_adapters
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.chunk_size, self.token_budget = chunk_size, token_budget
@@ -145,6 +147,8 @@ class Scheduler:
         """Free ``req``'s blocks and drop it from the queues (finished, cancelled or failed)."""
         if req.blocks:
             self.pool.free(req.blocks)
+        req.metadata.pop("hashed", None)
+        req.metadata.pop("chain", None)
         if req in self.running:
             self.running.remove(req)
         try:
@@ -155,25 +159,76 @@ class Scheduler:
     def _start(self, req: Request) -> bool:
         """Give a waiting request its first blocks (and its prefix's keys/values).
 
+        Prefix cache: the request's leading full blocks whose content key (``_block_key``: the chain
+        of adapter load id and tokens) names a cached block are shared, not recomputed (at least one
+        token is always left to compute, for the logits). A prefix-tuning adapter's prefix positions
+        are part of that content, so its prefix keys/values are stored once and shared.
+
         When the pool has room, the blocks for the whole request (prefix, prompt and ``max_tokens``)
         are taken at once as one contiguous run, so attention reads them in place every step;
-        otherwise (a busy or fragmented pool) blocks are added as the request grows, and attention
-        gathers its own blocks."""
-        want = self.pool.blocks_for(req.prefix_len + req.num_tokens + req.params.max_tokens - len(req.output_ids))
+        otherwise (a busy or fragmented pool, or shared leading blocks) blocks are added as the
+        request grows, and attention gathers its own blocks."""
+        bs, plen = self.pool.block_size, req.prefix_len
+        hit = 0
+        if self.prefix_caching and not req.blocks:
+            parent, matched = None, []
+            for i in range((plen + req.num_tokens - 1) // bs):
+                key = self._block_key(req, i, parent)
+                b = self.pool.lookup(key)
+                if b is None:
+                    break
+                matched.append(b)
+                parent = key
+            if matched:
+                for b in matched:
+                    self.pool.share(b)
+                self._add_blocks(req, matched)
+                req.metadata["hashed"], req.metadata["chain"] = len(matched), parent
+                hit = len(matched) * bs
+        computed = max(0, hit - plen)
+        want = self.pool.blocks_for(plen + req.num_tokens + req.params.max_tokens - len(req.output_ids))
         if not req.blocks and want <= self.pool.free_blocks // 2:
             run = self.pool.allocate_run(want)
             if run is not None:
                 self._add_blocks(req, run)
-        if not self._grow(req, req.prefix_len + min(req.num_tokens, self.chunk_size)):
+        if not self._grow(req, plen + min(req.num_tokens, computed + self.chunk_size)):
+            if req.blocks:
+                self.pool.free(req.blocks)
+            req.metadata.pop("hashed", None)
+            req.metadata.pop("chain", None)
             return False
         for layer, (k, v) in enumerate(req.prefix_kv or ()):
-            self.pool.write(layer, req.blocks, 0, k, v)
-        req.num_computed = 0
+            if hit < plen:
+                self.pool.write(layer, req.blocks, hit, k[:, hit:], v[:, hit:])
+        req.num_computed = computed
+        req.metadata["cached_tokens"] = computed
         req.status = Status.RUNNING
         return True
 
+    def _block_key(self, req: Request, i: int, parent) -> int:
+        """Content key of block ``i`` of ``req``: its adapter load id, its tokens (prefix positions
+        carry none: they are the adapter's) and the previous block's key."""
+        bs, plen = self.pool.block_size, req.prefix_len
+        lo, hi = max(0, i * bs - plen), (i + 1) * bs - plen
+        toks = tuple(req.tokens(lo, hi - lo)) if hi > 0 else ()
+        return hash((parent, req.cache_scope, i, toks))
+
+    def commit_blocks(self, req: Request) -> None:
+        """Name ``req``'s newly full, computed blocks in the prefix cache (O(block_size) per block)."""
+        if not self.prefix_caching:
+            return
+        full = req.kv_len // self.pool.block_size
+        i, parent = req.metadata.get("hashed", 0), req.metadata.get("chain")
+        while i < full:
+            key = self._block_key(req, i, parent)
+            self.pool.register(req.blocks[i], key)
+            parent, i = key, i + 1
+        req.metadata["hashed"], req.metadata["chain"] = i, parent
+
     def _preempt(self, victim: Request) -> None:
         self.pool.free(victim.blocks)
+        victim.metadata.pop("hashed", None)
+        victim.metadata.pop("chain", None)
         victim.num_computed = 0
         victim.status = Status.WAITING
         victim.preemptions += 1
