@@ -72,27 +72,29 @@ def chunk_mask(past: int, n: int, device) -> torch.Tensor:
 def paged_attention(query: torch.Tensor, pool, layer: int, tables: StepTables, scaling) -> torch.Tensor:
     """``query`` (1, H, T, D) of the packed step -> attention output (1, T, H, D)."""
     keys, values = pool.keys[layer], pool.values[layer]
+    flat_k, flat_v = pool.flat_keys[layer], pool.flat_values[layer]
     _, bs, kvh, d = keys.shape
     heads = query.shape[1]
     out = query.new_empty(1, query.shape[2], heads, query.shape[3])
     scores = gathered = 0
     for seg in tables.segments:
-        nb = -(-seg.kv_len // bs)
-        if seg.first >= 0:
-            k = keys[seg.first:seg.first + nb]
-            v = values[seg.first:seg.first + nb]
+        length = seg.kv_len
+        if seg.first >= 0:  # one run of blocks: a view of the pool, nothing copied
+            at = seg.first * bs
+            k = flat_k[at:at + length]
+            v = flat_v[at:at + length]
         else:
-            idx = seg.blocks[:nb]
+            idx = seg.blocks[:-(-length // bs)]
             k = keys.index_select(0, idx)
             v = values.index_select(0, idx)
             gathered += 2 * k.numel() * k.element_size()
-        k = k.view(1, nb * bs, kvh, d)[:, :seg.kv_len].transpose(1, 2)
-        v = v.view(1, nb * bs, kvh, d)[:, :seg.kv_len].transpose(1, 2)
+            k = k.view(-1, kvh, d)[:length]
+            v = v.view(-1, kvh, d)[:length]
         q = query[:, :, seg.start:seg.start + seg.n]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=seg.mask,
+        o = F.scaled_dot_product_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=seg.mask,
                                            is_causal=seg.causal, scale=scaling, enable_gqa=True)
         out[0, seg.start:seg.start + seg.n] = o[0].transpose(0, 1)
-        scores += heads * seg.n * seg.kv_len
+        scores += heads * seg.n * length
     tables.score_elements += scores
     tables.gathered_bytes += gathered
     return out
