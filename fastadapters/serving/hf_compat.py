@@ -139,6 +139,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if not isinstance(layer, int):
         raise RuntimeError(_contract("the attention module has no integer layer_idx"))
     cache, tables = step
+    for extra in ("s_aux", "softcap", "sliding_window"):
+        if kwargs.get(extra) is not None:
+            raise RuntimeError(_contract(f"the model passes {extra}={kwargs[extra]!r} to its attention, which the "
+                                         "engine's paged attention does not apply"))
     cache.attention_calls = getattr(cache, "attention_calls", 0) + 1
     out = paged_attention(query, cache.pool, layer, tables, scaling)
     return out, None
