@@ -23,14 +23,17 @@ Score elements computed are ``sum_i heads * n_i * kv_len_i`` -- exactly those ne
 packed path computed ``heads * T * (sum of all contexts + T)`` and masked most of them away).
 ``StepTables.score_elements`` / ``gathered_bytes`` count them for the tests.
 
-Why SDPA per request and not ``flex_attention`` on the CPU (measured on this 2-core machine,
-SmolLM2-135M geometry: 9 query heads, 3 KV heads, head_dim 64, fp32, one thread, one decode
-layer): per-request SDPA 0.5-0.7 ms at B = 8 / context 128 and 4-8 ms at B = 32 / context 512,
-within 1.0-1.6x of one dense batched SDPA over a contiguous cache (0.35 / 5.4 ms); flex_attention
-without ``torch.compile`` materialises every score (3.6 s for B = 8, context 128), and compiling it
-on the CPU needs inductor's C++ toolchain and recompiles as the block-mask shapes change each
-step. On CUDA FlashInfer's paged kernels would replace this loop; that path is not written (no GPU
-was available to run it).
+Why SDPA per request and not ``flex_attention`` on the CPU (``bench/paged_attention_cpu.py``: one
+layer of SmolLM2-135M geometry -- 9 query heads, 3 KV heads, head_dim 64 -- fp32, one thread, a
+shared and noisy 2-core machine): at B = 8, context 128, per-request SDPA took 0.65 ms for a decode
+step and 15 ms for 64-token prefill chunks; ``flex_attention`` over the pool with a per-request
+block mask, compiled, took 1.3 ms and 41 ms, after 70 s and 19 s of compilation for those two
+shapes alone (the engine's shapes change every step), and eager ``flex_attention`` 285 ms and
+1.4 s (it materialises every score). One dense batched SDPA over a contiguous cache (HF's
+``generate``, no paging) is the floor: 0.25 ms decode there; per-request SDPA stays within about
+2-3x of it per layer at B = 8-32, context 128-512, which is small beside the step's linears (the
+whole-step ratio is what ``bench/engine_vs_hf.py`` reports). On CUDA FlashInfer's paged kernels
+would replace this loop; that path is not written (no GPU was available to run it).
 """
 from __future__ import annotations
 
