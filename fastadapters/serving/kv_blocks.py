@@ -41,6 +41,8 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockPool:
+    RUN_SEARCH_LIMIT = 1 << 16  # allocate_run scans at most this many free blocks
+
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         for label, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
@@ -136,8 +138,8 @@ class BlockPool:
     def allocate_run(self, n: int) -> list[int] | None:
         """``n`` consecutive free blocks (the lowest such run), or None when no run is that long.
         O(free blocks): the scheduler calls it once per admitted request."""
-        if n < 1 or n > len(self._free_set):
-            return None
+        if n < 1 or n > len(self._free_set) or len(self._free_set) > self.RUN_SEARCH_LIMIT:
+            return None  # (a huge pool: the O(free) search per admission is not worth it)
         start, length, prev = -1, 0, -2
         for b in sorted(self._free_set):
             if b == prev + 1:

@@ -100,6 +100,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    RESERVE_TOKENS = 512  # generated positions reserved with the prompt's run at admission
+
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_waiting: int, chunk_size: int = 256,
                  token_budget: int = 512, max_adapters: int | None = None, prefix_caching: bool = True):
         self.pool = pool
@@ -164,8 +166,9 @@ class Scheduler:
         token is always left to compute, for the logits). A prefix-tuning adapter's prefix positions
         are part of that content, so its prefix keys/values are stored once and shared.
 
-        When the pool has room, the blocks for the whole request (prefix, prompt and ``max_tokens``)
-        are taken at once as one contiguous run, so attention reads them in place every step;
+        When the pool has room (the run is at most half the free blocks), the blocks for the prefix,
+        the prompt and up to ``RESERVE_TOKENS`` of its ``max_tokens`` are taken at once as one
+        contiguous run (later blocks extend it when the next block is free), so attention reads them in place every step;
         otherwise (a busy or fragmented pool, or shared leading blocks) blocks are added as the
         request grows, and attention gathers its own blocks."""
         bs, plen = self.pool.block_size, req.prefix_len
@@ -186,7 +189,8 @@ class Scheduler:
                 req.metadata["hashed"], req.metadata["chain"] = len(matched), parent
                 hit = len(matched) * bs
         computed = max(0, hit - plen)
-        want = self.pool.blocks_for(plen + req.num_tokens + req.params.max_tokens - len(req.output_ids))
+        ahead = min(req.params.max_tokens - len(req.output_ids), self.RESERVE_TOKENS)
+        want = self.pool.blocks_for(plen + req.num_tokens + ahead)
         if not req.blocks and want <= self.pool.free_blocks // 2:
             run = self.pool.allocate_run(want)
             if run is not None:
