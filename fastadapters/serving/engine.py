@@ -394,7 +394,11 @@ class Engine:
                     continue
                 req.output_ids.append(token)
                 self.stats["generation_tokens"] += 1
-                self._after_token(req, token)
+                try:
+                    self._after_token(req, token)
+                except Exception as e:  # e.g. its detokenisation failed: it ends alone, the step goes on
+                    self.stats["request_errors"] += 1
+                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
         return True
 
     def _forward(self, batch) -> torch.Tensor:

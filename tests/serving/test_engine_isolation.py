@@ -72,3 +72,35 @@ def test_nan_logits_at_temperature_end_that_row_only():
     assert errors[0] is None and errors[2] is None and "non-finite" in errors[1]
     assert tokens[2] == int(logits[2].argmax())
     assert 0 <= tokens[0] < 11
+
+
+def test_a_failure_after_sampling_ends_only_that_request(zoo):
+    """A request whose post-processing raises (here its tokenizer) ends with an error; the others finish."""
+    from .char_tokenizer import char_tokenizer
+
+    bad_token = []
+
+    class Fragile:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def decode(self, ids, **kw):
+            if bad_token and bad_token[0] in ids:
+                raise ValueError(f"cannot decode token {bad_token[0]}")
+            return self.tok.decode(ids, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    engine = tiny_engine(tokenizer=Fragile(char_tokenizer()), max_num_seqs=4)
+    ps = prompts([5, 6, 7], seed=40)
+    sp = SamplingParams(max_tokens=12, temperature=0)
+    want = [greedy_ref(engine, None, p, 12) for p in ps]
+    only_first = [t for t in want[0] if t not in want[1] and t not in want[2]]
+    assert only_first, "pick prompts whose outputs differ"
+    bad_token.append(only_first[0])
+    reqs = [engine.submit(p, sp) for p in ps]
+    engine.run_until_done()
+    assert reqs[0].finish_reason == "error" and reqs[0].output_ids[-1] == bad_token[0]
+    assert [r.output_ids for r in reqs[1:]] == want[1:] and all(r.finish_reason == "length" for r in reqs[1:])
+    assert_no_leaks(engine)
