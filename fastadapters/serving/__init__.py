@@ -13,8 +13,9 @@ serving benchmark table.
 
 The generation engine and server (``fastadapters serve``), bottom to top: ``kv_blocks.py`` (KV
 in fixed-size blocks), ``sampling.py``, ``scheduler.py`` (requests, continuous batching),
-``adapters.py`` (served names, versions, path confinement), ``hf_compat.py`` (the only
-transformers internals), ``engine.py`` (the step loop; no HTTP), then ``protocol.py`` /
+``adapters.py`` (served names, versions, path confinement), ``paged_attention.py`` (each
+request's attention over its own blocks), ``detokenizer.py`` (incremental), ``hf_compat.py`` (the
+only transformers internals), ``engine.py`` (the step loop; no HTTP), then ``protocol.py`` /
 ``metrics.py`` / ``api.py`` (FastAPI) and ``serve.py`` (the command); ``e2e_bench.py`` measures
 the engine end to end. Submodules import lazily.
 """

@@ -9,14 +9,19 @@
     # or, without a thread: engine.run_until_done() / engine.generate([...])
 
 Each ``step`` admits waiting requests, asks the scheduler (``scheduler.py``) which tokens run,
-gathers those requests' past keys/values from the block pool (``kv_blocks.py``), runs one packed
-forward (``hf_compat.py``) in which every token is routed to its request's adapter
-(``fa.route(..., lengths=...)``: LoRA of any rank, series and parallel adapters per token; a
-prefix-tuning request's prefix keys/values lead its blocks), writes the new keys/values back,
-and samples one token for every request whose prompt is fully computed. Prefill chunks and
-decode tokens of different requests share that forward. Because each token attends only to its
-own request's keys/values with its own positions, a request's greedy output does not depend on
-what else is batched (up to float rounding: near-ties of the top two logits).
+and runs one packed forward (``hf_compat.paged_forward``) of every scheduled request's new tokens
+in which every token is routed to its request's adapter (``fa.route(..., lengths=...)``, one
+router for the engine's life, repacked in place: LoRA of any rank, series and parallel adapters
+per token; a prefix-tuning request's prefix keys/values lead its blocks). The new keys/values go
+straight into the block pool (``kv_blocks.py``) and attention reads each request's own blocks
+(``paged_attention.py``): a request's context is never copied next to another's, nor masked
+against it. Then one batched sampling call (``sampling.sample_rows``) gives a token to every
+request whose prompt is fully computed, and the text is detokenised incrementally
+(``detokenizer.py``). Prefill chunks and decode tokens of different requests share the forward.
+Because each token attends only to its own request's keys/values with its own positions, a
+request's greedy output does not depend on what else is batched (up to float rounding: near-ties
+of the top two logits), and one request's non-finite numbers cannot reach another's: a request
+whose logits are NaN/inf, or whose draw fails, ends alone with finish reason "error".
 
 Why not transformers' continuous batching (``generation.continuous_batching``, read on 5.24): a
 request there is ``add_request(input_ids, max_new_tokens, ...)`` with no field for an adapter,
@@ -26,7 +31,7 @@ across releases; its paged cache can share prompt blocks but has no way to start
 given keys/values (a prefix adapter), and positions start at the prompt. Measured on the CPU
 (random Llama hidden 256, 4 layers, 32 requests of 8-64 prompt tokens, 16 new tokens, one
 thread): ``generate_batch`` 11.7 tokens/s, this engine 122 tokens/s, both with the same greedy
-tokens for 32 of 32 requests. So the engine is a small scheduler of its own over ``DynamicCache``.
+tokens for 32 of 32 requests. So the engine is a small scheduler of its own over a paged cache.
 
 Thread model: ``submit`` / ``abort`` / ``load_adapter`` / ``unload_adapter`` may be called from
 any thread; model and pool changes happen only in the engine thread, between steps. Callbacks
@@ -47,9 +52,11 @@ import torch.nn as nn
 
 from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine,
                        nonfinite_adapter_tensor)
-from .hf_compat import check_model, geometry, packed_forward
+from .detokenizer import DetokState, detokenize
+from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
-from .sampling import SamplingParams, make_generator, sample_next
+from .paged_attention import Segment, StepTables, chunk_mask
+from .sampling import SamplingParams, make_generator, sample_rows
 from .scheduler import QueueFull, Request, Scheduler, Status
 
 __all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError"]
@@ -75,8 +82,13 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
-                 adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None):
+                 adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
+                 max_loras: int | None = None, prefix_caching: bool = True):
         check_model(model)
+        if max_loras is not None and (isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1):
+            raise ValueError(f"max_loras: got {max_loras!r}; valid: None (every loaded adapter resident) or an "
+                             "integer >= 1 (device slots, least recently used evicted)")
+        self.max_loras = max_loras
         for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
                          ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -101,7 +113,8 @@ class Engine:
             raise ValueError(f"num_blocks: got {num_blocks}; valid: at least {per_seq} (one request of "
                              f"max_model_len {self.max_model_len} in blocks of {block_size})")
         self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget,
+                                   max_adapters=max_loras, prefix_caching=bool(prefix_caching))
         self.registry = AdapterRegistry()
         self.adapter_roots = list(adapter_roots or [])
         self.eos_ids = self._eos_ids()
@@ -117,6 +130,7 @@ class Engine:
         self.last_error: str | None = None
         self._router = None  # the router of the last routed step (route reuses it for the same names and lengths)
         self._heartbeat = time.monotonic()  # the engine thread's last completed step or idle wait (health)
+        self.last_tables: StepTables | None = None  # the last step's block tables and attention counts
 
     def _kv_budget(self, requested: int | None) -> int:
         """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
@@ -163,8 +177,9 @@ class Engine:
                 entry.refs += 1
                 req.metadata["entry"] = entry
                 req.route_name = None if entry.prefix_kv is not None else entry.internal
+                req.cache_scope = entry.internal
                 req.prefix_kv = entry.prefix_kv
-            req.generator = make_generator(params)
+            req.generator = make_generator(params, self.device)
             self.requests[req.request_id] = req
             self._inbox.append(req)
             self._wake.notify_all()
@@ -301,6 +316,12 @@ class Engine:
         if bad is not None:  # NaN/inf weights would poison every row they touch: refuse, change nothing
             self._delete_internal(internal)
             raise AdapterError(f"the adapter {name!r} has non-finite (NaN or inf) weights in {bad}; refusing to load it")
+        if self.max_loras is not None:
+            from .store import configure, get_store
+
+            if get_store(self.model).max_slots != self.max_loras:  # once: max_loras device slots, LRU
+                configure(self.model, max_slots=self.max_loras)
+                self._router = None  # it held the previous store
         cfg = fa.get_config(self.model, internal)
         entry = AdapterEntry(name, path, internal, cfg.adapter_type, created=int(time.time()))
         if isinstance(cfg, PrefixConfig):
@@ -374,47 +395,78 @@ class Engine:
             raise
         with self._lock:
             self.stats["steps"] += 1
+            rows, done = [], []
             for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
                 if req.status is not Status.RUNNING:
                     continue
+                cached = req.metadata.pop("cached_tokens", 0)
+                if cached and req.preemptions == 0:
+                    self.stats["prefix_cache_hit_tokens"] += cached
+                    self.stats["prompt_tokens"] += cached
                 if req.num_computed < len(req.prompt_ids):
                     self.stats["prompt_tokens"] += min(n, len(req.prompt_ids) - req.num_computed) \
                         if req.preemptions == 0 else 0
                 req.num_computed += n
+                self.scheduler.commit_blocks(req)
                 if req.num_computed < req.num_tokens:
                     continue  # a prefill chunk: more to come
-                token = sample_next(logits[i], req.params, req.generator)
+                rows.append(i)
+                done.append(req)
+            if not rows:
+                return True
+            x = logits if len(rows) == logits.shape[0] else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))
+            tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
+            for req, token, error in zip(done, tokens, errors):
+                if error is not None:  # this request's numbers went wrong: it ends alone
+                    self.stats["request_errors"] += 1
+                    self._finish(req, "error", error=error)
+                    continue
                 req.output_ids.append(token)
                 self.stats["generation_tokens"] += 1
-                self._after_token(req, token)
+                try:
+                    self._after_token(req, token)
+                except Exception as e:  # e.g. its detokenisation failed: it ends alone, the step goes on
+                    self.stats["request_errors"] += 1
+                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
         return True
 
     def _forward(self, batch) -> torch.Tensor:
         reqs, news = batch.requests, batch.num_new
-        ids, pos, pasts, last = [], [], [], []
+        dev = self.device
+        bs = self.pool.block_size
+        ids, pos, slots, segments, last = [], [], [], [], []
         t = 0
         for req, n in zip(reqs, news):
-            ids.extend(req.all_ids[req.num_computed:req.num_computed + n])
+            ids.extend(req.tokens(req.num_computed, n))
             start = req.kv_len
             pos.extend(range(start, start + n))
-            pasts.append(start)
+            blocks = req.blocks
+            slots.extend([blocks[p // bs] * bs + p % bs for p in range(start, start + n)])
+            if req.contiguous:
+                seg = Segment(t, n, start + n, None, blocks[0])
+            else:
+                table = req.block_table[:len(blocks)]
+                seg = Segment(t, n, start + n, table if table.device == dev else table.to(dev), -1)
+            if n > 1:
+                if start == 0:
+                    seg.causal = True
+                else:
+                    seg.mask = chunk_mask(start, n, dev)
+            segments.append(seg)
             t += n
             last.append(t - 1)
-        dev = self.device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
-        pool = self.pool
-        past_slots = torch.cat([pool.slots(r.blocks, 0, p) for r, p in zip(reqs, pasts)]).to(dev)
-        new_slots = torch.cat([pool.slots(r.blocks, p, n) for r, p, n in zip(reqs, pasts, news)]).to(dev)
-        past_k = past_v = None
-        if sum(pasts):  # every request's past, back to back: one gather per layer
-            past_k, past_v = [], []
-            for layer in range(pool.num_layers):
-                k, v = pool.gather(layer, past_slots)
-                past_k.append(k[None])
-                past_v.append(v[None])
-        last_index = torch.tensor(last, dtype=torch.long, device=dev)
-        args = (self.model, input_ids, position_ids, past_k, past_v, pasts, list(news), last_index)
+        # the step's index data in one host tensor; on CUDA pinned and copied without a sync
+        host = torch.tensor(ids + pos + last + slots, dtype=torch.long)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(dev, non_blocking=True)
+        t_all = len(ids)
+        input_ids = flat[:t_all].view(1, -1)
+        position_ids = flat[t_all:2 * t_all].view(1, -1)
+        last_index = flat[2 * t_all:2 * t_all + len(last)]
+        tables = StepTables(flat[2 * t_all + len(last):], segments)
+        args = (self.model, input_ids, position_ids, self.pool, tables, last_index)
         from ..patching import _state
 
         state = _state(self.model)
@@ -426,12 +478,13 @@ class Engine:
 
             # consecutive decode steps of one set: route reuses the last router (it checks names and lengths)
             with route(self.model, names, backend=self.backend, lengths=list(news), reuse=self._router) as router:
-                logits, new_k, new_v = packed_forward(*args)
+                logits = paged_forward(*args)
             self._router = router
         else:
-            logits, new_k, new_v = packed_forward(*args)
-        for layer in range(pool.num_layers):  # the new tokens' keys/values into their blocks, one scatter
-            pool.scatter(layer, new_slots, new_k[layer], new_v[layer])
+            logits = paged_forward(*args)
+        self.last_tables = tables
+        self.stats["attention_score_elements"] += tables.score_elements
+        self.stats["kv_bytes_gathered"] += tables.gathered_bytes
         return logits
 
     # -- outputs -----------------------------------------------------------------------------------
@@ -443,24 +496,49 @@ class Engine:
             reason = "length"
         text = ""
         if self.tokenizer is not None:
-            full = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-            cut = self._find_stop(full, req)
-            if cut is not None:
-                full, reason = full[:cut], "stop"
-            final = full if reason else self._stable_prefix(full, req.params.stop)
-            if len(final) > len(req.text) and final.startswith(req.text):
-                text = final[len(req.text):]
-                req.text = final
+            text, reason = self._new_text(req, reason)
         if reason is not None:
             self._finish(req, reason, last=[token], text=text)
         else:
             self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids),
                                           len(req.output_ids)))
 
-    @staticmethod
-    def _find_stop(text: str, req: Request) -> int | None:
-        hits = [i for i in (text.find(s, max(0, len(req.text) - len(s))) for s in req.params.stop) if i >= 0]
-        return min(hits) if hits else None
+    def _new_text(self, req: Request, reason: str | None) -> tuple[str, str | None]:
+        """The text this token makes final, and the finish reason (a stop string sets "stop").
+
+        Work per token is bounded by the newest tokens' text and the stop strings' lengths, not the
+        output's length: the detokeniser decodes a short window (``detokenizer.py``), and stop
+        strings are searched in the text not yet emitted plus the last ``max(len(stop))`` emitted
+        characters (a stop may begin there). Same text and reasons as decoding the whole output
+        each time."""
+        state = req.metadata.get("detok")
+        if state is None:
+            state = req.metadata["detok"] = DetokState()
+            req.metadata["held"], req.metadata["skip"] = "", 0
+        committed, pending = detokenize(self.tokenizer, req.output_ids, state)
+        # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
+        # (a space before a split character, emitted while the character was still pending)
+        held = req.metadata["held"] + committed
+        skip = req.metadata["skip"]
+        unemitted = (held + pending)[skip:]  # the whole output's decoding minus what was emitted
+        stops = req.params.stop
+        ctx = req.text[-max(len(s) for s in stops):] if stops and req.text else ""
+        window = ctx + unemitted
+        hits = [i for i in (window.find(s, max(0, len(ctx) - len(s))) for s in stops) if i >= 0]
+        if hits:
+            unemitted, reason = unemitted[:max(0, min(hits) - len(ctx))], "stop"
+        if reason is not None:
+            out = unemitted
+        else:
+            stable = self._stable_prefix(ctx + unemitted, stops)
+            out = unemitted[:max(0, len(stable) - len(ctx))]
+        used = skip + len(out)
+        if used <= len(held):
+            req.metadata["held"], req.metadata["skip"] = held[used:], 0
+        else:
+            req.metadata["held"], req.metadata["skip"] = "", used - len(held)
+        req.text += out
+        return out, reason
 
     @staticmethod
     def _stable_prefix(text: str, stops: list[str]) -> str:

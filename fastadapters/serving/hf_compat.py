@@ -1,31 +1,50 @@
 """Everything the engine knows about transformers' internals, in one place.
 
 The engine runs one *packed* forward per step: a single batch row holding every scheduled
-request's new tokens back to back, the requests' past keys/values (gathered from the block pool)
-placed before them in a ``DynamicCache``, explicit ``position_ids``, and a 4-D additive attention
-mask that lets each token see only its own request's past and its own request's earlier tokens.
-It calls the decoder stack (``model.get_decoder()``) rather than ``model.forward``: the engine
-needs the hidden state of one token per request (the LM head runs on those rows only), and a
-prefix-tuning wrapper on ``model.forward`` must not add a prefix the engine already put in the
-request's blocks.
+request's new tokens back to back, with explicit ``position_ids``. It calls the decoder stack
+(``model.get_decoder()``) rather than ``model.forward``: the engine needs the hidden state of one
+token per request (the LM head runs on those rows only), and a prefix-tuning wrapper on
+``model.forward`` must not add a prefix the engine already put in the request's blocks.
 
-What is version-specific here: how a ``DynamicCache`` is filled and read back (``layers[i].keys``
-on transformers >= 4.56, ``key_cache[i]`` before), the keyword that takes it (``cache`` where the
-decoder's forward has one -- 5.24 deprecates ``past_key_values`` -- else ``past_key_values``), and that a 4-D mask is passed through to the
-attention functions as given (``masking_utils`` returns a 4-D mask unchanged).
+Attention is paged and per request (``paged_attention.py``): the forward runs with the model's
+attention implementation switched, for that call only, to ``"fastadapters_paged"`` (registered
+once in transformers' ``AttentionInterface``) and with a ``PagedCache`` of the engine's as the
+decoder's cache. What the decoder layers do with them (read on transformers 5.24, Llama family):
 
-Supported models: decoder-only families whose layers all use full attention over a
-``DynamicCache`` (Llama, Mistral/Qwen2 without a sliding window, ...); anything else is refused
-by ``check_model`` with the reason.
+- ``cache.update(key_states, value_states, layer_idx, ...)`` right after the rotary embedding:
+  ``PagedCache.update`` writes the new keys/values straight into the block pool (one
+  ``index_copy_`` per layer for the whole step) and hands them back unchanged;
+- ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation)(module, query, key, value,
+  attention_mask, dropout=, scaling=, **kwargs)``: the registered function ignores the packed
+  ``key``/``value`` and attends each request's query rows to that request's own blocks in place;
+  the step's block tables reach it through the ``fastadapters_paged`` keyword, which the decoder
+  passes down to the attention call with its other ``**kwargs``;
+- ``create_causal_mask`` builds no mask for an implementation that has no registered mask
+  function (its early exit), so nothing of size tokens x context is ever built.
+
+Every forward counts the ``update`` and attention calls; if a transformers release stops making
+them (a renamed keyword, a cache it no longer calls), the step fails with a RuntimeError naming
+the installed transformers version instead of computing something else.
+
+Supported models: decoder-only families whose layers all use full attention (Llama, Mistral/Qwen2
+without a sliding window, ...); anything else is refused by ``check_model`` with the reason.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn as nn
 
 from ..models import attention_geometry
+from .paged_attention import StepTables, paged_attention
 
-__all__ = ["check_model", "geometry", "packed_forward"]
+__all__ = ["check_model", "geometry", "paged_forward", "PagedCache", "ATTN_NAME"]
+
+ATTN_NAME = "fastadapters_paged"
+_KWARG = "fastadapters_paged"
+_registered = False
+_register_lock = threading.Lock()
 
 
 def geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -46,23 +65,113 @@ def check_model(model: nn.Module) -> None:
     if getattr(text, "sliding_window", None) or types - {"full_attention"}:
         raise ValueError(f"serving needs full attention in every layer; this model has layer types {sorted(types)} "
                          f"and sliding_window={getattr(text, 'sliding_window', None)}")
-    for attr in ("final_logit_softcapping", "logit_scale"):
+    for attr in ("final_logit_softcapping", "logit_scale", "attn_logit_softcapping"):
         if getattr(text, attr, None) not in (None, 1.0):
-            raise ValueError(f"serving applies the LM head as a plain linear; this model has {attr}="
+            raise ValueError(f"serving applies plain attention and a plain linear LM head; this model has {attr}="
                              f"{getattr(text, attr)!r}, which it would skip")
+    if text is not cfg:
+        raise ValueError(f"serving needs a text-only causal LM whose config is its text config; "
+                         f"got {type(cfg).__name__} with a separate text config")
     geometry(model)
 
 
-def _fill(cache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    for layer, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k, v, layer)
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        try:
+            from transformers import AttentionInterface
+        except ImportError as e:  # pragma: no cover - transformers < 4.48
+            raise RuntimeError(_contract(f"transformers.AttentionInterface is missing ({e})")) from None
+        AttentionInterface.register(ATTN_NAME, _attention)
+        _registered = True
 
 
-def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        entry = cache.layers[layer]
-        return entry.keys, entry.values
-    return cache.key_cache[layer], cache.value_cache[layer]  # pragma: no cover - older transformers
+def _contract(what: str) -> str:
+    import transformers
+
+    return (f"fastadapters serving: the paged-attention contract with transformers {transformers.__version__} "
+            f"is not met: {what}. The engine was written against transformers 5.24 (Llama-family attention "
+            "calling cache.update(...) and the AttentionInterface function with the decoder's **kwargs).")
+
+
+class PagedCache:
+    """The decoder's cache for one engine step: ``update`` writes the step's new keys/values into
+    the block pool at the slots the engine computed (``tables.new_slots``)."""
+
+    is_compileable = False
+
+    def __init__(self, pool, tables: StepTables):
+        self.pool, self.tables = pool, tables
+        self.updates = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx=None, *args, **kwargs):
+        if layer_idx is None:
+            layer_idx = kwargs.get("layer_idx")
+        if not isinstance(layer_idx, int):
+            raise RuntimeError(_contract(f"cache.update was called without a layer index (got {layer_idx!r})"))
+        pool = self.pool
+        # (1, Hkv, T, D) -> (T, Hkv, D) rows of the flat (slots, Hkv, D) view of this layer's blocks
+        k = key_states[0].transpose(0, 1)
+        v = value_states[0].transpose(0, 1)
+        pool.flat_keys[layer_idx].index_copy_(0, self.tables.new_slots, k.to(pool.dtype))
+        pool.flat_values[layer_idx].index_copy_(0, self.tables.new_slots, v.to(pool.dtype))
+        self.updates += 1
+        return key_states, value_states
+
+    # what a transformers Cache answers when generic code asks (the decoder's own path asks nothing)
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return self.pool.num_layers
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    step = kwargs.get(_KWARG)
+    if step is None:
+        raise RuntimeError(_contract("the attention function was called without the engine's block tables "
+                                     f"(the '{_KWARG}' keyword did not reach it)"))
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
+        raise RuntimeError(_contract("the attention module has no integer layer_idx"))
+    cache, tables = step
+    for extra in ("s_aux", "softcap", "sliding_window"):
+        if kwargs.get(extra) is not None:
+            raise RuntimeError(_contract(f"the model passes {extra}={kwargs[extra]!r} to its attention, which the "
+                                         "engine's paged attention does not apply"))
+    cache.attention_calls = getattr(cache, "attention_calls", 0) + 1
+    out = paged_attention(query, cache.pool, layer, tables, scaling)
+    return out, None
+
+
+@torch.no_grad()
+def paged_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, pool,
+                  tables: StepTables, last_index: torch.Tensor) -> torch.Tensor:
+    """One packed step over the block pool. ``input_ids``/``position_ids``: (1, T); ``tables``: the
+    step's per-request block tables and the new tokens' slots; ``last_index``: the token positions
+    (within T) whose hidden states go through the LM head. Returns logits (len(last_index), V);
+    the new keys/values are in the pool when it returns."""
+    _register()
+    cache = PagedCache(pool, tables)
+    config = model.config
+    previous = config._attn_implementation
+    decoder = model.get_decoder()
+    config._attn_implementation = ATTN_NAME
+    try:
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=True,
+                      **{_cache_keyword(decoder): cache, _KWARG: (cache, tables)})
+    finally:
+        config._attn_implementation = previous
+    calls = getattr(cache, "attention_calls", 0)
+    if cache.updates != pool.num_layers or calls != pool.num_layers:
+        raise RuntimeError(_contract(f"one forward made {cache.updates} cache updates and {calls} attention calls "
+                                     f"for {pool.num_layers} layers"))
+    hidden = out.last_hidden_state[0].index_select(0, last_index)
+    return model.get_output_embeddings()(hidden).float()
 
 
 def _cache_keyword(decoder: nn.Module) -> str:
@@ -77,62 +186,3 @@ def _cache_keyword(decoder: nn.Module) -> str:
 
 
 _CACHE_KEYWORD: dict = {}
-
-
-def _new_cache():
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache()
-
-
-def packed_mask(past_lengths: list[int], new_lengths: list[int], dtype: torch.dtype, device: torch.device,
-                boolean: bool = False) -> torch.Tensor:
-    """(1, 1, sum(new), sum(past) + sum(new)) mask: each token sees its request's past and its own
-    request's tokens up to itself. ``boolean``: True where it may attend (what SDPA takes, a
-    quarter of the bytes); else additive, 0 or the dtype's minimum (eager attention)."""
-    total_new, total_past = sum(new_lengths), sum(past_lengths)
-    allowed = torch.zeros(total_new, total_past + total_new, dtype=torch.bool, device=device)
-    p0 = n0 = 0
-    for lp, ln in zip(past_lengths, new_lengths):
-        allowed[n0:n0 + ln, p0:p0 + lp] = True
-        allowed[n0:n0 + ln, total_past + n0:total_past + n0 + ln] = torch.ones(ln, ln, dtype=torch.bool,
-                                                                               device=device).tril()
-        p0 += lp
-        n0 += ln
-    if boolean:
-        return allowed[None, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
-def _takes_boolean_mask(model: nn.Module) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
-
-
-@torch.no_grad()
-def packed_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   past_keys: list[torch.Tensor] | None, past_values: list[torch.Tensor] | None,
-                   past_lengths: list[int], new_lengths: list[int], last_index: torch.Tensor):
-    """One packed step. ``input_ids``/``position_ids``: (1, T); ``past_keys[layer]``: (1, H, L, D)
-    (None when no request has a past); ``last_index``: the token positions (within T) whose hidden
-    states go through the LM head. Returns (logits (len(last_index), V), new keys, new values),
-    the new keys/values per layer as (H, T, D)."""
-    cache = _new_cache()
-    if past_keys is not None:
-        _fill(cache, past_keys, past_values)
-    emb = model.get_input_embeddings()
-    dtype = emb.weight.dtype
-    mask = packed_mask(past_lengths, new_lengths, dtype, input_ids.device, boolean=_takes_boolean_mask(model))
-    decoder = model.get_decoder()
-    out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                  **{_cache_keyword(decoder): cache})
-    hidden = out.last_hidden_state[0].index_select(0, last_index)
-    logits = model.get_output_embeddings()(hidden).float()
-    past = sum(past_lengths)
-    new_k, new_v = [], []
-    for layer in range(len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)):
-        k, v = _layer_kv(cache, layer)
-        new_k.append(k[0, :, past:])
-        new_v.append(v[0, :, past:])
-    return logits, new_k, new_v

@@ -14,8 +14,22 @@ values; position ``p`` of a request lives in block ``blocks[p // block_size]`` a
 ``(num_blocks * block_size, kv_heads, head_dim)`` view. A request holds only the blocks its positions need (not ``max_model_len``),
 and every block of every layer is freed together. ``free_blocks`` and ``used_blocks`` are what
 the leak checks read. The pool is not thread-safe: the engine thread owns it.
+
+Attention reads a request's blocks in place when they form one contiguous run (see
+``paged_attention.py``), so ``allocate(n, after=last)`` takes ``last + 1 .. last + n`` when they
+are all free (a request growing by a block keeps its run), else the lowest free ids on the stack.
+The free stack uses lazy deletion: a block taken out of order stays on the stack and is skipped
+when popped (``_free_set`` is the truth).
+
+Prefix caching: blocks are refcounted. ``register(block, key)`` names a full, computed block by
+its content key (the scheduler's chain hash of adapter load id and tokens); ``lookup(key)`` finds
+it and ``share(block)`` takes another reference. A named block whose last reference is freed
+stays cached (``_evictable``, least recently freed first) and counts as free: ``allocate``
+evicts from there only when the free stack runs out.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -27,6 +41,8 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockPool:
+    RUN_SEARCH_LIMIT = 1 << 16  # allocate_run scans at most this many free blocks
+
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         for label, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
@@ -36,14 +52,56 @@ class BlockPool:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.dtype = dtype
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        # (num_blocks * block_size, kv_heads, head_dim) views: where the engine's cache writes new tokens
+        self.flat_keys = [self._flat(k) for k in self.keys]
+        self.flat_values = [self._flat(v) for v in self.values]
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first (may hold stale ids)
+        self._free_set: set[int] = set(self._free)
         self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
+        self._key_of: dict[int, object] = {}
+        self._cached: dict[object, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free_set) + len(self._evictable)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._cached)
+
+    # -- prefix caching ----------------------------------------------------------------------------
+    def lookup(self, key) -> int | None:
+        return self._cached.get(key)
+
+    def share(self, block: int) -> None:
+        """One more reference to a cached block (from the evictable list if nobody held it)."""
+        if block in self._evictable:
+            del self._evictable[block]
+            self._used.add(block)
+            self._refs[block] = 1
+        elif block in self._used:
+            self._refs[block] += 1
+        else:
+            raise ValueError(f"KV block {block} is neither in use nor cached")
+
+    def register(self, block: int, key) -> None:
+        """Name a full, computed block by its content key (first come keeps the name)."""
+        if key in self._cached or block in self._key_of or block not in self._used:
+            return
+        self._cached[key] = block
+        self._key_of[block] = key
+
+    def _evict(self, n: int) -> None:
+        for _ in range(n):
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self._key_of.pop(b)]
+            self._free_set.add(b)
+            self._free.append(b)
 
     @property
     def used_blocks(self) -> int:
@@ -53,19 +111,65 @@ class BlockPool:
         """Blocks needed to hold ``positions`` positions."""
         return -(-max(positions, 0) // self.block_size)
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
-        out = [self._free.pop() for _ in range(n)]
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` free blocks: ``after + 1 .. after + n`` when all free (one run with the caller's last
+        block), else the lowest ids on the free stack."""
+        free = self._free_set
+        if n > self.free_blocks:
+            raise OutOfBlocks(f"asked for {n} KV blocks, {self.free_blocks} free of {self.num_blocks}")
+        if n > len(free):
+            self._evict(n - len(free))
+        if after is not None and all(b in free for b in range(after + 1, after + 1 + n)):
+            out = list(range(after + 1, after + 1 + n))
+        else:
+            out = []
+            while len(out) < n:
+                b = self._free.pop()
+                if b in free and b not in out:
+                    out.append(b)
+        free.difference_update(out)
         self._used.update(out)
+        for b in out:
+            self._refs[b] = 1
+        if len(self._free) > 4 * self.num_blocks:  # stale entries piled up: rebuild the stack
+            self._free = sorted(free, reverse=True)
         return out
+
+    def allocate_run(self, n: int) -> list[int] | None:
+        """``n`` consecutive free blocks (the lowest such run), or None when no run is that long.
+        O(free blocks): the scheduler calls it once per admitted request."""
+        if n < 1 or n > len(self._free_set) or len(self._free_set) > self.RUN_SEARCH_LIMIT:
+            return None  # (a huge pool: the O(free) search per admission is not worth it)
+        start, length, prev = -1, 0, -2
+        for b in sorted(self._free_set):
+            if b == prev + 1:
+                length += 1
+            else:
+                start, length = b, 1
+            prev = b
+            if length == n:
+                out = list(range(start, start + n))
+                self._free_set.difference_update(out)
+                self._used.update(out)
+                for b in out:
+                    self._refs[b] = 1
+                return out
+        return None
 
     def free(self, blocks: list[int]) -> None:
         for b in blocks:
             if b not in self._used:
                 raise ValueError(f"KV block {b} freed twice or never allocated")
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue  # another request still reads it
+            del self._refs[b]
             self._used.remove(b)
-            self._free.append(b)
+            if b in self._key_of:  # cached: kept until the space is needed
+                self._evictable[b] = None
+            else:
+                self._free_set.add(b)
+                self._free.append(b)
         blocks.clear()
 
     def slots(self, blocks: list[int], start: int, n: int) -> torch.Tensor:

@@ -122,6 +122,26 @@ class Router:
             kept[key] = plan
         self._plans = kept
 
+    def repack(self, names: list[str | None], lengths: list[int], force: bool = False) -> None:
+        """Point a packed router (``lengths=...``) at a new batch in place: the serving engine's
+        step when a request joined or left or a prefill chunk ended. O(batch): slots are looked up
+        (made resident if needed) for the new names only; the store is not walked. ``force``: the
+        store was rebuilt (re-acquire every slot)."""
+        lengths = [int(n) for n in lengths]
+        if not force and names == self.names and lengths == self.lengths:
+            return
+        if force or names != self.names:
+            used = [n for n in names if n is not None and n != BASE]
+            slots = self.store.acquire(used)
+            self.names = list(names)
+            self.row_slots = [-1 if (n is None or n == BASE) else slots[n] for n in self.names]
+            self.row_slot_tensor = torch.tensor(self.row_slots, dtype=torch.int32)
+            self.any_active = any(s >= 0 for s in self.row_slots)
+            self.version = self.store.version
+        self.lengths = lengths
+        self._plans = {}
+        self.repacks = getattr(self, "repacks", 0) + 1
+
     def _refresh_if_changed(self) -> None:
         if self.state.version != self.version:  # adapters added/removed while routing
             with self._lock:
@@ -252,7 +272,9 @@ def route(model: nn.Module, names, backend: str | None = None, lengths=None, reu
     ``lengths``: the batch is one packed row and ``names[i]`` covers its next ``lengths[i]``
     tokens (see the module docstring). ``reuse``: the router a previous ``route`` yielded; when
     it routes the same names, lengths and backend, it is used again with its per-shape metadata
-    (the serving engine's consecutive decode steps), after the same store sync as a new one.
+    after the same store sync as a new one. A packed router (``lengths``) reused for a packed
+    batch is repacked in place whatever the names and lengths (``Router.repack``: the serving
+    engine's steps, as requests join and leave), with the O(1) store check ``sync(weights=False)``.
 
     ``backend`` ("torch" | "triton" | "cuda" | "auto") overrides the layers' backend for the
     multi-adapter op inside the block (None: each layer's, i.e. ``fa.set_backend``)."""
@@ -271,14 +293,22 @@ def route(model: nn.Module, names, backend: str | None = None, lengths=None, reu
                    "(routing is for inference; call model.eval() to silence this)")
     same = (reuse is not None and reuse.model is model and reuse.names == names and reuse.backend == backend
             and reuse.lengths == (None if lengths is None else [int(n) for n in lengths]))
-    if same:
+    packed = (reuse is not None and reuse.model is model and reuse.backend == backend and lengths is not None
+              and reuse.lengths is not None)
+    if packed:  # the engine's steps: one router for good, repacked in place, O(1) store check
+        router = reuse
+        rebuilt = router.store.sync(weights=False)
+        stale = rebuilt or router.store.version != router.version or router.store.max_slots is not None
+        router.repack(names, lengths, force=stale)
+    elif same:
         router = reuse
         rebuilt = router.store.sync()
         if rebuilt or router.store.version != router.version or router.store.max_slots is not None:
             router._assign()  # adapters changed, or LRU slots another route may have refilled
     else:
         router = Router(model, names, backend, lengths)
-    wrappers = [w for _, w in _wrappers(model)]
+    wrappers = router.store.wrappers()
+    version_in = state.version
     previous = [w.routing for w in wrappers]
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: router.check_batch(_batch_of(args, kwargs)),
                                            with_kwargs=True)
@@ -308,9 +338,10 @@ def route(model: nn.Module, names, backend: str | None = None, lengths=None, reu
         for w, prev in zip(wrappers, previous):
             w.routing = prev
         # wrappers created inside the block (an adapter loaded on new modules) stop routing too
-        for _, w in _wrappers(model):
-            if w.routing is router:
-                w.routing = None
+        if state.version != version_in:
+            for _, w in _wrappers(model):
+                if w.routing is router:
+                    w.routing = None
         hook.remove()
         if had_generate:
             model.__dict__["generate"] = orig_generate

@@ -4,7 +4,8 @@
     params.validate(vocab_size=...)                 # ValueError naming the bad field and what is valid
     token = sample_next(logits_row, params, generator)
 
-``temperature == 0`` is greedy (argmax, as ``generate(do_sample=False)``). Otherwise the logits are
+``temperature < 1e-5`` is greedy (argmax, as ``generate(do_sample=False)``; vLLM's rule: dividing
+by a tinier temperature overflows to inf/NaN). Otherwise the logits are
 divided by the temperature, filtered to the ``top_k`` largest and then to the smallest set whose
 probability reaches ``top_p`` (the most likely token always kept), and one token is drawn with the
 request's own ``torch.Generator``: seeded from ``seed`` when given, so the same request reproduces
@@ -16,7 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "sample_next", "make_generator"]
+__all__ = ["SamplingParams", "sample_next", "sample_rows", "make_generator", "GREEDY_BELOW", "is_greedy"]
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+def is_greedy(params: "SamplingParams") -> bool:
+    return params.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -48,11 +55,12 @@ class SamplingParams:
             bad("stop", self.stop, "a list of non-empty strings")
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """The request's generator: seeded from ``params.seed``, else from torch's global RNG; None if greedy."""
-    if params.temperature == 0:
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The request's generator (on ``device``, where its logits are): seeded from ``params.seed``,
+    else from torch's global RNG; None if greedy."""
+    if is_greedy(params):
         return None
-    g = torch.Generator()
+    g = torch.Generator(device=device)
     if params.seed is not None:
         g.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
     else:
@@ -62,9 +70,14 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from a (vocab,) row of logits (see the module docstring)."""
-    if params.temperature == 0:
+    if is_greedy(params):
         return int(torch.argmax(logits).item())
-    x = logits.detach().float().cpu() / float(params.temperature)
+    return int(_draw(logits.detach().float(), params, generator).item())
+
+
+def _draw(x: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id (a 1-element tensor on ``x``'s device) from a (vocab,) float row."""
+    x = x / float(params.temperature)
     if params.top_k and params.top_k > 0 and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -76,4 +89,26 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop[0] = False
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> tuple[list[int], list[str | None]]:
+    """Tokens for every row of ``logits`` (R, V), and per row None or an error message (see the
+    module docstring). One device-to-host copy for the whole step."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    tokens = logits.argmax(-1)
+    errors: list[str | None] = [None] * len(params)
+    sampled = [j for j, p in enumerate(params) if not is_greedy(p)]
+    if sampled:
+        rows = logits.float()
+        for j in sampled:
+            try:
+                tokens[j] = _draw(rows[j], params[j], generators[j])[0]
+            except Exception as e:  # one request's failure (e.g. NaN probabilities) is its own
+                errors[j] = f"sampling failed: {type(e).__name__}: {e}"
+    host = torch.stack([tokens, bad.to(tokens.dtype)]).tolist()  # the step's one device-to-host copy
+    for j, flag in enumerate(host[1]):
+        if flag:
+            errors[j] = "the model produced non-finite logits (NaN or inf) for this request"
+    return host[0], errors

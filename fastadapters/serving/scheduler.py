@@ -53,6 +53,11 @@ class Request:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    # the block table as a tensor, filled incrementally as blocks are added (entries past
+    # len(blocks) are stale), and whether blocks are one run first..first+len-1 of the pool
+    block_table: torch.Tensor | None = None
+    contiguous: bool = True
+    cache_scope: str | None = None  # what its keys/values depend on besides tokens: the adapter load id
     num_computed: int = 0  # tokens (prompt + output) whose KV is in the blocks
     generator: torch.Generator | None = None
     finish_reason: str | None = None
@@ -68,6 +73,15 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """``all_ids[start:start + n]`` without building ``all_ids`` (O(n), not O(context))."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt_ids[start:start + n]
+        return self.prompt_ids[start:] + self.output_ids[:start + n - p]
 
     @property
     def num_tokens(self) -> int:
@@ -86,9 +100,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    RESERVE_TOKENS = 512  # generated positions reserved with the prompt's run at admission
+
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_waiting: int, chunk_size: int = 256,
-                 token_budget: int = 512):
+                 token_budget: int = 512, max_adapters: int | None = None, prefix_caching: bool = True):
         self.pool = pool
+        self.prefix_caching = prefix_caching
+        self.max_adapters = max_adapters
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.chunk_size, self.token_budget = chunk_size, token_budget
         self.waiting: collections.deque[Request] = collections.deque()
@@ -104,13 +122,35 @@ class Scheduler:
             return True
         if need > self.pool.free_blocks:
             return False
-        req.blocks.extend(self.pool.allocate(need))
+        last = req.blocks[-1] if req.blocks else None
+        self._add_blocks(req, self.pool.allocate(need, after=last))
         return True
+
+    @staticmethod
+    def _add_blocks(req: Request, new: list[int]) -> None:
+        """Append ``new`` to ``req``'s blocks, its block table and its contiguity flag (O(len(new)))."""
+        have = len(req.blocks)
+        last = req.blocks[-1] if have else None
+        if not have:
+            req.contiguous = True
+        req.contiguous = req.contiguous and all(b == new[0] + i for i, b in enumerate(new)) \
+            and (last is None or new[0] == last + 1)
+        req.blocks.extend(new)
+        table = req.block_table
+        need = len(new)
+        if table is None or table.numel() < have + need:  # grown by doubling: O(1) amortised per block
+            bigger = torch.empty(max(2 * (have + need), 8), dtype=torch.long)
+            if table is not None and have:
+                bigger[:have] = table[:have]
+            req.block_table = table = bigger
+        table[have:have + need] = torch.tensor(new, dtype=torch.long)
 
     def release(self, req: Request) -> None:
         """Free ``req``'s blocks and drop it from the queues (finished, cancelled or failed)."""
         if req.blocks:
             self.pool.free(req.blocks)
+        req.metadata.pop("hashed", None)
+        req.metadata.pop("chain", None)
         if req in self.running:
             self.running.remove(req)
         try:
@@ -119,17 +159,80 @@ class Scheduler:
             pass
 
     def _start(self, req: Request) -> bool:
-        """Give a waiting request its first blocks (and its prefix's keys/values)."""
-        if not self._grow(req, req.prefix_len + min(req.num_tokens, self.chunk_size)):
+        """Give a waiting request its first blocks (and its prefix's keys/values).
+
+        Prefix cache: the request's leading full blocks whose content key (``_block_key``: the chain
+        of adapter load id and tokens) names a cached block are shared, not recomputed (at least one
+        token is always left to compute, for the logits). A prefix-tuning adapter's prefix positions
+        are part of that content, so its prefix keys/values are stored once and shared.
+
+        When the pool has room (the run is at most half the free blocks), the blocks for the prefix,
+        the prompt and up to ``RESERVE_TOKENS`` of its ``max_tokens`` are taken at once as one
+        contiguous run (later blocks extend it when the next block is free), so attention reads them in place every step;
+        otherwise (a busy or fragmented pool, or shared leading blocks) blocks are added as the
+        request grows, and attention gathers its own blocks."""
+        bs, plen = self.pool.block_size, req.prefix_len
+        hit = 0
+        if self.prefix_caching and not req.blocks:
+            parent, matched = None, []
+            for i in range((plen + req.num_tokens - 1) // bs):
+                key = self._block_key(req, i, parent)
+                b = self.pool.lookup(key)
+                if b is None:
+                    break
+                matched.append(b)
+                parent = key
+            if matched:
+                for b in matched:
+                    self.pool.share(b)
+                self._add_blocks(req, matched)
+                req.metadata["hashed"], req.metadata["chain"] = len(matched), parent
+                hit = len(matched) * bs
+        computed = max(0, hit - plen)
+        ahead = min(req.params.max_tokens - len(req.output_ids), self.RESERVE_TOKENS)
+        want = self.pool.blocks_for(plen + req.num_tokens + ahead)
+        if not req.blocks and want <= self.pool.free_blocks // 2:
+            run = self.pool.allocate_run(want)
+            if run is not None:
+                self._add_blocks(req, run)
+        if not self._grow(req, plen + min(req.num_tokens, computed + self.chunk_size)):
+            if req.blocks:
+                self.pool.free(req.blocks)
+            req.metadata.pop("hashed", None)
+            req.metadata.pop("chain", None)
             return False
         for layer, (k, v) in enumerate(req.prefix_kv or ()):
-            self.pool.write(layer, req.blocks, 0, k, v)
-        req.num_computed = 0
+            if hit < plen:
+                self.pool.write(layer, req.blocks, hit, k[:, hit:], v[:, hit:])
+        req.num_computed = computed
+        req.metadata["cached_tokens"] = computed
         req.status = Status.RUNNING
         return True
 
+    def _block_key(self, req: Request, i: int, parent) -> int:
+        """Content key of block ``i`` of ``req``: its adapter load id, its tokens (prefix positions
+        carry none: they are the adapter's) and the previous block's key."""
+        bs, plen = self.pool.block_size, req.prefix_len
+        lo, hi = max(0, i * bs - plen), (i + 1) * bs - plen
+        toks = tuple(req.tokens(lo, hi - lo)) if hi > 0 else ()
+        return hash((parent, req.cache_scope, i, toks))
+
+    def commit_blocks(self, req: Request) -> None:
+        """Name ``req``'s newly full, computed blocks in the prefix cache (O(block_size) per block)."""
+        if not self.prefix_caching:
+            return
+        full = req.kv_len // self.pool.block_size
+        i, parent = req.metadata.get("hashed", 0), req.metadata.get("chain")
+        while i < full:
+            key = self._block_key(req, i, parent)
+            self.pool.register(req.blocks[i], key)
+            parent, i = key, i + 1
+        req.metadata["hashed"], req.metadata["chain"] = i, parent
+
     def _preempt(self, victim: Request) -> None:
         self.pool.free(victim.blocks)
+        victim.metadata.pop("hashed", None)
+        victim.metadata.pop("chain", None)
         victim.num_computed = 0
         victim.status = Status.WAITING
         victim.preemptions += 1
@@ -137,15 +240,38 @@ class Scheduler:
         self.waiting.appendleft(victim)
 
     # -- one step --------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            if not self._start(self.waiting[0]):
+    def _admit(self) -> None:
+        if self.max_adapters is None:
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                if not self._start(self.waiting[0]):
+                    break
+                self.running.append(self.waiting.popleft())
+            return
+        # at most max_adapters distinct routed adapters run at once (the store's device slots): a
+        # request whose adapter is not running waits while all slots are taken, and later requests
+        # on running adapters (or the base model) are admitted past it
+        active = {r.route_name for r in self.running if r.route_name is not None}
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_num_seqs:
+            req = self.waiting[i]
+            name = req.route_name
+            if name is not None and name not in active and len(active) >= self.max_adapters:
+                i += 1
+                continue
+            if not self._start(req):
                 break
-            self.running.append(self.waiting.popleft())
+            del self.waiting[i]
+            self.running.append(req)
+            if name is not None:
+                active.add(name)
+
+    def schedule(self) -> ScheduledBatch:
+        self._admit()
         budget = self.token_budget
         plan: dict[int, int] = {}
         decoding = [r for r in self.running if r.num_computed >= r.num_tokens - 1 and r.output_ids]
-        prefilling = [r for r in self.running if r not in decoding]
+        dec_ids = {id(r) for r in decoding}
+        prefilling = [r for r in self.running if id(r) not in dec_ids]
         for req in decoding + prefilling:
             if budget <= 0:
                 break

@@ -112,7 +112,8 @@ def _member(w: AdapterLinear, name: str, keep_host: bool) -> _Member:
         scale, act = float(spec.scaling), 0
     else:
         down, up = w.adapter_down[name].weight, w.adapter_up[name].weight
-        scale = float(w.scaling_of(name))  # a learned scalar is read here (rebuilds track its version)
+        scale = w.scaling_of(name)  # a learned scalar is read here (rebuilds track its version)
+        scale = float(scale.detach() if isinstance(scale, torch.Tensor) else scale)
         act = ACT_IDS[spec.config.non_linearity]
     down, up = down.detach(), up.detach()
     if keep_host:  # the CPU-side store that device slots are filled from
@@ -145,23 +146,47 @@ class AdapterStore:
         self.swaps = 0  # slot fills since the last rebuild (tests and benchmarks read it)
 
     # -- staleness ---------------------------------------------------------------------------
+    def wrappers(self) -> list[AdapterLinear]:
+        """The model's adapter wrappers, walked once per adapter-set version (not per forward)."""
+        st = _require_state(self.model)
+        cached = self.__dict__.get("_wrappers_cache")
+        if cached is None or cached[0] != st.version:
+            cached = self._wrappers_cache = (st.version, [w for _, w in _wrappers(self.model)])
+        return cached[1]
+
     def fingerprint(self):
         """Everything a rebuild depends on: adapter set, weight versions, devices and dtypes."""
         st = _require_state(self.model)
         vers, where = 0, set()
-        for _, w in _wrappers(self.model):
+        for w in self.wrappers():
             for p in _params(w):
                 vers += p._version
             where.add((str(w.base_layer.weight.device), w.base_layer.weight.dtype))
         return st.version, vers, frozenset(where)
 
-    def sync(self) -> bool:
-        """Rebuild if anything changed since the last build; True if it rebuilt."""
+    def _quick(self):
+        """O(1) staleness: the adapter-set version and where the first wrapper's base weight lives."""
+        st = _require_state(self.model)
+        ws = self.wrappers()
+        w = ws[0].base_layer.weight if ws else None
+        return st.version, None if w is None else (str(w.device), w.dtype)
+
+    def sync(self, weights: bool = True) -> bool:
+        """Rebuild if anything changed since the last build; True if it rebuilt.
+
+        ``weights=False`` (the serving engine's per-step check): only the adapter-set version
+        counter and the model's device/dtype are compared, O(1) whatever the number of adapters;
+        in-place edits of loaded adapter weights are then picked up by the next full ``sync()``
+        (a new ``route``), not mid-stream."""
+        if not weights and self._fingerprint is not None and self.__dict__.get("_quick_fp") == self._quick():
+            return False
         fp = self.fingerprint()
         if fp == self._fingerprint:
+            self._quick_fp = self._quick()
             return False
         self.rebuild()
         self._fingerprint = fp
+        self._quick_fp = self._quick()
         return True
 
     # -- building ----------------------------------------------------------------------------

@@ -226,7 +226,9 @@ def test_triton_backend_gives_the_same_tokens(zoo):
     assert got == want
 
 
-def test_eager_attention_takes_the_additive_mask(zoo):
+def test_eager_configured_model_gives_the_same_tokens(zoo):
+    # the engine's forward runs its own paged attention whatever the model was configured with, and
+    # restores the configured implementation afterwards
     from fastadapters.serving.engine import Engine
     from .helpers import tiny_llama
 
@@ -240,3 +242,4 @@ def test_eager_attention_takes_the_additive_mask(zoo):
         eager.load_adapter(name, path, confined=False)
     want = [r.output_ids for r in sdpa.generate(ps, GREEDY, names)]
     assert [r.output_ids for r in eager.generate(ps, GREEDY, names)] == want
+    assert model.config._attn_implementation == "eager" and sdpa.model.config._attn_implementation == "sdpa"

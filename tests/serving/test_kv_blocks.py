@@ -42,3 +42,26 @@ def test_allocation_limits_and_frees():
         pool.free(held[:1])
     with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
         BlockPool(1, 1, 2, block_size=0, num_blocks=3)
+
+
+def test_runs_growth_in_place_and_refcounted_cached_blocks():
+    pool = BlockPool(1, 1, 2, block_size=2, num_blocks=8)
+    run = pool.allocate_run(3)
+    assert run == [0, 1, 2]
+    assert pool.allocate(2, after=2) == [3, 4]  # the next blocks, when free: the run grows
+    other = pool.allocate(1, after=0)  # 1 is taken: the lowest free id instead
+    assert other == [5] and pool.allocate_run(3) is None and pool.allocate_run(2) == [6, 7]
+    held = [0, 1, 2, 3, 4]
+    pool.register(0, "k0")
+    pool.share(0)  # a second request reads block 0
+    pool.free(held)
+    assert pool.lookup("k0") == 0 and pool.used_blocks == 4  # still referenced once
+    pool.free([0])
+    assert pool.used_blocks == 3 and pool.free_blocks == 5 and pool.cached_blocks == 1  # cached, counted free
+    pool.share(0)  # a hit brings it back
+    assert pool.used_blocks == 4 and pool.free_blocks == 4
+    pool.free([0])
+    got = pool.allocate(5)  # needs the cached block too: evicted, its name forgotten
+    assert 0 in got and pool.lookup("k0") is None and pool.free_blocks == 0
+    with pytest.raises(OutOfBlocks):
+        pool.allocate(1)

@@ -78,11 +78,18 @@ def test_reused_router_routes_the_same_and_follows_adapter_changes():
             want = layer(x)
         with fa.route(model, names, lengths=lengths, reuse=first) as again:
             assert again is first and torch.equal(layer(x), want)
-        with fa.route(model, ["houlsby", None, "houlsby"], lengths=lengths, reuse=first) as other:
-            assert other is not first  # other names: a new router
-        with torch.no_grad():  # the adapter's weights change in place: the store resyncs, output follows
+        other_names, other_lengths = ["houlsby", None, "lora_r4"], [2, 1, 1]
+        with fa.route(model, other_names, lengths=other_lengths) as fresh:
+            want_other = layer(x)
+        with fa.route(model, other_names, lengths=other_lengths, reuse=first) as other:
+            # other names and lengths (a request joined / left): the same router, repacked in place
+            assert other is first and torch.equal(layer(x), want_other)
+        assert fresh is not first
+        with torch.no_grad():  # the adapter's weights change in place: a new route's full sync follows
             for p in layer.lora_B["lora_r4"].parameters():
                 p.mul_(2)
-        with fa.route(model, names, lengths=lengths, reuse=first) as again:
+        with fa.route(model, names, lengths=lengths):
             changed = layer(x)
+        with fa.route(model, names, lengths=lengths, reuse=first) as again:  # and the reused one, after it
+            assert again is first and torch.equal(layer(x), changed)
         assert not torch.equal(changed[:, :1], want[:, :1]) and torch.equal(changed[:, 1:], want[:, 1:])

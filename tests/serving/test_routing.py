@@ -408,3 +408,22 @@ def test_compiled_routed_model_follows_every_mix_without_recompiling(backend):
             torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=1e-4, rtol=0,
                                        msg=f"{names}: row {i} ({n})")
     torch._dynamo.reset()
+
+
+def test_readme_routing_example_warns_nothing_from_the_store():
+    """Issue 20: the README's example (a trainable learned-scale parallel adapter active) raised
+    torch's "requires_grad ... to a scalar" UserWarning from the store's rebuild."""
+    import warnings
+
+    model = tiny_llama()
+    fa.patch(model, adapter="lora", r=4, alpha=8)
+    fa.patch(model, adapter="series", variant="houlsby", bottleneck_size=6, name="houlsby")
+    fa.patch(model, adapter="parallel", bottleneck_size=6, scaling="learned", name="par")
+    fa.patch(model, adapter="prefix", num_virtual_tokens=3, name="prefix")
+    fa.set_adapter(model, "par")
+    model.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fa.route(model, ["default", None, "par", "houlsby"]):
+            model(torch.randint(3, 60, (4, 5)))
+    assert [str(w.message) for w in caught] == []

@@ -1,0 +1,106 @@
+"""One request's numbers never reach another's (issue 19 item 6, issue 17's engine half).
+
+- an adapter whose weights turn NaN after loading (bypassing any load-time check) ends its own
+  request with finish_reason "error" and a message; the base, LoRA, series and prefix requests
+  batched beside it keep exactly their greedy tokens alone; nothing leaks and the engine steps on;
+- a temperature below 1e-5 is greedy (``1e-300`` used to raise inside the step and hang);
+- NaN logits at a temperature > 0 end that request alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastadapters.patching import _wrappers
+from fastadapters.serving.sampling import SamplingParams
+from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+
+
+def _poison(engine, name: str) -> None:
+    internal = engine.registry.entries[name].internal
+    with torch.no_grad():
+        for _, w in _wrappers(engine.model):
+            for container in (w.lora_B, w.adapter_up):
+                if internal in container:
+                    container[internal].weight.fill_(float("nan"))
+
+
+def test_nan_adapter_ends_its_request_alone_and_others_keep_their_tokens(zoo):
+    engine = tiny_engine(zoo, max_num_seqs=8, block_size=4, chunk_size=4, token_budget=16)
+    engine.load_adapter("bad", zoo["lora_r4"], confined=False)
+    names = [None, "lora_r64", "bad", "houlsby", "prefix", "parallel", "bad"]
+    ps = prompts([5, 9, 7, 3, 11, 6, 2], seed=21)
+    want = {i: greedy_ref(engine, n, p, GREEDY.max_tokens) for i, (n, p) in enumerate(zip(names, ps)) if n != "bad"}
+    _poison(engine, "bad")
+    outs = {}
+    reqs = [engine.submit(p, GREEDY, adapter=n, on_output=lambda o: outs.setdefault(o.request_id, []).append(o))
+            for p, n in zip(ps, names)]
+    engine.run_until_done()
+    for i, (name, req) in enumerate(zip(names, reqs)):
+        if name == "bad":
+            assert req.finish_reason == "error"
+            last = outs[req.request_id][-1]
+            assert last.finished and last.finish_reason == "error" and "non-finite" in last.error
+        else:
+            assert req.finish_reason == "length" and req.output_ids == want[i], name
+    assert engine.stats["request_errors"] == 2
+    assert_no_leaks(engine)
+    # the engine keeps serving afterwards
+    again = engine.generate([ps[0]], GREEDY)[0]
+    assert again.output_ids == want[0]
+
+
+def test_tiny_temperature_is_greedy_and_finishes(zoo):
+    engine = tiny_engine(max_num_seqs=2)
+    p = prompts([6], seed=3)[0]
+    req = engine.generate([p], SamplingParams(max_tokens=4, temperature=1e-300))[0]
+    assert req.finish_reason == "length" and req.output_ids == greedy_ref(engine, None, p, 4)
+    assert req.generator is None
+    assert_no_leaks(engine)
+
+
+def test_nan_logits_at_temperature_end_that_row_only():
+    from fastadapters.serving.sampling import sample_rows
+
+    logits = torch.randn(3, 11)
+    logits[1, 4] = float("nan")
+    ps = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0.8, seed=2), SamplingParams(temperature=0)]
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), None]
+    tokens, errors = sample_rows(logits, ps, gens)
+    assert errors[0] is None and errors[2] is None and "non-finite" in errors[1]
+    assert tokens[2] == int(logits[2].argmax())
+    assert 0 <= tokens[0] < 11
+
+
+def test_a_failure_after_sampling_ends_only_that_request(zoo):
+    """A request whose post-processing raises (here its tokenizer) ends with an error; the others finish."""
+    from .char_tokenizer import char_tokenizer
+
+    bad_token = []
+
+    class Fragile:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def decode(self, ids, **kw):
+            if bad_token and bad_token[0] in ids:
+                raise ValueError(f"cannot decode token {bad_token[0]}")
+            return self.tok.decode(ids, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    engine = tiny_engine(tokenizer=Fragile(char_tokenizer()), max_num_seqs=4)
+    ps = prompts([5, 6, 7], seed=40)
+    sp = SamplingParams(max_tokens=12, temperature=0)
+    want = [greedy_ref(engine, None, p, 12) for p in ps]
+    only_first = [t for t in want[0] if t not in want[1] and t not in want[2]]
+    assert only_first, "pick prompts whose outputs differ"
+    bad_token.append(only_first[0])
+    reqs = [engine.submit(p, sp) for p in ps]
+    engine.run_until_done()
+    assert reqs[0].finish_reason == "error" and reqs[0].output_ids[-1] == bad_token[0]
+    assert [r.output_ids for r in reqs[1:]] == want[1:] and all(r.finish_reason == "length" for r in reqs[1:])
+    assert_no_leaks(engine)

@@ -1,0 +1,128 @@
+"""The engine's attention reads each request's own blocks (issue 19, item 1), counted, not timed.
+
+- score elements computed by attention equal those needed (sum over requests of heads x new
+  tokens x own context), whatever else is batched (the packed path computed B times more);
+- no transformers ``DynamicCache`` and no ``repeat_kv`` in an engine step: new keys/values go
+  straight into the block pool;
+- nothing is copied out of the pool for a request whose blocks are one run; a fragmented request
+  copies exactly its own blocks; the greedy tokens are the same either way;
+- a transformers release that stops calling the engine's cache or attention function fails
+  loudly, naming the version.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastadapters.serving.sampling import SamplingParams
+from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0)
+HEADS, LAYERS = 4, 2  # helpers.tiny_llama
+
+
+@pytest.fixture
+def sdpa_scores(monkeypatch):
+    """Score elements (heads x queries x keys) of every SDPA call, however it is reached."""
+    counted = []
+    real = F.scaled_dot_product_attention
+
+    def counting(q, k, v, *a, **kw):
+        counted.append(q.shape[1] * q.shape[-2] * k.shape[-2])
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return counted
+
+
+def test_attention_computes_only_the_scores_each_request_needs(sdpa_scores):
+    # prefill chunks of 8 after a past, decode rows beside them, a prompt of one token
+    engine = tiny_engine(max_num_seqs=8, block_size=4, chunk_size=8, token_budget=16)
+    ps = prompts([3, 17, 9, 30, 1, 12], seed=4)
+    for p in ps:
+        engine.submit(p, GREEDY)
+    steps = 0
+    while True:
+        sdpa_scores.clear()
+        if not engine.step():
+            break
+        steps += 1
+        tables = engine.last_tables
+        needed = LAYERS * HEADS * sum(s.n * s.kv_len for s in tables.segments)
+        # every segment's context is its own request's positions only
+        for s in tables.segments:
+            assert s.kv_len <= max(len(p) for p in ps) + GREEDY.max_tokens
+        assert sum(sdpa_scores) == needed == tables.score_elements
+    assert steps > GREEDY.max_tokens + 3
+    assert_no_leaks(engine)
+
+
+def test_decode_step_scores_do_not_grow_with_other_requests_context(sdpa_scores):
+    """A decode step of 4 requests: scores = heads x layers x sum(own contexts), not x 4 (packed)."""
+    engine = tiny_engine(max_num_seqs=4, block_size=4, token_budget=256, chunk_size=64)
+    ps = prompts([20, 40, 7, 33], seed=2)
+    for p in ps:
+        engine.submit(p, SamplingParams(max_tokens=3, temperature=0))
+    engine.step()  # all four prefills in one step
+    sdpa_scores.clear()
+    engine.step()  # all four decode
+    contexts = [len(p) + 1 for p in ps]
+    assert sum(sdpa_scores) == LAYERS * HEADS * sum(contexts)
+    engine.run_until_done()
+
+
+def test_no_dynamic_cache_or_repeat_kv_in_a_step(monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+    from transformers.cache_utils import DynamicCache
+
+    calls = []
+    monkeypatch.setattr(DynamicCache, "update", lambda *a, **k: calls.append("DynamicCache.update"))
+    monkeypatch.setattr(llama, "repeat_kv", lambda *a, **k: calls.append("repeat_kv"))
+    engine = tiny_engine(max_num_seqs=4, block_size=4)
+    reqs = engine.generate(prompts([5, 9, 2], seed=1), GREEDY)
+    assert calls == [] and all(len(r.output_ids) == GREEDY.max_tokens for r in reqs)
+
+
+def test_fragmented_blocks_are_gathered_per_request_and_give_the_same_tokens():
+    ps = prompts([6, 11, 3, 14], seed=8)
+    sp = SamplingParams(max_tokens=9, temperature=0)
+    # a fragmented pool (every other block held elsewhere): no run of two blocks is free
+    frag = tiny_engine(max_num_seqs=4, block_size=2, num_blocks=128, max_model_len=64)
+    held = frag.pool.allocate(128)
+    frag.pool.free(held[1::2])
+    held = held[::2]
+    reqs = [frag.submit(p, sp) for p in ps]
+    gathered = []
+    while frag.step():
+        t = frag.last_tables
+        # bytes copied out of the pool: exactly the fragmented requests' own blocks (keys + values)
+        own = sum(-(-s.kv_len // 2) for s in t.segments if s.first < 0)
+        assert t.gathered_bytes == LAYERS * 2 * own * 2 * 2 * 8 * 4  # blocks x (K,V) x bs x kvh x d x fp32
+        gathered.append(own)
+    assert any(gathered), "the test meant to exercise fragmented requests"
+    for p, r in zip(ps, reqs):
+        assert r.output_ids == greedy_ref(frag, None, p, sp.max_tokens)
+    frag.pool.free(held)
+    # a roomy pool: each request gets one run up front and nothing is ever copied out of the pool
+    roomy = tiny_engine(max_num_seqs=4, block_size=2)
+    reqs2 = [roomy.submit(p, sp) for p in ps]
+    while roomy.step():
+        assert roomy.last_tables.gathered_bytes == 0
+        assert all(s.first >= 0 for s in roomy.last_tables.segments)
+    assert [r.output_ids for r in reqs2] == [r.output_ids for r in reqs]
+    assert_no_leaks(frag)
+    assert_no_leaks(roomy)
+
+
+def test_a_transformers_that_skips_the_cache_fails_loudly():
+    import transformers
+
+    engine = tiny_engine(max_num_seqs=2)
+    attn = engine.model.model.layers[0].self_attn
+    real = attn.forward
+    attn.forward = lambda *a, **k: real(*a, **{**k, "cache": None})  # as if a release stopped calling update
+    engine.submit([3, 4, 5], GREEDY)
+    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*1 cache updates"):
+        engine.step()
