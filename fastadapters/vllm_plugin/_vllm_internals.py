@@ -12,7 +12,9 @@ private names are wrapped here, each keeping vLLM's own behaviour for everything
 - ``BaseLinearLayerWithLoRA._apply_lora_to_output`` (vllm.lora.layers.base_linear): when any slot holds
   a non-identity activation, the branch runs as shrink (``punica_wrapper.add_shrink``, fp32 buffer) ->
   per-token activation of the token's slot -> expand (``add_expand``); else vLLM's own code runs.
-  On a row-parallel layer under tensor parallelism each rank holds a slice of x, so the shrink output
+  Rows of tokens with no adapter are zeroed before the expand (vLLM's CPU ops read slot -1 as the
+  last slot, so without this a base request batched beside a full set of adapters gets the last
+  one). On a row-parallel layer under tensor parallelism each rank holds a slice of x, so the shrink output
   is a partial sum: it is all-reduced before the activation and expanded on rank 0 only (the layer's
   output all-reduce then adds it once).
 
@@ -172,8 +174,12 @@ def install() -> None:
             from vllm.distributed import tensor_model_parallel_all_reduce
 
             buffers = tuple(tensor_model_parallel_all_reduce(b) for b in buffers)
-        codes = codes_by_slot[pw.token_lora_indices[: x.size(0)].long() + 1]
-        buffers = tuple(_acts(b, codes) for b in buffers)
+        slots = pw.token_lora_indices[: x.size(0)].long()
+        codes = codes_by_slot[slots + 1]
+        # a token with no adapter has slot -1, which vLLM's torch shrink/expand (the CPU path) index as
+        # the LAST slot: zero those rows, so base requests batched beside adapters stay base
+        keep = (slots >= 0).unsqueeze(1)
+        buffers = tuple(torch.where(keep, _acts(b, codes), 0.0) for b in buffers)
         if not reduce or self.tp_rank == 0:
             pw.add_expand(output, buffers, self.lora_b_stacked, self.output_slices, add_inputs=True)
         if original_shape is not None:
