@@ -17,7 +17,7 @@ from fastadapters.config import ACTIVATIONS
 from fastadapters.ops.bottleneck import ACT_FNS
 from fastadapters.vllm_plugin import TESTED_VLLM, _vllm_internals
 from fastadapters.vllm_plugin.files import ACTIVATIONS as PLUGIN_ACTIVATIONS
-from fastadapters.vllm_plugin.files import AdapterRefused, read_fastadapters
+from fastadapters.vllm_plugin.files import AdapterRefused, placements, read_fastadapters
 
 
 def _randomize(model, name):
@@ -82,17 +82,32 @@ def test_peft_files_are_left_to_vllm(make_tiny, tmp_path):
     assert read_fastadapters(str(tmp_path / "l")) is None
 
 
-@pytest.mark.parametrize("kind,kw,word", [("series", dict(variant="houlsby", bottleneck_size=4), "series"),
-                                          ("prefix", dict(num_virtual_tokens=2), "prefix")])
-def test_series_and_prefix_are_refused_with_the_reason(make_tiny, tmp_path, kind, kw, word):
+def test_prefix_is_refused_with_the_reason(make_tiny, tmp_path):
     model = make_tiny("llama")
-    fa.patch(model, kind, name="a", **kw)
+    fa.patch(model, "prefix", name="a", num_virtual_tokens=2)
     fa.save_adapter(model, tmp_path / "a", name="a")
     before = sorted(os.listdir(tmp_path / "a"))
-    with pytest.raises(AdapterRefused, match=word) as e:
+    with pytest.raises(AdapterRefused, match="prefix") as e:
         read_fastadapters(str(tmp_path / "a"))
     assert "fastadapters serve" in str(e.value)
     assert sorted(os.listdir(tmp_path / "a")) == before
+
+
+@pytest.mark.parametrize("variant,want", [("pfeiffer", {"down_proj": "output"}),
+                                          ("houlsby", {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"})])
+def test_series_adapters_carry_their_placements(make_tiny, tmp_path, variant, want):
+    model = make_tiny("llama")
+    fa.patch(model, "series", name="s", variant=variant, bottleneck_size=3, non_linearity="relu", scaling=0.5)
+    _randomize(model, "s")
+    fa.save_adapter(model, tmp_path / "s", name="s")
+    peft, tensors, act = read_fastadapters(str(tmp_path / "s"))
+    assert act == "relu" and peft["r"] == 3
+    got = placements(str(tmp_path / "s"))
+    assert {k.rsplit(".", 1)[-1]: v for k, v in got.items()} == want
+    assert len(got) == 2 * len(want)  # both layers of the tiny llama
+    for path in got:
+        up = model.get_submodule(path).adapter_up["s"].weight.detach()
+        torch.testing.assert_close(tensors[f"base_model.model.{path}.lora_B.weight"], up * 0.5, rtol=0, atol=0)
 
 
 def test_every_activation_we_train_is_one_the_plugin_serves():

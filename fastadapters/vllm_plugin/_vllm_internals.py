@@ -27,22 +27,46 @@ import functools
 import torch
 
 from . import TESTED_VLLM
-from .files import is_fastadapters, read_fastadapters
+from .files import AdapterRefused, is_fastadapters, placements, read_fastadapters
 
 ACT_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4, "sigmoid": 5}
-_ACT_BY_LORA_ID: dict[int, int] = {}  # lora_int_id -> activation code (this process)
+OUTPUT = 8  # added to a slot's code where the branch reads the layer's output (series, output placement)
+_ACT_BY_LORA_ID: dict[int, tuple[int, dict[str, str]]] = {}  # lora id -> (activation code, {module: placement})
 _INSTALLED = False
 
 
 def _acts(buf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """buf (T, r) fp32, codes (T,) int: each row through its own activation (0: unchanged).
     Written with torch.where over the fixed set so that it traces into one graph."""
-    c = codes.unsqueeze(1)
+    c = (codes % OUTPUT).unsqueeze(1)
     out = torch.where(c == 1, torch.tanh(buf), buf)
     out = torch.where(c == 2, torch.relu(buf), out)
     out = torch.where(c == 3, torch.nn.functional.gelu(buf), out)
     out = torch.where(c == 4, torch.nn.functional.silu(buf), out)
     return torch.where(c == 5, torch.sigmoid(buf), out)
+
+
+@torch.no_grad()
+def _fold_input_placement(module, slot: int, subs: list[str], places: dict[str, str]) -> None:
+    """Houlsby's input placement, y = W(x + s·U·act(D·x)) + b, is W·x + b + (W·s·U)·act(D·x): a parallel
+    branch whose up-projection is W·(s·U). vLLM copied s·U (d_in, b) into the top rows of the slot's B
+    (d_out, r); replace it by W_slice·(s·U), per output slice of a merged layer, in fp64 then the slot's dtype."""
+    weight = getattr(module.base_layer, "weight", None)
+    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise AdapterRefused(f"a series adapter's input placement on {subs} needs an unquantised base weight")
+    d_in = weight.shape[1]
+    offset = 0
+    for i, size in enumerate(module.output_slices):
+        w = weight[offset:offset + size].double()
+        offset += size
+        b_slot = module.lora_b_stacked[i][slot, 0]
+        if places.get(subs[i] if i < len(subs) else subs[0]) != "mh":
+            continue
+        if b_slot.shape[0] < d_in:
+            raise AdapterRefused(f"a series adapter's input placement on {subs[i]} needs the layer's output "
+                                 f"({b_slot.shape[0]}) at least as wide as its input ({d_in})")
+        su = b_slot[:d_in].double().clone()
+        b_slot.copy_((w @ su).to(b_slot.dtype))
 
 
 def _check_version():
@@ -110,7 +134,16 @@ def install() -> None:
         model = cls.from_lora_tensors(lora_model_id, tensors, peft_helper, device=device, dtype=dtype,
                                       model_vocab_size=model_vocab_size, weights_mapper=weights_mapper,
                                       skip_prefixes=skip_prefixes)
-        _ACT_BY_LORA_ID[model.id] = ACT_CODES[act]
+        places = placements(lora_dir)
+        if any(p in ("output", "mh") for p in places.values()):
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            if get_tensor_model_parallel_world_size() > 1:
+                raise AdapterRefused(
+                    f"adapter {lora_dir!r} is a series adapter: under tensor parallelism its output placement "
+                    "would need the layer's all-reduced output and its input placement the whole base weight on "
+                    "each rank; serve it with --tensor-parallel-size 1 or `fastadapters serve`")
+        _ACT_BY_LORA_ID[model.id] = (ACT_CODES[act], places)
         return model
 
     orig_activate = LoRAModelManager.activate_adapter
@@ -120,11 +153,27 @@ def install() -> None:
         result = orig_activate(self, lora_id)
         if lora_id in self.lora_index_to_id:
             slot = self.lora_index_to_id.index(lora_id)
-            code = _ACT_BY_LORA_ID.get(lora_id, 0)
-            for module in self.modules.values():
+            code, places = _ACT_BY_LORA_ID.get(lora_id, (0, {}))
+            packed = getattr(self, "packed_modules_mapping", {}) or {}
+            for name, module in self.modules.items():
                 codes = getattr(module, "_fa_act_codes", None)
-                if codes is not None:
-                    codes[slot + 1] = code  # entry 0: tokens with no adapter (index -1)
+                if codes is None:
+                    continue
+                prefix, _, last = name.rpartition(".")
+                subs = [f"{prefix}.{m}" if prefix else m for m in packed.get(last, [last])]
+                kinds = {places.get(m) for m in subs} - {None}
+                if "output" in kinds:
+                    if kinds != {"output"} or not module._fa_output_ok:
+                        raise AdapterRefused(
+                            f"LoRA id {lora_id}: the series adapter's output placement on {name} needs a row-parallel "
+                            "layer whose input is at least as wide as its output (the MLP down projection)")
+                    codes[slot + 1] = code + OUTPUT
+                    continue
+                if "mh" in kinds:
+                    if kinds != {"mh"}:
+                        raise AdapterRefused(f"LoRA id {lora_id}: {name} mixes input-placement and other branches")
+                    _fold_input_placement(module, slot, subs, places)
+                codes[slot + 1] = code
         return result
 
     def wrap_create(orig):
@@ -138,6 +187,10 @@ def install() -> None:
             if getattr(self, "_fa_act_codes", None) is None:
                 self._fa_act_codes = torch.zeros(max_loras + 1, dtype=torch.int32, device=self.device)
                 self._fa_row_parallel = isinstance(self, RowParallelLinearWithLoRA)
+                # a series adapter in the output placement reads the layer's output h through the slot's A,
+                # h zero-padded to A's width: possible where that width (the input) is at least h's
+                self._fa_output_ok = (self._fa_row_parallel and self.tp_size == 1
+                                      and self.input_size >= self.output_size)
         return create_lora_weights
 
     import vllm.lora.layers  # noqa: F401  (defines every linear LoRA layer class)
@@ -166,6 +219,11 @@ def install() -> None:
             output, x = output.flatten(0, 1), x.flatten(0, 1)
         pw = self.punica_wrapper
         r = self.lora_b_stacked[0].size(-1)
+        slots = pw.token_lora_indices[: x.size(0)].long()
+        codes = codes_by_slot[slots + 1]
+        if self._fa_output_ok:  # tokens of output-placement slots shrink the output h instead of x
+            h = torch.nn.functional.pad(output, (0, x.size(1) - output.size(1))).to(x.dtype)
+            x = torch.where((codes >= OUTPUT).unsqueeze(1), h, x)
         buffers = tuple(torch.zeros((x.size(0), r), dtype=torch.float32, device=x.device)
                         for _ in self.output_slices)
         pw.add_shrink(buffers, x, self.lora_a_stacked, 1.0)
@@ -174,8 +232,6 @@ def install() -> None:
             from vllm.distributed import tensor_model_parallel_all_reduce
 
             buffers = tuple(tensor_model_parallel_all_reduce(b) for b in buffers)
-        slots = pw.token_lora_indices[: x.size(0)].long()
-        codes = codes_by_slot[slots + 1]
         # a token with no adapter has slot -1, which vLLM's torch shrink/expand (the CPU path) index as
         # the LAST slot: zero those rows, so base requests batched beside adapters stay base
         keep = (slots >= 0).unsqueeze(1)

@@ -4,8 +4,10 @@
 untouched), else ``(peft_config, tensors, activation)``: a PEFT-shaped config (``r`` the bottleneck
 size, ``lora_alpha == r`` so vLLM's own scaling is 1), tensors under PEFT's names
 (``base_model.model.<module>.lora_A.weight`` = D, ``lora_B.weight`` = s·U, folded in fp32), and the
-activation name (``"identity"`` for LoRA). Adapter kinds vLLM cannot compute are refused here with the
-reason, before any tensor reaches vLLM. No vLLM import: the tests run it without vLLM.
+activation name (``"identity"`` for LoRA). Series adapters are read the same way (D as A, s·U as B);
+their placements (``placements(path)``: ``output`` reads the layer's output, ``mh`` feeds the layer's
+input) are applied when vLLM puts the adapter in a slot (``_vllm_internals``). Prefix-tuning is refused
+here with the reason, before any tensor reaches vLLM. No vLLM import: the tests run it without vLLM.
 """
 from __future__ import annotations
 
@@ -46,12 +48,8 @@ def read_fastadapters(path: str):
     if kind == "prefix":
         raise AdapterRefused(f"{where} is prefix-tuning: vLLM has no prompt adapters (removed in V1); "
                              "serve it with `fastadapters serve`")
-    if kind == "series":
-        raise AdapterRefused(f"{where} is a series ({cfg.get('variant')}) adapter: its branch reads the layer's "
-                             "output (or changes its input), which vLLM's LoRA slots do not carry; serve it with "
-                             "`fastadapters serve` (see README 'Serving on vLLM')")
-    if kind not in ("lora", "parallel"):
-        raise AdapterRefused(f"{where}: unknown adapter_type {kind!r}; valid here: lora, parallel")
+    if kind not in ("lora", "parallel", "series"):
+        raise AdapterRefused(f"{where}: unknown adapter_type {kind!r}; valid here: lora, parallel, series")
     if cfg.get("dropout"):
         pass  # dropout is a training-time op: nothing to serve
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
@@ -69,8 +67,8 @@ def read_fastadapters(path: str):
     b = int(cfg["bottleneck_size"])
     scaling = cfg.get("scaling", 1.0)
     for module, placement in modules.items():
-        if placement != "parallel":
-            raise AdapterRefused(f"{where}: module {module} has placement {placement!r}; only parallel is served")
+        if placement not in ("parallel", "output", "mh"):
+            raise AdapterRefused(f"{where}: module {module} has placement {placement!r}; valid: parallel, output, mh")
         down = tensors[f"{module}.adapter_down.weight"]
         up = tensors[f"{module}.adapter_up.weight"]
         s = tensors[f"{module}.adapter_scaling"].double() if scaling == "learned" else float(scaling)
@@ -79,3 +77,9 @@ def read_fastadapters(path: str):
     peft = {"r": b, "lora_alpha": b, "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
             "bias": "none"}
     return peft, out, "silu" if act == "swish" else act
+
+
+def placements(path: str) -> dict[str, str]:
+    """{module path: "lora" | "parallel" | "output" | "mh"} of one of our adapters ({} if not ours)."""
+    cfg = _config(path)
+    return dict(cfg.get("modules") or {}) if cfg else {}
