@@ -18,6 +18,16 @@ private names are wrapped here, each keeping vLLM's own behaviour for everything
   is a partial sum: it is all-reduced before the activation and expanded on rank 0 only (the layer's
   output all-reduce then adds it once).
 
+Also read (not wrapped): ``LoRAModel.from_lora_tensors``; the punica wrapper's ``add_shrink``,
+``add_expand`` and ``token_lora_indices``; the layers' ``lora_a_stacked``, ``lora_b_stacked``,
+``output_slices``, ``base_layer.weight``, ``tp_size`` / ``tp_rank``; the manager's ``lora_index_to_id``,
+``modules``, ``packed_modules_mapping``; ``vllm.distributed``'s all-reduce and TP world size.
+
+Series adapters: the output placement (h = W·x + b, y = h + s·U·act(D·h)) shrinks h, zero-padded to
+A's width, in place of x for that slot's tokens (layers whose input is at least as wide as the output,
+at TP 1: the MLP down projection); the input placement (y = W·(x + s·U·act(D·x)) + b) is folded when
+the adapter is activated into the slot's B as W·(s·U), making it a parallel branch.
+
 ``install()`` refuses, naming the version, a vLLM outside ``TESTED_VLLM`` or one whose names moved.
 """
 from __future__ import annotations
@@ -50,23 +60,22 @@ def _acts(buf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 def _fold_input_placement(module, slot: int, subs: list[str], places: dict[str, str]) -> None:
     """Houlsby's input placement, y = W(x + s·U·act(D·x)) + b, is W·x + b + (W·s·U)·act(D·x): a parallel
     branch whose up-projection is W·(s·U). vLLM copied s·U (d_in, b) into the top rows of the slot's B
-    (d_out, r); replace it by W_slice·(s·U), per output slice of a merged layer, in fp64 then the slot's dtype."""
-    weight = getattr(module.base_layer, "weight", None)
-    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise AdapterRefused(f"a series adapter's input placement on {subs} needs an unquantised base weight")
-    d_in = weight.shape[1]
+    (d_out, r); replace it by W_slice·(s·U), per output slice of a merged layer. vLLM's CPU backend
+    repacks W and drops the plain weight, so the product is computed by the layer's own GEMM
+    (``quant_method.apply`` on the rows of (s·U)ᵀ, no bias)."""
+    d_in = module.input_size
     offset = 0
     for i, size in enumerate(module.output_slices):
-        w = weight[offset:offset + size].double()
-        offset += size
-        b_slot = module.lora_b_stacked[i][slot, 0]
+        lo, offset = offset, offset + size
         if places.get(subs[i] if i < len(subs) else subs[0]) != "mh":
             continue
+        b_slot = module.lora_b_stacked[i][slot, 0]
         if b_slot.shape[0] < d_in:
             raise AdapterRefused(f"a series adapter's input placement on {subs[i]} needs the layer's output "
                                  f"({b_slot.shape[0]}) at least as wide as its input ({d_in})")
-        su = b_slot[:d_in].double().clone()
-        b_slot.copy_((w @ su).to(b_slot.dtype))
+        su_t = b_slot[:d_in].t().contiguous()  # (r, d_in): row j is column j of s·U
+        wsu_t = module._get_quant_method().apply(module.base_layer, su_t.to(module.base_layer.params_dtype), None)
+        b_slot.copy_(wsu_t[:, lo:lo + size].t().to(b_slot.dtype))
 
 
 def _check_version():

@@ -11,6 +11,20 @@ import tempfile
 import time
 
 
+def _log_excerpt(log) -> str:
+    """The lines that name an error (first of each), then the log's tail: enough to see why vLLM failed."""
+    log.seek(0)
+    text = log.read()
+    seen, errors = set(), []
+    for line in text.splitlines():
+        tail = line.split("] ", 1)[-1]
+        if ("Error" in tail or "error" in tail) and tail not in seen:
+            seen.add(tail)
+            errors.append(line)
+    return (f"(whole log kept at {log.name})\n" + "\n".join(errors[:40]) + "\n--- log tail ---\n"
+            + text[-3000:])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,21 +47,21 @@ def vllm_server(model: str, args: list[str], *, timeout: float = 600, env: dict 
     full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is much more than these tests need
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    failed = True
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"vLLM exited with {proc.returncode} before serving:\n{log.read()[-6000:]}")
+                raise RuntimeError(f"vLLM exited with {proc.returncode} before serving:\n{_log_excerpt(log)}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"vLLM did not serve within {timeout:.0f} s:\n{log.read()[-6000:]}")
+                raise RuntimeError(f"vLLM did not serve within {timeout:.0f} s:\n{_log_excerpt(log)}")
             time.sleep(1)
+        failed = False
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -59,7 +73,8 @@ def vllm_server(model: str, args: list[str], *, timeout: float = 600, env: dict 
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
-        os.unlink(log.name)
+        if not failed:
+            os.unlink(log.name)
 
 
 def vllm_greedy(url: str, model: str, prompt_ids: list[int], max_tokens: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Item 1 of issue 18: the plugin serves parallel adapters in the same batch as LoRA adapters.
+"""Items 1 and 3 of issue 18: the plugin serves parallel adapters in the same batch as LoRA adapters.
 
 On SmolLM2-135M-Instruct: two parallel adapters in our own file format, as ``fa.save_adapter`` writes
 them (tanh on q/k/v with scaling 2.0; gelu on q/v/o/gate/up/down with a learned scaling, so the
@@ -42,6 +42,18 @@ def _randomize(model, name, seed, std):
 
 
 def test_parallel_and_lora_mixed_batch_same_greedy_tokens(smollm2, tmp_path):
+    run_mixed(smollm2, tmp_path, [], {})
+
+
+def test_tensor_parallel_2_same_greedy_tokens(smollm2, tmp_path):
+    """Item 3: the same requests with --tensor-parallel-size 2 (one CPU process per rank, a core each).
+    par_gelu sits on o_proj and down_proj, row-parallel under TP: each rank's shrink output is a partial
+    sum that the plugin all-reduces before the activation (gelu of a partial sum would be wrong)."""
+    run_mixed(smollm2, tmp_path, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+              {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+
+
+def run_mixed(smollm2, tmp_path, extra_args: list[str], env: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
@@ -72,8 +84,8 @@ def test_parallel_and_lora_mixed_batch_same_greedy_tokens(smollm2, tmp_path):
     mods = [f"{n}={paths[n]}" for n in ("par_tanh", "par_gelu", "lora")]
     with vllm_server(smollm2, ["--dtype", "float32", "--enable-lora", "--lora-modules", *mods,
                                "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "256",
-                               "--max-num-seqs", "16"],
-                     env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as url:
+                               "--max-num-seqs", "16", *extra_args],
+                     env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **env}) as url:
         r = httpx.post(f"{url}/v1/load_lora_adapter", timeout=300,
                        json={"lora_name": "par_tanh_rt", "lora_path": paths["par_tanh"]})
         assert r.status_code == 200, r.text
