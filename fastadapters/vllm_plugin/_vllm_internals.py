@@ -160,7 +160,9 @@ def install() -> None:
     @functools.wraps(orig_activate)
     def activate_adapter(self, lora_id):
         result = orig_activate(self, lora_id)
-        if lora_id in self.lora_index_to_id:
+        # False: already in its slot (vLLM calls this for every active adapter each step); the slot's
+        # weights and codes are as the first activation left them, and folding again would be wrong
+        if result and lora_id in self.lora_index_to_id:
             slot = self.lora_index_to_id.index(lora_id)
             code, places = _ACT_BY_LORA_ID.get(lora_id, (0, {}))
             packed = getattr(self, "packed_modules_mapping", {}) or {}

@@ -7,7 +7,7 @@ an output-placement branch and a plain one on the same layer) and base requests,
 Each request's greedy tokens must equal ``fastadapters serve``'s engine. Tolerance as in
 test_plugin_parallel: exact tokens in fp32 (Houlsby's input placement is computed as (W·s·U)·act(D·x)
 instead of W·(s·U·act(D·x)): the same product in another order, ~1e-6 relative).
-A prefix adapter loaded at run time is refused with the reason and the server keeps serving.
+A prefix adapter loaded at run time is refused with the reason (vLLM's 500) and the server keeps serving.
 """
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def test_series_adapters_mixed_batch_same_greedy_tokens(smollm2, tmp_path):
                      env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as url:
         r = httpx.post(f"{url}/v1/load_lora_adapter", timeout=300,
                        json={"lora_name": "prefix", "lora_path": paths["prefix"]})
-        assert 400 <= r.status_code < 500, (r.status_code, r.text)
-        assert "prefix" in r.text and "fastadapters serve" in r.text, r.text
+        # vLLM answers a load that fails in its worker with 500 and a shortened message (its own choice,
+        # the same for its own PEFT checks); the reason must be in it and the server must go on serving
+        assert r.status_code in (400, 500) and "is prefix-tu" in r.text, (r.status_code, r.text)
         with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
             theirs = list(pool.map(lambda c: vllm_greedy(url, c[1] or "smollm2", c[0], N_NEW), cases))
     bad = [(a, i, o, t) for i, ((p, a), o, t) in enumerate(zip(cases, ours, theirs)) if o != t]
