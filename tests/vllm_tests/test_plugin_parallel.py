@@ -48,9 +48,28 @@ def test_parallel_and_lora_mixed_batch_same_greedy_tokens(smollm2, tmp_path):
 def test_tensor_parallel_2_same_greedy_tokens(smollm2, tmp_path):
     """Item 3: the same requests with --tensor-parallel-size 2 (one CPU process per rank, a core each).
     par_gelu sits on o_proj and down_proj, row-parallel under TP: each rank's shrink output is a partial
-    sum that the plugin all-reduces before the activation (gelu of a partial sum would be wrong)."""
-    run_mixed(smollm2, tmp_path, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+    sum that the plugin all-reduces before the activation (gelu of a partial sum would be wrong).
+    SmolLM2-135M has 9 attention heads and 3 KV heads, which vLLM cannot split over 2 ranks, so this
+    runs a Llama of the same tokenizer and vocabulary with 4 heads / 2 KV heads and random weights."""
+    run_mixed(tp_llama(smollm2, tmp_path / "tp_llama"), tmp_path,
+              ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
               {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+
+
+def tp_llama(smollm2: str, out) -> str:
+    """A 2-layer Llama (hidden 128, 4 heads, 2 KV heads) with SmolLM2's tokenizer, fp32, saved to ``out``.
+    Weights ~N(0, 0.1): logits spread widely enough that greedy steps are not near-ties."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.1, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
 
 
 def run_mixed(smollm2, tmp_path, extra_args: list[str], env: dict) -> None:
