@@ -157,10 +157,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     p.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 8])
-    p.add_argument("--engines", nargs="+", default=["vllm", "fastadapters"], choices=["vllm", "fastadapters"])
+    p.add_argument("--engines", nargs="+", default=["vllm", "fastadapters"], choices=["vllm", "vllm-noplugin", "fastadapters"],
+                   help="vllm-noplugin: vLLM with only its own plugins (VLLM_PLUGINS), to see the plugin's cost")
     p.add_argument("--vllm-python", default=sys.executable)
     p.add_argument("--deadline-s", type=float, default=1500, help="stop (and report what was measured) after this")
     p.add_argument("--request-timeout-s", type=float, default=300)
+    p.add_argument("--note", default="", help="recorded with the results (e.g. what else shared the machine)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vllm_compare.json"))
     args = p.parse_args(argv)
     start = time.monotonic()
@@ -173,7 +175,9 @@ def main(argv=None) -> int:
         port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=threads, VLLM_CPU_KVCACHE_SPACE="2")
         mods = [f"{n}={p}" for n, p in adapters.items()]
-        if engine == "vllm":
+        if engine == "vllm-noplugin":
+            env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        if engine.startswith("vllm"):
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                    "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                    "--max-model-len", "512", "--max-num-seqs", str(max(args.concurrency))]
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
                                                 args.request_timeout_s))
                     cell.update(engine=engine, adapters=a, concurrency=c)
                     results.append(cell)
-                    print(f"{engine:13s} A={a:<2d} conc={c:<3d} {cell['tokens_per_s']:7.1f} tok/s  "
+                    print(f"{engine:14s} A={a:<2d} conc={c:<3d} {cell['tokens_per_s']:7.1f} tok/s  "
                           f"TTFT {cell['ttft_ms_median']:8.1f} ms  TPOT {cell['tpot_ms_median']:7.1f} ms", flush=True)
     print("\nA   conc   vLLM tok/s   fastadapters tok/s   ratio (fa/vLLM)   TTFT ms (vLLM / fa)   TPOT ms (vLLM / fa)")
     by = {(r["engine"], r["adapters"], r["concurrency"]): r for r in results}
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
               "workload": {"model": os.path.basename(model), "requests": args.requests,
                            "max_tokens": args.max_tokens, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"],
                            "omp_threads": threads},
-              "note": "wall-clock on a shared machine; compare ratios within one run", "results": results}
+              "note": args.note or "wall-clock; compare ratios within one run", "results": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     prior = []
     if os.path.exists(args.out):

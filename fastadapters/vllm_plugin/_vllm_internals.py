@@ -131,6 +131,7 @@ def install() -> None:
                               device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
                               skip_prefixes=None, **kwargs):
         if not is_fastadapters(lora_dir):
+            _ACT_BY_LORA_ID.pop(lora_model_id, None)  # a PEFT file: plain LoRA
             return orig_from_ckpt(cls, lora_dir, expected_lora_modules, peft_helper, lora_model_id=lora_model_id,
                                   device=device, dtype=dtype, model_vocab_size=model_vocab_size,
                                   weights_mapper=weights_mapper, skip_prefixes=skip_prefixes, **kwargs)
@@ -157,34 +158,39 @@ def install() -> None:
 
     orig_activate = LoRAModelManager.activate_adapter
 
+    def plan(manager, lora_id):
+        """[(module, subs, kinds)] for every linear LoRA layer, checked before vLLM changes anything."""
+        _, places = _ACT_BY_LORA_ID.get(lora_id, (0, {}))
+        packed = getattr(manager, "packed_modules_mapping", {}) or {}
+        out = []
+        for name, module in manager.modules.items():
+            if getattr(module, "_fa_act_codes", None) is None:
+                continue
+            prefix, _, last = name.rpartition(".")
+            subs = [f"{prefix}.{m}" if prefix else m for m in packed.get(last, [last])]
+            kinds = {places.get(m) for m in subs} - {None}
+            if "output" in kinds and (kinds != {"output"} or not module._fa_output_ok):
+                raise AdapterRefused(
+                    f"LoRA id {lora_id}: the series adapter's output placement on {name} needs a row-parallel layer "
+                    "whose input is at least as wide as its output (the MLP down projection), at tensor-parallel size 1")
+            if "mh" in kinds and kinds != {"mh"}:
+                raise AdapterRefused(f"LoRA id {lora_id}: {name} mixes the input placement with other branches")
+            out.append((module, subs, kinds))
+        return out
+
     @functools.wraps(orig_activate)
     def activate_adapter(self, lora_id):
+        steps = plan(self, lora_id) if lora_id not in self.lora_index_to_id else None
         result = orig_activate(self, lora_id)
         # False: already in its slot (vLLM calls this for every active adapter each step); the slot's
         # weights and codes are as the first activation left them, and folding again would be wrong
-        if result and lora_id in self.lora_index_to_id:
+        if result and steps is not None and lora_id in self.lora_index_to_id:
             slot = self.lora_index_to_id.index(lora_id)
             code, places = _ACT_BY_LORA_ID.get(lora_id, (0, {}))
-            packed = getattr(self, "packed_modules_mapping", {}) or {}
-            for name, module in self.modules.items():
-                codes = getattr(module, "_fa_act_codes", None)
-                if codes is None:
-                    continue
-                prefix, _, last = name.rpartition(".")
-                subs = [f"{prefix}.{m}" if prefix else m for m in packed.get(last, [last])]
-                kinds = {places.get(m) for m in subs} - {None}
-                if "output" in kinds:
-                    if kinds != {"output"} or not module._fa_output_ok:
-                        raise AdapterRefused(
-                            f"LoRA id {lora_id}: the series adapter's output placement on {name} needs a row-parallel "
-                            "layer whose input is at least as wide as its output (the MLP down projection)")
-                    codes[slot + 1] = code + OUTPUT
-                    continue
+            for module, subs, kinds in steps:
                 if "mh" in kinds:
-                    if kinds != {"mh"}:
-                        raise AdapterRefused(f"LoRA id {lora_id}: {name} mixes input-placement and other branches")
                     _fold_input_placement(module, slot, subs, places)
-                codes[slot + 1] = code
+                module._fa_act_codes[slot + 1] = code + (OUTPUT if "output" in kinds else 0)
         return result
 
     def wrap_create(orig):
