@@ -2,8 +2,9 @@
 when vLLM is not installed; the SmolLM2 folder fixture.
 
 The folder is ``tests/vllm_tests``, not ``tests/vllm``: ``tests/`` is on ``sys.path`` while pytest runs
-(rootdir conftest, no ``__init__``), so a folder named ``vllm`` there would be imported as a namespace
-package ``vllm`` wherever the real one is not installed, and the skip below would never fire.
+(rootdir conftest, no ``__init__``), so a folder named ``vllm`` there would stand in for the real
+``vllm`` package (a namespace package where vLLM is absent, so the skip below would never fire; with
+an ``__init__``, shadowing vLLM itself).
 """
 from __future__ import annotations
 

