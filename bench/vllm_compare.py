@@ -204,15 +204,18 @@ def main(argv=None) -> int:
                     results.append(cell)
                     print(f"{engine:14s} A={a:<2d} conc={c:<3d} {cell['tokens_per_s']:7.1f} tok/s  "
                           f"TTFT {cell['ttft_ms_median']:8.1f} ms  TPOT {cell['tpot_ms_median']:7.1f} ms", flush=True)
-    print("\nA   conc   vLLM tok/s   fastadapters tok/s   ratio (fa/vLLM)   TTFT ms (vLLM / fa)   TPOT ms (vLLM / fa)")
-    by = {(r["engine"], r["adapters"], r["concurrency"]): r for r in results}
-    for a in args.adapters:
-        for c in args.concurrency:
-            v, f = by.get(("vllm", a, c)), by.get(("fastadapters", a, c))
-            if v and f:
-                print(f"{a:<3d} {c:<6d} {v['tokens_per_s']:10.1f}   {f['tokens_per_s']:18.1f}   "
-                      f"{f['tokens_per_s'] / v['tokens_per_s']:15.2f}   {v['ttft_ms_median']:8.0f} / "
-                      f"{f['ttft_ms_median']:<8.0f}   {v['tpot_ms_median']:7.0f} / {f['tpot_ms_median']:<7.0f}")
+    if len(args.engines) >= 2:
+        e1, e2 = args.engines[:2]
+        print(f"\nA   conc   {e1} tok/s | {e2} tok/s | ratio ({e2}/{e1}) | TTFT ms ({e1} / {e2}) | "
+              f"TPOT ms ({e1} / {e2})")
+        by = {(r["engine"], r["adapters"], r["concurrency"]): r for r in results}
+        for a in args.adapters:
+            for c in args.concurrency:
+                v, f = by.get((e1, a, c)), by.get((e2, a, c))
+                if v and f:
+                    print(f"{a:<3d} {c:<6d} {v['tokens_per_s']:8.1f} | {f['tokens_per_s']:8.1f} | "
+                          f"{f['tokens_per_s'] / v['tokens_per_s']:5.2f} | {v['ttft_ms_median']:6.0f} / "
+                          f"{f['ttft_ms_median']:<6.0f} | {v['tpot_ms_median']:5.0f} / {f['tpot_ms_median']:<5.0f}")
     import importlib.metadata as md
 
     def ver(d):
