@@ -561,3 +561,15 @@ def test_a_second_sigterm_exits_at_once(monkeypatch, capfd):
         server.handle_exit(signal.SIGTERM, None)
     assert exited.value.args[0] == 128 + signal.SIGTERM
     assert "second SIGTERM: exiting now" in capfd.readouterr().err
+
+
+def test_serve_flags_reach_the_engine_residency_and_prefix_cache(base_dir, no_uvicorn):
+    base = str(base_dir / "base")
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base])
+    engine = started.value.args[0].state.engine
+    assert engine.max_loras is None and engine.scheduler.prefix_caching is True
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base, "--max-loras", "2", "--no-prefix-caching"])
+    engine = started.value.args[0].state.engine
+    assert engine.max_loras == 2 and engine.scheduler.prefix_caching is False
