@@ -2,7 +2,8 @@
 serving section runs at a tiny size, picks issue 13's configuration on CUDA, and `--no-e2e` skips it."""
 import json
 
-from fastadapters import bench, cli
+from fastadapters import cli
+from fastadapters.bench import command as bench, harness
 
 
 def test_bench_micro_writes_json(tmp_path, capsys):
@@ -70,7 +71,7 @@ def test_bench_e2e_section_tiny(tmp_path, capsys, monkeypatch):
 
 def test_bench_e2e_section_configuration(monkeypatch):
     # which configuration each device gets (run_e2e itself is exercised above)
-    from fastadapters.serving import e2e_bench
+    from fastadapters.bench import e2e as e2e_bench
 
     calls = []
     monkeypatch.setattr(e2e_bench, "run_e2e", lambda spec, **kw: calls.append((spec, kw)) or {})
@@ -87,7 +88,7 @@ def test_saved_activation_bytes_counts_storages_once():
     import torch
 
     x = torch.randn(64, 32, requires_grad=True)
-    n = bench.saved_activation_bytes(lambda: (x * x).sum())  # x saved twice, one storage
+    n = harness.saved_activation_bytes(lambda: (x * x).sum())  # x saved twice, one storage
     assert n == x.untyped_storage().nbytes()
 
 

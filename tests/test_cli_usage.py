@@ -26,7 +26,7 @@ from fastadapters.evaluate import main as eval_main
 from fastadapters.train import DESCRIPTION, PEFT_FORMAT_ADAPTERS, adapter_config, _check_args
 from fastadapters.train import build_parser as train_parser
 from fastadapters.train import main as train_main
-from fastadapters.bench import build_parser as bench_parser
+from fastadapters.bench.command import build_parser as bench_parser
 from pipeline_utils import STYLE, make_base_model_dir, make_records, one_line_error, write_json
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")

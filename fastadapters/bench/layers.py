@@ -36,7 +36,7 @@ MIXED_RANKS = (1, 4, 8, 16, 64)
 
 
 def _timer():
-    from ..bench import time_fn  # the shared harness (warm-up, median; do_bench on CUDA)
+    from .harness import time_fn  # the shared harness (warm-up, median; do_bench on CUDA)
 
     return time_fn
 
@@ -186,7 +186,7 @@ def bench_serving_table(device: str | torch.device | None = None, quick: bool = 
     """Measure the serving table (see the module docstring); returns a JSON-able record.
     ``partial_on_interrupt``: a KeyboardInterrupt (a time limit's SIGINT) ends the table early and
     the rows so far come back marked ``truncated`` (bench/serving.py); otherwise it propagates."""
-    from ..bench import environment
+    from .harness import environment
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

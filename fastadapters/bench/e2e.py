@@ -92,7 +92,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _run_engine(engine, prompts, names, max_tokens: int) -> dict:
-    from .sampling import SamplingParams
+    from ..serving.sampling import SamplingParams
 
     stamps: dict[str, list[float]] = {}
     t0 = time.perf_counter()
@@ -148,8 +148,8 @@ def _peft_run(model_spec, count, prompts, picks, max_tokens, batch, device, dtyp
 def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int = 32, max_tokens: int = 16,
             prompt_lens=(8, 64), max_num_seqs: int = 16, device: str | None = None, dtype: str = "float32",
             with_peft: bool = True, parity: int = 8, seed: int = 0, backend: str | None = None) -> dict:
-    from ..bench import environment
-    from .engine import Engine
+    from .harness import environment
+    from ..serving.engine import Engine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)

@@ -28,7 +28,7 @@ where Python and dispatch overhead, not the GEMMs, set the time:
 timed round-robin in the same run (each round times every implementation over a loop of calls;
 the median round; ``fwd_ms`` wall clock, ``fwd_cpu_ms`` process CPU time), with the ratios
 fused/base and peft/fused for both (``*_fwd``, ``*_fwd_cpu``); the markdown shows µs.
-Timing comes from the shared harness (`fastadapters.bench.time_fn`: `triton.testing.do_bench` on
+Timing comes from the shared harness (`fastadapters.bench.harness.time_fn`: `triton.testing.do_bench` on
 CUDA, a wall clock on the CPU). It measures; it never asserts speed.
 """
 from __future__ import annotations
@@ -280,7 +280,7 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
     the torch path."""
     import torch
 
-    from fastadapters import bench as harness
+    from . import harness
 
     device = torch.device(device)
     dt = getattr(torch, dtype)
@@ -462,7 +462,7 @@ def main(argv=None, default_json: str = os.path.join("bench", "results", "kernel
     print()
     print(render_kernel_table(result))
     if args.json:
-        from fastadapters.bench import append_results
+        from .harness import append_results
 
         append_results(args.json, result)
         print(f"appended to {args.json}")
