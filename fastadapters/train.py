@@ -20,7 +20,9 @@ anything is written; errors print one line on stderr and return exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -468,11 +470,9 @@ def unmark_dequantized_gguf(model, gguf_file: str) -> None:
         raise UsageError(f"--gguf-file {gguf_file}: transformers kept its weights quantized ({packed[0]} is "
                          "not a float tensor); fastadapters adapts float layers: load it dequantized (without the `kernels` package) "
                          "or convert it to safetensors first")
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.__dict__.pop("quantization_method", None)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    from .merging import clear_quantization_marker
+
+    clear_quantization_marker(model)
 
 
 def load_error_line(e: Exception) -> str:
@@ -489,6 +489,27 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def gguf_progress(show: bool):
+    """transformers' GGUF loader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors...", ``tqdm.auto`` called directly, so transformers' ``disable_progress_bar`` does not
+    reach it): in a log file its redraws pile up. Without a terminal (``show`` False) the loader's
+    bar is built disabled for the duration of the block; the module attribute is restored after."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as loader
+    except ImportError:  # a transformers without the GGUF loader: nothing to quiet
+        loader = None
+    bar = getattr(loader, "tqdm", None)
+    if show or bar is None:
+        yield
+        return
+    loader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = bar
+
+
 def _load_model_and_tokenizer(args, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -498,7 +519,8 @@ def _load_model_and_tokenizer(args, dtype_name: str):
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.base_model, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
+        with gguf_progress(show_progress(getattr(args, "no_progress", False))):
+            model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
     if args.gguf_file:
