@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: 256 for math and AQuA, 32 for commonsense sets")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set")
     p.add_argument("--math-extraction", choices=MATH_MODES, default="last-number",
-                   help="last-number: the paper's rule (the last number in the response); answer-marker: "
-                        "stricter, the number after the last 'answer is' / '=' (see below)")
+                   help="last-number (the default): the paper's rule, the last number in the response; "
+                        "answer-marker: stricter, the number after the last 'answer is' / '=' (see below)")
     p.add_argument("--aqua-extraction", choices=AQUA_MODES, default="first",
                    help="first: the original rule (first capital A-E); strict: the option the response chooses")
     p.add_argument("--prompt-style", choices=STYLES, default="llm-adapters",

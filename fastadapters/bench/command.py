@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import CommandParser, UsageError, check_device, run_command
-from .harness import append_results
+from .harness import append_results, render_summary
 from .training import PRESETS, render, training_step_table
 
 # torch is imported inside the functions that use it: `fastadapters bench --help` and a mistyped
@@ -61,7 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("fastadapters bench", _run, argv)
 
 
+# Seconds each table takes with the defaults (measured with `fastadapters bench` on a shared
+# 2-core CPU, preset tiny; the 1b preset on one H100 for CUDA), printed up front as the duration hint.
+EXPECTED_S = {"cpu": {"training": 40, "kernels": 120, "layers": 60, "e2e": 60},
+              "cuda": {"training": 60, "kernels": 60, "layers": 60, "e2e": 90}}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def _run(argv: list[str]) -> int:
+    import time
+
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
@@ -69,38 +81,74 @@ def _run(argv: list[str]) -> int:
     if args.device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device}: the bench runs on cpu or cuda")
     preset = args.preset or ("1b" if device.startswith("cuda") else "tiny")
-    print(f"fastadapters bench: preset {preset}")
-    result = training_step_table(preset, args.device, args.dtype, args.r, args.dropout, args.bottleneck_size,
-                                 args.repeats, args.only)
-    print()
-    print(render(result))
-    records = [result]
-    if not args.no_kernels:
-        from .kernels import kernel_table, render_kernel_table
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    tables = ["training"] + [t for t, off in (("kernels", args.no_kernels), ("layers", args.no_serving),
+                                                ("e2e", args.no_e2e)) if not off]
+    expected = {t: EXPECTED_S[kind][t] for t in tables}
+    print(f"fastadapters bench: preset {preset} on {device}; {len(tables)} tables ({', '.join(tables)}), about "
+          f"{_minutes(sum(expected.values()))} at the default size on {'one GPU' if kind == 'cuda' else '2 CPU cores'} "
+          "(--no-kernels, --no-serving, --no-e2e skip tables). A summary comes first when all are done, then "
+          "the tables.", flush=True)
+    t_start = time.monotonic()
 
-        print()
+    def stage(i: int, name: str, what: str):
+        print(f"[{i}/{len(tables)}] {what} (about {_minutes(expected[name])}) ...", flush=True)
+        return time.monotonic()
+
+    def done(t0: float) -> None:
+        print(f"      done in {time.monotonic() - t0:.0f} s ({time.monotonic() - t_start:.0f} s so far)", flush=True)
+
+    from . import training
+
+    t0 = stage(1, "training", "training-step table: each adapter type's forward + backward")
+    result = training_step_table(preset, args.device, args.dtype, args.r, args.dropout, args.bottleneck_size,
+                                 args.repeats, args.only, log=lambda msg: print(f"    {msg.strip()}", flush=True))
+    done(t0)
+    result["summary"] = training.summary(result)
+    records, rendered = [result], [render(result)]
+    i = 1
+    if not args.no_kernels:
+        from . import kernels
+
+        i += 1
+        t0 = stage(i, "kernels", "kernel table: one layer, fused vs PEFT vs the plain linear")
         dev = result["env"]["device_type"]
-        kernels = kernel_table(dev, args.dtype or ("bfloat16" if dev == "cuda" else "float32"), quick=True,
-                               dropout=args.dropout, repeats=args.repeats, log=lambda msg: None)
-        print(render_kernel_table(kernels))
-        records.append(kernels)
+        table = kernels.kernel_table(dev, args.dtype or ("bfloat16" if dev == "cuda" else "float32"), quick=True,
+                                     dropout=args.dropout, repeats=args.repeats,
+                                     log=lambda msg: print(f"    {' '.join(msg.split()[:3])}", flush=True))
+        done(t0)
+        table["summary"] = kernels.summary(table)
+        records.append(table)
+        rendered.append(kernels.render_kernel_table(table))
     if not args.no_serving:
         try:
-            from .layers import bench_serving_table, render_serving
+            from . import layers
         except ImportError:
-            bench_serving_table = None
-        if bench_serving_table is not None:
-            print()
-            serving = bench_serving_table(args.device, quick=True)
-            print(render_serving(serving))
+            layers = None
+        if layers is not None:
+            i += 1
+            t0 = stage(i, "layers", "multi-adapter layer table: B rows from A adapters in one linear")
+            serving = layers.bench_serving_table(args.device, quick=True)
+            done(t0)
+            serving["summary"] = layers.summary(serving)
             records.append(serving)
+            rendered.append(layers.render_serving(serving))
     if not args.no_e2e:
-        from .e2e import render_e2e
+        from . import e2e
 
+        i += 1
+        t0 = stage(i, "e2e", "end-to-end serving table: the engine over a request stream")
+        rec = e2e_section(args.device or result["env"]["device_type"], args.dtype)
+        done(t0)
+        rec["summary"] = e2e.summary(rec)
+        records.append(rec)
+        rendered.append(e2e.render_e2e(rec))
+    print()
+    print(render_summary([rec["summary"] for rec in records]))
+    for text in rendered:
         print()
-        e2e = e2e_section(args.device or result["env"]["device_type"], args.dtype)
-        print(render_e2e(e2e))
-        records.append(e2e)
+        print(text)
+    print(f"\nfastadapters bench: {time.monotonic() - t_start:.0f} s in all")
     if args.json:
         for rec in records:
             append_results(args.json, rec)

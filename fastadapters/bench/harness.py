@@ -115,3 +115,69 @@ def append_results(path: str, record: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# noise and verdicts: every table's headline goes through these, so "what good looks like" and
+# "is this a result or noise" are decided in one place
+# ---------------------------------------------------------------------------------------------
+
+def ratio_stats(ratios: list[float]) -> dict:
+    """A ratio measured once per repeat (both timings taken in the same round, so a change of load
+    falls on both): the median, the range over repeats, and whether it is noise -- ``noisy`` when
+    half the range is larger than the effect (the median's distance from 1). One repeat cannot
+    tell: ``noisy`` is then None."""
+    ratios = sorted(r for r in ratios if r == r)  # NaN-free
+    if not ratios:
+        return {"median": None, "low": None, "high": None, "noisy": None}
+    med = statistics.median(ratios)
+    lo, hi = ratios[0], ratios[-1]
+    noisy = None if len(ratios) < 2 else (hi - lo) / 2 > abs(med - 1)
+    return {"median": med, "low": lo, "high": hi, "noisy": noisy}
+
+
+def format_ratio(stats: dict | None, digits: int = 2) -> str:
+    """A table cell: the median ratio, or -- when its spread is larger than its effect -- the word
+    ``noise`` with the range, so a swing of the machine is never printed as a result."""
+    if not stats or stats.get("median") is None:
+        return "-"
+    if stats.get("noisy"):
+        return f"noise ({stats['low']:.{digits}f}-{stats['high']:.{digits}f})"
+    return f"{stats['median']:.{digits}f}"
+
+
+def verdict(value: float | None, good: str, threshold: float, noisy: bool | None = None,
+            margin: float = 0.05) -> str:
+    """``good``: "below" or "above" ``threshold`` is what we want. Returns one of: good, bad,
+    even (within ``margin`` of the threshold), noise (the spread is larger than the effect), n/a."""
+    if value is None:
+        return "n/a"
+    if noisy:
+        return "noise"
+    if abs(value - threshold) <= margin * threshold:
+        return "even"
+    better = value < threshold if good == "below" else value > threshold
+    return "good" if better else "bad"
+
+
+def summary_line(table: str, headline: str, value: float | None, unit: str, good: str, threshold: float,
+                 what_good_is: str, noisy: bool | None = None, note: str = "") -> dict:
+    """One summary entry (a dict, also written to the JSON record) for ``render_summary``."""
+    return {"table": table, "headline": headline, "value": value, "unit": unit, "good": good,
+            "threshold": threshold, "what_good_is": what_good_is, "noisy": noisy,
+            "verdict": verdict(value, good, threshold, noisy), "note": note}
+
+
+def render_summary(entries: list[dict]) -> str:
+    """The lines printed before the tables: per table its headline number, what good looks like,
+    and the verdict."""
+    words = {"good": "GOOD", "bad": "BAD", "even": "EVEN", "noise": "NOISE: spread > effect, not a result",
+             "n/a": "n/a"}
+    width = max([len(e["table"]) for e in entries] + [5])
+    lines = ["Summary (each table's headline ratio from this run; details in the tables below):"]
+    for e in entries:
+        value = "-" if e["value"] is None else f"{e['value']:.2f}{e['unit']}"
+        line = (f"  {e['table']:<{width}}  {e['headline']} = {value}  (good: {e['what_good_is']})  "
+                f"-> {words[e['verdict']]}")
+        lines.append(line + (f"; {e['note']}" if e.get("note") else ""))
+    return "\n".join(lines)

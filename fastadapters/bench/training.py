@@ -14,7 +14,7 @@ import copy
 import statistics
 import time
 
-from .harness import environment, peak_memory, saved_activation_bytes, time_fn
+from .harness import environment, format_ratio, peak_memory, ratio_stats, saved_activation_bytes, time_fn
 
 PRESETS = {
     # name: (LlamaConfig kwargs, batch, seq)
@@ -73,6 +73,10 @@ def _prepare(model, kind, fields):
 def training_step_table(preset: str = "tiny", device: str | None = None, dtype: str | None = None,
                         r: int = 16, dropout: float = 0.05, bottleneck: int = 64, repeats: int = 5,
                         only: list[str] | None = None, log=print) -> dict:
+    """Time each variant's training step (see the module docstring). On the CPU the variants run
+    round-robin ``repeats`` times, so every ratio is also taken per round: ``vs_frozen_base_stats``
+    and ``vs_peft_stats`` hold its median and range, and ``noisy`` marks a ratio whose spread is
+    larger than its effect (rendered as noise, not as a result)."""
     import torch
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,16 +126,26 @@ def training_step_table(preset: str = "tiny", device: str | None = None, dtype: 
                     times[label].append(time.perf_counter() - t0)
         for row in rows:
             row["step_s"] = statistics.median(times[row["variant"]])
+            row["step_s_repeats"] = times[row["variant"]]
             row["peak_MiB"] = None
     for row in rows:
         row["tokens_per_s"] = batch * seq / row["step_s"]
         log(f"  {row['variant']:<20} {row['step_s'] * 1e3:9.1f} ms/step")
     by = {r_["variant"]: r_ for r_ in rows}
     base = by.get("frozen base")
+
+    def per_round(num, den):
+        if "step_s_repeats" in num and "step_s_repeats" in den:
+            return ratio_stats([a / b for a, b in zip(num["step_s_repeats"], den["step_s_repeats"])])
+        return ratio_stats([num["step_s"] / den["step_s"]])  # CUDA: do_bench's median, no per-round ratio
+
     for row in rows:
         row["vs_frozen_base"] = row["step_s"] / base["step_s"] if base else None
+        if base and row is not base:
+            row["vs_frozen_base_stats"] = per_round(row, base)
     if "PEFT lora" in by and "fa lora" in by:
         by["fa lora"]["vs_peft"] = by["fa lora"]["step_s"] / by["PEFT lora"]["step_s"]
+        by["fa lora"]["vs_peft_stats"] = per_round(by["fa lora"], by["PEFT lora"])
         by["fa lora"]["saved_vs_peft"] = by["fa lora"]["saved_activation_MiB"] / by["PEFT lora"]["saved_activation_MiB"]
     return {"benchmark": "training_step", "preset": preset, "model": cfg_kwargs, "batch": batch, "seq": seq,
             "dtype": str(dt).replace("torch.", ""), "r": r, "lora_dropout": dropout, "bottleneck_size": bottleneck,
@@ -150,8 +164,26 @@ def render(result: dict) -> str:
              "|" + "|".join("-" * w for w in (22, 11, 11, 15, 11, 9, 9)) + "|"]
     for row in result["rows"]:
         peak = "-" if row["peak_MiB"] is None else f"{row['peak_MiB']:.0f}"
-        vs_peft = f"{row['vs_peft']:.3f}" if "vs_peft" in row else "-"
-        vs_base = f"{row['vs_frozen_base']:.3f}" if row.get("vs_frozen_base") else "-"
+        vs_peft = format_ratio(row.get("vs_peft_stats"), 3) if "vs_peft" in row else "-"
+        if row.get("vs_frozen_base_stats"):
+            vs_base = format_ratio(row["vs_frozen_base_stats"], 3)
+        else:
+            vs_base = f"{row['vs_frozen_base']:.3f}" if row.get("vs_frozen_base") else "-"
         lines.append(f"| {row['variant']:<20} | {row['step_s'] * 1e3:9.1f} | {row['tokens_per_s']:9.0f} "
                      f"| {row['saved_activation_MiB']:13.1f} | {peak:>9} | {vs_base:>7} | {vs_peft:>7} |")
+    if any((r.get("vs_peft_stats") or r.get("vs_frozen_base_stats") or {}).get("noisy") for r in result["rows"]):
+        lines += ["", "noise (low-high): the ratio's range over the repeats is wider than its distance from 1 -- "
+                      "the machine's noise, not a result; rerun on a quieter machine or with more --repeats"]
     return "\n".join(lines)
+
+
+def summary(result: dict) -> dict:
+    """The table's headline for the summary: fastadapters LoRA's training step over PEFT LoRA's."""
+    from .harness import summary_line
+
+    fa = next((r for r in result["rows"] if r["variant"] == "fa lora"), None)
+    stats = (fa or {}).get("vs_peft_stats") or {}
+    value = stats.get("median", (fa or {}).get("vs_peft"))
+    return summary_line("training", "fa LoRA / PEFT LoRA step time", value, "x", "below", 1.0,
+                        "below 1: fastadapters trains faster", stats.get("noisy"),
+                        note="" if fa and "vs_peft" in fa else "PEFT not installed or row skipped")
