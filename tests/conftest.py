@@ -28,8 +28,9 @@ def pytest_report_header(config):
     return "fastadapters deps: " + ", ".join(found)
 
 
-# Tests that take more than ~10 s on 2 CPU cores (pytest --durations on a shared 2-core machine,
-# issue 20), marked here in one place with the reason each needs its time. The README command runs
+# Tests that took more than ~10 s on a 2-core machine shared with other test runs (pytest
+# --durations, issue 20; 5-20 s on a quiet one), marked here in one place with the reason each
+# needs its time. The README command runs
 # them all (they cover what nothing faster does); `pytest -m "not slow"` is the quick loop.
 SLOW = {
     "tests/serving/test_multi_op.py::test_offline_compile_sm80_sm90":
