@@ -256,7 +256,7 @@ def test_merge_and_unload_of_a_dequantized_gguf_model_saves(tmp_path):
     pytest.importorskip("transformers.quantizers.quantizer_gguf")
     ids = input_ids()
     model = _as_transformers_leaves_a_dequantized_gguf_model(tiny_model("llama"))
-    with pytest.raises(ValueError, match="quantized with gguf"):
+    with pytest.raises(ValueError, match=r"(?i)quantized with (QuantizationMethod\.)?gguf"):  # 5.17 prints the enum
         model.save_pretrained(tmp_path / "refused")  # the failure the issue reports, before any adapter
     _lora(model)
     with torch.no_grad():
