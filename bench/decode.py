@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from fastadapters import bench as harness
+    from fastadapters.bench import harness
 
     torch.set_num_threads(args.threads)
     base, tok, label = _load(args.tiny)

@@ -2,7 +2,7 @@
 
     python bench/render.py [--results bench/results] [--out bench/results/RESULTS.md]
 
-Each record names its device, versions and git commit (see fastadapters.bench.environment); the
+Each record names its device, versions and git commit (see fastadapters.bench.harness.environment); the
 table shows them beside the numbers so no figure travels without its device. Records whose rows
 carry ``step_s`` (training step) or ``time_s`` / ``floor_ratio`` (kernels, serving) are tabulated
 with every scalar column they have, in the order the first row gives.

@@ -6,7 +6,7 @@
 
 Times fastadapters' routed ``multi_adapter`` layer against PEFT's ``adapter_names=`` loop, the
 adapters run one after another, and one merged adapter, each as time over the memory floor; the
-table itself lives in ``fastadapters.serving.bench`` (what ``fastadapters bench`` also prints).
+table itself lives in ``fastadapters.bench.layers`` (what ``fastadapters bench`` also prints).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 
-from fastadapters.bench import append_results
-from fastadapters.serving.bench import bench_serving_table, render_serving
+from fastadapters.bench.harness import append_results
+from fastadapters.bench.layers import bench_serving_table, render_serving
 
 
 def main(argv=None) -> int:

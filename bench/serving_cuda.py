@@ -12,7 +12,7 @@ The figure of merit is time / floor, where floor = bytes that must move (each us
 down and up rows up to its rank read once, x and y0 read, y written) over the bandwidth measured
 in the same run (a device-to-device copy). The op excludes the base GEMM, so this is the adapter
 branch's own floor; bench/serving.py owns the whole-layer number. Results are appended to
-bench/results/serving_cuda.json with the device named (``fastadapters.bench`` harness).
+bench/results/serving_cuda.json with the device named (``fastadapters.bench.harness``).
 
     python bench/serving_cuda.py [--quick] [--out bench/results/serving_cuda.json]
 """
@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from fastadapters.bench import append_results, environment, time_fn
+from fastadapters.bench.harness import append_results, environment, time_fn
 from fastadapters.ops import cuda_ops as co
 
 RANK_MIX = (1, 4, 8, 16, 64)

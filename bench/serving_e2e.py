@@ -6,7 +6,7 @@
 
 Output tokens/s, TTFT and TPOT (p50/p99) against the same engine with base-model requests only and
 PEFT's padded ``generate`` with ``adapter_names``; the measurement lives in
-``fastadapters.serving.e2e_bench``. Results are appended to bench/results/serving_e2e.json.
+``fastadapters.bench.e2e``. Results are appended to bench/results/serving_e2e.json.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 
-from fastadapters.bench import append_results
-from fastadapters.serving.e2e_bench import render_e2e, run_e2e
+from fastadapters.bench.harness import append_results
+from fastadapters.bench.e2e import render_e2e, run_e2e
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """The `fastadapters` command line: one sub-command per job, each owned by its own module.
 
-    fastadapters bench   training-step table on an embedded default model (fastadapters.bench)
+    fastadapters bench   benchmark tables on embedded default models (fastadapters.bench)
     fastadapters train   fine-tune an adapter like LLM-Adapters' finetune.py (fastadapters.train)
     fastadapters eval    score a model/adapter on the LLM-Adapters test sets (fastadapters.evaluate)
 
@@ -18,7 +18,7 @@ import sys
 from typing import Callable
 
 COMMANDS = {
-    "bench": ("fastadapters.bench", "time training steps: frozen base, PEFT LoRA, fastadapters adapters"),
+    "bench": ("fastadapters.bench.command", "time training steps: frozen base, PEFT LoRA, fastadapters adapters"),
     "train": ("fastadapters.train", "fine-tune an adapter on an Alpaca-format JSON file"),
     "eval": ("fastadapters.evaluate", "evaluate a base model or adapter on math/commonsense test sets"),
     "serve": ("fastadapters.serving.serve", "OpenAI-compatible server: one base model, many adapters of every type"),

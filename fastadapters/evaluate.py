@@ -6,8 +6,15 @@ attention mask (theirs padded without a mask, or ran one example at a time), the
 ``eval()`` mode (theirs left dropout on in the GPU path), decoding is greedy unless ``--num-beams``
 asks for beams (theirs: 4 beams), and ``--adapter`` may be left out to score the base model.
 
+Data: the LLM-Adapters test sets ship with the package (``fastadapters/testsets/llm-adapters/``,
+copies of LLM-Adapters' ``dataset/<name>/test.json`` under ODC-By, attribution in its NOTICE.md),
+so ``--dataset AddSub`` needs no download; ``--data-dir`` (or $FASTADAPTERS_DATA_DIR) points at
+another copy, ``--data`` at one file of the same format.
+
 Output: one JSON line per example (dataset, index, prompt, response, extracted, label, correct) in
-``--output``, and a table of accuracy per dataset on stdout. Data, adapter and output path are all
+``--output``, and a table of accuracy per dataset on stdout. For the math sets both numeric
+readings are taken (the paper's last number, and the stricter number after the last answer marker):
+the one ``--math-extraction`` picks is scored, the other is shown beside it. Data, adapter and output path are all
 checked before the model is loaded and before any file is created; errors print one line on stderr
 and return exit code 2.
 """
@@ -23,22 +30,48 @@ from pathlib import Path
 
 from .cli import CommandParser as _Parser, UsageError, check_device, run_command, show_progress
 from .data import DataError, load_records
-from .extraction import AQUA_MODES, DATASETS, canonical_dataset, dataset_kind, infer_dataset_rules, label_is_valid, score
+from .extraction import (AQUA_MODES, DATASETS, MATH_MODES, canonical_dataset, dataset_kind, infer_dataset_rules,
+                         label_is_valid, score)
 from .prompts import STYLES, evaluation_prompt
 
 MAX_NEW_TOKENS = {"math": 256, "choice": 256, "commonsense": 32}
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_DIR_ENV = "FASTADAPTERS_DATA_DIR"
+#: the LLM-Adapters test sets shipped with the package (ODC-By; attribution in NOTICE.md there)
+SHIPPED_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testsets", "llm-adapters")
 DESCRIPTION = """\
 Score a base model, or a base model with an adapter, on the LLM-Adapters math and commonsense test
 sets, with their prompt and answer extraction: one JSON line per example in --output, a table of
 accuracy per dataset on stdout."""
+EPILOG = """\
+where the test sets come from:
+  LLM-Adapters (Hu et al., arXiv 2304.01933; github.com/AGI-Edgerunners/LLM-Adapters), folder
+  dataset/<name>/test.json. A copy of every set but hellaswag ships with fastadapters
+  (fastadapters/testsets/llm-adapters/, ODC-By licence and attribution in its NOTICE.md and
+  DATA_LICENSE): --dataset AddSub works without a download. --data-dir points at another copy.
+
+the --data file format (the same as the shipped sets):
+  a JSON list (or JSON Lines) of records {"instruction": "<question>", "input": "", "answer": "<label>"}
+  ("input" optional, "output" ignored). "answer" is a string: a number ("4", "576.0") for the math
+  sets, a letter A-E for AQuA, a label word for a commonsense set ("true"/"false" for boolq,
+  "solution1"/"solution2" for piqa, "answer1".."answer5" for ARC, social_i_qa and openbookqa,
+  "option1"/"option2" for winogrande, "ending1".."ending4" for hellaswag).
+
+answer extraction (math sets):
+  last-number    the paper's rule: the last number in the response ("9 + 1 = 10 apples after 1 day"
+                 reads 1); the default, so accuracies compare with the paper's tables
+  answer-marker  stricter: the first number after the last "answer is" or "=" ("... = 10 apples
+                 after 1 day" reads 10); a response without a marker scores wrong
+  Both are computed on every run; the table shows the other beside the one scored.
+
+example:
+  fastadapters eval --base-model ./SmolLM2-135M-Instruct --dataset AddSub --limit 5"""
 
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastadapters eval", description=DESCRIPTION)
+    p = _Parser(prog="fastadapters eval", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--base-model", required=True, help="local model directory or transformers model id")
     p.add_argument("--gguf-file", metavar="NAME", default=None,
                    help="load the base model from this GGUF file inside --base-model (dequantized to "
@@ -47,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", nargs="+", metavar="NAME",
                    help=f"test sets under --data-dir (<name>/test.json): {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
-                   help=f"directory holding <name>/test.json (default: ${DATA_DIR_ENV})")
+                   help=f"directory holding <name>/test.json (default: ${DATA_DIR_ENV}, else the copy shipped "
+                        "with fastadapters: every set but hellaswag)")
     p.add_argument("--data", metavar="PATH",
                    help="one test file instead of --dataset; its rules come from --dataset NAME if given, "
                         "else from its labels (numeric: math, A-E: AQuA, label words: that commonsense set)")
@@ -57,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: 256 for math and AQuA, 32 for commonsense sets")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set")
+    p.add_argument("--math-extraction", choices=MATH_MODES, default="last-number",
+                   help="last-number (the default): the paper's rule, the last number in the response; "
+                        "answer-marker: stricter, the number after the last 'answer is' / '=' (see below)")
     p.add_argument("--aqua-extraction", choices=AQUA_MODES, default="first",
                    help="first: the original rule (first capital A-E); strict: the option the response chooses")
     p.add_argument("--prompt-style", choices=STYLES, default="llm-adapters",
@@ -93,16 +130,20 @@ def _resolve_sets(args) -> list[tuple[str, str, list[dict]]]:
         files = [(display, rules, path)]
     else:
         if not args.dataset:
-            raise UsageError("give --dataset NAME [NAME ...] (with --data-dir) or --data PATH")
-        if not args.data_dir:
-            raise UsageError(f"--dataset needs --data-dir (or ${DATA_DIR_ENV}) holding <name>/test.json")
+            raise UsageError("give --dataset NAME [NAME ...] or --data PATH")
+        data_dir = args.data_dir or SHIPPED_DATA_DIR
         files = []
         for name in args.dataset:
             try:
                 rules = canonical_dataset(name)
             except ValueError as e:
                 raise UsageError(str(e)) from None
-            files.append((rules, rules, Path(args.data_dir) / rules / "test.json"))
+            path = Path(data_dir) / rules / "test.json"
+            if not args.data_dir and not path.is_file():
+                raise UsageError(f"--dataset {rules} is not shipped with fastadapters (license or size); get "
+                                 f"dataset/{rules}/test.json from github.com/AGI-Edgerunners/LLM-Adapters and pass "
+                                 f"--data-dir <folder holding {rules}/test.json>")
+            files.append((rules, rules, path))
     sets = []
     for display, rules, path in files:
         try:
@@ -192,13 +233,17 @@ def _jsonable(x):
     return x
 
 
-def evaluate_set(model, tokenizer, name: str, rules: str, records: list[dict], args, device: str, sink) -> tuple[int, int]:
-    """Generate, extract and score one test set; writes JSON lines to ``sink``; returns (correct, total)."""
+def evaluate_set(model, tokenizer, name: str, rules: str, records: list[dict], args, device: str, sink
+                 ) -> tuple[int, int, int | None]:
+    """Generate, extract and score one test set; writes JSON lines to ``sink``; returns (correct,
+    total, correct under the other math extraction -- None for a set that is not math)."""
     from tqdm.auto import tqdm
 
     kind = dataset_kind(rules)
     max_new = args.max_new_tokens or MAX_NEW_TOKENS[kind]
-    correct = 0
+    mode = getattr(args, "math_extraction", "last-number")
+    other_mode = next(m for m in MATH_MODES if m != mode)
+    correct, other_correct = 0, (0 if kind == "math" else None)
     bar = tqdm(total=len(records), desc=name, unit="ex", disable=not show_progress(args.no_progress), file=sys.stderr)
     for start in range(0, len(records), args.batch_size):
         batch = records[start:start + args.batch_size]
@@ -206,17 +251,24 @@ def evaluate_set(model, tokenizer, name: str, rules: str, records: list[dict], a
         responses = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new, num_beams=args.num_beams,
                                    device=device)
         for i, (r, prompt, response) in enumerate(zip(batch, prompts, responses)):
-            extracted, ok = score(rules, response, r["answer"], aqua_mode=args.aqua_extraction)
+            extracted, ok = score(rules, response, r["answer"], aqua_mode=args.aqua_extraction, math_mode=mode)
             correct += ok
+            line = {"dataset": name, "index": start + i, "prompt": prompt, "response": response,
+                    "extracted": _jsonable(extracted), "label": r["answer"], "correct": ok}
+            if kind == "math":
+                other, other_ok = score(rules, response, r["answer"], math_mode=other_mode)
+                other_correct += other_ok
+                line["math_extraction"] = mode
+                line["other_extraction"] = {"math_extraction": other_mode, "extracted": _jsonable(other),
+                                            "correct": other_ok}
             if sink is not None:
-                sink.write(json.dumps({"dataset": name, "index": start + i, "prompt": prompt, "response": response,
-                                       "extracted": _jsonable(extracted), "label": r["answer"], "correct": ok}) + "\n")
+                sink.write(json.dumps(line) + "\n")
         if sink is not None:
             sink.flush()
         bar.update(len(batch))
         bar.set_postfix(acc=f"{correct / min(start + len(batch), len(records)):.3f}")
     bar.close()
-    return correct, len(records)
+    return correct, len(records), other_correct
 
 
 def format_table(rows: list[tuple[str, int, int]]) -> str:
@@ -229,6 +281,17 @@ def format_table(rows: list[tuple[str, int, int]]) -> str:
         mean = sum(r[1] / max(r[2], 1) for r in rows) / len(rows)
         lines.append(f"{'(all)':<{width}}  {c:>7d}  {t:>6d}  {c / max(t, 1):>8.4f}  (mean of sets {mean:.4f})")
     return "\n".join(lines)
+
+
+def extraction_lines(rows: list[tuple[str, int, int, int | None]], mode: str) -> list[str]:
+    """One line per math set: its accuracy under the other numeric extraction, beside the one scored."""
+    other = next(m for m in MATH_MODES if m != mode)
+    label = {"last-number": "last-number (the paper's rule)", "answer-marker": "answer-marker (stricter)"}
+    lines = [f"  {name}: {correct}/{total} by {label[mode]}, {other_correct}/{total} by {label[other]}"
+             for name, correct, total, other_correct in rows if other_correct is not None]
+    if lines:
+        lines.insert(0, f"math answers read both ways (scored: --math-extraction {mode}):")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,14 +312,16 @@ def _run(argv: list[str]) -> int:
     t0 = time.time()
     try:
         for name, rules, records in sets:
-            correct, total = evaluate_set(model, tokenizer, name, rules, records, args, device, sink)
-            rows.append((name, correct, total))
+            rows.append((name, *evaluate_set(model, tokenizer, name, rules, records, args, device, sink)))
     finally:
         if sink is not None:
             sink.close()
     what = f"{args.base_model}" + (f" + {args.adapter}" if args.adapter else " (base model)")
     print(f"fastadapters eval: {what}, {time.time() - t0:.1f} s")
-    print(format_table(rows), flush=True)
+    print(format_table([r[:3] for r in rows]))
+    for line in extraction_lines(rows, args.math_extraction):
+        print(line)
+    sys.stdout.flush()
     return 0
 
 

@@ -5,7 +5,9 @@ were computed with:
 
 - numeric sets (AddSub, MultiArith, SingleEq, gsm8k, SVAMP, mawps): remove every comma, take the
   last match of ``-?\\d+\\.?\\d*`` as a float (no match: +inf, never correct), correct when it is
-  within 1e-3 of ``float(answer)``;
+  within 1e-3 of ``float(answer)``. The last number is not always the answer ("9 + 1 = 10 apples
+  after 1 day" reads 1); ``math_mode="answer-marker"`` is the stricter reading (see
+  :func:`extract_number_after_marker`), kept apart so the default stays comparable with the paper;
 - AQuA: the first capital letter A-E anywhere in the response, compared with the label letter. This
   reads the "A" of "A:" or the "B" of "Bob" as the choice; ``aqua_mode="strict"`` is the corrected
   reading (see :func:`extract_choice_strict`);
@@ -36,6 +38,7 @@ COMMONSENSE_LABELS: dict[str, tuple[str, ...]] = {
 DATASETS = MATH_DATASETS[:5] + ("AQuA",) + MATH_DATASETS[5:] + (
     "boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa", "hellaswag")
 AQUA_MODES = ("first", "strict")
+MATH_MODES = ("last-number", "answer-marker")
 NUMERIC_TOLERANCE = 1e-3
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
@@ -70,6 +73,21 @@ def extract_number(response: str) -> float:
         return float(found[-1])
     except ValueError:  # cannot happen with this pattern; kept as the original guarded it
         return math.inf
+
+
+_MARKER = re.compile(r"answer\s+is|=", re.I)
+
+
+def extract_number_after_marker(response: str) -> float:
+    """The stricter numeric reading: the first number after the last answer marker -- "answer is"
+    (any case, as in "The answer is 10") or "=" (as in "9 + 1 = 10") -- commas removed; ``inf``
+    (never correct) when the response has no marker or no number after it."""
+    text = response.replace(",", "")
+    markers = list(_MARKER.finditer(text))
+    if not markers:
+        return math.inf
+    m = _NUMBER.search(text, markers[-1].end())
+    return float(m.group(0)) if m else math.inf
 
 
 def extract_choice_first(response: str) -> str:
@@ -107,13 +125,15 @@ def extract_label(dataset: str, response: str) -> str:
     return m.group(0) if m else ""
 
 
-def extract(dataset: str, response: str, *, aqua_mode: str = "first") -> Any:
+def extract(dataset: str, response: str, *, aqua_mode: str = "first", math_mode: str = "last-number") -> Any:
     """The prediction the rules of ``dataset`` read from ``response`` (float, letter or label word)."""
     if aqua_mode not in AQUA_MODES:
         raise ValueError(f"aqua_mode: got {aqua_mode!r}; valid: {', '.join(AQUA_MODES)}")
+    if math_mode not in MATH_MODES:
+        raise ValueError(f"math_mode: got {math_mode!r}; valid: {', '.join(MATH_MODES)}")
     kind = dataset_kind(dataset)
     if kind == "math":
-        return extract_number(response)
+        return extract_number_after_marker(response) if math_mode == "answer-marker" else extract_number(response)
     if kind == "choice":
         return extract_choice_strict(response) if aqua_mode == "strict" else extract_choice_first(response)
     return extract_label(dataset, response)
@@ -126,9 +146,10 @@ def is_correct(dataset: str, predicted: Any, label: str) -> bool:
     return predicted == label
 
 
-def score(dataset: str, response: str, label: str, *, aqua_mode: str = "first") -> tuple[Any, bool]:
+def score(dataset: str, response: str, label: str, *, aqua_mode: str = "first",
+          math_mode: str = "last-number") -> tuple[Any, bool]:
     """``(extracted, correct)`` for one response."""
-    predicted = extract(dataset, response, aqua_mode=aqua_mode)
+    predicted = extract(dataset, response, aqua_mode=aqua_mode, math_mode=math_mode)
     return predicted, is_correct(dataset, predicted, label)
 
 

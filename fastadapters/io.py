@@ -604,6 +604,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                  backend: str | None = None) -> nn.Module:
     """Load the adapter in directory ``path`` into ``model`` as adapter ``name`` (default "default").
 
+    The name is the caller's, never the file's: adapter files record no name (a folder may be loaded
+    under any name, into several models or twice into one), so without ``name=`` the adapter is
+    registered as ``"default"`` whatever it was called when saved -- as PEFT's ``from_pretrained``
+    does. Pass ``name=`` to hold several adapters; loading into a name the model already carries
+    replaces that adapter's weights (same config) or is refused (another config).
+
     The format (fastadapters, PEFT LoRA, LLM-Adapters) is detected from ``adapter_config.json``.
     A model that does not carry adapter ``name`` yet is patched with the file's config (beside any
     adapters it already has; the active adapter does not change unless this is the first one).

@@ -13,6 +13,9 @@ left as it was. Every check runs before the first weight changes.
 ``merge`` folds one adapter and removes it; what stays on the model (other adapters,
 ``set_adapter(model, None)``) runs on the merged weights from then on. ``merge_and_unload`` folds the
 last adapter of a model and hands back the plain model: no wrapper, state dict keys as before patching.
+A model that transformers loaded from a GGUF file and dequantized (every weight a float tensor) is
+still marked as GGUF-quantized, which makes ``save_pretrained`` refuse it; ``merge_and_unload`` drops
+that marker, so the merged model saves like any other.
 """
 from __future__ import annotations
 
@@ -135,4 +138,34 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
                          f"holds {', '.join(others)}; fold LoRA ones first with fastadapters.merge(model, name) "
                          "or remove them with fastadapters.delete_adapter(model, name)")
     merge(model, name)
+    drop_dequantized_gguf_marker(model)  # the merged model is plain float weights: let it save
     return model
+
+
+def _quant_method(model) -> str | None:
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method)).lower()
+
+
+def clear_quantization_marker(model: nn.Module) -> None:
+    """Forget that transformers loaded ``model`` quantized (``hf_quantizer``, ``is_quantized``,
+    ``config.quantization_config``). Only for a model whose every tensor is already a float."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.__dict__.pop("quantization_method", None)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def drop_dequantized_gguf_marker(model: nn.Module) -> bool:
+    """A GGUF model that transformers dequantized while loading (its loader on a CPU, or without a
+    GGUF kernel) holds float weights yet keeps the GGUF quantizer, and ``save_pretrained`` refuses
+    it ("quantized with gguf and is not serializable"). Drop that marker when every parameter and
+    buffer is a float tensor; True when it was dropped. A model kept in GGUF blocks is left alone."""
+    if _quant_method(model) != "gguf":
+        return False
+    if any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()]):
+        return False
+    clear_quantization_marker(model)
+    return True

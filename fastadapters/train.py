@@ -20,7 +20,9 @@ anything is written; errors print one line on stderr and return exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,6 +47,11 @@ example:
   fastadapters train --base-model ./llama --data math_10k.json --output-dir out/lora \\
       --adapter lora --r 32 --alpha 64 --lr 3e-4 --num-epochs 3 --limit 1000 --val-set-size 100"""
 DTYPES = ("float32", "bfloat16", "float16")
+
+# LLM-Adapters' defaults, made for 10k-170k records. Left unset, a flag keeps its default on such data
+# and scales down on a small data set (scale_defaults says which, before the model loads).
+DEFAULT_BATCH, DEFAULT_MICRO_BATCH, DEFAULT_VAL_SET, DEFAULT_WARMUP = 128, 4, 2000, 100
+SCALED_NOTE = " (scaled down on a small data set; the run says so)"
 
 # CLI flag (argparse dest) -> config field. Which fields apply is read from the config dataclass.
 FIELD_FLAGS = {
@@ -109,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, help="Alpaca-format JSON (or .jsonl): instruction, input, output")
     g.add_argument("--output-dir", required=True, help="where checkpoints and the final adapter go")
     g.add_argument("--cutoff-len", type=int, default=256, help="maximum tokens per example (truncated)")
-    g.add_argument("--val-set-size", type=int, default=2000, help="records held out for evaluation (0: none)")
+    g.add_argument("--val-set-size", type=int, default=None,
+                   help=f"records held out for evaluation (0: none); default: {DEFAULT_VAL_SET}, or a tenth of "
+                        f"the records when {DEFAULT_VAL_SET} would be more than a fifth of them")
     g.add_argument("--limit", type=int, default=None, metavar="N",
                    help="use only the first N records of --data (before the validation split); default: all")
     g.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=True,
@@ -150,13 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = f"{action.help} (default: {shown})"
 
     t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step")
-    t.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (the rest is gradient accumulation)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help=f"examples per optimizer step; default: {DEFAULT_BATCH}, or the training records rounded "
+                        "down to a multiple of --micro-batch-size when there are fewer")
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help=f"examples per forward pass (the rest is gradient accumulation); default: "
+                        f"{DEFAULT_MICRO_BATCH}, or fewer when there are fewer training records")
     t.add_argument("--num-epochs", type=float, default=3, help="passes over the training records")
     t.add_argument("--max-steps", type=int, default=-1,
                    help="stop after this many optimizer steps (overrides --num-epochs; -1: off)")
     t.add_argument("--learning-rate", "--lr", type=float, default=3e-4, metavar="LR", help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    t.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warm-up steps; default: {DEFAULT_WARMUP}, or a tenth of the run when "
+                        f"{DEFAULT_WARMUP} would be more than half of it")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--lr-scheduler", default="linear",
                    help="transformers scheduler name (linear, cosine, constant, constant_with_warmup, ...)")
@@ -173,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a validation set, also evaluate before the first step (the step-0 eval loss)")
     t.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
     t.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (with a validation set the best one is kept too)")
-    t.add_argument("--logging-steps", type=int, default=10, help="print a loss line every N steps")
+    t.add_argument("--logging-steps", type=int, default=10,
+                   help="print a loss line (with epoch, learning rate, grad norm) every N steps; a progress "
+                        "line (step, loss, time per step, ETA) comes at every step of a run of up to "
+                        f"{PROGRESS_EVERY_STEP_UP_TO} steps, else at least every {PROGRESS_HEARTBEAT_S:g} s")
     t.add_argument("--group-by-length", action="store_true", help="batch examples of similar length together")
     t.add_argument("--seed", type=int, default=42, help="seed for the validation split, init and data order")
     t.add_argument("--resume-from-checkpoint", metavar="PATH",
@@ -223,13 +241,19 @@ def adapter_config(args) -> Any:
 
 
 def _check_args(args) -> None:
-    if args.micro_batch_size < 1 or args.batch_size < 1:
+    # unset flags are checked at their defaults here; scale_defaults keeps what it scales consistent
+    batch = DEFAULT_BATCH if args.batch_size is None else args.batch_size
+    micro = DEFAULT_MICRO_BATCH if args.micro_batch_size is None else args.micro_batch_size
+    if micro < 1 or batch < 1:
         raise UsageError("--batch-size and --micro-batch-size must be >= 1")
-    if args.batch_size % args.micro_batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
-    if args.batch_size % (args.micro_batch_size * _world_size()):
-        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {_world_size()} processes")
+    if args.batch_size is not None or args.micro_batch_size is not None:
+        if batch % micro:
+            raise UsageError(f"--batch-size {batch} is not a multiple of --micro-batch-size {micro}")
+        if batch % (micro * _world_size()):
+            raise UsageError(f"--batch-size {batch} is not a multiple of --micro-batch-size "
+                             f"{micro} x {_world_size()} processes")
+    if args.val_set_size is not None and args.val_set_size < 0:
+        raise UsageError(f"--val-set-size must be >= 0, got {args.val_set_size}")
     if args.cutoff_len < 1:
         raise UsageError(f"--cutoff-len must be >= 1, got {args.cutoff_len}")
     if args.bf16 and args.fp16:
@@ -239,7 +263,7 @@ def _check_args(args) -> None:
                          f"no bottleneck adapters); use --save-format fastadapters for --adapter {args.adapter}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.val_set_size > 0:
+    if args.val_set_size is None or args.val_set_size > 0:
         if args.eval_steps < 1 or args.save_steps < 1:
             raise UsageError("--eval-steps and --save-steps must be >= 1")
         if args.save_steps % args.eval_steps:
@@ -252,12 +276,63 @@ def _check_args(args) -> None:
     for flag, value in (("--learning-rate", args.learning_rate), ("--weight-decay", args.weight_decay)):
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag} must be a finite number >= 0, got {value:g}")
-    if args.warmup_steps < 0:
+    if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.logging_steps < 1:
         raise UsageError(f"--logging-steps must be >= 1, got {args.logging_steps}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+
+
+def scale_defaults(args, n_records: int) -> tuple[list[str], list[str]]:
+    """Fill the unset data-size flags for ``n_records`` records (after --limit), in place.
+
+    LLM-Adapters' defaults stay on data of their size; on a small data set each unset flag scales
+    down: --val-set-size to a tenth of the records when 2000 would be more than a fifth; --batch-size
+    to the training records (rounded down to a multiple of the micro batch x processes) when there are
+    fewer than 128, --micro-batch-size with it below 4; --warmup-steps to a tenth of the run when 100
+    would be more than half of it. Returns (notes: what was scaled, warnings: an explicit batch that
+    the training set cannot fill), both printed before the model loads."""
+    notes, warnings = [], []
+    world = _world_size()
+    if args.val_set_size is None:
+        args.val_set_size = DEFAULT_VAL_SET
+        if DEFAULT_VAL_SET * 5 > n_records:
+            args.val_set_size = n_records // 10
+            notes.append(f"--val-set-size {args.val_set_size} (default {DEFAULT_VAL_SET})")
+    n_train = n_records - args.val_set_size
+    if args.micro_batch_size is None:
+        args.micro_batch_size = DEFAULT_MICRO_BATCH
+        if args.batch_size is None and 0 < n_train < DEFAULT_MICRO_BATCH * world:
+            args.micro_batch_size = max(n_train // world, 1)
+            notes.append(f"--micro-batch-size {args.micro_batch_size} (default {DEFAULT_MICRO_BATCH})")
+    unit = args.micro_batch_size * world
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH
+        if n_train < DEFAULT_BATCH:
+            args.batch_size = max(n_train // unit, 1) * unit
+            notes.append(f"--batch-size {args.batch_size} (default {DEFAULT_BATCH})")
+    if 0 < n_train < args.batch_size:
+        warnings.append(
+            f"--batch-size {args.batch_size} is more than the {n_train} training records: the batch is never "
+            f"filled (each epoch is one optimizer step on all {n_train}), so --num-epochs counts steps; give "
+            f"--batch-size {max(n_train // unit, 1) * unit} or less")
+    if args.warmup_steps is None:
+        args.warmup_steps = DEFAULT_WARMUP
+        steps = planned_steps(args, n_train)
+        if 2 * DEFAULT_WARMUP > steps:
+            args.warmup_steps = steps // 10
+            notes.append(f"--warmup-steps {args.warmup_steps} (default {DEFAULT_WARMUP}, the run has {steps} steps)")
+    return notes, warnings
+
+
+def planned_steps(args, n_train: int) -> int:
+    """Optimizer steps the run will take: --max-steps, else epochs x steps per epoch (the Trainer's
+    count: a last partial batch is a step of its own)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(math.ceil(n_train / args.batch_size), 1)
+    return max(math.ceil(args.num_epochs * per_epoch), 1)
 
 
 def _training_device(args) -> str:
@@ -395,11 +470,9 @@ def unmark_dequantized_gguf(model, gguf_file: str) -> None:
         raise UsageError(f"--gguf-file {gguf_file}: transformers kept its weights quantized ({packed[0]} is "
                          "not a float tensor); fastadapters adapts float layers: load it dequantized (without the `kernels` package) "
                          "or convert it to safetensors first")
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.__dict__.pop("quantization_method", None)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    from .merging import clear_quantization_marker
+
+    clear_quantization_marker(model)
 
 
 def load_error_line(e: Exception) -> str:
@@ -416,6 +489,27 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def gguf_progress(show: bool):
+    """transformers' GGUF loader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors...", ``tqdm.auto`` called directly, so transformers' ``disable_progress_bar`` does not
+    reach it): in a log file its redraws pile up. Without a terminal (``show`` False) the loader's
+    bar is built disabled for the duration of the block; the module attribute is restored after."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as loader
+    except ImportError:  # a transformers without the GGUF loader: nothing to quiet
+        loader = None
+    bar = getattr(loader, "tqdm", None)
+    if show or bar is None:
+        yield
+        return
+    loader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = bar
+
+
 def _load_model_and_tokenizer(args, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -425,7 +519,8 @@ def _load_model_and_tokenizer(args, dtype_name: str):
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.base_model, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
+        with gguf_progress(show_progress(getattr(args, "no_progress", False))):
+            model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=getattr(torch, dtype_name), **gguf)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load base model {args.base_model!r}: {load_error_line(e)}") from None
     if args.gguf_file:
@@ -465,6 +560,19 @@ def _trainer_classes():
             if self.args.should_save:
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+        # the loss of the optimizer step in progress (on this rank), summed over its micro-batches as
+        # the Trainer scales them; a tensor, read (one sync) only when a progress line is printed
+        step_loss = None
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+            return loss
+
+        def take_step_loss(self) -> float | None:
+            loss, self.step_loss = self.step_loss, None
+            return None if loss is None else float(loss)
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
             fa_io.load_adapter(self.model if model is None else model, resume_from_checkpoint)
 
@@ -491,7 +599,18 @@ def _trainer_classes():
         return None
 
     class LossLineProgress(ProgressCallback):
-        """The stock progress bar, with a readable line per log instead of a dict."""
+        """The stock progress bar (steps, rate, ETA) with the last step's loss beside it, and a
+        readable line per log instead of a dict."""
+
+        def __init__(self, trainer=None):
+            super().__init__()
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            super().on_step_end(args, state, control, **kwargs)
+            loss = self.trainer.take_step_loss() if self.trainer is not None else None
+            if self.training_bar is not None and loss is not None:
+                self.training_bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             line = loss_line(state, logs or {})
@@ -514,12 +633,73 @@ def _trainer_classes():
                       file=sys.stderr, flush=True)
 
     class LossLinePrinter(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            line = loss_line(state, logs or {})
-            if line and state.is_world_process_zero:
+        """Without a terminal (a log file, a pipe): plain lines. The loss lines every --logging-steps,
+        and progress lines -- ``step k/N | loss x | s/step | ETA`` -- at every step of a run of up to
+        PROGRESS_EVERY_STEP_UP_TO steps, otherwise whenever PROGRESS_HEARTBEAT_S passed since the last
+        line; within a long step (many micro-batches on a slow machine) a micro-batch line after
+        PROGRESS_HEARTBEAT_S of silence. A run is never silent for long, however loaded the machine."""
+
+        def __init__(self, trainer=None):
+            self.trainer = trainer
+            self.t0 = self.last = time.monotonic()
+            self.first_step = 0
+            self.micro = 0
+
+        def _say(self, state, line: str) -> None:
+            self.last = time.monotonic()
+            if state.is_world_process_zero:
                 print(line, flush=True)
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = self.last = time.monotonic()
+            self.first_step = state.global_step
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self.micro += 1
+            if time.monotonic() - self.last >= PROGRESS_HEARTBEAT_S:
+                self._say(state, f"step {state.global_step + 1}/{state.max_steps}: micro-batch {self.micro}/"
+                                 f"{args.gradient_accumulation_steps} done, {time.monotonic() - self.t0:.0f} s "
+                                 "into the run")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.micro = 0
+            loss = self.trainer.take_step_loss() if self.trainer is not None else None
+            now = time.monotonic()
+            if state.max_steps > PROGRESS_EVERY_STEP_UP_TO and now - self.last < PROGRESS_HEARTBEAT_S:
+                return
+            done = state.global_step - self.first_step
+            per_step = (now - self.t0) / max(done, 1)
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            if loss is not None:
+                parts.append(f"loss {loss:.4f}")
+            parts += [f"{per_step:.2f} s/step", f"ETA {_duration(per_step * (state.max_steps - state.global_step))}"]
+            self._say(state, " | ".join(parts))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = loss_line(state, logs or {})
+            if line:
+                self._say(state, line)
+
     return AdapterTrainer, LossLineProgress, LossLinePrinter, ShortWarmupWarning
+
+
+PROGRESS_EVERY_STEP_UP_TO = 100  # a run of up to this many steps prints a progress line at every step
+PROGRESS_HEARTBEAT_S = 30.0  # otherwise (and within a step) a line at least this often
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,6 +714,7 @@ def _run(argv: list[str]) -> int:
         records = load_records(args.data)
         if args.limit is not None:
             records = records[: args.limit]
+        notes, warnings = scale_defaults(args, len(records))
         if len(records) <= args.val_set_size:
             kept = f" (--limit {args.limit} kept {len(records)})" if args.limit is not None else ""
             raise UsageError(f"--val-set-size {args.val_set_size} leaves no training records: {args.data} has "
@@ -548,6 +729,12 @@ def _run(argv: list[str]) -> int:
         raise UsageError(f"--output-dir {args.output_dir} is not empty; pass --overwrite-output-dir or "
                          "--resume-from-checkpoint")
     device = _training_device(args)
+    if _is_main_process():  # before the model loads: a wrong batch is seen before minutes of loading
+        if notes:
+            print(f"fastadapters train: {len(records)} records is a small data set; defaults scaled to it: "
+                  f"{', '.join(notes)}. Set a flag to override.", flush=True)
+        for w in warnings:
+            print(f"fastadapters train: warning: {w}", file=sys.stderr, flush=True)
     dtype_name = args.model_dtype or ("bfloat16" if args.bf16 else "float32")
     model, tokenizer = _load_model_and_tokenizer(args, dtype_name)
 
@@ -661,11 +848,21 @@ def _run(argv: list[str]) -> int:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LossLineProgress() if progress else LossLinePrinter())
+    trainer.add_callback(LossLineProgress(trainer) if progress else LossLinePrinter(trainer))
     trainer.add_callback(ShortWarmupWarning())
 
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=resume_checkpoint)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line (not the Trainer's traceback) and where to pick up
+        if _is_main_process():
+            last = _last_checkpoint(args.output_dir)
+            where = (f"the last checkpoint is {last} (resume with --resume-from-checkpoint last)" if last else
+                     f"no checkpoint was written yet (one every --save-steps {args.save_steps} steps)")
+            print(f"\nfastadapters train: interrupted at step {trainer.state.global_step}/{trainer.state.max_steps} "
+                  f"after {time.time() - t0:.0f} s; {where}", file=sys.stderr, flush=True)
+        return 130
     model.eval()
     fa.save_adapter(model, args.output_dir, format=args.save_format)
     best = ""

@@ -2,7 +2,8 @@
 serving section runs at a tiny size, picks issue 13's configuration on CUDA, and `--no-e2e` skips it."""
 import json
 
-from fastadapters import bench, cli
+from fastadapters import cli
+from fastadapters.bench import command as bench, harness
 
 
 def test_bench_micro_writes_json(tmp_path, capsys):
@@ -12,8 +13,25 @@ def test_bench_micro_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "serving end to end" not in text
     assert "| fa lora" in text and "| PEFT lora" in text
+    # issue 20: the duration up front, progress per table, then the summary before the tables
+    lines = text.splitlines()
+    assert lines[0].startswith("fastadapters bench: preset micro on cpu; 2 tables (training, kernels), about ")
+    assert "[1/2] training-step table" in text and "[2/2] kernel table" in text and "done in " in text
+    summary = lines.index("Summary (each table's headline ratio from this run; details in the tables below):")
+    assert summary < next(i for i, ln in enumerate(lines) if ln.startswith("Training step, micro"))
+    heads = lines[summary + 1:summary + 3]
+    assert heads[0].startswith("  training  fa LoRA / PEFT LoRA step time = ")
+    assert "(good: below 1: fastadapters trains faster)  -> " in heads[0]
+    assert heads[1].startswith("  kernels   PEFT / fused LoRA layer fwd+bwd = ")
+    assert "(good: above 1: the fused layer is faster)  -> " in heads[1]
+    assert all(h.split("-> ")[1].split(";")[0] in ("GOOD", "BAD", "EVEN", "NOISE: spread > effect, not a result")
+               for h in heads)
     data = json.loads(out.read_text())
     assert [d["benchmark"] for d in data] == ["training_step", "kernels"]  # --no-e2e: no serving_e2e record
+    assert data[0]["summary"]["table"] == "training" and data[1]["summary"]["table"] == "kernels"
+    stats = {r["variant"]: r for r in data[0]["rows"]}["fa lora"]["vs_peft_stats"]
+    assert stats["low"] <= stats["median"] <= stats["high"] and stats["noisy"] is None  # --repeats 1: cannot tell
+    assert data[0]["summary"]["value"] == stats["median"]
     rows = {r["variant"]: r for r in data[0]["rows"]}
     assert {"frozen base", "PEFT lora", "fa lora", "fa series houlsby", "fa parallel", "fa prefix"} <= set(rows)
     assert all(r["step_s"] > 0 for r in rows.values())
@@ -70,7 +88,7 @@ def test_bench_e2e_section_tiny(tmp_path, capsys, monkeypatch):
 
 def test_bench_e2e_section_configuration(monkeypatch):
     # which configuration each device gets (run_e2e itself is exercised above)
-    from fastadapters.serving import e2e_bench
+    from fastadapters.bench import e2e as e2e_bench
 
     calls = []
     monkeypatch.setattr(e2e_bench, "run_e2e", lambda spec, **kw: calls.append((spec, kw)) or {})
@@ -87,10 +105,27 @@ def test_saved_activation_bytes_counts_storages_once():
     import torch
 
     x = torch.randn(64, 32, requires_grad=True)
-    n = bench.saved_activation_bytes(lambda: (x * x).sum())  # x saved twice, one storage
+    n = harness.saved_activation_bytes(lambda: (x * x).sum())  # x saved twice, one storage
     assert n == x.untyped_storage().nbytes()
 
 
 def test_unknown_command_exits_2(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "valid: bench, train, eval" in capsys.readouterr().err
+
+
+def test_a_ratio_whose_spread_exceeds_its_effect_is_flagged_not_printed():
+    """Per-repeat ratios: 1.10 with a range of 0.80-1.45 is noise (half-range 0.33 > effect 0.10) and is
+    rendered as such, never as a result; 1.50 within 1.45-1.56 is a result."""
+    noisy = harness.ratio_stats([0.80, 1.10, 1.45, 1.05, 1.2])
+    assert noisy["median"] == 1.10 and noisy["noisy"] is True
+    assert harness.format_ratio(noisy) == "noise (0.80-1.45)"
+    steady = harness.ratio_stats([1.50, 1.45, 1.56])
+    assert steady["noisy"] is False and harness.format_ratio(steady) == "1.50"
+    assert harness.ratio_stats([1.3])["noisy"] is None  # one repeat cannot tell
+    assert harness.verdict(1.10, "below", 1.0, noisy=True) == "noise"
+    assert harness.verdict(0.80, "below", 1.0) == "good" and harness.verdict(1.3, "below", 1.0) == "bad"
+    assert harness.verdict(1.02, "above", 1.0) == "even"
+    line = harness.render_summary([harness.summary_line("training", "fa / PEFT", 1.1, "x", "below", 1.0,
+                                                        "below 1", noisy=True)])
+    assert "NOISE: spread > effect, not a result" in line.splitlines()[1]

@@ -26,7 +26,7 @@ from fastadapters.evaluate import main as eval_main
 from fastadapters.train import DESCRIPTION, PEFT_FORMAT_ADAPTERS, adapter_config, _check_args
 from fastadapters.train import build_parser as train_parser
 from fastadapters.train import main as train_main
-from fastadapters.bench import build_parser as bench_parser
+from fastadapters.bench.command import build_parser as bench_parser
 from pipeline_utils import STYLE, make_base_model_dir, make_records, one_line_error, write_json
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
@@ -416,3 +416,21 @@ def test_target_modules_split_on_commas_and_spaces(words):
     """--help says "space or comma separated": a quoted "q_proj v_proj" was one name that matched nothing."""
     parsed = train_parser().parse_args([*REQUIRED, "--target-modules", *words])
     assert adapter_config(parsed).target_modules == ["q_proj", "v_proj"]
+
+
+def test_gguf_loader_bar_is_off_without_a_terminal(capfd):
+    """transformers' GGUF loader draws a tqdm bar that transformers' own progress switch does not
+    reach; in a log file (stderr not a terminal) train and eval load with it off, and restore it."""
+    loader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from fastadapters.train import gguf_progress
+
+    bar = loader.tqdm
+    with gguf_progress(show=False):
+        for _ in loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert loader.tqdm is bar
+    assert "de-quantizing" not in capfd.readouterr().err
+    with gguf_progress(show=True):
+        for _ in loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert "de-quantizing" in capfd.readouterr().err  # a terminal keeps it

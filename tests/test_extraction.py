@@ -11,7 +11,10 @@ import pytest
 
 from fastadapters import extraction as ex
 
-DATA_DIR = Path(os.environ.get("FASTADAPTERS_DATA_DIR", "/work/shared/data/llm-adapters"))
+from fastadapters.evaluate import SHIPPED_DATA_DIR
+
+# the copy shipped with the package (fastadapters/testsets/llm-adapters), or another one
+DATA_DIR = Path(os.environ.get("FASTADAPTERS_DATA_DIR") or SHIPPED_DATA_DIR)
 
 # Regression baseline: how many reference rationales the ORIGINAL rules score correct, per test set.
 # These numbers were obtained once by running this module's faithful implementation of the
@@ -164,3 +167,37 @@ def test_infer_dataset_rules():
     assert ex.infer_dataset_rules(["answer1", "answer4"]) == "social_i_qa"
     assert ex.infer_dataset_rules(["option2"]) == "winogrande"
     assert ex.infer_dataset_rules(["maybe"]) is None
+
+
+# The stricter numeric reading on the same rationales: they end with "The answer is N", so it agrees
+# with the paper's rule but for one gsm8k rationale ("the answer is 5 arms and 3 legs, or 8 limbs":
+# the last number is the label, the number after the marker is not) and one SVAMP one.
+MARKER_BASELINE = {"AddSub": 370, "MultiArith": 560, "SingleEq": 484, "gsm8k": 770, "SVAMP": 804, "mawps": 0}
+
+
+@pytest.mark.parametrize("name", sorted(MARKER_BASELINE))
+def test_answer_marker_baseline(name):
+    records = _records(name)
+    correct = sum(ex.score(name, r["output"], r["answer"], math_mode="answer-marker")[1] for r in records)
+    assert correct == MARKER_BASELINE[name]
+
+
+@pytest.mark.parametrize("response, last, marker", [
+    ("9 + 1 = 10 apples after 1 day", 1.0, 10.0),  # the case: the last number is not the answer
+    ("The answer is 4.", 4.0, 4.0),
+    ("x = 5 + 3 = 8, then 2 more", 2.0, 8.0),  # the last marker wins
+    ("So the Answer is $1,200 in 3 days", 3.0, 1200.0),  # any case; commas removed first
+    ("answer is -3.5", -3.5, -3.5),
+    ("He has 10 apples.", 10.0, math.inf),  # no marker: no answer in the stricter reading
+    ("the answer is unknown", math.inf, math.inf),
+])
+def test_math_extraction_modes(response, last, marker):
+    assert ex.extract("AddSub", response) == last  # the paper's rule stays the default
+    assert ex.extract("AddSub", response, math_mode="last-number") == last
+    assert ex.extract("AddSub", response, math_mode="answer-marker") == marker
+    assert ex.score("gsm8k", response, "10", math_mode="answer-marker")[1] == (marker == 10.0)
+
+
+def test_math_mode_validated():
+    with pytest.raises(ValueError, match="math_mode: got 'strict'; valid: last-number, answer-marker"):
+        ex.extract("AddSub", "1", math_mode="strict")

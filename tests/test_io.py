@@ -441,3 +441,28 @@ def test_unknown_format(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="unknown adapter format"):
         fa.load_adapter(fresh(), tmp_path)
+
+
+def test_load_adapter_without_a_name_registers_default_whatever_it_was_saved_as(tmp_path):
+    """Decided in issue 20: the name is the caller's. Files record none, so ``load_adapter`` without
+    ``name=`` registers "default" (PEFT's convention) for an adapter saved as "houlsby"; ``name=``
+    picks any other, and a second adapter of another config under the same default name is refused
+    with the way out named."""
+    import fastadapters as fa
+    from tiny_models import tiny_model
+
+    src = tiny_model("llama")
+    fa.patch(src, adapter="series", variant="houlsby", bottleneck_size=4, name="houlsby")
+    fa.patch(src, adapter="lora", r=2, name="mine")
+    houlsby = fa.save_adapter(src, tmp_path / "houlsby", name="houlsby")
+    lora = fa.save_adapter(src, tmp_path / "lora", name="mine")
+    assert "mine" not in (tmp_path / "lora" / "adapter_config.json").read_text()  # no name on disk
+
+    model = tiny_model("llama")
+    fa.load_adapter(model, houlsby)
+    assert list(model._fastadapters.configs) == ["default"] and model._fastadapters.active == "default"
+    fa.load_adapter(model, houlsby, name="houlsby")
+    assert set(model._fastadapters.configs) == {"default", "houlsby"}
+    with pytest.raises(ValueError, match="pick another name"):
+        fa.load_adapter(model, lora)  # "default" holds a series adapter: not replaced by a LoRA
+    assert set(model._fastadapters.configs) == {"default", "houlsby"}

@@ -2,8 +2,8 @@
 linear), parallel and series adapters, with ratios from the same run, and their markdown."""
 import torch
 
-from fastadapters import bench as harness
-from fastadapters.kernel_bench import _decode_layers, _run_decode_rows, render_kernel_table
+from fastadapters.bench import harness
+from fastadapters.bench.kernels import _decode_layers, _run_decode_rows, render_kernel_table
 
 
 def test_decode_rows_fields_ratios_and_table():

@@ -232,3 +232,48 @@ def test_a_copied_or_pickled_patched_model_still_refuses_and_unpatches(tmp_path)
         fa.unpatch(other)
         assert "save_pretrained" not in other.__dict__
     assert not os.path.exists(tmp_path / "x")
+
+
+def _as_transformers_leaves_a_dequantized_gguf_model(model):
+    """What ``from_pretrained(..., gguf_file=...)`` leaves on a model whose GGUF blocks it dequantized
+    (transformers 5.2x on a CPU, SmolLM2's Q4_1 file): float weights, yet its GGUF quantizer and
+    config kept -- so save_pretrained refuses it."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    model.is_quantized = True
+    model.config.quantization_config = GgufConfig()
+    return model
+
+
+def test_merge_and_unload_of_a_dequantized_gguf_model_saves(tmp_path):
+    """Issue 20: merge_and_unload + save_pretrained on a GGUF-loaded model raised transformers'
+    "quantized with gguf" error; merge_and_unload now drops the marker of a model whose every tensor
+    is a float, and the saved folder reloads with the merged outputs."""
+    import transformers as T
+
+    pytest.importorskip("transformers.quantizers.quantizer_gguf")
+    ids = input_ids()
+    model = _as_transformers_leaves_a_dequantized_gguf_model(tiny_model("llama"))
+    with pytest.raises(ValueError, match=r"(?i)quantized with (QuantizationMethod\.)?gguf"):  # 5.17 prints the enum
+        model.save_pretrained(tmp_path / "refused")  # the failure the issue reports, before any adapter
+    _lora(model)
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
+    fa.merge_and_unload(model)
+    assert model.hf_quantizer is None and getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    with torch.no_grad():
+        reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, patched, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gguf_model_kept_in_blocks_keeps_its_marker():
+    from fastadapters.merging import drop_dequantized_gguf_marker
+
+    model = _as_transformers_leaves_a_dequantized_gguf_model(tiny_model("llama"))
+    model.register_buffer("packed_block", torch.zeros(4, dtype=torch.uint8))
+    assert drop_dequantized_gguf_marker(model) is False
+    assert model.hf_quantizer is not None and model.is_quantized

@@ -8,16 +8,15 @@
 
 ``store.py`` stacks every adapter's weights per layer in global slots; ``routing.py`` runs each
 ``AdapterLinear`` as pre (mh) / base / post (LoRA, parallel) / output phases over those stacks with
-``fastadapters.ops.multi`` (one name per row, or per segment of a packed row); ``bench.py`` is the
-serving benchmark table.
+``fastadapters.ops.multi`` (one name per row, or per segment of a packed row). The benchmarks
+of these (the multi-adapter layer table, the engine end to end) live in ``fastadapters.bench``.
 
 The generation engine and server (``fastadapters serve``), bottom to top: ``kv_blocks.py`` (KV
 in fixed-size blocks), ``sampling.py``, ``scheduler.py`` (requests, continuous batching),
 ``adapters.py`` (served names, versions, path confinement), ``paged_attention.py`` (each
 request's attention over its own blocks), ``detokenizer.py`` (incremental), ``hf_compat.py`` (the
 only transformers internals), ``engine.py`` (the step loop; no HTTP), then ``protocol.py`` /
-``metrics.py`` / ``api.py`` (FastAPI) and ``serve.py`` (the command); ``e2e_bench.py`` measures
-the engine end to end. Submodules import lazily.
+``metrics.py`` / ``api.py`` (FastAPI) and ``serve.py`` (the command). Submodules import lazily.
 """
 
 

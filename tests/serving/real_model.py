@@ -6,14 +6,18 @@
 the tokenizer under ``~/.cache/fastadapters-tests/smollm2-<package version>-tf<transformers
 version>`` (``FASTADAPTERS_TEST_CACHE`` overrides the parent), written to a temporary folder and
 renamed, so later runs load it in seconds. ``smollm2_dir()`` returns that folder, or None with the
-reason when the package or ``gguf`` is missing.
+reason when the package or ``gguf`` is missing. The answer is computed once per process (every
+module of a session shares it: the ``smollm2_folder`` fixture in tests/conftest.py), and a cold
+build says so on the terminal instead of leaving the run silent for a minute.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,6 +30,7 @@ def _package_dir() -> str | None:
     return list(spec.submodule_search_locations)[0]
 
 
+@functools.lru_cache(maxsize=None)
 def smollm2_dir() -> tuple[str | None, str]:
     """(cached model folder, "") or (None, why it is unavailable)."""
     pkg = _package_dir()
@@ -44,6 +49,9 @@ def smollm2_dir() -> tuple[str | None, str]:
         return target, ""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    # pytest captures output: the real stderr, so a cold first run is not a silent minute
+    print(f"\n[tests] building the SmolLM2 test model from {GGUF} into {target} (once per machine, about a "
+          "minute)", file=sys.__stderr__, flush=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
     config = gguf_model.config

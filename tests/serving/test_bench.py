@@ -1,7 +1,7 @@
 """The serving table's building blocks run and check themselves (speed is never asserted)."""
 import torch
 
-from fastadapters.serving import bench as sb
+from fastadapters.bench import layers as sb
 
 
 def test_bench_case_and_render():
@@ -18,7 +18,7 @@ def test_bench_case_and_render():
 
 def test_render_adds_the_graph_column_when_rows_have_it():
     """CUDA rows carry fa_graph (the graph-replayed layer): the table shows it beside eager fa."""
-    from fastadapters.serving.bench import render_serving
+    from fastadapters.bench.layers import render_serving
 
     row = {"mode": "decode", "B": 8, "A": 8, "ranks": "16", "K": 4096, "N": 4096, "floor_us": 12.0,
            "fa_us": 40.0, "fa_over_floor": 3.33, "fa_graph_us": 14.0, "fa_graph_over_floor": 1.17,

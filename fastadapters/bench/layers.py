@@ -36,7 +36,7 @@ MIXED_RANKS = (1, 4, 8, 16, 64)
 
 
 def _timer():
-    from ..bench import time_fn  # the shared harness (warm-up, median; do_bench on CUDA)
+    from .harness import time_fn  # the shared harness (warm-up, median; do_bench on CUDA)
 
     return time_fn
 
@@ -186,7 +186,7 @@ def bench_serving_table(device: str | torch.device | None = None, quick: bool = 
     """Measure the serving table (see the module docstring); returns a JSON-able record.
     ``partial_on_interrupt``: a KeyboardInterrupt (a time limit's SIGINT) ends the table early and
     the rows so far come back marked ``truncated`` (bench/serving.py); otherwise it propagates."""
-    from ..bench import environment
+    from .harness import environment
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -257,3 +257,16 @@ def render_serving(result: dict) -> str:
                      f"| {cell(r, 'peft')} | {cell(r, 'sequential')} | {cell(r, 'merged')} | {peft} "
                      f"| {r['sequential_over_fa']:.1f} | {r['fa_over_merged']:.2f} |")
     return "\n".join(lines)
+
+
+def summary(result: dict) -> dict:
+    """The table's headline: PEFT's mixed-adapter batch over fastadapters' on the decode row with
+    the most adapters (the serving case)."""
+    from .harness import summary_line
+
+    rows = [r for r in result["rows"] if r["mode"] == "decode" and "peft_over_fa" in r]
+    row = max(rows, key=lambda r: (r["A"], r["B"], r["ranks"] == "mixed"), default=None)
+    value = row["peft_over_fa"] if row else None
+    note = f"decode B={row['B']} A={row['A']} ranks {row['ranks']}" if row else "PEFT not installed"
+    return summary_line("layers", "PEFT / fa mixed-adapter batch", value, "x", "above", 1.0,
+                        "above 1: one fused call beats PEFT's loop over adapters", None, note=note)

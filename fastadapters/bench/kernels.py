@@ -28,7 +28,7 @@ where Python and dispatch overhead, not the GEMMs, set the time:
 timed round-robin in the same run (each round times every implementation over a loop of calls;
 the median round; ``fwd_ms`` wall clock, ``fwd_cpu_ms`` process CPU time), with the ratios
 fused/base and peft/fused for both (``*_fwd``, ``*_fwd_cpu``); the markdown shows µs.
-Timing comes from the shared harness (`fastadapters.bench.time_fn`: `triton.testing.do_bench` on
+Timing comes from the shared harness (`fastadapters.bench.harness.time_fn`: `triton.testing.do_bench` on
 CUDA, a wall clock on the CPU). It measures; it never asserts speed.
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from . import harness
 
 SHAPES = {  # model: {projection: (K, N)}
     "llama-7b": {"qkvo": (4096, 4096), "gate_up": (4096, 11008), "down": (11008, 4096)},
@@ -211,7 +213,8 @@ def _time_decode(torch, harness, impls, x, device, rounds, loop_s=0.004):
                 wall[name].append(harness.time_fn(loop, device, warmup=0, repeats=1) / n)
                 cpu[name].append((time.process_time() - c0) / n)
     return {name: {"fwd_ms": 1e3 * statistics.median(wall[name]), "fwd_cpu_ms": 1e3 * statistics.median(cpu[name]),
-                   "calls_per_round": loops[name]} for name in impls}
+                   "calls_per_round": loops[name], "fwd_ms_rounds": [1e3 * t for t in wall[name]],
+                   "fwd_cpu_ms_rounds": [1e3 * t for t in cpu[name]]} for name in impls}
 
 
 def _run_decode_rows(torch, harness, device, dt, rows, cases, ms, dropout, rounds, log):
@@ -228,8 +231,13 @@ def _run_decode_rows(torch, harness, device, dt, rows, cases, ms, dropout, round
                 for key in ("fwd_ms", "fwd_cpu_ms"):  # the ratios by wall clock and by CPU time
                     suffix = "fwd" if key == "fwd_ms" else "fwd_cpu"
                     row[f"fused_over_base_{suffix}"] = res["fused"][key] / res["base"][key]
+                    rounds_of = lambda name: res[name][f"{key}_rounds"]  # noqa: E731
+                    row[f"fused_over_base_{suffix}_stats"] = harness.ratio_stats(
+                        [f / b for f, b in zip(rounds_of("fused"), rounds_of("base"))])
                     if "peft" in res:
                         row[f"peft_over_fused_{suffix}"] = res["peft"][key] / res["fused"][key]
+                        row[f"peft_over_fused_{suffix}_stats"] = harness.ratio_stats(
+                            [p / f for p, f in zip(rounds_of("peft"), rounds_of("fused"))])
                 rows.append(row)
                 log(_render_row(row))
 
@@ -280,7 +288,7 @@ def kernel_table(device: str, dtype: str, quick: bool = False, smoke: bool = Fal
     the torch path."""
     import torch
 
-    from fastadapters import bench as harness
+    from . import harness
 
     device = torch.device(device)
     dt = getattr(torch, dtype)
@@ -409,9 +417,18 @@ def render_kernel_table(result: dict) -> str:
             for key, suffix in (("fwd_ms", "fwd"), ("fwd_cpu_ms", "fwd_cpu")):
                 cells += [f"{1e3 * row['impls'][n][key]:.1f}" if n in row["impls"] else ""
                           for n in ("base", "fused", "peft")]
-                cells.append(f"{row[f'fused_over_base_{suffix}']:.2f}")
-                cells.append(f"{row[f'peft_over_fused_{suffix}']:.2f}" if f"peft_over_fused_{suffix}" in row else "")
+                for ratio in ("fused_over_base", "peft_over_fused"):
+                    name = f"{ratio}_{suffix}"
+                    if name not in row:
+                        cells.append("")
+                    elif row.get(f"{name}_stats"):  # per-round ratios: a spread wider than the effect is noise
+                        cells.append(harness.format_ratio(row[f"{name}_stats"]))
+                    else:  # records from before the per-round ratios
+                        cells.append(f"{row[name]:.2f}")
             lines.append(f"| {row['kind']} | {_shape(row)} | " + " | ".join(cells) + " |")
+        if any(v.get("noisy") for r in decode for k, v in r.items() if k.endswith("_stats") and v):
+            lines += ["", "noise (low-high): the ratio's range over the rounds is wider than its distance from 1 -- "
+                          "the machine's noise, not a result (CPU time, the right half, is the steadier)"]
     return "\n".join(lines)
 
 
@@ -462,7 +479,7 @@ def main(argv=None, default_json: str = os.path.join("bench", "results", "kernel
     print()
     print(render_kernel_table(result))
     if args.json:
-        from fastadapters.bench import append_results
+        from .harness import append_results
 
         append_results(args.json, result)
         print(f"appended to {args.json}")
@@ -471,3 +488,13 @@ def main(argv=None, default_json: str = os.path.join("bench", "results", "kernel
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def summary(result: dict) -> dict:
+    """The table's headline: PEFT's LoRA layer over the fused one, forward + backward, on the first
+    LoRA shape (CUDA: Triton kernels; CPU: the torch path)."""
+    lora = next((r for r in result["rows"] if r["kind"] == "lora" and "peft_over_fused_full" in r), None)
+    value = lora["peft_over_fused_full"] if lora else None
+    note = f"{_shape(lora)}, fused = {lora['fused_backend']}" if lora else "no PEFT row"
+    return harness.summary_line("kernels", "PEFT / fused LoRA layer fwd+bwd", value, "x", "above", 1.0,
+                                "above 1: the fused layer is faster", None, note=note)
