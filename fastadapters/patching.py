@@ -729,4 +729,4 @@ def _prefix_forward(model: nn.Module, orig_forward):
 _MISSING = object()
 # the names a model's forward takes its KV cache under, newest first, and the releases CI tests
 PREFIX_CACHE_ARGUMENTS = ("cache", "past_key_values")
-PREFIX_TESTED_TRANSFORMERS = "5.17 to 5.24"
+PREFIX_TESTED_TRANSFORMERS = "5.17 to 5.25"

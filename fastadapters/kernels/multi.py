@@ -34,7 +34,7 @@ __all__ = ["multi_adapter_launch", "KERNELS", "compile_offline"]
 
 # The CPU interpreter (TRITON_INTERPRET=1, read at import) keeps bf16 as raw uint16 and multiplies it
 # as integers in tl.dot (triton 3.6 - 3.9); there bf16 operands are widened to fp32 first (exact:
-# bf16 products are exact in fp32, as on the tensor cores). Same rule as kernels/_common.mma.
+# bf16 products are exact in fp32, as on the tensor cores). Same rule as _common.mma.
 _INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
