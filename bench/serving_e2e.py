@@ -5,7 +5,7 @@
     python bench/serving_e2e.py --json ''                     # print only
 
 Output tokens/s, TTFT and TPOT (p50/p99) against the same engine with base-model requests only and
-PEFT's padded ``generate`` with ``adapter_names``; the measurement lives in
+PEFT's padded ``generate`` with ``adapter_names``, and HF's batched ``generate`` of the base model; the measurement lives in
 ``fastadapters.bench.e2e``. Results are appended to bench/results/serving_e2e.json.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=(None, "torch", "triton", "cuda"))
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip HF's batched generate of the base model")
     ap.add_argument("--parity", type=int, default=8, help="greedy requests checked against generate alone")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "serving_e2e.json"))
     args = ap.parse_args(argv)
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     result = run_e2e(args.model, tuple(int(a) for a in args.adapters.split(",")), args.requests, args.max_tokens,
                      max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, with_peft=not args.no_peft,
+                     with_hf=not args.no_hf,
                      parity=args.parity, backend=args.backend)
     print(render_e2e(result))
     if args.json:

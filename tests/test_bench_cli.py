@@ -75,7 +75,11 @@ def test_bench_e2e_section_tiny(tmp_path, capsys, monkeypatch):
     assert e2e["dtype"] == "float32" and e2e["env"]["device_type"] == "cpu"
     assert e2e["model_shape"] == {"hidden_size": 256, "num_hidden_layers": 4, "vocab_size": 2048}
     assert [r["A"] for r in e2e["rows"]] == [1, 2]
+    hf = e2e["hf_generate"]  # HF's batched generate of the base model on the same prompts: the yardstick
+    assert hf["tokens"] == 4 * 3 and hf["tok_per_s"] > 0
+    assert f"HF batched generate of the base model (padded batches of 4): {hf['tok_per_s']:.1f} tok/s" in text
     for r in e2e["rows"]:
+        assert r["base_only_over_hf"] == r["base_only"]["tok_per_s"] / hf["tok_per_s"]
         assert r["engine"]["tokens"] == r["base_only"]["tokens"] == 4 * 3  # ignore_eos: every token generated
         assert r["engine"]["tok_per_s"] > 0 and r["engine"]["ttft_p50_ms"] <= r["engine"]["ttft_p99_ms"]
         assert r["ratio_vs_base_only"] == r["engine"]["tok_per_s"] / r["base_only"]["tok_per_s"]
@@ -98,7 +102,7 @@ def test_bench_e2e_section_configuration(monkeypatch):
     (spec, cuda), (_, cuda1), (_, cpu) = calls
     assert spec == "small" and cuda["adapter_counts"] == (1, 8, 32) and cuda["dtype"] == "bfloat16"
     assert cuda["device"] == "cuda" and cuda1["device"] == "cuda:1" and cuda1["dtype"] == "float16"
-    assert cpu["adapter_counts"] == (1, 8) and cpu["dtype"] == "float32" and cpu["requests"] <= 16
+    assert cpu["adapter_counts"] == (1, 8, 32) and cpu["dtype"] == "float32" and cpu["requests"] <= 16
 
 
 def test_saved_activation_bytes_counts_storages_once():
