@@ -267,8 +267,11 @@ class Engine:
                 if self._stopping:
                     break
             try:
-                self.step()
-                self._heartbeat = time.monotonic()  # a completed step (health's watchdog)
+                if self.step():
+                    self._heartbeat = time.monotonic()  # a completed step (health's watchdog)
+                else:  # work waits but nothing could run: no progress to report, and no busy spin
+                    with self._lock:
+                        self._wake.wait(0.01)
             except Exception as e:  # never let the loop die: the failed step's requests got an error
                 self.last_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"fastadapters serving: engine step failed: {self.last_error}", RuntimeWarning)
@@ -387,12 +390,17 @@ class Engine:
             return False
         try:
             logits = self._forward(batch)
-        except Exception as e:
+            self._take_tokens(batch, logits)
+        except Exception as e:  # the step itself failed: none of its requests may be left half-advanced
             msg = f"{type(e).__name__}: {e}"
             self.last_error = msg
             for req in batch.requests:
                 self._finish(req, "error", error=msg)
             raise
+        return True
+
+    def _take_tokens(self, batch, logits: torch.Tensor) -> None:
+        """Advance the batch's requests past this step's tokens and sample where a prompt is done."""
         with self._lock:
             self.stats["steps"] += 1
             rows, done = [], []
@@ -413,7 +421,7 @@ class Engine:
                 rows.append(i)
                 done.append(req)
             if not rows:
-                return True
+                return
             x = logits if len(rows) == logits.shape[0] else logits.index_select(
                 0, torch.tensor(rows, device=logits.device))
             tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
@@ -429,7 +437,6 @@ class Engine:
                 except Exception as e:  # e.g. its detokenisation failed: it ends alone, the step goes on
                     self.stats["request_errors"] += 1
                     self._finish(req, "error", error=f"{type(e).__name__}: {e}")
-        return True
 
     def _forward(self, batch) -> torch.Tensor:
         reqs, news = batch.requests, batch.num_new

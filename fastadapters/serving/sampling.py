@@ -96,12 +96,15 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> tuple[list[int], list[str | None]]:
     """Tokens for every row of ``logits`` (R, V), and per row None or an error message (see the
     module docstring). One device-to-host copy for the whole step."""
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    # a row with NaN or +inf, or with no finite logit at all (every token -inf), has no token to give
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
     tokens = logits.argmax(-1)
     errors: list[str | None] = [None] * len(params)
     sampled = [j for j, p in enumerate(params) if not is_greedy(p)]
     if sampled:
-        rows = logits.float()
+        # a bad row never reaches the draw (on CUDA, multinomial over NaN probabilities is a device-side
+        # assert that poisons every later step of every request); it is reported below instead
+        rows = torch.where(bad[:, None], torch.zeros((), dtype=torch.float32, device=logits.device), logits.float())
         for j in sampled:
             try:
                 tokens[j] = _draw(rows[j], params[j], generators[j])[0]

@@ -104,3 +104,57 @@ def test_a_failure_after_sampling_ends_only_that_request(zoo):
     assert reqs[0].finish_reason == "error" and reqs[0].output_ids[-1] == bad_token[0]
     assert [r.output_ids for r in reqs[1:]] == want[1:] and all(r.finish_reason == "length" for r in reqs[1:])
     assert_no_leaks(engine)
+
+
+def test_a_non_finite_row_never_reaches_the_draw_and_an_all_minus_inf_row_is_an_error(monkeypatch):
+    from fastadapters.serving import sampling
+
+    real = sampling._draw
+
+    def checked(x, params, generator):
+        assert torch.isfinite(x).all(), "a non-finite row reached the draw"
+        return real(x, params, generator)
+
+    monkeypatch.setattr(sampling, "_draw", checked)
+    logits = torch.randn(4, 9)
+    logits[0, 2] = float("nan")
+    logits[1, 5] = float("inf")
+    logits[2] = float("-inf")
+    ps = [SamplingParams(temperature=0.7, seed=s) for s in range(3)] + [SamplingParams(temperature=0)]
+    gens = [torch.Generator().manual_seed(s) for s in range(3)] + [None]
+    tokens, errors = sampling.sample_rows(logits, ps, gens)
+    assert all("non-finite" in e for e in errors[:3]) and errors[3] is None
+    assert tokens[3] == int(logits[3].argmax())
+    _, errors = sampling.sample_rows(logits[2:3], [SamplingParams(temperature=0)], [None])
+    assert errors[0] is not None  # greedy over all -inf would silently answer token 0
+
+
+def test_a_step_that_fails_after_the_forward_ends_its_requests_and_leaks_nothing(monkeypatch):
+    """A failure between the forward and the tokens (e.g. a device error surfacing at the one host
+    copy) must not leave requests advanced with no token: they would never be scheduled again."""
+    import pytest
+
+    from fastadapters.serving import engine as engine_mod
+
+    engine = tiny_engine(max_num_seqs=4)
+    ps = prompts([5, 6], seed=41)
+    reqs = [engine.submit(p, GREEDY) for p in ps]
+    calls = []
+    real = engine_mod.sample_rows
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device error at the host copy")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_mod, "sample_rows", failing)
+    engine.step()
+    with pytest.raises(RuntimeError, match="device error"):
+        engine.step()
+    assert all(r.finish_reason == "error" for r in reqs)
+    assert not engine.scheduler.has_work() and not engine.requests
+    assert_no_leaks(engine)
+    after = engine.submit(ps[0], GREEDY)  # the engine serves on
+    engine.run_until_done()
+    assert after.finish_reason == "length" and after.output_ids == greedy_ref(engine, None, ps[0], GREEDY.max_tokens)

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,7 +124,10 @@ def test_a_transformers_that_skips_the_cache_fails_loudly():
     engine = tiny_engine(max_num_seqs=2)
     attn = engine.model.model.layers[0].self_attn
     real = attn.forward
-    attn.forward = lambda *a, **k: real(*a, **{**k, "cache": None})  # as if a release stopped calling update
+    # the keyword under which this release's attention takes the cache (5.24: cache; before: past_key_values)
+    params = inspect.signature(type(attn).forward).parameters
+    kw = next(k for k in ("cache", "past_key_values", "past_key_value") if k in params)
+    attn.forward = lambda *a, **k: real(*a, **{**k, kw: None})  # as if a release stopped calling update
     engine.submit([3, 4, 5], GREEDY)
     with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*1 cache updates"):
         engine.step()
