@@ -137,9 +137,9 @@ class _Guard:
                 return await reject(431, f"the request headers hold {size} bytes; valid: at most "
                                          f"{lim.max_header_bytes} (--max-header-bytes)", "invalid_request_error")
             if self.api_key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
-                auth = next((v for k, v in headers if k == b"authorization"), b"").decode("latin-1")
-                if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("latin-1",
-                                                                                               "replace")):
+                auth = next((v for k, v in headers if k == b"authorization"), b"")
+                # raw bytes against the key's UTF-8 bytes: no lossy re-encoding that maps characters to '?'
+                if not hmac.compare_digest(auth, b"Bearer " + self.api_key.encode("utf-8")):
                     return await reject(401, "a valid API key is needed: send the header 'Authorization: Bearer "
                                              "<key>' (the key the server was started with)", "authentication_error")
             length = next((v for k, v in headers if k == b"content-length"), None)

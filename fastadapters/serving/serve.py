@@ -206,8 +206,10 @@ def _check(args) -> None:
 
     if args.api_key is None:
         args.api_key = os.environ.get("FASTADAPTERS_API_KEY") or None
-    if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()):
-        raise UsageError("--api-key: an empty or unprintable key; valid: printable characters")
+    if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()
+                                     or not args.api_key.isascii()):
+        raise UsageError("--api-key: an empty, unprintable or non-ASCII key; valid: printable ASCII characters "
+                         "(what an HTTP header carries as it is)")
     if not os.path.exists(args.base_model):
         raise UsageError(f"--base-model: {args.base_model!r} does not exist")
     folder, gguf = _split_gguf(args.base_model, args.gguf_file)

@@ -385,6 +385,12 @@ def test_api_key_is_required_on_v1_and_admin_needs_a_key_when_open(zoo, tmp_path
         assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert "401" in c.get("/openapi.json").json()["paths"]["/v1/models"]["get"]["responses"]
     engine = make_engine(root=tmp_path)
+    # a key beyond Latin-1 (only create_app can be given one; serve refuses it) is never matched by '?'s
+    with TestClient(create_app(engine, BASE, api_key="\u5bc6\u7801\u5bc6\u7801"), raise_server_exceptions=False) as c:
+        error_of(c.get("/v1/models", headers={"Authorization": "Bearer ????"}), 401)
+        ok = c.get("/v1/models", headers=[(b"authorization", "Bearer \u5bc6\u7801\u5bc6\u7801".encode())])
+        assert ok.status_code == 200, ok.text
+    engine = make_engine(root=tmp_path)
     with TestClient(create_app(engine, BASE, admin_needs_key=True), raise_server_exceptions=False) as c:
         for route, body in (("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "x"}),
                             ("/v1/unload_lora_adapter", {"lora_name": "a"})):
@@ -482,6 +488,8 @@ def test_startup_refusals_exit_2_with_one_line(base_dir, tmp_path, capsys, no_uv
     assert serve.main(["--base-model", base, "--served-model-name", "tiny", "--adapter",
                        f"tiny={base_dir / 'h'}"]) == 2
     _one_line(capsys, "--adapter tiny", "served base model")
+    assert serve.main(["--base-model", base, "--api-key", "caf\u00e9-key"]) == 2
+    _one_line(capsys, "--api-key", "ASCII")
     monkeypatch.undo()
     import uvicorn
 
