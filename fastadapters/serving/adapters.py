@@ -117,6 +117,53 @@ def confine(path: str, roots: list[str], max_bytes: int | None = None) -> str:
     return real
 
 
+def private_copy(folder: str, roots: list[str], max_bytes: int | None, shown: str) -> str:
+    """Copy the adapter files of ``folder`` (already checked by ``confine``) into a new private
+    temporary folder and return it; the caller loads from the copy and removes it. Each file is
+    opened once, without following a link in its last component (``O_NOFOLLOW``), and checked on the
+    open descriptor -- a regular file, inside the size limit counted as it is read -- so a file
+    swapped for a link or a larger file between ``confine``'s check and the read is refused, never
+    read. Messages quote ``shown`` (the path as the client gave it)."""
+    import shutil
+    import tempfile
+
+    bases = [os.path.realpath(r) for r in roots]
+    out = tempfile.mkdtemp(prefix="fastadapters-adapter-")
+    total = 0
+    try:
+        for entry in sorted(os.listdir(folder)):
+            full = os.path.join(folder, entry)
+            if os.path.isdir(full):
+                continue
+            target = os.path.realpath(full)  # confine allowed links that stay inside a root
+            if not any(_inside(target, b) for b in bases):
+                raise PathNotAllowed(f"lora_path {show(shown)}: the file {show(entry)} links outside the adapter "
+                                     "roots; valid: files that are inside a root")
+            try:
+                fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            except OSError:
+                raise AdapterError(f"lora_path {show(shown)}: the file {show(entry)} cannot be opened as a regular "
+                                   "file") from None
+            with os.fdopen(fd, "rb") as src:
+                st = os.fstat(src.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise AdapterError(f"lora_path {show(shown)}: {show(entry)} is not a regular file")
+                with open(os.path.join(out, entry), "wb") as dst:
+                    while True:
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+                        if max_bytes is not None and total > max_bytes:
+                            raise AdapterError(f"lora_path {show(shown)}: its files hold more than the limit of "
+                                               f"{max_bytes} bytes (--max-adapter-bytes)")
+                        dst.write(chunk)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
 def default_max_adapter_bytes(model, rank: int = 128, floor: int = 16 << 20) -> int:
     """A size limit for a runtime-loaded adapter folder, from the base model's shapes: a LoRA of rank
     ``rank`` on every linear layer, in float32, plus 1 MiB for the config and file headers; at least

@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, confine, show
+from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, show
 from .engine import PromptError, QueueFull
 from .metrics import ServerMetrics
 from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, Limits, LoadAdapterRequest,
@@ -572,8 +572,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if body.lora_name == served_model_name:
             raise APIError(400, f"lora_name {show(body.lora_name)} is the base model's name", param="lora_name")
         try:
-            path = await run_in_threadpool(confine, body.lora_path, engine.adapter_roots, max_adapter_bytes)
-            await run_in_threadpool(engine.load_adapter, body.lora_name, path)
+            await run_in_threadpool(lambda: engine.load_adapter(body.lora_name, body.lora_path,
+                                                                max_bytes=max_adapter_bytes))
         except Exception as e:
             raise _api_error(e) from None
         return PlainTextResponse(f"Success: adapter {show(body.lora_name)} added successfully.")

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine,
-                       nonfinite_adapter_tensor)
+                       nonfinite_adapter_tensor, private_copy)
 from .detokenizer import DetokState, detokenize
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
@@ -191,14 +191,23 @@ class Engine:
             self._aborts.add(request_id)
             self._wake.notify_all()
 
-    def load_adapter(self, name: str, path: str, confined: bool = True, timeout: float | None = 600) -> AdapterEntry:
+    def load_adapter(self, name: str, path: str, confined: bool = True, timeout: float | None = 600,
+                     max_bytes: int | None = None) -> AdapterEntry:
         """Load the adapter in ``path`` as ``name`` (any type / format ``fa.load_adapter`` reads).
-        ``confined``: the path must lie under an adapter root (runtime loads); False for start-up."""
+        ``confined``: the path must lie under an adapter root (runtime loads; its files, within
+        ``max_bytes`` in all, are copied through checked descriptors into a private folder and loaded
+        from there, and messages quote ``path`` as given); False for start-up."""
         if not isinstance(name, str) or not name.strip():
             raise AdapterError(f"lora_name: got {name!r}; valid: a non-empty string")
-        if confined:
-            path = confine(path, self.adapter_roots)
-        return self.call(lambda: self._load(name, path), timeout)
+        if not confined:
+            return self.call(lambda: self._load(name, path), timeout)
+        import shutil
+
+        copy = private_copy(confine(path, self.adapter_roots, max_bytes), self.adapter_roots, max_bytes, path)
+        try:
+            return self.call(lambda: self._load(name, copy, shown=path), timeout)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
 
     def unload_adapter(self, name: str, timeout: float | None = 600) -> None:
         return self.call(lambda: self._unload(name), timeout)
@@ -300,7 +309,7 @@ class Engine:
         return reqs
 
     # -- adapters (engine thread) ------------------------------------------------------------------
-    def _load(self, name: str, path: str) -> AdapterEntry:
+    def _load(self, name: str, path: str, shown: str | None = None) -> AdapterEntry:
         import fastadapters as fa
         from ..config import PrefixConfig
         from ..patching import _prefix_encoders
@@ -308,12 +317,13 @@ class Engine:
         if name in self.registry.entries:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first to replace it")
         internal = self.registry.new_internal_name()
+        shown = path if shown is None else shown  # what messages and /v1/models quote (a private copy is not)
         try:
             fa.load_adapter(self.model, path, name=internal)
         except FileNotFoundError as e:
-            raise AdapterError(f"no adapter at {path!r}: {e}") from None
+            raise AdapterError(f"no adapter at {shown!r}: {str(e).replace(path, shown)}") from None
         except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise AdapterError(f"could not load an adapter from {path!r}: {e}") from None
+            raise AdapterError(f"could not load an adapter from {shown!r}: {str(e).replace(path, shown)}") from None
         fa.set_adapter(self.model, None)  # requests choose adapters; none is active between them
         bad = nonfinite_adapter_tensor(self.model, internal)
         if bad is not None:  # NaN/inf weights would poison every row they touch: refuse, change nothing
@@ -326,7 +336,7 @@ class Engine:
                 configure(self.model, max_slots=self.max_loras)
                 self._router = None  # it held the previous store
         cfg = fa.get_config(self.model, internal)
-        entry = AdapterEntry(name, path, internal, cfg.adapter_type, created=int(time.time()))
+        entry = AdapterEntry(name, shown, internal, cfg.adapter_type, created=int(time.time()))
         if isinstance(cfg, PrefixConfig):
             with torch.no_grad():
                 kv = _prefix_encoders(self.model)[internal](1, self.dtype)

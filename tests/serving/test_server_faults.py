@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 
@@ -163,6 +164,57 @@ def test_file_symlink_out_of_the_root_is_refused_without_echo(client, zoo, tmp_p
     os.mkfifo(fifo / WEIGHTS)
     assert "regular file" in error_of(c.post("/v1/load_lora_adapter",
                                              json={"lora_name": "f", "lora_path": str(fifo)}), 400)["message"]
+
+
+def test_a_bad_adapter_inside_the_root_quotes_only_the_given_path(client, zoo):
+    engine, c, root = client
+    import shutil
+
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{ not json")
+    shutil.copy(os.path.join(zoo["lora_r64"], WEIGHTS), bad / WEIGHTS)
+    for given in ("bad", str(bad)):
+        msg = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": given}), 400)["message"]
+        assert "fastadapters-adapter-" not in msg and os.getcwd() not in msg
+        if given == "bad":  # a relative path: the root's location is never revealed
+            assert str(root) not in msg and os.path.realpath(root) not in msg
+    shutil.copytree(zoo["pfeiffer"], root / "pf_given")
+    assert c.post("/v1/load_lora_adapter", json={"lora_name": "pf_given", "lora_path": "pf_given"}).status_code == 200
+    shown = {m["id"]: m["root"] for m in c.get("/v1/models").json()["data"]}
+    assert shown["pf_given"] == "pf_given"  # the path as given, not resolved
+    assert c.post("/v1/unload_lora_adapter", json={"lora_name": "pf_given"}).status_code == 200
+
+
+def test_a_file_swapped_after_the_check_is_never_read(zoo, tmp_path):
+    """confine checks, then the copy opens each file once on a checked descriptor: a weights file
+    replaced by a link to an outside file, or grown past the limit, between the two is refused."""
+    import shutil
+
+    import pytest
+
+    from fastadapters.serving.adapters import AdapterError, PathNotAllowed, confine, private_copy
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(zoo["lora_r64"], root / "a")
+    shutil.copytree(zoo["lora_r64"], outside)
+    size = sum(os.path.getsize(root / "a" / f) for f in os.listdir(root / "a"))
+    folder = confine("a", [str(root)], size)
+    copy = private_copy(folder, [str(root)], size, "a")
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(folder))
+    shutil.rmtree(copy)
+    os.remove(root / "a" / WEIGHTS)
+    (root / "a" / WEIGHTS).symlink_to(outside / WEIGHTS)  # the swap
+    with pytest.raises(PathNotAllowed):
+        private_copy(folder, [str(root)], size, "a")
+    os.remove(root / "a" / WEIGHTS)
+    shutil.copy(outside / WEIGHTS, root / "a" / WEIGHTS)
+    with open(root / "a" / WEIGHTS, "ab") as f:  # grown past the limit after the check
+        f.write(b"\0" * 1024)
+    with pytest.raises(AdapterError, match="--max-adapter-bytes"):
+        private_copy(folder, [str(root)], size, "a")
+    left = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("fastadapters-adapter-")]
+    assert not any(os.path.getmtime(os.path.join(tempfile.gettempdir(), d)) > time.time() - 5 for d in left)
 
 
 def test_adapter_size_limit_is_checked_before_reading(zoo, tmp_path):
