@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, show
-from .engine import PromptError, QueueFull
+from .engine import EngineBusy, PromptError, QueueFull
 from .metrics import ServerMetrics
 from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, Limits, LoadAdapterRequest,
                        UnloadAdapterRequest, error_body)
@@ -74,7 +74,7 @@ def _api_error(e: Exception) -> APIError:
         return APIError(404, str(e), "not_found_error", "model")
     if isinstance(e, PathNotAllowed):
         return APIError(403, str(e), "permission_error", "lora_path")
-    if isinstance(e, QueueFull):
+    if isinstance(e, (QueueFull, EngineBusy)):
         return APIError(503, str(e), "service_unavailable")
     if isinstance(e, (AdapterError, PromptError, ValueError)):
         param = "max_tokens" if str(e).startswith("max_tokens") else None

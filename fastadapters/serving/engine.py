@@ -59,7 +59,12 @@ from .paged_attention import Segment, StepTables, chunk_mask
 from .sampling import SamplingParams, make_generator, sample_rows
 from .scheduler import QueueFull, Request, Scheduler, Status
 
-__all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError"]
+__all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError",
+           "EngineBusy"]
+
+
+class EngineBusy(RuntimeError):
+    """A command (adapter load / unload) the engine thread did not reach in time; withdrawn: HTTP 503."""
 
 
 class PromptError(ValueError):
@@ -225,7 +230,13 @@ class Engine:
         with self._lock:
             self._commands.append((fn, fut))
             self._wake.notify_all()
-        return fut.result(timeout)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if fut.cancel():  # not started: withdrawn, nothing changed
+                raise EngineBusy(f"the engine did not reach this command within {timeout:g} s (it is busy); "
+                                 "nothing was changed; retry later") from None
+            return fut.result()  # already running: its outcome is the answer
 
     # -- the thread ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -376,6 +387,8 @@ class Engine:
         with self._lock:
             commands, self._commands = self._commands, collections.deque()
             for fn, fut in commands:
+                if not fut.set_running_or_notify_cancel():
+                    continue  # its caller timed out and withdrew it: it must not happen later
                 try:
                     fut.set_result(fn())
                 except BaseException as e:  # handed to the caller's thread

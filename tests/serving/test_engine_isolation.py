@@ -158,3 +158,34 @@ def test_a_step_that_fails_after_the_forward_ends_its_requests_and_leaks_nothing
     after = engine.submit(ps[0], GREEDY)  # the engine serves on
     engine.run_until_done()
     assert after.finish_reason == "length" and after.output_ids == greedy_ref(engine, None, ps[0], GREEDY.max_tokens)
+
+
+def test_a_command_that_timed_out_is_withdrawn_and_never_runs_later(zoo):
+    """A load the engine thread did not reach in time answers EngineBusy (HTTP 503) and is withdrawn:
+    the adapter must not appear after the client was told it failed."""
+    import threading
+
+    import pytest
+
+    from fastadapters.serving.engine import EngineBusy
+
+    engine = tiny_engine(zoo, max_num_seqs=2)
+    gate = threading.Event()
+    real_step = engine.step
+
+    def slow_step():  # the engine thread is busy until the gate opens
+        gate.wait(10)
+        return real_step()
+
+    engine.step = slow_step
+    engine.start()
+    try:
+        engine.submit(prompts([4], seed=2)[0], GREEDY)
+        with pytest.raises(EngineBusy, match="nothing was changed"):
+            engine.load_adapter("late", zoo["lora_r4"], confined=False, timeout=0.2)
+        gate.set()
+        engine.call(lambda: None, timeout=30)  # every queued command has been taken by now
+        assert "late" not in {e.name for e in engine.adapters()}
+    finally:
+        gate.set()
+        engine.stop()
