@@ -14,8 +14,10 @@ Limits: ``max_num_seqs`` running requests; ``max_waiting`` queued ones (``submit
 """
 from __future__ import annotations
 
+import array
 import collections
 import enum
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -209,13 +211,19 @@ class Scheduler:
         req.status = Status.RUNNING
         return True
 
-    def _block_key(self, req: Request, i: int, parent) -> int:
-        """Content key of block ``i`` of ``req``: its adapter load id, its tokens (prefix positions
-        carry none: they are the adapter's) and the previous block's key."""
+    def _block_key(self, req: Request, i: int, parent) -> bytes:
+        """Content key of block ``i`` of ``req``: a SHA-256 chain over its adapter load id, its tokens
+        (prefix positions carry none: they are the adapter's) and the previous block's key. Not
+        Python's ``hash``: int tuples hash without a per-process seed and 64 bits can be collided on
+        purpose, and a hit is trusted without comparing tokens, so a crafted prompt could plant its
+        keys/values under another tenant's prefix (vLLM moved to SHA-256 for the same reason)."""
         bs, plen = self.pool.block_size, req.prefix_len
         lo, hi = max(0, i * bs - plen), (i + 1) * bs - plen
-        toks = tuple(req.tokens(lo, hi - lo)) if hi > 0 else ()
-        return hash((parent, req.cache_scope, i, toks))
+        toks = req.tokens(lo, hi - lo) if hi > 0 else []
+        h = hashlib.sha256(parent or b"")
+        h.update(f"|{req.cache_scope}|{i}|".encode())
+        h.update(array.array("q", toks).tobytes())
+        return h.digest()
 
     def commit_blocks(self, req: Request) -> None:
         """Name ``req``'s newly full, computed blocks in the prefix cache (O(block_size) per block)."""

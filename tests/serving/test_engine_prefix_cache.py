@@ -60,3 +60,27 @@ def test_cached_blocks_are_evicted_when_needed(zoo):
     off = tiny_engine(max_num_seqs=2, block_size=4, prefix_caching=False)
     off.generate([ps[0], ps[0]], GREEDY)
     assert off.stats["prefix_cache_hit_tokens"] == 0 and off.pool.cached_blocks == 0
+
+
+def test_block_keys_are_content_digests_not_python_hash(monkeypatch):
+    """A cached block is trusted on its key alone, so the key must not be collidable on purpose:
+    Python's hash of an int tuple has no per-process seed and 64 bits. Here every hash() collides;
+    blocks with other tokens, scope, index or parent must still get other keys."""
+    import builtins
+    import hashlib
+
+    from fastadapters.serving.scheduler import Request
+
+    engine = tiny_engine(max_num_seqs=2, block_size=4)
+    sched = engine.scheduler
+    monkeypatch.setattr(builtins, "hash", lambda x: 7)  # a collision for every content, were hash used
+    a = Request([5, 6, 7, 8, 9, 10, 11, 12], GREEDY)
+    b = Request([5, 6, 7, 9, 9, 10, 11, 12], GREEDY)
+    ka0 = sched._block_key(a, 0, None)
+    assert len(ka0) == hashlib.sha256().digest_size
+    assert ka0 == sched._block_key(Request(list(a.prompt_ids), GREEDY), 0, None)  # same content, same key
+    assert ka0 != sched._block_key(b, 0, None)
+    assert sched._block_key(a, 1, ka0) != sched._block_key(a, 1, sched._block_key(b, 0, None))
+    scoped = Request(list(a.prompt_ids), GREEDY)
+    scoped.cache_scope = "_adapter_1"
+    assert sched._block_key(scoped, 0, None) != ka0
