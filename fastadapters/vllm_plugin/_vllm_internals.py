@@ -186,7 +186,8 @@ def install() -> None:
             if "output" in kinds and (kinds != {"output"} or not module._fa_output_ok):
                 raise AdapterRefused(
                     f"LoRA id {lora_id}: the series adapter's output placement on {name} needs a row-parallel layer "
-                    "whose input is at least as wide as its output (the MLP down projection), at tensor-parallel size 1")
+                    "without a bias whose input is at least as wide as its output (the MLP down projection), at "
+                    "tensor-parallel size 1")
             if "mh" in kinds and kinds != {"mh"}:
                 raise AdapterRefused(f"LoRA id {lora_id}: {name} mixes the input placement with other branches")
             out.append((module, subs, kinds))
@@ -220,8 +221,11 @@ def install() -> None:
                 self._fa_row_parallel = isinstance(self, RowParallelLinearWithLoRA)
                 # a series adapter in the output placement reads the layer's output h through the slot's A,
                 # h zero-padded to A's width: possible where that width (the input) is at least h's
+                # and only without a bias: vLLM adds a row-parallel layer's bias after apply(), so the h
+                # seen here would be Wx, not our Wx + b (a biased model would answer wrong, silently)
                 self._fa_output_ok = (self._fa_row_parallel and self.tp_size == 1
-                                      and self.input_size >= self.output_size)
+                                      and self.input_size >= self.output_size
+                                      and getattr(self.base_layer, "bias", None) is None)
         return create_lora_weights
 
     import vllm.lora.layers  # noqa: F401  (defines every linear LoRA layer class)
