@@ -1,0 +1,148 @@
+"""Issue 19 item 5: adapter residency. Ranks are bucketed (one rank-256 adapter does not pad the
+rank-8 adapters' slots), loads are incremental (a load copies its own weights, not every table),
+``max_cpu_loras`` bounds the adapters kept in host memory."""
+from __future__ import annotations
+
+import torch
+
+import fastadapters as fa
+from fastadapters.serving import store as store_mod
+
+from .helpers import VOCAB, randomize_adapter, run_alone, tiny_llama
+
+ATOL = 1e-5
+
+
+def _ids(rows, length=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (rows, length), generator=g)
+
+
+def _bytes_holding(store, name: str) -> int:
+    """Device bytes of every stacked table that holds adapter ``name``."""
+    return sum(t.down.nbytes + t.up.nbytes for lt in store.layers.values() for t in lt.tables() if name in t.members)
+
+
+def _lora(model, name, r, seed):
+    fa.patch(model, "lora", name=name, r=r, alpha=r, target_modules=["q_proj", "v_proj"])
+    randomize_adapter(model, name, seed)
+
+
+def test_rank_256_adapter_does_not_pad_rank_8_slots():
+    model = tiny_llama()
+    _lora(model, "a", 8, 1)
+    _lora(model, "b", 8, 2)
+    ids = _ids(4)
+    with torch.no_grad(), fa.route(model, ["a", "b", None, "a"]) as router:
+        model(ids)
+    store = router.store
+    before = _bytes_holding(store, "a")
+    assert before > 0
+    _lora(model, "big", 256, 3)
+    names = ["a", "big", None, "b"]
+    with torch.no_grad(), fa.route(model, names) as router:
+        out = model(ids).logits
+    assert router.store is store
+    assert _bytes_holding(store, "a") == before  # the rank-8 tables did not grow to rank 256
+    assert _bytes_holding(store, "big") > 0
+    for i, n in enumerate(names):  # a mixed-rank batch: every row equals that row alone
+        torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=ATOL, rtol=0)
+
+
+def test_mixed_rank_greedy_tokens_equal_each_alone():
+    model = tiny_llama()
+    for i, r in enumerate([1, 8, 9, 100, 256]):
+        _lora(model, f"r{r}", r, 10 + i)
+    names = ["r256", "r1", None, "r9", "r100", "r8"]
+    ids = _ids(len(names), seed=3)
+    with torch.no_grad(), fa.route(model, names) as router:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert set(router.store.buckets) == {1, 8, 16, 128, 256}
+    for i, n in enumerate(names):
+        fa.set_adapter(model, n)
+        with torch.no_grad():
+            alone = model.generate(ids[i:i + 1], max_new_tokens=5, do_sample=False)
+        assert out[i].tolist() == alone[0].tolist(), n
+
+
+def test_a_load_copies_its_own_weights_not_every_table():
+    """Loading the k-th adapter copies that adapter's weights (and, when its bucket's tables are
+    full, moves that bucket's slots once into tables twice the size); the other adapters' tables
+    are neither reallocated nor refilled, so what a load costs does not grow with what is loaded."""
+    model = tiny_llama()
+    _lora(model, "big", 64, 0)
+    ids = _ids(2)
+    with torch.no_grad(), fa.route(model, ["big", None]) as router:
+        model(ids)
+    store = router.store
+    big_tables = [t.down for lt in store.layers.values() for t in lt.tables() if "big" in t.members]
+    own = None
+    total_copied = total_own = 0
+    for k in range(12):
+        name = f"a{k}"
+        _lora(model, name, 8, 100 + k)
+        own = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".{name}." in n)
+        copied, grown, swaps = store.bytes_copied, store.tables_grown, store.swaps
+        with torch.no_grad(), fa.route(model, [name, "big"]):
+            out = model(ids).logits
+        copied = store.bytes_copied - copied
+        grown = store.tables_grown - grown
+        assert store.swaps - swaps == 1  # one slot filled: the new adapter's
+        cap = store.capacity[8]
+        if grown == 0:
+            assert copied == own, (k, copied, own)
+        else:  # a doubling: the bucket's own tables only, moved once
+            assert cap & (cap - 1) == 0 and grown == sum(1 for lt in store.layers.values() for t in lt.tables()
+                                                          if name in t.members)
+        total_copied += copied
+        total_own += own
+        # the rank-64 adapter's tables are the same tensors: not rebuilt by any load
+        assert [t.down for lt in store.layers.values() for t in lt.tables() if "big" in t.members] == big_tables
+        assert all(a is b for a, b in zip(big_tables, [t.down for lt in store.layers.values() for t in lt.tables()
+                                                        if "big" in t.members]))
+        torch.testing.assert_close(out[0], run_alone(model, ids[:1], name)[0], atol=ATOL, rtol=0)
+    assert total_copied <= 3 * total_own  # amortized O(1) per load
+    torch.testing.assert_close(out[1], run_alone(model, ids[1:2], "big")[0], atol=ATOL, rtol=0)
+
+
+def test_unload_frees_the_slot_and_the_next_load_reuses_it():
+    model = tiny_llama()
+    _lora(model, "a", 8, 1)
+    _lora(model, "b", 8, 2)
+    ids = _ids(2)
+    with torch.no_grad(), fa.route(model, ["a", "b"]) as router:
+        model(ids)
+    store = router.store
+    slot_b = store.slot_of["b"]
+    fa.delete_adapter(model, "b")
+    _lora(model, "c", 4, 3)  # bucket 4: a new table
+    _lora(model, "d", 5, 4)  # bucket 8: b's old slot
+    grown = store.tables_grown
+    with torch.no_grad(), fa.route(model, ["d", "c"]):
+        out = model(ids).logits
+    assert store.slot_of["d"] == slot_b and "b" not in store.slot_of
+    assert store.capacity[8] == 2 and store.tables_grown == grown + 4  # c: q and v of 2 layers; d: none
+    for i, n in enumerate(["d", "c"]):
+        torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=ATOL, rtol=0)
+    fa.delete_adapter(model, "c")
+    with torch.no_grad(), fa.route(model, ["a", "d"]):
+        model(ids)
+    assert 4 not in store.buckets and store.tables_grown == grown + 4  # c's bucket freed, nothing rebuilt
+    assert not any(4 in d for lt in store.layers.values() for d in (lt.pre, lt.post_in, lt.post_out))
+
+
+def test_in_place_weight_edit_recopies_only_that_adapter():
+    model = tiny_llama()
+    _lora(model, "a", 8, 1)
+    _lora(model, "b", 16, 2)
+    ids = _ids(2)
+    with torch.no_grad(), fa.route(model, ["a", "b"]) as router:
+        model(ids)
+    store = router.store
+    swaps = store.swaps
+    randomize_adapter(model, "b", 99)
+    with torch.no_grad(), fa.route(model, ["a", "b"]):
+        out = model(ids).logits
+    assert store.swaps == swaps + 1
+    for i, n in enumerate(["a", "b"]):
+        torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=ATOL, rtol=0)
