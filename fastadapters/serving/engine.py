@@ -83,12 +83,19 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
-                 max_loras: int | None = None, prefix_caching: bool = True):
+                 max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None):
         check_model(model)
         if max_loras is not None and (isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1):
             raise ValueError(f"max_loras: got {max_loras!r}; valid: None (every loaded adapter resident) or an "
                              "integer >= 1 (device slots, least recently used evicted)")
+        if max_cpu_loras is not None and (isinstance(max_cpu_loras, bool) or not isinstance(max_cpu_loras, int)
+                                          or max_cpu_loras < 1 or max_cpu_loras < (max_loras or 1)):
+            raise ValueError(f"max_cpu_loras: got {max_cpu_loras!r}; valid: None (every loaded adapter kept in "
+                             f"memory) or an integer >= max_loras ({max_loras or 1}) (adapters kept in memory; the "
+                             "least recently used idle ones are dropped and reloaded from their files on demand)")
         self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self._in_memory: collections.OrderedDict[str, AdapterEntry] = collections.OrderedDict()  # LRU first
         for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
                          ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -333,12 +340,56 @@ class Engine:
                 raise AdapterError(f"the prefix of {name!r} has {cfg.num_virtual_tokens} positions, more than the "
                                    f"context of {self.max_model_len} allows")
         self.registry.entries[name] = entry
+        if not isinstance(cfg, PrefixConfig):  # max_cpu_loras counts routed adapters (a prefix is KV)
+            self._in_memory[internal] = entry
+            self._enforce_cpu_limit()
         return entry
+
+    # -- max_cpu_loras: adapters kept in memory (engine thread) --------------------------------------
+    def _enforce_cpu_limit(self) -> None:
+        """Drop the least recently used idle adapters (no live request) beyond ``max_cpu_loras`` from
+        memory; they stay registered and are reloaded from their files when a request needs them.
+        Adapters with live requests are never dropped, so while more than ``max_cpu_loras`` are in
+        use, that many stay in memory until their requests finish."""
+        if self.max_cpu_loras is None:
+            return
+        over = len(self._in_memory) - self.max_cpu_loras
+        for internal, entry in list(self._in_memory.items()):
+            if over <= 0:
+                break
+            if entry is None or entry.refs > 0:
+                continue
+            del self._in_memory[internal]
+            self._delete_internal(internal)
+            entry.metadata["evicted"] = True
+            self.stats["adapters_dropped_from_memory"] += 1
+            over -= 1
+
+    def _reload(self, entry: AdapterEntry) -> None:
+        """Load a dropped adapter again from its file, under its internal name."""
+        import fastadapters as fa
+
+        try:
+            fa.load_adapter(self.model, entry.path, name=entry.internal)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise AdapterError(f"the adapter {entry.name!r} was dropped from memory (max_cpu_loras="
+                               f"{self.max_cpu_loras}) and could not be reloaded from {entry.path!r}: {e}") from None
+        fa.set_adapter(self.model, None)
+        bad = nonfinite_adapter_tensor(self.model, entry.internal)
+        if bad is not None:
+            self._delete_internal(entry.internal)
+            raise AdapterError(f"the adapter {entry.name!r} reloaded from {entry.path!r} has non-finite weights in "
+                               f"{bad}; refusing it")
+        entry.metadata.pop("evicted", None)
+        self._in_memory[entry.internal] = entry
+        self.stats["adapters_reloaded"] += 1
+        self._enforce_cpu_limit()
 
     def _unload(self, name: str) -> None:
         entry = self.registry.get(name)
         del self.registry.entries[name]
         entry.unloaded = True
+        self._in_memory.pop(entry.internal, None)
         if entry.refs == 0:  # else the last running request on it deletes it (_drop_ref)
             self._delete_internal(entry.internal)
 
@@ -357,6 +408,8 @@ class Engine:
         entry.refs -= 1
         if entry.unloaded and entry.refs == 0:
             self._delete_internal(entry.internal)
+        elif entry.refs == 0 and self.max_cpu_loras is not None:
+            self._enforce_cpu_limit()
 
     # -- one step ----------------------------------------------------------------------------------
     def _intake(self) -> None:
@@ -371,6 +424,16 @@ class Engine:
                 req = self._inbox.popleft()
                 if req.request_id in self._aborts:
                     continue  # finished below
+                entry = req.metadata.get("entry")
+                if entry is not None and entry.internal in self._in_memory:
+                    self._in_memory.move_to_end(entry.internal)
+                elif entry is not None and entry.metadata.get("evicted"):
+                    try:
+                        self._reload(entry)
+                    except AdapterError as e:  # its file went away or changed: this request ends alone
+                        self.stats["request_errors"] += 1
+                        self._finish(req, "error", error=str(e))
+                        continue
                 self.scheduler.waiting.append(req)
             aborts, self._aborts = self._aborts, set()
             for rid in aborts:

@@ -8,7 +8,10 @@ import torch
 import fastadapters as fa
 from fastadapters.serving import store as store_mod
 
+from fastadapters.serving.sampling import SamplingParams
+
 from .helpers import VOCAB, randomize_adapter, run_alone, tiny_llama
+from .serve_helpers import one_thread, zoo  # noqa: F401 - fixtures
 
 ATOL = 1e-5
 
@@ -146,3 +149,49 @@ def test_in_place_weight_edit_recopies_only_that_adapter():
     assert store.swaps == swaps + 1
     for i, n in enumerate(["a", "b"]):
         torch.testing.assert_close(out[i], run_alone(model, ids[i:i + 1], n)[0], atol=ATOL, rtol=0)
+
+
+def test_max_cpu_loras_drops_idle_adapters_and_reloads_them_on_demand(zoo, tmp_path):
+    import shutil
+
+    import pytest
+
+    from fastadapters.serving.store import get_store
+
+    from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="max_cpu_loras: got 1; valid: .* >= max_loras \\(2\\)"):
+        tiny_engine(max_loras=2, max_cpu_loras=1)
+    paths = {}
+    for n in ("lora_r4", "lora_r64", "houlsby", "parallel", "prefix"):  # copies: one is deleted below
+        paths[n] = shutil.copytree(zoo[n], tmp_path / n)
+    engine = tiny_engine({n: str(p) for n, p in paths.items()}, max_num_seqs=4, max_loras=2, max_cpu_loras=2)
+    ref = tiny_engine({n: zoo[n] for n in paths})
+    routed = ["lora_r4", "lora_r64", "houlsby", "parallel"]
+
+    def in_memory():
+        internal = {e.internal: e.name for e in engine.adapters()}
+        return sorted(internal[n] for n in fa.adapter_names(engine.model) if internal.get(n) in routed)
+
+    assert in_memory() == ["houlsby", "parallel"]  # the two loaded last; the others were dropped
+    assert engine.stats["adapters_dropped_from_memory"] == 2
+    assert sorted(e.name for e in engine.adapters()) == sorted(paths)  # all still served
+    names = routed + ["prefix", None, "lora_r4"]
+    ps = prompts([3, 5, 4, 6, 2, 3, 4], seed=5)
+    reqs = [engine.submit(p, greedy, adapter=n) for p, n in zip(ps, names)]
+    engine.run_until_done()
+    for n, p, r in zip(names, ps, reqs):
+        assert r.finish_reason == "length" and r.output_ids == greedy_ref(ref, n, p, 4), n
+    assert engine.stats["adapters_reloaded"] == 2
+    assert len(in_memory()) == 2 and len(get_store(engine.model).names) == 2  # the bound holds again, idle
+    assert_no_leaks(engine)
+    # a dropped adapter whose file went away: its request fails alone, with the reason; others run
+    dropped = next(n for n in routed if n not in in_memory())
+    shutil.rmtree(paths[dropped])
+    bad = engine.submit(ps[0], greedy, adapter=dropped)
+    good = engine.submit(ps[1], greedy, adapter=None)
+    engine.run_until_done()
+    assert bad.finish_reason == "error" and good.finish_reason == "length"
+    assert engine.stats["request_errors"] >= 1
+    assert_no_leaks(engine)
