@@ -224,12 +224,17 @@ class AdapterStore:
             cached = self._wrappers_cache = (st.version, [w for _, w in _wrappers(self.model)])
         return cached[1]
 
-    def _weight_versions(self) -> dict[str, int]:
+    def _weight_versions(self, names=None) -> dict[str, int]:
+        """Sum of each adapter's weight version counters (``names``: only those adapters)."""
         vers: dict[str, int] = {}
         for w in self.wrappers():
-            for name, p in _named_params(w):
+            for name, p in (_named_params(w) if names is None else _named_params_of(w, names)):
                 vers[name] = vers.get(name, 0) + p._version
         return vers
+
+    def _added(self) -> list[str]:
+        st = _require_state(self.model)
+        return [n for n, c in st.configs.items() if not isinstance(c, PrefixConfig) and n not in self.bucket]
 
     def fingerprint(self):
         """Everything the tables depend on: adapter set, weight versions, devices and dtypes."""
@@ -256,8 +261,17 @@ class AdapterStore:
         counter and the model's device/dtype are compared, O(1) whatever the number of adapters;
         in-place edits of loaded adapter weights are then picked up by the next full ``sync()``
         (a new ``route``), not mid-stream."""
-        if not weights and self._fingerprint is not None and self.__dict__.get("_quick_fp") == self._quick():
+        quick = self._quick()
+        if not weights and self._fingerprint is not None and self.__dict__.get("_quick_fp") == quick:
             return False
+        if not weights and self._fingerprint is not None and self.__dict__.get("_quick_fp", (0, 0))[1] == quick[1]:
+            # the adapter set changed (a load or an unload between engine steps): copy the added
+            # ones, free the removed ones, reading only the added adapters' version counters --
+            # O(what changed), not a walk of every loaded adapter's weights
+            with torch.no_grad(), torch.inference_mode(False):
+                self._update(self._weight_versions(self._added()), only_set=True)
+            self._quick_fp = quick
+            return True
         fp = self.fingerprint()
         if fp == self._fingerprint:
             self._quick_fp = self._quick()
@@ -276,9 +290,13 @@ class AdapterStore:
         self.sync()
 
     # -- building ----------------------------------------------------------------------------
-    def _update(self, wvers: dict[str, int]) -> None:
+    def _update(self, wvers: dict[str, int], only_set: bool = False) -> None:
+        """Apply what changed; ``only_set``: ``wvers`` covers the added adapters only (the others'
+        weights are taken as unchanged until the next full sync)."""
         st = _require_state(self.model)
         names = [n for n, c in st.configs.items() if not isinstance(c, PrefixConfig)]
+        if only_set:
+            wvers = {**self._wvers, **wvers}
         gone = [n for n in self.names if n not in names or self._wvers.get(n) != wvers.get(n)]
         for n in gone:
             self._remove(n)
@@ -395,6 +413,17 @@ def _named_params(w: AdapterLinear):
         for name, m in container.items():
             yield name, m.weight
     yield from w.adapter_scaling.items()
+
+
+def _named_params_of(w: AdapterLinear, names):
+    for container in (w.lora_A, w.lora_B, w.adapter_down, w.adapter_up):
+        for name in names:
+            m = container[name] if name in container else None
+            if m is not None:
+                yield name, m.weight
+    for name in names:
+        if name in w.adapter_scaling:
+            yield name, w.adapter_scaling[name]
 
 
 def get_store(model: nn.Module) -> AdapterStore:

@@ -195,3 +195,37 @@ def test_max_cpu_loras_drops_idle_adapters_and_reloads_them_on_demand(zoo, tmp_p
     assert bad.finish_reason == "error" and good.finish_reason == "length"
     assert engine.stats["request_errors"] >= 1
     assert_no_leaks(engine)
+
+
+def test_engine_load_between_steps_copies_only_the_new_adapter(zoo, monkeypatch):
+    """Loads while a request runs: each step after a load copies that adapter's weights (its
+    bucket's tables doubling at most once per power of two) and reads no other adapter's weights'
+    version counters, so the stall a load adds does not grow with how many are loaded."""
+    from fastadapters.serving.store import AdapterStore, get_store
+
+    from .serve_helpers import greedy_ref, prompts, tiny_engine
+
+    engine = tiny_engine({"big": zoo["lora_r64"]}, max_num_seqs=2)
+    ref = tiny_engine({"big": zoo["lora_r64"]})
+    p = prompts([4], seed=9)[0]
+    long = engine.submit(p, SamplingParams(max_tokens=20, temperature=0.0), adapter="big")
+    engine.step()
+    engine.step()
+    store = get_store(engine.model)
+    full_walks = []
+    real = AdapterStore._weight_versions
+    monkeypatch.setattr(AdapterStore, "_weight_versions",
+                        lambda self, names=None: full_walks.append(names) or real(self, names))
+    for k in range(6):
+        entry = engine.load_adapter(f"a{k}", zoo["lora_r4"], confined=False)
+        own = sum(t.numel() * t.element_size() for n, t in engine.model.named_parameters() if f".{entry.internal}." in n)
+        copied, grown = store.bytes_copied, store.tables_grown
+        engine.step()
+        copied, grown = store.bytes_copied - copied, store.tables_grown - grown
+        if grown == 0:
+            assert copied == own, (k, copied, own)
+        else:
+            assert store.capacity[4] in (1, 2, 4, 8) and copied <= own * store.capacity[4]  # created or doubled
+        assert None not in full_walks  # no walk of every adapter's weights
+    engine.run_until_done()
+    assert long.output_ids == greedy_ref(ref, "big", p, 20)
