@@ -160,6 +160,15 @@ class Engine:
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise PromptError(f"prompt token id {bad[0]!r} is out of range; valid: 0..{self.vocab_size - 1}")
+        reread = None
+        seen = None if adapter is None else self.registry.entries.get(adapter)
+        if seen is not None and seen.metadata.get("evicted"):
+            # dropped from memory (max_cpu_loras): its files are read here, in the caller's thread,
+            # and the engine thread reloads it from what was read when it admits the request
+            try:
+                reread = (seen, self._read_files(seen.path))
+            except AdapterError as e:
+                reread = (seen, e)
         with self._lock:
             entry = None if adapter is None else self.registry.get(adapter)
             prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
@@ -183,6 +192,8 @@ class Engine:
             if entry is not None:
                 entry.refs += 1
                 req.metadata["entry"] = entry
+                if reread is not None and reread[0] is entry:
+                    req.metadata["reread"] = reread[1]
                 req.route_name = None if entry.prefix_kv is not None else entry.internal
                 req.cache_scope = entry.internal
                 req.prefix_kv = entry.prefix_kv
@@ -205,7 +216,19 @@ class Engine:
             raise AdapterError(f"lora_name: got {name!r}; valid: a non-empty string")
         if confined:
             path = confine(path, self.adapter_roots)
-        return self.call(lambda: self._load(name, path), timeout)
+        read = self._read_files(path)  # in this thread: running requests do not wait for the disk
+        return self.call(lambda: self._load(name, path, read), timeout)
+
+    @staticmethod
+    def _read_files(path: str):
+        from ..io import read_adapter
+
+        try:
+            return read_adapter(path)
+        except FileNotFoundError as e:
+            raise AdapterError(f"no adapter at {path!r}: {e}") from None
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise AdapterError(f"could not load an adapter from {path!r}: {e}") from None
 
     def unload_adapter(self, name: str, timeout: float | None = 600) -> None:
         return self.call(lambda: self._unload(name), timeout)
@@ -304,7 +327,7 @@ class Engine:
         return reqs
 
     # -- adapters (engine thread) ------------------------------------------------------------------
-    def _load(self, name: str, path: str) -> AdapterEntry:
+    def _load(self, name: str, path: str, read=None) -> AdapterEntry:
         import fastadapters as fa
         from ..config import PrefixConfig
         from ..patching import _prefix_encoders
@@ -313,7 +336,7 @@ class Engine:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first to replace it")
         internal = self.registry.new_internal_name()
         try:
-            fa.load_adapter(self.model, path, name=internal)
+            fa.load_adapter(self.model, path, name=internal, read=read)
         except FileNotFoundError as e:
             raise AdapterError(f"no adapter at {path!r}: {e}") from None
         except (ValueError, KeyError, OSError, RuntimeError) as e:
@@ -365,12 +388,12 @@ class Engine:
             self.stats["adapters_dropped_from_memory"] += 1
             over -= 1
 
-    def _reload(self, entry: AdapterEntry) -> None:
+    def _reload(self, entry: AdapterEntry, read=None) -> None:
         """Load a dropped adapter again from its file, under its internal name."""
         import fastadapters as fa
 
         try:
-            fa.load_adapter(self.model, entry.path, name=entry.internal)
+            fa.load_adapter(self.model, entry.path, name=entry.internal, read=read)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise AdapterError(f"the adapter {entry.name!r} was dropped from memory (max_cpu_loras="
                                f"{self.max_cpu_loras}) and could not be reloaded from {entry.path!r}: {e}") from None
@@ -407,6 +430,7 @@ class Engine:
             return
         entry.refs -= 1
         if entry.unloaded and entry.refs == 0:
+            self._in_memory.pop(entry.internal, None)
             self._delete_internal(entry.internal)
         elif entry.refs == 0 and self.max_cpu_loras is not None:
             self._enforce_cpu_limit()
@@ -425,11 +449,14 @@ class Engine:
                 if req.request_id in self._aborts:
                     continue  # finished below
                 entry = req.metadata.get("entry")
+                reread = req.metadata.pop("reread", None)
                 if entry is not None and entry.internal in self._in_memory:
-                    self._in_memory.move_to_end(entry.internal)
+                    self._in_memory.move_to_end(entry.internal)  # max_cpu_loras' LRU order
                 elif entry is not None and entry.metadata.get("evicted"):
                     try:
-                        self._reload(entry)
+                        if isinstance(reread, AdapterError):
+                            raise reread
+                        self._reload(entry, reread)  # reread: the files submit read (None: read here)
                     except AdapterError as e:  # its file went away or changed: this request ends alone
                         self.stats["request_errors"] += 1
                         self._finish(req, "error", error=str(e))

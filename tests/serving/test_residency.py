@@ -229,3 +229,36 @@ def test_engine_load_between_steps_copies_only_the_new_adapter(zoo, monkeypatch)
         assert None not in full_walks  # no walk of every adapter's weights
     engine.run_until_done()
     assert long.output_ids == greedy_ref(ref, "big", p, 20)
+
+
+def test_adapter_files_are_read_outside_the_engine_thread(zoo, monkeypatch):
+    """A runtime load and a max_cpu_loras reload read the files in the caller's thread; the engine
+    thread only patches and copies between steps."""
+    import threading
+    import time
+
+    import fastadapters.io as fio
+
+    from .serve_helpers import greedy_ref, prompts, tiny_engine
+
+    ref = tiny_engine({"a": zoo["lora_r4"], "b": zoo["houlsby"]})
+    readers = []
+    real = fio.read_adapter
+    monkeypatch.setattr(fio, "read_adapter", lambda path: readers.append(threading.current_thread().name)
+                        or real(path))
+    engine = tiny_engine(max_num_seqs=2, max_loras=1, max_cpu_loras=1)
+    engine.start()
+    try:
+        engine.load_adapter("a", zoo["lora_r4"], confined=False)
+        engine.load_adapter("b", zoo["houlsby"], confined=False)  # drops "a" from memory
+        assert engine.call(lambda: engine.registry.entries["a"].metadata.get("evicted")) is True
+        p = prompts([5], seed=2)[0]
+        req = engine.submit(p, SamplingParams(max_tokens=3, temperature=0.0), adapter="a")  # a reload
+        deadline = time.monotonic() + 60
+        while req.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert req.finish_reason == "length" and req.output_ids == greedy_ref(ref, "a", p, 3)
+    assert engine.stats["adapters_reloaded"] == 1
+    assert len(readers) == 3 and "fastadapters-engine" not in readers, readers
