@@ -377,6 +377,7 @@ class Engine:
         if self.max_cpu_loras is None:
             return
         over = len(self._in_memory) - self.max_cpu_loras
+        dropped = 0
         for internal, entry in list(self._in_memory.items()):
             if over <= 0:
                 break
@@ -387,6 +388,13 @@ class Engine:
             entry.metadata["evicted"] = True
             self.stats["adapters_dropped_from_memory"] += 1
             over -= 1
+            dropped += 1
+        if dropped and self._in_memory:
+            from .store import get_store
+
+            # the store lets go of their stacked copies now (not at the next step), and a reload under
+            # the same internal name is then a new adapter to it, copied from the reloaded weights
+            get_store(self.model).sync(weights=False)
 
     def _reload(self, entry: AdapterEntry, read=None) -> None:
         """Load a dropped adapter again from its file, under its internal name."""

@@ -175,6 +175,7 @@ def test_max_cpu_loras_drops_idle_adapters_and_reloads_them_on_demand(zoo, tmp_p
         return sorted(internal[n] for n in fa.adapter_names(engine.model) if internal.get(n) in routed)
 
     assert in_memory() == ["houlsby", "parallel"]  # the two loaded last; the others were dropped
+    assert len(get_store(engine.model).names) == 2  # the store holds no copy of the dropped ones
     assert engine.stats["adapters_dropped_from_memory"] == 2
     assert sorted(e.name for e in engine.adapters()) == sorted(paths)  # all still served
     names = routed + ["prefix", None, "lora_r4"]
