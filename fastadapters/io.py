@@ -601,7 +601,7 @@ def _same_config(a: AdapterConfig, b: AdapterConfig) -> list[str]:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 backend: str | None = None) -> nn.Module:
+                 backend: str | None = None, *, read=None) -> nn.Module:
     """Load the adapter in directory ``path`` into ``model`` as adapter ``name`` (default "default").
 
     The name is the caller's, never the file's: adapter files record no name (a folder may be loaded
@@ -616,10 +616,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     If it already carries ``name`` with the same configuration, the weights are replaced. Every
     key, shape and config field is checked before the model changes: on error the model is
     exactly as it was. Returns the model.
+
+    ``read``: what ``read_adapter(path)`` returned, when the files were read elsewhere (the serving
+    engine reads them in the caller's thread, so that its step loop only patches and copies).
     """
     name = "default" if name is None else name
     source = os.fspath(path)
-    cfg, recorded, tensors, fmt = read_adapter(source)
+    cfg, recorded, tensors, fmt = read_adapter(source) if read is None else read
     if fmt == "peft" and isinstance(cfg, PrefixConfig):
         _check_peft_prefix_geometry(model, os.path.join(source, CONFIG_NAME))
     st = patching._state(model)

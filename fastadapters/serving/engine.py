@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import os
 import threading
 import time
 import warnings
@@ -88,12 +90,19 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
-                 max_loras: int | None = None, prefix_caching: bool = True):
+                 max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None):
         check_model(model)
         if max_loras is not None and (isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1):
             raise ValueError(f"max_loras: got {max_loras!r}; valid: None (every loaded adapter resident) or an "
                              "integer >= 1 (device slots, least recently used evicted)")
+        if max_cpu_loras is not None and (isinstance(max_cpu_loras, bool) or not isinstance(max_cpu_loras, int)
+                                          or max_cpu_loras < 1 or max_cpu_loras < (max_loras or 1)):
+            raise ValueError(f"max_cpu_loras: got {max_cpu_loras!r}; valid: None (every loaded adapter kept in "
+                             f"memory) or an integer >= max_loras ({max_loras or 1}) (adapters kept in memory; the "
+                             "least recently used idle ones are dropped and reloaded from their files on demand)")
         self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self._in_memory: collections.OrderedDict[str, AdapterEntry] = collections.OrderedDict()  # LRU first
         for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
                          ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -158,6 +167,16 @@ class Engine:
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise PromptError(f"prompt token id {bad[0]!r} is out of range; valid: 0..{self.vocab_size - 1}")
+        reread = None
+        seen = None if adapter is None else self.registry.entries.get(adapter)
+        if seen is not None and seen.metadata.get("evicted"):
+            # dropped from memory (max_cpu_loras): its files are read here, in the caller's thread,
+            # and the engine thread reloads it from what was read when it admits the request
+            try:
+                with self._read_files(seen.path, *seen.metadata.get("source", (False, None))) as (_, read):
+                    reread = (seen, read)
+            except AdapterError as e:
+                reread = (seen, e)
         with self._lock:
             entry = None if adapter is None else self.registry.get(adapter)
             prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
@@ -181,6 +200,8 @@ class Engine:
             if entry is not None:
                 entry.refs += 1
                 req.metadata["entry"] = entry
+                if reread is not None and reread[0] is entry:
+                    req.metadata["reread"] = reread[1]
                 req.route_name = None if entry.prefix_kv is not None else entry.internal
                 req.cache_scope = entry.internal
                 req.prefix_kv = entry.prefix_kv
@@ -204,15 +225,39 @@ class Engine:
         from there, and messages quote ``path`` as given); False for start-up."""
         if not isinstance(name, str) or not name.strip():
             raise AdapterError(f"lora_name: got {name!r}; valid: a non-empty string")
-        if not confined:
-            return self.call(lambda: self._load(name, path), timeout)
+        if not isinstance(path, (str, os.PathLike)):
+            raise AdapterError(f"lora_path: got {type(path).__name__}; valid: a folder path")
+        path = os.fspath(path)
+        with self._read_files(path, confined, max_bytes) as (folder, read):  # in this thread: running
+            return self.call(lambda: self._load(name, folder, read, shown=path,  # requests do not wait for the disk
+                                                source=(confined, max_bytes)), timeout)
+
+    @contextlib.contextmanager
+    def _read_files(self, path: str, confined: bool, max_bytes: int | None):
+        """Read an adapter folder in the calling thread; yields (the folder read, what ``read_adapter``
+        returned). A confined (runtime) load reads a private copy made through checked descriptors
+        (``adapters.private_copy``), removed afterwards. Messages quote ``path`` as given."""
         import shutil
 
-        copy = private_copy(confine(path, self.adapter_roots, max_bytes), self.adapter_roots, max_bytes, path)
+        from ..io import read_adapter
+
+        folder = copy = None
         try:
-            return self.call(lambda: self._load(name, copy, shown=path), timeout)
+            if confined:
+                folder = copy = private_copy(confine(path, self.adapter_roots, max_bytes), self.adapter_roots,
+                                             max_bytes, path)
+            else:
+                folder = path
+            try:
+                read = read_adapter(folder)
+            except FileNotFoundError as e:
+                raise AdapterError(f"no adapter at {path!r}: {str(e).replace(folder, path)}") from None
+            except (ValueError, KeyError, OSError, RuntimeError) as e:
+                raise AdapterError(f"could not load an adapter from {path!r}: {str(e).replace(folder, path)}") from None
+            yield folder, read
         finally:
-            shutil.rmtree(copy, ignore_errors=True)
+            if copy is not None:
+                shutil.rmtree(copy, ignore_errors=True)
 
     def unload_adapter(self, name: str, timeout: float | None = 600) -> None:
         return self.call(lambda: self._unload(name), timeout)
@@ -320,7 +365,8 @@ class Engine:
         return reqs
 
     # -- adapters (engine thread) ------------------------------------------------------------------
-    def _load(self, name: str, path: str, shown: str | None = None) -> AdapterEntry:
+    def _load(self, name: str, path: str, read=None, shown: str | None = None,
+              source: tuple[bool, int | None] = (False, None)) -> AdapterEntry:
         import fastadapters as fa
         from ..config import PrefixConfig
         from ..patching import _prefix_encoders
@@ -330,7 +376,7 @@ class Engine:
         internal = self.registry.new_internal_name()
         shown = path if shown is None else shown  # what messages and /v1/models quote (a private copy is not)
         try:
-            fa.load_adapter(self.model, path, name=internal)
+            fa.load_adapter(self.model, path, name=internal, read=read)
         except FileNotFoundError as e:
             raise AdapterError(f"no adapter at {shown!r}: {str(e).replace(path, shown)}") from None
         except (ValueError, KeyError, OSError, RuntimeError) as e:
@@ -348,6 +394,7 @@ class Engine:
                 self._router = None  # it held the previous store
         cfg = fa.get_config(self.model, internal)
         entry = AdapterEntry(name, shown, internal, cfg.adapter_type, created=int(time.time()))
+        entry.metadata["source"] = source  # how a reload after max_cpu_loras dropped it reads the files again
         if isinstance(cfg, PrefixConfig):
             with torch.no_grad():
                 kv = _prefix_encoders(self.model)[internal](1, self.dtype)
@@ -357,12 +404,64 @@ class Engine:
                 raise AdapterError(f"the prefix of {name!r} has {cfg.num_virtual_tokens} positions, more than the "
                                    f"context of {self.max_model_len} allows")
         self.registry.entries[name] = entry
+        if not isinstance(cfg, PrefixConfig):  # max_cpu_loras counts routed adapters (a prefix is KV)
+            self._in_memory[internal] = entry
+            self._enforce_cpu_limit()
         return entry
+
+    # -- max_cpu_loras: adapters kept in memory (engine thread) --------------------------------------
+    def _enforce_cpu_limit(self) -> None:
+        """Drop the least recently used idle adapters (no live request) beyond ``max_cpu_loras`` from
+        memory; they stay registered and are reloaded from their files when a request needs them.
+        Adapters with live requests are never dropped, so while more than ``max_cpu_loras`` are in
+        use, that many stay in memory until their requests finish."""
+        if self.max_cpu_loras is None:
+            return
+        over = len(self._in_memory) - self.max_cpu_loras
+        dropped = 0
+        for internal, entry in list(self._in_memory.items()):
+            if over <= 0:
+                break
+            if entry is None or entry.refs > 0:
+                continue
+            del self._in_memory[internal]
+            self._delete_internal(internal)
+            entry.metadata["evicted"] = True
+            self.stats["adapters_dropped_from_memory"] += 1
+            over -= 1
+            dropped += 1
+        if dropped and self._in_memory:
+            from .store import get_store
+
+            # the store lets go of their stacked copies now (not at the next step), and a reload under
+            # the same internal name is then a new adapter to it, copied from the reloaded weights
+            get_store(self.model).sync(weights=False)
+
+    def _reload(self, entry: AdapterEntry, read=None) -> None:
+        """Load a dropped adapter again from its file, under its internal name."""
+        import fastadapters as fa
+
+        try:
+            fa.load_adapter(self.model, entry.path, name=entry.internal, read=read)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise AdapterError(f"the adapter {entry.name!r} was dropped from memory (max_cpu_loras="
+                               f"{self.max_cpu_loras}) and could not be reloaded from {entry.path!r}: {e}") from None
+        fa.set_adapter(self.model, None)
+        bad = nonfinite_adapter_tensor(self.model, entry.internal)
+        if bad is not None:
+            self._delete_internal(entry.internal)
+            raise AdapterError(f"the adapter {entry.name!r} reloaded from {entry.path!r} has non-finite weights in "
+                               f"{bad}; refusing it")
+        entry.metadata.pop("evicted", None)
+        self._in_memory[entry.internal] = entry
+        self.stats["adapters_reloaded"] += 1
+        self._enforce_cpu_limit()
 
     def _unload(self, name: str) -> None:
         entry = self.registry.get(name)
         del self.registry.entries[name]
         entry.unloaded = True
+        self._in_memory.pop(entry.internal, None)
         if entry.refs == 0:  # else the last running request on it deletes it (_drop_ref)
             self._delete_internal(entry.internal)
 
@@ -380,7 +479,10 @@ class Engine:
             return
         entry.refs -= 1
         if entry.unloaded and entry.refs == 0:
+            self._in_memory.pop(entry.internal, None)
             self._delete_internal(entry.internal)
+        elif entry.refs == 0 and self.max_cpu_loras is not None:
+            self._enforce_cpu_limit()
 
     # -- one step ----------------------------------------------------------------------------------
     def _intake(self) -> None:
@@ -397,6 +499,19 @@ class Engine:
                 req = self._inbox.popleft()
                 if req.request_id in self._aborts:
                     continue  # finished below
+                entry = req.metadata.get("entry")
+                reread = req.metadata.pop("reread", None)
+                if entry is not None and entry.internal in self._in_memory:
+                    self._in_memory.move_to_end(entry.internal)  # max_cpu_loras' LRU order
+                elif entry is not None and entry.metadata.get("evicted"):
+                    try:
+                        if isinstance(reread, AdapterError):
+                            raise reread
+                        self._reload(entry, reread)  # reread: the files submit read (None: read here)
+                    except AdapterError as e:  # its file went away or changed: this request ends alone
+                        self.stats["request_errors"] += 1
+                        self._finish(req, "error", error=str(e))
+                        continue
                 self.scheduler.waiting.append(req)
             aborts, self._aborts = self._aborts, set()
             for rid in aborts:

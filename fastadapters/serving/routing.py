@@ -88,14 +88,23 @@ class Router:
         """Sync the store, make this batch's adapters resident and compute each row's slot."""
         self.store.sync()
         used = [n for n in self.names if n is not None and n != BASE]
-        slots = self.store.acquire(used)
-        self.row_slots = [-1 if (n is None or n == BASE) else slots[n] for n in self.names]
-        # a tensor, so that a compiled forward reads the mix as data (a list would be baked into the
-        # graph and guarded on, and every new mix would recompile)
-        self.row_slot_tensor = torch.tensor(self.row_slots, dtype=torch.int32)
-        self.any_active = any(s >= 0 for s in self.row_slots)
+        self._set_rows(self.store.acquire(used))
         self.version = self.store.version
         self._plans = {}
+
+    def _set_rows(self, slots: dict) -> None:
+        """Per rank bucket, each row's slot in that bucket's tables (-1: not this bucket)."""
+        where = [None if (n is None or n == BASE) else slots[n] for n in self.names]
+        self.active_buckets = sorted({w[0] for w in where if w is not None})
+        # the buckets each layer call runs: a packed router (the engine) only those this batch
+        # uses; a plain route every bucket of the store, so that a CUDA graph captured in it stays
+        # valid when ``reroute`` switches to a mix in other buckets
+        self.call_buckets = self.active_buckets if self.lengths is not None else self.store.buckets
+        # tensors, so that a compiled forward reads the mix as data (a list would be baked into the
+        # graph and guarded on, and every new mix would recompile)
+        self.row_slot_tensors = {b: torch.tensor([w[1] if w is not None and w[0] == b else -1 for w in where],
+                                                 dtype=torch.int32) for b in self.store.buckets}
+        self.any_active = bool(self.active_buckets)
 
     def reroute(self, names) -> None:
         """Switch to a new list of names of the same length, refilling the cached per-shape plans in
@@ -114,10 +123,10 @@ class Router:
             raise
         kept = {}
         for key, plan in plans.items():
-            if plan.num_slots != max(self.store.num_slots, 1):
-                continue  # the store was rebuilt (adapters added/removed): a new plan is built on use
-            rows, tokens, _ = key
-            per_tok = self.row_slot_tensor.repeat_interleave(rows // len(names) * tokens)
+            rows, tokens, _, b = key
+            if b not in self.row_slot_tensors or plan.num_slots != self.store.capacity.get(b):
+                continue  # the store changed (adapters added/removed): a new plan is built on use
+            per_tok = self.row_slot_tensors[b].repeat_interleave(rows // len(names) * tokens)
             build_plan(per_tok.to(plan.row_slot.device), plan.num_slots, plan.block_m, out=plan)
             kept[key] = plan
         self._plans = kept
@@ -134,9 +143,8 @@ class Router:
             used = [n for n in names if n is not None and n != BASE]
             slots = self.store.acquire(used)
             self.names = list(names)
-            self.row_slots = [-1 if (n is None or n == BASE) else slots[n] for n in self.names]
-            self.row_slot_tensor = torch.tensor(self.row_slots, dtype=torch.int32)
-            self.any_active = any(s >= 0 for s in self.row_slots)
+            self.lengths = lengths
+            self._set_rows(slots)
             self.version = self.store.version
         self.lengths = lengths
         self._plans = {}
@@ -154,13 +162,15 @@ class Router:
                     for _, w in _wrappers(self.model):  # wrappers a new adapter created
                         w.routing = self
 
-    def plan(self, rows: int, tokens: int, device: torch.device) -> MultiPlan:
-        """Metadata for a (rows, tokens) input: built once per shape and shared by every layer."""
-        key = (rows, tokens, str(device))
+    def plan(self, rows: int, tokens: int, device: torch.device, bucket: int) -> MultiPlan:
+        """Metadata for a (rows, tokens) input and one rank bucket: built once per shape and shared
+        by every layer."""
+        key = (rows, tokens, str(device), bucket)
         plan = self._plans.get(key)
+        num_slots = self.store.capacity[bucket]
         if plan is None and self.lengths is not None:
-            per_tok = self._segment_slots(rows * tokens)
-            plan = build_plan(per_tok.to(device), max(self.store.num_slots, 1), SEGMENT_BLOCK_M)
+            per_tok = self._segment_slots(rows * tokens, bucket)
+            plan = build_plan(per_tok.to(device), num_slots, SEGMENT_BLOCK_M)
             self._plans[key] = plan
         if plan is None:
             n = len(self.names)
@@ -168,22 +178,23 @@ class Router:
                 detail = f" (expanded x{self.expand} by generate)" if self.expand > 1 else ""
                 raise ValueError(f"route: got {n} adapter names{detail} for a batch of {rows} rows; "
                                  "pass one name (or None) per row")
-            per_tok = self.row_slot_tensor.repeat_interleave(self.expand * tokens)
+            per_tok = self.row_slot_tensors[bucket].repeat_interleave(self.expand * tokens)
             host = per_tok
             if torch.device(device).type == "cuda":  # pinned: a pageable copy syncs, and fails under capture
                 host = per_tok.pin_memory()
                 per_tok = host.to(device, non_blocking=True)
-            plan = build_plan(per_tok.to(device), max(self.store.num_slots, 1), SEGMENT_BLOCK_M)
+            plan = build_plan(per_tok.to(device), num_slots, SEGMENT_BLOCK_M)
             plan.__dict__["_host_row_slot"] = host  # a captured copy reads this buffer on replay
             self._plans[key] = plan
         return plan
 
-    def _segment_slots(self, total: int) -> torch.Tensor:
+    def _segment_slots(self, total: int, bucket: int) -> torch.Tensor:
         """Slot of each token of a packed batch (or of each segment, one token per segment)."""
+        slots = self.row_slot_tensors[bucket]
         if total == sum(self.lengths):
-            return self.row_slot_tensor.repeat_interleave(torch.tensor(self.lengths))
+            return slots.repeat_interleave(torch.tensor(self.lengths))
         if total == len(self.lengths):
-            return self.row_slot_tensor
+            return slots
         raise ValueError(f"route: segments of lengths summing to {sum(self.lengths)} ({len(self.lengths)} "
                          f"segments) for an input of {total} tokens")
 
@@ -216,20 +227,25 @@ class Router:
         if x.dim() == 2 and rows != batch and batch and rows % batch == 0:
             rows = batch  # a layer that sees (B*T, K): tokens of each row adjacent, row-major
         tokens = x.numel() // max(rows * k, 1)
-        plan = self.plan(rows, tokens, x.device)
         x2 = x.reshape(-1, k)
         backend = self.backend if self.backend is not None else layer.backend
-        call = functools.partial(multi_adapter, plan=plan, backend=backend, check=False)
-        t = tables.pre
-        if t is not None:
-            x2 = call(x2, x2, plan.row_slot, *t.args(), sizes_host=t.sizes_host, act_host=t.act_host)
+
+        def phase(out, inp, tabs):  # one multi-adapter call per rank bucket this layer and phase hold
+            for b in self.call_buckets:
+                t = tabs.get(b)
+                if t is not None:
+                    plan = self.plan(rows, tokens, x.device, b)
+                    out = multi_adapter(out, inp, plan.row_slot, *t.args(), plan=plan, backend=backend,
+                                        check=False, sizes_host=t.sizes_host, act_host=t.act_host)
+            return out
+
+        if tables.pre:
+            x2 = phase(x2, x2, tables.pre)
         y = layer.base_layer(x2)
-        t = tables.post_in
-        if t is not None:
-            y = call(y, x2, plan.row_slot, *t.args(), sizes_host=t.sizes_host, act_host=t.act_host)
-        t = tables.post_out
-        if t is not None:
-            y = call(y, y, plan.row_slot, *t.args(), sizes_host=t.sizes_host, act_host=t.act_host)
+        if tables.post_in:
+            y = phase(y, x2, tables.post_in)
+        if tables.post_out:
+            y = phase(y, y, tables.post_out)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

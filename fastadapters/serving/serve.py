@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=_positive, default=None, metavar="N",
                    help="adapters resident in device slots at once, least recently used evicted; a request whose "
                         "adapter is not resident waits for a slot (default: every loaded adapter)")
+    p.add_argument("--max-cpu-loras", type=_positive, default=None, metavar="N",
+                   help="adapters kept in memory, at least --max-loras; the least recently used idle ones beyond "
+                        "it are dropped and reloaded from their files when a request needs them (default: all)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")
@@ -182,7 +185,7 @@ def build_app(args):
                          f"(max_position_embeddings); valid: at most {positions}, or add --allow-long-max-model-len")
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     block_size=args.block_size, max_waiting=args.max_waiting, max_loras=args.max_loras,
-                    prefix_caching=not args.no_prefix_caching,
+                    max_cpu_loras=args.max_cpu_loras, prefix_caching=not args.no_prefix_caching,
                     backend=None if args.backend == "auto" else args.backend, adapter_roots=args.adapter_root,
                     kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:

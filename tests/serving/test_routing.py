@@ -356,9 +356,9 @@ def test_half_precision_model_stacks_in_its_dtype():
 
 
 def test_metadata_built_once_per_shape(monkeypatch):
-    """One plan per input shape, shared by every layer and phase and by later forwards of that
-    shape in the same route: the forward builds one, generate reuses it for the prompt and builds
-    one more for all its 1-token steps."""
+    """One plan per input shape and rank bucket, shared by every layer and phase and by later
+    forwards of that shape in the same route: the forward builds one per bucket, generate reuses
+    them for the prompt and builds one more per bucket for all its 1-token steps."""
     from fastadapters.serving import routing
 
     model = add_zoo(tiny_llama(), ["lora_r4", "houlsby", "parallel"])
@@ -366,11 +366,12 @@ def test_metadata_built_once_per_shape(monkeypatch):
     real = routing.build_plan
     monkeypatch.setattr(routing, "build_plan", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     ids = _ids(3)
-    with torch.no_grad(), fa.route(model, ["lora_r4", "houlsby", "parallel"]):
+    with torch.no_grad(), fa.route(model, ["lora_r4", "houlsby", "parallel"]) as router:
         model(ids)
-        assert len(calls) == 1
+        nb = len(router.store.buckets)
+        assert nb >= 2 and len(calls) == nb
         model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert [tuple(c) for c in calls] == [(18,), (3,)]
+    assert [tuple(c) for c in calls] == [(18,)] * nb + [(3,)] * nb
     with pytest.raises(ValueError, match="dtype"):
         store_mod.configure(model, dtype=torch.int8)
 

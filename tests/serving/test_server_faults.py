@@ -633,3 +633,16 @@ def test_serve_flags_reach_the_engine_residency_and_prefix_cache(base_dir, no_uv
         serve.main(["--base-model", base, "--max-loras", "2", "--no-prefix-caching"])
     engine = started.value.args[0].state.engine
     assert engine.max_loras == 2 and engine.scheduler.prefix_caching is False
+
+
+def test_serve_max_cpu_loras_reaches_the_engine(base_dir, no_uvicorn, capsys):
+    base = str(base_dir / "base")
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base])
+    assert started.value.args[0].state.engine.max_cpu_loras is None
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base, "--max-loras", "2", "--max-cpu-loras", "3"])
+    engine = started.value.args[0].state.engine
+    assert engine.max_loras == 2 and engine.max_cpu_loras == 3
+    assert serve.main(["--base-model", base, "--max-loras", "3", "--max-cpu-loras", "2"]) not in (0, None)
+    assert "max_cpu_loras: got 2" in capsys.readouterr().err
