@@ -74,7 +74,7 @@ step 150 "pytest -m gpu" "$OUT/gpu_tests.log" python -m pytest -m gpu -q -rfEs -
 [ -f "$OUT/gpu_tests.log" ] && tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/session.log"
 
 # 4-5. quick tables
-step 75 "kernels --quick" "$OUT/session.log" python bench/kernels.py --quick --json "$OUT/kernels.json"
+step 75 "kernels --quick" "$OUT/session.log" python bench/kernel_ops.py --quick --json "$OUT/kernels.json"
 step 45 "serving_cuda --quick" "$OUT/session.log" python bench/serving_cuda.py --quick --out "$OUT/serving_cuda.json"
 step 60 "serving (quick table)" "$OUT/session.log" python bench/serving.py --no-peft --json "$OUT/serving.json"
 log "done in $(( $(date +%s) - t0 ))s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -91,3 +91,23 @@ def _cycle_through(graph, start):
 def test_no_import_circle_through_the_benchmarks(module):
     cycle = _cycle_through(_graph(), f"fastadapters.bench.{module}")
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_script_or_top_level_package_shadows_an_installed_module():
+    """``python bench/x.py`` puts bench/ first on sys.path, and a process started in the repository
+    root puts the root there: a script or package in either named like an installed module replaces
+    it (transformers 5.25 imports Hugging Face's ``kernels``, which a ``bench/kernels.py`` or a
+    top-level ``kernels/`` package hid: every model import failed)."""
+    import importlib.machinery
+    import sys
+
+    repo = os.path.dirname(ROOT)
+    bench = os.path.join(repo, "bench")
+    mine = {os.path.realpath(p) for p in (repo, bench, os.path.join(repo, "tests"))}
+    path = [p for p in sys.path if p and os.path.realpath(p) not in mine and not os.path.realpath(p).startswith(
+        os.path.join(os.path.realpath(repo), "tests"))]
+    names = {f[:-3] for f in os.listdir(bench) if f.endswith(".py")}
+    names |= {d for d in os.listdir(repo) if os.path.isfile(os.path.join(repo, d, "__init__.py"))}
+    names.discard("fastadapters")
+    shadowed = sorted(n for n in names if importlib.machinery.PathFinder.find_spec(n, path) is not None)
+    assert not shadowed, f"these names hide installed modules when run from the repo or bench/: {shadowed}"

@@ -1,4 +1,4 @@
-"""bench/kernels.py imports and runs its CPU smoke configuration (the Triton ops via the interpreter)."""
+"""bench/kernel_ops.py imports and runs its CPU smoke configuration (the Triton ops via the interpreter)."""
 import importlib.util
 import json
 import os
@@ -7,7 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_bench_kernels_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernel_ops.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "k.json"

@@ -1,4 +1,4 @@
-"""Kernel benchmark (issue 3): ``python bench/kernels.py [--quick | --smoke] [--json PATH]``.
+"""Kernel benchmark (issue 3): ``python bench/kernel_ops.py [--quick | --smoke] [--json PATH]``.
 
 The benchmark lives in ``fastadapters.bench.kernels`` (``fastadapters bench`` prints its quick table
 too); this script is its command line, appending to bench/results/kernels.json by default.
