@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     for path in sorted(glob.glob(os.path.join(args.results, "*.json"))):
         with open(path) as f:
             records = json.load(f)
+        if isinstance(records, dict):  # a file holding one record rather than a list of them
+            records = [records]
         parts.append(f"## {os.path.basename(path)}\n")
         for i, rec in enumerate(records):
             parts.append(render_record(rec))
