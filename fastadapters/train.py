@@ -703,7 +703,27 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("fastadapters train", _run, argv)
+    rc = None
+    try:
+        rc = run_command("fastadapters train", _run, argv)
+        return rc
+    finally:
+        _close_process_group(in_step=rc == 0)
+
+
+def _close_process_group(in_step: bool) -> None:
+    """Under torchrun, tear the process group down before the interpreter exits: a rank that exits
+    with gloo's threads still running can abort ("terminate called without an active exception",
+    exit -6) after a run that succeeded. ``in_step``: every rank finished normally, so they first
+    meet at a barrier (a rank that failed is ended by torchrun, so no barrier waits on it)."""
+    dist = sys.modules.get("torch.distributed")  # never imported (--help, a usage error): nothing to close
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if in_step:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _run(argv: list[str]) -> int:
