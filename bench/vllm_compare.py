@@ -162,6 +162,10 @@ def main(argv=None) -> int:
     p.add_argument("--vllm-python", default=sys.executable)
     p.add_argument("--deadline-s", type=float, default=1500, help="stop (and report what was measured) after this")
     p.add_argument("--request-timeout-s", type=float, default=300)
+    p.add_argument("--omp-threads", type=int, default=None,
+                   help="set OMP_NUM_THREADS for both servers (default: unset, so each engine picks its own: vLLM's "
+                        "CPU backend binds its worker to all cores but one and leaves that one to its front end; "
+                        "fastadapters serve uses --threads' default, also all cores but one)")
     p.add_argument("--note", default="", help="recorded with the results (e.g. what else shared the machine)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vllm_compare.json"))
     args = p.parse_args(argv)
@@ -170,10 +174,13 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="vllm-compare-")
     adapters = make_adapters(model, work, max(args.adapters))
     results = []
-    threads = str(os.cpu_count() or 1)
+    threads = str(args.omp_threads) if args.omp_threads else "unset (each engine's default)"
     for engine in args.engines:
         port = free_port()
-        env = dict(os.environ, OMP_NUM_THREADS=threads, VLLM_CPU_KVCACHE_SPACE="2")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+        env.pop("OMP_NUM_THREADS", None)
+        if args.omp_threads:
+            env["OMP_NUM_THREADS"] = str(args.omp_threads)
         mods = [f"{n}={p}" for n, p in adapters.items()]
         if engine == "vllm-noplugin":
             env["VLLM_PLUGINS"] = "lora_filesystem_resolver"

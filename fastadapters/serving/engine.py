@@ -57,7 +57,7 @@ from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllow
 from .detokenizer import DetokState, detokenize
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
-from .paged_attention import Segment, StepTables, chunk_mask
+from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
 from .sampling import SamplingParams, make_generator, sample_rows
 from .scheduler import QueueFull, Request, Scheduler, Status
 
@@ -90,8 +90,14 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, max_waiting: int | None = None,
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
-                 max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None):
+                 max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
+                 decode_batch_max_len: int = DECODE_BATCH_MAX_LEN):
         check_model(model)
+        if isinstance(decode_batch_max_len, bool) or not isinstance(decode_batch_max_len, int) \
+                or decode_batch_max_len < 0:
+            raise ValueError(f"decode_batch_max_len: got {decode_batch_max_len!r}; valid: an integer >= 0 (0: every "
+                             "request's attention runs on its own)")
+        self.decode_batch_max_len = decode_batch_max_len
         if max_loras is not None and (isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1):
             raise ValueError(f"max_loras: got {max_loras!r}; valid: None (every loaded adapter resident) or an "
                              "integer >= 1 (device slots, least recently used evicted)")
@@ -611,6 +617,8 @@ class Engine:
         position_ids = flat[t_all:2 * t_all].view(1, -1)
         last_index = flat[2 * t_all:2 * t_all + len(last)]
         tables = StepTables(flat[2 * t_all + len(last):], segments)
+        if self.decode_batch_max_len and len(reqs) > 1:
+            tables.decode = decode_batch(segments, [r.block_table for r in reqs], bs, dev, self.decode_batch_max_len)
         args = (self.model, input_ids, position_ids, self.pool, tables, last_index)
         from ..patching import _state
 

@@ -19,7 +19,17 @@ values keep their ``kv_heads`` heads, nothing is repeated):
   mask aligned to the bottom right (token j sees positions ``<= p + j``), built once per step and
   shared by every layer; a first chunk (p = 0) uses ``is_causal``.
 
-Score elements computed are ``sum_i heads * n_i * kv_len_i`` -- exactly those needed (the old
+Short-context decode rows are batched instead (``DecodeBatch``, built once per step by
+``decode_batch``): every request decoding one token with at most ``DECODE_BATCH_MAX_LEN`` (128)
+positions is gathered from its own blocks, padded to the longest of them, and all of them run as one
+SDPA with a key mask. The padding is bounded by the constant, never by a long request's context (a
+longer request keeps its own in-place SDPA). Why: at short contexts the per-request loop costs more
+in Python and dispatch than in attention. On one layer of SmolLM2-135M geometry, fp32, one thread,
+the batch took 0.35 / 0.64 / 1.28 ms against 0.75 / 0.96 / 1.92 ms for the loop at B = 16 with
+context 64 / 128 and B = 32 with 128; at 192 and beyond the gather and the padded SDPA cost more than
+the loop (``Engine(decode_batch_max_len=0)`` turns batching off).
+
+Score elements computed are ``sum_i heads * n_i * kv_len_i`` on the per-request path -- exactly those needed (the old
 packed path computed ``heads * T * (sum of all contexts + T)`` and masked most of them away).
 ``StepTables.score_elements`` / ``gathered_bytes`` count them for the tests.
 
@@ -42,7 +52,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Segment", "StepTables", "paged_attention", "chunk_mask"]
+__all__ = ["Segment", "StepTables", "DecodeBatch", "decode_batch", "paged_attention", "chunk_mask",
+           "DECODE_BATCH_MAX_LEN"]
 
 
 @dataclass
@@ -56,13 +67,54 @@ class Segment:
     causal: bool = False  # a first chunk: is_causal
 
 
+    batched: bool = False  # a decode row served by the step's DecodeBatch, not the per-request loop
+
+
+@dataclass
+class DecodeBatch:
+    """The step's short-context decode rows, attended in one padded SDPA (built once per step)."""
+    rows: torch.Tensor  # (b,) their rows in the packed step
+    slots: torch.Tensor  # (b * width,) flat pool slots: row i's positions 0..width-1 (its own blocks)
+    mask: torch.Tensor | None  # (b, 1, 1, width) bool, True where a position is the row's own; None: all full
+    width: int  # the longest context among them (<= DECODE_BATCH_MAX_LEN)
+
+
 @dataclass
 class StepTables:
     new_slots: torch.Tensor  # (T,) flat slot of every new token
     segments: list[Segment]
     score_elements: int = 0  # counted by paged_attention, over all layers
     gathered_bytes: int = 0  # keys + values copied out of the pool, over all layers
+    decode: DecodeBatch | None = None
     extra: dict = field(default_factory=dict)
+
+
+DECODE_BATCH_MAX_LEN = 128  # decode rows with at most this many positions share one padded SDPA
+
+
+def decode_batch(segments: list[Segment], tables: list[torch.Tensor], block_size: int, device,
+                 max_len: int = DECODE_BATCH_MAX_LEN) -> DecodeBatch | None:
+    """Group the decode rows (one new token) whose context is at most ``max_len`` positions into one
+    padded batch; marks them ``batched``. ``tables[i]``: segment i's block table (its blocks first;
+    entries past them are ignored). None when fewer than two rows qualify."""
+    picked = [(s, t) for s, t in zip(segments, tables) if s.n == 1 and s.kv_len <= max_len]
+    if len(picked) < 2:
+        return None
+    width = max(s.kv_len for s, _ in picked)
+    nb = -(-width // block_size)
+    table = torch.zeros(len(picked), nb, dtype=torch.long)
+    lens = []
+    for i, (s, t) in enumerate(picked):
+        own = -(-s.kv_len // block_size)
+        table[i, :own] = t[:own]  # padding positions read block 0 of the pool: masked out below
+        s.batched = True
+        lens.append(s.kv_len)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(picked), -1)[:, :width]
+    lens_t = torch.tensor(lens)
+    mask = None if min(lens) == width else (torch.arange(width)[None, :] < lens_t[:, None])[:, None, None, :]
+    rows = torch.tensor([s.start for s, _ in picked])
+    return DecodeBatch(rows.to(device), slots.reshape(-1).to(device), None if mask is None else mask.to(device),
+                       width)
 
 
 def chunk_mask(past: int, n: int, device) -> torch.Tensor:
@@ -80,7 +132,19 @@ def paged_attention(query: torch.Tensor, pool, layer: int, tables: StepTables, s
     heads = query.shape[1]
     out = query.new_empty(1, query.shape[2], heads, query.shape[3])
     scores = gathered = 0
+    batch = tables.decode
+    if batch is not None:  # short-context decode rows: one gather of their own positions, one SDPA
+        b, w = batch.rows.numel(), batch.width
+        k = flat_k.index_select(0, batch.slots).view(b, w, kvh, d).transpose(1, 2)
+        v = flat_v.index_select(0, batch.slots).view(b, w, kvh, d).transpose(1, 2)
+        q = query[0].index_select(1, batch.rows).transpose(0, 1).unsqueeze(2).contiguous()  # (b, H, 1, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scaling, enable_gqa=True)
+        out[0].index_copy_(0, batch.rows, o[:, :, 0])
+        gathered += 2 * b * w * kvh * d * k.element_size()
+        scores += heads * b * w
     for seg in tables.segments:
+        if seg.batched:
+            continue
         length = seg.kv_len
         if seg.first >= 0:  # one run of blocks: a view of the pool, nothing copied
             at = seg.first * bs

@@ -1,7 +1,10 @@
 """The engine's attention reads each request's own blocks (issue 19, item 1), counted, not timed.
 
 - score elements computed by attention equal those needed (sum over requests of heads x new
-  tokens x own context), whatever else is batched (the packed path computed B times more);
+  tokens x own context), whatever else is batched (the packed path computed B times more), when
+  every request attends on its own (``decode_batch_max_len=0``); with the default, short-context
+  decode rows share one SDPA padded to the longest of them (at most ``DECODE_BATCH_MAX_LEN``
+  positions), and a long request's scores and copies stay its own;
 - no transformers ``DynamicCache`` and no ``repeat_kv`` in an engine step: new keys/values go
   straight into the block pool;
 - nothing is copied out of the pool for a request whose blocks are one run; a fragmented request
@@ -32,7 +35,7 @@ def sdpa_scores(monkeypatch):
     real = F.scaled_dot_product_attention
 
     def counting(q, k, v, *a, **kw):
-        counted.append(q.shape[1] * q.shape[-2] * k.shape[-2])
+        counted.append(q.shape[0] * q.shape[1] * q.shape[-2] * k.shape[-2])
         return real(q, k, v, *a, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
@@ -41,7 +44,7 @@ def sdpa_scores(monkeypatch):
 
 def test_attention_computes_only_the_scores_each_request_needs(sdpa_scores):
     # prefill chunks of 8 after a past, decode rows beside them, a prompt of one token
-    engine = tiny_engine(max_num_seqs=8, block_size=4, chunk_size=8, token_budget=16)
+    engine = tiny_engine(max_num_seqs=8, block_size=4, chunk_size=8, token_budget=16, decode_batch_max_len=0)
     ps = prompts([3, 17, 9, 30, 1, 12], seed=4)
     for p in ps:
         engine.submit(p, GREEDY)
@@ -63,7 +66,7 @@ def test_attention_computes_only_the_scores_each_request_needs(sdpa_scores):
 
 def test_decode_step_scores_do_not_grow_with_other_requests_context(sdpa_scores):
     """A decode step of 4 requests: scores = heads x layers x sum(own contexts), not x 4 (packed)."""
-    engine = tiny_engine(max_num_seqs=4, block_size=4, token_budget=256, chunk_size=64)
+    engine = tiny_engine(max_num_seqs=4, block_size=4, token_budget=256, chunk_size=64, decode_batch_max_len=0)
     ps = prompts([20, 40, 7, 33], seed=2)
     for p in ps:
         engine.submit(p, SamplingParams(max_tokens=3, temperature=0))
@@ -73,6 +76,47 @@ def test_decode_step_scores_do_not_grow_with_other_requests_context(sdpa_scores)
     contexts = [len(p) + 1 for p in ps]
     assert sum(sdpa_scores) == LAYERS * HEADS * sum(contexts)
     engine.run_until_done()
+
+
+def test_short_decode_rows_share_one_padded_sdpa_and_long_ones_stay_their_own(sdpa_scores):
+    """Decode rows of at most ``decode_batch_max_len`` positions run as one SDPA padded to the longest
+    of them (never longer than the bound: padding is a constant, not another request's context); a
+    longer request beside them computes and copies only its own; tokens equal the per-request path."""
+    bound = 24
+    ps = prompts([5, 11, 8, 60], seed=3)  # three short contexts, one past the bound
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    batched = tiny_engine(max_num_seqs=4, block_size=4, token_budget=256, chunk_size=64, decode_batch_max_len=bound)
+    reqs = [batched.submit(p, sp) for p in ps]
+    batched.step()  # the four prefills
+    decode_steps = 0
+    while True:
+        sdpa_scores.clear()
+        if not batched.step():
+            break
+        t = batched.last_tables
+        if t.decode is None:
+            continue
+        decode_steps += 1
+        short = [s for s in t.segments if s.batched]
+        long_ = [s for s in t.segments if not s.batched]
+        assert len(short) == 3 and [s.kv_len for s in long_] == [len(ps[3]) + decode_steps]
+        assert t.decode.width == max(s.kv_len for s in short) <= bound
+        # one SDPA for the short rows (padded to the width), one of its own for the long request
+        assert sorted(sdpa_scores) == sorted([HEADS * 3 * t.decode.width, HEADS * long_[0].kv_len] * LAYERS)
+        assert t.score_elements == LAYERS * HEADS * (3 * t.decode.width + long_[0].kv_len)
+        # copied out of the pool: the short rows' padded width only (the long request is read in place)
+        assert t.gathered_bytes == LAYERS * 2 * 3 * t.decode.width * 2 * 8 * 4  # (K,V) x rows x width x kvh x d
+    assert decode_steps == sp.max_tokens - 1
+    alone = tiny_engine(max_num_seqs=4, block_size=4, token_budget=256, chunk_size=64, decode_batch_max_len=0)
+    assert [r.output_ids for r in reqs] == [r.output_ids for r in alone.generate(ps, sp)]
+    for p, r in zip(ps, reqs):
+        assert r.output_ids == greedy_ref(batched, None, p, sp.max_tokens)
+    assert_no_leaks(batched)
+
+
+def test_decode_batch_bound_is_validated():
+    with pytest.raises(ValueError, match="decode_batch_max_len"):
+        tiny_engine(decode_batch_max_len=-1)
 
 
 def test_no_dynamic_cache_or_repeat_kv_in_a_step(monkeypatch):
@@ -91,7 +135,7 @@ def test_fragmented_blocks_are_gathered_per_request_and_give_the_same_tokens():
     ps = prompts([6, 11, 3, 14], seed=8)
     sp = SamplingParams(max_tokens=9, temperature=0)
     # a fragmented pool (every other block held elsewhere): no run of two blocks is free
-    frag = tiny_engine(max_num_seqs=4, block_size=2, num_blocks=128, max_model_len=64)
+    frag = tiny_engine(max_num_seqs=4, block_size=2, num_blocks=128, max_model_len=64, decode_batch_max_len=0)
     held = frag.pool.allocate(128)
     frag.pool.free(held[1::2])
     held = held[::2]
@@ -108,7 +152,7 @@ def test_fragmented_blocks_are_gathered_per_request_and_give_the_same_tokens():
         assert r.output_ids == greedy_ref(frag, None, p, sp.max_tokens)
     frag.pool.free(held)
     # a roomy pool: each request gets one run up front and nothing is ever copied out of the pool
-    roomy = tiny_engine(max_num_seqs=4, block_size=2)
+    roomy = tiny_engine(max_num_seqs=4, block_size=2, decode_batch_max_len=0)
     reqs2 = [roomy.submit(p, sp) for p in ps]
     while roomy.step():
         assert roomy.last_tables.gathered_bytes == 0

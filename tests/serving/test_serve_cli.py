@@ -117,3 +117,19 @@ def test_serve_process_end_to_end(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_model_threads_leave_a_core_to_the_server(monkeypatch):
+    """On the CPU the model gets all usable cores but one (at least one); OMP_NUM_THREADS or
+    --threads override that."""
+    from fastadapters.serving.serve import build_parser, cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu_threads(None)[0] == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert cpu_threads(None)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None) == (2, "OMP_NUM_THREADS")
+    assert cpu_threads(5) == (5, "--threads")
+    assert build_parser().parse_args(["--base-model", "x", "--threads", "3"]).threads == 3
