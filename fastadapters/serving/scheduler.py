@@ -257,13 +257,20 @@ class Scheduler:
             return
         # at most max_adapters distinct routed adapters run at once (the store's device slots): a
         # request whose adapter is not running waits while all slots are taken, and later requests
-        # on running adapters (or the base model) are admitted past it
+        # on running adapters (or the base model) are admitted past it -- but only until
+        # ``max_num_seqs`` of them have overtaken it. From then on nothing is admitted past it (the
+        # queue is FIFO from there): the running requests finish, a slot frees, and it runs. So a
+        # steady stream on the resident adapters cannot starve a request on another one.
         active = {r.route_name for r in self.running if r.route_name is not None}
+        skipped: list[Request] = []
         i = 0
         while i < len(self.waiting) and len(self.running) < self.max_num_seqs:
             req = self.waiting[i]
             name = req.route_name
             if name is not None and name not in active and len(active) >= self.max_adapters:
+                if req.metadata.get("overtaken", 0) >= self.max_num_seqs:
+                    break  # starving: it is next, whatever waits behind it
+                skipped.append(req)
                 i += 1
                 continue
             if not self._start(req):
@@ -272,6 +279,8 @@ class Scheduler:
             self.running.append(req)
             if name is not None:
                 active.add(name)
+            for waiting in skipped:  # each admission past a waiting request counts against it
+                waiting.metadata["overtaken"] = waiting.metadata.get("overtaken", 0) + 1
 
     def schedule(self) -> ScheduledBatch:
         self._admit()

@@ -88,3 +88,29 @@ def test_max_loras_limits_resident_adapters_and_keeps_tokens(zoo):
     for name, p, r in zip(names, ps, reqs):
         assert r.output_ids == greedy_ref(engine, name, p, GREEDY.max_tokens), name
     assert_no_leaks(engine)
+
+
+def test_a_request_on_a_non_resident_adapter_is_not_starved_by_a_stream_on_resident_ones(zoo):
+    """max_loras=1: a request on adapter B waits while A holds the only slot and later A requests
+    are admitted past it, but after ``max_num_seqs`` of them nothing more overtakes it: it runs
+    once the A requests admitted before that point finish, however many A requests keep arriving."""
+    engine = tiny_engine(zoo, max_num_seqs=2, max_loras=1)
+    sp = SamplingParams(max_tokens=3, temperature=0)
+    p = prompts([4], seed=3)[0]
+    engine.submit(p, sp, adapter="lora_r4")
+    engine.step()  # A holds the slot
+    starving = engine.submit(p, sp, adapter="houlsby")
+    admitted_a_before_b = 0
+    for step in range(60):  # a steady stream on A: one new request every step
+        engine.submit(p, sp, adapter="lora_r4")
+        engine.step()
+        if starving.status.value != "waiting":
+            break
+        admitted_a_before_b = sum(1 for r in engine.scheduler.running if r.adapter == "lora_r4")
+    else:
+        raise AssertionError("the request on the non-resident adapter never ran")
+    assert starving.metadata.get("overtaken", 0) == engine.scheduler.max_num_seqs
+    assert step < 20 and admitted_a_before_b <= 2
+    engine.run_until_done()
+    assert starving.output_ids == greedy_ref(engine, "houlsby", p, sp.max_tokens)
+    assert_no_leaks(engine)
