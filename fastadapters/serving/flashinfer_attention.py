@@ -9,8 +9,11 @@ engine's greedy-equality check flashinfer vs sdpa when ``flashinfer`` imports th
 Install (not a declared extra: CI has no GPU to test it): ``pip install flashinfer-python`` into the
 same environment as a CUDA build of torch. Supported: ``flashinfer`` 0.6.x and 0.7.x. Written against
 0.6.18 (``flashinfer/prefill.py`` of flashinfer-ai/flashinfer at commit fb28d72, its ``version.txt``
-0.6.18) and checked against the 0.7.2.post1 wheel on PyPI (same ``__init__``, ``plan`` and ``run``
-signatures; 0.7 adds only ``plan(uniform_q_len=...)``, unused here).
+0.6.18) and checked against the 0.6.0 and 0.7.2.post1 wheels on PyPI (the same ``__init__``, ``plan``
+and ``run`` parameters used here; 0.7 adds ``plan(uniform_q_len=...)``, unused). Older releases were
+not read, so they are refused rather than assumed (the ``plan``/``run`` names date from 0.2, but
+``head_dim_qk`` and the backends changed since); so is a build reporting ``0.0.0+unknown`` (a
+source checkout without its build metadata).
 
 What is used, per engine step (``StepTables.extra["flashinfer"]``, a ``FlashInferStep``):
 
@@ -65,7 +68,7 @@ __all__ = ["BACKENDS", "SUPPORTED_VERSIONS", "WRITTEN_AGAINST", "select_backend"
 
 BACKENDS = ("auto", "sdpa", "flashinfer")
 SUPPORTED_VERSIONS = ((0, 6), (0, 8))  # [0.6, 0.8): the versions whose source was read
-WRITTEN_AGAINST = "0.6.18 (flashinfer-ai/flashinfer fb28d72), checked against 0.7.2.post1"
+WRITTEN_AGAINST = "0.6.18 (flashinfer-ai/flashinfer fb28d72), checked against 0.6.0 and 0.7.2.post1"
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace
 INSTALL = "pip install flashinfer-python"
 
@@ -186,8 +189,9 @@ class FlashInferStep:
         wrapper = self.owner.wrapper
         key = (heads, None if scaling is None else float(scaling))
         if self.planned is None:
+            # q is handed over in the pool's dtype (the model's: the pool is allocated in it)
             wrapper.plan(*self.tables, heads, pool.kv_heads, d, self.block_size, causal=True, sm_scale=key[1],
-                         q_data_type=query.dtype, kv_data_type=pool.dtype)
+                         q_data_type=pool.dtype, kv_data_type=pool.dtype)
             self.planned = key
             self.plans += 1
         elif key != self.planned:
