@@ -16,7 +16,8 @@
 #   2. gpu_check.py: compiled Triton kernels vs fp64, bf16 and the fp32
 #      rank-256 cases of issue 12, one line per check as it finishes          -> gpu_check.log
 #   3. pytest -m gpu on the GPU test files only (collecting every CPU test
-#      module on a bare machine risks a collection error)                    -> gpu_tests.log
+#      module on a bare machine risks a collection error; test_flashinfer_path.py's
+#      one GPU test skips without flashinfer)                                 -> gpu_tests.log
 #   4. the engine's FlashInfer attention path (written without a GPU, never run on one before):
 #      greedy tokens flashinfer vs sdpa on a small random llama and the decode step time of
 #      both, when `flashinfer` imports here (else "flashinfer not installed: skipped")
@@ -74,7 +75,7 @@ fi
 # 3. GPU-marked tests, GPU test files only (tests/kernels/test_triton_gpu.py is gpu_check's pytest
 #    wrapper: gpu_check already ran)
 step 150 "pytest -m gpu" "$OUT/gpu_tests.log" python -m pytest -m gpu -q -rfEs -p no:cacheprovider \
-  tests/csrc/test_cuda_ops_gpu.py tests/serving/test_gpu.py
+  tests/csrc/test_cuda_ops_gpu.py tests/serving/test_gpu.py tests/serving/test_flashinfer_path.py
 [ -f "$OUT/gpu_tests.log" ] && tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/session.log"
 
 # 4. FlashInfer vs SDPA in the engine (the device reaches no registry: flashinfer must already be

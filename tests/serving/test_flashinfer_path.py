@@ -13,7 +13,9 @@ a prefix-tuning request, a fragmented pool); ``plan`` once per step and ``run`` 
 page tables for a small case, by hand; one layer's output equals the SDPA path's; the selection
 rules (warn once on CUDA without flashinfer, ValueError for bad or impossible choices, a loud
 RuntimeError naming an unsupported version). Whether FlashInfer itself behaves as documented on a
-GPU is what ``bench/gpu_session.sh`` checks when a GPU session has it.
+GPU is what the one ``gpu``-marked test here (real ``flashinfer``, one layer vs the SDPA path) and
+``bench/flashinfer_check.py`` check; ``bench/gpu_session.sh`` runs both when a GPU session has
+``flashinfer``. Neither has run yet.
 """
 from __future__ import annotations
 
@@ -254,3 +256,35 @@ def _engine(dtype, **kw):
     from fastadapters.serving.engine import Engine
 
     return Engine(tiny_llama().to(dtype), backend="torch", num_blocks=16, max_model_len=32, **kw)
+
+
+def _real_flashinfer() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _real_flashinfer(), reason="needs CUDA and flashinfer")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_real_flashinfer_one_layer_equals_the_sdpa_path_on_cuda(dtype):
+    """The one check of FlashInfer itself (bench/gpu_session.sh runs it with ``-m gpu``): one layer,
+    head_dim 64, GQA 4:1, block_size 16 -- a chunk of 20 after 37 positions over fragmented blocks, a
+    decode row at 50 positions, a first chunk of 33, a decode row at 1 position."""
+    fia._import_flashinfer()  # an unsupported version fails here, named
+    torch.manual_seed(0)
+    heads, kvh, d, bs = 8, 2, 64, 16
+    pool = BlockPool(1, kvh, d, bs, 32, dtype=dtype, device="cuda")
+    pool.keys[0].normal_()
+    pool.values[0].normal_()
+    host = [torch.tensor([9, 2, 5, 30]), torch.tensor([0, 1, 2, 3]), torch.tensor([12, 13, 14]), torch.tensor([20])]
+    segs = [Segment(0, 20, 57, host[0].cuda(), -1, mask=chunk_mask(37, 20, "cuda")), Segment(20, 1, 50, None, 0),
+            Segment(21, 33, 33, None, 12, causal=True), Segment(54, 1, 1, None, 20)]
+    query = torch.randn(1, heads, 55, d, device="cuda", dtype=dtype)
+    want = paged_attention(query, pool, 0, StepTables(torch.zeros(0, dtype=torch.long), segs), d ** -0.5)
+    tables = StepTables(torch.zeros(0, dtype=torch.long, device="cuda"), segs)
+    tables.extra["flashinfer"] = fia.FlashInferAttention("cuda").step(segs, host, bs)
+    got = paged_attention(query, pool, 0, tables, d ** -0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
