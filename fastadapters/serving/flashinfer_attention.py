@@ -115,7 +115,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def select_backend(requested: str, device, dtype: torch.dtype) -> str:
-    """"sdpa" or "flashinfer" for a model on ``device`` in ``dtype`` (see the module docstring)."""
+    """The attention path for a model on ``device`` in ``dtype``: "sdpa" or "flashinfer" (module docstring)."""
     if not isinstance(requested, str) or requested not in BACKENDS:
         raise ValueError(f"attention_backend: got {requested!r}; valid: 'auto' (FlashInfer on CUDA when installed, "
                          "else SDPA), 'sdpa' (the per-request SDPA path), 'flashinfer' (CUDA, fp16/bf16, "
