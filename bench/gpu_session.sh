@@ -16,9 +16,14 @@
 #   2. gpu_check.py: compiled Triton kernels vs fp64, bf16 and the fp32
 #      rank-256 cases of issue 12, one line per check as it finishes          -> gpu_check.log
 #   3. pytest -m gpu on the GPU test files only (collecting every CPU test
-#      module on a bare machine risks a collection error)                    -> gpu_tests.log
-#   4. the quick kernel table                                                 -> kernels.json
-#   5. the quick serving tables (engine; CUDA C++ multi-adapter op)           -> serving*.json
+#      module on a bare machine risks a collection error; test_flashinfer_path.py's
+#      one GPU test skips without flashinfer)                                 -> gpu_tests.log
+#   4. the engine's FlashInfer attention path (written without a GPU, never run on one before):
+#      greedy tokens flashinfer vs sdpa on a small random llama and the decode step time of
+#      both, when `flashinfer` imports here (else "flashinfer not installed: skipped")
+#                                                                             -> session.log
+#   5. the quick kernel table                                                 -> kernels.json
+#   6. the quick serving tables (engine; CUDA C++ multi-adapter op)           -> serving*.json
 #
 # Every result is written to $OUT as it is produced (at most 8 files: session.log, build.log,
 # gpu_check.log, gpu_tests.log, kernels.json, serving.json, serving_cuda.json), so a call cut
@@ -70,10 +75,18 @@ fi
 # 3. GPU-marked tests, GPU test files only (tests/kernels/test_triton_gpu.py is gpu_check's pytest
 #    wrapper: gpu_check already ran)
 step 150 "pytest -m gpu" "$OUT/gpu_tests.log" python -m pytest -m gpu -q -rfEs -p no:cacheprovider \
-  tests/csrc/test_cuda_ops_gpu.py tests/serving/test_gpu.py
+  tests/csrc/test_cuda_ops_gpu.py tests/serving/test_gpu.py tests/serving/test_flashinfer_path.py
 [ -f "$OUT/gpu_tests.log" ] && tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/session.log"
 
-# 4-5. quick tables
+# 4. FlashInfer vs SDPA in the engine (the device reaches no registry: flashinfer must already be
+#    installed there; the first run may JIT-compile its kernels, hence the limit)
+if python -c "import flashinfer" >/dev/null 2>&1; then
+  step 90 "flashinfer check" "$OUT/session.log" python bench/flashinfer_check.py
+else
+  log "flashinfer not installed: skipped"
+fi
+
+# 5-6. quick tables
 step 75 "kernels --quick" "$OUT/session.log" python bench/kernel_ops.py --quick --json "$OUT/kernels.json"
 step 45 "serving_cuda --quick" "$OUT/session.log" python bench/serving_cuda.py --quick --out "$OUT/serving_cuda.json"
 step 60 "serving (quick table)" "$OUT/session.log" python bench/serving.py --no-peft --json "$OUT/serving.json"

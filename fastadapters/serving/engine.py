@@ -55,6 +55,7 @@ import torch.nn as nn
 from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine,
                        nonfinite_adapter_tensor, private_copy)
 from .detokenizer import DetokState, detokenize
+from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
@@ -91,7 +92,7 @@ class Engine:
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
                  max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
-                 decode_batch_max_len: int = DECODE_BATCH_MAX_LEN):
+                 decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto"):
         check_model(model)
         if isinstance(decode_batch_max_len, bool) or not isinstance(decode_batch_max_len, int) \
                 or decode_batch_max_len < 0:
@@ -125,6 +126,9 @@ class Engine:
         layers, kv_heads, head_dim = geometry(model)
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
+        # "auto": FlashInfer's paged kernels on CUDA when installed (never run on a GPU yet), else SDPA
+        self.attention_backend = select_backend(attention_backend, self.device, self.dtype)
+        self._flashinfer = FlashInferAttention(self.device) if self.attention_backend == "flashinfer" else None
         per_seq = -(-self.max_model_len // block_size)
         if num_blocks is None:  # every sequence at full length, within the KV memory budget
             block_bytes = 2 * layers * kv_heads * block_size * head_dim * emb.element_size()
@@ -588,6 +592,7 @@ class Engine:
         bs = self.pool.block_size
         ids, pos, slots, segments, last = [], [], [], [], []
         t = 0
+        fi = self._flashinfer  # FlashInfer reads block tables and masks from its own page tables
         for req, n in zip(reqs, news):
             ids.extend(req.tokens(req.num_computed, n))
             start = req.kv_len
@@ -598,8 +603,8 @@ class Engine:
                 seg = Segment(t, n, start + n, None, blocks[0])
             else:
                 table = req.block_table[:len(blocks)]
-                seg = Segment(t, n, start + n, table if table.device == dev else table.to(dev), -1)
-            if n > 1:
+                seg = Segment(t, n, start + n, table if fi is not None or table.device == dev else table.to(dev), -1)
+            if n > 1 and fi is None:
                 if start == 0:
                     seg.causal = True
                 else:
@@ -617,7 +622,9 @@ class Engine:
         position_ids = flat[t_all:2 * t_all].view(1, -1)
         last_index = flat[2 * t_all:2 * t_all + len(last)]
         tables = StepTables(flat[2 * t_all + len(last):], segments)
-        if self.decode_batch_max_len and len(reqs) > 1:
+        if fi is not None:
+            tables.extra["flashinfer"] = fi.step(segments, [r.block_table for r in reqs], bs)
+        elif self.decode_batch_max_len and len(reqs) > 1:
             tables.decode = decode_batch(segments, [r.block_table for r in reqs], bs, dev, self.decode_batch_max_len)
         args = (self.model, input_ids, position_ids, self.pool, tables, last_index)
         from ..patching import _state

@@ -42,8 +42,14 @@ shapes alone (the engine's shapes change every step), and eager ``flex_attention
 1.4 s (it materialises every score). One dense batched SDPA over a contiguous cache (HF's
 ``generate``, no paging) is the floor: 0.25 ms decode there; per-request SDPA stays within about
 2-3x of it per layer at B = 8-32, context 128-512, which is small beside the step's linears (the
-whole-step ratio is what ``bench/engine_vs_hf.py`` reports). On CUDA FlashInfer's paged kernels
-would replace this loop; that path is not written (no GPU was available to run it).
+whole-step ratio is what ``bench/engine_vs_hf.py`` reports).
+
+On CUDA with ``flashinfer`` installed (fp16/bf16 models) the step's tables carry a planned FlashInfer
+wrapper (``StepTables.extra["flashinfer"]``, see ``flashinfer_attention.py``) and ``paged_attention``
+hands each layer to it instead of this loop: one paged kernel launch per layer for every request of
+the step, the page tables built and planned once per step. That path has never run on a GPU (none
+was available when it was written; it is tested on the CPU against a fake ``flashinfer``); the
+engine falls back to this loop, with a warning, on CUDA without ``flashinfer``.
 """
 from __future__ import annotations
 
@@ -126,6 +132,11 @@ def chunk_mask(past: int, n: int, device) -> torch.Tensor:
 
 def paged_attention(query: torch.Tensor, pool, layer: int, tables: StepTables, scaling) -> torch.Tensor:
     """``query`` (1, H, T, D) of the packed step -> attention output (1, T, H, D)."""
+    fi = tables.extra.get("flashinfer")
+    if fi is not None:  # CUDA: FlashInfer's paged kernel over the pool, planned once per step
+        out = fi.run(query, pool, layer, scaling)
+        tables.score_elements += query.shape[1] * fi.score_elements
+        return out
     keys, values = pool.keys[layer], pool.values[layer]
     flat_k, flat_v = pool.flat_keys[layer], pool.flat_values[layer]
     _, bs, kvh, d = keys.shape
