@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads for the model on the CPU (default: OMP_NUM_THREADS when set, else "
                         "the usable cores less one, at least 1: the spare core runs the HTTP server and the "
                         "tokenizer, as vLLM's CPU backend reserves one for its front end)")
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "sdpa", "flashinfer"),
+                   help="the engine's paged attention: auto = FlashInfer on CUDA (fp16/bf16) when flashinfer-python "
+                        "is installed, else per-request SDPA; sdpa never imports flashinfer")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
                    help="multi-adapter kernels")
     g = p.add_argument_group("security and limits")
@@ -205,6 +208,7 @@ def build_app(args):
                     block_size=args.block_size, max_waiting=args.max_waiting, max_loras=args.max_loras,
                     max_cpu_loras=args.max_cpu_loras, prefix_caching=not args.no_prefix_caching,
                     backend=None if args.backend == "auto" else args.backend, adapter_roots=args.adapter_root,
+                    attention_backend=getattr(args, "attention_backend", "auto"),
                     kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:
         name, _, path = spec.partition("=")

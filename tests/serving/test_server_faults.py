@@ -635,6 +635,17 @@ def test_serve_flags_reach_the_engine_residency_and_prefix_cache(base_dir, no_uv
     assert engine.max_loras == 2 and engine.scheduler.prefix_caching is False
 
 
+def test_serve_attention_backend_reaches_the_engine(base_dir, no_uvicorn, capsys):
+    base = str(base_dir / "base")
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base, "--attention-backend", "sdpa"])
+    assert started.value.args[0].state.engine.attention_backend == "sdpa"
+    # FlashInfer needs CUDA: on the CPU asking for it is a start-up refusal naming what is valid
+    assert serve.main(["--base-model", base, "--attention-backend", "flashinfer"]) == 2
+    err = capsys.readouterr().err
+    assert "attention_backend='flashinfer' needs the model on CUDA" in err and "'sdpa'" in err
+
+
 def test_serve_max_cpu_loras_reaches_the_engine(base_dir, no_uvicorn, capsys):
     base = str(base_dir / "base")
     with pytest.raises(_Started) as started:
