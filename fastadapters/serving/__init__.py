@@ -14,7 +14,8 @@ of these (the multi-adapter layer table, the engine end to end) live in ``fastad
 The generation engine and server (``fastadapters serve``), bottom to top: ``kv_blocks.py`` (KV
 in fixed-size blocks), ``sampling.py``, ``scheduler.py`` (requests, continuous batching),
 ``adapters.py`` (served names, versions, path confinement), ``paged_attention.py`` (each
-request's attention over its own blocks), ``detokenizer.py`` (incremental), ``hf_compat.py`` (the
+request's attention over its own blocks; ``flashinfer_attention.py`` on CUDA), ``lm_head.py``
+(the oneDNN-packed LM head on the CPU), ``detokenizer.py`` (incremental), ``hf_compat.py`` (the
 only transformers internals), ``engine.py`` (the step loop; no HTTP), then ``protocol.py`` /
 ``metrics.py`` / ``api.py`` (FastAPI) and ``serve.py`` (the command). Submodules import lazily.
 """

@@ -58,6 +58,7 @@ from .detokenizer import DetokState, detokenize
 from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
+from .lm_head import lm_head
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
 from .sampling import SamplingParams, make_generator, sample_rows
 from .scheduler import QueueFull, Request, Scheduler, Status
@@ -126,6 +127,7 @@ class Engine:
         layers, kv_heads, head_dim = geometry(model)
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
+        self._lm_head = lm_head(model, self.device)  # oneDNN-packed on the CPU (lm_head.py)
         # "auto": FlashInfer's paged kernels on CUDA when installed (never run on a GPU yet), else SDPA
         self.attention_backend = select_backend(attention_backend, self.device, self.dtype)
         self._flashinfer = FlashInferAttention(self.device) if self.attention_backend == "flashinfer" else None
@@ -626,7 +628,10 @@ class Engine:
             tables.extra["flashinfer"] = fi.step(segments, [r.block_table for r in reqs], bs)
         elif self.decode_batch_max_len and len(reqs) > 1:
             tables.decode = decode_batch(segments, [r.block_table for r in reqs], bs, dev, self.decode_batch_max_len)
-        args = (self.model, input_ids, position_ids, self.pool, tables, last_index)
+        head = self._lm_head
+        if getattr(head, "layer", head) is not self.model.get_output_embeddings():  # the output layer changed
+            head = self._lm_head = lm_head(self.model, self.device)  # (e.g. an adapter wrapped it): re-derive
+        args = (self.model, input_ids, position_ids, self.pool, tables, last_index, head)
         from ..patching import _state
 
         state = _state(self.model)

@@ -150,10 +150,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
 @torch.no_grad()
 def paged_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, pool,
-                  tables: StepTables, last_index: torch.Tensor) -> torch.Tensor:
+                  tables: StepTables, last_index: torch.Tensor, head=None) -> torch.Tensor:
     """One packed step over the block pool. ``input_ids``/``position_ids``: (1, T); ``tables``: the
     step's per-request block tables and the new tokens' slots; ``last_index``: the token positions
-    (within T) whose hidden states go through the LM head. Returns logits (len(last_index), V);
+    (within T) whose hidden states go through the LM head (``head``, default the model's output
+    layer; the engine passes ``lm_head.lm_head``'s). Returns logits (len(last_index), V);
     the new keys/values are in the pool when it returns."""
     _register()
     cache = PagedCache(pool, tables)
@@ -171,7 +172,7 @@ def paged_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch
         raise RuntimeError(_contract(f"one forward made {cache.updates} cache updates and {calls} attention calls "
                                      f"for {pool.num_layers} layers"))
     hidden = out.last_hidden_state[0].index_select(0, last_index)
-    return model.get_output_embeddings()(hidden).float()
+    return (head or model.get_output_embeddings())(hidden).float()
 
 
 def _cache_keyword(decoder: nn.Module) -> str:
