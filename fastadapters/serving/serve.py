@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request headers size limit (431 beyond)")
     g.add_argument("--body-timeout", type=_seconds, default=lim.body_timeout, metavar="S",
                    help="seconds to receive a request's whole body (408 beyond)")
+    g.add_argument("--header-timeout", type=_seconds, default=30.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers (a client trickling them "
+                        "byte by byte is closed; uvicorn itself has no such bound)")
     g.add_argument("--timeout-keep-alive", type=_seconds, default=5.0, metavar="S",
                    help="seconds an idle keep-alive connection stays open")
     g.add_argument("--max-stop-strings", type=_positive, default=lim.max_stop, metavar="N",
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_keep_alive=max(1, round(args.timeout_keep_alive)),
                             timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
-                            h11_max_incomplete_event_size=args.max_header_bytes)
+                            h11_max_incomplete_event_size=args.max_header_bytes,
+                            http=header_deadline_protocol(args.header_timeout))
     before = torch.get_num_threads()
     if threads is not None:
         # more model threads than free cores stalls every parallel op on the busiest core (the event
@@ -337,6 +341,61 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(before)
     return 0
+
+
+def header_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline on each request's headers: from the connection's
+    start, or from the end of the previous response on a kept-alive connection, to the complete
+    request line and headers. A client that has not sent them by then (a slow-header "slowloris"
+    trickle holds a connection open forever otherwise: uvicorn's keep-alive timer stops at the
+    first byte) is disconnected. The body has its own deadline (``--body-timeout``, ``api._Guard``).
+    Reads uvicorn's ``H11Protocol`` hooks (``connection_made``, ``data_received``,
+    ``on_response_complete``, ``cycle``), the same in every uvicorn CI runs (0.30 to 0.55)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        header_timeout = seconds
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                logging.getLogger("fastadapters.serve").warning(
+                    "closed a connection that sent no complete request headers within %g s (--header-timeout)",
+                    self.header_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            super().data_received(data)
+            if self.cycle is not before:  # a request's headers are complete: its body has its own deadline
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            before = self.cycle
+            super().on_response_complete()
+            if self.cycle is before and not self.transport.is_closing():  # kept alive: the next headers
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11
 
 
 def _server_class():

@@ -7,11 +7,12 @@ import time
 
 
 @contextlib.contextmanager
-def live_server(app, timeout: float = 30):
-    """Yield the base URL of ``app`` served by uvicorn on 127.0.0.1; stop it (and its engine) on exit."""
+def live_server(app, timeout: float = 30, **config_kw):
+    """Yield the base URL of ``app`` served by uvicorn on 127.0.0.1; stop it (and its engine) on exit.
+    ``config_kw``: more ``uvicorn.Config`` arguments (e.g. ``http=`` a protocol class)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on", **config_kw)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()

@@ -383,6 +383,44 @@ def test_slow_body_times_out_with_408(zoo):
             assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t < 3, reply[:200]
 
 
+def test_slow_headers_are_cut_off_and_a_kept_alive_connection_gets_the_same_deadline(zoo):
+    """--header-timeout: a client trickling its request headers is disconnected at the deadline
+    (uvicorn alone keeps it forever: its keep-alive timer stops at the first byte); a normal request
+    on the same server is answered, and after its response the kept-alive connection's next headers
+    have the same deadline."""
+    engine = make_engine()
+    with live_server(create_app(engine, BASE), http=serve.header_deadline_protocol(0.5)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.settimeout(0.1)
+            t, closed = time.monotonic(), False
+            s.sendall(b"GET /v1/models HTTP/1.1\r\n")
+            while time.monotonic() - t < 5:  # one header byte every 0.1 s, never finishing
+                try:
+                    s.sendall(b"x")
+                    if s.recv(65536) == b"":
+                        closed = True
+                        break
+                except socket.timeout:
+                    pass
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+            assert closed and 0.4 < time.monotonic() - t < 3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            reply = s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:100]
+            s.sendall(b"GET /health HTTP/1.1\r\n")  # the next request's headers, never finished
+            s.settimeout(5)
+            t = time.monotonic()
+            try:
+                rest = s.recv(65536)
+            except ConnectionResetError:
+                rest = b""
+            assert rest == b"" and time.monotonic() - t < 3  # closed at its own deadline
+
+
 def test_unhandled_errors_are_openai_shaped(zoo):
     engine = make_engine()
     app = create_app(engine, BASE)
