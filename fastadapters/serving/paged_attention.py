@@ -112,7 +112,10 @@ def decode_batch(segments: list[Segment], tables: list[torch.Tensor], block_size
     lens = []
     for i, (s, t) in enumerate(picked):
         own = -(-s.kv_len // block_size)
-        table[i, :own] = t[:own]  # padding positions read block 0 of the pool: masked out below
+        table[i, :own] = t[:own]
+        # padding positions read the row's own first block, masked out below: never another request's
+        # blocks, whose values (NaN from a poisoned adapter) would survive the mask as 0 * NaN
+        table[i, own:] = t[0]
         s.batched = True
         lens.append(s.kv_len)
     slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(picked), -1)[:, :width]

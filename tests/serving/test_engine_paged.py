@@ -175,3 +175,36 @@ def test_a_transformers_that_skips_the_cache_fails_loudly():
     engine.submit([3, 4, 5], GREEDY)
     with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*1 cache updates"):
         engine.step()
+
+
+def test_padding_of_the_decode_batch_never_reads_other_requests_blocks():
+    """The padded decode batch masks its padding, but a masked position still multiplies its value
+    by 0, and 0 * NaN is NaN: padding must read only the row's own blocks. Every block outside the
+    batched rows' own is NaN here; the batch's output equals each row attended alone."""
+    from fastadapters.serving.kv_blocks import BlockPool
+    from fastadapters.serving.paged_attention import Segment, StepTables, decode_batch, paged_attention
+
+    torch.manual_seed(0)
+    pool = BlockPool(1, 2, 8, 4, 32)
+    pool.keys[0].fill_(float("nan"))
+    pool.values[0].fill_(float("nan"))
+    owned = {0: [5, 9], 1: [12, 13, 14], 2: [20]}  # blocks of three requests (block 0 is nobody's)
+    lens = {0: 7, 1: 11, 2: 3}
+    for i, blocks in owned.items():
+        for b in blocks:
+            pool.keys[0][b].normal_()
+            pool.values[0][b].normal_()
+    q = torch.randn(1, 4, 3, 8)
+
+    def tables(batched: bool):
+        segs = [Segment(i, 1, lens[i], torch.tensor(owned[i]), -1) for i in range(3)]
+        t = StepTables(torch.zeros(3, dtype=torch.long), segs)
+        if batched:
+            t.decode = decode_batch(segs, [torch.tensor(owned[i] + [0, 0]) for i in range(3)], 4, "cpu")
+            assert t.decode is not None and t.decode.width == 11
+        return t
+
+    alone = paged_attention(q, pool, 0, tables(False), 0.3)
+    together = paged_attention(q, pool, 0, tables(True), 0.3)
+    assert torch.isfinite(together).all()
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
