@@ -71,8 +71,8 @@ GIL), so the Python work of outputs is off the critical path:
   the output thread after it has emitted everything queued. ``health()`` reports a dead output
   thread; if it died, the engine thread makes outputs inline again.
 
-Callbacks run in the output thread (the engine thread when none runs) and must not block: the
-engine waits for outputs one step behind.
+Callbacks run in the output thread (inline: in the thread that calls ``step``) and must not
+block: the engine waits for outputs one step behind.
 """
 from __future__ import annotations
 
@@ -194,6 +194,7 @@ class Engine:
         self._out_pending: list = []  # events the engine thread made since its last hand-over
         self._out_posted = self._out_done = 0  # batches handed over / processed
         self._out_closing = False
+        self._out_gen = 0  # which start() the output thread belongs to
         self._out_finish: dict[str, tuple[str, int]] = {}  # rid -> (reason, completion tokens), output side
         self.last_output_error: str | None = None
         self.last_tables: StepTables | None = None  # the last step's block tables and attention counts
@@ -340,8 +341,13 @@ class Engine:
         if self._thread is not None:
             return
         self._stopping = False
-        self._out_closing = False
-        self._out_thread = threading.Thread(target=self._output_loop, name="fastadapters-output", daemon=True)
+        with self._out_cv:  # a new channel: an output thread left by a stop() that timed out takes no more
+            self._out_gen += 1
+            self._out_closing = False
+            self._out_batches.clear()
+            self._out_posted = self._out_done = 0
+        self._out_thread = threading.Thread(target=self._output_loop, args=(self._out_gen,),
+                                            name="fastadapters-output", daemon=True)
         self._out_thread.start()
         self._thread = threading.Thread(target=self._loop, name="fastadapters-engine", daemon=True)
         self._thread.start()
@@ -380,13 +386,14 @@ class Engine:
             self._wake.notify_all()
         with self._out_cv:
             self._out_cv.notify_all()  # an engine thread waiting for outputs looks at _stopping
+        deadline = time.monotonic() + timeout  # for both threads
         thread.join(timeout)
         out = self._out_thread
         if out is not None:  # after the engine thread: it emits everything queued (the finals of the stop)
             with self._out_cv:
                 self._out_closing = True
                 self._out_cv.notify_all()
-            out.join(timeout)
+            out.join(max(1.0, deadline - time.monotonic()))
             if not out.is_alive():
                 self._drain_outputs()  # only if it died early: what it left, here, in order
             self._out_thread = None
@@ -420,18 +427,19 @@ class Engine:
         self._post()
 
     # -- the output thread ---------------------------------------------------------------------------
-    def _output_loop(self) -> None:
+    def _output_loop(self, gen: int) -> None:
         try:
             while True:
                 with self._out_cv:
-                    while not self._out_batches and not self._out_closing:
+                    while not self._out_batches and not self._out_closing and gen == self._out_gen:
                         self._out_cv.wait(0.5)
-                    if not self._out_batches:
-                        return  # closing, and everything handed over was emitted
+                    if not self._out_batches or gen != self._out_gen:
+                        return  # closing, and everything handed over was emitted (or a later start())
                     batch = self._out_batches.popleft()
                 self._process_events(batch)
                 with self._out_cv:
-                    self._out_done += 1
+                    if gen == self._out_gen:
+                        self._out_done += 1
                     self._out_cv.notify_all()
         except BaseException as e:  # e.g. a callback raised SystemExit: health() reports it
             self.last_output_error = f"{type(e).__name__}: {e}"

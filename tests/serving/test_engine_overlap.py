@@ -274,6 +274,20 @@ def test_stop_with_requests_in_flight_gives_each_one_final_output():
     assert sum(v for k, v in engine.stats.items() if k.startswith("finished_")) == len(reqs)
     assert_no_leaks(engine)
     assert engine.healthy() and engine._out_thread is None and engine._thread is None
+    # stopped: the engine makes outputs inline again, and a restart gets a fresh output thread
+    sp = SamplingParams(max_tokens=3, temperature=0)
+    inline = engine.generate([ps[0]], sp)[0]
+    assert inline.finish_reason == "length" and len(inline.output_ids) == 3
+    cb, outs, done = _collect()
+    cb.expected = 1
+    engine.start()
+    try:
+        again = engine.submit(ps[0], sp, on_output=cb)
+        assert done.wait(WAIT)
+    finally:
+        engine.stop()
+    assert _summary(outs[again.request_id])["ids"] == inline.output_ids
+    assert_no_leaks(engine)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
