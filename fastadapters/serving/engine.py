@@ -328,6 +328,8 @@ class Engine:
         with self._lock:
             self._commands.append((fn, fut))
             self._wake.notify_all()
+        with self._out_cv:
+            self._out_cv.notify_all()  # an engine thread waiting for outputs takes commands first
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -469,11 +471,13 @@ class Engine:
             self._process_events(batch)
 
     def _await_outputs(self) -> None:
-        """Engine thread, before a step: wait until the output thread is at most one step behind."""
+        """Engine thread, before a step: wait until the output thread is at most one step behind.
+        Not while a command waits: a callback may be the caller waiting for it (``call`` from the
+        output thread), so the step runs and its intake takes the command."""
         out = self._out_thread
         with self._out_cv:
-            while (self._out_done < self._out_posted - 1 and not self._stopping and out is not None
-                   and out.is_alive()):
+            while (self._out_done < self._out_posted - 1 and not self._stopping and not self._commands
+                   and out is not None and out.is_alive()):
                 self._out_cv.wait(0.5)
 
     def _process_events(self, events: list) -> None:

@@ -161,6 +161,35 @@ def test_callback_of_step_k_runs_while_the_forward_of_step_k_plus_1_runs(monkeyp
     assert_no_leaks(engine)
 
 
+def test_a_callback_may_wait_for_an_engine_command():
+    """``call`` (e.g. load_adapter) from a callback: the engine, waiting for the output thread that
+    runs that callback, takes the command instead of waiting for it forever."""
+    engine = tiny_engine(tokenizer=char_tokenizer(), max_model_len=64)
+    got = []
+
+    def cb(out):
+        if not got:
+            for _ in range(WAIT * 100):  # the engine has run step 2 and is about to wait for step 1's outputs
+                if engine.stats["steps"] >= 2:
+                    break
+                threading.Event().wait(0.01)
+            got.append(engine.call(lambda: "ran in " + threading.current_thread().name, timeout=10))
+        else:
+            got.append(out.finished)
+
+    req = engine.submit(prompts([4], seed=5)[0], SamplingParams(max_tokens=4, temperature=0), on_output=cb)
+    engine.start()
+    try:
+        for _ in range(WAIT * 10):
+            if len(got) == 4:
+                break
+            threading.Event().wait(0.1)
+    finally:
+        engine.stop()
+    assert got == ["ran in fastadapters-engine", False, False, True] and req.finish_reason == "length"
+    assert_no_leaks(engine)
+
+
 class _Lagging:
     """The char tokenizer, but in the output thread each decode of ``req`` waits until the engine
     has generated a token past the ones being decoded: the output thread is a step behind."""
