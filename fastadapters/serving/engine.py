@@ -59,7 +59,8 @@ GIL), so the Python work of outputs is off the critical path:
   for it meanwhile are dropped, never emitted (they stay counted in ``stats["generation_tokens"]``:
   they were computed). Before each step the engine waits until the output thread is at most one
   step behind, so at most one token per request is generated past a stop (and outputs, streams
-  and memory never run more than one step behind the engine).
+  and memory never run more than one step behind the engine). It does not wait while a command
+  is queued: a callback may be waiting in ``call`` (``load_adapter``) for the engine thread.
 - per request, outputs go out in order and the final one (``finished=True``) is the last, exactly
   once: after it, the output thread drops the request's events. When the output side ends a
   request that the engine had already finished for another reason (a stop string found in the
