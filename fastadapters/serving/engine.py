@@ -34,8 +34,46 @@ thread): ``generate_batch`` 11.7 tokens/s, this engine 122 tokens/s, both with t
 tokens for 32 of 32 requests. So the engine is a small scheduler of its own over a paged cache.
 
 Thread model: ``submit`` / ``abort`` / ``load_adapter`` / ``unload_adapter`` may be called from
-any thread; model and pool changes happen only in the engine thread, between steps. Callbacks
-run in the engine thread and must not block. The engine knows nothing of HTTP.
+any thread; model and pool changes happen only in the engine thread, between steps. The engine
+knows nothing of HTTP.
+
+Outputs overlap the next step. Without a thread (``step``, ``run_until_done``, ``generate``) a
+step's outputs are made inline at its end: detokenisation, stop strings, then ``on_output``
+callbacks, in the caller's thread. With ``start()`` a second thread, "fastadapters-output", does
+that work for step k while the engine thread runs step k+1 (the forward's kernels release the
+GIL), so the Python work of outputs is off the critical path:
+
+- the engine thread appends each sampled token to ``req.output_ids`` and hands the output thread
+  one batch per step of events: (request, token, completion tokens so far, finish reason) and the
+  final outputs it made itself (abort, error). The output thread keeps its own copy of each
+  request's ids for the detokeniser (``metadata["out_ids"]``) and never reads ``output_ids``
+  while the engine may append to it; it alone writes ``req.text`` then.
+- finishes that need no text (EOS, ``max_tokens`` / context length, errors, aborts) are decided
+  in the engine thread, which frees the blocks at once, as inline; the final output is then made
+  by the output thread from that token's event (so the text held back is flushed in order).
+- a stop string is found only by the output thread. It emits the final output (reason "stop",
+  text cut before the stop, the token that completed it, ``completion_tokens`` counting the tokens
+  up to and including that one: what the inline path reports) and records the finish in
+  ``_out_finish``; the engine finishes the request at its next intake like an abort but with that
+  reason, emitting nothing, and cuts ``output_ids`` back to those tokens. The tokens it generated
+  for it meanwhile are dropped, never emitted (they stay counted in ``stats["generation_tokens"]``:
+  they were computed). Before each step the engine waits until the output thread is at most one
+  step behind, so at most one token per request is generated past a stop (and outputs, streams
+  and memory never run more than one step behind the engine). It does not wait while a command
+  is queued: a callback may be waiting in ``call`` (``load_adapter``) for the engine thread.
+- per request, outputs go out in order and the final one (``finished=True``) is the last, exactly
+  once: after it, the output thread drops the request's events. When the output side ends a
+  request that the engine had already finished for another reason (a stop string found in the
+  token that also reached ``max_tokens``, or before a later abort), ``stats["finished_<reason>"]``
+  and ``req.finish_reason`` are corrected to the reason emitted.
+- a callback that raises cancels only its own request (a final "abort" output, then the engine
+  finishes it); detokenisation that fails ends its request with "error".
+- ``stop()`` ends the engine thread (every live request gets its final output, as before), then
+  the output thread after it has emitted everything queued. ``health()`` reports a dead output
+  thread; if it died, the engine thread makes outputs inline again.
+
+Callbacks run in the output thread (inline: in the thread that calls ``step``) and must not
+block: the engine waits for outputs one step behind.
 """
 from __future__ import annotations
 
@@ -156,6 +194,16 @@ class Engine:
         self.last_error: str | None = None
         self._router = None  # the router of the last routed step (route reuses it for the same names and lengths)
         self._heartbeat = time.monotonic()  # the engine thread's last completed step or idle wait (health)
+        # the output thread (start(): outputs of step k made while step k+1 runs; see the module docstring)
+        self._out_thread: threading.Thread | None = None
+        self._out_cv = threading.Condition(threading.Lock())
+        self._out_batches: collections.deque[list] = collections.deque()  # one batch of events per step
+        self._out_pending: list = []  # events the engine thread made since its last hand-over
+        self._out_posted = self._out_done = 0  # batches handed over / processed
+        self._out_closing = False
+        self._out_gen = 0  # which start() the output thread belongs to
+        self._out_finish: dict[str, tuple[str, int]] = {}  # rid -> (reason, completion tokens), output side
+        self.last_output_error: str | None = None
         self.last_tables: StepTables | None = None  # the last step's block tables and attention counts
 
     def _kv_budget(self, requested: int | None) -> int:
@@ -287,6 +335,8 @@ class Engine:
         with self._lock:
             self._commands.append((fn, fut))
             self._wake.notify_all()
+        with self._out_cv:
+            self._out_cv.notify_all()  # an engine thread waiting for outputs takes commands first
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -300,13 +350,21 @@ class Engine:
         if self._thread is not None:
             return
         self._stopping = False
+        with self._out_cv:  # a new channel: an output thread left by a stop() that timed out takes no more
+            self._out_gen += 1
+            self._out_closing = False
+            self._out_batches.clear()
+            self._out_posted = self._out_done = 0
+        self._out_thread = threading.Thread(target=self._output_loop, args=(self._out_gen,),
+                                            name="fastadapters-output", daemon=True)
+        self._out_thread.start()
         self._thread = threading.Thread(target=self._loop, name="fastadapters-engine", daemon=True)
         self._thread.start()
 
     def healthy(self) -> bool:
-        """False once a started engine thread has died."""
-        thread = self._thread
-        return thread is None or thread.is_alive()
+        """False once a started engine thread or its output thread has died."""
+        thread, out = self._thread, self._out_thread
+        return (thread is None or thread.is_alive()) and (out is None or out.is_alive())
 
     def health(self, stall_seconds: float) -> str | None:
         """None when healthy; else why not: the started engine thread died, or it completed no step
@@ -316,6 +374,10 @@ class Engine:
             return "the engine thread stopped" + (f" (last error: {self.last_error})" if self.last_error else "")
         if thread is None:
             return None
+        out = self._out_thread
+        if out is not None and not out.is_alive():
+            return "the output thread stopped" + (f" (last error: {self.last_output_error})"
+                                                  if self.last_output_error else "")
         with self._lock:
             pending = bool(self._commands or self._inbox or self.scheduler.has_work())
         idle = time.monotonic() - self._heartbeat
@@ -331,13 +393,25 @@ class Engine:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
+        with self._out_cv:
+            self._out_cv.notify_all()  # an engine thread waiting for outputs looks at _stopping
+        deadline = time.monotonic() + timeout  # for both threads
         thread.join(timeout)
+        out = self._out_thread
+        if out is not None:  # after the engine thread: it emits everything queued (the finals of the stop)
+            with self._out_cv:
+                self._out_closing = True
+                self._out_cv.notify_all()
+            out.join(max(1.0, deadline - time.monotonic()))
+            if not out.is_alive():
+                self._drain_outputs()  # only if it died early: what it left, here, in order
+            self._out_thread = None
         self._thread = None
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not (self._commands or self._inbox or self._aborts
+                while not self._stopping and not (self._commands or self._inbox or self._aborts or self._out_finish
                                                   or self.scheduler.has_work()):
                     self._heartbeat = time.monotonic()  # idle is healthy
                     self._wake.wait(0.5)
@@ -359,6 +433,132 @@ class Engine:
             for fn, fut in self._commands:
                 fut.set_exception(RuntimeError("the engine stopped"))
             self._commands.clear()
+        self._post()
+
+    # -- the output thread ---------------------------------------------------------------------------
+    def _output_loop(self, gen: int) -> None:
+        try:
+            while True:
+                with self._out_cv:
+                    while not self._out_batches and not self._out_closing and gen == self._out_gen:
+                        self._out_cv.wait(0.5)
+                    if not self._out_batches or gen != self._out_gen:
+                        return  # closing, and everything handed over was emitted (or a later start())
+                    batch = self._out_batches.popleft()
+                self._process_events(batch)
+                with self._out_cv:
+                    if gen == self._out_gen:
+                        self._out_done += 1
+                    self._out_cv.notify_all()
+        except BaseException as e:  # e.g. a callback raised SystemExit: health() reports it
+            self.last_output_error = f"{type(e).__name__}: {e}"
+            raise
+
+    def _post(self) -> None:
+        """Engine thread: hand the events made since the last call to the output thread (one batch);
+        with no live output thread, make the outputs here, after any batches it left."""
+        events, self._out_pending = self._out_pending, []
+        out = self._out_thread
+        if out is None or not out.is_alive():
+            self._drain_outputs()
+            self._process_events(events)
+            return
+        if events:
+            with self._out_cv:
+                self._out_batches.append(events)
+                self._out_posted += 1
+                self._out_cv.notify_all()
+
+    def _drain_outputs(self) -> None:
+        with self._out_cv:
+            left = list(self._out_batches)
+            self._out_batches.clear()
+            self._out_done = self._out_posted
+        for batch in left:
+            self._process_events(batch)
+
+    def _await_outputs(self) -> None:
+        """Engine thread, before a step: wait until the output thread is at most one step behind.
+        Not while a command waits: a callback may be the caller waiting for it (``call`` from the
+        output thread), so the step runs and its intake takes the command."""
+        out = self._out_thread
+        with self._out_cv:
+            while (self._out_done < self._out_posted - 1 and not self._stopping and not self._commands
+                   and out is not None and out.is_alive()):
+                self._out_cv.wait(0.5)
+
+    def _process_events(self, events: list) -> None:
+        for event in events:
+            try:
+                self._process_event(*event)
+            except Exception as e:  # a fault of the output side itself: this event is lost, not the thread
+                self.last_output_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"fastadapters serving: making an output failed: {self.last_output_error}",
+                              RuntimeWarning)
+
+    def _process_event(self, req: Request, token: int | None, n: int, reason: str | None,
+                       final: RequestOutput | None) -> None:
+        """Output side: one token of ``req`` (``n`` tokens generated with it; ``reason``: the
+        engine finished it with this token), or a final output the engine made (abort, error)."""
+        md = req.metadata
+        if md.get("final_sent"):
+            return  # its final output went out: whatever the engine made after it is dropped
+        if final is not None:
+            md["final_sent"] = True
+            self._deliver(req, final)
+            return
+        ids = md.get("out_ids")
+        if ids is None:
+            ids = md["out_ids"] = []
+        ids.append(token)
+        text = ""
+        if self.tokenizer is not None:
+            try:
+                text, reason = self._new_text(req, reason, ids)
+            except Exception as e:  # e.g. its detokenisation failed: it ends alone
+                self._out_final(req, RequestOutput(req.request_id, [], "", True, "error", len(req.prompt_ids), n,
+                                                   f"{type(e).__name__}: {e}"), request_error=True)
+                return
+        out = RequestOutput(req.request_id, [token], text, reason is not None, reason, len(req.prompt_ids), n)
+        if reason is None:
+            self._deliver(req, out)
+        else:
+            self._out_final(req, out)
+
+    def _out_final(self, req: Request, out: RequestOutput, request_error: bool = False) -> None:
+        """Output side: emit ``req``'s final output, and make the engine's record agree with it."""
+        md = req.metadata
+        with self._lock:
+            md["final_sent"] = True
+            if request_error and not md.get("counted_error"):
+                self.stats["request_errors"] += 1
+                md["counted_error"] = True
+            if req.status is Status.FINISHED:  # the engine finished it already, with this token or later
+                if req.finish_reason != out.finish_reason:
+                    self.stats[f"finished_{req.finish_reason}"] -= 1
+                    self.stats[f"finished_{out.finish_reason}"] += 1
+                    if req.finish_reason == "error" and md.pop("counted_error", False):
+                        self.stats["request_errors"] -= 1
+                    req.finish_reason = out.finish_reason
+                del req.output_ids[out.completion_tokens:]  # the engine no longer appends
+            else:  # the engine finishes it at its next intake, with this reason, emitting nothing
+                self._out_finish[req.request_id] = (out.finish_reason, out.completion_tokens)
+                self._wake.notify_all()
+        self._deliver(req, out)
+
+    def _deliver(self, req: Request, out: RequestOutput) -> None:
+        """Output side: call the request's callback; one that raises cancels its own request."""
+        if req.on_output is None:
+            return
+        try:
+            req.on_output(out)
+        except Exception as e:
+            warnings.warn(f"output callback of {req.request_id} failed ({type(e).__name__}: {e}); cancelling it",
+                          RuntimeWarning)
+            req.cancelled = True
+            if not out.finished:
+                self._out_final(req, RequestOutput(req.request_id, [], "", True, "abort", len(req.prompt_ids),
+                                                   out.completion_tokens))
 
     # -- synchronous use (tests, offline) ----------------------------------------------------------
     def run_until_done(self, max_steps: int = 1_000_000) -> None:
@@ -525,6 +725,12 @@ class Engine:
                         self._finish(req, "error", error=str(e))
                         continue
                 self.scheduler.waiting.append(req)
+            for rid in list(self._out_finish):  # ended by the output thread: a stop string, a failed callback
+                req = self.requests.get(rid)
+                if req is None:
+                    self._out_finish.pop(rid, None)
+                else:
+                    self._finish(req, "stop")  # the reason the output thread recorded replaces this
             aborts, self._aborts = self._aborts, set()
             for rid in aborts:
                 req = self.requests.get(rid)
@@ -534,6 +740,15 @@ class Engine:
 
     def step(self) -> bool:
         """Run one iteration; False if there was nothing to run."""
+        if self._out_thread is None:
+            return self._step()
+        self._await_outputs()  # the output thread is at most one step behind when this one starts
+        try:
+            return self._step()
+        finally:
+            self._post()  # this step's outputs: made by the output thread while the next step runs
+
+    def _step(self) -> bool:
         self._intake()
         batch = self.scheduler.schedule()
         if not batch.requests:
@@ -578,6 +793,7 @@ class Engine:
             for req, token, error in zip(done, tokens, errors):
                 if error is not None:  # this request's numbers went wrong: it ends alone
                     self.stats["request_errors"] += 1
+                    req.metadata["counted_error"] = True
                     self._finish(req, "error", error=error)
                     continue
                 req.output_ids.append(token)
@@ -659,6 +875,12 @@ class Engine:
             reason = "stop"
         elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + req.num_tokens >= self.max_model_len:
             reason = "length"
+        if self._out_thread is not None:  # the output thread makes the text and the output (_process_event)
+            n = len(req.output_ids)
+            if reason is not None:
+                self._finish(req, reason, emit=False)  # its blocks go now; its final output comes from this token
+            self._out_pending.append((req, token, n, reason, None))
+            return
         text = ""
         if self.tokenizer is not None:
             text, reason = self._new_text(req, reason)
@@ -668,19 +890,19 @@ class Engine:
             self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids),
                                           len(req.output_ids)))
 
-    def _new_text(self, req: Request, reason: str | None) -> tuple[str, str | None]:
+    def _new_text(self, req: Request, reason: str | None, ids: list[int] | None = None) -> tuple[str, str | None]:
         """The text this token makes final, and the finish reason (a stop string sets "stop").
 
         Work per token is bounded by the newest tokens' text and the stop strings' lengths, not the
         output's length: the detokeniser decodes a short window (``detokenizer.py``), and stop
         strings are searched in the text not yet emitted plus the last ``max(len(stop))`` emitted
         characters (a stop may begin there). Same text and reasons as decoding the whole output
-        each time."""
+        each time. ``ids``: the output's ids (default ``req.output_ids``; the output thread's copy)."""
         state = req.metadata.get("detok")
         if state is None:
             state = req.metadata["detok"] = DetokState()
             req.metadata["held"], req.metadata["skip"] = "", 0
-        committed, pending = detokenize(self.tokenizer, req.output_ids, state)
+        committed, pending = detokenize(self.tokenizer, req.output_ids if ids is None else ids, state)
         # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
         # (a space before a split character, emitted while the character was still pending)
         held = req.metadata["held"] + committed
@@ -730,18 +952,31 @@ class Engine:
                 self._finish(req, "abort")
 
     def _finish(self, req: Request, reason: str, last: list[int] | None = None, text: str = "",
-                error: str | None = None) -> None:
+                error: str | None = None, emit: bool = True) -> None:
+        """Engine thread: free ``req`` and count its finish; its final output is emitted here (inline)
+        or handed to the output thread (``emit=False``: the output thread makes it from a token)."""
         with self._lock:
             if req.status is Status.FINISHED:
                 return
+            decided = self._out_finish.pop(req.request_id, None)
+            if decided is not None:  # the output thread ended it and emitted its final output already
+                reason, n = decided
+                del req.output_ids[n:]  # tokens generated past its final output: dropped
+                emit = False
             self.scheduler.release(req)
             req.status = Status.FINISHED
             req.finish_reason = reason
             self.requests.pop(req.request_id, None)
             self._drop_ref(req)
             self.stats[f"finished_{reason}"] += 1
-        self._emit(req, RequestOutput(req.request_id, last or [], text, True, reason, len(req.prompt_ids),
-                                      len(req.output_ids), error))
+        if not emit:
+            return
+        out = RequestOutput(req.request_id, last or [], text, True, reason, len(req.prompt_ids), len(req.output_ids),
+                            error)
+        if self._out_thread is not None:
+            self._out_pending.append((req, None, 0, reason, out))
+        else:
+            self._emit(req, out)
 
     # -- introspection (metrics, leak checks) --------------------------------------------------------
     def snapshot(self) -> dict:
