@@ -63,6 +63,8 @@ def test_not_used_off_the_cpu_path_or_for_other_layers():
     lin = nn.Linear(4, 8)
     assert lm.lm_head(_Model(lin), torch.device("meta")) is lin
     assert lm.lm_head(_Model(lin.half()), torch.device("cpu")) is lin
+    bf = nn.Linear(4, 8).bfloat16()
+    assert lm.lm_head(_Model(bf), torch.device("cpu")) is bf  # measured in fp32 only
     w = Wrapped()
     assert lm.lm_head(_Model(w), torch.device("cpu")) is w
 
