@@ -1,10 +1,12 @@
-"""Backend choice for every op: ``torch`` | ``triton`` | ``cuda``, picked once per call by one rule.
+"""Backend choice for every op: ``torch`` | ``triton`` | ``cuda`` | ``cpp``, picked once per call by one rule.
 
 Each op family registers its implementations here (``register(op, backend, fn)``); ``resolve``
 turns a request ("auto", an explicit name, or ``FASTADAPTERS_BACKEND``) into the backend that
-runs. ``auto`` sends CUDA tensors to the fastest registered GPU backend and CPU tensors to
-``torch``. An explicit backend that cannot run raises an error that says why; a GPU backend that
-``auto`` wanted but cannot use falls back to ``torch`` with a one-time warning, never silently.
+runs. ``auto`` sends CUDA tensors to the fastest registered GPU backend, and CPU tensors to the
+op's ``cpp`` backend where it has one (a C++ CPU kernel built on first use: today the
+multi-adapter op of mixed batches) and to ``torch`` otherwise. An explicit backend that cannot run
+raises an error that says why; a backend that ``auto`` wanted but cannot use falls back to
+``torch`` with a one-time warning, never silently.
 """
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 ENV_VAR = "FASTADAPTERS_BACKEND"
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
+# (op, backend) -> a callable returning None when that backend can run, else the reason (e.g. the
+# ``cpp`` kernel's build failed); called by ``_usable``, so it must be cheap after its first call
+_PROBES: dict[tuple[str, str], Callable[[], str | None]] = {}
 _WARNED: set[tuple[str, str]] = set()
 # Per-op preference among GPU backends for ``auto`` (measured tables may reorder this per op).
 _AUTO_GPU_ORDER: dict[str, tuple[str, ...]] = {}
 
 
-def register(op: str, backend: str, fn: Callable | None = None):
-    """Register ``fn`` as ``op``'s implementation on ``backend`` (usable as a decorator)."""
+def register(op: str, backend: str, fn: Callable | None = None, probe: Callable[[], str | None] | None = None):
+    """Register ``fn`` as ``op``'s implementation on ``backend`` (usable as a decorator); ``probe``:
+    returns None when the backend can run here, else why not (checked before each use)."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend: got {backend!r}; valid: {', '.join(BACKENDS[1:])}")
+    if probe is not None:
+        _PROBES[(op, backend)] = probe
 
     def deco(f: Callable) -> Callable:
         _IMPLS.setdefault(op, {})[backend] = f
@@ -68,7 +76,10 @@ def _usable(op: str, backend: str, device: torch.device) -> str | None:
         return "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU"
     if backend == "cuda" and device.type != "cuda":
         return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
-    return None
+    if backend == "cpp" and device.type != "cpu":
+        return f"backend 'cpp' needs CPU tensors, got tensors on {device}"
+    probe = _PROBES.get((op, backend))
+    return probe() if probe is not None else None
 
 
 def resolve(op: str, backend: str | None, device: torch.device) -> str:
@@ -88,14 +99,19 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
             reasons.append(why)
         _warn_once(op, "auto-gpu", f"fastadapters: {op} on CUDA runs the plain torch path "
                    f"(slower): {'; '.join(reasons)}")
+    elif device.type == "cpu" and "cpp" in _IMPLS.get(op, {}):
+        why = _usable(op, "cpp", device)
+        if why is None:
+            return "cpp"
+        _warn_once(op, "auto-cpp", f"fastadapters: {op} on the CPU runs the plain torch path (slower): {why}")
     return "torch"
 
 
 def plain_torch(backend: str | None, on_cuda: bool) -> bool:
-    """Whether ``resolve`` certainly picks ``torch`` for an op that has a torch implementation: an
-    explicit "torch" request, or "auto" (the default) off CUDA. A quick test for per-call hot paths
-    (the layers' direct call at decode time); False for everything else, which takes ``resolve``
-    (and its errors for a bad request)."""
+    """Whether ``resolve`` certainly picks ``torch`` for an op that has a torch implementation and
+    no ``cpp`` one (the single-adapter ops): an explicit "torch" request, or "auto" (the default)
+    off CUDA. A quick test for per-call hot paths (the layers' direct call at decode time); False
+    for everything else, which takes ``resolve`` (and its errors for a bad request)."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or "auto"
     return backend == "torch" or (backend == "auto" and not on_cuda)

@@ -30,6 +30,10 @@ What lives here:
   with a fake) launching ``fastadapters.kernels.multi``; and the ``cuda`` backend when the compiled
   extension provides ``torch.ops.fastadapters.cuda_multi_adapter`` (a decode kernel: batches of
   more than ``CUDA_MAX_ROWS`` rows go to the Triton segmented path).
+- the ``cpp`` backend (``multi_adapter_cpp``): the C++ CPU kernel (csrc/cpu_multi_adapter.cpp,
+  built on first use by ``ops.cpu_ext``), what ``auto`` takes for CPU tensors: rows grouped by slot
+  in the kernel (no plan), large slot groups as ATen GEMMs, small ones (decode) as fused dot
+  products, in place when the caller owns ``y0``; a ``custom_op`` wraps it for torch.compile.
 - ``multi_adapter``: the checked entry point, dispatching on ``backend``.
 """
 from __future__ import annotations
@@ -459,19 +463,97 @@ _register_cuda_backend()
 
 
 # ---------------------------------------------------------------------------------------------
+# cpp backend: the C++ CPU kernel (csrc/cpu_multi_adapter.cpp, built on first use), in place
+# ---------------------------------------------------------------------------------------------
+
+#: rows of one slot at or above which the C++ kernel runs that slot's rows as two GEMMs (ATen's);
+#: fewer run as fused dot products over the slot's weight rows (decode). Measured on a 2-core EPYC,
+#: fp32, SmolLM2 shapes: the crossover of the two is between 4 and 16 rows.
+CPP_GEMM_MIN_ROWS = 8
+
+
+def _cpp_probe() -> str | None:
+    from . import cpu_ext
+    from .cpu_ext import CpuExtensionUnavailable, load_cpu_extension
+
+    if cpu_ext._LOADED is not None:  # loaded: no lock taken (torch.compile traces this check)
+        return None
+    try:
+        load_cpu_extension()
+    except CpuExtensionUnavailable as e:
+        return str(e)
+    return None
+
+
+def multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=None, sizes_host=None,
+                      act_host=None, inplace: bool = False):
+    """The C++ CPU kernel: ``y0`` plus each row's adapter delta, in place on ``y0`` when ``inplace``
+    (the caller owns it; ``x`` may be ``y0`` itself), else on a copy. Inputs of mixed dtypes are
+    computed in the accumulate dtype and cast back. Forward only: where autograd would need a graph
+    (grad enabled and an input that requires grad) it warns once and runs the torch path."""
+    from .cpu_ext import load_cpu_extension
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y0, x, down, up, scales)):
+        dispatch._warn_once(OP, "cpp-grad", f"fastadapters: {OP}'s cpp kernel has no backward; inputs that require "
+                            "grad run the torch path (slower; use torch.no_grad() / inference_mode for serving)")
+        return multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan, sizes_host, act_host)
+    if not (x.dtype == down.dtype == up.dtype == y0.dtype):  # e.g. a bf16 model with fp32 tables
+        cd = _compute_dtype(y0, x, down, up)  # the contract's accumulate precision, then y0's dtype
+        y = multi_adapter_cpp(y0.to(cd), x.to(cd), row_slot, down.to(cd), up.to(cd), sizes, scales, act_ids,
+                              sizes_host=sizes_host, act_host=act_host, inplace=True)
+        if inplace and y0.is_contiguous():
+            return y0.copy_(y)
+        return y.to(y0.dtype)
+    y = y0 if (inplace and y0.is_contiguous()) else y0.clone(memory_format=torch.contiguous_format)
+    if sizes_host is not None:  # the store's CPU copies: the same values as sizes / act_ids
+        sizes, act_ids = sizes_host, act_host
+    _, n, r = up.shape
+    if not (up.stride(2) == 1 and up.stride(1) == r) and not (up.stride(1) == 1 and up.stride(2) == n):
+        up = up.contiguous()  # the kernel reads (S, N, R) contiguous or the store's transposed (S, R, N) storage
+    load_cpu_extension().cpu_multi_adapter_(
+        y, x.contiguous(), row_slot.to(torch.int32), down.contiguous(), up, sizes.to(torch.int32),
+        scales.to(torch.float32), act_ids.to(torch.int32), CPP_GEMM_MIN_ROWS)
+    return y
+
+
+dispatch.register(OP, "cpp", multi_adapter_cpp, probe=_cpp_probe)
+
+
+@torch.library.custom_op("fastadapters::multi_adapter_cpp", mutates_args=())
+def multi_adapter_cpp_op(y0: torch.Tensor, x: torch.Tensor, row_slot: torch.Tensor, down: torch.Tensor,
+                         up: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor,
+                         act_ids: torch.Tensor) -> torch.Tensor:
+    """The C++ kernel as one opaque functional op, for torch.compile (no graph break per call)."""
+    return multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids)
+
+
+@multi_adapter_cpp_op.register_fake
+def _(y0, x, row_slot, down, up, sizes, scales, act_ids):
+    return torch.empty_like(y0, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 
 def multi_adapter(y0, x, row_slot, down, up, sizes, scales, act_ids, *, plan: MultiPlan | None = None,
-                  backend: str | None = None, sizes_host=None, act_host=None, check: bool = True):
+                  backend: str | None = None, sizes_host=None, act_host=None, check: bool = True,
+                  inplace: bool = False):
     """y = y0 + per-row adapter deltas (see the module docstring). ``plan``: shared metadata from
     ``build_plan(row_slot, S)`` (built here when absent); ``sizes_host``/``act_host``: CPU copies of
-    sizes/act_ids so the torch path needs no device read; ``check=False`` skips the value checks."""
+    sizes/act_ids so the torch path needs no device read; ``check=False`` skips the value checks.
+    ``inplace``: the caller owns ``y0`` and allows the result to be written into it (the ``cpp``
+    backend does so; the others return a new tensor either way)."""
     if check:
         # reading the values syncs with the host, which CUDA-graph capture forbids: under capture
         # only shapes and dtypes are checked (the kernels clamp sizes to R)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         check_multi_args(y0, x, row_slot, down, up, sizes, scales, act_ids,
                          check_values=plan is None and not capturing)
-    return dispatch.call(OP, backend, x.device, y0, x, row_slot, down, up, sizes, scales, act_ids, plan,
-                         sizes_host, act_host)
+    name = dispatch.resolve(OP, backend, x.device)
+    if name == "cpp":
+        if torch.compiler.is_compiling():
+            return multi_adapter_cpp_op(y0, x, row_slot, down, up, sizes, scales, act_ids)
+        return multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan, sizes_host, act_host,
+                                 inplace=inplace)
+    return dispatch._IMPLS[OP][name](y0, x, row_slot, down, up, sizes, scales, act_ids, plan, sizes_host, act_host)

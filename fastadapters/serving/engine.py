@@ -93,6 +93,8 @@ import torch.nn as nn
 from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllowed, UnknownAdapter, confine,
                        nonfinite_adapter_tensor, private_copy)
 from .detokenizer import DetokState, detokenize
+from ..ops import dispatch
+from ..ops.multi import OP as MULTI_OP
 from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
@@ -166,6 +168,10 @@ class Engine:
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
         self._lm_head = lm_head(model, self.device)  # oneDNN-packed on the CPU (lm_head.py)
+        # the multi-adapter op's backend, resolved now: on the CPU that builds the C++ kernel (first
+        # use on a machine, about a minute) at start-up rather than inside the first request's step,
+        # and a bad --backend fails here
+        self.adapter_backend = dispatch.resolve(MULTI_OP, backend, self.device)
         # "auto": FlashInfer's paged kernels on CUDA when installed (never run on a GPU yet), else SDPA
         self.attention_backend = select_backend(attention_backend, self.device, self.dtype)
         self._flashinfer = FlashInferAttention(self.device) if self.attention_backend == "flashinfer" else None

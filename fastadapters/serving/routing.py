@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 
@@ -47,7 +48,7 @@ import torch.nn as nn
 from ..config import PrefixConfig
 from ..layers import AdapterLinear
 from ..ops import dispatch
-from ..ops.multi import SEGMENT_BLOCK_M, MultiPlan, build_plan, multi_adapter
+from ..ops.multi import CPP_GEMM_MIN_ROWS, OP as MULTI_OP, SEGMENT_BLOCK_M, MultiPlan, build_plan, multi_adapter
 from ..patching import RESERVED_NAMES, _state, _wrappers
 from .store import get_store
 
@@ -216,6 +217,20 @@ class Router:
             raise ValueError(f"route: got {n} adapter names for a batch of {rows} rows; "
                              "pass one name (or None) per row")
 
+    def _cpp_kernel(self, backend: str | None, device: torch.device):
+        """The loaded C++ CPU kernel module when the multi-adapter op resolves to ``cpp`` (CPU
+        tensors, ``auto`` or ``cpp``), else None. Resolved once per (backend, device, environment)."""
+        key = (backend, device.type, os.environ.get(dispatch.ENV_VAR))
+        cache = self.__dict__.setdefault("_cpp_cache", {})
+        if key not in cache:
+            ext = None
+            if dispatch.resolve(MULTI_OP, backend, device) == "cpp":
+                from ..ops.cpu_ext import load_cpu_extension
+
+                ext = load_cpu_extension()
+            cache[key] = ext
+        return cache[key]
+
     def forward(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
         self._refresh_if_changed()
         tables = self.store.tables(layer)
@@ -230,22 +245,42 @@ class Router:
         x2 = x.reshape(-1, k)
         backend = self.backend if self.backend is not None else layer.backend
 
-        def phase(out, inp, tabs):  # one multi-adapter call per rank bucket this layer and phase hold
+        # may a phase write into its accumulator? Not into the layer's input (the caller's tensor),
+        # and not where autograd records the graph; the base layer's fresh output, and what an
+        # earlier call returned, are ours. Rows are disjoint across buckets (a row has one adapter),
+        # so a bucket never reads rows another bucket of the same phase wrote.
+        # (under torch.compile: no in-place writes and no direct kernel call; the ops are opaque custom ops there)
+        no_graph = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # the C++ CPU kernel, called straight (no per-call resolution or argument checks: the store's
+        # tables are contiguous, int32 and fp32 where the kernel needs it) when it is the backend
+        ext = self._cpp_kernel(backend, x.device) if no_graph else None
+
+        def phase(out, inp, tabs, owned):  # one multi-adapter call per rank bucket this layer and phase hold
             for b in self.call_buckets:
                 t = tabs.get(b)
                 if t is not None:
                     plan = self.plan(rows, tokens, x.device, b)
-                    out = multi_adapter(out, inp, plan.row_slot, *t.args(), plan=plan, backend=backend,
-                                        check=False, sizes_host=t.sizes_host, act_host=t.act_host)
+                    if ext is not None and inp.dtype == out.dtype == t.down.dtype and inp.is_contiguous():
+                        if not owned:
+                            out = out.clone(memory_format=torch.contiguous_format)
+                        ext.cpu_multi_adapter_(out, inp, plan.row_slot, t.down, t.up, t.sizes_host, t.scales,
+                                               t.act_host, CPP_GEMM_MIN_ROWS)
+                    else:
+                        out = multi_adapter(out, inp, plan.row_slot, *t.args(), plan=plan, backend=backend,
+                                            check=False, sizes_host=t.sizes_host, act_host=t.act_host,
+                                            inplace=owned and no_graph)
+                    owned = True
             return out
 
         if tables.pre:
-            x2 = phase(x2, x2, tables.pre)
+            x2 = phase(x2, x2, tables.pre, False)
         y = layer.base_layer(x2)
+        fresh = no_graph and y.data_ptr() != x2.data_ptr()  # a base layer that returned its input is not ours
         if tables.post_in:
-            y = phase(y, x2, tables.post_in)
+            y = phase(y, x2, tables.post_in, fresh)
+            fresh = True
         if tables.post_out:
-            y = phase(y, y, tables.post_out)
+            y = phase(y, y, tables.post_out, fresh)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -323,6 +358,11 @@ def route(model: nn.Module, names, backend: str | None = None, lengths=None, reu
             router._assign()  # adapters changed, or LRU slots another route may have refilled
     else:
         router = Router(model, names, backend, lengths)
+    # resolve the multi-adapter op's backend here, outside any compiled region: on the CPU that
+    # builds (first use) or loads the C++ kernel, which a traced forward could not do
+    param = next(model.parameters(), None)
+    if param is not None:
+        dispatch.resolve(MULTI_OP, backend, param.device)
     wrappers = router.store.wrappers()
     version_in = state.version
     previous = [w.routing for w in wrappers]

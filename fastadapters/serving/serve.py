@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", default="auto", choices=("auto", "sdpa", "flashinfer"),
                    help="the engine's paged attention: auto = FlashInfer on CUDA (fp16/bf16) when flashinfer-python "
                         "is installed, else per-request SDPA; sdpa never imports flashinfer")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp"),
                    help="multi-adapter kernels")
     g = p.add_argument_group("security and limits")
     g.add_argument("--api-key", default=None, metavar="KEY",

@@ -87,8 +87,13 @@ class Table:
 
     @staticmethod
     def empty(slots: int, r: int, d_in: int, d_out: int, device, dtype) -> "Table":
+        # on the CPU ``up`` is stored as (S, R, d_out) and exposed transposed, (S, d_out, R) with
+        # strides (R * d_out, 1, d_out): the C++ kernel's up-projection then runs over contiguous
+        # outputs (ops/multi.py, cpp backend); the GPU kernels read the contiguous (S, d_out, R)
+        up = (torch.zeros(slots, r, d_out, device=device, dtype=dtype).transpose(1, 2)
+              if torch.device(device).type == "cpu" else torch.zeros(slots, d_out, r, device=device, dtype=dtype))
         return Table(down=torch.zeros(slots, r, d_in, device=device, dtype=dtype),
-                     up=torch.zeros(slots, d_out, r, device=device, dtype=dtype),
+                     up=up,
                      sizes=torch.zeros(slots, device=device, dtype=torch.int32),
                      scales=torch.zeros(slots, device=device, dtype=torch.float32),
                      act_ids=torch.zeros(slots, device=device, dtype=torch.int32),

@@ -376,10 +376,10 @@ def test_metadata_built_once_per_shape(monkeypatch):
         store_mod.configure(model, dtype=torch.int8)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_compiled_routed_model_follows_every_mix_without_recompiling(backend):
     """torch.compile of a patched model used inside ``route``: one graph with no breaks (the torch
-    path is one opaque op under compile, the Triton path a custom op), the mix read as data, so new
+    path and the C++ CPU kernel are each one opaque op under compile, the Triton path a custom op), the mix read as data, so new
     ``route`` blocks and ``reroute`` reuse that graph and every row still gets its own adapter."""
     import torch._dynamo
     from torch._dynamo.utils import counters

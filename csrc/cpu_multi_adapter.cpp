@@ -1,0 +1,240 @@
+// cpu_multi_adapter.cpp -- the multi-adapter op on the CPU, in place, one call per table.
+//
+// Built on first use by fastadapters/ops/cpu_ext.py (torch.utils.cpp_extension, a Python module
+// with one function), never at install time. Contract: fastadapters/ops/multi.py's docstring,
+// in place on y:
+//
+//   for m with s = row_slot[m] >= 0 and r = clamp(sizes[s], 0, R) > 0:
+//       h    = down[s, :r, :] @ x[m]                       accumulated in fp32 (fp64 for fp64)
+//       y[m] = y[m] + scales[s] * up[s, :, :r] @ act[act_ids[s]](h)     rounded to y's dtype once
+//
+// Rows are grouped by slot (a counting sort, O(M + S)); a row reads only its own slot's first r
+// ranks, so padding and other slots' weights (NaN or not) never reach it. Groups of at least
+// `gemm_min_rows` rows (prefill: one request's tokens) run as two GEMMs through ATen (MKL/oneDNN,
+// torch's threads); smaller groups (decode: one token per request) run as fused dot products over
+// the slot's weight rows, groups in parallel on torch's thread pool (at::parallel_for). y may be x
+// itself (an output adapter h + f(h)): every row's h is computed before that row is written, and
+// rows are disjoint. Nothing here allocates per row; there is no autograd (inference only: the
+// Python wrapper refuses inputs that require grad).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+template <typename acc_t>
+inline acc_t apply_act(int act, acc_t v) {
+  switch (act) {
+    case 1: return std::tanh(v);
+    case 2: return v < acc_t(0) ? acc_t(0) : v;  // relu; NaN stays NaN, as torch's
+    case 3: return acc_t(0.5) * v * (acc_t(1) + std::erf(v * acc_t(0.70710678118654752440)));
+    case 4: return v / (acc_t(1) + std::exp(-v));
+    case 5: return acc_t(1) / (acc_t(1) + std::exp(-v));
+    default: return v;
+  }
+}
+
+// One group of n (small) rows of slot s: h = down[s,:r] @ x[row] for each row, then
+// y[row] += scale * up[s,:,:r] @ act(h). Weight rows are read once per group, not per row.
+// `up` is slot s's (N, R) matrix with strides (un, ur): ur == 1 is the (S, N, R) contiguous layout
+// (a short dot product per output), un == 1 the transposed storage the adapter store keeps on the
+// CPU (an axpy per rank over contiguous outputs, which vectorizes fully).
+template <typename scalar_t, typename acc_t>
+void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __restrict__ down,
+                 const scalar_t* __restrict__ up, int64_t un, int64_t ur, const int64_t* rows, int n, int64_t K,
+                 int64_t N, int64_t R, int64_t r, acc_t scale, int act, acc_t* hbuf /* kMaxSmall * R */,
+                 acc_t* xbuf /* kMaxSmall * max(K, N) */) {
+  // x rows into accumulate precision (also decouples them from y when y aliases x)
+  for (int i = 0; i < n; ++i) {
+    const scalar_t* xr = x + rows[i] * K;
+    acc_t* xb = xbuf + i * K;
+    for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<acc_t>(xr[k]);
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const scalar_t* w = down + j * K;
+    for (int i = 0; i < n; ++i) {
+      const acc_t* xb = xbuf + i * K;
+      acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<acc_t>(w[k]) * xb[k];
+      hbuf[i * R + j] = apply_act(act, acc);
+    }
+  }
+  if (un == 1) {  // transposed storage: out[i] = sum_j h[i][j] * up_row_j, then y += scale * out
+    acc_t* out = xbuf;  // the x rows are no longer needed
+    for (int64_t t = 0; t < int64_t(n) * N; ++t) out[t] = 0;
+    for (int64_t j = 0; j < r; ++j) {
+      const scalar_t* u = up + j * ur;
+      for (int i = 0; i < n; ++i) {
+        const acc_t hj = hbuf[i * R + j];
+        acc_t* o = out + i * N;
+#pragma omp simd
+        for (int64_t c = 0; c < N; ++c) o[c] += static_cast<acc_t>(u[c]) * hj;
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      scalar_t* yr = y + rows[i] * N;
+      const acc_t* o = out + i * N;
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(yr[c]) + scale * o[c]);
+    }
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    const acc_t* h = hbuf + i * R;
+    scalar_t* yr = y + rows[i] * N;
+    for (int64_t c = 0; c < N; ++c) {
+      const scalar_t* u = up + c * un;  // ur == 1 here (checked by the caller)
+      acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < r; ++j) acc += static_cast<acc_t>(u[j]) * h[j];
+      yr[c] = static_cast<scalar_t>(static_cast<acc_t>(yr[c]) + scale * acc);
+    }
+  }
+}
+
+constexpr int kMaxSmall = 8;  // rows a small group holds at once (larger small groups loop)
+
+#define FA_CHECK(cond, ...) TORCH_CHECK(cond, "fastadapters cpu_multi_adapter_: ", __VA_ARGS__)
+
+}  // namespace
+
+// y (M, N) in place; x (M, K); row_slot (M,) int32; down (S, R, K); up (S, N, R); sizes (S,) int32;
+// scales (S,) float32; act_ids (S,) int32. All CPU; y/x/down/up one floating dtype; y, x, down and
+// the small tensors contiguous; up either contiguous or the transposed storage (strides (N*R, 1, N)).
+// Returns the number of rows that took the GEMM path (for tests and benchmarks).
+int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& row_slot, const at::Tensor& down,
+                           const at::Tensor& up, const at::Tensor& sizes, const at::Tensor& scales,
+                           const at::Tensor& act_ids, int64_t gemm_min_rows) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&y, &x, &row_slot, &down, &up, &sizes, &scales, &act_ids})
+    FA_CHECK(t->device().is_cpu(), "expected CPU tensors, got one on ", t->device());
+  FA_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0), "expected x (M, K) and y (M, N), got x ",
+           x.sizes(), " and y ", y.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  FA_CHECK(down.dim() == 3 && down.size(2) == K, "expected down (S, R, ", K, "), got ", down.sizes());
+  const int64_t S = down.size(0), R = down.size(1);
+  FA_CHECK(up.dim() == 3 && up.size(0) == S && up.size(1) == N && up.size(2) == R, "expected up (", S, ", ", N, ", ",
+           R, "), got ", up.sizes());
+  FA_CHECK(row_slot.dim() == 1 && row_slot.size(0) == M && row_slot.scalar_type() == at::kInt,
+           "expected row_slot (", M, ",) int32, got ", row_slot.sizes(), " ", row_slot.scalar_type());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&sizes, &act_ids})
+    FA_CHECK(t->dim() == 1 && t->size(0) == S && t->scalar_type() == at::kInt, "expected sizes/act_ids (", S,
+             ",) int32, got ", t->sizes(), " ", t->scalar_type());
+  FA_CHECK(scales.dim() == 1 && scales.size(0) == S && scales.scalar_type() == at::kFloat,
+           "expected scales (", S, ",) float32, got ", scales.sizes(), " ", scales.scalar_type());
+  const auto dt = y.scalar_type();
+  FA_CHECK(x.scalar_type() == dt && down.scalar_type() == dt && up.scalar_type() == dt,
+           "expected y, x, down and up of one dtype, got ", dt, ", ", x.scalar_type(), ", ", down.scalar_type(), ", ",
+           up.scalar_type());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&y, &x, &row_slot, &down, &sizes, &scales, &act_ids})
+    FA_CHECK(t->is_contiguous(), "expected contiguous y, x, row_slot, down, sizes, scales and act_ids");
+  const int64_t us = up.stride(0), un = up.stride(1), ur = up.stride(2);
+  FA_CHECK((ur == 1 && un == R) || (un == 1 && ur == N),
+           "expected up contiguous (S, N, R) or stored as (S, R, N) and transposed, got strides ", up.strides());
+  if (M == 0 || S == 0) return 0;
+
+  const int32_t* rs = row_slot.data_ptr<int32_t>();
+  const int32_t* sz = sizes.data_ptr<int32_t>();
+  const int32_t* ac = act_ids.data_ptr<int32_t>();
+  const float* sc = scales.data_ptr<float>();
+  // rows grouped by slot (stable): every value checked before anything is written
+  std::vector<int64_t> count(S + 1, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t s = rs[m];
+    FA_CHECK(s >= -1 && s < S, "row_slot[", m, "] = ", s, "; valid: -1 (base) or 0..", S - 1);
+    if (s >= 0) ++count[s + 1];
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    FA_CHECK(ac[s] >= 0 && ac[s] <= 5, "act_ids[", s, "] = ", ac[s], "; valid: 0..5");
+    count[s + 1] += count[s];
+  }
+  std::vector<int64_t> order(count[S]);
+  {
+    std::vector<int64_t> fill(count.begin(), count.end() - 1);
+    for (int64_t m = 0; m < M; ++m)
+      if (rs[m] >= 0) order[fill[rs[m]]++] = m;
+  }
+  struct Group { int64_t slot, start, n, r; };
+  std::vector<Group> small, large;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = count[s + 1] - count[s];
+    const int64_t r = std::min<int64_t>(std::max<int32_t>(sz[s], 0), R);
+    if (n == 0 || r == 0) continue;
+    if (n >= gemm_min_rows) {
+      large.push_back(Group{s, count[s], n, r});
+    } else {
+      for (int64_t off = 0; off < n; off += kMaxSmall)  // small groups split into chunks of kMaxSmall
+        small.push_back(Group{s, count[s] + off, std::min<int64_t>(kMaxSmall, n - off), r});
+    }
+  }
+
+  int64_t gemm_rows = 0;
+  // large groups: two GEMMs each through ATen (its own threading), in accumulate precision
+  const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
+  for (const Group& g : large) {
+    gemm_rows += g.n;
+    const int64_t first = order[g.start];
+    const bool contiguous = order[g.start + g.n - 1] - first == g.n - 1;
+    at::Tensor idx;
+    at::Tensor xs;
+    if (contiguous) {
+      xs = x.narrow(0, first, g.n);
+    } else {
+      idx = at::from_blob(order.data() + g.start, {g.n}, at::kLong).clone();
+      xs = x.index_select(0, idx);
+    }
+    at::Tensor wd = down.select(0, g.slot).narrow(0, 0, g.r);  // (r, K)
+    at::Tensor wu = up.select(0, g.slot).narrow(1, 0, g.r);    // (N, r)
+    at::Tensor h = at::mm(xs.to(acc_type), wd.to(acc_type).t());
+    switch (ac[g.slot]) {
+      case 1: h.tanh_(); break;
+      case 2: h.relu_(); break;
+      case 3: h = at::gelu(h); break;
+      case 4: h = at::silu(h); break;
+      case 5: h.sigmoid_(); break;
+      default: break;
+    }
+    const double scale = sc[g.slot];
+    if (contiguous && dt == acc_type) {
+      y.narrow(0, first, g.n).addmm_(h, wu.t(), 1.0, scale);
+    } else {
+      at::Tensor ys = contiguous ? y.narrow(0, first, g.n) : y.index_select(0, idx);
+      at::Tensor out = at::addmm(ys.to(acc_type), h, wu.to(acc_type).t(), 1.0, scale).to(dt);
+      if (contiguous) ys.copy_(out); else y.index_copy_(0, idx, out);
+    }
+  }
+  if (small.empty()) return gemm_rows;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "cpu_multi_adapter_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* dp = down.data_ptr<scalar_t>();
+    const scalar_t* upp = up.data_ptr<scalar_t>();
+    const int64_t groups = static_cast<int64_t>(small.size());
+    // grain: about 256k multiply-adds per task, so tiny batches stay on the calling thread
+    const int64_t work = std::max<int64_t>(1, small[0].r * (K + N));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
+    at::parallel_for(0, groups, grain, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> hbuf(kMaxSmall * R), xbuf(kMaxSmall * std::max(K, N));
+      for (int64_t gi = lo; gi < hi; ++gi) {
+        const Group& g = small[gi];
+        small_group<scalar_t, acc_t>(xp, yp, dp + g.slot * R * K, upp + g.slot * us, un, ur, order.data() + g.start,
+                                     static_cast<int>(g.n), K, N, R, g.r, static_cast<acc_t>(sc[g.slot]), ac[g.slot],
+                                     hbuf.data(), xbuf.data());
+      }
+    });
+  });
+  return gemm_rows;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_multi_adapter_", &cpu_multi_adapter_,
+        "y += per-row adapter deltas in place (fastadapters.ops.multi contract); returns the GEMM-path rows");
+}

@@ -1,0 +1,236 @@
+"""The multi-adapter op's ``cpp`` backend (csrc/cpu_multi_adapter.cpp, the CPU default under
+``auto``): the fp64 reference at odd sizes in fp32 / fp64 / bf16, both of its paths (fused dot
+products for small slot groups, ATen GEMMs for large ones), both storages of ``up``, in place and
+aliased, isolation from NaN in other slots and in padding, bad inputs, the dispatch rules (auto,
+explicit, unavailable, autograd) and the router's direct call.
+
+The kernel is compiled on first use (about a minute on 2 cores, then cached in
+``$TORCH_EXTENSIONS_DIR``); every test here needs it, so a machine that cannot build it fails them
+with the build's reason rather than skipping."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fastadapters.ops import dispatch
+from fastadapters.ops import multi as mo
+from fastadapters.ops.cpu_ext import load_cpu_extension
+
+ACTS = list(mo.ACT_BY_ID)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return load_cpu_extension()
+
+
+def _case(m=37, k=101, n=75, s=7, r=16, dtype=torch.float32, seed=0, sizes=(1, 5, 16, 0, 4, 9, 3),
+          rows="uniform", transposed_up=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y0 = torch.randn(m, n, generator=g).to(dtype)
+    down = (torch.randn(s, r, k, generator=g) / k ** 0.5).to(dtype)
+    up = (torch.randn(s, n, r, generator=g) / 4).to(dtype)
+    if transposed_up:  # the adapter store's CPU storage: (S, R, N) exposed as (S, N, R)
+        up = up.transpose(1, 2).contiguous().transpose(1, 2)
+    sz = torch.tensor(list(sizes)[:s], dtype=torch.int32)
+    scales = torch.rand(s, generator=g) + 0.5
+    act = torch.tensor([ACTS[i % len(ACTS)] for i in range(s)], dtype=torch.int32)
+    if rows == "uniform":
+        rs = torch.randint(-1, s, (m,), generator=g)
+    elif rows == "segments":  # prefill: each slot's rows back to back, long enough for the GEMM path
+        rs = (torch.arange(m) * s // m)
+        rs[: m // 10] = -1
+    else:
+        raise KeyError(rows)
+    return y0, x, rs.to(torch.int32), down, up, sz, scales, act
+
+
+def _ref64(args):
+    y0, x, rs, down, up, sz, sc, act = args
+    return mo.multi_adapter_ref(y0.double(), x.double(), rs, down.double(), up.double(), sz, sc.double(), act)
+
+
+@pytest.mark.parametrize("transposed_up", [False, True], ids=["up-NR", "up-RN"])
+@pytest.mark.parametrize("rows,m", [("uniform", 1), ("uniform", 37), ("segments", 301)])
+def test_matches_fp64_reference_fp32_and_fp64(ext, rows, m, transposed_up):
+    args = _case(m=m, rows=rows, transposed_up=transposed_up)
+    ref = _ref64(args)
+    got = mo.multi_adapter(*args, backend="cpp")
+    assert got.dtype == torch.float32 and got.shape == args[0].shape
+    err, err_t = (got.double() - ref).abs().max(), (mo.multi_adapter_ref(*args).double() - ref).abs().max()
+    assert err <= 2 * err_t + 1e-6, (err, err_t)
+    got64 = mo.multi_adapter(*[a.double() if a.is_floating_point() and a is not args[6] else a for a in args],
+                             backend="cpp")
+    torch.testing.assert_close(got64, ref, atol=1e-12, rtol=1e-12)
+    # which path ran: the returned count of GEMM-path rows follows the slot group sizes
+    y = args[0].clone()
+    gemm = ext.cpu_multi_adapter_(y, args[1], args[2], args[3], args[4], args[5], args[6], args[7], 8)
+    counts = torch.bincount(args[2][args[2] >= 0].long(), minlength=7)
+    live = args[5] > 0
+    assert gemm == int(counts[(counts >= 8) & live].sum())
+    assert gemm > 0 if rows == "segments" else gemm < m
+
+
+@pytest.mark.parametrize("rows,m", [("uniform", 37), ("segments", 203)])
+def test_bf16_within_rule(rows, m):
+    args = _case(m=m, rows=rows, dtype=torch.bfloat16, seed=5)
+    ref = _ref64(args)
+    got = mo.multi_adapter(*args, backend="cpp")
+    ref_t = mo.multi_adapter_ref(*args)  # the plain-torch statement in bf16 storage
+    assert got.dtype == torch.bfloat16
+    err, err_t = (got.double() - ref).abs().max(), (ref_t.double() - ref).abs().max()
+    assert err <= 2 * err_t + 2 ** -7 * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows,m", [("uniform", 37), ("segments", 301)])
+def test_isolation_from_nan_in_other_slots_and_padding(rows, m):
+    y0, x, rs, down, up, sz, sc, act = _case(m=m, rows=rows, seed=3)
+    clean = mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp")
+    for s in range(down.shape[0]):  # padding beyond each adapter's size: never read
+        down[s, sz[s]:] = float("nan")
+        up[s, :, sz[s]:] = float("nan")
+    poisoned = 2
+    down[poisoned] = float("nan")
+    got = mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp")
+    mine = rs == poisoned
+    assert bool(torch.isnan(got[mine]).all())
+    assert torch.equal(got[~mine], clean[~mine])  # bit for bit: nobody else read slot 2 or any padding
+    assert torch.equal(got[rs < 0], y0[rs < 0])
+
+
+def test_in_place_and_aliased_input():
+    y0, x, rs, down, up, sz, sc, act = _case(n=101)  # N == K: an output adapter h + f(h)
+    keep = y0.clone()
+    out = mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp")
+    assert torch.equal(y0, keep) and out.data_ptr() != y0.data_ptr()  # functional by default
+    ref = _ref64((y0, x, rs, down, up, sz, sc, act))
+    inplace = mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp", inplace=True)
+    assert inplace.data_ptr() == y0.data_ptr()
+    torch.testing.assert_close(y0.double(), ref, atol=1e-5, rtol=1e-5)
+    # x is y itself (Router: the post-output phase): each row's input is read before it is written
+    for rows, m in (("uniform", 37), ("segments", 301)):
+        y0, _, rs, down, up, sz, sc, act = _case(m=m, n=101, rows=rows, seed=7)
+        ref = _ref64((y0, y0, rs, down, up, sz, sc, act))
+        y = y0.clone()
+        mo.multi_adapter(y, y, rs, down, up, sz, sc, act, backend="cpp", inplace=True)
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_dtypes_compute_in_fp32_and_return_y0_dtype():
+    y0, x, rs, down, up, sz, sc, act = _case(seed=11)
+    yb, xb = y0.bfloat16(), x.bfloat16()  # a bf16 model beside fp32 tables
+    ref = mo.multi_adapter_ref(yb.double(), xb.double(), rs, down.double(), up.double(), sz, sc.double(), act)
+    got = mo.multi_adapter(yb, xb, rs, down, up, sz, sc, act, backend="cpp")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), ref.bfloat16().double(), atol=0, rtol=2 ** -7)
+    inplace = yb.clone()
+    out = mo.multi_adapter(inplace, xb, rs, down, up, sz, sc, act, backend="cpp", inplace=True)
+    assert out.data_ptr() == inplace.data_ptr() and torch.equal(inplace, got)
+
+
+def test_bad_values_raise_before_any_write(ext):
+    y0, x, rs, down, up, sz, sc, act = _case()
+    y = y0.clone()
+    bad = rs.clone()
+    bad[-1] = 7
+    with pytest.raises(RuntimeError, match=r"row_slot\[36\] = 7; valid: -1 \(base\) or 0..6"):
+        ext.cpu_multi_adapter_(y, x, bad, down, up, sz, sc, act, 8)
+    assert torch.equal(y, y0)
+    with pytest.raises(RuntimeError, match=r"act_ids\[0\] = 9; valid: 0..5"):
+        ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, torch.full_like(act, 9), 8)
+    with pytest.raises(RuntimeError, match=r"expected up \(7, 75, 16\)"):
+        ext.cpu_multi_adapter_(y, x, rs, down, up[:, :74], sz, sc, act, 8)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.cpu_multi_adapter_(y, x.double(), rs, down, up, sz, sc, act, 8)
+    assert torch.equal(y, y0)
+    # the checked entry point names the value before the kernel runs
+    with pytest.raises(ValueError, match="row_slot: got slot 7"):
+        mo.multi_adapter(y0, x, bad, down, up, sz, sc, act, backend="cpp")
+
+
+def test_auto_takes_cpp_on_the_cpu_and_explicit_cpp_needs_cpu():
+    assert dispatch.resolve(mo.OP, None, torch.device("cpu")) == "cpp"
+    assert dispatch.resolve(mo.OP, "auto", torch.device("cpu")) == "cpp"
+    assert dispatch.resolve(mo.OP, "torch", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="backend 'cpp' needs CPU tensors"):
+        dispatch.resolve(mo.OP, "cpp", torch.device("cuda"))
+    # ops without a C++ kernel keep torch under auto, and refuse an explicit cpp with the reason
+    assert dispatch.resolve("lora_linear", None, torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="has no cpp implementation"):
+        dispatch.resolve("lora_linear", "cpp", torch.device("cpu"))
+
+
+def test_unbuildable_kernel_warns_once_and_runs_torch(monkeypatch):
+    reason = "fastadapters: the CPU kernel is unavailable: no C++ compiler (test)"
+    monkeypatch.setitem(dispatch._PROBES, (mo.OP, "cpp"), lambda: reason)
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    args = _case()
+    with pytest.warns(RuntimeWarning, match="runs the plain torch path.*no C\\+\\+ compiler"):
+        assert dispatch.resolve(mo.OP, None, torch.device("cpu")) == "torch"
+        got = mo.multi_adapter(*args)
+    torch.testing.assert_close(got.double(), _ref64(args), atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        mo.multi_adapter(*args)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        mo.multi_adapter(*args, backend="cpp")
+
+
+def test_autograd_inputs_take_the_torch_path_with_a_warning(monkeypatch):
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    y0, x, rs, down, up, sz, sc, act = _case()
+    x = x.requires_grad_()
+    with pytest.warns(RuntimeWarning, match="no backward"):
+        out = mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp")
+    out.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    mo.multi_adapter(y0, x2, rs, down, up, sz, sc, act, backend="torch").sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_store_keeps_up_transposed_on_the_cpu_and_router_calls_the_kernel(ext, monkeypatch):
+    """A routed forward of a mixed batch (LoRA of two ranks, series and parallel adapters) runs the
+    C++ kernel once per bucket table and gives what the torch backend gives."""
+    import fastadapters as fa
+    from fastadapters.serving.store import get_store
+    from tests.tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    fa.patch(model, adapter="lora", r=4, name="l4", target_modules=["q_proj", "v_proj"])
+    fa.patch(model, adapter="lora", r=16, name="l16", target_modules=["q_proj", "o_proj"])
+    fa.patch(model, adapter="series", name="ser", bottleneck_size=8)
+    fa.patch(model, adapter="parallel", name="par", bottleneck_size=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    model.eval()
+    names = ["l4", None, "ser", "l16", "par", "l4"]
+    ids = torch.randint(3, VOCAB, (6, 9))
+    with torch.inference_mode():
+        with fa.route(model, names, backend="torch"):
+            want = model(ids).logits
+        calls = []
+        real = ext.cpu_multi_adapter_
+
+        class Spy:
+            def __getattr__(self, k):
+                return getattr(ext, k)
+
+            def cpu_multi_adapter_(self, *a):
+                calls.append(a[4].stride())
+                return real(*a)
+
+        monkeypatch.setattr("fastadapters.ops.cpu_ext._LOADED", Spy())
+        with fa.route(model, names):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls, "the routed forward did not call the C++ kernel"
+    store = get_store(model)
+    for t in (t for lt in store.layers.values() for t in lt.tables()):
+        assert t.up.stride(1) == 1, "CPU tables keep up as (S, R, N) storage"
+    assert all(st[1] == 1 for st in calls)
