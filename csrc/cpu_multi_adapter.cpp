@@ -56,23 +56,65 @@ void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __
     acc_t* xb = xbuf + i * K;
     for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<acc_t>(xr[k]);
   }
-  for (int64_t j = 0; j < r; ++j) {
+  // down: four weight rows at a time (four independent accumulator chains per row; one chain is
+  // bound by the FMA latency, not the throughput), the x row read once per four
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) {
+    const scalar_t* w0 = down + j * K;
+    const scalar_t* w1 = w0 + K;
+    const scalar_t* w2 = w1 + K;
+    const scalar_t* w3 = w2 + K;
+    for (int i = 0; i < n; ++i) {
+      const acc_t* xb = xbuf + i * K;
+      acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t xv = xb[k];
+        a0 += static_cast<acc_t>(w0[k]) * xv;
+        a1 += static_cast<acc_t>(w1[k]) * xv;
+        a2 += static_cast<acc_t>(w2[k]) * xv;
+        a3 += static_cast<acc_t>(w3[k]) * xv;
+      }
+      acc_t* h = hbuf + i * R + j;
+      h[0] = a0; h[1] = a1; h[2] = a2; h[3] = a3;
+    }
+  }
+  for (; j < r; ++j) {
     const scalar_t* w = down + j * K;
     for (int i = 0; i < n; ++i) {
       const acc_t* xb = xbuf + i * K;
       acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < K; ++k) acc += static_cast<acc_t>(w[k]) * xb[k];
-      hbuf[i * R + j] = apply_act(act, acc);
+      hbuf[i * R + j] = acc;
     }
   }
+  if (act != 0)
+    for (int i = 0; i < n; ++i)
+      for (int64_t t = 0; t < r; ++t) hbuf[i * R + t] = apply_act(act, hbuf[i * R + t]);
   if (un == 1) {  // transposed storage: out[i] = sum_j h[i][j] * up_row_j, then y += scale * out
     acc_t* out = xbuf;  // the x rows are no longer needed
     for (int64_t t = 0; t < int64_t(n) * N; ++t) out[t] = 0;
-    for (int64_t j = 0; j < r; ++j) {
-      const scalar_t* u = up + j * ur;
+    int64_t jj = 0;
+    for (; jj + 4 <= r; jj += 4) {  // four ranks per pass: one load and store of out per four FMAs
+      const scalar_t* u0 = up + jj * ur;
+      const scalar_t* u1 = u0 + ur;
+      const scalar_t* u2 = u1 + ur;
+      const scalar_t* u3 = u2 + ur;
       for (int i = 0; i < n; ++i) {
-        const acc_t hj = hbuf[i * R + j];
+        const acc_t* h = hbuf + i * R + jj;
+        const acc_t h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];
+        acc_t* o = out + i * N;
+#pragma omp simd
+        for (int64_t c = 0; c < N; ++c)
+          o[c] += static_cast<acc_t>(u0[c]) * h0 + static_cast<acc_t>(u1[c]) * h1 +
+                  static_cast<acc_t>(u2[c]) * h2 + static_cast<acc_t>(u3[c]) * h3;
+      }
+    }
+    for (; jj < r; ++jj) {
+      const scalar_t* u = up + jj * ur;
+      for (int i = 0; i < n; ++i) {
+        const acc_t hj = hbuf[i * R + jj];
         acc_t* o = out + i * N;
 #pragma omp simd
         for (int64_t c = 0; c < N; ++c) o[c] += static_cast<acc_t>(u[c]) * hj;
@@ -93,7 +135,7 @@ void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __
       const scalar_t* u = up + c * un;  // ur == 1 here (checked by the caller)
       acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < r; ++j) acc += static_cast<acc_t>(u[j]) * h[j];
+      for (int64_t t = 0; t < r; ++t) acc += static_cast<acc_t>(u[t]) * h[t];
       yr[c] = static_cast<scalar_t>(static_cast<acc_t>(yr[c]) + scale * acc);
     }
   }

@@ -468,8 +468,9 @@ _register_cuda_backend()
 
 #: rows of one slot at or above which the C++ kernel runs that slot's rows as two GEMMs (ATen's);
 #: fewer run as fused dot products over the slot's weight rows (decode). Measured on a 2-core EPYC,
-#: fp32, SmolLM2 shapes: the crossover of the two is between 4 and 16 rows.
-CPP_GEMM_MIN_ROWS = 8
+#: one thread, fp32, SmolLM2 shapes (K 576, N 576 / 1536): the GEMMs win from about 16 rows at
+#: rank 64 and from about 64 rows at rank 8 (their fixed cost per group is ~40 us).
+CPP_GEMM_MIN_ROWS = 16
 
 
 def _cpp_probe() -> str | None:
