@@ -92,6 +92,12 @@ def _run(argv: list[str]) -> int:
           f"{' (more on a loaded machine)' if kind == 'cpu' else ''} "
           "(--no-kernels, --no-serving, --no-e2e skip tables). A summary comes first when all are done, then "
           "the tables.", flush=True)
+    if kind == "cpu" and not (args.no_serving and args.no_e2e):
+        from ..ops import cpu_ext
+
+        if not cpu_ext.is_built():
+            print("      (first run on this machine: the serving tables compile the C++ CPU kernel of mixed-adapter "
+                  "batches first, about a minute more)", flush=True)
     t_start = time.monotonic()
 
     def stage(i: int, name: str, what: str):

@@ -67,14 +67,25 @@ def status() -> str:
     return "ok"
 
 
-def _build_directory(flags: list[str], src: Path) -> Path:
+FLAGS = ["-O3", "-fopenmp"]  # plus _isa_flags(); -fopenmp: at::parallel_for's pragmas
+
+
+def _build_path(flags: list[str]) -> Path:
     import torch
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
-    path = root / f"{NAME}_torch{torch.__version__}_{tag}".replace("+", "_")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return root / f"{NAME}_torch{torch.__version__}_{tag}".replace("+", "_")
+
+
+def is_built() -> bool:
+    """Whether a build of the kernel for this torch and CPU is cached (loading it compiles nothing)."""
+    if _LOADED is not None:
+        return True
+    try:
+        return any(_build_path(FLAGS + _isa_flags()).glob(f"{NAME}*.so"))
+    except Exception:
+        return False
 
 
 def load_cpu_extension(verbose: bool = False):
@@ -96,8 +107,9 @@ def load_cpu_extension(verbose: bool = False):
 
         try:
             src = _source()
-            flags = ["-O3", "-fopenmp"] + _isa_flags()
-            build_dir = _build_directory(flags, src)
+            flags = FLAGS + _isa_flags()
+            build_dir = _build_path(flags)
+            build_dir.mkdir(parents=True, exist_ok=True)
             if not any(build_dir.glob(f"{NAME}*.so")):
                 print(f"fastadapters: compiling the CPU multi-adapter kernel ({src.name}; first use only, about a "
                       f"minute; cached in {build_dir})", file=sys.stderr, flush=True)

@@ -234,3 +234,37 @@ def test_store_keeps_up_transposed_on_the_cpu_and_router_calls_the_kernel(ext, m
     for t in (t for lt in store.layers.values() for t in lt.tables()):
         assert t.up.stride(1) == 1, "CPU tables keep up as (S, R, N) storage"
     assert all(st[1] == 1 for st in calls)
+
+
+def test_threads_split_groups_without_changing_a_bit(ext):
+    """Small groups run in parallel on torch's pool; each group is one task, so the result does not
+    depend on the thread count."""
+    y0, x, rs, down, up, sz, sc, act = _case(m=600, k=301, n=257, s=7, r=64, sizes=(64, 33, 64, 0, 17, 64, 9),
+                                             transposed_up=True, seed=13)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            y = y0.clone()
+            assert ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, act, 10 ** 9) == 0  # all small groups
+            outs.append(y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].double(), _ref64((y0, x, rs, down, up, sz, sc, act)), atol=1e-5, rtol=1e-5)
+
+
+def test_status_names_what_is_missing(monkeypatch):
+    from fastadapters.ops import cpu_ext
+
+    monkeypatch.setattr(cpu_ext, "_LOADED", None)
+    monkeypatch.setattr(cpu_ext, "_FAILED", None)
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert "no C++ compiler ('no-such-compiler-xyz' is not on PATH" in cpu_ext.status()
+    with pytest.raises(cpu_ext.CpuExtensionUnavailable, match="no C\\+\\+ compiler"):
+        cpu_ext.load_cpu_extension()
+    # the failure is remembered: no second attempt, the same reason
+    monkeypatch.delenv("CXX")
+    with pytest.raises(cpu_ext.CpuExtensionUnavailable, match="no C\\+\\+ compiler"):
+        cpu_ext.load_cpu_extension()
