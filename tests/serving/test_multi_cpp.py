@@ -196,9 +196,9 @@ def test_store_keeps_up_transposed_on_the_cpu_and_router_calls_the_kernel(ext, m
     C++ kernel once per bucket table and gives what the torch backend gives."""
     import fastadapters as fa
     from fastadapters.serving.store import get_store
-    from tests.tiny_models import VOCAB, tiny_model
+    from .helpers import VOCAB, tiny_llama
 
-    model = tiny_model("llama")
+    model = tiny_llama()
     torch.manual_seed(0)
     fa.patch(model, adapter="lora", r=4, name="l4", target_modules=["q_proj", "v_proj"])
     fa.patch(model, adapter="lora", r=16, name="l16", target_modules=["q_proj", "o_proj"])
