@@ -498,24 +498,30 @@ def multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=No
         dispatch._warn_once(OP, "cpp-grad", f"fastadapters: {OP}'s cpp kernel has no backward; inputs that require "
                             "grad run the torch path (slower; use torch.no_grad() / inference_mode for serving)")
         return multi_adapter_torch(y0, x, row_slot, down, up, sizes, scales, act_ids, plan, sizes_host, act_host)
+    owned = inplace and y0.is_contiguous()
     if not (x.dtype == down.dtype == up.dtype == y0.dtype):  # e.g. a bf16 model with fp32 tables
         cd = _compute_dtype(y0, x, down, up)  # the contract's accumulate precision, then y0's dtype
-        y = multi_adapter_cpp(y0.to(cd), x.to(cd), row_slot, down.to(cd), up.to(cd), sizes, scales, act_ids,
+        yc = y0.to(cd)
+        if yc.data_ptr() == y0.data_ptr() and not owned:  # y0 is in cd already: .to returned y0 itself
+            yc = y0.clone(memory_format=torch.contiguous_format)
+        y = multi_adapter_cpp(yc, x.to(cd), row_slot, down.to(cd), up.to(cd), sizes, scales, act_ids,
                               sizes_host=sizes_host, act_host=act_host, inplace=True)
-        if inplace and y0.is_contiguous():
-            return y0.copy_(y)
-        return y.to(y0.dtype)
-    y = y0 if (inplace and y0.is_contiguous()) else y0.clone(memory_format=torch.contiguous_format)
+        if owned:
+            return y0 if y.data_ptr() == y0.data_ptr() else y0.copy_(y)
+        return y if y.dtype == y0.dtype else y.to(y0.dtype)
+    y = y0 if owned else y0.clone(memory_format=torch.contiguous_format)
     if sizes_host is not None:  # the store's CPU copies: the same values as sizes / act_ids
         sizes, act_ids = sizes_host, act_host
     _, n, r = up.shape
     if not (up.stride(2) == 1 and up.stride(1) == r) and not (up.stride(1) == 1 and up.stride(2) == n):
         up = up.contiguous()  # the kernel reads (S, N, R) contiguous or the store's transposed (S, R, N) storage
     load_cpu_extension().cpu_multi_adapter_(
-        y, x.contiguous(), row_slot.to(torch.int32), down.contiguous(), up, sizes.to(torch.int32),
-        scales.to(torch.float32), act_ids.to(torch.int32), CPP_GEMM_MIN_ROWS)
+        y, x.contiguous(), row_slot.to(torch.int32).contiguous(), down.contiguous(), up,
+        sizes.to(torch.int32).contiguous(), scales.to(torch.float32).contiguous(),
+        act_ids.to(torch.int32).contiguous(), CPP_GEMM_MIN_ROWS)
+    if owned:  # the kernel writes through a raw pointer: tell autograd y0 changed, as an in-place op would
+        torch.autograd.graph.increment_version(y)
     return y
-
 
 dispatch.register(OP, "cpp", multi_adapter_cpp, probe=_cpp_probe)
 

@@ -261,7 +261,7 @@ class Router:
                 if t is not None:
                     plan = self.plan(rows, tokens, x.device, b)
                     if ext is not None and inp.dtype == out.dtype == t.down.dtype and inp.is_contiguous():
-                        if not owned:
+                        if not (owned and out.is_contiguous()):
                             out = out.clone(memory_format=torch.contiguous_format)
                         ext.cpu_multi_adapter_(out, inp, plan.row_slot, t.down, t.up, t.sizes_host, t.scales,
                                                t.act_host, CPP_GEMM_MIN_ROWS)
@@ -270,17 +270,16 @@ class Router:
                                             check=False, sizes_host=t.sizes_host, act_host=t.act_host,
                                             inplace=owned and no_graph)
                     owned = True
-            return out
+            return out, owned
 
         if tables.pre:
-            x2 = phase(x2, x2, tables.pre, False)
+            x2, _ = phase(x2, x2, tables.pre, False)
         y = layer.base_layer(x2)
         fresh = no_graph and y.data_ptr() != x2.data_ptr()  # a base layer that returned its input is not ours
         if tables.post_in:
-            y = phase(y, x2, tables.post_in, fresh)
-            fresh = True
+            y, fresh = phase(y, x2, tables.post_in, fresh)
         if tables.post_out:
-            y = phase(y, y, tables.post_out, fresh)
+            y, _ = phase(y, y, tables.post_out, fresh)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -131,6 +131,27 @@ def test_mixed_dtypes_compute_in_fp32_and_return_y0_dtype():
     assert out.data_ptr() == inplace.data_ptr() and torch.equal(inplace, got)
 
 
+def test_never_writes_a_caller_tensor_it_does_not_own():
+    """Review: fp32 y0 beside bf16 tables went through ``y0.to(fp32)`` (y0 itself) and was written."""
+    y0, x, rs, down, up, sz, sc, act = _case(seed=17)
+    keep = y0.clone()
+    got = mo.multi_adapter(y0, x, rs, down.bfloat16(), up.bfloat16(), sz, sc, act, backend="cpp")
+    assert torch.equal(y0, keep) and got.data_ptr() != y0.data_ptr()
+    ref = mo.multi_adapter_ref(y0.double(), x.double(), rs, down.bfloat16().double(), up.bfloat16().double(), sz,
+                               sc.double(), act)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # in place: the version counter moves, as for any in-place op (autograd sees the change)
+    v = y0._version
+    mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp", inplace=True)
+    assert y0._version > v
+    # strided small tensors are made contiguous, not refused
+    y0, x, rs, down, up, sz, sc, act = _case(m=74, seed=19)
+    wide = torch.stack([rs, torch.full_like(rs, -1)], 1).flatten()[::2]  # rs again, stride 2
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(mo.multi_adapter(y0, x, wide, down, up, sz, sc, act, backend="cpp"),
+                               mo.multi_adapter(y0, x, rs, down, up, sz, sc, act, backend="cpp"), atol=0, rtol=0)
+
+
 def test_bad_values_raise_before_any_write(ext):
     y0, x, rs, down, up, sz, sc, act = _case()
     y = y0.clone()
