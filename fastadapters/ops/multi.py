@@ -523,6 +523,7 @@ def multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=No
         torch.autograd.graph.increment_version(y)
     return y
 
+
 dispatch.register(OP, "cpp", multi_adapter_cpp, probe=_cpp_probe)
 
 
