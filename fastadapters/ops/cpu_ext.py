@@ -37,9 +37,19 @@ def _source() -> Path:
                                   "reinstall fastadapters from a source checkout")
 
 
+ISA_ENV = "FASTADAPTERS_CPU_ISA"  # "auto" (default): AVX2/FMA when the CPU has them; "generic": never
+
+
 def _isa_flags() -> list[str]:
     """AVX2/FMA when this CPU has them (the build directory is per flag set, so a cache shared by
-    machines with different CPUs never loads code a CPU cannot run)."""
+    machines with different CPUs never loads code a CPU cannot run); none with
+    ``FASTADAPTERS_CPU_ISA=generic`` (a portable build, e.g. for a cache older CPUs share)."""
+    isa = os.environ.get(ISA_ENV, "auto")
+    if isa not in ("auto", "generic"):
+        raise CpuExtensionUnavailable(f"fastadapters: {ISA_ENV}={isa!r}; valid: 'auto' (AVX2/FMA when this CPU has "
+                                      "them) or 'generic' (no instruction-set flags)")
+    if isa == "generic":
+        return []
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -56,6 +66,8 @@ def status() -> str:
         return _FAILED
     if sys.platform != "linux":
         return f"the CPU kernel is built only on Linux (this is {sys.platform})"
+    if os.environ.get(ISA_ENV, "auto") not in ("auto", "generic"):
+        return f"{ISA_ENV}={os.environ[ISA_ENV]!r}; valid: 'auto' or 'generic'"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)"

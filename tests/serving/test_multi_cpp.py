@@ -9,6 +9,9 @@ The kernel is compiled on first use (about a minute on 2 cores, then cached in
 with the build's reason rather than skipping."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -289,3 +292,32 @@ def test_status_names_what_is_missing(monkeypatch):
     monkeypatch.delenv("CXX")
     with pytest.raises(cpu_ext.CpuExtensionUnavailable, match="no C\\+\\+ compiler"):
         cpu_ext.load_cpu_extension()
+
+
+def test_generic_build_without_avx2_matches_the_reference():
+    """``FASTADAPTERS_CPU_ISA=generic``: the build a CPU without AVX2/FMA gets (no instruction-set
+    flags), compiled and run here in a fresh process against the fp64 reference, the NaN isolation
+    and the in-place cases."""
+    from fastadapters.ops import cpu_ext
+
+    env = dict(os.environ, **{cpu_ext.ISA_ENV: "generic"})
+    sel = "matches_fp64_reference or bf16_within_rule or isolation_from_nan or in_place_and_aliased or threads_split"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel], env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
+    assert any(cpu_ext._build_path(cpu_ext.FLAGS).glob(f"{cpu_ext.NAME}*.so")), "the generic build was not made"
+
+
+def test_isa_setting_is_checked(monkeypatch):
+    from fastadapters.ops import cpu_ext
+
+    monkeypatch.setenv(cpu_ext.ISA_ENV, "generic")
+    assert cpu_ext._isa_flags() == []
+    monkeypatch.setenv(cpu_ext.ISA_ENV, "avx512")
+    with pytest.raises(cpu_ext.CpuExtensionUnavailable, match="valid: 'auto'"):
+        cpu_ext._isa_flags()
+    monkeypatch.setattr(cpu_ext, "_LOADED", None)
+    monkeypatch.setattr(cpu_ext, "_FAILED", None)
+    assert "FASTADAPTERS_CPU_ISA='avx512'" in cpu_ext.status()
