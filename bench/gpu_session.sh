@@ -18,9 +18,12 @@
 #   3. pytest -m gpu on the GPU test files only (collecting every CPU test
 #      module on a bare machine risks a collection error; test_flashinfer_path.py's
 #      one GPU test skips without flashinfer)                                 -> gpu_tests.log
-#   4. the engine's FlashInfer attention path (written without a GPU, never run on one before):
-#      greedy tokens flashinfer vs sdpa on a small random llama and the decode step time of
-#      both, when `flashinfer` imports here (else "flashinfer not installed: skipped")
+#   4. the engine's FlashInfer attention path and its decode steps from CUDA graphs (both written
+#      without a GPU, never run on one before): greedy tokens flashinfer+graphs / flashinfer /
+#      sdpa on a small random llama with 4 routed LoRA adapters and the decode step time of each,
+#      when `flashinfer` imports here (else "flashinfer not installed: skipped"). The device
+#      image has no flashinfer and reaches no registry: wheels put in .whl/ here (see the device
+#      notes; `flashinfer-python` and what it requires) are installed into /tmp/site first
 #                                                                             -> session.log
 #   5. the quick kernel table                                                 -> kernels.json
 #   6. the quick serving tables (engine; CUDA C++ multi-adapter op)           -> serving*.json
@@ -72,6 +75,12 @@ fi
 (cd tests/kernels && step 180 "gpu_check" "$OUT/gpu_check.log" env -u TRITON_INTERPRET python gpu_check.py)
 [ -f "$OUT/gpu_check.log" ] && tail -15 "$OUT/gpu_check.log" | tee -a "$OUT/session.log"
 
+# flashinfer from wheels carried in .whl/ (step 4's header), before the GPU tests that use it
+if ls .whl/flashinfer*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$OUT/session.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 # 3. GPU-marked tests, GPU test files only (tests/kernels/test_triton_gpu.py is gpu_check's pytest
 #    wrapper: gpu_check already ran)
 step 150 "pytest -m gpu" "$OUT/gpu_tests.log" python -m pytest -m gpu -q -rfEs -p no:cacheprovider \
@@ -81,7 +90,7 @@ step 150 "pytest -m gpu" "$OUT/gpu_tests.log" python -m pytest -m gpu -q -rfEs -
 # 4. FlashInfer vs SDPA in the engine (the device reaches no registry: flashinfer must already be
 #    installed there; the first run may JIT-compile its kernels, hence the limit)
 if python -c "import flashinfer" >/dev/null 2>&1; then
-  step 90 "flashinfer check" "$OUT/session.log" python bench/flashinfer_check.py
+  step 150 "flashinfer check" "$OUT/session.log" python bench/flashinfer_check.py
 else
   log "flashinfer not installed: skipped"
 fi

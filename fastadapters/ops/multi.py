@@ -546,12 +546,13 @@ def _(y0, x, row_slot, down, up, sizes, scales, act_ids):
 
 def multi_adapter(y0, x, row_slot, down, up, sizes, scales, act_ids, *, plan: MultiPlan | None = None,
                   backend: str | None = None, sizes_host=None, act_host=None, check: bool = True,
-                  inplace: bool = False):
+                  inplace: bool = False, opaque: bool = False):
     """y = y0 + per-row adapter deltas (see the module docstring). ``plan``: shared metadata from
     ``build_plan(row_slot, S)`` (built here when absent); ``sizes_host``/``act_host``: CPU copies of
     sizes/act_ids so the torch path needs no device read; ``check=False`` skips the value checks.
     ``inplace``: the caller owns ``y0`` and allows the result to be written into it (the ``cpp``
-    backend does so; the others return a new tensor either way)."""
+    backend does so; the others return a new tensor either way). ``opaque``: the ``cpp`` backend runs
+    as its functional custom op (one op a graph capture or a tracer records), as under torch.compile."""
     if check:
         # reading the values syncs with the host, which CUDA-graph capture forbids: under capture
         # only shapes and dtypes are checked (the kernels clamp sizes to R)
@@ -560,7 +561,7 @@ def multi_adapter(y0, x, row_slot, down, up, sizes, scales, act_ids, *, plan: Mu
                          check_values=plan is None and not capturing)
     name = dispatch.resolve(OP, backend, x.device)
     if name == "cpp":
-        if torch.compiler.is_compiling():
+        if opaque or torch.compiler.is_compiling():
             return multi_adapter_cpp_op(y0, x, row_slot, down, up, sizes, scales, act_ids)
         return multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan, sizes_host, act_host,
                                  inplace=inplace)

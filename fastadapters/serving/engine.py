@@ -95,6 +95,7 @@ from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllow
 from .detokenizer import DetokState, detokenize
 from ..ops import dispatch
 from ..ops.multi import OP as MULTI_OP
+from .cuda_graphs import DecodeGraphs, capture_sizes, graphs_unavailable, warn_once as graphs_warn_once
 from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
@@ -133,8 +134,12 @@ class Engine:
                  chunk_size: int = 256, token_budget: int = 512, backend: str | None = None,
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
                  max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
-                 decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto"):
+                 decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto",
+                 cuda_graphs: bool | str = "auto", cuda_graph_sizes: list[int] | None = None, _graph_capture=None):
         check_model(model)
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs: got {cuda_graphs!r}; valid: 'auto' (decode steps from CUDA graphs where "
+                             "they can run), True (required: an error where they cannot), False (always eager)")
         if isinstance(decode_batch_max_len, bool) or not isinstance(decode_batch_max_len, int) \
                 or decode_batch_max_len < 0:
             raise ValueError(f"decode_batch_max_len: got {decode_batch_max_len!r}; valid: an integer >= 0 (0: every "
@@ -175,6 +180,15 @@ class Engine:
         # "auto": FlashInfer's paged kernels on CUDA when installed (never run on a GPU yet), else SDPA
         self.attention_backend = select_backend(attention_backend, self.device, self.dtype)
         self._flashinfer = FlashInferAttention(self.device) if self.attention_backend == "flashinfer" else None
+        # decode steps replayed from CUDA graphs (cuda_graphs.py; never run on a GPU yet)
+        self.cuda_graph_sizes = graph_sizes = capture_sizes(max_num_seqs, cuda_graph_sizes)
+        why_not = None if _graph_capture is not None else graphs_unavailable(self.device, self.attention_backend,
+                                                                              self.adapter_backend)
+        if cuda_graphs is True and why_not is not None:
+            raise ValueError(f"cuda_graphs=True: {why_not}. Valid here: cuda_graphs='auto' or False")
+        if cuda_graphs == "auto" and why_not is not None and self.device.type == "cuda":
+            graphs_warn_once(why_not, f"fastadapters serving: decode steps run eagerly, without CUDA graphs: {why_not}")
+        use_graphs = cuda_graphs is not False and why_not is None
         per_seq = -(-self.max_model_len // block_size)
         if num_blocks is None:  # every sequence at full length, within the KV memory budget
             block_bytes = 2 * layers * kv_heads * block_size * head_dim * emb.element_size()
@@ -182,7 +196,10 @@ class Engine:
         if num_blocks < per_seq:
             raise ValueError(f"num_blocks: got {num_blocks}; valid: at least {per_seq} (one request of "
                              f"max_model_len {self.max_model_len} in blocks of {block_size})")
-        self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device)
+        self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device,
+                              reserved=1 if use_graphs else 0)
+        self._graphs = DecodeGraphs(self, graph_sizes, _graph_capture) if use_graphs else None
+        self._graphs_required = cuda_graphs is True
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget,
                                    max_adapters=max_loras, prefix_caching=bool(prefix_caching))
         self.registry = AdapterRegistry()
@@ -812,6 +829,21 @@ class Engine:
 
     def _forward(self, batch) -> torch.Tensor:
         reqs, news = batch.requests, batch.num_new
+        graphs = self._graphs
+        if graphs is not None and len(reqs) <= graphs.max_size and all(n == 1 for n in news):
+            try:
+                logits = graphs.run(reqs, [r.route_name for r in reqs])
+            except Exception as e:
+                if self._graphs_required:
+                    raise
+                self._graphs = None  # a capture that fails here would fail again: eager from now on, said once
+                graphs_warn_once("failed", f"fastadapters serving: capturing a decode step in a CUDA graph failed "
+                                           f"({type(e).__name__}: {e}); the engine runs every step eagerly from now "
+                                           "on (pass cuda_graphs=False / serve --enforce-eager to skip the attempt)")
+            else:
+                self.last_tables = None
+                self.stats["graph_steps"] += 1
+                return logits
         dev = self.device
         bs = self.pool.block_size
         ids, pos, slots, segments, last = [], [], [], [], []

@@ -183,17 +183,27 @@ class FlashInferStep:
         self.planned: tuple | None = None  # (heads, scaling) the plan was made for
         self.plans = self.runs = 0
 
+    def plan(self, pool, heads: int, scaling) -> None:
+        """Plan this step's tables for ``heads`` query heads and softmax scale ``scaling`` (None: the
+        kernel's 1/sqrt(head_dim)). ``run`` plans at the first layer's call; a CUDA-graph step plans
+        here, before the replay (``plan`` cannot be captured: it schedules on the host)."""
+        key = (int(heads), None if scaling is None else float(scaling))
+        # q is handed over in the pool's dtype (the model's: the pool is allocated in it)
+        self.owner.wrapper.plan(*self.tables, key[0], pool.kv_heads, pool.head_dim, self.block_size, causal=True,
+                                sm_scale=key[1], q_data_type=pool.dtype, kv_data_type=pool.dtype)
+        self.planned = key
+        self.plans += 1
+
     def run(self, query: torch.Tensor, pool, layer: int, scaling) -> torch.Tensor:
         """``query`` (1, H, T, D) -> (1, T, H, D) over ``pool``'s layer ``layer``."""
-        heads, d = query.shape[1], query.shape[3]
+        heads = query.shape[1]
         wrapper = self.owner.wrapper
         key = (heads, None if scaling is None else float(scaling))
+        if query.shape[3] != pool.head_dim:
+            raise RuntimeError(f"fastadapters serving: layer {layer}'s query head_dim {query.shape[3]} differs from "
+                               f"the KV pool's {pool.head_dim}")
         if self.planned is None:
-            # q is handed over in the pool's dtype (the model's: the pool is allocated in it)
-            wrapper.plan(*self.tables, heads, pool.kv_heads, d, self.block_size, causal=True, sm_scale=key[1],
-                         q_data_type=pool.dtype, kv_data_type=pool.dtype)
-            self.planned = key
-            self.plans += 1
+            self.plan(pool, heads, scaling)
         elif key != self.planned:
             raise RuntimeError(f"fastadapters serving: layer {layer} attends with (heads, scaling) {key}, the step's "
                                f"FlashInfer plan was made for {self.planned}; one plan per step needs them equal")
@@ -209,16 +219,35 @@ class FlashInferStep:
 
 class FlashInferAttention:
     """The engine's FlashInfer state for its life: the module, a persistent workspace and one prefill
-    wrapper (NHD). ``step(segments, tables, block_size)`` makes a step's ``FlashInferStep``."""
+    wrapper (NHD). ``step(segments, tables, block_size)`` makes a step's ``FlashInferStep``.
 
-    def __init__(self, device):
+    ``graph_rows=P`` makes a wrapper for CUDA-graph replay (``cuda_graphs.py``): FlashInfer's
+    ``use_cuda_graph=True`` mode, whose page tables live in buffers allocated here for the wrapper's
+    life (``qo_indptr`` / ``paged_kv_indptr`` of P + 1, last-page lengths of P, ``max_pages`` page
+    indices): ``plan`` copies a step's tables into them, and a captured ``run`` reads them on every
+    replay. Its batch is always P requests (FlashInfer fixes it in this mode). ``workspace``: share
+    another instance's float workspace (the wrappers run one at a time, as vLLM's do)."""
+
+    def __init__(self, device, graph_rows: int | None = None, max_pages: int = 0,
+                 workspace: torch.Tensor | None = None):
         fi = _import_flashinfer()
         if fi is None:
             raise ValueError(f"flashinfer is not installed ({INSTALL})")
         self.device = torch.device(device)
         self.version = str(getattr(fi, "__version__", "unknown"))
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
+        self.workspace = workspace if workspace is not None else torch.empty(WORKSPACE_BYTES, dtype=torch.uint8,
+                                                                             device=self.device)
+        self.graph_rows, self.max_pages = graph_rows, max_pages
+        if graph_rows is None:
+            self.wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
+            return
+        p = int(graph_rows)
+        buf = torch.zeros(3 * p + 2 + int(max_pages), dtype=torch.int32, device=self.device)
+        self.buffers = (buf[:p + 1], buf[p + 1:2 * p + 2], buf[3 * p + 2:], buf[2 * p + 2:3 * p + 2])
+        self.wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, kv_layout="NHD", use_cuda_graph=True, qo_indptr_buf=self.buffers[0],
+            paged_kv_indptr_buf=self.buffers[1], paged_kv_indices_buf=self.buffers[2],
+            paged_kv_last_page_len_buf=self.buffers[3])
 
     def step(self, segments, tables, block_size: int) -> FlashInferStep:
         return FlashInferStep(self, segments, tables, block_size)

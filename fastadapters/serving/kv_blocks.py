@@ -11,7 +11,7 @@
 Storage per layer is ``(num_blocks, block_size, kv_heads, head_dim)`` for keys and again for
 values; position ``p`` of a request lives in block ``blocks[p // block_size]`` at offset
 ``p % block_size``, i.e. flat slot ``block * block_size + offset`` of the
-``(num_blocks * block_size, kv_heads, head_dim)`` view. A request holds only the blocks its positions need (not ``max_model_len``),
+``(num_blocks * block_size, kv_heads, head_dim)`` view (``reserved`` blocks after them are storage only). A request holds only the blocks its positions need (not ``max_model_len``),
 and every block of every layer is freed together. ``free_blocks`` and ``used_blocks`` are what
 the leak checks read. The pool is not thread-safe: the engine thread owns it.
 
@@ -44,14 +44,19 @@ class BlockPool:
     RUN_SEARCH_LIMIT = 1 << 16  # allocate_run scans at most this many free blocks
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", reserved: int = 0):
         for label, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
                          ("block_size", block_size), ("num_blocks", num_blocks)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"BlockPool: {label} must be an integer >= 1, got {v!r}")
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        if isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
+            raise ValueError(f"BlockPool: reserved must be an integer >= 0, got {reserved!r}")
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # blocks past num_blocks exist in storage but are never handed out (nor counted free or used):
+        # scratch space, e.g. where the padding rows of a CUDA-graph decode step write their keys/values
+        self.reserved_blocks = list(range(num_blocks, num_blocks + reserved))
+        shape = (num_blocks + reserved, block_size, kv_heads, head_dim)
         self.dtype = dtype
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -182,7 +187,7 @@ class BlockPool:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _flat(self, pool: torch.Tensor) -> torch.Tensor:
-        return pool.view(self.num_blocks * self.block_size, self.kv_heads, self.head_dim)
+        return pool.view(-1, self.kv_heads, self.head_dim)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at ``slots`` as (kv_heads, len(slots), head_dim) each (copies)."""

@@ -80,6 +80,7 @@ class Router:
         self.names = list(names)
         self.expand = 1  # rows per name: > 1 inside generate with beams / several return sequences
         self.in_generate = 0
+        self.graph = False  # graph mode (``freeze``): the engine's CUDA-graph decode steps
         self._plans: dict[tuple[int, int, str], MultiPlan] = {}
         self._lock = threading.Lock()
         self._assign()
@@ -100,7 +101,7 @@ class Router:
         # the buckets each layer call runs: a packed router (the engine) only those this batch
         # uses; a plain route every bucket of the store, so that a CUDA graph captured in it stays
         # valid when ``reroute`` switches to a mix in other buckets
-        self.call_buckets = self.active_buckets if self.lengths is not None else self.store.buckets
+        self.call_buckets = self.active_buckets if self.lengths is not None and not self.graph else self.store.buckets
         # tensors, so that a compiled forward reads the mix as data (a list would be baked into the
         # graph and guarded on, and every new mix would recompile)
         self.row_slot_tensors = {b: torch.tensor([w[1] if w is not None and w[0] == b else -1 for w in where],
@@ -150,6 +151,53 @@ class Router:
         self.lengths = lengths
         self._plans = {}
         self.repacks = getattr(self, "repacks", 0) + 1
+
+    def freeze(self, device) -> None:
+        """Graph mode, for a packed router of one token per segment (the engine's decode steps run
+        from a captured CUDA graph, ``cuda_graphs.py``): every layer call runs every rank bucket of
+        the store, so the captured launches stay valid whatever mix a replay routes; each bucket's
+        plan is built now and only ever refilled in place (``refill``); and the C++ CPU kernel is
+        called through its custom op, never straight (a direct call is no op a graph can record)."""
+        if self.lengths is None or any(n != 1 for n in self.lengths):
+            raise ValueError("freeze: graph mode needs a packed router of one token per segment (lengths all 1)")
+        self.graph = True
+        self.call_buckets = self.store.buckets
+        self._plans = {}
+        device = torch.device(device)
+        n = len(self.lengths)
+        for b in self.store.buckets:
+            plan = build_plan(self._device_slots(b, device), self.store.capacity[b], SEGMENT_BLOCK_M)
+            # the decoder's (1, n, K) inputs and an adapted LM head's (n, K) rows: one plan, two keys
+            self._plans[(1, n, str(device), b)] = self._plans[(n, 1, str(device), b)] = plan
+
+    def _device_slots(self, bucket: int, device: torch.device) -> torch.Tensor:
+        host = self.row_slot_tensors[bucket]
+        if device.type == "cuda":  # pinned: the copy neither syncs nor waits for the host
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+    def refill(self, names: list[str | None]) -> None:
+        """Graph mode: route ``names`` (same length) by rewriting each bucket's plan in place -- the
+        buffers a captured graph reads. The store's layout (buckets, capacities, tables) must be the
+        one the router was frozen with; the engine recaptures when it is not."""
+        if not self.graph:
+            raise ValueError("refill: the router is not in graph mode (freeze it first)")
+        if len(names) != len(self.lengths):
+            raise ValueError(f"refill: got {len(names)} names for a router of {len(self.lengths)} segments")
+        # re-acquire when the names changed, or when an eager step may have moved adapters between
+        # slots meanwhile (LRU slots, adapters loaded or removed): acquire is O(names) and refills
+        # nothing that is resident already
+        if names != self.names or self.store.max_slots is not None or self.store.version != self.version:
+            used = [n for n in names if n is not None and n != BASE]
+            self.names = list(names)
+            self._set_rows(self.store.acquire(used))
+            self.version = self.store.version
+            done = set()
+            for (_, _, dev, b), plan in self._plans.items():
+                if id(plan) not in done:
+                    done.add(id(plan))
+                    build_plan(self._device_slots(b, torch.device(dev)), plan.num_slots, plan.block_m, out=plan)
+        self.refills = getattr(self, "refills", 0) + 1
 
     def _refresh_if_changed(self) -> None:
         if self.state.version != self.version:  # adapters added/removed while routing
@@ -251,9 +299,10 @@ class Router:
         # so a bucket never reads rows another bucket of the same phase wrote.
         # (under torch.compile: no in-place writes and no direct kernel call; the ops are opaque custom ops there)
         no_graph = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        opaque = self.graph  # graph mode: every kernel call an op the capture records
         # the C++ CPU kernel, called straight (no per-call resolution or argument checks: the store's
         # tables are contiguous, int32 and fp32 where the kernel needs it) when it is the backend
-        ext = self._cpp_kernel(backend, x.device) if no_graph else None
+        ext = self._cpp_kernel(backend, x.device) if no_graph and not opaque else None
 
         def phase(out, inp, tabs, owned):  # one multi-adapter call per rank bucket this layer and phase hold
             for b in self.call_buckets:
@@ -268,7 +317,7 @@ class Router:
                     else:
                         out = multi_adapter(out, inp, plan.row_slot, *t.args(), plan=plan, backend=backend,
                                             check=False, sizes_host=t.sizes_host, act_host=t.act_host,
-                                            inplace=owned and no_graph)
+                                            inplace=owned and no_graph and not opaque, opaque=opaque)
                     owned = True
             return out, owned
 

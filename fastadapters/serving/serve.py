@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "is installed, else per-request SDPA; sdpa never imports flashinfer")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp"),
                    help="multi-adapter kernels")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never run decode steps from CUDA graphs (default on CUDA: captured per padded batch size "
+                        "where FlashInfer attention runs them; never tried on a GPU yet)")
+    p.add_argument("--cuda-graph-sizes", type=_positive, nargs="+", default=None, metavar="N",
+                   help="padded batch sizes to capture decode graphs for (default: 1 2 4 8 and multiples of 8 up to "
+                        "--max-num-seqs)")
     g = p.add_argument_group("security and limits")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $FASTADAPTERS_API_KEY, else none)")
@@ -212,6 +218,8 @@ def build_app(args):
                     max_cpu_loras=args.max_cpu_loras, prefix_caching=not args.no_prefix_caching,
                     backend=None if args.backend == "auto" else args.backend, adapter_roots=args.adapter_root,
                     attention_backend=getattr(args, "attention_backend", "auto"),
+                    cuda_graphs=False if getattr(args, "enforce_eager", False) else "auto",
+                    cuda_graph_sizes=getattr(args, "cuda_graph_sizes", None),
                     kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:
         name, _, path = spec.partition("=")

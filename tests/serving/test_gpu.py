@@ -1,7 +1,10 @@
 """GPU checks of the multi-adapter kernels (skipped without CUDA): Triton on the device against
-the fp64 reference, a CUDA graph captured for one adapter mix and replayed for another, and a
-routed model in bf16 with the Triton backend."""
+the fp64 reference, a CUDA graph captured for one adapter mix and replayed for another, a
+routed model in bf16 with the Triton backend, and (with flashinfer) the engine's decode steps from
+CUDA graphs against its eager steps."""
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -92,3 +95,37 @@ def test_routed_model_bf16_triton():
         with fa.route(model, names, backend="triton"):
             got = model(ids).logits.float()
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer-python")
+def test_engine_decode_steps_from_cuda_graphs_equal_eager(tmp_path):
+    """Issue 19 item 7 on a real GPU: decode steps replayed from CUDA graphs (FlashInfer attention,
+    Triton/CUDA multi-adapter kernels, a shrinking batch through several padded sizes, four adapter
+    types mixed) give the eager FlashInfer engine's greedy tokens."""
+    import fastadapters as fa
+    from fastadapters.serving.engine import Engine
+    from fastadapters.serving.sampling import SamplingParams
+
+    from .helpers import VOCAB, add_zoo, tiny_llama
+
+    names = ["lora_r4", "lora_r16", "houlsby", "parallel"]
+    src = add_zoo(tiny_llama(hidden=256), names)  # head_dim 64: a size FlashInfer's kernels take
+    paths = {n: fa.save_adapter(src, str(tmp_path / n), name=n) for n in names}
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12, 8)]
+
+    def run(graphs):
+        eng = Engine(tiny_llama(hidden=256).to("cuda", torch.bfloat16), attention_backend="flashinfer",
+                     cuda_graphs=graphs, max_num_seqs=8, block_size=16)
+        for n, p in paths.items():
+            eng.load_adapter(n, p, confined=False)
+        reqs = [eng.submit(p, SamplingParams(max_tokens=4 + 2 * i, temperature=0),
+                           adapter=(names + [None])[i % 5]) for i, p in enumerate(prompts)]
+        eng.run_until_done()
+        return [r.output_ids for r in reqs], eng
+
+    got, eng = run(True)
+    want, _ = run(False)
+    assert got == want
+    st = eng._graphs.stats
+    assert st["captures"] >= 2 and st["replays"] > st["captures"] and eng.stats["graph_steps"] == st["replays"]

@@ -684,6 +684,17 @@ def test_serve_attention_backend_reaches_the_engine(base_dir, no_uvicorn, capsys
     assert "attention_backend='flashinfer' needs the model on CUDA" in err and "'sdpa'" in err
 
 
+def test_serve_cuda_graph_flags_reach_the_engine(base_dir, no_uvicorn, capsys):
+    base = str(base_dir / "base")
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base, "--max-num-seqs", "8", "--cuda-graph-sizes", "4", "2", "--enforce-eager"])
+    engine = started.value.args[0].state.engine
+    assert engine.cuda_graph_sizes == (2, 4) and engine._graphs is None
+    assert serve.main(["--base-model", base, "--max-num-seqs", "8", "--cuda-graph-sizes", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda_graph_sizes: got [9]" in err and "1..max_num_seqs (8)" in err
+
+
 def test_serve_max_cpu_loras_reaches_the_engine(base_dir, no_uvicorn, capsys):
     base = str(base_dir / "base")
     with pytest.raises(_Started) as started:

@@ -1,0 +1,271 @@
+"""CUDA graphs for the engine's decode steps (issue 19, item 7).
+
+**This path has never run on a GPU.** It was written on a machine without one and is tested on the
+CPU only (``tests/serving/test_decode_graphs.py``), where ``torch.cuda.graph`` cannot run: there the
+capture is emulated by ``torch.fx``'s ``make_fx``, which, like a CUDA graph, records the step's
+tensor ops once over fixed tensors, freezes every Python decision made while recording, refuses a
+host read of a device value (``.item()``, ``.tolist()``, data-dependent shapes) and replays by
+re-running only the recorded ops on whatever the fixed buffers hold then. Whether the capture
+succeeds and replays correctly on CUDA is owed to a GPU session (``bench/gpu_session.sh``).
+
+What runs from a graph: a step in which every scheduled request decodes one token (no prefill
+chunk), with FlashInfer attention (``flashinfer_attention.py``: its ``use_cuda_graph`` mode reads
+the page tables from buffers fixed for the wrapper's life; the SDPA path loops over requests of
+different lengths in Python, which no graph can hold) and B requests, B at most the largest
+capture size. The step runs the graph captured for P, the smallest capture size >= B (default
+1, 2, 4, 8, then multiples of 8 up to ``max_num_seqs``, as vLLM pads), its rows B..P-1 padding:
+
+- **Fixed buffers, refilled in place before each replay:** the step's token ids, positions and new
+  KV slots (one pinned host tensor, one asynchronous copy); FlashInfer's page tables (its ``plan``,
+  on the host, before the replay); each rank bucket's routing plan (``Router.refill``: every
+  request's adapter slot, ``build_plan(..., out=plan)``, device ops outside the graph). The logits
+  are the graph's own output tensor, (P, vocab); the step hands rows 0..B-1 to sampling.
+- **Padding rows** decode token 0 at position 0 with no adapter; their keys/values go to a block
+  reserved for them (``BlockPool(reserved=1)``: never handed to a request, so no request's context
+  is ever written or read by them), one page of length 1 each in FlashInfer's tables.
+- **Routing in graph mode** (``Router.freeze``): every layer call runs every rank bucket of the
+  store, so a graph captured for one adapter mix replays any other mix of the same store layout;
+  base rows (slot -1) cost the kernels nothing.
+- **Captured lazily**, the first time a size is needed: one eager step with the engine's ordinary
+  FlashInfer step (it learns the heads and softmax scale the model's attention passes, and warms
+  every lazy initialisation: Triton compiles, cuBLAS handles, the CUDA kernel's metadata), then the
+  capture (``torch.cuda.graph``, after a warm-up of the graph-mode step on a side stream, as
+  PyTorch's documentation asks), then the replay that computes the step. Each graph keeps a private
+  memory pool.
+- **Recaptured when what a graph holds changes:** the adapter store's layout (a bucket added or
+  removed, a table grown or rebuilt, the wrapped modules changed) or the LM head object. Loading an
+  adapter into a free slot of an existing bucket, or swapping one into an LRU slot, writes the same
+  tensors in place and keeps the graphs. A step whose page list outgrows a graph's page buffer
+  recaptures that size with room for twice as many pages.
+
+Every other step (prefill chunks, mixed steps, more requests than the largest size, SDPA
+attention) runs eagerly as before. ``Engine(cuda_graphs=...)``: "auto" (default) uses graphs where
+they apply and says once, with a RuntimeWarning, why they do not when the model is on CUDA but the
+engine runs without them (SDPA attention: no ``flashinfer``, or an fp32 model; the torch backend of
+the multi-adapter op, which reads plans on the host); True asks for them and is a ValueError where
+they cannot run; False (``serve --enforce-eager``) never captures.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .flashinfer_attention import FlashInferAttention
+from .hf_compat import paged_forward
+from .paged_attention import Segment, StepTables
+
+__all__ = ["capture_sizes", "cuda_capture", "DecodeGraphs", "graphs_unavailable"]
+
+_warned: set[str] = set()
+
+
+def capture_sizes(max_num_seqs: int, sizes=None) -> tuple[int, ...]:
+    """The padded batch sizes graphs are captured for: ``sizes`` checked and sorted, or 1, 2, 4, 8
+    and then every multiple of 8, up to ``max_num_seqs`` (which is always included)."""
+    if sizes is None:
+        out = {s for s in (1, 2, 4, 8) if s <= max_num_seqs} | set(range(16, max_num_seqs + 1, 8))
+        out.add(max_num_seqs)
+        return tuple(sorted(out))
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise ValueError(f"cuda_graph_sizes: got {sizes!r}; valid: a list of integers in 1..max_num_seqs "
+                         f"({max_num_seqs})")
+    sizes = list(sizes)
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= max_num_seqs for s in sizes):
+        raise ValueError(f"cuda_graph_sizes: got {sizes!r}; valid: a non-empty list of integers in 1..max_num_seqs "
+                         f"({max_num_seqs})")
+    return tuple(sorted(set(sizes)))
+
+
+def graphs_unavailable(device, attention_backend: str, adapter_backend: str) -> str | None:
+    """Why the engine cannot run decode steps from CUDA graphs here (None: it can)."""
+    if torch.device(device).type != "cuda":
+        return f"CUDA graphs need the model on CUDA; it is on {device}"
+    if attention_backend != "flashinfer":
+        return ("decode steps are captured with FlashInfer's paged attention only (the SDPA path runs one "
+                "attention per request, of per-request length, which a graph cannot hold); install "
+                "flashinfer-python and serve in bfloat16/float16")
+    if adapter_backend == "torch":
+        return ("the multi-adapter op's torch backend reads its plans on the host, which a graph cannot "
+                "capture; use the triton or cuda backend (or auto)")
+    return None
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cuda_capture(fn: Callable[[], torch.Tensor], device) -> Callable[[], torch.Tensor]:
+    """Capture ``fn`` into a CUDA graph (after one warm-up run on a side stream); returns the replay,
+    which returns the graph's output tensor (the same tensor every time)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    replay.graph = graph
+    return replay
+
+
+@dataclass
+class _Graph:
+    size: int  # P, the padded batch
+    key: tuple  # what the capture holds (DecodeGraphs._key)
+    flat: torch.Tensor  # (3P,) long on the device: token ids, positions, new KV slots
+    attention: FlashInferAttention  # the graph-mode wrapper and its page-table buffers
+    router: object | None  # the frozen Router, or None for an unpatched model
+    replay: Callable[[], torch.Tensor] | None = None
+    planned: tuple | None = None  # (heads, scaling) the attention is planned with
+    replays: int = 0
+
+
+class DecodeGraphs:
+    """The engine's captured decode steps, one per padded batch size (see the module docstring).
+    ``capture``: how a step is captured, ``capture(fn, device) -> replay`` (default ``cuda_capture``;
+    the CPU tests pass a ``make_fx`` emulation)."""
+
+    def __init__(self, engine, sizes: tuple[int, ...], capture=None):
+        if not engine.pool.reserved_blocks:
+            raise ValueError("DecodeGraphs: the engine's block pool has no reserved block for padding rows")
+        self.engine = engine
+        self.sizes = tuple(sizes)
+        self.max_size = self.sizes[-1]
+        self.capture = capture or cuda_capture
+        self.graphs: dict[int, _Graph] = {}
+        self.scratch = engine.pool.reserved_blocks[0]
+        self.stats = {"captures": 0, "replays": 0, "padding_rows": 0, "recaptures": 0}
+        self._wrappers_key = None
+
+    def size_for(self, b: int) -> int | None:
+        """The capture size a decode step of ``b`` requests runs at (None: more than the largest)."""
+        for s in self.sizes:
+            if s >= b:
+                return s
+        return None
+
+    def _key(self) -> tuple:
+        """What a captured graph holds, beyond its own buffers: the adapter store's table layout (a
+        table reallocated, a bucket added or dropped, other wrapped modules) and the LM head."""
+        from ..patching import _state
+
+        engine = self.engine
+        head = engine._lm_head
+        state = _state(engine.model)
+        if state is None:
+            return (None, id(head))
+        from .store import get_store
+
+        store = get_store(engine.model)
+        store.sync(weights=False)  # O(1) unless adapters were loaded or removed since the last step
+        if self._wrappers_key is None or self._wrappers_key[0] != (id(store), state.version):
+            self._wrappers_key = ((id(store), state.version), tuple(id(w) for w in store.wrappers()))
+        return (id(store), id(store.layers), store.tables_grown, tuple(sorted(store.capacity.items())),
+                self._wrappers_key[1], id(head))
+
+    def run(self, reqs, names: list[str | None]) -> torch.Tensor:
+        """Logits (len(reqs), vocab) of one decode step of ``reqs`` (each decoding one token),
+        ``names[i]`` the adapter routed for request i; the new keys/values are in the pool."""
+        engine, pool = self.engine, self.engine.pool
+        bs = pool.block_size
+        b = len(reqs)
+        p = self.size_for(b)
+        ids, pos, slots, segments, tables = [], [], [], [], []
+        for i, req in enumerate(reqs):
+            start = req.kv_len
+            ids.extend(req.tokens(req.num_computed, 1))
+            pos.append(start)
+            slots.append(req.blocks[start // bs] * bs + start % bs)
+            segments.append(Segment(i, 1, start + 1, None, -1))
+            tables.append(req.block_table)
+        pad = torch.tensor([self.scratch])
+        for i in range(b, p):
+            ids.append(0)
+            pos.append(0)
+            slots.append(self.scratch * bs)
+            segments.append(Segment(i, 1, 1, None, -1))
+            tables.append(pad)
+        pages = sum(-(-s.kv_len // bs) for s in segments)
+        names = list(names) + [None] * (p - b)
+        host = torch.tensor(ids + pos + slots, dtype=torch.long)
+        if engine.device.type == "cuda":
+            host = host.pin_memory()
+        key = self._key()
+        g = self.graphs.get(p)
+        if g is not None and (g.key != key or pages > g.attention.max_pages):
+            self.stats["recaptures"] += 1
+            if g.key != key:  # the store's layout changed: every graph holds the old one
+                self.graphs.clear()
+            else:
+                del self.graphs[p]
+            g = None
+        if g is None:
+            room = max(2 * pages, p * (-(-engine.max_model_len // bs) + 1))  # every row at full length, or twice the need
+            g = self._capture(p, key, host, segments, tables, names, room)
+            self.graphs[p] = g
+        else:
+            g.flat.copy_(host, non_blocking=True)
+            g.attention.step(segments, tables, bs).plan(pool, *g.planned)
+            if g.router is not None:
+                g.router.refill(names)
+        logits = g.replay()
+        g.replays += 1
+        self.stats["replays"] += 1
+        self.stats["padding_rows"] += p - b
+        engine.stats["attention_score_elements"] += pool.num_layers * g.planned[0] * sum(s.kv_len for s in segments)
+        return logits[:b]
+
+    def _capture(self, p: int, key: tuple, host: torch.Tensor, segments, tables, names, max_pages: int) -> _Graph:
+        from ..patching import _state
+
+        engine, pool, model = self.engine, self.engine.pool, self.engine.model
+        dev, bs = engine.device, pool.block_size
+        flat = torch.empty(3 * p, dtype=torch.long, device=dev)
+        flat.copy_(host)
+        input_ids, position_ids, new_slots = flat[:p].view(1, p), flat[p:2 * p].view(1, p), flat[2 * p:]
+        last = torch.arange(p, device=dev)
+        attention = FlashInferAttention(dev, graph_rows=p, max_pages=max_pages, workspace=engine._flashinfer.workspace)
+        g = _Graph(p, key, flat, attention, None)
+        head = engine._lm_head
+
+        def forward(step) -> torch.Tensor:
+            tabs = StepTables(new_slots, segments)
+            tabs.extra["flashinfer"] = step
+            return paged_forward(model, input_ids, position_ids, pool, tabs, last, head)
+
+        routed = _state(model) is not None
+        ctx = None
+        if routed:
+            from .routing import route
+
+            ctx = route(model, names, backend=engine.backend, lengths=[1] * p)
+            g.router = ctx.__enter__()
+        try:
+            if g.router is not None:
+                g.router.freeze(dev)
+            # one ordinary eager step first: it learns (heads, scaling) from the model's attention
+            warm = engine._flashinfer.step(segments, tables, bs)
+            forward(warm)
+            g.planned = warm.planned
+            graph_step = attention.step(segments, tables, bs)
+            graph_step.plan(pool, *g.planned)
+            g.replay = self.capture(lambda: forward(graph_step), dev)
+        except BaseException:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            raise
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        self.stats["captures"] += 1
+        return g
