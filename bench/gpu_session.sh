@@ -18,13 +18,13 @@
 #   3. pytest -m gpu on the GPU test files only (collecting every CPU test
 #      module on a bare machine risks a collection error; test_flashinfer_path.py's
 #      one GPU test skips without flashinfer)                                 -> gpu_tests.log
-#   4. the engine's FlashInfer attention path and its decode steps from CUDA graphs (both written
-#      without a GPU, never run on one before): greedy tokens flashinfer+graphs / flashinfer /
-#      sdpa on a small random llama with 4 routed LoRA adapters and the decode step time of each,
-#      when `flashinfer` imports here (else "flashinfer not installed: skipped"). The device
-#      image has no flashinfer and reaches no registry: wheels put in .whl/ here (see the device
-#      notes; `flashinfer-python` and what it requires) are installed into /tmp/site first
-#                                                                             -> session.log
+#   4. the engine's decode paths (written without a GPU, never run on one before): SDPA and
+#      FlashInfer attention, eager and with decode steps replayed from CUDA graphs, on a small
+#      random llama with 4 routed LoRA adapters: greedy tokens of each graph engine vs its eager
+#      twin and the decode step time of each. FlashInfer only when `flashinfer` imports here: the
+#      device image has none and reaches no registry; wheels put in .whl/ (see the device notes;
+#      flashinfer-python 0.7.4 alone is 101 MB, over one call's 64 MiB, with a dozen requirements)
+#      are installed into /tmp/site before step 3                            -> session.log
 #   5. the quick kernel table                                                 -> kernels.json
 #   6. the quick serving tables (engine; CUDA C++ multi-adapter op)           -> serving*.json
 #
@@ -87,13 +87,8 @@ step 150 "pytest -m gpu" "$OUT/gpu_tests.log" python -m pytest -m gpu -q -rfEs -
   tests/csrc/test_cuda_ops_gpu.py tests/serving/test_gpu.py tests/serving/test_flashinfer_path.py
 [ -f "$OUT/gpu_tests.log" ] && tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/session.log"
 
-# 4. FlashInfer vs SDPA in the engine (the device reaches no registry: flashinfer must already be
-#    installed there; the first run may JIT-compile its kernels, hence the limit)
-if python -c "import flashinfer" >/dev/null 2>&1; then
-  step 150 "flashinfer check" "$OUT/session.log" python bench/flashinfer_check.py
-else
-  log "flashinfer not installed: skipped"
-fi
+# 4. the engine's decode paths: SDPA and (when it imports) FlashInfer, eager and from CUDA graphs
+step 150 "decode check" "$OUT/session.log" python bench/decode_check.py
 
 # 5-6. quick tables
 step 75 "kernels --quick" "$OUT/session.log" python bench/kernel_ops.py --quick --json "$OUT/kernels.json"

@@ -9,41 +9,53 @@ re-running only the recorded ops on whatever the fixed buffers hold then. Whethe
 succeeds and replays correctly on CUDA is owed to a GPU session (``bench/gpu_session.sh``).
 
 What runs from a graph: a step in which every scheduled request decodes one token (no prefill
-chunk), with FlashInfer attention (``flashinfer_attention.py``: its ``use_cuda_graph`` mode reads
-the page tables from buffers fixed for the wrapper's life; the SDPA path loops over requests of
-different lengths in Python, which no graph can hold) and B requests, B at most the largest
-capture size. The step runs the graph captured for P, the smallest capture size >= B (default
-1, 2, 4, 8, then multiples of 8 up to ``max_num_seqs``, as vLLM pads), its rows B..P-1 padding:
+chunk) of B requests, B at most the largest capture size. The step runs the graph captured for P,
+the smallest capture size >= B (default 1, 2, 4, 8, then multiples of 8 up to ``max_num_seqs``, as
+vLLM pads), its rows B..P-1 padding. Attention inside the graph:
+
+- **FlashInfer** (``flashinfer_attention.py``, when the engine uses it): its ``use_cuda_graph`` mode
+  reads the page tables from buffers fixed for the wrapper's life (one wrapper per P, sharing the
+  engine's float workspace); ``plan`` fills them on the host before each replay. One graph per P.
+- **SDPA** otherwise (no ``flashinfer`` on the machine, which is the GPU sessions' image, or an fp32
+  model): the per-request loop of ``paged_attention`` cannot be captured (its shapes are each
+  request's length), so the graph holds its padded decode batch instead (``DecodeBatch``: every
+  row's own positions gathered from its own blocks into a fixed (P, W) slot buffer, a fixed key
+  mask, one SDPA with ``enable_gqa``). W is the longest context in the step rounded up to a power of
+  two (at least 16, at most ``max_model_len``), so a graph is captured per (P, W) actually met; the
+  gather reads P x W positions per layer (padding at most 2x the step's longest context, and only
+  ever a row's own blocks).
+
+The rest of the step, either way:
 
 - **Fixed buffers, refilled in place before each replay:** the step's token ids, positions and new
-  KV slots (one pinned host tensor, one asynchronous copy); FlashInfer's page tables (its ``plan``,
-  on the host, before the replay); each rank bucket's routing plan (``Router.refill``: every
+  KV slots (one pinned host tensor, one asynchronous copy); the attention's tables (above); each
+  rank bucket's routing plan (``Router.refill``: every
   request's adapter slot, ``build_plan(..., out=plan)``, device ops outside the graph). The logits
   are the graph's own output tensor, (P, vocab); the step hands rows 0..B-1 to sampling.
 - **Padding rows** decode token 0 at position 0 with no adapter; their keys/values go to a block
   reserved for them (``BlockPool(reserved=1)``: never handed to a request, so no request's context
-  is ever written or read by them), one page of length 1 each in FlashInfer's tables.
+  is ever written or read by them): context 1, that block.
 - **Routing in graph mode** (``Router.freeze``): every layer call runs every rank bucket of the
   store, so a graph captured for one adapter mix replays any other mix of the same store layout;
   base rows (slot -1) cost the kernels nothing.
-- **Captured lazily**, the first time a size is needed: one eager step with the engine's ordinary
-  FlashInfer step (it learns the heads and softmax scale the model's attention passes, and warms
-  every lazy initialisation: Triton compiles, cuBLAS handles, the CUDA kernel's metadata), then the
-  capture (``torch.cuda.graph``, after a warm-up of the graph-mode step on a side stream, as
-  PyTorch's documentation asks), then the replay that computes the step. Each graph keeps a private
-  memory pool.
+- **Captured lazily**, the first time a size is needed: one eager step (with FlashInfer, the
+  engine's ordinary step, which learns the heads and softmax scale the model's attention passes;
+  either way it warms every lazy initialisation: Triton compiles, cuBLAS handles, the CUDA kernel's
+  metadata), then the capture (``torch.cuda.graph``, after a warm-up of the graph-mode step on a
+  side stream, as PyTorch's documentation asks), then the replay that computes the step. All graphs
+  share one memory pool (they never run at once, and each one's output tensor stays referenced, so
+  no later capture reuses it).
 - **Recaptured when what a graph holds changes:** the adapter store's layout (a bucket added or
   removed, a table grown or rebuilt, the wrapped modules changed) or the LM head object. Loading an
   adapter into a free slot of an existing bucket, or swapping one into an LRU slot, writes the same
   tensors in place and keeps the graphs. A step whose page list outgrows a graph's page buffer
   recaptures that size with room for twice as many pages.
 
-Every other step (prefill chunks, mixed steps, more requests than the largest size, SDPA
-attention) runs eagerly as before. ``Engine(cuda_graphs=...)``: "auto" (default) uses graphs where
-they apply and says once, with a RuntimeWarning, why they do not when the model is on CUDA but the
-engine runs without them (SDPA attention: no ``flashinfer``, or an fp32 model; the torch backend of
-the multi-adapter op, which reads plans on the host); True asks for them and is a ValueError where
-they cannot run; False (``serve --enforce-eager``) never captures.
+Every other step (prefill chunks, mixed steps, more requests than the largest size) runs eagerly
+as before. ``Engine(cuda_graphs=...)``: "auto" (default) uses graphs on CUDA and says once, with a
+RuntimeWarning, why not when it cannot (the multi-adapter op's torch backend reads plans on the
+host); True asks for them and is a ValueError where they cannot run (the CPU); False
+(``serve --enforce-eager``) never captures.
 """
 from __future__ import annotations
 
@@ -55,7 +67,7 @@ import torch
 
 from .flashinfer_attention import FlashInferAttention
 from .hf_compat import paged_forward
-from .paged_attention import Segment, StepTables
+from .paged_attention import DecodeBatch, Segment, StepTables, padded_slots
 
 __all__ = ["capture_sizes", "cuda_capture", "DecodeGraphs", "graphs_unavailable"]
 
@@ -83,10 +95,6 @@ def graphs_unavailable(device, attention_backend: str, adapter_backend: str) -> 
     """Why the engine cannot run decode steps from CUDA graphs here (None: it can)."""
     if torch.device(device).type != "cuda":
         return f"CUDA graphs need the model on CUDA; it is on {device}"
-    if attention_backend != "flashinfer":
-        return ("decode steps are captured with FlashInfer's paged attention only (the SDPA path runs one "
-                "attention per request, of per-request length, which a graph cannot hold); install "
-                "flashinfer-python and serve in bfloat16/float16")
     if adapter_backend == "torch":
         return ("the multi-adapter op's torch backend reads its plans on the host, which a graph cannot "
                 "capture; use the triton or cuda backend (or auto)")
@@ -99,16 +107,23 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+_POOLS: dict = {}  # device -> the memory pool every decode graph on it shares
+
+
 def cuda_capture(fn: Callable[[], torch.Tensor], device) -> Callable[[], torch.Tensor]:
     """Capture ``fn`` into a CUDA graph (after one warm-up run on a side stream); returns the replay,
     which returns the graph's output tensor (the same tensor every time)."""
+    device = torch.device(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream(device).wait_stream(stream)
+    pool = _POOLS.get(device)
+    if pool is None:
+        pool = _POOLS[device] = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay() -> torch.Tensor:
@@ -122,9 +137,11 @@ def cuda_capture(fn: Callable[[], torch.Tensor], device) -> Callable[[], torch.T
 @dataclass
 class _Graph:
     size: int  # P, the padded batch
+    width: int  # W, the SDPA decode batch's positions per row (0: FlashInfer)
     key: tuple  # what the capture holds (DecodeGraphs._key)
     flat: torch.Tensor  # (3P,) long on the device: token ids, positions, new KV slots
-    attention: FlashInferAttention  # the graph-mode wrapper and its page-table buffers
+    attention: FlashInferAttention | None  # FlashInfer: the graph-mode wrapper and its page-table buffers
+    decode: DecodeBatch | None  # SDPA: the fixed (P, W) slots and key mask
     router: object | None  # the frozen Router, or None for an unpatched model
     replay: Callable[[], torch.Tensor] | None = None
     planned: tuple | None = None  # (heads, scaling) the attention is planned with
@@ -161,7 +178,7 @@ class DecodeGraphs:
         from ..patching import _state
 
         engine = self.engine
-        head = engine._lm_head
+        head = engine.head()
         state = _state(engine.model)
         if state is None:
             return (None, id(head))
@@ -196,37 +213,58 @@ class DecodeGraphs:
             slots.append(self.scratch * bs)
             segments.append(Segment(i, 1, 1, None, -1))
             tables.append(pad)
-        pages = sum(-(-s.kv_len // bs) for s in segments)
+        flashinfer = engine._flashinfer is not None
+        pages = sum(-(-s.kv_len // bs) for s in segments) if flashinfer else 0
+        width = 0 if flashinfer else self.width_for(max(s.kv_len for s in segments))
         names = list(names) + [None] * (p - b)
         host = torch.tensor(ids + pos + slots, dtype=torch.long)
         if engine.device.type == "cuda":
             host = host.pin_memory()
         key = self._key()
-        g = self.graphs.get(p)
-        if g is not None and (g.key != key or pages > g.attention.max_pages):
+        g = self.graphs.get((p, width))
+        if g is not None and (g.key != key or (flashinfer and pages > g.attention.max_pages)):
             self.stats["recaptures"] += 1
             if g.key != key:  # the store's layout changed: every graph holds the old one
                 self.graphs.clear()
             else:
-                del self.graphs[p]
+                del self.graphs[(p, width)]
             g = None
         if g is None:
-            room = max(2 * pages, p * (-(-engine.max_model_len // bs) + 1))  # every row at full length, or twice the need
-            g = self._capture(p, key, host, segments, tables, names, room)
-            self.graphs[p] = g
+            room = max(2 * pages, p * (-(-engine.max_model_len // bs) + 1))  # every row at full length, or 2x the need
+            g = self._capture(p, width, key, host, segments, tables, names, room)
+            self.graphs[(p, width)] = g
         else:
             g.flat.copy_(host, non_blocking=True)
-            g.attention.step(segments, tables, bs).plan(pool, *g.planned)
+            if flashinfer:
+                g.attention.step(segments, tables, bs).plan(pool, *g.planned)
+            else:
+                self._fill_decode(g.decode, segments, tables)
             if g.router is not None:
                 g.router.refill(names)
         logits = g.replay()
         g.replays += 1
         self.stats["replays"] += 1
         self.stats["padding_rows"] += p - b
-        engine.stats["attention_score_elements"] += pool.num_layers * g.planned[0] * sum(s.kv_len for s in segments)
+        heads = engine.model.config.num_attention_heads
+        per_row = [s.kv_len for s in segments] if flashinfer else [width] * p
+        engine.stats["attention_score_elements"] += pool.num_layers * heads * sum(per_row)
         return logits[:b]
 
-    def _capture(self, p: int, key: tuple, host: torch.Tensor, segments, tables, names, max_pages: int) -> _Graph:
+    def width_for(self, longest: int) -> int:
+        """W of the SDPA decode batch for a step whose longest context is ``longest`` positions."""
+        w = max(16, 1 << (longest - 1).bit_length())
+        return max(longest, min(w, self.engine.max_model_len))
+
+    def _fill_decode(self, decode: DecodeBatch, segments, tables) -> None:
+        """Refill a graph's decode batch in place for this step's rows."""
+        slots, mask = padded_slots([s.kv_len for s in segments], tables, self.engine.pool.block_size, decode.width)
+        if self.engine.device.type == "cuda":
+            slots, mask = slots.pin_memory(), mask.pin_memory()
+        decode.slots.copy_(slots, non_blocking=True)
+        decode.mask.copy_(mask, non_blocking=True)
+
+    def _capture(self, p: int, width: int, key: tuple, host: torch.Tensor, segments, tables, names,
+                 max_pages: int) -> _Graph:
         from ..patching import _state
 
         engine, pool, model = self.engine, self.engine.pool, self.engine.model
@@ -235,18 +273,26 @@ class DecodeGraphs:
         flat.copy_(host)
         input_ids, position_ids, new_slots = flat[:p].view(1, p), flat[p:2 * p].view(1, p), flat[2 * p:]
         last = torch.arange(p, device=dev)
-        attention = FlashInferAttention(dev, graph_rows=p, max_pages=max_pages, workspace=engine._flashinfer.workspace)
-        g = _Graph(p, key, flat, attention, None)
+        g = _Graph(p, width, key, flat, None, None, None)
+        if width:  # SDPA: every row in one padded decode batch of fixed buffers
+            g.decode = DecodeBatch(torch.arange(p, device=dev), torch.empty(p * width, dtype=torch.long, device=dev),
+                                   torch.empty(p, 1, 1, width, dtype=torch.bool, device=dev), width)
+            self._fill_decode(g.decode, segments, tables)
+            for seg in segments:
+                seg.batched = True
+        else:
+            g.attention = FlashInferAttention(dev, graph_rows=p, max_pages=max_pages,
+                                              workspace=engine._flashinfer.workspace)
         head = engine._lm_head
 
-        def forward(step) -> torch.Tensor:
-            tabs = StepTables(new_slots, segments)
-            tabs.extra["flashinfer"] = step
+        def forward(step=None) -> torch.Tensor:
+            tabs = StepTables(new_slots, segments, decode=g.decode)
+            if step is not None:
+                tabs.extra["flashinfer"] = step
             return paged_forward(model, input_ids, position_ids, pool, tabs, last, head)
 
-        routed = _state(model) is not None
         ctx = None
-        if routed:
+        if _state(model) is not None:
             from .routing import route
 
             ctx = route(model, names, backend=engine.backend, lengths=[1] * p)
@@ -254,13 +300,17 @@ class DecodeGraphs:
         try:
             if g.router is not None:
                 g.router.freeze(dev)
-            # one ordinary eager step first: it learns (heads, scaling) from the model's attention
-            warm = engine._flashinfer.step(segments, tables, bs)
-            forward(warm)
-            g.planned = warm.planned
-            graph_step = attention.step(segments, tables, bs)
-            graph_step.plan(pool, *g.planned)
-            g.replay = self.capture(lambda: forward(graph_step), dev)
+            if width:
+                forward()  # one eager step: lazy initialisations happen outside the capture
+                g.replay = self.capture(lambda: forward(), dev)
+            else:
+                # one ordinary eager step first: it learns (heads, scaling) from the model's attention
+                warm = engine._flashinfer.step(segments, tables, bs)
+                forward(warm)
+                g.planned = warm.planned
+                graph_step = g.attention.step(segments, tables, bs)
+                graph_step.plan(pool, *g.planned)
+                g.replay = self.capture(lambda: forward(graph_step), dev)
         except BaseException:
             if ctx is not None:
                 ctx.__exit__(None, None, None)

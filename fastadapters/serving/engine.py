@@ -17,7 +17,9 @@ straight into the block pool (``kv_blocks.py``) and attention reads each request
 (``paged_attention.py``): a request's context is never copied next to another's, nor masked
 against it. Then one batched sampling call (``sampling.sample_rows``) gives a token to every
 request whose prompt is fully computed, and the text is detokenised incrementally
-(``detokenizer.py``). Prefill chunks and decode tokens of different requests share the forward.
+(``detokenizer.py``). Prefill chunks and decode tokens of different requests share the forward. On
+CUDA a step of decode tokens only replays a CUDA graph captured for its padded batch size
+(``cuda_graphs.py``; ``cuda_graphs=False`` keeps every step eager).
 Because each token attends only to its own request's keys/values with its own positions, a
 request's greedy output does not depend on what else is batched (up to float rounding: near-ties
 of the top two logits), and one request's non-finite numbers cannot reach another's: a request
@@ -827,6 +829,14 @@ class Engine:
                     self.stats["request_errors"] += 1
                     self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
+    def head(self):
+        """The LM head callable, re-derived when the model's output layer changed (e.g. an adapter
+        wrapped it)."""
+        head = self._lm_head
+        if getattr(head, "layer", head) is not self.model.get_output_embeddings():
+            head = self._lm_head = lm_head(self.model, self.device)
+        return head
+
     def _forward(self, batch) -> torch.Tensor:
         reqs, news = batch.requests, batch.num_new
         graphs = self._graphs
@@ -837,7 +847,7 @@ class Engine:
                 if self._graphs_required:
                     raise
                 self._graphs = None  # a capture that fails here would fail again: eager from now on, said once
-                graphs_warn_once("failed", f"fastadapters serving: capturing a decode step in a CUDA graph failed "
+                graphs_warn_once("failed", f"fastadapters serving: a decode step from a CUDA graph failed "
                                            f"({type(e).__name__}: {e}); the engine runs every step eagerly from now "
                                            "on (pass cuda_graphs=False / serve --enforce-eager to skip the attempt)")
             else:
@@ -882,10 +892,7 @@ class Engine:
             tables.extra["flashinfer"] = fi.step(segments, [r.block_table for r in reqs], bs)
         elif self.decode_batch_max_len and len(reqs) > 1:
             tables.decode = decode_batch(segments, [r.block_table for r in reqs], bs, dev, self.decode_batch_max_len)
-        head = self._lm_head
-        if getattr(head, "layer", head) is not self.model.get_output_embeddings():  # the output layer changed
-            head = self._lm_head = lm_head(self.model, self.device)  # (e.g. an adapter wrapped it): re-derive
-        args = (self.model, input_ids, position_ids, self.pool, tables, last_index, head)
+        args = (self.model, input_ids, position_ids, self.pool, tables, last_index, self.head())
         from ..patching import _state
 
         state = _state(self.model)

@@ -106,24 +106,31 @@ def decode_batch(segments: list[Segment], tables: list[torch.Tensor], block_size
     picked = [(s, t) for s, t in zip(segments, tables) if s.n == 1 and s.kv_len <= max_len]
     if len(picked) < 2:
         return None
-    width = max(s.kv_len for s, _ in picked)
+    lens = [s.kv_len for s, _ in picked]
+    width = max(lens)
+    slots, mask = padded_slots(lens, [t for _, t in picked], block_size, width)
+    for s, _ in picked:
+        s.batched = True
+    rows = torch.tensor([s.start for s, _ in picked])
+    return DecodeBatch(rows.to(device), slots.to(device), None if min(lens) == width else mask.to(device), width)
+
+
+def padded_slots(lens: list[int], tables: list[torch.Tensor], block_size: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host tensors for rows of ``lens[i]`` positions attended as one padded batch of ``width``
+    (>= every length): ``slots`` (rows * width,) the flat pool slot of row i's position j (its own
+    blocks, from ``tables[i]``) and ``mask`` (rows, 1, 1, width) bool, True where j < lens[i]."""
     nb = -(-width // block_size)
-    table = torch.zeros(len(picked), nb, dtype=torch.long)
-    lens = []
-    for i, (s, t) in enumerate(picked):
-        own = -(-s.kv_len // block_size)
+    table = torch.empty(len(lens), nb, dtype=torch.long)
+    for i, (n, t) in enumerate(zip(lens, tables)):
+        own = -(-n // block_size)
         table[i, :own] = t[:own]
-        # padding positions read the row's own first block, masked out below: never another request's
+        # padding positions read the row's own first block, masked out: never another request's
         # blocks, whose values (NaN from a poisoned adapter) would survive the mask as 0 * NaN
         table[i, own:] = t[0]
-        s.batched = True
-        lens.append(s.kv_len)
-    slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(picked), -1)[:, :width]
-    lens_t = torch.tensor(lens)
-    mask = None if min(lens) == width else (torch.arange(width)[None, :] < lens_t[:, None])[:, None, None, :]
-    rows = torch.tensor([s.start for s, _ in picked])
-    return DecodeBatch(rows.to(device), slots.reshape(-1).to(device), None if mask is None else mask.to(device),
-                       width)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(lens), -1)[:, :width]
+    mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+    return slots.reshape(-1), mask
 
 
 def chunk_mask(past: int, n: int, device) -> torch.Tensor:

@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp"),
                    help="multi-adapter kernels")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="never run decode steps from CUDA graphs (default on CUDA: captured per padded batch size "
-                        "where FlashInfer attention runs them; never tried on a GPU yet)")
+                   help="never run decode steps from CUDA graphs (default on CUDA: decode steps replay graphs "
+                        "captured per padded batch size; not yet run on a GPU)")
     p.add_argument("--cuda-graph-sizes", type=_positive, nargs="+", default=None, metavar="N",
                    help="padded batch sizes to capture decode graphs for (default: 1 2 4 8 and multiples of 8 up to "
                         "--max-num-seqs)")

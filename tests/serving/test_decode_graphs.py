@@ -7,12 +7,16 @@ is frozen, a host read of a tensor value (``.item()``, a data-dependent shape) f
 and each replay computes from whatever the fixed buffers hold then. FlashInfer is the fake of the
 FlashInfer tests, extended with ``use_cuda_graph=True`` (page tables in buffers fixed at
 construction, ``plan`` copying into them) and a ``run`` that is one custom op reading those buffers,
-as the real kernel reads them on the device. What this pins: greedy tokens equal the eager SDPA
-engine's for a mixed-adapter stream whose batch shrinks through several capture sizes (padding rows,
-new mixes replayed without a capture); a replay runs no Python of the model (no attention call is
-made, only ``plan``); a store-layout change recaptures; a failed capture warns once and the engine
-goes on eagerly (or raises when graphs were required); the options' errors. Whether CUDA itself
-captures and replays the step is the GPU session's to check (``tests/serving/test_gpu.py``)."""
+as the real kernel reads them on the device. Both attention paths of a graph are covered: that
+FlashInfer, and SDPA over the padded decode batch. What this pins: greedy tokens equal the eager
+SDPA engine's for a mixed-adapter stream whose batch shrinks through several capture sizes (and,
+with SDPA, contexts through several widths), with padding rows; new mixes replayed without a
+capture; a replay runs no Python of the model (no attention call is made; FlashInfer is only
+planned); NaN in every KV block but the healthy requests' own (the poisoned request's, free
+blocks, the padding rows' reserved block) leaves their tokens as alone; a store-layout change
+recaptures; a failed capture warns once and the engine goes on eagerly (or raises when graphs were
+required); the options' errors. Whether CUDA itself captures and replays the step is the GPU
+session's to check (``tests/serving/test_gpu.py``, ``bench/decode_check.py``)."""
 from __future__ import annotations
 
 import math
@@ -152,13 +156,15 @@ def _run(engine, ps, params, adapters, events=None):
     return [r.output_ids for r in reqs], replay_events
 
 
-def test_greedy_tokens_equal_eager_through_several_capture_sizes(fake_flashinfer, zoo, cpp, one_thread):
+@pytest.mark.parametrize("attention", ["flashinfer", "sdpa"])
+def test_greedy_tokens_equal_eager_through_several_capture_sizes(fake_flashinfer, zoo, cpp, one_thread, attention):
     paths = {k: zoo[k] for k in ("lora_r4", "lora_r64", "houlsby", "pfeiffer", "parallel", "prefix")}
     ps = prompts([5, 9, 3, 12, 7, 2, 6], seed=11)
     adapters = {0: "lora_r4", 1: "lora_r64", 2: "houlsby", 3: "parallel", 4: "prefix", 5: "pfeiffer"}
-    # different lengths: the decode batch shrinks 7 -> 1, through capture sizes 8, 4, 2, 1
-    params = [SamplingParams(max_tokens=n, temperature=0) for n in (3, 5, 7, 9, 11, 13, 15)]
-    graphs = _engine(paths, backend="cpp", attention_backend="flashinfer", _graph_capture=fx_capture)
+    # different lengths: the decode batch shrinks 7 -> 1, through capture sizes 8, 4, 2, 1 (and, with
+    # SDPA, contexts grow past 16 and 32 positions: decode-batch widths 16, 32, 64)
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (3, 5, 7, 9, 11, 13, 40)]
+    graphs = _engine(paths, backend="cpp", attention_backend=attention, _graph_capture=fx_capture)
     assert graphs._graphs is not None and graphs._graphs.sizes == (1, 2, 4, 8)
     got, replays = _run(graphs, ps, params, adapters, fake_flashinfer.events)
     eager = _engine(paths, attention_backend="sdpa", cuda_graphs=False)
@@ -166,28 +172,64 @@ def test_greedy_tokens_equal_eager_through_several_capture_sizes(fake_flashinfer
     want, _ = _run(eager, ps, params, adapters)
     assert got == want
     st = graphs._graphs.stats
-    assert set(graphs._graphs.graphs) == {1, 2, 4, 8} and st["captures"] == 4 and st["recaptures"] == 0
+    keys = set(graphs._graphs.graphs)
+    assert {p for p, _ in keys} == {1, 2, 4, 8} and st["captures"] == len(keys) and st["recaptures"] == 0
+    if attention == "flashinfer":
+        assert {w for _, w in keys} == {0}
+        # a replay runs none of the model's Python: FlashInfer is planned, no attention call is made
+        assert replays and all(ev == ["plan"] for ev in replays), replays
+    else:
+        assert {w for _, w in keys} == {16, 32, 64}, keys
+        assert replays and all(ev == [] for ev in replays), replays
     assert st["replays"] == graphs.stats["graph_steps"] > st["captures"]
     assert st["padding_rows"] > 0
-    # a replay runs none of the model's Python: FlashInfer is planned, no attention call is made
-    assert replays and all(ev == ["plan"] for ev in replays), replays
     assert_no_leaks(graphs)
     assert graphs.pool.reserved_blocks == [graphs.pool.num_blocks]
 
 
-def test_a_new_mix_replays_the_captured_graph(fake_flashinfer, zoo, cpp, one_thread):
+@pytest.mark.parametrize("attention", ["flashinfer", "sdpa"])
+def test_a_new_mix_replays_the_captured_graph(fake_flashinfer, zoo, cpp, one_thread, attention):
     """The same padded size, other adapters: the routing plans are refilled in place, no capture."""
     paths = {k: zoo[k] for k in ("lora_r4", "lora_r64", "houlsby")}
     sp = [SamplingParams(max_tokens=4, temperature=0)] * 2
-    eng = _engine(paths, backend="cpp", attention_backend="flashinfer", _graph_capture=fx_capture)
+    eng = _engine(paths, backend="cpp", attention_backend=attention, _graph_capture=fx_capture)
     ref = _engine(paths, attention_backend="sdpa", cuda_graphs=False)
     for mix in ({0: "lora_r4", 1: "houlsby"}, {0: "lora_r64"}, {1: "lora_r4", 0: "houlsby"}, {}):
         ps = prompts([4, 6], seed=len(mix))
         got, _ = _run(eng, ps, sp, mix)
         want, _ = _run(ref, ps, sp, mix)
         assert got == want, mix
-    assert eng._graphs.stats["captures"] == 1 and set(eng._graphs.graphs) == {2}
-    assert eng._graphs.graphs[2].router.refills >= 4
+    assert eng._graphs.stats["captures"] == 1 and len(eng._graphs.graphs) == 1
+    (g,) = eng._graphs.graphs.values()
+    assert g.size == 2 and g.router.refills >= 4
+
+
+def test_sdpa_graph_padding_reads_only_each_rows_own_blocks(cpp, one_thread):
+    """Mid-stream, NaN fills every KV block but the two healthy requests' own ones: the request
+    whose blocks were poisoned, every free block and the padding rows' reserved block. The healthy
+    requests of the same replayed decode batch keep the tokens they get alone (a row's padding
+    positions read its own first block, masked; padding rows read only the reserved block); the
+    poisoned one ends with an error."""
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    ps = prompts([3, 11, 6], seed=9)
+    alone = [_run(_engine(None, attention_backend="sdpa", cuda_graphs=False), [ps[i]], [sp], {})[0][0]
+             for i in (0, 2)]
+    eng = _engine(None, backend="cpp", attention_backend="sdpa", _graph_capture=fx_capture)
+    reqs = [eng.submit(p, sp) for p in ps]
+    while eng.stats["graph_steps"] < 2:
+        assert eng.step()
+    pool = eng.pool
+    keep = set(reqs[0].blocks) | set(reqs[2].blocks)
+    with torch.no_grad():
+        for layer in range(pool.num_layers):
+            for b in range(pool.num_blocks + len(pool.reserved_blocks)):
+                if b not in keep:
+                    pool.keys[layer][b].fill_(float("nan"))
+                    pool.values[layer][b].fill_(float("nan"))
+    eng.run_until_done()
+    assert [reqs[0].output_ids, reqs[2].output_ids] == alone
+    assert reqs[1].finish_reason == "error"
+    assert eng._graphs.stats["padding_rows"] > 0 and eng.stats["graph_steps"] > 2
 
 
 def test_store_layout_change_recaptures(fake_flashinfer, zoo, cpp, one_thread):
@@ -214,7 +256,7 @@ def test_a_failed_capture_warns_once_and_the_engine_goes_on_eagerly(fake_flashin
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         got, _ = _run(eng, ps, sp, {})
-    msgs = [str(x.message) for x in w if "CUDA graph failed" in str(x.message)]
+    msgs = [str(x.message) for x in w if "from a CUDA graph failed" in str(x.message)]
     assert len(msgs) == 1 and "operation not permitted" in msgs[0] and "--enforce-eager" in msgs[0]
     assert eng._graphs is None and eng.stats["graph_steps"] == 0
     ref = _engine(None, attention_backend="sdpa", cuda_graphs=False)
@@ -240,8 +282,9 @@ def test_options_and_where_graphs_cannot_run(fake_flashinfer):
     for bad in ([], [0], [17], "8", [2.0]):
         with pytest.raises(ValueError, match="cuda_graph_sizes"):
             cg.capture_sizes(16, bad)
-    assert "FlashInfer" in cg.graphs_unavailable("cuda", "sdpa", "triton")
+    assert cg.graphs_unavailable("cuda", "sdpa", "triton") is None
     assert "torch backend" in cg.graphs_unavailable("cuda", "flashinfer", "torch")
+    assert "on CUDA" in cg.graphs_unavailable("cpu", "sdpa", "cpp")
     assert cg.graphs_unavailable("cuda", "flashinfer", "triton") is None
 
 

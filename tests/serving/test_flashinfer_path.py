@@ -14,7 +14,7 @@ page tables for a small case, by hand; one layer's output equals the SDPA path's
 rules (warn once on CUDA without flashinfer, ValueError for bad or impossible choices, a loud
 RuntimeError naming an unsupported version). Whether FlashInfer itself behaves as documented on a
 GPU is what the one ``gpu``-marked test here (real ``flashinfer``, one layer vs the SDPA path) and
-``bench/flashinfer_check.py`` check; ``bench/gpu_session.sh`` runs both when a GPU session has
+``bench/decode_check.py`` check; ``bench/gpu_session.sh`` runs both when a GPU session has
 ``flashinfer``. Neither has run yet.
 """
 from __future__ import annotations

@@ -97,11 +97,14 @@ def test_routed_model_bf16_triton():
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer-python")
-def test_engine_decode_steps_from_cuda_graphs_equal_eager(tmp_path):
-    """Issue 19 item 7 on a real GPU: decode steps replayed from CUDA graphs (FlashInfer attention,
-    Triton/CUDA multi-adapter kernels, a shrinking batch through several padded sizes, four adapter
-    types mixed) give the eager FlashInfer engine's greedy tokens."""
+@pytest.mark.parametrize("attention,dtype", [
+    ("sdpa", torch.float32),
+    pytest.param("flashinfer", torch.bfloat16, marks=pytest.mark.skipif(
+        importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer-python"))])
+def test_engine_decode_steps_from_cuda_graphs_equal_eager(tmp_path, attention, dtype):
+    """Issue 19 item 7 on a real GPU: decode steps replayed from CUDA graphs (SDPA's padded decode
+    batch or FlashInfer attention, Triton/CUDA multi-adapter kernels, a shrinking batch through
+    several padded sizes, four adapter types mixed) give the eager engine's greedy tokens."""
     import fastadapters as fa
     from fastadapters.serving.engine import Engine
     from fastadapters.serving.sampling import SamplingParams
@@ -115,11 +118,11 @@ def test_engine_decode_steps_from_cuda_graphs_equal_eager(tmp_path):
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12, 8)]
 
     def run(graphs):
-        eng = Engine(tiny_llama(hidden=256).to("cuda", torch.bfloat16), attention_backend="flashinfer",
+        eng = Engine(tiny_llama(hidden=256).to("cuda", dtype), attention_backend=attention,
                      cuda_graphs=graphs, max_num_seqs=8, block_size=16)
         for n, p in paths.items():
             eng.load_adapter(n, p, confined=False)
-        reqs = [eng.submit(p, SamplingParams(max_tokens=4 + 2 * i, temperature=0),
+        reqs = [eng.submit(p, SamplingParams(max_tokens=4 + 6 * i, temperature=0),
                            adapter=(names + [None])[i % 5]) for i, p in enumerate(prompts)]
         eng.run_until_done()
         return [r.output_ids for r in reqs], eng

@@ -1,23 +1,20 @@
-"""The engine's FlashInfer attention path (eager and from CUDA graphs) vs its SDPA path on CUDA.
+"""The engine's decode paths on CUDA: SDPA and FlashInfer attention, eager and from CUDA graphs.
 
-    python bench/flashinfer_check.py [--dtype float16] [--batch 8] [--prompt-len 64] [--new 16] [--adapters 4]
+    python bench/decode_check.py [--dtype float16] [--batch 8] [--prompt-len 64] [--new 16] [--adapters 4]
 
-The FlashInfer path (``fastadapters/serving/flashinfer_attention.py``) was written on a machine
-without a GPU; this is its first check on one (``bench/gpu_session.sh`` runs it when ``flashinfer``
-imports on the device). A small random llama (head_dim 64, which FlashInfer's kernels take; 4
-layers, 8 query / 2 KV heads, GQA as the models served), ``--batch`` prompts of random ids, greedy,
-``--new`` tokens each, run by ``Engine(attention_backend="flashinfer")`` and by
-``Engine(attention_backend="sdpa")`` on the same model. It prints how many requests' tokens are
-equal (fp16 rounding may flip a near-tie late in a sequence: the first differing position is
-printed), and the median time of a decode step (every request decoding one token; synchronised)
-for both, after one warm-up run each (FlashInfer may JIT-compile its kernels on first use).
-Three engines run: FlashInfer with decode steps replayed from CUDA graphs (``cuda_graphs=True``,
-``cuda_graphs.py``, also never run on a GPU before), FlashInfer eager, SDPA eager; the graph engine's
-tokens are compared with both, and its decode steps are timed beside theirs. ``--adapters N`` (default
-4) patches N LoRA adapters (rank 16 on q/v, random weights) and routes the requests over them round
-robin, so the captured graph holds the multi-adapter kernels too (0: the bare model).
-Exit status 0 when all tokens are equal, 1 when some differ, 0 with "flashinfer not installed:
-skipped" when it does not import (or there is no GPU).
+Both the FlashInfer path (``fastadapters/serving/flashinfer_attention.py``) and the decode steps
+replayed from CUDA graphs (``cuda_graphs.py``) were written on a machine without a GPU; this is
+their first check on one (``bench/gpu_session.sh`` step 4). A small random llama (head_dim 64, which
+FlashInfer's kernels take; 4 layers, 8 query / 2 KV heads, GQA as the models served), ``--batch``
+prompts of random ids, greedy, ``--new`` tokens each, ``--adapters N`` LoRA adapters (default 4;
+rank 16 on q/v, random weights) routed round robin so the captured graphs hold the multi-adapter
+kernels too. Engines: "sdpa" and "sdpa+graphs" always; "flashinfer" and "flashinfer+graphs" when
+``flashinfer`` imports. It prints how many requests' tokens each engine shares with eager SDPA and
+each graph engine with its eager twin (fp16 rounding may flip a near-tie late in a sequence: the
+first differing position is printed), the graphs' capture/replay counts, and the median time of a
+decode step (every request decoding one token; synchronised) after one warm-up run each
+(FlashInfer may JIT-compile its kernels on first use). Exit status 0 when every graph engine gives
+its eager twin's tokens and every engine ran, 1 otherwise, 0 with a "skipped" line without CUDA.
 """
 from __future__ import annotations
 
@@ -100,22 +97,24 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=4)
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_check: no CUDA device: skipped")
+        return 0
     try:
         import flashinfer
+        have_fi = f"flashinfer {getattr(flashinfer, '__version__', '?')}"
     except ImportError as e:
-        print(f"flashinfer not installed: skipped ({e})")
-        return 0
-    if not torch.cuda.is_available():
-        print("flashinfer_check: no CUDA device: skipped")
-        return 0
-    print(f"flashinfer {getattr(flashinfer, '__version__', '?')}, torch {torch.__version__}, "
-          f"{torch.cuda.get_device_name()}, {a.dtype}, B={a.batch}, prompt {a.prompt_len}, new {a.new}")
+        flashinfer, have_fi = None, f"flashinfer not installed ({e}): its two engines skipped"
+    print(f"{have_fi}, torch {torch.__version__}, {torch.cuda.get_device_name()}, {a.dtype}, B={a.batch}, "
+          f"prompt {a.prompt_len}, new {a.new}")
     dtype = getattr(torch, a.dtype)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)]
     adapters = _save_adapters(a.adapters, dtype, tempfile.mkdtemp(prefix="fi_check_")) if a.adapters else {}
     print(f"{len(adapters)} LoRA adapters, requests round robin")
-    runs = {"flashinfer+graphs": ("flashinfer", True), "flashinfer": ("flashinfer", False), "sdpa": ("sdpa", False)}
+    runs = {"sdpa": ("sdpa", False), "sdpa+graphs": ("sdpa", True)}
+    if flashinfer is not None:
+        runs.update({"flashinfer": ("flashinfer", False), "flashinfer+graphs": ("flashinfer", True)})
     results = {}
     for label, (backend, graphs) in runs.items():
         t0 = time.perf_counter()
@@ -125,32 +124,33 @@ def main(argv=None) -> int:
             results[label] = _run(dtype, backend, prompts, a.new, graphs, adapters)
         except Exception as e:  # report and go on: the other paths still say something
             print(f"{label}: FAILED {type(e).__name__}: {e}")
-    equal_all = True
-    ref = results.get("sdpa")
-    for label in ("flashinfer+graphs", "flashinfer"):
-        if label not in results or ref is None:
-            equal_all = False
-            continue
-        out = results[label][0]
-        equal = sum(x == y for x, y in zip(out, ref[0]))
-        equal_all &= equal == len(prompts)
-        print(f"greedy tokens equal {label} vs sdpa: {equal}/{len(prompts)} requests")
-        for i, (x, y) in enumerate(zip(out, ref[0])):
+    ok = set(results) == set(runs)
+
+    def compare(label, ref_label):
+        out, ref = results[label][0], results[ref_label][0]
+        equal = sum(x == y for x, y in zip(out, ref))
+        print(f"greedy tokens equal {label} vs {ref_label}: {equal}/{len(prompts)} requests")
+        for i, (x, y) in enumerate(zip(out, ref)):
             if x != y:
                 at = next(j for j, (u, v) in enumerate(zip(x, y)) if u != v)
-                print(f"  request {i}: first differs at token {at}: {label} {x[at:at + 4]} sdpa {y[at:at + 4]}")
-    if "flashinfer+graphs" in results and "flashinfer" in results:
-        same = sum(x == y for x, y in zip(results["flashinfer+graphs"][0], results["flashinfer"][0]))
-        print(f"greedy tokens equal flashinfer+graphs vs flashinfer eager: {same}/{len(prompts)} requests")
-        equal_all &= same == len(prompts)
-    for label, (_, dec) in results.items():
-        if dec:
-            print(f"{label}: decode step median {1e3 * statistics.median(dec):.3f} ms over {len(dec)} steps")
+                print(f"  request {i}: first differs at token {at}: {label} {x[at:at + 4]} {ref_label} {y[at:at + 4]}")
+        return equal == len(prompts)
+
+    for label in results:
+        if label != "sdpa" and "sdpa" in results:
+            compare(label, "sdpa")
+    for label in ("sdpa", "flashinfer"):
+        if label in results and label + "+graphs" in results:
+            ok &= compare(label + "+graphs", label)
     med = {k: statistics.median(v[1]) for k, v in results.items() if v[1]}
-    for a_, b_ in (("sdpa", "flashinfer"), ("flashinfer", "flashinfer+graphs")):
+    for label, m in med.items():
+        print(f"{label}: decode step median {1e3 * m:.3f} ms over {len(results[label][1])} steps")
+    for a_, b_ in (("sdpa", "sdpa+graphs"), ("flashinfer", "flashinfer+graphs"), ("sdpa", "flashinfer"),
+                   ("sdpa+graphs", "flashinfer+graphs")):
         if a_ in med and b_ in med:
             print(f"decode step {a_} / {b_}: {med[a_] / med[b_]:.2f}x")
-    return 0 if equal_all else 1
+    return 0 if ok else 1
+
 
 
 if __name__ == "__main__":
