@@ -77,11 +77,14 @@ def _run(dtype, backend, prompts, new, graphs=False, adapters=None):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         replays = engine.stats["graph_steps"]
+        captures_before = engine._graphs.stats["captures"] if engine._graphs is not None else 0
         if not engine.step():
             break
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        from_graph = engine.stats["graph_steps"] > replays  # a decode step replayed (or captured)
+        if engine._graphs is not None and engine._graphs.stats["captures"] > captures_before:
+            continue  # a capture step: not a decode step's time
+        from_graph = engine.stats["graph_steps"] > replays  # a decode step replayed from a graph
         if from_graph or (engine.last_tables is not None and all(s.n == 1 for s in engine.last_tables.segments)):
             decode.append(dt)
     if graphs:

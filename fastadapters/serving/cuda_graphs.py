@@ -22,16 +22,22 @@ vLLM pads), its rows B..P-1 padding. Attention inside the graph:
   row's own positions gathered from its own blocks into a fixed (P, W) slot buffer, a fixed key
   mask, one SDPA with ``enable_gqa``). W is the longest context in the step rounded up to a power of
   two (at least 16, at most ``max_model_len``), so a graph is captured per (P, W) actually met; the
-  gather reads P x W positions per layer (padding at most 2x the step's longest context, and only
-  ever a row's own blocks).
+  gather reads P x W positions per layer (padding at most 2x the step's longest context; a padding
+  position reads its row's own position 0, masked: never another request's blocks nor the unwritten
+  tail of its own last block). A step with P x W > ``SDPA_GRAPH_MAX_POSITIONS`` (32768) runs
+  eagerly instead: there the padded gather (memory and time) would outgrow the eager step's
+  per-request reads.
 
 The rest of the step, either way:
 
 - **Fixed buffers, refilled in place before each replay:** the step's token ids, positions and new
   KV slots (one pinned host tensor, one asynchronous copy); the attention's tables (above); each
   rank bucket's routing plan (``Router.refill``: every
-  request's adapter slot, ``build_plan(..., out=plan)``, device ops outside the graph). The logits
-  are the graph's own output tensor, (P, vocab); the step hands rows 0..B-1 to sampling.
+  request's adapter slot, ``build_plan(..., out=plan)``, device ops outside the graph; skipped for
+  a bucket whose rows kept their slots). The graph's output is the last hidden state of its P rows;
+  the LM head runs after the replay on rows 0..B-1 only (a (P, vocab) output kept per graph would be
+  the largest memory the graphs hold), except when an adapter wraps the output layer: routed per
+  row, it then runs inside the graph.
 - **Padding rows** decode token 0 at position 0 with no adapter; their keys/values go to a block
   reserved for them (``BlockPool(reserved=1)``: never handed to a request, so no request's context
   is ever written or read by them): context 1, that block.
@@ -42,11 +48,14 @@ The rest of the step, either way:
   engine's ordinary step, which learns the heads and softmax scale the model's attention passes;
   either way it warms every lazy initialisation: Triton compiles, cuBLAS handles, the CUDA kernel's
   metadata), then the capture (``torch.cuda.graph``, after a warm-up of the graph-mode step on a
-  side stream, as PyTorch's documentation asks), then the replay that computes the step. All graphs
-  share one memory pool (they never run at once, and each one's output tensor stays referenced, so
-  no later capture reuses it).
-- **Recaptured when what a graph holds changes:** the adapter store's layout (a bucket added or
-  removed, a table grown or rebuilt, the wrapped modules changed) or the LM head object. Loading an
+  side stream, as PyTorch's documentation asks), then the replay that computes the step. An
+  engine's graphs share one memory pool: they replay one at a time on one stream, and each one's
+  output is read (by the LM head, queued on that stream) before the next replay may overwrite a
+  temporary that a later capture placed in that memory. A failed capture puts the caller back on
+  its stream.
+- **Recaptured when what a graph holds changes:** the adapter store's layout (``store.layout``, a
+  number that changes whenever a table tensor is allocated, grown or dropped and never repeats;
+  the wrapped modules) or the LM head object. Loading an
   adapter into a free slot of an existing bucket, or swapping one into an LRU slot, writes the same
   tensors in place and keeps the graphs. A step whose page list outgrows a graph's page buffer
   recaptures that size with room for twice as many pages.
@@ -54,8 +63,15 @@ The rest of the step, either way:
 Every other step (prefill chunks, mixed steps, more requests than the largest size) runs eagerly
 as before. ``Engine(cuda_graphs=...)``: "auto" (default) uses graphs on CUDA and says once, with a
 RuntimeWarning, why not when it cannot (the multi-adapter op's torch backend reads plans on the
+host; a dynamic / longrope rotary embedding recomputes its frequencies from the positions on the
 host); True asks for them and is a ValueError where they cannot run (the CPU); False
-(``serve --enforce-eager``) never captures.
+(``serve --enforce-eager``) never captures. A replayed step that raises (a capture that fails, say)
+makes the engine warn and run every later step eagerly (with True it raises).
+
+Memory: the graphs' hidden-state outputs and temporaries (one layer's activations, and with SDPA
+the P x W gather) come out of the same CUDA memory the KV budget (``--kv-cache-gb``, default half of
+what is free at start) leaves; with FlashInfer each size also has a wrapper (its page tables and
+FlashInfer's own 8 MiB integer workspace).
 """
 from __future__ import annotations
 
@@ -91,13 +107,22 @@ def capture_sizes(max_num_seqs: int, sizes=None) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
-def graphs_unavailable(device, attention_backend: str, adapter_backend: str) -> str | None:
+SDPA_GRAPH_MAX_POSITIONS = 32768  # P x W of an SDPA decode graph; a longer step runs eagerly
+
+
+def graphs_unavailable(device, model, adapter_backend: str) -> str | None:
     """Why the engine cannot run decode steps from CUDA graphs here (None: it can)."""
     if torch.device(device).type != "cuda":
         return f"CUDA graphs need the model on CUDA; it is on {device}"
     if adapter_backend == "torch":
         return ("the multi-adapter op's torch backend reads its plans on the host, which a graph cannot "
                 "capture; use the triton or cuda backend (or auto)")
+    for module in model.modules():  # transformers' dynamic RoPE branches on max(position_ids) on the host
+        kinds = getattr(module, "rope_type", None)
+        for kind in (kinds.values() if isinstance(kinds, dict) else [kinds]):
+            if isinstance(kind, str) and ("dynamic" in kind or kind == "longrope"):
+                return (f"the model's rotary embedding ({kind!r}) recomputes its frequencies from the positions "
+                        "on the host every forward, which a graph cannot capture")
     return None
 
 
@@ -107,24 +132,24 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-_POOLS: dict = {}  # device -> the memory pool every decode graph on it shares
-
-
-def cuda_capture(fn: Callable[[], torch.Tensor], device) -> Callable[[], torch.Tensor]:
-    """Capture ``fn`` into a CUDA graph (after one warm-up run on a side stream); returns the replay,
-    which returns the graph's output tensor (the same tensor every time)."""
+def cuda_capture(fn: Callable[[], torch.Tensor], device, pool=None) -> Callable[[], torch.Tensor]:
+    """Capture ``fn`` into a CUDA graph (after one warm-up run on a side stream) in memory pool
+    ``pool``; returns the replay, which returns the graph's output tensor (the same tensor every
+    time). A failed capture leaves the caller on the stream it was on."""
     device = torch.device(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    pool = _POOLS.get(device)
-    if pool is None:
-        pool = _POOLS[device] = torch.cuda.graph_pool_handle()
+    previous = torch.cuda.current_stream(device)
+    previous.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    finally:  # torch.cuda.graph's exit ends the capture before it restores the stream; if that raises
+        if torch.cuda.current_stream(device) != previous:
+            torch.cuda.set_stream(previous)
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -143,6 +168,7 @@ class _Graph:
     attention: FlashInferAttention | None  # FlashInfer: the graph-mode wrapper and its page-table buffers
     decode: DecodeBatch | None  # SDPA: the fixed (P, W) slots and key mask
     router: object | None  # the frozen Router, or None for an unpatched model
+    head_inside: bool = False  # the LM head is in the graph (an adapted output layer), else run after it
     replay: Callable[[], torch.Tensor] | None = None
     planned: tuple | None = None  # (heads, scaling) the attention is planned with
     replays: int = 0
@@ -159,11 +185,20 @@ class DecodeGraphs:
         self.engine = engine
         self.sizes = tuple(sizes)
         self.max_size = self.sizes[-1]
-        self.capture = capture or cuda_capture
+        self._mempool = None
+        self.capture = capture or self._cuda_capture
         self.graphs: dict[int, _Graph] = {}
         self.scratch = engine.pool.reserved_blocks[0]
-        self.stats = {"captures": 0, "replays": 0, "padding_rows": 0, "recaptures": 0}
+        self.stats = {"captures": 0, "replays": 0, "padding_rows": 0, "recaptures": 0, "too_long": 0}
         self._wrappers_key = None
+
+    def _cuda_capture(self, fn, device):
+        # one memory pool for this engine's graphs: they replay one at a time, on one stream, and what
+        # each returns (its last hidden states) is read by the LM head, queued on that stream, before
+        # the next replay can overwrite a temporary another capture placed there
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        return cuda_capture(fn, device, self._mempool)
 
     def size_for(self, b: int) -> int | None:
         """The capture size a decode step of ``b`` requests runs at (None: more than the largest)."""
@@ -188,12 +223,12 @@ class DecodeGraphs:
         store.sync(weights=False)  # O(1) unless adapters were loaded or removed since the last step
         if self._wrappers_key is None or self._wrappers_key[0] != (id(store), state.version):
             self._wrappers_key = ((id(store), state.version), tuple(id(w) for w in store.wrappers()))
-        return (id(store), id(store.layers), store.tables_grown, tuple(sorted(store.capacity.items())),
-                self._wrappers_key[1], id(head))
+        return (store.layout, tuple(sorted(store.capacity.items())), self._wrappers_key[1], id(head))
 
-    def run(self, reqs, names: list[str | None]) -> torch.Tensor:
+    def run(self, reqs, names: list[str | None]) -> torch.Tensor | None:
         """Logits (len(reqs), vocab) of one decode step of ``reqs`` (each decoding one token),
-        ``names[i]`` the adapter routed for request i; the new keys/values are in the pool."""
+        ``names[i]`` the adapter routed for request i; the new keys/values are in the pool. None
+        (nothing done) for an SDPA step longer than ``SDPA_GRAPH_MAX_POSITIONS``: run it eagerly."""
         engine, pool = self.engine, self.engine.pool
         bs = pool.block_size
         b = len(reqs)
@@ -216,6 +251,9 @@ class DecodeGraphs:
         flashinfer = engine._flashinfer is not None
         pages = sum(-(-s.kv_len // bs) for s in segments) if flashinfer else 0
         width = 0 if flashinfer else self.width_for(max(s.kv_len for s in segments))
+        if p * width > SDPA_GRAPH_MAX_POSITIONS:  # the padded gather would outgrow the eager step's reads
+            self.stats["too_long"] += 1
+            return None
         names = list(names) + [None] * (p - b)
         host = torch.tensor(ids + pos + slots, dtype=torch.long)
         if engine.device.type == "cuda":
@@ -241,14 +279,18 @@ class DecodeGraphs:
                 self._fill_decode(g.decode, segments, tables)
             if g.router is not None:
                 g.router.refill(names)
-        logits = g.replay()
+        out = g.replay()[:b]
+        logits = out if g.head_inside else engine.head()(out).float()
         g.replays += 1
         self.stats["replays"] += 1
         self.stats["padding_rows"] += p - b
         heads = engine.model.config.num_attention_heads
         per_row = [s.kv_len for s in segments] if flashinfer else [width] * p
         engine.stats["attention_score_elements"] += pool.num_layers * heads * sum(per_row)
-        return logits[:b]
+        if width:
+            engine.stats["kv_bytes_gathered"] += (2 * pool.num_layers * p * width * pool.kv_heads * pool.head_dim
+                                                  * pool.keys[0].element_size())
+        return logits
 
     def width_for(self, longest: int) -> int:
         """W of the SDPA decode batch for a step whose longest context is ``longest`` positions."""
@@ -283,7 +325,13 @@ class DecodeGraphs:
         else:
             g.attention = FlashInferAttention(dev, graph_rows=p, max_pages=max_pages,
                                               workspace=engine._flashinfer.workspace)
-        head = engine._lm_head
+        # the LM head runs after the replay, on the B real rows only (its (P, vocab) output would be
+        # the largest tensor a graph keeps), unless an adapter wraps the output layer: routed
+        # per row, it must run inside the route, i.e. inside the graph
+        from ..layers import AdapterLinear
+
+        g.head_inside = isinstance(model.get_output_embeddings(), AdapterLinear)
+        head = engine._lm_head if g.head_inside else False
 
         def forward(step=None) -> torch.Tensor:
             tabs = StepTables(new_slots, segments, decode=g.decode)
@@ -300,8 +348,7 @@ class DecodeGraphs:
         try:
             if g.router is not None:
                 g.router.freeze(dev)
-            if width:
-                forward()  # one eager step: lazy initialisations happen outside the capture
+            if width:  # (the capture's warm-up run initialises what is lazy outside the capture)
                 g.replay = self.capture(lambda: forward(), dev)
             else:
                 # one ordinary eager step first: it learns (heads, scaling) from the model's attention
@@ -317,5 +364,6 @@ class DecodeGraphs:
             raise
         if ctx is not None:
             ctx.__exit__(None, None, None)
+        g.key = self._key()  # route's full store sync may have rebuilt tables the capture then used
         self.stats["captures"] += 1
         return g

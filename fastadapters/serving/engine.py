@@ -184,8 +184,7 @@ class Engine:
         self._flashinfer = FlashInferAttention(self.device) if self.attention_backend == "flashinfer" else None
         # decode steps replayed from CUDA graphs (cuda_graphs.py; never run on a GPU yet)
         self.cuda_graph_sizes = graph_sizes = capture_sizes(max_num_seqs, cuda_graph_sizes)
-        why_not = None if _graph_capture is not None else graphs_unavailable(self.device, self.attention_backend,
-                                                                              self.adapter_backend)
+        why_not = None if _graph_capture is not None else graphs_unavailable(self.device, model, self.adapter_backend)
         if cuda_graphs is True and why_not is not None:
             raise ValueError(f"cuda_graphs=True: {why_not}. Valid here: cuda_graphs='auto' or False")
         if cuda_graphs == "auto" and why_not is not None and self.device.type == "cuda":
@@ -846,14 +845,17 @@ class Engine:
             except Exception as e:
                 if self._graphs_required:
                     raise
-                self._graphs = None  # a capture that fails here would fail again: eager from now on, said once
-                graphs_warn_once("failed", f"fastadapters serving: a decode step from a CUDA graph failed "
-                                           f"({type(e).__name__}: {e}); the engine runs every step eagerly from now "
-                                           "on (pass cuda_graphs=False / serve --enforce-eager to skip the attempt)")
+                # a capture that failed here would fail again (and one that failed half way may have left
+                # CUDA state behind): eager from now on, said once for this engine
+                self._graphs = None
+                warnings.warn(f"fastadapters serving: a decode step from a CUDA graph failed ({type(e).__name__}: "
+                              f"{e}); this engine runs every step eagerly from now on (pass cuda_graphs=False / "
+                              "serve --enforce-eager to skip the attempt)", RuntimeWarning, stacklevel=2)
             else:
-                self.last_tables = None
-                self.stats["graph_steps"] += 1
-                return logits
+                if logits is not None:  # (None: a step too long for a graph, run eagerly below)
+                    self.last_tables = None
+                    self.stats["graph_steps"] += 1
+                    return logits
         dev = self.device
         bs = self.pool.block_size
         ids, pos, slots, segments, last = [], [], [], [], []

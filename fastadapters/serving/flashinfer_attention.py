@@ -242,8 +242,9 @@ class FlashInferAttention:
             self.wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
             return
         p = int(graph_rows)
-        buf = torch.zeros(3 * p + 2 + int(max_pages), dtype=torch.int32, device=self.device)
-        self.buffers = (buf[:p + 1], buf[p + 1:2 * p + 2], buf[3 * p + 2:], buf[2 * p + 2:3 * p + 2])
+        # four allocations, as vLLM makes them (not views of one buffer at arbitrary offsets)
+        self.buffers = tuple(torch.zeros(n, dtype=torch.int32, device=self.device)
+                             for n in (p + 1, p + 1, int(max_pages), p))
         self.wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, kv_layout="NHD", use_cuda_graph=True, qo_indptr_buf=self.buffers[0],
             paged_kv_indptr_buf=self.buffers[1], paged_kv_indices_buf=self.buffers[2],

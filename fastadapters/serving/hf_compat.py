@@ -154,7 +154,8 @@ def paged_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch
     """One packed step over the block pool. ``input_ids``/``position_ids``: (1, T); ``tables``: the
     step's per-request block tables and the new tokens' slots; ``last_index``: the token positions
     (within T) whose hidden states go through the LM head (``head``, default the model's output
-    layer; the engine passes ``lm_head.lm_head``'s). Returns logits (len(last_index), V);
+    layer; the engine passes ``lm_head.lm_head``'s; False: none, the hidden states are returned).
+    Returns logits (len(last_index), V);
     the new keys/values are in the pool when it returns."""
     _register()
     cache = PagedCache(pool, tables)
@@ -172,6 +173,8 @@ def paged_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch
         raise RuntimeError(_contract(f"one forward made {cache.updates} cache updates and {calls} attention calls "
                                      f"for {pool.num_layers} layers"))
     hidden = out.last_hidden_state[0].index_select(0, last_index)
+    if head is False:  # the caller runs the LM head (the engine's CUDA-graph steps)
+        return hidden
     return (head or model.get_output_embeddings())(hidden).float()
 
 

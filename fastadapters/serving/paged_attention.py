@@ -119,18 +119,21 @@ def padded_slots(lens: list[int], tables: list[torch.Tensor], block_size: int,
                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Host tensors for rows of ``lens[i]`` positions attended as one padded batch of ``width``
     (>= every length): ``slots`` (rows * width,) the flat pool slot of row i's position j (its own
-    blocks, from ``tables[i]``) and ``mask`` (rows, 1, 1, width) bool, True where j < lens[i]."""
+    blocks, from ``tables[i]``) and ``mask`` (rows, 1, 1, width) bool, True where j < lens[i].
+
+    A padding position (j >= lens[i]) reads the row's own position 0, masked out: never another
+    request's blocks nor the unwritten tail of its own last block (a reused block may hold a
+    poisoned request's NaN there), because a masked NaN value still reaches the output as 0 * NaN."""
     nb = -(-width // block_size)
     table = torch.empty(len(lens), nb, dtype=torch.long)
     for i, (n, t) in enumerate(zip(lens, tables)):
         own = -(-n // block_size)
         table[i, :own] = t[:own]
-        # padding positions read the row's own first block, masked out: never another request's
-        # blocks, whose values (NaN from a poisoned adapter) would survive the mask as 0 * NaN
         table[i, own:] = t[0]
     slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(lens), -1)[:, :width]
-    mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
-    return slots.reshape(-1), mask
+    mask = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
+    slots = torch.where(mask, slots, slots[:, :1])
+    return slots.reshape(-1), mask[:, None, None, :]
 
 
 def chunk_mask(past: int, n: int, device) -> torch.Tensor:

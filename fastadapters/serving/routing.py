@@ -106,7 +106,9 @@ class Router:
         # graph and guarded on, and every new mix would recompile)
         self.row_slot_tensors = {b: torch.tensor([w[1] if w is not None and w[0] == b else -1 for w in where],
                                                  dtype=torch.int32) for b in self.store.buckets}
-        self.any_active = bool(self.active_buckets)
+        # graph mode: the adapter kernels are captured whatever this mix is (a graph captured for an
+        # all-base batch must still apply adapters when a replay routes some)
+        self.any_active = bool(self.active_buckets) or self.graph
 
     def reroute(self, names) -> None:
         """Switch to a new list of names of the same length, refilling the cached per-shape plans in
@@ -162,6 +164,7 @@ class Router:
             raise ValueError("freeze: graph mode needs a packed router of one token per segment (lengths all 1)")
         self.graph = True
         self.call_buckets = self.store.buckets
+        self.any_active = True
         self._plans = {}
         device = torch.device(device)
         n = len(self.lengths)
@@ -189,14 +192,17 @@ class Router:
         # nothing that is resident already
         if names != self.names or self.store.max_slots is not None or self.store.version != self.version:
             used = [n for n in names if n is not None and n != BASE]
+            before = self.row_slot_tensors
             self.names = list(names)
             self._set_rows(self.store.acquire(used))
             self.version = self.store.version
             done = set()
             for (_, _, dev, b), plan in self._plans.items():
-                if id(plan) not in done:
-                    done.add(id(plan))
-                    build_plan(self._device_slots(b, torch.device(dev)), plan.num_slots, plan.block_m, out=plan)
+                if id(plan) in done or (b in before and torch.equal(before[b], self.row_slot_tensors[b])):
+                    continue  # this bucket's rows kept their slots: its plan is already right
+                done.add(id(plan))
+                build_plan(self._device_slots(b, torch.device(dev)), plan.num_slots, plan.block_m, out=plan)
+                self.plan_refills = getattr(self, "plan_refills", 0) + 1
         self.refills = getattr(self, "refills", 0) + 1
 
     def _refresh_if_changed(self) -> None:

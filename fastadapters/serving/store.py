@@ -38,6 +38,7 @@ works without re-patching.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -48,6 +49,8 @@ from ..config import PrefixConfig
 from ..layers import AdapterLinear
 from ..ops.bottleneck import ACT_IDS
 from ..patching import _require_state, _state, _wrappers
+
+_LAYOUTS = itertools.count(1)  # every table layout of every store gets its own number
 
 PHASES = ("pre", "post_in", "post_out")
 KIND_PHASE = {"mh": "pre", "lora": "post_in", "parallel": "post_in", "output": "post_out"}
@@ -204,6 +207,9 @@ class AdapterStore:
         self.swaps = 0  # slot fills (tests and benchmarks read it)
         self.bytes_copied = 0  # adapter bytes copied into slots, plus table contents moved by growth
         self.tables_grown = 0  # tables reallocated (created or grown)
+        # changes whenever a table tensor is allocated, reallocated or dropped, never repeats (a
+        # captured CUDA graph holds the tables' memory: cuda_graphs.py recaptures when it moves)
+        self.layout = next(_LAYOUTS)
 
     @property
     def num_slots(self) -> int:
@@ -326,6 +332,7 @@ class AdapterStore:
         self.names = [n for n in self.names if n != name]
         if b not in self.bucket.values():  # the bucket's last adapter: free its tables
             del self.capacity[b]
+            self.layout = next(_LAYOUTS)
             for lt in self.layers.values():
                 for d in (lt.pre, lt.post_in, lt.post_out):
                     d.pop(b, None)
@@ -352,6 +359,7 @@ class AdapterStore:
                     if t is not None:
                         self.bytes_copied += t.grow(cap)
                         self.tables_grown += 1
+                        self.layout = next(_LAYOUTS)
         for w, phase, m in members:
             lt = self.layers.setdefault(id(w), LayerTables())
             d = getattr(lt, phase)
@@ -362,6 +370,7 @@ class AdapterStore:
                 dtype = self.dtype or (base.dtype if half else m.down.dtype)
                 t = d[b] = Table.empty(cap, b, m.down.shape[1], m.up.shape[0], base.device, dtype)
                 self.tables_grown += 1
+                self.layout = next(_LAYOUTS)
             t.members[name] = m
         if self.max_slots is None:  # resident: every adapter has a slot for good
             used = {s for n, (bb, s) in self.slot_of.items() if bb == b}

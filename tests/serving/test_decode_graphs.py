@@ -141,23 +141,43 @@ def _engine(paths, **kw):
     return tiny_engine(paths, **kw)
 
 
+_ATTENTION_CALLS = [0]
+
+
+@pytest.fixture
+def count_attention(monkeypatch):
+    """Count the model's paged-attention calls (Python: a replay must make none)."""
+    from fastadapters.serving import hf_compat
+
+    real = hf_compat.paged_attention
+
+    def counted(*a, **k):
+        _ATTENTION_CALLS[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf_compat, "paged_attention", counted)
+    return _ATTENTION_CALLS
+
+
 def _run(engine, ps, params, adapters, events=None):
+    """Run to the end; per replayed step (not a capture): (FlashInfer events, attention calls)."""
     reqs = [engine.submit(p, sp, adapter=adapters.get(i)) for i, (p, sp) in enumerate(zip(ps, params))]
-    replay_events = []
+    replays = []
     while True:
         if events is not None:
             events.clear()
-        before = engine.stats["graph_steps"]
+        before, calls = engine.stats["graph_steps"], _ATTENTION_CALLS[0]
         captures = engine._graphs.stats["captures"] if engine._graphs else 0
         if not engine.step():
             break
-        if events is not None and engine.stats["graph_steps"] > before and engine._graphs.stats["captures"] == captures:
-            replay_events.append(list(events))
-    return [r.output_ids for r in reqs], replay_events
+        if engine.stats["graph_steps"] > before and engine._graphs.stats["captures"] == captures:
+            replays.append((list(events or []), _ATTENTION_CALLS[0] - calls))
+    return [r.output_ids for r in reqs], replays
 
 
 @pytest.mark.parametrize("attention", ["flashinfer", "sdpa"])
-def test_greedy_tokens_equal_eager_through_several_capture_sizes(fake_flashinfer, zoo, cpp, one_thread, attention):
+def test_greedy_tokens_equal_eager_through_several_capture_sizes(fake_flashinfer, zoo, cpp, one_thread, attention,
+                                                                 count_attention):
     paths = {k: zoo[k] for k in ("lora_r4", "lora_r64", "houlsby", "pfeiffer", "parallel", "prefix")}
     ps = prompts([5, 9, 3, 12, 7, 2, 6], seed=11)
     adapters = {0: "lora_r4", 1: "lora_r64", 2: "houlsby", 3: "parallel", 4: "prefix", 5: "pfeiffer"}
@@ -174,17 +194,91 @@ def test_greedy_tokens_equal_eager_through_several_capture_sizes(fake_flashinfer
     st = graphs._graphs.stats
     keys = set(graphs._graphs.graphs)
     assert {p for p, _ in keys} == {1, 2, 4, 8} and st["captures"] == len(keys) and st["recaptures"] == 0
+    # a replay runs none of the model's Python: no attention call is made (FlashInfer is only planned)
+    assert replays and all(calls == 0 for _, calls in replays), replays
     if attention == "flashinfer":
         assert {w for _, w in keys} == {0}
-        # a replay runs none of the model's Python: FlashInfer is planned, no attention call is made
-        assert replays and all(ev == ["plan"] for ev in replays), replays
+        assert all(ev == ["plan"] for ev, _ in replays), replays
     else:
         assert {w for _, w in keys} == {16, 32, 64}, keys
-        assert replays and all(ev == [] for ev in replays), replays
+        assert engine_stat(graphs, "kv_bytes_gathered") > 0
     assert st["replays"] == graphs.stats["graph_steps"] > st["captures"]
     assert st["padding_rows"] > 0
     assert_no_leaks(graphs)
     assert graphs.pool.reserved_blocks == [graphs.pool.num_blocks]
+
+
+def engine_stat(engine, key):
+    return engine.stats[key]
+
+
+@pytest.mark.parametrize("attention", ["flashinfer", "sdpa"])
+def test_a_graph_captured_for_base_rows_applies_adapters_later(fake_flashinfer, zoo, cpp, one_thread, attention):
+    """The first decode step of a size routes no adapter; a later one at that size routes some."""
+    paths = {"lora_r4": zoo["lora_r4"]}
+    sp = [SamplingParams(max_tokens=4, temperature=0)] * 2
+    eng = _engine(paths, backend="cpp", attention_backend=attention, _graph_capture=fx_capture)
+    ref = _engine(paths, attention_backend="sdpa", cuda_graphs=False)
+    ps = prompts([4, 6], seed=3)
+    for mix in ({}, {0: "lora_r4", 1: "lora_r4"}, {1: "lora_r4"}):
+        assert _run(eng, ps, sp, mix)[0] == _run(ref, ps, sp, mix)[0], mix
+    assert eng._graphs.stats["captures"] == 1
+
+
+@pytest.mark.parametrize("attention", ["flashinfer", "sdpa"])
+def test_lru_slots_and_unload_load_between_graph_steps(fake_flashinfer, zoo, cpp, one_thread, attention):
+    """max_loras=2 with three adapters (eager prefill steps move adapters between slots), then an
+    unload and a load into the freed slot: the graphs' plans follow."""
+    paths = {k: zoo[k] for k in ("lora_r4", "parallel", "houlsby")}
+    sp = [SamplingParams(max_tokens=5, temperature=0)] * 2
+    eng = _engine(paths, backend="cpp", attention_backend=attention, _graph_capture=fx_capture, max_loras=2)
+    ref = _engine(paths, attention_backend="sdpa", cuda_graphs=False, max_loras=2)
+    for seed, mix in enumerate(({0: "lora_r4", 1: "parallel"}, {0: "houlsby", 1: "lora_r4"},
+                                {0: "parallel", 1: "houlsby"}, {0: "lora_r4"}, {1: "houlsby", 0: "parallel"})):
+        ps = prompts([4, 6], seed=seed)
+        assert _run(eng, ps, sp, mix)[0] == _run(ref, ps, sp, mix)[0], mix
+    for e in (eng, ref):
+        e.unload_adapter("lora_r4")
+        e.load_adapter("lora_r64", zoo["lora_r64"], confined=False)
+    ps = prompts([5, 3], seed=7)
+    assert _run(eng, ps, sp, {0: "lora_r64", 1: "parallel"})[0] == _run(ref, ps, sp, {0: "lora_r64", 1: "parallel"})[0]
+    assert eng._graphs.stats["replays"] > 0
+
+
+def test_a_step_too_long_for_an_sdpa_graph_runs_eagerly(cpp, one_thread, monkeypatch):
+    monkeypatch.setattr(cg, "SDPA_GRAPH_MAX_POSITIONS", 2 * 16)  # P = 2: contexts up to 16 positions
+    sp = [SamplingParams(max_tokens=12, temperature=0)] * 2
+    ps = prompts([3, 6], seed=4)
+    eng = _engine(None, backend="cpp", attention_backend="sdpa", _graph_capture=fx_capture)
+    got, _ = _run(eng, ps, sp, {})
+    assert got == _run(_engine(None, attention_backend="sdpa", cuda_graphs=False), ps, sp, {})[0]
+    st = eng._graphs.stats
+    assert st["replays"] > 0 and st["too_long"] > 0 and set(eng._graphs.graphs) == {(2, 16)}
+    assert eng.stats["graph_steps"] == st["replays"] and eng._graphs is not None
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graph", "eager"])
+def test_nan_in_the_unwritten_tail_of_a_rows_own_last_block(cpp, one_thread, graphs):
+    """What a reused block of a poisoned request holds past the new owner's positions: padding
+    positions of the decode batch must not read it (a masked NaN still gives 0 * NaN)."""
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    ps = prompts([3, 6], seed=9)
+    alone = [_run(_engine(None, attention_backend="sdpa", cuda_graphs=False), [p], [sp], {})[0][0] for p in ps]
+    kw = dict(backend="cpp", _graph_capture=fx_capture) if graphs else dict(cuda_graphs=False)
+    eng = _engine(None, attention_backend="sdpa", **kw)
+    reqs = [eng.submit(p, sp) for p in ps]
+    for _ in range(3):
+        assert eng.step()
+    pool, bs = eng.pool, eng.pool.block_size
+    with torch.no_grad():
+        for r in reqs:
+            used = r.kv_len - (len(r.blocks) - 1) * bs
+            for layer in range(pool.num_layers):
+                pool.keys[layer][r.blocks[-1], used + 1:].fill_(float("nan"))  # + 1: the next step writes `used`
+                pool.values[layer][r.blocks[-1], used + 1:].fill_(float("nan"))
+    eng.run_until_done()
+    assert [r.output_ids for r in reqs] == alone
+    assert (eng.stats["graph_steps"] > 0) == graphs
 
 
 @pytest.mark.parametrize("attention", ["flashinfer", "sdpa"])
@@ -282,10 +376,18 @@ def test_options_and_where_graphs_cannot_run(fake_flashinfer):
     for bad in ([], [0], [17], "8", [2.0]):
         with pytest.raises(ValueError, match="cuda_graph_sizes"):
             cg.capture_sizes(16, bad)
-    assert cg.graphs_unavailable("cuda", "sdpa", "triton") is None
-    assert "torch backend" in cg.graphs_unavailable("cuda", "flashinfer", "torch")
-    assert "on CUDA" in cg.graphs_unavailable("cpu", "sdpa", "cpp")
-    assert cg.graphs_unavailable("cuda", "flashinfer", "triton") is None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .helpers import tiny_llama
+
+    model = tiny_llama()
+    assert cg.graphs_unavailable("cuda", model, "triton") is None
+    assert "torch backend" in cg.graphs_unavailable("cuda", model, "torch")
+    assert "on CUDA" in cg.graphs_unavailable("cpu", model, "cpp")
+    cfg = model.config.to_dict()
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    dynamic = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "rope_scaling"}))
+    assert "'dynamic'" in cg.graphs_unavailable("cuda", dynamic, "triton")
 
 
 def test_reserved_blocks_are_storage_only():
