@@ -112,3 +112,24 @@ def assert_no_leaks(engine) -> None:
     assert snap["used_blocks"] == 0 and snap["running"] == 0 and snap["waiting"] == 0, snap
     assert snap["live_requests"] == 0, snap
     assert engine.pool.free_blocks == engine.pool.num_blocks
+
+
+def install_fake_flashinfer(monkeypatch, wrapper_cls, version: str = "0.6.18"):
+    """Put a fake ``flashinfer`` module (``BatchPrefillWithPagedKVCacheWrapper = wrapper_cls``, an
+    ``events`` list the fake appends to) in ``sys.modules`` and let the engine's FlashInfer path run
+    on the CPU with a tiny workspace; returns the module."""
+    import sys
+    import types
+
+    from fastadapters.serving import cuda_graphs, flashinfer_attention as fia
+
+    mod = types.ModuleType("flashinfer")
+    mod.__version__ = version
+    mod.events = []
+    mod.BatchPrefillWithPagedKVCacheWrapper = wrapper_cls
+    monkeypatch.setitem(sys.modules, "flashinfer", mod)
+    monkeypatch.setattr(fia, "_ALLOW_CPU", True)
+    monkeypatch.setattr(fia, "WORKSPACE_BYTES", 1024)
+    monkeypatch.setattr(fia, "_warned", set())
+    monkeypatch.setattr(cuda_graphs, "_warned", set())
+    return mod

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 import warnings
 
 import pytest
 import torch
 
 from fastadapters.serving import cuda_graphs as cg
-from fastadapters.serving import flashinfer_attention as fia
 from fastadapters.serving.kv_blocks import BlockPool
 from fastadapters.serving.sampling import SamplingParams
-from .serve_helpers import assert_no_leaks, prompts, tiny_engine
+from .serve_helpers import assert_no_leaks, install_fake_flashinfer, prompts, tiny_engine
 from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures
 
 LAYERS = 2  # helpers.tiny_llama
@@ -104,16 +102,7 @@ class _FakeWrapper:
 
 @pytest.fixture
 def fake_flashinfer(monkeypatch):
-    mod = types.ModuleType("flashinfer")
-    mod.__version__ = "0.6.18"
-    mod.events = []
-    mod.BatchPrefillWithPagedKVCacheWrapper = _FakeWrapper
-    monkeypatch.setitem(sys.modules, "flashinfer", mod)
-    monkeypatch.setattr(fia, "_ALLOW_CPU", True)
-    monkeypatch.setattr(fia, "WORKSPACE_BYTES", 1024)
-    monkeypatch.setattr(fia, "_warned", set())
-    monkeypatch.setattr(cg, "_warned", set())
-    return mod
+    return install_fake_flashinfer(monkeypatch, _FakeWrapper)
 
 
 def fx_capture(fn, device):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 import warnings
 
 import pytest
@@ -32,7 +31,7 @@ from fastadapters.serving.kv_blocks import BlockPool
 from fastadapters.serving.paged_attention import Segment, StepTables, chunk_mask, paged_attention
 from fastadapters.serving.sampling import SamplingParams
 from .helpers import tiny_llama
-from .serve_helpers import assert_no_leaks, prompts, tiny_engine
+from .serve_helpers import assert_no_leaks, install_fake_flashinfer, prompts, tiny_engine
 from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures
 
 LAYERS = 2  # helpers.tiny_llama
@@ -91,15 +90,7 @@ class _FakePrefillWrapper:
 
 @pytest.fixture
 def fake_flashinfer(monkeypatch):
-    mod = types.ModuleType("flashinfer")
-    mod.__version__ = "0.6.18"
-    mod.events = []
-    mod.BatchPrefillWithPagedKVCacheWrapper = _FakePrefillWrapper
-    monkeypatch.setitem(sys.modules, "flashinfer", mod)
-    monkeypatch.setattr(fia, "_ALLOW_CPU", True)
-    monkeypatch.setattr(fia, "WORKSPACE_BYTES", 1024)
-    monkeypatch.setattr(fia, "_warned", set())
-    return mod
+    return install_fake_flashinfer(monkeypatch, _FakePrefillWrapper)
 
 
 def _run(engine, ps, sp, adapters=None, events=None):
