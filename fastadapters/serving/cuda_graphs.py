@@ -187,7 +187,7 @@ class DecodeGraphs:
         self.max_size = self.sizes[-1]
         self._mempool = None
         self.capture = capture or self._cuda_capture
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}  # (P, W) -> its graph (W 0 with FlashInfer)
         self.scratch = engine.pool.reserved_blocks[0]
         self.stats = {"captures": 0, "replays": 0, "padding_rows": 0, "recaptures": 0, "too_long": 0}
         self._wrappers_key = None
