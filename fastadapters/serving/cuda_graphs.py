@@ -162,7 +162,6 @@ def cuda_capture(fn: Callable[[], torch.Tensor], device, pool=None) -> Callable[
 @dataclass
 class _Graph:
     size: int  # P, the padded batch
-    width: int  # W, the SDPA decode batch's positions per row (0: FlashInfer)
     key: tuple  # what the capture holds (DecodeGraphs._key)
     flat: torch.Tensor  # (3P,) long on the device: token ids, positions, new KV slots
     attention: FlashInferAttention | None  # FlashInfer: the graph-mode wrapper and its page-table buffers
@@ -171,7 +170,6 @@ class _Graph:
     head_inside: bool = False  # the LM head is in the graph (an adapted output layer), else run after it
     replay: Callable[[], torch.Tensor] | None = None
     planned: tuple | None = None  # (heads, scaling) the attention is planned with
-    replays: int = 0
 
 
 class DecodeGraphs:
@@ -281,7 +279,6 @@ class DecodeGraphs:
                 g.router.refill(names)
         out = g.replay()[:b]
         logits = out if g.head_inside else engine.head()(out).float()
-        g.replays += 1
         self.stats["replays"] += 1
         self.stats["padding_rows"] += p - b
         heads = engine.model.config.num_attention_heads
@@ -315,7 +312,7 @@ class DecodeGraphs:
         flat.copy_(host)
         input_ids, position_ids, new_slots = flat[:p].view(1, p), flat[p:2 * p].view(1, p), flat[2 * p:]
         last = torch.arange(p, device=dev)
-        g = _Graph(p, width, key, flat, None, None, None)
+        g = _Graph(p, key, flat, None, None, None)
         if width:  # SDPA: every row in one padded decode batch of fixed buffers
             g.decode = DecodeBatch(torch.arange(p, device=dev), torch.empty(p * width, dtype=torch.long, device=dev),
                                    torch.empty(p, 1, 1, width, dtype=torch.bool, device=dev), width)

@@ -202,7 +202,6 @@ class Router:
                     continue  # this bucket's rows kept their slots: its plan is already right
                 done.add(id(plan))
                 build_plan(self._device_slots(b, torch.device(dev)), plan.num_slots, plan.block_m, out=plan)
-                self.plan_refills = getattr(self, "plan_refills", 0) + 1
         self.refills = getattr(self, "refills", 0) + 1
 
     def _refresh_if_changed(self) -> None:
