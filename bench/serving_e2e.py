@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-hf", action="store_true", help="skip HF's batched generate of the base model")
+    ap.add_argument("--trials", type=int, default=1,
+                    help="measure every A this many times, engine / base-only / PEFT interleaved; report medians")
     ap.add_argument("--parity", type=int, default=8, help="greedy requests checked against generate alone")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "serving_e2e.json"))
     args = ap.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     result = run_e2e(args.model, tuple(int(a) for a in args.adapters.split(",")), args.requests, args.max_tokens,
                      max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, with_peft=not args.no_peft,
                      with_hf=not args.no_hf,
-                     parity=args.parity, backend=args.backend)
+                     parity=args.parity, backend=args.backend, trials=args.trials)
     print(render_e2e(result))
     if args.json:
         append_results(args.json, result)

@@ -133,3 +133,34 @@ def test_a_ratio_whose_spread_exceeds_its_effect_is_flagged_not_printed():
     line = harness.render_summary([harness.summary_line("training", "fa / PEFT", 1.1, "x", "below", 1.0,
                                                         "below 1", noisy=True)])
     assert "NOISE: spread > effect, not a result" in line.splitlines()[1]
+
+
+def test_e2e_trials_interleaved_medians():
+    # --trials N: every A measured N times on fresh prompts; the row reports the median of each
+    # per-trial ratio (not a ratio of medians) and its range; one trial keeps the single-run record
+    import pytest
+
+    from fastadapters.bench import e2e as e2e_bench
+
+    res = e2e_bench.run_e2e("small", adapter_counts=(2,), requests=3, max_tokens=2, prompt_lens=(4, 7),
+                            max_num_seqs=3, parity=0, trials=3)
+    assert res["trials"] == 3 and len(res["hf_generate_trials"]) == 3
+    (row,) = res["rows"]
+    recs = row["trials"]
+    assert len(recs) == 3
+    for key in ("ratio_vs_base_only", "engine_over_peft", "base_only_over_hf"):
+        vals = sorted(r[key] for r in recs)
+        assert row[key] == vals[1] and row["ratio_range"][key] == [vals[0], vals[2]]
+    for r, hf in zip(recs, res["hf_generate_trials"]):
+        assert r["ratio_vs_base_only"] == r["engine"]["tok_per_s"] / r["base_only"]["tok_per_s"]
+        assert r["engine_over_peft"] == r["engine"]["tok_per_s"] / r["peft_padded_generate"]["tok_per_s"]
+        assert r["base_only_over_hf"] == r["base_only"]["tok_per_s"] / hf["tok_per_s"]
+        assert r["engine"]["tokens"] == r["base_only"]["tokens"] == r["peft_padded_generate"]["tokens"] == 3 * 2
+    assert row["engine"]["tok_per_s"] == sorted(r["engine"]["tok_per_s"] for r in recs)[1]
+    assert res["hf_generate"]["tok_per_s"] == sorted(h["tok_per_s"] for h in res["hf_generate_trials"])[1]
+    text = e2e_bench.render_e2e(res)
+    assert "median of 3 trials" in text
+    lo, hi = row["ratio_range"]["engine_over_peft"]
+    assert f"{row['engine_over_peft']:.2f} ({lo:.2f}-{hi:.2f})" in text
+    with pytest.raises(ValueError, match="trials"):
+        e2e_bench.run_e2e("small", adapter_counts=(1,), trials=0)

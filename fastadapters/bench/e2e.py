@@ -16,6 +16,10 @@ tokens over wall time), time to first token (TTFT) and time per output token aft
               so its adapters are all LoRA of the same ranks); throughput only
   greedy parity  how many engine requests (greedy) differ from ``generate`` alone (near-ties)
 
+Noise: on a shared or throttling machine one run's ratio can move by 10-20% from run to run;
+``trials=N`` (``bench/serving_e2e.py --trials N``) repeats every measurement N times, interleaved,
+and reports medians with each ratio's range.
+
 Models: a folder (e.g. SmolLM2-135M) or ``"small"``: a random Llama (hidden 256, 4 layers, vocab
 2048) built from a config. ``run_e2e(...) -> dict`` returns a JSON-able record; ``render_e2e``
 prints it as markdown. Nothing here asserts speed.
@@ -135,7 +139,8 @@ def _padded_generate(model, prompts, max_tokens: int, batch: int, device, names=
     return {"tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall}
 
 
-def _peft_run(model_spec, count, prompts, picks, max_tokens, batch, device, dtype) -> dict | None:
+def _peft_model(model_spec, count, device, dtype):
+    """The base model with ``count`` PEFT LoRA adapters ``a0..`` (ranks as ours); None without peft."""
     try:
         import peft
     except ImportError:
@@ -150,17 +155,23 @@ def _peft_run(model_spec, count, prompts, picks, max_tokens, batch, device, dtyp
             pm = peft.get_peft_model(model, cfg, adapter_name=f"a{i}")
         else:
             pm.add_adapter(f"a{i}", cfg)
-    pm.eval()
-    return _padded_generate(pm, prompts, max_tokens, batch, device, names=[f"a{i}" for i in picks])
+    return pm.eval()
 
 
 def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int = 32, max_tokens: int = 16,
             prompt_lens=(8, 64), max_num_seqs: int = 16, device: str | None = None, dtype: str = "float32",
             with_peft: bool = True, parity: int = 8, seed: int = 0, backend: str | None = None,
-            with_hf: bool = True) -> dict:
+            with_hf: bool = True, trials: int = 1) -> dict:
+    """``trials`` > 1: each A is measured that many times, the engine, its base-only run and PEFT
+    interleaved within each trial (their order rotated from trial to trial) on a fresh prompt set
+    and Zipf draw per trial; a row then holds the per-trial records (``trials``), the median of
+    each throughput and of each per-trial ratio, and each ratio's range (``ratio_range``). A ratio
+    is taken within one trial, so the machine's drift between trials cancels in it."""
     from .harness import environment
     from ..serving.engine import Engine
 
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials: got {trials!r}; valid: an integer >= 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
     rng = random.Random(seed)
@@ -168,11 +179,18 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
     vocab = probe.get_input_embeddings().weight.shape[0]
     shape = {k: getattr(probe.config, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
     del probe
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_lens))] for _ in range(requests)]
+
+    def draw(r: random.Random) -> list[list[int]]:
+        return [[r.randrange(3, vocab) for _ in range(r.randint(*prompt_lens))] for _ in range(requests)]
+
+    prompt_sets = [draw(rng) for _ in range(trials)]  # trial t's prompts, the same for every A
+    warm = draw(random.Random(seed + 1))[:2]  # warm-up prompts of their own: no prefix-cache hit in a trial
     rows = []
-    hf = None
+    hf_runs = []
     if with_hf:  # the base model through transformers' own batched generate: the engine's yardstick
-        hf = _padded_generate(_load(model_spec, dev, dt), prompts, max_tokens, max_num_seqs, dev)
+        hf_model = _load(model_spec, dev, dt)
+        hf_runs = [_padded_generate(hf_model, ps, max_tokens, max_num_seqs, dev) for ps in prompt_sets]
+        del hf_model
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_adapters(model_spec, max(adapter_counts), tmp, dev, dt)
         for count in adapter_counts:
@@ -180,37 +198,91 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
                             backend=backend)
             for i in range(count):
                 engine.load_adapter(f"a{i}", paths[i], confined=False)
-            picks = _zipf(count, requests, rng)
-            names = [f"a{i}" for i in picks]
-            _run_engine(engine, prompts[:2], names[:2], 2)  # warm-up
-            mixed = _run_engine(engine, prompts, names, max_tokens)
-            base = _run_engine(engine, prompts, [None] * requests, max_tokens)
-            row = {"A": count, "requests": requests, "max_tokens": max_tokens,
-                   "distinct_adapters_used": len(set(picks)), "engine": _strip(mixed), "base_only": _strip(base),
-                   "ratio_vs_base_only": mixed["tok_per_s"] / base["tok_per_s"]}
-            if hf is not None:
-                row["base_only_over_hf"] = base["tok_per_s"] / hf["tok_per_s"]
-            if parity:  # greedy parity with generate alone, first `parity` requests
+            peft_model = _peft_model(model_spec, count, dev, dt) if with_peft else None
+            _run_engine(engine, warm, [f"a{i % count}" for i in range(len(warm))], 2)  # warm-up
+            per_trial = []
+            first_outputs = None
+            for t, prompts in enumerate(prompt_sets):
+                picks = _zipf(count, requests, rng)
+                names = [f"a{i}" for i in picks]
+                jobs = [("mixed", lambda: _run_engine(engine, prompts, names, max_tokens)),
+                        ("base", lambda: _run_engine(engine, prompts, [None] * requests, max_tokens))]
+                if peft_model is not None:
+                    jobs.append(("peft", lambda: _padded_generate(peft_model, prompts, max_tokens, max_num_seqs, dev,
+                                                                  names=names)))
+                jobs = jobs[t % len(jobs):] + jobs[:t % len(jobs)]  # rotated: no system always runs first
+                got = {key: job() for key, job in jobs}
+                mixed, base = got["mixed"], got["base"]
+                if first_outputs is None:
+                    first_outputs = (prompts, names, mixed["outputs"])
+                rec = {"distinct_adapters_used": len(set(picks)), "engine": _strip(mixed), "base_only": _strip(base),
+                       "ratio_vs_base_only": mixed["tok_per_s"] / base["tok_per_s"]}
+                if hf_runs:
+                    rec["base_only_over_hf"] = base["tok_per_s"] / hf_runs[t]["tok_per_s"]
+                if "peft" in got:
+                    rec["peft_padded_generate"] = got["peft"]
+                    rec["engine_over_peft"] = mixed["tok_per_s"] / got["peft"]["tok_per_s"]
+                per_trial.append(rec)
+            row = {"A": count, "requests": requests, "max_tokens": max_tokens, **_combine(per_trial)}
+            if trials > 1:
+                row["trials"] = per_trial
+            if parity:  # greedy parity with generate alone, first `parity` requests of the first trial
                 import fastadapters as fa
 
                 diverged = 0
-                for p, n, out in list(zip(prompts, names, mixed["outputs"]))[:parity]:
+                for p, n, out in list(zip(*first_outputs))[:parity]:
                     fa.set_adapter(engine.model, engine.registry.entries[n].internal)
                     ref = engine.model.generate(torch.tensor([p], device=dev), max_new_tokens=max_tokens,
                                                 min_new_tokens=max_tokens, do_sample=False)[0, len(p):].tolist()
                     diverged += ref != out
                 row["parity_checked"], row["parity_diverged"] = min(parity, requests), diverged
-            if with_peft:
-                pr = _peft_run(model_spec, count, prompts, picks, max_tokens, max_num_seqs, dev, dt)
-                if pr is not None:
-                    row["peft_padded_generate"] = pr
-                    row["engine_over_peft"] = mixed["tok_per_s"] / pr["tok_per_s"]
             rows.append(row)
-            del engine
-    return {"benchmark": "serving_e2e", "env": environment(dev), "model": model_spec, "model_shape": shape,
-            "dtype": dtype, "requests": requests, "max_tokens": max_tokens,
-            "max_num_seqs": max_num_seqs, "prompt_lens": list(prompt_lens), "backend": backend or "auto",
-            "hf_generate": hf, "rows": rows}
+            del engine, peft_model
+    hf = _combine_runs(hf_runs) if hf_runs else None
+    out = {"benchmark": "serving_e2e", "env": environment(dev), "model": model_spec, "model_shape": shape,
+           "dtype": dtype, "requests": requests, "max_tokens": max_tokens,
+           "max_num_seqs": max_num_seqs, "prompt_lens": list(prompt_lens), "backend": backend or "auto",
+           "hf_generate": hf, "rows": rows}
+    if trials > 1:
+        out["trials"] = trials
+        out["hf_generate_trials"] = hf_runs
+    return out
+
+
+_RATIOS = ("ratio_vs_base_only", "base_only_over_hf", "engine_over_peft")
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _combine_runs(runs: list[dict]) -> dict:
+    """One run's record (a single run: itself); several: the median of each number."""
+    if len(runs) == 1:
+        return runs[0]
+    return {k: _median([r[k] for r in runs]) for k in runs[0]}
+
+
+def _combine(per_trial: list[dict]) -> dict:
+    """A row's numbers from its trials: each throughput record and each ratio the median over the
+    trials (a ratio is the median of the per-trial ratios, not a ratio of medians); with several
+    trials also each ratio's [min, max]."""
+    if len(per_trial) == 1:
+        return dict(per_trial[0])
+    row = {"distinct_adapters_used": int(_median([r["distinct_adapters_used"] for r in per_trial]))}
+    for key in ("engine", "base_only", "peft_padded_generate"):
+        if key in per_trial[0]:
+            row[key] = _combine_runs([r[key] for r in per_trial])
+    spread = {}
+    for key in _RATIOS:
+        if key in per_trial[0]:
+            vals = [r[key] for r in per_trial]
+            row[key] = _median(vals)
+            spread[key] = [min(vals), max(vals)]
+    row["ratio_range"] = spread
+    return row
 
 
 def _strip(run: dict) -> dict:
@@ -234,12 +306,22 @@ def render_e2e(result: dict) -> str:
     if hf:
         lines.insert(1, f"HF batched generate of the base model (padded batches of {result['max_num_seqs']}): "
                         f"{hf['tok_per_s']:.1f} tok/s")
+    trials = result.get("trials", 1)
+    if trials > 1:
+        lines.insert(1, f"median of {trials} trials (engine, base-only and PEFT interleaved in each, order rotated; "
+                        "fresh prompts and Zipf draw per trial); a ratio is the median of the per-trial ratios, "
+                        "its range in brackets")
+
+    def ratio(r, key):
+        lo_hi = r.get("ratio_range", {}).get(key)
+        return f"{r[key]:.2f}" + (f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else "")
+
     for r in result["rows"]:
         e, peft = r["engine"], r.get("peft_padded_generate")
-        peft_cells = f"{peft['tok_per_s']:.1f} | {r['engine_over_peft']:.2f}" if peft else "- | -"
-        hf_cell = f"{r['base_only_over_hf']:.2f}" if "base_only_over_hf" in r else "-"
+        peft_cells = f"{peft['tok_per_s']:.1f} | {ratio(r, 'engine_over_peft')}" if peft else "- | -"
+        hf_cell = ratio(r, "base_only_over_hf") if "base_only_over_hf" in r else "-"
         lines.append(f"| {r['A']} | {r['distinct_adapters_used']} | {e['tok_per_s']:.1f} | "
-                     f"{r['base_only']['tok_per_s']:.1f} | {r['ratio_vs_base_only']:.2f} | {hf_cell} | "
+                     f"{r['base_only']['tok_per_s']:.1f} | {ratio(r, 'ratio_vs_base_only')} | {hf_cell} | "
                      f"{e['ttft_p50_ms']:.0f}/{e['ttft_p99_ms']:.0f} | {e['tpot_p50_ms']:.0f}/{e['tpot_p99_ms']:.0f} | "
                      f"{peft_cells} | {r.get('parity_diverged', '-')}/{r.get('parity_checked', '-')} |")
     return "\n".join(lines)
