@@ -7,8 +7,10 @@ One engine step is one packed row of T new tokens (every scheduled request's, ba
 new keys/values are already in the pool (``hf_compat.PagedCache.update`` wrote them at
 ``new_slots``), so request i's context is exactly its blocks: positions ``0 .. kv_len - 1``. For
 each request its query rows attend to its own blocks only, with
-``scaled_dot_product_attention(..., enable_gqa=True)`` (grouped-query attention natively: keys and
-values keep their ``kv_heads`` heads, nothing is repeated):
+``scaled_dot_product_attention`` and grouped-query attention natively (keys and values keep their
+``kv_heads`` heads, nothing is repeated: a prefill chunk passes ``enable_gqa=True``; a decode row's
+query heads are viewed as (kv_heads, group) query rows of one plain SDPA, which is faster,
+``_decode_sdpa``):
 
 - the keys/values are read **in place** when the request's blocks are one contiguous run of the
   pool (a view of ``pool.keys[layer][first:first + nb]``; the allocator extends a request's run
@@ -143,6 +145,20 @@ def chunk_mask(past: int, n: int, device) -> torch.Tensor:
     return cols[None, :] <= rows[:, None]
 
 
+def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling) -> torch.Tensor:
+    """One new token per row: ``q`` (b, H, D) against ``k``/``v`` (b, kvh, w, D), ``mask`` None or
+    (b, 1, 1, w) -> (b, H, D). The H query heads are viewed as (kvh, H // kvh): each KV head's group
+    of query heads attends as that many query rows of one plain SDPA, which is the grouped-query
+    attention transformers' Llama computes (query head h reads KV head h // (H // kvh)) without
+    ``enable_gqa``. On the CPU that SDPA took 0.88 ms instead of 0.97 ms with ``enable_gqa`` (one
+    layer, B = 32 rows of 96 positions gathered from the pool, SmolLM2-135M geometry, fp32, one
+    thread, same run)."""
+    b, heads, d = q.shape
+    kvh = k.shape[1]
+    o = F.scaled_dot_product_attention(q.view(b, kvh, heads // kvh, d), k, v, attn_mask=mask, scale=scaling)
+    return o.reshape(b, heads, d)
+
+
 def paged_attention(query: torch.Tensor, pool, layer: int, tables: StepTables, scaling) -> torch.Tensor:
     """``query`` (1, H, T, D) of the packed step -> attention output (1, T, H, D)."""
     fi = tables.extra.get("flashinfer")
@@ -161,9 +177,9 @@ def paged_attention(query: torch.Tensor, pool, layer: int, tables: StepTables, s
         b, w = batch.rows.numel(), batch.width
         k = flat_k.index_select(0, batch.slots).view(b, w, kvh, d).transpose(1, 2)
         v = flat_v.index_select(0, batch.slots).view(b, w, kvh, d).transpose(1, 2)
-        q = query[0].index_select(1, batch.rows).transpose(0, 1).unsqueeze(2).contiguous()  # (b, H, 1, D)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scaling, enable_gqa=True)
-        out[0].index_copy_(0, batch.rows, o[:, :, 0])
+        q = query[0].index_select(1, batch.rows).transpose(0, 1).contiguous()  # (b, H, D)
+        o = _decode_sdpa(q, k, v, batch.mask, scaling)
+        out[0].index_copy_(0, batch.rows, o)
         gathered += 2 * b * w * kvh * d * k.element_size()
         scores += heads * b * w
     for seg in tables.segments:
@@ -182,9 +198,14 @@ def paged_attention(query: torch.Tensor, pool, layer: int, tables: StepTables, s
             k = k.view(-1, kvh, d)[:length]
             v = v.view(-1, kvh, d)[:length]
         q = query[:, :, seg.start:seg.start + seg.n]
-        o = F.scaled_dot_product_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=seg.mask,
-                                           is_causal=seg.causal, scale=scaling, enable_gqa=True)
-        out[0, seg.start:seg.start + seg.n] = o[0].transpose(0, 1)
+        if seg.n == 1:  # a decode row: its query heads grouped per KV head, as in the batch above
+            out[0, seg.start] = _decode_sdpa(q[0, :, 0][None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             None, scaling)[0]
+        else:
+            o = F.scaled_dot_product_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                               attn_mask=seg.mask, is_causal=seg.causal, scale=scaling,
+                                               enable_gqa=True)
+            out[0, seg.start:seg.start + seg.n] = o[0].transpose(0, 1)
         scores += heads * seg.n * length
     tables.score_elements += scores
     tables.gathered_bytes += gathered

@@ -208,3 +208,36 @@ def test_padding_of_the_decode_batch_never_reads_other_requests_blocks():
     together = paged_attention(q, pool, 0, tables(True), 0.3)
     assert torch.isfinite(together).all()
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,kvh,group,w,d", [(5, 3, 3, 37, 64), (1, 2, 5, 1, 16), (7, 4, 1, 23, 24)])
+def test_decode_sdpa_is_grouped_query_attention(dtype, b, kvh, group, w, d):
+    # a decode row's query heads viewed as (kv heads, group) rows of one plain SDPA equal
+    # transformers' grouped-query attention (query head h reads KV head h // group): checked against
+    # an fp64 reference with the KV heads repeated, within 2x the error of plain torch SDPA in dtype
+    from fastadapters.serving.paged_attention import _decode_sdpa
+
+    g = torch.Generator().manual_seed(b * 100 + w)
+    q = torch.randn(b, kvh * group, d, generator=g)
+    k = torch.randn(b, kvh, w, d, generator=g)
+    v = torch.randn(b, kvh, w, d, generator=g)
+    lens = torch.randint(1, w + 1, (b,), generator=g)
+    mask = (torch.arange(w)[None, :] < lens[:, None])[:, None, None, :]
+    scale = d ** -0.5
+
+    def ref(q, k, v):  # (b, H, 1, d) against every KV head repeated per its group
+        return F.scaled_dot_product_attention(q[:, :, None], k.repeat_interleave(group, 1),
+                                              v.repeat_interleave(group, 1), attn_mask=mask, scale=scale)[:, :, 0]
+
+    exact = ref(q.double(), k.double(), v.double())
+    got = _decode_sdpa(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale)
+    plain = ref(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert got.shape == (b, kvh * group, d) and got.dtype == dtype
+    err, base = (got.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-6, (err, base)
+    # no mask: every position of every row
+    full = _decode_sdpa(q.double(), k.double(), v.double(), None, scale)
+    want = F.scaled_dot_product_attention(q.double()[:, :, None], k.double().repeat_interleave(group, 1),
+                                          v.double().repeat_interleave(group, 1), scale=scale)[:, :, 0]
+    torch.testing.assert_close(full, want)
