@@ -167,5 +167,8 @@ def test_e2e_trials_interleaved_medians():
     assert "median of 3 trials" in text
     lo, hi = row["ratio_range"]["engine_over_peft"]
     assert f"{row['engine_over_peft']:.2f} ({lo:.2f}-{hi:.2f})" in text
+    # the summary line calls it noise when the per-trial ratios spread wider than the effect
+    spread = [r["engine_over_peft"] for r in recs]
+    assert e2e_bench.summary(res)["noisy"] == ((max(spread) - min(spread)) / 2 > abs(row["engine_over_peft"] - 1))
     with pytest.raises(ValueError, match="trials"):
         e2e_bench.run_e2e("small", adapter_counts=(1,), trials=0)

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import tempfile
 import time
 
 import torch
+
+from .harness import ratio_stats
 
 __all__ = ["run_e2e", "render_e2e"]
 
@@ -256,17 +259,11 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
 _RATIOS = ("ratio_vs_base_only", "base_only_over_hf", "engine_over_peft")
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def _combine_runs(runs: list[dict]) -> dict:
     """One run's record (a single run: itself); several: the median of each number."""
     if len(runs) == 1:
         return runs[0]
-    return {k: _median([r[k] for r in runs]) for k in runs[0]}
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def _combine(per_trial: list[dict]) -> dict:
@@ -275,16 +272,16 @@ def _combine(per_trial: list[dict]) -> dict:
     trials also each ratio's [min, max]."""
     if len(per_trial) == 1:
         return dict(per_trial[0])
-    row = {"distinct_adapters_used": int(_median([r["distinct_adapters_used"] for r in per_trial]))}
+    row = {"distinct_adapters_used": int(statistics.median(r["distinct_adapters_used"] for r in per_trial))}
     for key in ("engine", "base_only", "hf_generate", "peft_padded_generate"):
         if key in per_trial[0]:
             row[key] = _combine_runs([r[key] for r in per_trial])
     spread = {}
     for key in _RATIOS:
         if key in per_trial[0]:
-            vals = [r[key] for r in per_trial]
-            row[key] = _median(vals)
-            spread[key] = [min(vals), max(vals)]
+            stats = ratio_stats([r[key] for r in per_trial])
+            row[key] = stats["median"]
+            spread[key] = [stats["low"], stats["high"]]
     row["ratio_range"] = spread
     return row
 
@@ -345,5 +342,7 @@ def summary(result: dict) -> dict:
     if result.get("env", {}).get("device_type") == "cpu":
         note += ("; on a CPU at this toy size (hidden 256) per-step host work weighs more than on a real model: "
                  "bench/serving_e2e.py --model <folder> measures a real one")
+    # several trials: noise when the per-trial ratios spread wider than the effect (harness.ratio_stats)
+    noisy = ratio_stats([t["engine_over_peft"] for t in row["trials"]])["noisy"] if row and "trials" in row else None
     return summary_line("end-to-end", "engine / PEFT generate tokens/s", value, "x", "above", 1.0,
-                        "above 1: the engine serves more tokens/s", None, note=note)
+                        "above 1: the engine serves more tokens/s", noisy, note=note)
