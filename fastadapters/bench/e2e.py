@@ -167,8 +167,8 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
             with_peft: bool = True, parity: int = 8, seed: int = 0, backend: str | None = None,
             with_hf: bool = True, trials: int = 1) -> dict:
     """``trials`` > 1: each A is measured that many times, the engine, its base-only run, HF's
-    generate and PEFT interleaved within each trial (their order rotated from trial to trial) on a fresh prompt set
-    and Zipf draw per trial; a row then holds the per-trial records (``trials``), the median of
+    generate and PEFT interleaved within each trial (their order rotated from trial to trial) on a
+    fresh prompt set and Zipf draw per trial; a row then holds the per-trial records (``trials``), the median of
     each throughput and of each per-trial ratio, and each ratio's range (``ratio_range``). A ratio
     is taken within one trial, so the machine's drift between trials cancels in it."""
     from .harness import environment
@@ -309,9 +309,9 @@ def render_e2e(result: dict) -> str:
                         f"{hf['tok_per_s']:.1f} tok/s")
     trials = result.get("trials", 1)
     if trials > 1:
-        lines.insert(1, f"median of {trials} trials (engine, base-only, HF generate and PEFT interleaved in each, order rotated; "
-                        "fresh prompts and Zipf draw per trial); a ratio is the median of the per-trial ratios, "
-                        "its range in brackets")
+        lines.insert(1, f"median of {trials} trials (engine, base-only, HF generate and PEFT interleaved in each, "
+                        "order rotated; fresh prompts and Zipf draw per trial); a ratio is the median of the "
+                        "per-trial ratios, its range in brackets")
 
     def ratio(r, key):
         lo_hi = r.get("ratio_range", {}).get(key)
