@@ -24,9 +24,9 @@ vLLM pads), its rows B..P-1 padding. Attention inside the graph:
   rounded up to a power of two (at least 16, at most ``max_model_len``), so a graph is captured per
   (P, W) actually met; the gather reads P x W positions per layer (padding at most 2x the step's
   longest context; a padding position reads its row's own position 0, masked: never another
-  request's blocks nor the unwritten tail of its own last block). A step with P x W > ``SDPA_GRAPH_MAX_POSITIONS`` (32768) runs
-  eagerly instead: there the padded gather (memory and time) would outgrow the eager step's
-  per-request reads.
+  request's blocks nor the unwritten tail of its own last block). A step with P x W >
+  ``SDPA_GRAPH_MAX_POSITIONS`` (32768) runs eagerly instead: there the padded gather (memory and
+  time) would outgrow the eager step's per-request reads.
 
 The rest of the step, either way:
 
