@@ -1,7 +1,8 @@
 // cpu_multi_adapter.cpp -- the multi-adapter op on the CPU, in place, one call per table.
 //
-// Built on first use by fastadapters/ops/cpu_ext.py (torch.utils.cpp_extension, a Python module
-// with one function), never at install time. Contract: fastadapters/ops/multi.py's docstring,
+// Built on first use by fastadapters/ops/cpu_ext.py (torch.utils.cpp_extension, a Python module:
+// cpu_multi_adapter_, and cpu_multi_adapter_calls_ that runs it for each rank bucket of a prepared
+// TableCalls in one call from Python), never at install time. Contract: fastadapters/ops/multi.py's docstring,
 // in place on y:
 //
 //   for m with s = row_slot[m] >= 0 and r = clamp(sizes[s], 0, R) > 0:
@@ -276,7 +277,44 @@ int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& 
   return gemm_rows;
 }
 
+// One layer phase's kernel calls, one per rank bucket: the serving router builds it once per layer
+// and batch shape and hands it over whole, so a phase costs one call from Python however many rank
+// buckets its rows use (fastadapters/serving/routing.py, Router.forward).
+struct TableCalls {
+  std::vector<at::Tensor> row_slot, down, up, sizes, scales, act_ids;
+  TableCalls(std::vector<at::Tensor> rs, std::vector<at::Tensor> d, std::vector<at::Tensor> u,
+             std::vector<at::Tensor> sz, std::vector<at::Tensor> sc, std::vector<at::Tensor> ac)
+      : row_slot(std::move(rs)), down(std::move(d)), up(std::move(u)), sizes(std::move(sz)), scales(std::move(sc)),
+        act_ids(std::move(ac)) {
+    const size_t n = row_slot.size();
+    FA_CHECK(down.size() == n && up.size() == n && sizes.size() == n && scales.size() == n && act_ids.size() == n,
+             "TableCalls: expected lists of one length (one entry per rank bucket), got ", n, ", ", down.size(), ", ",
+             up.size(), ", ", sizes.size(), ", ", scales.size(), ", ", act_ids.size());
+  }
+  size_t size() const { return row_slot.size(); }
+};
+
+// cpu_multi_adapter_ for each entry of `calls` in turn, on the same y and x (the buckets' rows are
+// disjoint: a row has one adapter, in one bucket); returns the GEMM-path rows of all of them.
+int64_t cpu_multi_adapter_calls_(at::Tensor y, const at::Tensor& x, const TableCalls& calls, int64_t gemm_min_rows) {
+  int64_t gemm_rows = 0;
+  for (size_t i = 0; i < calls.size(); ++i)
+    gemm_rows += cpu_multi_adapter_(y, x, calls.row_slot[i], calls.down[i], calls.up[i], calls.sizes[i],
+                                    calls.scales[i], calls.act_ids[i], gemm_min_rows);
+  return gemm_rows;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_multi_adapter_", &cpu_multi_adapter_,
         "y += per-row adapter deltas in place (fastadapters.ops.multi contract); returns the GEMM-path rows");
+  pybind11::class_<TableCalls>(m, "TableCalls", pybind11::module_local())
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+           "row_slot, down, up, sizes, scales, act_ids: one list entry per rank bucket")
+      .def("__len__", &TableCalls::size)
+      .def_readonly("row_slot", &TableCalls::row_slot)
+      .def_readonly("down", &TableCalls::down)
+      .def_readonly("up", &TableCalls::up);
+  m.def("cpu_multi_adapter_calls_", &cpu_multi_adapter_calls_,
+        "cpu_multi_adapter_ for every entry of a TableCalls on the same y and x; returns the GEMM-path rows");
 }

@@ -101,7 +101,8 @@ def is_built() -> bool:
 
 
 def load_cpu_extension(verbose: bool = False):
-    """The compiled module (its one function: ``cpu_multi_adapter_``); builds it on first use.
+    """The compiled module (``cpu_multi_adapter_``, and ``TableCalls`` / ``cpu_multi_adapter_calls_``
+    for the serving router's one call per layer phase); builds it on first use.
     Raises CpuExtensionUnavailable with the reason (and remembers it: no second attempt)."""
     global _LOADED, _FAILED
     if _LOADED is not None:

@@ -18,7 +18,9 @@ removed or changed) and the batch's adapters are made resident in device slots. 
 mh rows feed x + f(x) to the LoRA/parallel phase too, exactly as LLM-Adapters' mh placement
 (a linear carries one adapter per row, so this only matters for the row's own adapter). The
 per-row metadata (slot per token, rows sorted by slot, tiles) is built once per input shape, so
-one forward pays for it once and every layer and phase shares it. Layers see (B, T, K) inputs, or
+one forward pays for it once and every layer and phase shares it. On the CPU, for inference, each
+layer phase is one call of the C++ kernel over all its rank buckets, with arguments prepared once
+per layer and input shape (``Router._fast_entry``). Layers see (B, T, K) inputs, or
 (B*T, K) with each row's tokens adjacent; a layer that permutes tokens (mixture-of-experts
 dispatch) is not supported.
 
@@ -82,6 +84,7 @@ class Router:
         self.in_generate = 0
         self.graph = False  # graph mode (``freeze``): the engine's CUDA-graph decode steps
         self._plans: dict[tuple[int, int, str], MultiPlan] = {}
+        self._fast: dict = {}  # per (layer, input shape, dtype): the C++ kernel's calls, see _fast_entry
         self._lock = threading.Lock()
         self._assign()
 
@@ -93,6 +96,7 @@ class Router:
         self._set_rows(self.store.acquire(used))
         self.version = self.store.version
         self._plans = {}
+        self._fast = {}
 
     def _set_rows(self, slots: dict) -> None:
         """Per rank bucket, each row's slot in that bucket's tables (-1: not this bucket)."""
@@ -134,6 +138,7 @@ class Router:
             build_plan(per_tok.to(plan.row_slot.device), plan.num_slots, plan.block_m, out=plan)
             kept[key] = plan
         self._plans = kept
+        self._fast = {}
 
     def repack(self, names: list[str | None], lengths: list[int], force: bool = False) -> None:
         """Point a packed router (``lengths=...``) at a new batch in place: the serving engine's
@@ -152,6 +157,7 @@ class Router:
             self.version = self.store.version
         self.lengths = lengths
         self._plans = {}
+        self._fast = {}
         self.repacks = getattr(self, "repacks", 0) + 1
 
     def freeze(self, device) -> None:
@@ -166,6 +172,7 @@ class Router:
         self.call_buckets = self.store.buckets
         self.any_active = True
         self._plans = {}
+        self._fast = {}
         device = torch.device(device)
         n = len(self.lengths)
         for b in self.store.buckets:
@@ -284,11 +291,66 @@ class Router:
             cache[key] = ext
         return cache[key]
 
+    def _fast_entry(self, layer: AdapterLinear, x: torch.Tensor, tables, rows: int, tokens: int):
+        """The C++ CPU kernel's calls for this layer and input, built once per (layer, shape, dtype)
+        while the plans and the store's tables stay (``(ext, pre, post_in, post_out)``, a phase None
+        when it has no table, each phase one ``TableCalls`` over its rank buckets); False where a
+        layer call cannot take it (another backend, graph mode, tables or base weights of another
+        dtype): the general path then runs."""
+        backend = self.backend if self.backend is not None else layer.backend
+        ext = self._cpp_kernel(backend, x.device) if not self.graph else None
+        base_w = getattr(layer.base_layer, "weight", None)
+        if ext is None or not hasattr(ext, "TableCalls") or base_w is None or base_w.dtype != x.dtype:
+            return False
+        calls = []
+        for tabs in (tables.pre, tables.post_in, tables.post_out):
+            picked = [(b, tabs[b]) for b in self.call_buckets if b in tabs]
+            if any(t.down.dtype != x.dtype for _, t in picked):
+                return False
+            if not picked:
+                calls.append(None)
+                continue
+            plans = [self.plan(rows, tokens, x.device, b) for b, _ in picked]
+            calls.append(ext.TableCalls([p.row_slot for p in plans], [t.down for _, t in picked],
+                                        [t.up for _, t in picked], [t.sizes_host for _, t in picked],
+                                        [t.scales for _, t in picked], [t.act_host for _, t in picked]))
+        return (ext, *calls)
+
     def forward(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
         self._refresh_if_changed()
         tables = self.store.tables(layer)
         if tables is None or not self.any_active:
             return layer.base_layer(x)
+        # the CPU fast path: one prepared C++ call per phase (no per-bucket Python), for inference
+        # outside torch.compile on a contiguous input; the entry is rebuilt when the plans, the
+        # store's tables or the backend setting change
+        if not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
+            stamp = (self.store.layout, os.environ.get(dispatch.ENV_VAR))
+            if self._fast.get("stamp") != stamp:
+                self._fast = {"stamp": stamp}
+            key = (id(layer), x.shape, x.dtype, layer.backend, self.expand)
+            entry = self._fast.get(key)
+            if entry is None:
+                k = x.shape[-1]
+                rows = x.shape[0] if x.dim() > 1 else 1
+                batch = len(self.names) * self.expand
+                if x.dim() == 2 and rows != batch and batch and rows % batch == 0:
+                    rows = batch
+                entry = self._fast[key] = self._fast_entry(layer, x, tables, rows, x.numel() // max(rows * k, 1))
+            if entry is not False:
+                ext, pre, post_in, post_out = entry
+                x2 = x.view(-1, x.shape[-1])
+                if pre is not None:  # never into the caller's input
+                    x2 = x2.clone()
+                    ext.cpu_multi_adapter_calls_(x2, x2, pre, CPP_GEMM_MIN_ROWS)
+                y = layer.base_layer(x2)
+                if y.data_ptr() == x2.data_ptr() or not y.is_contiguous():  # not a fresh output of ours
+                    y = y.clone(memory_format=torch.contiguous_format)
+                if post_in is not None:
+                    ext.cpu_multi_adapter_calls_(y, x2, post_in, CPP_GEMM_MIN_ROWS)
+                if post_out is not None:
+                    ext.cpu_multi_adapter_calls_(y, y, post_out, CPP_GEMM_MIN_ROWS)
+                return y.view(*x.shape[:-1], y.shape[-1])
         k = x.shape[-1]
         rows = x.shape[0] if x.dim() > 1 else 1
         batch = len(self.names) * self.expand

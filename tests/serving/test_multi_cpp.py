@@ -217,7 +217,8 @@ def test_autograd_inputs_take_the_torch_path_with_a_warning(monkeypatch):
 
 def test_store_keeps_up_transposed_on_the_cpu_and_router_calls_the_kernel(ext, monkeypatch):
     """A routed forward of a mixed batch (LoRA of two ranks, series and parallel adapters) runs the
-    C++ kernel once per bucket table and gives what the torch backend gives."""
+    C++ kernel on every bucket table (the store's transposed ``up``) and gives what the torch
+    backend gives."""
     import fastadapters as fa
     from fastadapters.serving.store import get_store
     from .helpers import VOCAB, tiny_llama
@@ -249,6 +250,10 @@ def test_store_keeps_up_transposed_on_the_cpu_and_router_calls_the_kernel(ext, m
                 calls.append(a[4].stride())
                 return real(*a)
 
+            def cpu_multi_adapter_calls_(self, y, x, table_calls, m):  # the router's one call per phase
+                calls.extend(u.stride() for u in table_calls.up)
+                return ext.cpu_multi_adapter_calls_(y, x, table_calls, m)
+
         monkeypatch.setattr("fastadapters.ops.cpu_ext._LOADED", Spy())
         with fa.route(model, names):
             got = model(ids).logits
@@ -258,6 +263,90 @@ def test_store_keeps_up_transposed_on_the_cpu_and_router_calls_the_kernel(ext, m
     for t in (t for lt in store.layers.values() for t in lt.tables()):
         assert t.up.stride(1) == 1, "CPU tables keep up as (S, R, N) storage"
     assert all(st[1] == 1 for st in calls)
+
+
+def test_router_makes_one_kernel_call_per_phase_whatever_the_rank_buckets(ext, monkeypatch):
+    """The router's CPU fast path: a layer phase whose rows use four rank buckets (LoRA r 3 / 8 /
+    16 / 40 plus a Houlsby adapter) is one prepared ``cpu_multi_adapter_calls_`` call, never a
+    Python call per bucket; the prepared calls are built once per layer and input shape and reused
+    by the next forward of that shape; the packed (serving) and per-row routes give the torch
+    backend's logits; with grad enabled the general path runs instead (no prepared calls)."""
+    import fastadapters as fa
+    from fastadapters.patching import _wrappers
+    from fastadapters.serving.store import get_store
+    from .helpers import VOCAB, tiny_llama
+
+    model = tiny_llama(hidden=40)
+    for name, r in (("r3", 3), ("r8", 8), ("r16", 16), ("r40", 40)):
+        fa.patch(model, adapter="lora", r=r, alpha=8, name=name, target_modules=["q_proj", "v_proj", "o_proj"])
+    fa.patch(model, adapter="series", variant="houlsby", name="ser", bottleneck_size=6)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    names = ["r3", "r40", None, "r8", "ser", "r16", "r3"]
+    ids = torch.randint(3, VOCAB, (len(names), 11), generator=torch.Generator().manual_seed(2))
+    counts = {"calls_": 0, "direct": 0, "built": 0}
+    per_phase: list[int] = []
+
+    class Spy:
+        def __getattr__(self, k):
+            return getattr(ext, k)
+
+        def TableCalls(self, *lists):  # noqa: N802 (the extension's class name)
+            counts["built"] += 1
+            return ext.TableCalls(*lists)
+
+        def cpu_multi_adapter_(self, *a):
+            counts["direct"] += 1
+            return ext.cpu_multi_adapter_(*a)
+
+        def cpu_multi_adapter_calls_(self, y, x, calls, m):
+            counts["calls_"] += 1
+            per_phase.append(len(calls))
+            return ext.cpu_multi_adapter_calls_(y, x, calls, m)
+
+    with torch.no_grad():
+        with fa.route(model, names, backend="torch"):
+            want = model(ids).logits
+        monkeypatch.setattr("fastadapters.ops.cpu_ext._LOADED", Spy())
+        with fa.route(model, names) as router:
+            got = model(ids).logits
+            first = dict(counts)
+            again = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, got)
+    layers = [w for _, w in _wrappers(model)]
+    store = get_store(model)
+    phases = sum(bool(d) for w in layers for d in (store.tables(w).pre, store.tables(w).post_in,
+                                                        store.tables(w).post_out) if store.tables(w) is not None)
+    assert first["direct"] == 0 and first["calls_"] == phases, (first, phases)
+    assert max(per_phase) == 4, "the q/v/o phases hold the rows of four rank buckets in one call"
+    assert first["built"] == phases  # prepared once per layer phase ...
+    assert counts["built"] == phases and counts["calls_"] == 2 * phases  # ... and reused by the next forward
+    assert router._fast and all(e is not False for k, e in router._fast.items() if k != "stamp")
+
+    # grad enabled: the general path (its own kernel dispatch), no prepared calls, the same logits
+    counts.update(calls_=0, built=0, direct=0)
+    with fa.route(model, names):
+        general = model(ids).logits
+    assert counts["calls_"] == 0 and counts["built"] == 0 and counts["direct"] > 0
+    torch.testing.assert_close(general.detach(), got, atol=1e-6, rtol=1e-6)
+
+    # packed segments (the serving engine's step: one row of every request's tokens): the fast and
+    # the general path route each token to its own request's adapter alike (attention spans the
+    # whole packed row here, as the bare model computes it; the engine gives it per-request blocks)
+    lengths = [5, 1, 3, 11, 2, 7, 4]
+    packed_ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), fa.route(model, names, lengths=lengths):
+        packed_fast = model(packed_ids).logits
+    counts.update(calls_=0)
+    with fa.route(model, names, lengths=lengths):
+        packed_general = model(packed_ids).logits
+    assert counts["calls_"] == 0
+    torch.testing.assert_close(packed_fast, packed_general.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_threads_split_groups_without_changing_a_bit(ext):
