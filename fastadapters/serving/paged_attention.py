@@ -31,6 +31,13 @@ the batch took 0.35 / 0.64 / 1.28 ms against 0.75 / 0.96 / 1.92 ms for the loop 
 context 64 / 128 and B = 32 with 128; at 192 and beyond the gather and the padded SDPA cost more than
 the loop (``Engine(decode_batch_max_len=0)`` turns batching off).
 
+Why the batch gathers its rows every step rather than keeping them (tried and measured, not kept):
+dense per-layer rows kept from step to step, each decode step copying in only the new tokens,
+removed the gather (``index_select``, about 12 ms of a ~240 ms step at B = 32, SmolLM2-135M fp32,
+one thread), but SDPA then read rows that sit in memory instead of a buffer the gather had just
+written and cost about 6 ms more (op-level profile, self time normalised to the step's matmuls,
+two runs of each): about 1.5% net, for up to ``max_num_seqs`` x 128 more positions of KV memory.
+
 Score elements computed are ``sum_i heads * n_i * kv_len_i`` on the per-request path -- exactly those needed (the old
 packed path computed ``heads * T * (sum of all contexts + T)`` and masked most of them away).
 ``StepTables.score_elements`` / ``gathered_bytes`` count them for the tests.
