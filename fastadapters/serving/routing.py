@@ -291,6 +291,14 @@ class Router:
             cache[key] = ext
         return cache[key]
 
+    def _rows_tokens(self, x: torch.Tensor) -> tuple[int, int]:
+        """(rows, tokens per row) of a layer input, the key of its plans."""
+        rows = x.shape[0] if x.dim() > 1 else 1
+        batch = len(self.names) * self.expand
+        if x.dim() == 2 and rows != batch and batch and rows % batch == 0:
+            rows = batch  # a layer that sees (B*T, K): tokens of each row adjacent, row-major
+        return rows, x.numel() // max(rows * x.shape[-1], 1)
+
     def _fast_entry(self, layer: AdapterLinear, x: torch.Tensor, tables, rows: int, tokens: int):
         """The C++ CPU kernel's calls for this layer and input, built once per (layer, shape, dtype)
         while the plans and the store's tables stay (``(ext, pre, post_in, post_out)``, a phase None
@@ -331,12 +339,7 @@ class Router:
             key = (id(layer), x.shape, x.dtype, layer.backend, self.expand)
             entry = self._fast.get(key)
             if entry is None:
-                k = x.shape[-1]
-                rows = x.shape[0] if x.dim() > 1 else 1
-                batch = len(self.names) * self.expand
-                if x.dim() == 2 and rows != batch and batch and rows % batch == 0:
-                    rows = batch
-                entry = self._fast[key] = self._fast_entry(layer, x, tables, rows, x.numel() // max(rows * k, 1))
+                entry = self._fast[key] = self._fast_entry(layer, x, tables, *self._rows_tokens(x))
             if entry is not False:
                 ext, pre, post_in, post_out = entry
                 x2 = x.view(-1, x.shape[-1])
@@ -352,11 +355,7 @@ class Router:
                     ext.cpu_multi_adapter_calls_(y, y, post_out, CPP_GEMM_MIN_ROWS)
                 return y.view(*x.shape[:-1], y.shape[-1])
         k = x.shape[-1]
-        rows = x.shape[0] if x.dim() > 1 else 1
-        batch = len(self.names) * self.expand
-        if x.dim() == 2 and rows != batch and batch and rows % batch == 0:
-            rows = batch  # a layer that sees (B*T, K): tokens of each row adjacent, row-major
-        tokens = x.numel() // max(rows * k, 1)
+        rows, tokens = self._rows_tokens(x)
         x2 = x.reshape(-1, k)
         backend = self.backend if self.backend is not None else layer.backend
 
