@@ -84,7 +84,8 @@ class Router:
         self.in_generate = 0
         self.graph = False  # graph mode (``freeze``): the engine's CUDA-graph decode steps
         self._plans: dict[tuple[int, int, str], MultiPlan] = {}
-        self._fast: dict = {}  # per (layer, input shape, dtype): the C++ kernel's calls, see _fast_entry
+        self._fast: dict = {}  # per (layer, input shape, dtype, ...): the C++ kernel's calls, see _fast_entry
+        self._fast_stamp = None  # (store table layout, backend setting) the prepared calls were made for
         self._lock = threading.Lock()
         self._assign()
 
@@ -95,6 +96,10 @@ class Router:
         used = [n for n in self.names if n is not None and n != BASE]
         self._set_rows(self.store.acquire(used))
         self.version = self.store.version
+        self._drop_plans()
+
+    def _drop_plans(self) -> None:
+        """Forget the per-shape plans and the calls prepared from them (rebuilt on the next use)."""
         self._plans = {}
         self._fast = {}
 
@@ -156,8 +161,7 @@ class Router:
             self._set_rows(slots)
             self.version = self.store.version
         self.lengths = lengths
-        self._plans = {}
-        self._fast = {}
+        self._drop_plans()
         self.repacks = getattr(self, "repacks", 0) + 1
 
     def freeze(self, device) -> None:
@@ -171,8 +175,7 @@ class Router:
         self.graph = True
         self.call_buckets = self.store.buckets
         self.any_active = True
-        self._plans = {}
-        self._fast = {}
+        self._drop_plans()
         device = torch.device(device)
         n = len(self.lengths)
         for b in self.store.buckets:
@@ -334,8 +337,8 @@ class Router:
         # store's tables or the backend setting change
         if not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
             stamp = (self.store.layout, os.environ.get(dispatch.ENV_VAR))
-            if self._fast.get("stamp") != stamp:
-                self._fast = {"stamp": stamp}
+            if self._fast_stamp != stamp:
+                self._fast, self._fast_stamp = {}, stamp
             key = (id(layer), x.shape, x.dtype, layer.backend, self.expand)
             entry = self._fast.get(key)
             if entry is None:
