@@ -52,6 +52,7 @@ __all__ = ["create_app", "APIError", "Limits"]
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
           "/v1/unload_lora_adapter")
 ACCESS_LOG = logging.getLogger("fastadapters.serve.access")
+LOG = logging.getLogger("fastadapters.serve")
 _WATCH, _LOG = "fastadapters.disconnect", "fastadapters.log"
 _GONE = object()  # queued when the client went away
 
@@ -270,6 +271,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     # a text prompt longer than this cannot fit the context, whatever its tokens (no token is longer)
     max_prompt_chars = engine.max_model_len * max((len(t) for t in vocab), default=64)
     tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-tokenize")
+    ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
 
     @asynccontextmanager
     async def lifespan(app):
@@ -289,6 +291,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     app = FastAPI(title="fastadapters serve", lifespan=lifespan)
     app.state.engine = engine
     app.state.limits = limits
+    app.state.ignored_fields = ignored_fields
     app.add_middleware(_Guard, limits=limits, metrics=metrics, api_key=api_key)
 
     def openapi() -> dict:
@@ -367,13 +370,24 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         max_tokens = body.max_tokens
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
-        params = SamplingParams(max_tokens=max_default if max_tokens is None else max_tokens,
-                                temperature=1.0 if body.temperature is None else body.temperature,
-                                top_p=1.0 if body.top_p is None else body.top_p,
-                                top_k=0 if body.top_k is None else body.top_k, seed=body.seed, stop=stop,
-                                ignore_eos=body.ignore_eos)
+        for name in body.ignored():
+            if name not in ignored_fields:  # said once per field name, as vLLM does
+                ignored_fields.add(name)
+                LOG.warning("fastadapters serve: request field %r is not one this server knows; it was ignored",
+                            name[:60])
         try:
-            params.validate()
+            params = SamplingParams(max_tokens=max_default if max_tokens is None else max_tokens,
+                                    temperature=1.0 if body.temperature is None else body.temperature,
+                                    top_p=1.0 if body.top_p is None else body.top_p,
+                                    top_k=0 if body.top_k is None else body.top_k, seed=body.seed, stop=stop,
+                                    ignore_eos=body.ignore_eos,
+                                    min_p=0.0 if body.min_p is None else body.min_p,
+                                    presence_penalty=body.presence_penalty or 0.0,
+                                    frequency_penalty=body.frequency_penalty or 0.0,
+                                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                                    logit_bias=body.token_bias(), min_tokens=body.min_tokens or 0,
+                                    stop_token_ids=list(body.stop_token_ids or []))
+            params.validate(vocab_size=engine.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
         return params

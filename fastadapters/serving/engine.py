@@ -103,7 +103,7 @@ from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
 from .lm_head import lm_head
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
-from .sampling import SamplingParams, make_generator, sample_rows
+from .sampling import LogitsState, SamplingParams, make_generator, process_rows, sample_rows
 from .scheduler import QueueFull, Request, Scheduler, Status
 
 __all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError",
@@ -243,7 +243,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                on_output: Callable[[RequestOutput], Any] | None = None, request_id: str | None = None) -> Request:
         """Queue a request; ValueError subclasses name what was wrong, QueueFull when the queue is full."""
-        params.validate()
+        params.validate(vocab_size=self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise PromptError("stop strings need a tokenizer; this engine has none")
         if not isinstance(prompt_ids, list) or not prompt_ids:
@@ -813,6 +813,17 @@ class Engine:
                 return
             x = logits if len(rows) == logits.shape[0] else logits.index_select(
                 0, torch.tensor(rows, device=logits.device))
+            processed = [j for j, r in enumerate(done) if r.params.processed]
+            if processed:  # logits processors (penalties, logit_bias, min_tokens): only these rows pay
+                states = []
+                for j in processed:
+                    req = done[j]
+                    st = req.metadata.get("logits_state")
+                    if st is None:
+                        st = req.metadata["logits_state"] = LogitsState(req.params, x.shape[-1], x.device, self.eos_ids)
+                    st.update(req.prompt_ids, req.output_ids)
+                    states.append(st)
+                x = process_rows(x, processed, states, [len(done[j].output_ids) for j in processed])
             tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
             for req, token, error in zip(done, tokens, errors):
                 if error is not None:  # this request's numbers went wrong: it ends alone
@@ -918,8 +929,8 @@ class Engine:
     # -- outputs -----------------------------------------------------------------------------------
     def _after_token(self, req: Request, token: int) -> None:
         reason = None
-        if not req.params.ignore_eos and token in self.eos_ids:
-            reason = "stop"
+        if (not req.params.ignore_eos and token in self.eos_ids) or token in req.params.stop_token_ids:
+            reason = "stop"  # its text is left out (``_new_text``)
         elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + req.num_tokens >= self.max_model_len:
             reason = "length"
         if self._out_thread is not None:  # the output thread makes the text and the output (_process_event)
@@ -949,7 +960,10 @@ class Engine:
         if state is None:
             state = req.metadata["detok"] = DetokState()
             req.metadata["held"], req.metadata["skip"] = "", 0
-        committed, pending = detokenize(self.tokenizer, req.output_ids if ids is None else ids, state)
+        ids = req.output_ids if ids is None else ids
+        if reason == "stop":  # an EOS or a stop token ended it (a stop string is found below): not its text
+            ids = ids[:-1]
+        committed, pending = detokenize(self.tokenizer, ids, state)
         # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
         # (a space before a split character, emitted while the character was still pending)
         held = req.metadata["held"] + committed

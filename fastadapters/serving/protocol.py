@@ -1,12 +1,18 @@
 """The OpenAI-compatible request bodies (pydantic) and the OpenAI-shaped error body.
 
-Only what the server implements is declared; other OpenAI fields are accepted and ignored, except
-those that would change the result and are not supported (``n`` > 1, ``logprobs``, ``best_of``),
-which are refused with a 400 rather than silently dropped (``logprobs: 0`` included: it asks for
-the sampled token's log-probability). Numbers and strings are strict: a string where a number
-belongs is a 400, not coerced; a string that is not valid Unicode (a lone UTF-16 surrogate, which
-JSON's ``\\ud800`` escapes can carry) is a 400 too. ``top_k`` and ``ignore_eos`` are vLLM's
-extensions, with vLLM's meaning.
+Declared here is what the server implements: OpenAI's sampling fields (``temperature``, ``top_p``,
+``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``max_tokens`` /
+``max_completion_tokens``) and vLLM's extensions with vLLM's meaning (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``). A field that would
+change the result and is not supported (``n`` > 1, ``logprobs``, ``best_of``, ``response_format``
+other than text, guided / structured decoding, beam search, ...) is refused with a 400 naming it,
+never silently dropped (``logprobs: 0`` included: it asks for the sampled token's log-probability);
+a field given with the value that asks for nothing (null, false, the default) is accepted. Fields
+known to leave the output alone (``user``, ``metadata``, ``store``, ...) are accepted; any other
+field is accepted and ignored, and the server logs its name once (``ignored_fields``), as vLLM does.
+Numbers and strings are strict: a string where a number belongs is a 400, not coerced; a string
+that is not valid Unicode (a lone UTF-16 surrogate, which JSON's ``\\ud800`` escapes can carry) is
+a 400 too.
 """
 from __future__ import annotations
 
@@ -72,24 +78,74 @@ class _Sampling(BaseModel):
     n: StrictInt = 1
     ignore_eos: StrictBool = False
     user: Text | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None
+    min_p: Number | None = None
+    min_tokens: StrictInt | None = None
+    logit_bias: dict[Text, Number] | None = None
+    stop_token_ids: list[StrictInt] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a field this server cannot honour; None if there is none."""
         if self.n != 1:
             return "n", f"n: got {self.n}; this server returns one choice per request (n = 1)"
         extra = self.model_extra or {}
-        for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "best_of"):
+        for key, asks_nothing in UNSUPPORTED.items():
             if key not in extra:
                 continue
             value = extra[key]
-            if value is None or value is False or (key == "suffix" and value == "") \
-                    or (key in ("tools", "functions") and value == []) \
-                    or (key in ("best_of", "top_logprobs") and type(value) is int and value == (key == "best_of")):
-                continue  # the value that asks for nothing
+            if value is None or asks_nothing(value):
+                continue
             shown = repr(value)
             shown = shown if len(shown) <= 40 else shown[:40] + "..."
             return key, f"{key} is not supported by this server (got {shown}); omit it or send null"
         return None
+
+    def ignored(self) -> list[str]:
+        """The names of this body's fields that the server neither uses nor knows to be harmless."""
+        return [k for k in (self.model_extra or {}) if k not in UNSUPPORTED and k not in HARMLESS]
+
+    def token_bias(self) -> dict[int, float]:
+        """``logit_bias`` with integer token ids (OpenAI sends them as strings); ValueError names a bad key."""
+        out = {}
+        for k, v in (self.logit_bias or {}).items():
+            try:
+                out[int(k)] = float(v)
+            except ValueError:
+                shown = repr(k) if len(k) <= 40 else repr(k[:40]) + "..."
+                raise ValueError(f"logit_bias: key {shown} is not a token id; valid: token ids as decimal "
+                                 "strings, e.g. {\"50256\": -100}") from None
+        return out
+
+
+def _false(v):
+    return v is False
+
+
+def _empty(v):
+    return v == [] or v == {} or v == ""
+
+
+# fields that change the result and that this server does not implement -> does this value ask
+# for nothing (then the request is served; None always does)
+UNSUPPORTED = {
+    "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0, "prompt_logprobs": _false,
+    "echo": _false, "suffix": _empty, "tools": _empty, "functions": _empty, "tool_choice": lambda v: v == "none",
+    "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,
+    "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
+    "guided_json": _empty, "guided_regex": _empty, "guided_choice": _empty, "guided_grammar": _empty,
+    "structured_outputs": _empty, "guided_whitespace_pattern": _empty,
+    "bad_words": _empty, "allowed_token_ids": _empty, "truncate_prompt_tokens": lambda v: False,
+    "include_stop_str_in_output": _false, "skip_special_tokens": lambda v: v is True,
+    "spaces_between_special_tokens": lambda v: v is True, "add_generation_prompt": lambda v: v is True,
+    "continue_final_message": _false, "chat_template": _empty, "chat_template_kwargs": _empty,
+    "modalities": lambda v: v == ["text"], "audio": lambda v: False,
+}
+# fields that leave the output alone (bookkeeping, hints, options of features not asked for)
+HARMLESS = {"metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "priority", "request_id",
+            "length_penalty", "stream_options", "function_call", "reasoning_effort", "web_search_options",
+            "cache_salt", "return_tokens_as_token_ids"}
 
 
 class CompletionRequest(_Sampling):

@@ -1,4 +1,4 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seeded, and stop conditions.
+"""Per-request sampling: greedy, temperature, top-k, top-p, min-p, seeded, logits processors, stops.
 
     params = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9, top_k=40, seed=1, stop=["\\n\\n"])
     params.validate(vocab_size=...)                 # ValueError naming the bad field and what is valid
@@ -9,15 +9,34 @@ by a tinier temperature overflows to inf/NaN). Otherwise the logits are
 divided by the temperature, filtered to the ``top_k`` largest and then to the smallest set whose
 probability reaches ``top_p`` (the most likely token always kept), and one token is drawn with the
 request's own ``torch.Generator``: seeded from ``seed`` when given, so the same request reproduces
-its tokens whatever else is batched with it.
+its tokens whatever else is batched with it. ``min_p`` (vLLM's) drops, after the temperature and
+before top-k, the tokens whose probability is below ``min_p`` times the most likely one's.
+
+Logits processors, applied to a request's row before greedy or sampled choice (``process_rows``),
+with OpenAI's and vLLM's meanings and in vLLM's order:
+
+  logit_bias         {token id: bias in [-100, 100]} added to those logits
+  min_tokens         until the output has this many tokens, EOS and ``stop_token_ids`` get -inf
+  repetition_penalty (vLLM / CTRL) every token of the prompt or the output so far: a positive logit
+                     divided by it, a negative one multiplied (1: off)
+  frequency_penalty  subtracted once per time the token occurs in the output so far, in [-2, 2]
+  presence_penalty   subtracted once if the token occurs in the output so far, in [-2, 2]
+
+The token history they need is kept per request (``LogitsState``: counts over the vocabulary on
+the logits' device), brought up to date with only the tokens added since the last step, so the
+work per token does not grow with the output's length. Requests that use none of them cost
+nothing. ``stop_token_ids``: generating one of these ends the request (reason "stop"), and like
+EOS its text is left out of the output text (the token stays in the output ids).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "sample_next", "sample_rows", "make_generator", "GREEDY_BELOW", "is_greedy"]
+__all__ = ["SamplingParams", "sample_next", "sample_rows", "make_generator", "GREEDY_BELOW", "is_greedy",
+           "LogitsState", "process_rows"]
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
@@ -35,10 +54,38 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
 
-    def validate(self) -> None:
+    MAX_LOGIT_BIAS = 1024  # entries
+    MAX_STOP_TOKEN_IDS = 64
+
+    @property
+    def processed(self) -> bool:
+        """Does this request's row go through a logits processor (``process_rows``)?"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """ValueError naming the first bad field and what is valid; token ids are checked against
+        ``vocab_size`` when it is given."""
         def bad(name, value, valid):
-            raise ValueError(f"{name}: got {value!r}; valid: {valid}")
+            shown = repr(value)
+            raise ValueError(f"{name}: got {shown if len(shown) <= 60 else shown[:60] + '...'}; valid: {valid}")
+
+        def number(value):
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+        def token_id(value):
+            return not isinstance(value, bool) and isinstance(value, int) and value >= 0 \
+                and (vocab_size is None or value < vocab_size)
+
+        ids = "token ids in [0, vocab size)" if vocab_size is None else f"token ids in [0, {vocab_size})"
 
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad("max_tokens", self.max_tokens, "an integer >= 1")
@@ -53,6 +100,27 @@ class SamplingParams:
             bad("seed", self.seed, "an integer or null")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", self.stop, "a list of non-empty strings")
+        if not number(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", self.min_p, "a number in [0, 1] (0: off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not number(value) or not -2 <= value <= 2:
+                bad(name, value, "a number in [-2, 2] (0: off)")
+        if not number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
+            bad("repetition_penalty", self.repetition_penalty, "a number in (0, 100] (1: off)")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > self.MAX_LOGIT_BIAS:
+            bad("logit_bias", self.logit_bias, f"a map of at most {self.MAX_LOGIT_BIAS} token ids to biases")
+        for k, v in self.logit_bias.items():
+            if not token_id(k):
+                bad("logit_bias", k, f"keys: {ids}")
+            if not number(v) or not -100 <= v <= 100:
+                bad("logit_bias", v, "biases: numbers in [-100, 100]")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"an integer in [0, max_tokens = {self.max_tokens}]")
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
+                or not all(token_id(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -78,6 +146,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 def _draw(x: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """One token id (a 1-element tensor on ``x``'s device) from a (vocab,) float row."""
     x = x / float(params.temperature)
+    if params.min_p > 0:
+        probs = torch.softmax(x, dim=-1)
+        x = x.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k and params.top_k > 0 and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -116,3 +187,59 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         if flag:
             errors[j] = "the model produced non-finite logits (NaN or inf) for this request"
     return host[0], errors
+
+
+class LogitsState:
+    """A request's token history for the logits processors: output token counts (presence and
+    frequency penalties) and a mask of the prompt's and output's tokens (repetition penalty), on the
+    logits' device, brought up to date with only the tokens added since the last ``update``.
+    ``banned``: the ids ``min_tokens`` holds back (EOS unless ``ignore_eos``, and ``stop_token_ids``)."""
+
+    def __init__(self, params: SamplingParams, vocab: int, device, eos_ids=()):
+        self.params = params
+        self.vocab, self.device = vocab, device
+        self.counted = 0  # output tokens already in ``counts`` / ``seen``
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device) \
+            if params.presence_penalty or params.frequency_penalty else None
+        self.seen = None  # filled with the prompt on the first update
+        self.bias_ids = self.bias = self.banned = None
+        if params.logit_bias:
+            self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+            self.bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+        banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids)))
+        if params.min_tokens and banned:
+            self.banned = torch.tensor(banned, dtype=torch.long, device=device)
+
+    def update(self, prompt_ids: list[int], output_ids: list[int]) -> None:
+        if self.params.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+            if prompt_ids:
+                self.seen[torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        new = output_ids[self.counted:]
+        if new:
+            idx = torch.tensor(new, dtype=torch.long, device=self.device)
+            if self.counts is not None:
+                self.counts.index_add_(0, idx, torch.ones(len(new), dtype=torch.float32, device=self.device))
+            if self.seen is not None:
+                self.seen[idx] = True
+        self.counted = len(output_ids)
+
+
+def process_rows(logits: torch.Tensor, rows: list[int], states: list[LogitsState],
+                 output_lens: list[int]) -> torch.Tensor:
+    """``logits`` (R, V) with the processors of row ``rows[i]`` applied from ``states[i]``, whose
+    output has ``output_lens[i]`` tokens so far (a new fp32 tensor; the input is not written)."""
+    out = logits.float().clone()
+    for j, st, n in zip(rows, states, output_lens):
+        p = st.params
+        row = out[j]
+        if st.bias is not None:
+            row.index_add_(0, st.bias_ids, st.bias)
+        if st.banned is not None and n < p.min_tokens:
+            row.index_fill_(0, st.banned, float("-inf"))
+        if st.seen is not None:
+            row.copy_(torch.where(st.seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                       row * p.repetition_penalty), row))
+        if st.counts is not None:
+            row.sub_(st.counts * p.frequency_penalty + (st.counts > 0).to(row.dtype) * p.presence_penalty)
+    return out

@@ -1,0 +1,233 @@
+"""Logits processors and token stops of the serving engine (sampling.py): OpenAI's presence /
+frequency penalties and logit_bias, vLLM's repetition_penalty, min_tokens, min_p and stop_token_ids.
+
+References are independent of the engine: transformers' own ``generate`` processors where it has
+them (repetition penalty, min_new_tokens), else a plain greedy loop over the whole sequence with the
+OpenAI formula applied in fp64. Each request is batched with other requests (base and adapters)
+whose tokens must equal their runs alone. Over HTTP: the fields reach the engine, bad values are
+400s naming the field, result-changing fields the server lacks are 400s, unknown fields are logged.
+"""
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+
+import fastadapters as fa
+from fastadapters.serving.api import create_app
+from fastadapters.serving.sampling import LogitsState, SamplingParams, _draw, process_rows
+from .char_tokenizer import char_tokenizer
+from .live_server import live_server
+from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
+
+N = 8
+
+
+def test_process_rows_matches_an_fp64_reference_odd_vocab():
+    vocab, g = 67, torch.Generator().manual_seed(0)
+    logits = torch.randn(3, vocab, generator=g) * 3
+    prompt, out = [5, 9, 9, 66], [9, 12, 12, 12, 40]
+    p = SamplingParams(max_tokens=20, presence_penalty=0.7, frequency_penalty=-0.4, repetition_penalty=1.3,
+                       logit_bias={3: 5.5, 12: -2.0}, min_tokens=8, stop_token_ids=[40])
+    p.validate(vocab_size=vocab)
+    st = LogitsState(p, vocab, "cpu", eos_ids={2})
+    st.update(prompt, out[:2])
+    st.update(prompt, out)  # only the three new tokens are added
+    before = logits.clone()
+    got = process_rows(logits, [1], [st], [len(out)])
+    assert torch.equal(logits, before)  # the input is not written
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[2], logits[2])  # other rows untouched
+    ref = logits[1].double().clone()
+    for t, b in p.logit_bias.items():
+        ref[t] += b
+    ref[[2, 40]] = float("-inf")  # min_tokens: EOS and the stop token held back (5 < 8 tokens)
+    for t in set(prompt) | set(out):
+        ref[t] = ref[t] / 1.3 if ref[t] > 0 else ref[t] * 1.3
+    for t in set(out):
+        ref[t] -= out.count(t) * -0.4 + 0.7
+    torch.testing.assert_close(got[1].double(), ref, rtol=0, atol=1e-5)
+    # once the output is min_tokens long the stop tokens are free again
+    st.update(prompt, out + [1, 1, 1])
+    assert torch.isfinite(process_rows(logits, [1], [st], [8])[1]).all()
+    assert st.counted == 8 and st.counts[1] == 3
+
+
+def test_min_p_draws_only_tokens_near_the_most_likely():
+    x = torch.log(torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]))
+    g = torch.Generator().manual_seed(1)
+    drawn = {int(_draw(x, SamplingParams(temperature=1.0, min_p=0.25), g)) for _ in range(300)}
+    assert drawn == {0, 1}  # p >= 0.25 * 0.5
+    drawn = {int(_draw(x, SamplingParams(temperature=1.0), g)) for _ in range(300)}
+    assert drawn == {0, 1, 2, 3, 4}  # without min_p every token is reachable
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(logit_bias={64: 1.0}), "logit_bias"),
+    (dict(logit_bias={3: 101}), "logit_bias"), (dict(min_tokens=9), "min_tokens"), (dict(min_p=1.5), "min_p"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(stop_token_ids=[True]), "stop_token_ids")])
+def test_bad_values_are_refused_with_the_field_named(zoo, bad, field):
+    engine = tiny_engine()
+    with pytest.raises(ValueError, match=f"^{field}: got .*valid: "):
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=N, temperature=0, **bad))
+    assert engine.snapshot()["waiting"] == 0
+
+
+def _base(engine):
+    """The engine's model with no adapter active (``greedy_ref`` leaves the last one it ran active)."""
+    if fa.adapter_names(engine.model):
+        fa.set_adapter(engine.model, None)
+    return engine.model
+
+
+def _penalized_ref(model, ids, n, presence, frequency):
+    """Greedy with OpenAI's presence / frequency penalties, the whole sequence run at every step."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].double()
+            for t in set(out):
+                logits[t] -= frequency * out.count(t) + presence
+            out.append(int(logits.argmax()))
+    return out
+
+
+def _batched(engine, special, ps, others):
+    """Run ``special`` (prompt, params) with ``others`` (prompt, adapter) batched beside it; return
+    (the special request, the other requests)."""
+    plain = SamplingParams(max_tokens=N, temperature=0)
+    reqs = [engine.submit(p, plain, adapter=a) for p, a in others[:1]]
+    mine = engine.submit(ps, special)
+    reqs += [engine.submit(p, plain, adapter=a) for p, a in others[1:]]
+    engine.run_until_done()
+    for r, (p, a) in zip(reqs, others):
+        assert r.output_ids == greedy_ref(engine, a, p, N), a  # the neighbours are untouched
+    return mine
+
+
+def test_penalties_and_bias_in_a_mixed_batch_equal_their_references(zoo):
+    engine = tiny_engine(zoo, max_num_seqs=4, block_size=4)
+    ps = prompts([5, 9, 3, 7], seed=11)
+    others = [(ps[1], None), (ps[2], "lora_r4"), (ps[3], "houlsby")]
+    # presence / frequency: a fp64 greedy loop with OpenAI's formula
+    r = _batched(engine, SamplingParams(max_tokens=N, temperature=0, presence_penalty=1.5, frequency_penalty=1.0),
+                 ps[0], others)
+    ref = _penalized_ref(_base(engine), ps[0], N, 1.5, 1.0)
+    assert r.output_ids == ref and r.output_ids != greedy_ref(engine, None, ps[0], N)  # the penalty mattered
+    # repetition penalty: transformers' own processor (the prompt's and the output's tokens)
+    r = _batched(engine, SamplingParams(max_tokens=N, temperature=0, repetition_penalty=1.8), ps[0], others)
+    with torch.no_grad():
+        hf = _base(engine).generate(torch.tensor([ps[0]]), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                   repetition_penalty=1.8)[0, len(ps[0]):].tolist()
+    assert r.output_ids == hf and hf != greedy_ref(engine, None, ps[0], N)
+    # logit_bias: +100 makes a token certain; -100 takes the greedy first token away
+    r = _batched(engine, SamplingParams(max_tokens=N, temperature=0, logit_bias={17: 100}), ps[0], others)
+    assert r.output_ids == [17] * N
+    first = greedy_ref(engine, None, ps[0], 1)[0]
+    r = _batched(engine, SamplingParams(max_tokens=N, temperature=0, logit_bias={first: -100}), ps[0], others)
+    with torch.no_grad():
+        logits = _base(engine)(torch.tensor([ps[0]])).logits[0, -1]
+    assert r.output_ids[0] == int(logits.topk(2).indices[1]) != first
+    # sampled rows take the processors too: a certain token stays certain at temperature 1
+    r = _batched(engine, SamplingParams(max_tokens=N, temperature=1.0, seed=3, logit_bias={23: 100}), ps[0], others)
+    assert r.output_ids == [23] * N
+    assert_no_leaks(engine)
+
+
+def test_min_tokens_holds_back_eos_as_min_new_tokens_does(zoo):
+    engine = tiny_engine(zoo, max_num_seqs=4, block_size=4)
+    ps = prompts([6, 4, 8], seed=5)
+    eos = greedy_ref(engine, None, ps[0], 1)[0]  # the base model's first greedy token, made the EOS
+    engine.eos_ids = {eos}
+    r = engine.generate([ps[0]], SamplingParams(max_tokens=N, temperature=0))[0]
+    assert r.output_ids == [eos] and r.finish_reason == "stop"
+    r = _batched(engine, SamplingParams(max_tokens=N, temperature=0, min_tokens=5), ps[0],
+                 [(ps[1], "lora_r64"), (ps[2], "parallel")])
+    with torch.no_grad():
+        hf = _base(engine).generate(torch.tensor([ps[0]]), max_new_tokens=N, min_new_tokens=5, do_sample=False,
+                                   eos_token_id=eos, pad_token_id=0)[0, len(ps[0]):].tolist()
+    hf = hf[:hf.index(eos) + 1] if eos in hf else hf
+    assert r.output_ids == hf and len(hf) >= 5 and eos not in hf[:5]
+    assert r.finish_reason == ("stop" if hf[-1] == eos else "length")
+    assert_no_leaks(engine)
+
+
+def test_a_stop_token_ends_the_request_and_its_text_is_left_out(zoo):
+    engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=4, block_size=4)
+    tok = engine.tokenizer
+    ids = tok("hello there")["input_ids"]
+    g = greedy_ref(engine, "lora_r4", ids, 16)
+    k = next(i for i in range(1, 16) if g[i] not in g[:i])  # the first token that repeats none before it
+    outs = []
+    r = engine.submit(ids, SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[g[k]]), adapter="lora_r4",
+                      on_output=outs.append)
+    other = engine.submit(ids, SamplingParams(max_tokens=16, temperature=0), adapter="lora_r4")
+    engine.run_until_done()
+    assert r.output_ids == g[:k + 1] and r.finish_reason == "stop"
+    assert "".join(o.text for o in outs) == tok.decode(g[:k]) and outs[-1].finish_reason == "stop"
+    assert other.output_ids == g  # the same prompt and adapter without the stop token runs on
+    # the same with the engine's thread, where the output thread makes the text
+    engine.start()
+    try:
+        done, outs = threading.Event(), []
+        engine.submit(ids, SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[g[k]]), adapter="lora_r4",
+                      on_output=lambda o: (outs.append(o), o.finished and done.set()))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert "".join(o.text for o in outs) == tok.decode(g[:k]) and outs[-1].finish_reason == "stop"
+    assert outs[-1].completion_tokens == k + 1
+    # min_tokens holds a stop token back too
+    r = engine.generate([ids], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[g[0]], min_tokens=3),
+                        ["lora_r4"])[0]
+    assert len(r.output_ids) >= 3 and g[0] not in r.output_ids[:3]
+    assert_no_leaks(engine)
+
+
+@pytest.fixture(scope="module")
+def served(zoo):
+    torch.set_num_threads(1)
+    engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=4)
+    app = create_app(engine, "tiny")
+    with live_server(app) as url:
+        yield engine, app, url
+
+
+def _post(url, **body):
+    return httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 4,
+                                                     "temperature": 0, **body}, timeout=60)
+
+
+def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
+    engine, app, url = served
+    r = _post(url, logit_bias={"30": 100})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode([30] * 4)
+    r = _post(url, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.1, min_tokens=2,
+              stop_token_ids=[5])
+    assert r.status_code == 200, r.text
+    for body, field in ((dict(logit_bias={"abc": 1}), "logit_bias"), (dict(logit_bias={"64": 1}), "logit_bias"),
+                        (dict(presence_penalty=3), "presence_penalty"), (dict(min_tokens=9), "min_tokens"),
+                        (dict(presence_penalty="1"), None),
+                        (dict(response_format={"type": "json_object"}), "response_format"),
+                        (dict(guided_json={"type": "object"}), "guided_json"),
+                        (dict(use_beam_search=True), "use_beam_search"),
+                        (dict(include_stop_str_in_output=True), "include_stop_str_in_output")):
+        r = _post(url, **body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and (field is None or err["param"] == field), (body, err)
+    # the values that ask for nothing are served
+    r = _post(url, response_format={"type": "text"}, guided_json=None, use_beam_search=False, metadata={"a": "b"})
+    assert r.status_code == 200, r.text
+    # a field the server does not know is served and logged once by name
+    with caplog.at_level("WARNING", logger="fastadapters.serve"):
+        for _ in range(2):
+            assert _post(url, frobnicate_level=3).status_code == 200
+    said = [m for m in caplog.messages if "frobnicate_level" in m]
+    assert len(said) == 1 and "ignored" in said[0]
+    assert "frobnicate_level" in app.state.ignored_fields and "metadata" not in app.state.ignored_fields
+    assert_no_leaks(engine)
