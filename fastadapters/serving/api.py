@@ -272,6 +272,31 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     max_prompt_chars = engine.max_model_len * max((len(t) for t in vocab), default=64)
     tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-tokenize")
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
+    token_texts: dict[int, str] = {}
+
+    def token_text(i: int) -> str:
+        t = token_texts.get(i)
+        if t is None:
+            t = token_texts[i] = tokenizer.decode([i], skip_special_tokens=False)
+        return t
+
+    def logprobs_body(entries: list, chat: bool, offset: list[int]) -> dict:
+        """OpenAI's logprobs object for ``entries`` ((log-prob, [(id, log-prob) top k]) per token,
+        the token's id in the top list's place for chat); ``offset``: the text offset so far (updated)."""
+        if chat:
+            def item(i, lp):
+                t = token_text(i)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            return {"content": [dict(item(i, lp), top_logprobs=[item(j, lq) for j, lq in top])
+                                for i, lp, top in entries]}
+        tokens, offsets = [], []
+        for i, _, _ in entries:
+            tokens.append(token_text(i))
+            offsets.append(offset[0])
+            offset[0] += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{token_text(j): lq for j, lq in top} if top else None for _, _, top in entries],
+                "text_offset": offsets}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -386,7 +411,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     frequency_penalty=body.frequency_penalty or 0.0,
                                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                                     logit_bias=body.token_bias(), min_tokens=body.min_tokens or 0,
-                                    stop_token_ids=list(body.stop_token_ids or []))
+                                    stop_token_ids=list(body.stop_token_ids or []), logprobs=body.logprobs_k())
             params.validate(vocab_size=engine.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
@@ -463,9 +488,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if watch is not None:
             watch.add(gone)
         if body.stream:
-            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info),
+            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info, params.logprobs is not None),
                                      media_type="text/event-stream")
-        text, reason, usage = [], None, None
+        text, reason, usage, lps = [], None, None, []
         try:
             while True:
                 out = await queue.get()
@@ -473,6 +498,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                     info["finish"] = "client_gone"
                     return Response(status_code=499)  # nobody reads it; the access log does
                 text.append(out.text)
+                lps.extend(out.logprobs or ())
                 info["completion_tokens"] = out.completion_tokens
                 if out.finished:
                     reason, usage = out.finish_reason, _usage(out)
@@ -489,27 +515,33 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             if reason is None:
                 engine.abort(rid)  # cancelled (client gone, server stopping) or failed: free its blocks
         now = int(time.time())
+        logprobs = None if params.logprobs is None else logprobs_body(lps, chat, [0])
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": logprobs,
                       "finish_reason": reason}
             return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
                     "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": "".join(text), "logprobs": logprobs, "finish_reason": reason}
         return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
                 "choices": [choice], "usage": usage}
 
-    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info):
+    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info, with_logprobs: bool):
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         finished = False
+        pending, offset = [], [0]  # log-probabilities of tokens whose text has not been sent; text offset
 
         def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
+            logprobs = None
+            if with_logprobs and not first:  # a chunk carries the tokens since the last one (text held
+                logprobs = logprobs_body(pending, chat, offset)  # back for a stop string goes out later)
+                pending.clear()
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
             if include_usage:
                 data["usage"] = None
@@ -524,6 +556,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                     info["finish"] = "client_gone"
                     return
                 info["completion_tokens"] = out.completion_tokens
+                pending.extend(out.logprobs or ())
                 if out.finished:
                     finished = True
                     info["finish"] = out.finish_reason

@@ -103,7 +103,7 @@ from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
 from .lm_head import lm_head
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
-from .sampling import LogitsState, SamplingParams, make_generator, process_rows, sample_rows
+from .sampling import LogitsState, SamplingParams, make_generator, process_rows, sample_rows, token_logprobs
 from .scheduler import QueueFull, Request, Scheduler, Status
 
 __all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError",
@@ -128,6 +128,8 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # with SamplingParams.logprobs: per token of token_ids, (id, its log-probability, [(id, log-prob) top k])
+    logprobs: list | None = None
 
 
 class Engine:
@@ -543,7 +545,8 @@ class Engine:
                 self._out_final(req, RequestOutput(req.request_id, [], "", True, "error", len(req.prompt_ids), n,
                                                    f"{type(e).__name__}: {e}"), request_error=True)
                 return
-        out = RequestOutput(req.request_id, [token], text, reason is not None, reason, len(req.prompt_ids), n)
+        out = RequestOutput(req.request_id, [token], text, reason is not None, reason, len(req.prompt_ids), n,
+                            logprobs=self._token_logprobs(req, n - 1, n))
         if reason is None:
             self._deliver(req, out)
         else:
@@ -823,15 +826,22 @@ class Engine:
                         st = req.metadata["logits_state"] = LogitsState(req.params, x.shape[-1], x.device, self.eos_ids)
                     st.update(req.prompt_ids, req.output_ids)
                     states.append(st)
-                x = process_rows(x, processed, states, [len(done[j].output_ids) for j in processed])
+                raw, x = x, process_rows(x, processed, states, [len(done[j].output_ids) for j in processed])
+            else:
+                raw = x
             tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
-            for req, token, error in zip(done, tokens, errors):
+            asked = [j for j, r in enumerate(done) if r.params.logprobs is not None and errors[j] is None]
+            lps = dict(zip(asked, token_logprobs(raw, asked, [done[j].params.logprobs for j in asked], tokens))) \
+                if asked else {}
+            for j, (req, token, error) in enumerate(zip(done, tokens, errors)):
                 if error is not None:  # this request's numbers went wrong: it ends alone
                     self.stats["request_errors"] += 1
                     req.metadata["counted_error"] = True
                     self._finish(req, "error", error=error)
                     continue
                 req.output_ids.append(token)
+                if j in lps:  # aligned with output_ids (read by the output thread by position)
+                    req.metadata.setdefault("logprobs", []).append((token, *lps[j]))
                 self.stats["generation_tokens"] += 1
                 try:
                     self._after_token(req, token)
@@ -945,8 +955,9 @@ class Engine:
         if reason is not None:
             self._finish(req, reason, last=[token], text=text)
         else:
-            self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids),
-                                          len(req.output_ids)))
+            n = len(req.output_ids)
+            self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids), n,
+                                          logprobs=self._token_logprobs(req, n - 1, n)))
 
     def _new_text(self, req: Request, reason: str | None, ids: list[int] | None = None) -> tuple[str, str | None]:
         """The text this token makes final, and the finish reason (a stop string sets "stop").
@@ -1032,12 +1043,20 @@ class Engine:
             self.stats[f"finished_{reason}"] += 1
         if not emit:
             return
-        out = RequestOutput(req.request_id, last or [], text, True, reason, len(req.prompt_ids), len(req.output_ids),
-                            error)
+        n = len(req.output_ids)
+        out = RequestOutput(req.request_id, last or [], text, True, reason, len(req.prompt_ids), n, error,
+                            logprobs=self._token_logprobs(req, n - len(last or []), n))
         if self._out_thread is not None:
             self._out_pending.append((req, None, 0, reason, out))
         else:
             self._emit(req, out)
+
+    @staticmethod
+    def _token_logprobs(req: Request, start: int, end: int) -> list | None:
+        """The log-probability entries of output tokens [start, end) (None: the request asked for none)."""
+        if req.params.logprobs is None:
+            return None
+        return req.metadata.get("logprobs", [])[start:end]
 
     # -- introspection (metrics, leak checks) --------------------------------------------------------
     def snapshot(self) -> dict:

@@ -3,11 +3,11 @@
 Declared here is what the server implements: OpenAI's sampling fields (``temperature``, ``top_p``,
 ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``max_tokens`` /
 ``max_completion_tokens``) and vLLM's extensions with vLLM's meaning (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``). A field that would
-change the result and is not supported (``n`` > 1, ``logprobs``, ``best_of``, ``response_format``
-other than text, guided / structured decoding, beam search, ...) is refused with a 400 naming it,
-never silently dropped (``logprobs: 0`` included: it asks for the sampled token's log-probability);
-a field given with the value that asks for nothing (null, false, the default) is accepted. Fields
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``). Log-probabilities:
+``logprobs: k`` (completions) and ``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. A
+field that would change the result and is not supported (``n`` > 1, ``prompt_logprobs``, ``echo``,
+``best_of``, ``response_format`` other than text, guided / structured decoding, beam search, ...)
+is refused with a 400 naming it, never silently dropped; a field given with the value that asks for nothing (null, false, the default) is accepted. Fields
 known to leave the output alone (``user``, ``metadata``, ``store``, ...) are accepted; any other
 field is accepted and ignored, and the server logs its name once (``ignored_fields``), as vLLM does.
 Numbers and strings are strict: a string where a number belongs is a 400, not coerced; a string
@@ -130,7 +130,7 @@ def _empty(v):
 # fields that change the result and that this server does not implement -> does this value ask
 # for nothing (then the request is served; None always does)
 UNSUPPORTED = {
-    "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0, "prompt_logprobs": _false,
+    "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0, "prompt_logprobs": _false,  # undeclared only
     "echo": _false, "suffix": _empty, "tools": _empty, "functions": _empty, "tool_choice": lambda v: v == "none",
     "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,
     "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
@@ -150,6 +150,10 @@ HARMLESS = {"metadata", "store", "service_tier", "parallel_tool_calls", "predict
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[StrictInt] | list[Text] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None  # the top k log-probabilities per token (OpenAI's legacy form)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -167,6 +171,15 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: only with logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: an integer in [0, 20]")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class LoadAdapterRequest(BaseModel):

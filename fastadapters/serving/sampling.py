@@ -27,6 +27,11 @@ the logits' device), brought up to date with only the tokens added since the las
 work per token does not grow with the output's length. Requests that use none of them cost
 nothing. ``stop_token_ids``: generating one of these ends the request (reason "stop"), and like
 EOS its text is left out of the output text (the token stays in the output ids).
+
+``logprobs = k`` (``token_logprobs``): each generated token's log-probability and the k most likely
+tokens with theirs, from the model's raw logits (before processors and temperature: vLLM's default),
+computed in fp32 on the device for those rows only; a log-probability of -inf is reported as -9999.0
+(JSON has no infinity; vLLM's choice).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["SamplingParams", "sample_next", "sample_rows", "make_generator", "GREEDY_BELOW", "is_greedy",
-           "LogitsState", "process_rows"]
+           "LogitsState", "process_rows", "token_logprobs"]
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
@@ -61,9 +66,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
 
     MAX_LOGIT_BIAS = 1024  # entries
     MAX_STOP_TOKEN_IDS = 64
+    MAX_LOGPROBS = 20  # OpenAI's and vLLM's limit on top_logprobs
 
     @property
     def processed(self) -> bool:
@@ -118,6 +125,10 @@ class SamplingParams:
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
                 or not 0 <= self.min_tokens <= self.max_tokens:
             bad("min_tokens", self.min_tokens, f"an integer in [0, max_tokens = {self.max_tokens}]")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
+            bad("logprobs", self.logprobs, f"null, or an integer in [0, {self.MAX_LOGPROBS}] (top log-probabilities "
+                                           "per token)")
         if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
                 or not all(token_id(t) for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")
@@ -242,4 +253,28 @@ def process_rows(logits: torch.Tensor, rows: list[int], states: list[LogitsState
                                                        row * p.repetition_penalty), row))
         if st.counts is not None:
             row.sub_(st.counts * p.frequency_penalty + (st.counts > 0).to(row.dtype) * p.presence_penalty)
+    return out
+
+
+LOGPROB_FLOOR = -9999.0
+
+
+def token_logprobs(raw: torch.Tensor, rows: list[int], ks: list[int], tokens: list[int]) -> list[tuple]:
+    """For row ``rows[i]`` of ``raw`` (R, V) logits, which gave ``tokens[rows[i]]``: (that token's
+    log-probability, [(token id, log-probability) of the ``ks[i]`` most likely tokens]). One
+    device-to-host copy for all rows."""
+    dev = raw.device
+    lp = torch.log_softmax(raw.index_select(0, torch.tensor(rows, device=dev)).float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor([tokens[j] for j in rows], device=dev)[:, None])[:, 0]
+    k = max(ks)
+    if k:
+        top = lp.topk(k, dim=-1)
+        host = torch.cat([chosen[:, None], top.values, top.indices.to(lp.dtype)], dim=1).tolist()
+    else:
+        host = chosen[:, None].tolist()
+    floor = LOGPROB_FLOOR
+    out = []
+    for row, ki in zip(host, ks):
+        vals, ids = row[1:1 + k], row[1 + k:]
+        out.append((max(row[0], floor), [(int(ids[i]), max(vals[i], floor)) for i in range(ki)]))
     return out

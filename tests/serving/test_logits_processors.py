@@ -4,11 +4,14 @@ frequency penalties and logit_bias, vLLM's repetition_penalty, min_tokens, min_p
 References are independent of the engine: transformers' own ``generate`` processors where it has
 them (repetition penalty, min_new_tokens), else a plain greedy loop over the whole sequence with the
 OpenAI formula applied in fp64. Each request is batched with other requests (base and adapters)
-whose tokens must equal their runs alone. Over HTTP: the fields reach the engine, bad values are
-400s naming the field, result-changing fields the server lacks are 400s, unknown fields are logged.
+whose tokens must equal their runs alone. Log-probabilities against an fp64 log-softmax of the
+model run alone. Over HTTP: the fields reach the engine, bad values are 400s naming the field,
+result-changing fields the server lacks are 400s, unknown fields are logged; logprobs in OpenAI's
+completions and chat shapes, streamed and not.
 """
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -187,6 +190,46 @@ def test_a_stop_token_ends_the_request_and_its_text_is_left_out(zoo):
     assert_no_leaks(engine)
 
 
+def _ref_logprobs(engine, adapter, ids, out):
+    """fp64 log-softmax of the model alone (``adapter`` active) at each output position."""
+    model = _base(engine)
+    if adapter is not None:
+        fa.set_adapter(model, engine.registry.entries[adapter].internal)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + out])).logits[0, len(ids) - 1:len(ids) + len(out) - 1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def test_logprobs_equal_an_fp64_reference_in_a_mixed_batch(zoo):
+    engine = tiny_engine(zoo, max_num_seqs=4, block_size=4)
+    ps = prompts([5, 9, 3], seed=21)
+    outs = {}
+    greedy3 = engine.submit(ps[0], SamplingParams(max_tokens=N, temperature=0, logprobs=3), adapter="lora_r64",
+                            on_output=lambda o: outs.setdefault("a", []).append(o))
+    plain = engine.submit(ps[1], SamplingParams(max_tokens=N, temperature=0), adapter="houlsby",
+                          on_output=lambda o: outs.setdefault("b", []).append(o))
+    sampled0 = engine.submit(ps[2], SamplingParams(max_tokens=N, temperature=1.0, seed=5, logprobs=0,
+                                                   presence_penalty=1.0),
+                             on_output=lambda o: outs.setdefault("c", []).append(o))
+    engine.run_until_done()
+    assert all(o.logprobs is None for o in outs["b"])
+    assert plain.output_ids == greedy_ref(engine, "houlsby", ps[1], N)
+    for req, key, adapter, k in ((greedy3, "a", "lora_r64", 3), (sampled0, "c", None, 0)):
+        entries = [e for o in outs[key] for e in o.logprobs]
+        assert [e[0] for e in entries] == req.output_ids  # one entry per token, in order
+        ref = _ref_logprobs(engine, adapter, ps[0] if key == "a" else ps[2], req.output_ids)
+        for pos, (tok, lp, top) in enumerate(entries):
+            # the raw model's log-probability, not the penalised one (vLLM's default)
+            assert abs(lp - ref[pos, tok].item()) < 1e-4, (key, pos)
+            assert len(top) == k
+            want = ref[pos].topk(k)
+            assert [i for i, _ in top] == want.indices.tolist()
+            assert max(abs(a - b) for (_, a), b in zip(top, want.values.tolist())) < 1e-4 if k else True
+    assert greedy3.output_ids == greedy_ref(engine, "lora_r64", ps[0], N)
+    assert all(e[2][0][0] == e[0] for o in outs["a"] for e in o.logprobs)  # greedy: the top token is the one taken
+    assert_no_leaks(engine)
+
+
 @pytest.fixture(scope="module")
 def served(zoo):
     torch.set_num_threads(1)
@@ -230,4 +273,42 @@ def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
     said = [m for m in caplog.messages if "frobnicate_level" in m]
     assert len(said) == 1 and "ignored" in said[0]
     assert "frobnicate_level" in app.state.ignored_fields and "metadata" not in app.state.ignored_fields
+    assert_no_leaks(engine)
+
+
+def test_http_logprobs_in_openai_shapes_streamed_and_not(served):
+    engine, app, url = served
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=dict(body, logprobs=2), timeout=60).json()
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    ids = engine.tokenizer("hello")["input_ids"]
+    out = greedy_ref(engine, None, ids, 5)
+    ref = _ref_logprobs(engine, None, ids, out)
+    assert "".join(lp["tokens"]) == choice["text"] == engine.tokenizer.decode(out)
+    assert lp["text_offset"] == [0, 1, 2, 3, 4]  # one character per token
+    for pos, t in enumerate(out):
+        assert abs(lp["token_logprobs"][pos] - ref[pos, t].item()) < 1e-4
+        assert list(lp["top_logprobs"][pos]) == [engine.tokenizer.decode([i]) for i in ref[pos].topk(2).indices]
+    streamed = httpx.post(url + "/v1/completions", json=dict(body, logprobs=2, stream=True), timeout=60)
+    chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    got = {k: [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"][k]]
+           for k in ("tokens", "token_logprobs", "text_offset")}
+    assert got["tokens"] == lp["tokens"] and got["text_offset"] == lp["text_offset"]
+    assert max(abs(a - b) for a, b in zip(got["token_logprobs"], lp["token_logprobs"])) < 1e-5
+    # chat: logprobs true, top_logprobs k
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    r = httpx.post(url + "/v1/chat/completions", json=dict(chat, logprobs=True, top_logprobs=1), timeout=60).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == r["choices"][0]["message"]["content"]
+    for c in content:
+        assert c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 1
+        assert c["top_logprobs"][0]["token"] == c["token"] and c["top_logprobs"][0]["logprob"] == c["logprob"]
+    streamed = httpx.post(url + "/v1/chat/completions", json=dict(chat, logprobs=True, stream=True), timeout=60)
+    chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    items = [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"]["content"]]
+    assert [x["token"] for x in items] == [c["token"] for c in content]
+    # (to fp32 rounding: the second request's prompt comes from the prefix cache, its logits from other shapes)
+    assert max(abs(x["logprob"] - c["logprob"]) for x, c in zip(items, content)) < 1e-5
+    assert all(x["top_logprobs"] == [] for x in items)
     assert_no_leaks(engine)

@@ -184,7 +184,7 @@ def test_errors_are_openai_shaped_4xx_and_change_nothing(served):
                                     400)
     assert "max_model_len" in error_of(post("/v1/completions", json={"model": BASE, "prompt": "a" * 200}), 400)
     assert "n" in error_of(post("/v1/completions", json={"model": BASE, "prompt": "a", "n": 2}), 400)
-    r = post("/v1/completions", json={"model": BASE, "prompt": "a", "logprobs": 3})
+    r = post("/v1/completions", json={"model": BASE, "prompt": "a", "logprobs": 30})
     assert "logprobs" in error_of(r, 400) and r.json()["error"]["param"] == "logprobs"
     error_of(post("/v1/chat/completions", json={"model": BASE, "messages": []}), 400)
     error_of(post("/v1/chat/completions", json={"model": BASE, "messages": "hi"}), 400)

@@ -314,17 +314,21 @@ def test_stop_strings_are_limited(client):
     assert post(["q", "r", "s", "y" * 20]).status_code == 200
 
 
-def test_logprobs_are_refused_not_ignored(client):
+def test_logprobs_out_of_range_and_unsupported_forms_are_refused_not_ignored(client):
     engine, c, _ = client
-    for path, extra in (("/v1/completions", {"prompt": "a", "logprobs": 0}),
-                        ("/v1/completions", {"prompt": "a", "logprobs": 2}),
-                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True,
-                                                  "top_logprobs": 0})):
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    for path, extra, param in (("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+                               ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
+                               ("/v1/completions", {"prompt": "a", "logprobs": 1, "echo": True}, "echo"),
+                               ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1}, "prompt_logprobs"),
+                               ("/v1/chat/completions", dict(chat, top_logprobs=2), "top_logprobs"),
+                               ("/v1/chat/completions", dict(chat, logprobs=True, top_logprobs=21), "top_logprobs")):
         err = error_of(c.post(path, json={"model": BASE, "max_tokens": 1, **extra}), 400)
-        assert err["param"] == "logprobs"
-    r = c.post("/v1/chat/completions", json={"model": BASE, "max_tokens": 1, "logprobs": False,
-                                             "messages": [{"role": "user", "content": "a"}]})
-    assert r.status_code == 200
+        assert err["param"] == param, (extra, err)
+    for path, extra in (("/v1/chat/completions", dict(chat, logprobs=False)),
+                        ("/v1/completions", {"prompt": "a", "logprobs": None})):
+        r = c.post(path, json={"model": BASE, "max_tokens": 1, **extra})
+        assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
 
 
 def test_prompt_plus_max_tokens_beyond_the_context_is_a_400(client):
