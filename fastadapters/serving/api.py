@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hmac
 import json
 import logging
@@ -469,79 +470,88 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
     async def run(request: Request, body, ids: list[int], params: SamplingParams, chat: bool, adapter):
+        """Serve one request of ``n`` choices: n engine requests (choice i's seed is ``seed + i``
+        when a seed is given), answered together or streamed as their tokens come."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        n = body.n
+        subs = [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
         info = request.scope.get(_LOG, {})
         info.update(id=rid, prompt_tokens=len(ids))
+        submitted = []
         try:
-            engine.submit(ids, params, adapter=adapter, request_id=rid,
-                          on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            for i, sub in enumerate(subs):
+                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                engine.submit(ids, p, adapter=adapter, request_id=sub,
+                              on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                submitted.append(sub)
         except Exception as e:
+            for sub in submitted:  # all choices or none
+                engine.abort(sub)
             raise _api_error(e) from None
         watch = request.scope.get(_WATCH)
+        choices = Choices(subs, len(ids), chat, params.logprobs is not None)
 
         def gone():  # the client went away: abort now (freed at the engine's next step), wake the waiter
-            engine.abort(rid)
+            for sub in subs:
+                engine.abort(sub)
             queue.put_nowait(_GONE)
 
         if watch is not None:
             watch.add(gone)
         if body.stream:
-            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info, params.logprobs is not None),
+            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info, choices),
                                      media_type="text/event-stream")
-        text, reason, usage, lps = [], None, None, []
         try:
-            while True:
+            while not choices.done():
                 out = await queue.get()
                 if out is _GONE:
                     info["finish"] = "client_gone"
                     return Response(status_code=499)  # nobody reads it; the access log does
-                text.append(out.text)
-                lps.extend(out.logprobs or ())
-                info["completion_tokens"] = out.completion_tokens
+                choices.add(out)
+                info["completion_tokens"] = choices.completion_tokens()
                 if out.finished:
-                    reason, usage = out.finish_reason, _usage(out)
-                    info["finish"] = reason
-                    if reason == "error":
+                    info["finish"] = out.finish_reason
+                    if out.finish_reason == "error":
                         raise APIError(500, f"generation failed: {out.error}", "server_error")
-                    if reason == "abort":
+                    if out.finish_reason == "abort":
                         raise APIError(503, "the request was aborted (the server is shutting down)",
                                        "service_unavailable")
-                    break
         finally:
             if watch is not None:
                 watch.discard(gone)
-            if reason is None:
-                engine.abort(rid)  # cancelled (client gone, server stopping) or failed: free its blocks
+            if not choices.done():
+                for sub in subs:  # cancelled (client gone, server stopping) or failed: free the blocks
+                    engine.abort(sub)
         now = int(time.time())
-        logprobs = None if params.logprobs is None else logprobs_body(lps, chat, [0])
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": logprobs,
-                      "finish_reason": reason}
-            return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-                    "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": "".join(text), "logprobs": logprobs, "finish_reason": reason}
-        return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [choice], "usage": usage}
+        out = []
+        for i, c in enumerate(choices.list):
+            logprobs = logprobs_body(c.pending, chat, c.offset) if choices.logprobs else None
+            if chat:
+                out.append({"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+                            "logprobs": logprobs, "finish_reason": c.reason})
+            else:
+                out.append({"index": i, "text": "".join(c.text), "logprobs": logprobs, "finish_reason": c.reason})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                "model": body.model, "choices": out, "usage": choices.usage()}
 
-    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info, with_logprobs: bool):
+    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info, choices: "Choices"):
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        finished = False
-        pending, offset = [], [0]  # log-probabilities of tokens whose text has not been sent; text offset
 
-        def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
+        def chunk(i: int, text: str | None, reason: str | None, first: bool = False) -> str:
             logprobs = None
-            if with_logprobs and not first:  # a chunk carries the tokens since the last one (text held
-                logprobs = logprobs_body(pending, chat, offset)  # back for a stop string goes out later)
-                pending.clear()
+            c = choices.list[i]
+            if choices.logprobs and not first:  # a chunk carries the tokens since the choice's last one
+                logprobs = logprobs_body(c.pending, chat, c.offset)  # (text held back for a stop string
+                c.pending.clear()  # goes out later)
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+                choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
             if include_usage:
                 data["usage"] = None
@@ -549,35 +559,38 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
         try:
             if chat:
-                yield chunk(None, None, first=True)
+                for i in range(len(choices.list)):
+                    yield chunk(i, None, None, first=True)
             while True:
                 out = await queue.get()
                 if out is _GONE:
                     info["finish"] = "client_gone"
                     return
-                info["completion_tokens"] = out.completion_tokens
-                pending.extend(out.logprobs or ())
+                i = choices.add(out, keep_text=False)
+                info["completion_tokens"] = choices.completion_tokens()
                 if out.finished:
-                    finished = True
                     info["finish"] = out.finish_reason
                     if out.finish_reason in ("error", "abort"):
                         err = error_body(f"generation failed: {out.error or out.finish_reason}", "server_error", 500)
                         yield f"data: {json.dumps(err)}\n\n"
-                    else:
-                        yield chunk(out.text, out.finish_reason)
+                        yield "data: [DONE]\n\n"
+                        return
+                    yield chunk(i, out.text, out.finish_reason)
+                    if choices.done():
                         if include_usage:
                             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [],
-                                    "usage": _usage(out)}
+                                    "usage": choices.usage()}
                             yield f"data: {json.dumps(data)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                if out.text:
-                    yield chunk(out.text, None)
+                        yield "data: [DONE]\n\n"
+                        return
+                elif out.text:
+                    yield chunk(i, out.text, None)
         finally:
             if watch is not None:
                 watch.discard(gone)
-            if not finished:
-                engine.abort(rid)  # the client went away mid-stream: free the request's blocks
+            if not choices.done():
+                for sub in choices.subs:  # the client went away mid-stream, or a choice failed: free the blocks
+                    engine.abort(sub)
 
     def log_model(request: Request, model: str, adapter) -> None:
         info = request.scope.get(_LOG, {})
@@ -639,6 +652,42 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     return app
 
 
-def _usage(out) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+class _Choice:
+    def __init__(self):
+        self.text, self.pending, self.offset = [], [], [0]  # pending: log-prob entries not yet sent
+        self.reason, self.completion_tokens = None, 0
+
+
+class Choices:
+    """The ``n`` choices of one HTTP request: each engine request's text, log-probabilities,
+    finish reason and token count, gathered from its outputs."""
+
+    def __init__(self, subs: list[str], prompt_tokens: int, chat: bool, logprobs: bool):
+        self.subs, self.prompt_tokens, self.chat, self.logprobs = subs, prompt_tokens, chat, logprobs
+        self.index = {s: i for i, s in enumerate(subs)}
+        self.list = [_Choice() for _ in subs]
+        self.finished = 0
+
+    def add(self, out, keep_text: bool = True) -> int:
+        """Take one engine output; returns its choice's index."""
+        i = self.index[out.request_id]
+        c = self.list[i]
+        if keep_text:
+            c.text.append(out.text)
+        c.pending.extend(out.logprobs or ())
+        c.completion_tokens = out.completion_tokens
+        if out.finished and c.reason is None:
+            c.reason = out.finish_reason
+            self.finished += 1
+        return i
+
+    def done(self) -> bool:
+        return self.finished == len(self.list)
+
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.list)
+
+    def usage(self) -> dict:  # the prompt counted once, as OpenAI does for n > 1
+        done = self.completion_tokens()
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}

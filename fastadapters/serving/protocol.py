@@ -5,7 +5,7 @@ Declared here is what the server implements: OpenAI's sampling fields (``tempera
 ``max_completion_tokens``) and vLLM's extensions with vLLM's meaning (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``). Log-probabilities:
 ``logprobs: k`` (completions) and ``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. A
-field that would change the result and is not supported (``n`` > 1, ``prompt_logprobs``, ``echo``,
+field that would change the result and is not supported (``n`` > 16, ``prompt_logprobs``, ``echo``,
 ``best_of``, ``response_format`` other than text, guided / structured decoding, beam search, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks for nothing (null, false, the default) is accepted. Fields
 known to leave the output alone (``user``, ``metadata``, ``store``, ...) are accepted; any other
@@ -26,6 +26,7 @@ __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdap
            "ErrorResponse", "Limits"]
 
 Number = Union[StrictInt, StrictFloat]
+MAX_N = 16  # choices per request (each one engine request)
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ class _Sampling(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a field this server cannot honour; None if there is none."""
-        if self.n != 1:
-            return "n", f"n: got {self.n}; this server returns one choice per request (n = 1)"
+        if not 1 <= self.n <= MAX_N:
+            return "n", f"n: got {self.n}; valid: an integer in [1, {MAX_N}] (choices per request)"
         extra = self.model_extra or {}
         for key, asks_nothing in UNSUPPORTED.items():
             if key not in extra:

@@ -183,7 +183,9 @@ def test_errors_are_openai_shaped_4xx_and_change_nothing(served):
     assert "max_tokens" in error_of(post("/v1/completions", json={"model": BASE, "prompt": "a", "max_tokens": 0}),
                                     400)
     assert "max_model_len" in error_of(post("/v1/completions", json={"model": BASE, "prompt": "a" * 200}), 400)
-    assert "n" in error_of(post("/v1/completions", json={"model": BASE, "prompt": "a", "n": 2}), 400)
+    for n in (0, 17):
+        r = post("/v1/completions", json={"model": BASE, "prompt": "a", "n": n})
+        assert "n: got" in error_of(r, 400) and r.json()["error"]["param"] == "n"
     r = post("/v1/completions", json={"model": BASE, "prompt": "a", "logprobs": 30})
     assert "logprobs" in error_of(r, 400) and r.json()["error"]["param"] == "logprobs"
     error_of(post("/v1/chat/completions", json={"model": BASE, "messages": []}), 400)

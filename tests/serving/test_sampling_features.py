@@ -1,5 +1,6 @@
-"""Logits processors and token stops of the serving engine (sampling.py): OpenAI's presence /
-frequency penalties and logit_bias, vLLM's repetition_penalty, min_tokens, min_p and stop_token_ids.
+"""Sampling features of the serving engine and server: logits processors and token stops
+(sampling.py: OpenAI's presence / frequency penalties and logit_bias, vLLM's repetition_penalty,
+min_tokens, min_p and stop_token_ids), log-probabilities, and ``n`` choices per request.
 
 References are independent of the engine: transformers' own ``generate`` processors where it has
 them (repetition penalty, min_new_tokens), else a plain greedy loop over the whole sequence with the
@@ -7,12 +8,14 @@ OpenAI formula applied in fp64. Each request is batched with other requests (bas
 whose tokens must equal their runs alone. Log-probabilities against an fp64 log-softmax of the
 model run alone. Over HTTP: the fields reach the engine, bad values are 400s naming the field,
 result-changing fields the server lacks are 400s, unknown fields are logged; logprobs in OpenAI's
-completions and chat shapes, streamed and not.
+completions and chat shapes, streamed and not; ``n`` choices equal to n single requests of seeds
+seed + i, streamed per choice index, usage counting the prompt once.
 """
 from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -312,3 +315,59 @@ def test_http_logprobs_in_openai_shapes_streamed_and_not(served):
     assert max(abs(x["logprob"] - c["logprob"]) for x, c in zip(items, content)) < 1e-5
     assert all(x["top_logprobs"] == [] for x in items)
     assert_no_leaks(engine)
+
+
+def test_http_n_choices_are_n_seeded_requests_streamed_per_index(served):
+    engine, app, url = served
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    one = [httpx.post(url + "/v1/completions", json=dict(body, seed=7 + i), timeout=60).json() for i in range(3)]
+    r = httpx.post(url + "/v1/completions", json=dict(body, n=3), timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in r["choices"]] == [o["choices"][0]["text"] for o in one]
+    assert len({c["text"] for c in r["choices"]}) > 1  # different seeds, different samples
+    prompt = one[0]["usage"]["prompt_tokens"]
+    assert r["usage"] == {"prompt_tokens": prompt, "completion_tokens": 18, "total_tokens": prompt + 18}
+    # streamed chat, with log-probabilities and usage: a role chunk per choice, then each choice's own chunks
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+            "n": 2, "logprobs": True}
+    whole = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()
+    assert whole["choices"][0]["message"] == whole["choices"][1]["message"]  # greedy: the same answer twice
+    streamed = httpx.post(url + "/v1/chat/completions", timeout=60,
+                          json=dict(chat, stream=True, stream_options={"include_usage": True}))
+    lines = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and lines.count("[DONE]") == 1
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    for i in range(2):
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == whole["choices"][i]["message"]["content"]
+        assert mine[-1]["finish_reason"] == whole["choices"][i]["finish_reason"] == "length"
+        tokens = [x["token"] for c in mine if c["logprobs"] for x in c["logprobs"]["content"]]
+        assert tokens == [x["token"] for x in whole["choices"][i]["logprobs"]["content"]]
+    assert_no_leaks(engine)
+
+
+def test_http_n_choices_are_all_or_none_and_freed_together(zoo):
+    engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=1, max_waiting=2, max_model_len=4096)
+    long = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with live_server(create_app(engine, "tiny")) as url:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{url}/v1/completions", json=long) as one:
+                assert one.status_code == 200
+                # three choices cannot queue behind it (room for two): none of them is served
+                r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False, n=3), timeout=30)
+                assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+                deadline = time.monotonic() + 20
+                while engine.snapshot()["live_requests"] > 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert engine.snapshot()["live_requests"] == 1  # the two queued choices were withdrawn
+            # a client that leaves a stream of two choices frees both
+            with client.stream("POST", f"{url}/v1/completions", json=dict(long, n=2)) as two:
+                lines = two.iter_lines()
+                assert any(next(lines).startswith("data: ") for _ in range(3))
+        deadline = time.monotonic() + 20
+        while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_no_leaks(engine)
+        assert engine.stats["finished_abort"] == 5, engine.stats  # 2 withdrawn, the first stream, both choices
