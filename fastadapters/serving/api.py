@@ -412,7 +412,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     frequency_penalty=body.frequency_penalty or 0.0,
                                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                                     logit_bias=body.token_bias(), min_tokens=body.min_tokens or 0,
-                                    stop_token_ids=list(body.stop_token_ids or []), logprobs=body.logprobs_k())
+                                    stop_token_ids=list(body.stop_token_ids or []), logprobs=body.logprobs_k(),
+                                    prompt_logprobs=body.logprobs_k() if getattr(body, "echo", None) else None)
             params.validate(vocab_size=engine.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
@@ -491,7 +492,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 engine.abort(sub)
             raise _api_error(e) from None
         watch = request.scope.get(_WATCH)
-        choices = Choices(subs, len(ids), chat, params.logprobs is not None)
+        echo = None
+        if getattr(body, "echo", None):  # the prompt as sent (a string), else its tokens' decoding
+            p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and \
+                isinstance(body.prompt[0], (str, list)) else body.prompt
+            echo = p if isinstance(p, str) else await off_loop(tokenizer.decode, ids)
+        choices = Choices(subs, ids, chat, params.logprobs is not None, echo)
 
         def gone():  # the client went away: abort now (freed at the engine's next step), wake the waiter
             for sub in subs:
@@ -566,7 +572,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 if out is _GONE:
                     info["finish"] = "client_gone"
                     return
-                i = choices.add(out, keep_text=False)
+                i, text = choices.add(out, keep_text=False)
                 info["completion_tokens"] = choices.completion_tokens()
                 if out.finished:
                     info["finish"] = out.finish_reason
@@ -575,7 +581,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                         yield f"data: {json.dumps(err)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
-                    yield chunk(i, out.text, out.finish_reason)
+                    yield chunk(i, text, out.finish_reason)
                     if choices.done():
                         if include_usage:
                             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [],
@@ -583,8 +589,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                             yield f"data: {json.dumps(data)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
-                elif out.text:
-                    yield chunk(i, out.text, None)
+                elif text:
+                    yield chunk(i, text, None)
         finally:
             if watch is not None:
                 watch.discard(gone)
@@ -655,31 +661,41 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 class _Choice:
     def __init__(self):
         self.text, self.pending, self.offset = [], [], [0]  # pending: log-prob entries not yet sent
-        self.reason, self.completion_tokens = None, 0
+        self.reason, self.completion_tokens, self.echoed = None, 0, False
 
 
 class Choices:
     """The ``n`` choices of one HTTP request: each engine request's text, log-probabilities,
-    finish reason and token count, gathered from its outputs."""
+    finish reason and token count, gathered from its outputs. ``echo``: the prompt's text, put
+    before each choice's first text (with the prompt's log-probabilities before its tokens')."""
 
-    def __init__(self, subs: list[str], prompt_tokens: int, chat: bool, logprobs: bool):
-        self.subs, self.prompt_tokens, self.chat, self.logprobs = subs, prompt_tokens, chat, logprobs
+    def __init__(self, subs: list[str], prompt_ids: list[int], chat: bool, logprobs: bool, echo: str | None = None):
+        self.subs, self.prompt_tokens, self.chat, self.logprobs = subs, len(prompt_ids), chat, logprobs
+        self.prompt_ids, self.echo = prompt_ids, echo
         self.index = {s: i for i, s in enumerate(subs)}
         self.list = [_Choice() for _ in subs]
         self.finished = 0
 
-    def add(self, out, keep_text: bool = True) -> int:
-        """Take one engine output; returns its choice's index."""
+    def add(self, out, keep_text: bool = True) -> tuple[int, str]:
+        """Take one engine output; returns its choice's index and the text it adds."""
         i = self.index[out.request_id]
         c = self.list[i]
+        text = out.text
+        if self.echo is not None and not c.echoed:
+            c.echoed = True
+            text = self.echo + text
+            if self.logprobs:  # the first prompt token has no log-probability
+                entries = out.prompt_logprobs or [None] * self.prompt_tokens
+                c.pending.extend(e if e is not None else (self.prompt_ids[j], None, None)
+                                 for j, e in enumerate(entries))
         if keep_text:
-            c.text.append(out.text)
+            c.text.append(text)
         c.pending.extend(out.logprobs or ())
         c.completion_tokens = out.completion_tokens
         if out.finished and c.reason is None:
             c.reason = out.finish_reason
             self.finished += 1
-        return i
+        return i, text
 
     def done(self) -> bool:
         return self.finished == len(self.list)

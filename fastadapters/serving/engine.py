@@ -130,6 +130,8 @@ class RequestOutput:
     error: str | None = None
     # with SamplingParams.logprobs: per token of token_ids, (id, its log-probability, [(id, log-prob) top k])
     logprobs: list | None = None
+    # with SamplingParams.prompt_logprobs, on a request's first output: the same per prompt token (None first)
+    prompt_logprobs: list | None = None
 
 
 class Engine:
@@ -546,7 +548,7 @@ class Engine:
                                                    f"{type(e).__name__}: {e}"), request_error=True)
                 return
         out = RequestOutput(req.request_id, [token], text, reason is not None, reason, len(req.prompt_ids), n,
-                            logprobs=self._token_logprobs(req, n - 1, n))
+                            logprobs=self._token_logprobs(req, n - 1, n), prompt_logprobs=self._prompt_entries(req, n))
         if reason is None:
             self._deliver(req, out)
         else:
@@ -796,9 +798,12 @@ class Engine:
         with self._lock:
             self.stats["steps"] += 1
             rows, done = [], []
+            head_rows = getattr(batch, "head_rows", None)  # per request (first logits row, rows)
             for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
                 if req.status is not Status.RUNNING:
                     continue
+                if head_rows is not None and head_rows[i][1] > 1:  # prompt log-probabilities of this chunk
+                    self._prompt_logprobs(req, logits, *head_rows[i])
                 cached = req.metadata.pop("cached_tokens", 0)
                 if cached and req.preemptions == 0:
                     self.stats["prefix_cache_hit_tokens"] += cached
@@ -810,7 +815,7 @@ class Engine:
                 self.scheduler.commit_blocks(req)
                 if req.num_computed < req.num_tokens:
                     continue  # a prefill chunk: more to come
-                rows.append(i)
+                rows.append(i if head_rows is None else head_rows[i][0] + head_rows[i][1] - 1)
                 done.append(req)
             if not rows:
                 return
@@ -860,7 +865,11 @@ class Engine:
     def _forward(self, batch) -> torch.Tensor:
         reqs, news = batch.requests, batch.num_new
         graphs = self._graphs
-        if graphs is not None and len(reqs) <= graphs.max_size and all(n == 1 for n in news):
+        # requests that asked for prompt log-probabilities take the LM head on every prompt position
+        # of their chunk (the others on their last position only)
+        scoring = [r.params.prompt_logprobs is not None and r.num_computed < len(r.prompt_ids) for r in reqs]
+        batch.head_rows = None
+        if graphs is not None and len(reqs) <= graphs.max_size and all(n == 1 for n in news) and not any(scoring):
             try:
                 logits = graphs.run(reqs, [r.route_name for r in reqs])
             except Exception as e:
@@ -901,6 +910,18 @@ class Engine:
             segments.append(seg)
             t += n
             last.append(t - 1)
+        if any(scoring):
+            from ..layers import AdapterLinear
+
+            # an adapted LM head is routed one name per row or per token: it takes every token
+            every = isinstance(self.model.get_output_embeddings(), AdapterLinear)
+            head_rows, head_idx, t = [], [], 0
+            for req, n, sc in zip(reqs, news, scoring):
+                lo = t if (sc or every) else t + n - 1
+                head_rows.append((len(head_idx), t + n - lo))
+                head_idx.extend(range(lo, t + n))
+                t += n
+            batch.head_rows, last = head_rows, head_idx
         # the step's index data in one host tensor; on CUDA pinned and copied without a sync
         host = torch.tensor(ids + pos + last + slots, dtype=torch.long)
         if dev.type == "cuda":
@@ -957,7 +978,8 @@ class Engine:
         else:
             n = len(req.output_ids)
             self._emit(req, RequestOutput(req.request_id, [token], text, False, None, len(req.prompt_ids), n,
-                                          logprobs=self._token_logprobs(req, n - 1, n)))
+                                          logprobs=self._token_logprobs(req, n - 1, n),
+                                          prompt_logprobs=self._prompt_entries(req, n)))
 
     def _new_text(self, req: Request, reason: str | None, ids: list[int] | None = None) -> tuple[str, str | None]:
         """The text this token makes final, and the finish reason (a stop string sets "stop").
@@ -1045,11 +1067,36 @@ class Engine:
             return
         n = len(req.output_ids)
         out = RequestOutput(req.request_id, last or [], text, True, reason, len(req.prompt_ids), n, error,
-                            logprobs=self._token_logprobs(req, n - len(last or []), n))
+                            logprobs=self._token_logprobs(req, n - len(last or []), n),
+                            prompt_logprobs=self._prompt_entries(req, n) if last else None)
         if self._out_thread is not None:
             self._out_pending.append((req, None, 0, reason, out))
         else:
             self._emit(req, out)
+
+    def _prompt_logprobs(self, req: Request, logits: torch.Tensor, first: int, rows: int) -> None:
+        """Record the log-probabilities of the prompt tokens this step's chunk of ``req`` predicts
+        (row r, at token position p, predicts token p + 1; the prompt's first token has none)."""
+        if req.params.prompt_logprobs is None:
+            return
+        plen, start = len(req.prompt_ids), req.num_computed
+        count = min(rows, plen - 1 - start)  # the row at the prompt's last position predicts an output
+        if count <= 0:
+            return
+        targets = req.prompt_ids[start + 1:start + 1 + count]
+        got = token_logprobs(logits[first:first + count], list(range(count)), [req.params.prompt_logprobs] * count,
+                             targets)
+        table = req.metadata.setdefault("prompt_logprobs", [None] * plen)
+        for j, (tok, entry) in enumerate(zip(targets, got)):
+            table[start + 1 + j] = (tok, *entry)
+
+    @staticmethod
+    def _prompt_entries(req: Request, n: int) -> list | None:
+        """The prompt's log-probability entries, on the output of a request's first token (``n``: the
+        tokens generated with this output)."""
+        if req.params.prompt_logprobs is None or n != 1:
+            return None
+        return req.metadata.get("prompt_logprobs") or [None] * len(req.prompt_ids)
 
     @staticmethod
     def _token_logprobs(req: Request, start: int, end: int) -> list | None:

@@ -5,7 +5,7 @@ Declared here is what the server implements: OpenAI's sampling fields (``tempera
 ``max_completion_tokens``) and vLLM's extensions with vLLM's meaning (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``). Log-probabilities:
 ``logprobs: k`` (completions) and ``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. A
-field that would change the result and is not supported (``n`` > 16, ``prompt_logprobs``, ``echo``,
+field that would change the result and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``,
 ``best_of``, ``response_format`` other than text, guided / structured decoding, beam search, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks for nothing (null, false, the default) is accepted. Fields
 known to leave the output alone (``user``, ``metadata``, ``store``, ...) are accepted; any other
@@ -152,6 +152,7 @@ HARMLESS = {"metadata", "store", "service_tier", "parallel_tool_calls", "predict
 class CompletionRequest(_Sampling):
     prompt: Text | list[StrictInt] | list[Text] | list[list[StrictInt]]
     logprobs: StrictInt | None = None  # the top k log-probabilities per token (OpenAI's legacy form)
+    echo: StrictBool | None = None  # the prompt before the completion (and its log-probabilities, with logprobs)
 
     def logprobs_k(self) -> int | None:
         return self.logprobs

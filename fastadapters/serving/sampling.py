@@ -31,7 +31,9 @@ EOS its text is left out of the output text (the token stays in the output ids).
 ``logprobs = k`` (``token_logprobs``): each generated token's log-probability and the k most likely
 tokens with theirs, from the model's raw logits (before processors and temperature: vLLM's default),
 computed in fp32 on the device for those rows only; a log-probability of -inf is reported as -9999.0
-(JSON has no infinity; vLLM's choice).
+(JSON has no infinity; vLLM's choice). ``prompt_logprobs = k``: the same for each prompt token after
+the first (the engine runs the LM head on the request's prompt positions; such a request computes
+its whole prompt, bypassing the prefix cache).
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     MAX_LOGIT_BIAS = 1024  # entries
     MAX_STOP_TOKEN_IDS = 64
@@ -129,6 +132,10 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
             bad("logprobs", self.logprobs, f"null, or an integer in [0, {self.MAX_LOGPROBS}] (top log-probabilities "
                                            "per token)")
+        if self.prompt_logprobs is not None and (isinstance(self.prompt_logprobs, bool)
+                                                 or not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS):
+            bad("prompt_logprobs", self.prompt_logprobs, f"null, or an integer in [0, {self.MAX_LOGPROBS}]")
         if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
                 or not all(token_id(t) for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")

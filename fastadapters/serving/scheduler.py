@@ -99,6 +99,9 @@ class Request:
 class ScheduledBatch:
     requests: list[Request]
     num_new: list[int]  # tokens each request feeds this step
+    # per request (its first row in the step's logits, its rows), set by the engine's forward when a
+    # request takes the LM head on more than its last token (prompt log-probabilities); None: one row each
+    head_rows: list[tuple[int, int]] | None = None
 
 
 class Scheduler:
@@ -175,7 +178,8 @@ class Scheduler:
         request grows, and attention gathers its own blocks."""
         bs, plen = self.pool.block_size, req.prefix_len
         hit = 0
-        if self.prefix_caching and not req.blocks:
+        # (a request that asked for prompt log-probabilities computes its whole prompt: they come from it)
+        if self.prefix_caching and not req.blocks and req.params.prompt_logprobs is None:
             parent, matched = None, []
             for i in range((plen + req.num_tokens - 1) // bs):
                 key = self._block_key(req, i, parent)

@@ -233,6 +233,36 @@ def test_logprobs_equal_an_fp64_reference_in_a_mixed_batch(zoo):
     assert_no_leaks(engine)
 
 
+@pytest.mark.parametrize("adapter", [None, "lora_r64", "houlsby"])
+def test_prompt_logprobs_equal_an_fp64_reference_chunked_and_batched(zoo, adapter):
+    # chunks of 4 tokens: a prompt's log-probabilities come from several steps, beside other requests
+    engine = tiny_engine(zoo, max_num_seqs=4, block_size=4, chunk_size=4, token_budget=8)
+    ps = prompts([11, 6, 9], seed=31)
+    engine.generate([ps[0]], SamplingParams(max_tokens=2, temperature=0), [adapter])  # its blocks now cached
+    outs = []
+    mine = engine.submit(ps[0], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2), adapter=adapter,
+                         on_output=outs.append)
+    others = [engine.submit(p, SamplingParams(max_tokens=3, temperature=0), adapter=a)
+              for p, a in ((ps[1], "parallel"), (ps[2], None))]
+    engine.run_until_done()
+    assert mine.output_ids == greedy_ref(engine, adapter, ps[0], 3)
+    for r, (p, a) in zip(others, ((ps[1], "parallel"), (ps[2], None))):
+        assert r.output_ids == greedy_ref(engine, a, p, 3)
+    got = outs[0].prompt_logprobs
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    model = _base(engine)
+    if adapter is not None:
+        fa.set_adapter(model, engine.registry.entries[adapter].internal)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ps[0]])).logits[0].double(), -1)
+    assert got[0] is None and len(got) == len(ps[0])
+    for pos in range(1, len(ps[0])):
+        tok, lp, top = got[pos]
+        assert tok == ps[0][pos] and abs(lp - ref[pos - 1, tok].item()) < 1e-4, pos
+        assert [i for i, _ in top] == ref[pos - 1].topk(2).indices.tolist()
+    assert_no_leaks(engine)
+
+
 @pytest.fixture(scope="module")
 def served(zoo):
     torch.set_num_threads(1)
@@ -371,3 +401,37 @@ def test_http_n_choices_are_all_or_none_and_freed_together(zoo):
             time.sleep(0.05)
         assert_no_leaks(engine)
         assert engine.stats["finished_abort"] == 5, engine.stats  # 2 withdrawn, the first stream, both choices
+
+
+def test_http_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
+    engine, app, url = served
+    # lm-eval-harness's loglikelihood request: echo, logprobs 1, one token, greedy
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    httpx.post(url + "/v1/completions", json=dict(body, echo=False, logprobs=None), timeout=60)  # prompt cached
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    choice = r["choices"][0]
+    ids = engine.tokenizer("hello world")["input_ids"]
+    out = greedy_ref(engine, None, ids, 1)
+    assert choice["text"] == "hello world" + engine.tokenizer.decode(out)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == list("hello world") + [engine.tokenizer.decode(out)]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"] == list(range(len(ids) + 1))
+    with torch.no_grad():
+        ref = torch.log_softmax(_base(engine)(torch.tensor([ids + out])).logits[0].double(), -1)
+    for pos in range(1, len(ids) + 1):
+        tok = (ids + out)[pos]
+        assert abs(lp["token_logprobs"][pos] - ref[pos - 1, tok].item()) < 1e-4, pos
+        assert list(lp["top_logprobs"][pos]) == [engine.tokenizer.decode([int(ref[pos - 1].argmax())])]
+    # streamed: the prompt comes first, the concatenation is the same
+    s = httpx.post(url + "/v1/completions", json=dict(body, stream=True, max_tokens=3), timeout=60)
+    chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text.startswith("hello world" + engine.tokenizer.decode(out)) and len(text) == len(ids) + 3
+    assert chunks[0]["choices"][0]["text"].startswith("hello world")
+    tokens = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert "".join(tokens) == text
+    # echo without logprobs: the text only; a token-id prompt is echoed as its decoding
+    r = httpx.post(url + "/v1/completions", json=dict(body, prompt=ids, logprobs=None), timeout=60).json()
+    assert r["choices"][0]["text"].startswith("hello world") and r["choices"][0]["logprobs"] is None
+    assert_no_leaks(engine)
