@@ -54,6 +54,7 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/comp
           "/v1/unload_lora_adapter")
 ACCESS_LOG = logging.getLogger("fastadapters.serve.access")
 LOG = logging.getLogger("fastadapters.serve")
+MAX_IGNORED_LOGGED = 256  # distinct unknown field names logged (a client can send any number)
 _WATCH, _LOG = "fastadapters.disconnect", "fastadapters.log"
 _GONE = object()  # queued when the client went away
 
@@ -296,7 +297,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             offsets.append(offset[0])
             offset[0] += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{token_text(j): lq for j, lq in top} if top else None for _, _, top in entries],
+                # the k most likely and the chosen token (vLLM's and OpenAI's legacy form); None: a first prompt token
+                "top_logprobs": [None if lp is None else {**{token_text(j): lq for j, lq in top}, token_text(i): lp}
+                                 for i, lp, top in entries],
                 "text_offset": offsets}
 
     @asynccontextmanager
@@ -397,10 +400,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         for name in body.ignored():
-            if name not in ignored_fields:  # said once per field name, as vLLM does
+            name = name[:60]
+            if name not in ignored_fields and len(ignored_fields) < MAX_IGNORED_LOGGED:  # once per name, as vLLM
                 ignored_fields.add(name)
-                LOG.warning("fastadapters serve: request field %r is not one this server knows; it was ignored",
-                            name[:60])
+                LOG.warning("fastadapters serve: request field %r is not one this server knows; it was ignored%s",
+                            name, "" if len(ignored_fields) < MAX_IGNORED_LOGGED else
+                            f" (the last of {MAX_IGNORED_LOGGED} names logged; later ones are ignored silently)")
         try:
             params = SamplingParams(max_tokens=max_default if max_tokens is None else max_tokens,
                                     temperature=1.0 if body.temperature is None else body.temperature,
@@ -480,6 +485,14 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         subs = [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
         info = request.scope.get(_LOG, {})
         info.update(id=rid, prompt_tokens=len(ids))
+        if n > engine.scheduler.max_waiting:
+            raise APIError(400, f"n: got {n}; this server queues at most {engine.scheduler.max_waiting} requests "
+                                "(--max-waiting), so at most that many choices", param="n")
+        echo = None
+        if getattr(body, "echo", None):  # the prompt as sent (a string), else its tokens' decoding
+            p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and \
+                isinstance(body.prompt[0], (str, list)) else body.prompt
+            echo = p if isinstance(p, str) else await off_loop(tokenizer.decode, ids)
         submitted = []
         try:
             for i, sub in enumerate(subs):
@@ -492,11 +505,6 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 engine.abort(sub)
             raise _api_error(e) from None
         watch = request.scope.get(_WATCH)
-        echo = None
-        if getattr(body, "echo", None):  # the prompt as sent (a string), else its tokens' decoding
-            p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and \
-                isinstance(body.prompt[0], (str, list)) else body.prompt
-            echo = p if isinstance(p, str) else await off_loop(tokenizer.decode, ids)
         choices = Choices(subs, ids, chat, params.logprobs is not None, echo)
 
         def gone():  # the client went away: abort now (freed at the engine's next step), wake the waiter
@@ -616,7 +624,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         log_model(request, body.model, None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
-        sampling(body, 1)  # bad sampling fields answer before any tokenising
+        sampling(body, engine.max_model_len)  # bad sampling fields answer before any tokenising
         ids = await off_loop(chat_ids, chat_messages(body))
         entry = engine.registry.entries.get(adapter) if adapter else None
         prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])

@@ -802,7 +802,7 @@ class Engine:
             for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
                 if req.status is not Status.RUNNING:
                     continue
-                if head_rows is not None and head_rows[i][1] > 1:  # prompt log-probabilities of this chunk
+                if head_rows is not None:  # prompt log-probabilities of this chunk (when it asked: a 1-token chunk too)
                     self._prompt_logprobs(req, logits, *head_rows[i])
                 cached = req.metadata.pop("cached_tokens", 0)
                 if cached and req.preemptions == 0:
@@ -994,6 +994,8 @@ class Engine:
             state = req.metadata["detok"] = DetokState()
             req.metadata["held"], req.metadata["skip"] = "", 0
         ids = req.output_ids if ids is None else ids
+        # stop strings count from min_tokens on (vLLM's rule; EOS and stop tokens are held back until then too)
+        stops = req.params.stop if len(ids) >= req.params.min_tokens else []
         if reason == "stop":  # an EOS or a stop token ended it (a stop string is found below): not its text
             ids = ids[:-1]
         committed, pending = detokenize(self.tokenizer, ids, state)
@@ -1002,10 +1004,10 @@ class Engine:
         held = req.metadata["held"] + committed
         skip = req.metadata["skip"]
         unemitted = (held + pending)[skip:]  # the whole output's decoding minus what was emitted
-        stops = req.params.stop
         ctx = req.text[-max(len(s) for s in stops):] if stops and req.text else ""
         window = ctx + unemitted
-        hits = [i for i in (window.find(s, max(0, len(ctx) - len(s))) for s in stops) if i >= 0]
+        # a hit must end in the new text (one wholly in ctx was found before, or came before min_tokens)
+        hits = [i for i in (window.find(s, max(0, len(ctx) - len(s) + 1)) for s in stops) if i >= 0]
         if hits:
             unemitted, reason = unemitted[:max(0, min(hits) - len(ctx))], "stop"
         if reason is not None:

@@ -30,8 +30,8 @@ EOS its text is left out of the output text (the token stays in the output ids).
 
 ``logprobs = k`` (``token_logprobs``): each generated token's log-probability and the k most likely
 tokens with theirs, from the model's raw logits (before processors and temperature: vLLM's default),
-computed in fp32 on the device for those rows only; a log-probability of -inf is reported as -9999.0
-(JSON has no infinity; vLLM's choice). ``prompt_logprobs = k``: the same for each prompt token after
+computed in fp32 on the device for those rows only; a log-probability of -inf (or NaN, from
+non-finite logits) is reported as -9999.0 (JSON has no infinity; vLLM's choice). ``prompt_logprobs = k``: the same for each prompt token after
 the first (the engine runs the LM head on the request's prompt positions; such a request computes
 its whole prompt, bypassing the prefix cache).
 """
@@ -273,15 +273,17 @@ def token_logprobs(raw: torch.Tensor, rows: list[int], ks: list[int], tokens: li
     dev = raw.device
     lp = torch.log_softmax(raw.index_select(0, torch.tensor(rows, device=dev)).float(), dim=-1)
     chosen = lp.gather(1, torch.tensor([tokens[j] for j in rows], device=dev)[:, None])[:, 0]
-    k = max(ks)
+    k = min(max(ks), lp.shape[-1])  # (a vocabulary smaller than k: all of it)
     if k:
         top = lp.topk(k, dim=-1)
         host = torch.cat([chosen[:, None], top.values, top.indices.to(lp.dtype)], dim=1).tolist()
     else:
         host = chosen[:, None].tolist()
-    floor = LOGPROB_FLOOR
+    def finite(v):  # -inf (a banned token) and NaN (non-finite logits, e.g. a prompt row) as the floor
+        return v if math.isfinite(v) else LOGPROB_FLOOR
+
     out = []
     for row, ki in zip(host, ks):
         vals, ids = row[1:1 + k], row[1 + k:]
-        out.append((max(row[0], floor), [(int(ids[i]), max(vals[i], floor)) for i in range(ki)]))
+        out.append((finite(row[0]), [(int(ids[i]), finite(vals[i])) for i in range(min(ki, k))]))
     return out

@@ -23,7 +23,7 @@ import torch
 
 import fastadapters as fa
 from fastadapters.serving.api import create_app
-from fastadapters.serving.sampling import LogitsState, SamplingParams, _draw, process_rows
+from fastadapters.serving.sampling import LogitsState, SamplingParams, _draw, process_rows, token_logprobs
 from .char_tokenizer import char_tokenizer
 from .live_server import live_server
 from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
@@ -306,6 +306,14 @@ def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
     said = [m for m in caplog.messages if "frobnicate_level" in m]
     assert len(said) == 1 and "ignored" in said[0]
     assert "frobnicate_level" in app.state.ignored_fields and "metadata" not in app.state.ignored_fields
+    # a client sending any number of names cannot grow what the server keeps
+    many = {f"{i}{'x' * 100}": i for i in range(300)}
+    assert _post(url, **many).status_code == 200
+    assert len(app.state.ignored_fields) == 256 and max(map(len, app.state.ignored_fields)) <= 60
+    # chat without max_tokens: min_tokens is checked against the room the context leaves, not 1
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={"model": "tiny", "min_tokens": 3, "temperature": 0,
+                                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 3, r.text
     assert_no_leaks(engine)
 
 
@@ -319,6 +327,8 @@ def test_http_logprobs_in_openai_shapes_streamed_and_not(served):
     out = greedy_ref(engine, None, ids, 5)
     ref = _ref_logprobs(engine, None, ids, out)
     assert "".join(lp["tokens"]) == choice["text"] == engine.tokenizer.decode(out)
+    r0 = httpx.post(url + "/v1/completions", json=dict(body, logprobs=0), timeout=60).json()["choices"][0]["logprobs"]
+    assert r0["top_logprobs"] == [{t: v} for t, v in zip(r0["tokens"], r0["token_logprobs"])]  # the chosen one
     assert lp["text_offset"] == [0, 1, 2, 3, 4]  # one character per token
     for pos, t in enumerate(out):
         assert abs(lp["token_logprobs"][pos] - ref[pos, t].item()) < 1e-4
@@ -379,28 +389,32 @@ def test_http_n_choices_are_n_seeded_requests_streamed_per_index(served):
 
 
 def test_http_n_choices_are_all_or_none_and_freed_together(zoo):
-    engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=1, max_waiting=2, max_model_len=4096)
+    engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=1, max_waiting=3, max_model_len=4096)
     long = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with live_server(create_app(engine, "tiny")) as url:
+        # more choices than the queue can ever hold: a 400 naming n, not a 503 that retrying cannot cure
+        r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False, n=4), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--max-waiting" in r.text
         with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{url}/v1/completions", json=long) as one:
-                assert one.status_code == 200
-                # three choices cannot queue behind it (room for two): none of them is served
+            with client.stream("POST", f"{url}/v1/completions", json=long) as one, \
+                    client.stream("POST", f"{url}/v1/completions", json=long) as two:
+                assert one.status_code == two.status_code == 200  # one running, one queued
+                # three choices cannot queue behind them (room for two): none of them is served
                 r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False, n=3), timeout=30)
                 assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
                 deadline = time.monotonic() + 20
-                while engine.snapshot()["live_requests"] > 1 and time.monotonic() < deadline:
+                while engine.snapshot()["live_requests"] > 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
-                assert engine.snapshot()["live_requests"] == 1  # the two queued choices were withdrawn
+                assert engine.snapshot()["live_requests"] == 2  # the two queued choices were withdrawn
             # a client that leaves a stream of two choices frees both
-            with client.stream("POST", f"{url}/v1/completions", json=dict(long, n=2)) as two:
-                lines = two.iter_lines()
+            with client.stream("POST", f"{url}/v1/completions", json=dict(long, n=2)) as both:
+                lines = both.iter_lines()
                 assert any(next(lines).startswith("data: ") for _ in range(3))
         deadline = time.monotonic() + 20
         while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert_no_leaks(engine)
-        assert engine.stats["finished_abort"] == 5, engine.stats  # 2 withdrawn, the first stream, both choices
+        assert engine.stats["finished_abort"] == 6, engine.stats  # 2 withdrawn, the two streams, both choices
 
 
 def test_http_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
@@ -422,7 +436,9 @@ def test_http_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
     for pos in range(1, len(ids) + 1):
         tok = (ids + out)[pos]
         assert abs(lp["token_logprobs"][pos] - ref[pos - 1, tok].item()) < 1e-4, pos
-        assert list(lp["top_logprobs"][pos]) == [engine.tokenizer.decode([int(ref[pos - 1].argmax())])]
+        # the most likely token and the chosen one (vLLM's and OpenAI's legacy completions form)
+        want = {engine.tokenizer.decode([int(ref[pos - 1].argmax())]), engine.tokenizer.decode([tok])}
+        assert set(lp["top_logprobs"][pos]) == want, pos
     # streamed: the prompt comes first, the concatenation is the same
     s = httpx.post(url + "/v1/completions", json=dict(body, stream=True, max_tokens=3), timeout=60)
     chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
@@ -434,4 +450,53 @@ def test_http_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
     # echo without logprobs: the text only; a token-id prompt is echoed as its decoding
     r = httpx.post(url + "/v1/completions", json=dict(body, prompt=ids, logprobs=None), timeout=60).json()
     assert r["choices"][0]["text"].startswith("hello world") and r["choices"][0]["logprobs"] is None
+    assert_no_leaks(engine)
+
+
+def test_a_one_token_prompt_chunk_still_gets_its_log_probability(zoo):
+    # a 3-token prefill takes 3 of the 4-token budget first: the scoring request's first chunk is 1 token
+    engine = tiny_engine(zoo, max_num_seqs=4, block_size=4, chunk_size=4, token_budget=4, prefix_caching=False)
+    ps = prompts([3, 9], seed=1)
+    outs = []
+    engine.submit(ps[0], SamplingParams(max_tokens=2, temperature=0))
+    engine.submit(ps[1], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1), on_output=outs.append)
+    engine.run_until_done()
+    got = outs[0].prompt_logprobs
+    assert got[0] is None and all(e is not None for e in got[1:]), [i for i, e in enumerate(got) if e is None]
+    with torch.no_grad():
+        ref = torch.log_softmax(_base(engine)(torch.tensor([ps[1]])).logits[0].double(), -1)
+    assert max(abs(e[1] - ref[i - 1, e[0]].item()) for i, e in enumerate(got) if e is not None) < 1e-4
+    assert_no_leaks(engine)
+
+
+def test_token_logprobs_of_non_finite_rows_and_a_vocabulary_below_k_stay_json():
+    raw = torch.tensor([[0.0, 1.0, float("inf"), 2.0, -1.0], [0.5, 0.1, 0.2, 0.3, 0.4]])
+    got = token_logprobs(raw, [0, 1], [20, 20], [1, 4])
+    assert json.loads(json.dumps(got, allow_nan=False))  # no NaN / inf reaches JSON
+    assert got[0][0] == -9999.0 and len(got[0][1]) == 5  # all 5 tokens when k > vocabulary
+    ref = torch.log_softmax(raw[1].double(), -1)
+    assert abs(got[1][0] - ref[4].item()) < 1e-6
+    assert [i for i, _ in got[1][1]] == ref.argsort(descending=True).tolist()
+
+
+def test_min_tokens_holds_back_stop_strings_too(zoo):
+    engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=4, block_size=4)
+    tok, m, found = engine.tokenizer, 4, 0
+    for seed in range(20):
+        ids = prompts([7], seed=seed)[0]
+        g = greedy_ref(engine, None, ids, 16)
+        chars = [tok.decode([t]) for t in g]
+        # a character that occurs before min_tokens and again after it
+        stop = next((c for c in chars[:m - 1] if c in chars[m - 1:] and len(c.strip()) == 1), None)
+        if stop is None:
+            continue
+        found += 1
+        k = chars.index(stop, m - 1)  # the first occurrence that may end the request
+        r = engine.generate([ids], SamplingParams(max_tokens=16, temperature=0, stop=[stop], min_tokens=m))[0]
+        assert r.finish_reason == "stop" and len(r.output_ids) >= m, (seed, stop, chars)
+        assert r.output_ids == g[:k + 1] and r.text == tok.decode(g[:k], skip_special_tokens=True), \
+            (seed, stop, chars, r.text)
+        r = engine.generate([ids], SamplingParams(max_tokens=16, temperature=0, stop=[stop]))[0]
+        assert len(r.output_ids) < m  # without min_tokens the earlier occurrence ends it
+    assert found >= 2
     assert_no_leaks(engine)
