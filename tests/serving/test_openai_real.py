@@ -107,3 +107,31 @@ def test_chat_and_streaming(served):
         client.completions.create(model="missing", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=BASE, prompt="x", max_tokens=0)
+
+
+def test_logprobs_echo_and_n_through_the_official_client(served):
+    """The shapes parse into the client's own types; echoed prompt scores equal an fp64 reference."""
+    engine, client = served
+    messages = [{"role": "user", "content": "Say hi."}]
+    r = client.chat.completions.create(model="lora", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].token == c.token and c.bytes == list(c.token.encode()) for c in content)  # greedy
+    # lm-eval-harness's loglikelihood request: the prompt's log-probabilities, echoed
+    prompt = "The capital of France is"
+    ids = engine.tokenizer(prompt)["input_ids"]
+    c = client.completions.create(model=BASE, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = c.choices[0].logprobs
+    assert c.choices[0].text.startswith(prompt) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    fa.set_adapter(engine.model, None)
+    with torch.no_grad():
+        ref = torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].double(), -1)
+    want = sum(ref[i - 1, ids[i]].item() for i in range(1, len(ids)))
+    assert abs(sum(lp.token_logprobs[1:len(ids)]) - want) < 1e-3
+    # n choices, seeded; a vLLM extension through extra_body
+    r = client.completions.create(model="houlsby", prompt=prompt, max_tokens=3, temperature=1.0, seed=3, n=2,
+                                  extra_body={"repetition_penalty": 1.3})
+    assert [ch.index for ch in r.choices] == [0, 1] and r.usage.completion_tokens == 6
+    assert_no_leaks(engine)
