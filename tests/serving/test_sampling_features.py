@@ -233,7 +233,7 @@ def test_logprobs_equal_an_fp64_reference_in_a_mixed_batch(zoo):
     assert_no_leaks(engine)
 
 
-@pytest.mark.parametrize("adapter", [None, "lora_r64", "houlsby"])
+@pytest.mark.parametrize("adapter", [None, "lora_r64", "houlsby", "prefix"])
 def test_prompt_logprobs_equal_an_fp64_reference_chunked_and_batched(zoo, adapter):
     # chunks of 4 tokens: a prompt's log-probabilities come from several steps, beside other requests
     engine = tiny_engine(zoo, max_num_seqs=4, block_size=4, chunk_size=4, token_budget=8)
@@ -499,4 +499,30 @@ def test_min_tokens_holds_back_stop_strings_too(zoo):
         r = engine.generate([ids], SamplingParams(max_tokens=16, temperature=0, stop=[stop]))[0]
         assert len(r.output_ids) < m  # without min_tokens the earlier occurrence ends it
     assert found >= 2
+    assert_no_leaks(engine)
+
+
+def test_processors_and_logprobs_survive_preemption(zoo):
+    # few blocks: requests are preempted and recomputed; a penalised, scoring request keeps its numbers
+    engine = tiny_engine(zoo, max_num_seqs=6, block_size=4, num_blocks=8, max_model_len=32)
+    ps = prompts([9, 5, 13, 7, 3, 6], seed=41)
+    special = SamplingParams(max_tokens=7, temperature=0, frequency_penalty=1.0, presence_penalty=0.5, logprobs=1,
+                             prompt_logprobs=1)
+    names = [None, "lora_r4", "parallel", None, "houlsby", None]
+    outs = []
+    reqs = [engine.submit(p, special if i == 3 else SamplingParams(max_tokens=7, temperature=0), adapter=a,
+                          on_output=outs.append if i == 3 else None) for i, (p, a) in enumerate(zip(ps, names))]
+    engine.run_until_done()
+    mine = reqs[3]
+    assert mine.preemptions > 0  # it was recomputed, prompt and output
+    assert mine.output_ids == _penalized_ref(_base(engine), ps[3], 7, 0.5, 1.0)
+    entries = [e for o in outs for e in o.logprobs]
+    assert [e[0] for e in entries] == mine.output_ids  # one entry per token, none twice after a recompute
+    got = outs[0].prompt_logprobs
+    with torch.no_grad():
+        ref = torch.log_softmax(_base(engine)(torch.tensor([ps[3]])).logits[0].double(), -1)
+    assert got[0] is None and all(abs(got[i][1] - ref[i - 1, ps[3][i]].item()) < 1e-4 for i in range(1, 7))
+    for i, (r, p, a) in enumerate(zip(reqs, ps, names)):
+        if i != 3:
+            assert r.output_ids == greedy_ref(engine, a, p, 7), a
     assert_no_leaks(engine)
