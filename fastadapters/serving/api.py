@@ -429,20 +429,28 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             raise APIError(400, f"{param}: {n} characters cannot fit the context of {engine.max_model_len} tokens "
                                 f"(max_model_len); shorten it", param=param)
 
-    def completion_ids(body: CompletionRequest) -> list[int]:
+    def prompts_of(body: CompletionRequest) -> list:
+        """The request's prompts (a string or a list of token ids each): one, or a batch."""
         p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"prompt: got a batch of {len(p)} prompts; send one prompt per request",
-                               param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            check_chars(len(p), "prompt")
-            return list(tokenizer(p)["input_ids"])
-        if len(p) >= engine.max_model_len:
-            raise APIError(400, f"prompt: {len(p)} tokens leave no room to generate in the context of "
-                                f"{engine.max_model_len} (max_model_len); shorten it", param="prompt")
-        return list(p)
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        if len(batch) * body.n > engine.scheduler.max_waiting and len(batch) > 1:
+            raise APIError(400, f"prompt: a batch of {len(batch)} prompts x n = {body.n} is {len(batch) * body.n} "
+                                f"choices; this server queues at most {engine.scheduler.max_waiting} requests "
+                                "(--max-waiting): send fewer at once", param="prompt")
+        return batch
+
+    def completion_ids(body: CompletionRequest) -> list[list[int]]:
+        out = []
+        for p in prompts_of(body):
+            if isinstance(p, str):
+                check_chars(len(p), "prompt")
+                out.append(list(tokenizer(p)["input_ids"]))
+                continue
+            if len(p) >= engine.max_model_len:
+                raise APIError(400, f"prompt: {len(p)} tokens leave no room to generate in the context of "
+                                    f"{engine.max_model_len} (max_model_len); shorten it", param="prompt")
+            out.append(list(p))
+        return out
 
     def chat_messages(body: ChatRequest) -> list[dict]:
         messages, chars = [], 0
@@ -475,29 +483,31 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         safe to call from several threads at once), never on the event loop."""
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
-    async def run(request: Request, body, ids: list[int], params: SamplingParams, chat: bool, adapter):
-        """Serve one request of ``n`` choices: n engine requests (choice i's seed is ``seed + i``
-        when a seed is given), answered together or streamed as their tokens come."""
+    async def run(request: Request, body, prompts: list[list[int]], params: SamplingParams, chat: bool, adapter):
+        """Serve one request: for each prompt (completions may send a batch) ``n`` choices, each an
+        engine request (choice j's seed is ``seed + j`` when a seed is given), answered together or
+        streamed as their tokens come; prompt i's choice j has index ``i * n + j`` (OpenAI's order)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         n = body.n
-        subs = [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
+        count = len(prompts) * n
+        subs = [rid] if count == 1 else [f"{rid}-{k}" for k in range(count)]
         info = request.scope.get(_LOG, {})
-        info.update(id=rid, prompt_tokens=len(ids))
+        info.update(id=rid, prompt_tokens=sum(map(len, prompts)))
         if n > engine.scheduler.max_waiting:
             raise APIError(400, f"n: got {n}; this server queues at most {engine.scheduler.max_waiting} requests "
                                 "(--max-waiting), so at most that many choices", param="n")
-        echo = None
-        if getattr(body, "echo", None):  # the prompt as sent (a string), else its tokens' decoding
-            p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and \
-                isinstance(body.prompt[0], (str, list)) else body.prompt
-            echo = p if isinstance(p, str) else await off_loop(tokenizer.decode, ids)
+        echoes = [None] * len(prompts)
+        if getattr(body, "echo", None):  # each prompt as sent (a string), else its tokens' decoding
+            for i, (sent, ids) in enumerate(zip(prompts_of(body), prompts)):
+                echoes[i] = sent if isinstance(sent, str) else await off_loop(tokenizer.decode, ids)
         submitted = []
         try:
-            for i, sub in enumerate(subs):
-                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-                engine.submit(ids, p, adapter=adapter, request_id=sub,
+            for k, sub in enumerate(subs):
+                j = k % n
+                p = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                engine.submit(prompts[k // n], p, adapter=adapter, request_id=sub,
                               on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
                 submitted.append(sub)
         except Exception as e:
@@ -505,7 +515,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 engine.abort(sub)
             raise _api_error(e) from None
         watch = request.scope.get(_WATCH)
-        choices = Choices(subs, ids, chat, params.logprobs is not None, echo)
+        choices = Choices(subs, [prompts[k // n] for k in range(count)], chat, params.logprobs is not None,
+                          [echoes[k // n] for k in range(count)])
 
         def gone():  # the client went away: abort now (freed at the engine's next step), wake the waiter
             for sub in subs:
@@ -616,8 +627,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         params = sampling(body, 16)
-        ids = await off_loop(completion_ids, body)
-        return await run(request, body, ids, params, chat=False, adapter=adapter)
+        prompts_of(body)  # a batch too large answers before any tokenising
+        prompts = await off_loop(completion_ids, body)
+        return await run(request, body, prompts, params, chat=False, adapter=adapter)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
@@ -629,7 +641,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         entry = engine.registry.entries.get(adapter) if adapter else None
         prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
         room = engine.max_model_len - len(ids) - prefix  # the default max_tokens: what the context leaves
-        return await run(request, body, ids, sampling(body, max(1, room)), chat=True, adapter=adapter)
+        return await run(request, body, [ids], sampling(body, max(1, room)), chat=True, adapter=adapter)
 
     def admin_allowed() -> None:
         if admin_needs_key and api_key is None:
@@ -673,13 +685,16 @@ class _Choice:
 
 
 class Choices:
-    """The ``n`` choices of one HTTP request: each engine request's text, log-probabilities,
-    finish reason and token count, gathered from its outputs. ``echo``: the prompt's text, put
-    before each choice's first text (with the prompt's log-probabilities before its tokens')."""
+    """The choices of one HTTP request (n per prompt): each engine request's text, log-probabilities,
+    finish reason and token count, gathered from its outputs. ``echoes[i]``: choice i's prompt text
+    (or None), put before its first text (with the prompt's log-probabilities before its tokens')."""
 
-    def __init__(self, subs: list[str], prompt_ids: list[int], chat: bool, logprobs: bool, echo: str | None = None):
-        self.subs, self.prompt_tokens, self.chat, self.logprobs = subs, len(prompt_ids), chat, logprobs
-        self.prompt_ids, self.echo = prompt_ids, echo
+    def __init__(self, subs: list[str], prompts: list[list[int]], chat: bool, logprobs: bool,
+                 echoes: list[str | None]):
+        self.subs, self.chat, self.logprobs = subs, chat, logprobs
+        self.prompts, self.echoes = prompts, echoes  # per choice
+        # each distinct prompt counted once (a choice's prompt object is its prompt's, shared by its n)
+        self.prompt_tokens = sum(len(p) for p in {id(p): p for p in prompts}.values())
         self.index = {s: i for i, s in enumerate(subs)}
         self.list = [_Choice() for _ in subs]
         self.finished = 0
@@ -689,13 +704,13 @@ class Choices:
         i = self.index[out.request_id]
         c = self.list[i]
         text = out.text
-        if self.echo is not None and not c.echoed:
+        if self.echoes[i] is not None and not c.echoed:
             c.echoed = True
-            text = self.echo + text
+            text = self.echoes[i] + text
             if self.logprobs:  # the first prompt token has no log-probability
-                entries = out.prompt_logprobs or [None] * self.prompt_tokens
-                c.pending.extend(e if e is not None else (self.prompt_ids[j], None, None)
-                                 for j, e in enumerate(entries))
+                ids = self.prompts[i]
+                entries = out.prompt_logprobs or [None] * len(ids)
+                c.pending.extend(e if e is not None else (ids[j], None, None) for j, e in enumerate(entries))
         if keep_text:
             c.text.append(text)
         c.pending.extend(out.logprobs or ())

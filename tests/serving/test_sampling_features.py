@@ -526,3 +526,35 @@ def test_processors_and_logprobs_survive_preemption(zoo):
         if i != 3:
             assert r.output_ids == greedy_ref(engine, a, p, 7), a
     assert_no_leaks(engine)
+
+
+def test_http_a_batch_of_prompts_gives_n_choices_each_in_openai_order(served):
+    engine, app, url = served
+    batch = ["the cat", "a dog ran", "xyz"]
+    body = {"model": "tiny", "prompt": batch, "max_tokens": 4, "temperature": 1.0, "seed": 11, "n": 2}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    for i, p in enumerate(batch):  # prompt i's choice j: index i * n + j, as its own request of seed 11 + j
+        for j in range(2):
+            one = httpx.post(url + "/v1/completions", timeout=60,
+                             json=dict(body, prompt=p, n=1, seed=11 + j)).json()["choices"][0]["text"]
+            assert r["choices"][2 * i + j]["text"] == one, (i, j)
+    ids = [engine.tokenizer(p)["input_ids"] for p in batch]
+    assert r["usage"]["prompt_tokens"] == sum(map(len, ids)) and r["usage"]["completion_tokens"] == 24
+    # echoed: each choice after its own prompt; streamed: every index's chunks add up to the same
+    r = httpx.post(url + "/v1/completions", json=dict(body, echo=True, n=1, temperature=0), timeout=60).json()
+    texts = [c["text"] for c in r["choices"]]
+    assert texts[0].startswith("the cat") and texts[1].startswith("a dog ran")
+    assert texts[2].startswith("xyz")
+    s = httpx.post(url + "/v1/completions", json=dict(body, echo=True, n=1, temperature=0, stream=True), timeout=60)
+    chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(3)] == texts
+    # a batch of token-id prompts, echoed as their decoding
+    r = httpx.post(url + "/v1/completions", json=dict(body, prompt=[[5, 9, 12], [7, 8]], echo=True, n=1), timeout=60)
+    got = [c["text"] for c in r.json()["choices"]]
+    assert got[0].startswith(engine.tokenizer.decode([5, 9, 12])) and got[1].startswith(engine.tokenizer.decode([7, 8]))
+    assert r.json()["usage"]["prompt_tokens"] == 5
+    # too many at once: a 400 naming the prompt batch before anything runs
+    r = httpx.post(url + "/v1/completions", json=dict(body, prompt=["x"] * 9), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "--max-waiting" in r.text
+    assert_no_leaks(engine)
