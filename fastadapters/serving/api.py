@@ -296,10 +296,16 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             tokens.append(token_text(i))
             offsets.append(offset[0])
             offset[0] += len(tokens[-1])
+        def top_dict(i, lp, top):  # keyed by text: tokens of one text (e.g. lone bytes, "\ufffd") keep the larger
+            d = {}
+            for j, lq in [*top, (i, lp)]:
+                t = token_text(j)
+                d[t] = max(d.get(t, lq), lq)
+            return d
+
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 # the k most likely and the chosen token (vLLM's and OpenAI's legacy form); None: a first prompt token
-                "top_logprobs": [None if lp is None else {**{token_text(j): lq for j, lq in top}, token_text(i): lp}
-                                 for i, lp, top in entries],
+                "top_logprobs": [None if lp is None else top_dict(i, lp, top) for i, lp, top in entries],
                 "text_offset": offsets}
 
     @asynccontextmanager
@@ -433,7 +439,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         """The request's prompts (a string or a list of token ids each): one, or a batch."""
         p = body.prompt
         batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
-        if len(batch) * body.n > engine.scheduler.max_waiting and len(batch) > 1:
+        if len(batch) * body.n > engine.scheduler.max_waiting and len(batch) > 1 \
+                and body.n <= engine.scheduler.max_waiting:  # (an n too large alone is named by run)
             raise APIError(400, f"prompt: a batch of {len(batch)} prompts x n = {body.n} is {len(batch) * body.n} "
                                 f"choices; this server queues at most {engine.scheduler.max_waiting} requests "
                                 "(--max-waiting): send fewer at once", param="prompt")
@@ -513,7 +520,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         except Exception as e:
             for sub in submitted:  # all choices or none
                 engine.abort(sub)
-            raise _api_error(e) from None
+            err = _api_error(e)
+            if len(prompts) > 1:  # say which prompt of the batch
+                err = APIError(err.status, f"prompt[{len(submitted) // n}]: {err.message}", err.type, err.param)
+            raise err from None
         watch = request.scope.get(_WATCH)
         choices = Choices(subs, [prompts[k // n] for k in range(count)], chat, params.logprobs is not None,
                           [echoes[k // n] for k in range(count)])

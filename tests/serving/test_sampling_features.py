@@ -395,6 +395,11 @@ def test_http_n_choices_are_all_or_none_and_freed_together(zoo):
         # more choices than the queue can ever hold: a 400 naming n, not a 503 that retrying cannot cure
         r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False, n=4), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--max-waiting" in r.text
+        r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False, n=4, prompt=["a", "b"]), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # n alone is too large: named
+        # a batch with one prompt that cannot fit: the 400 says which, and nothing of the batch runs
+        r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False, prompt=["a", "b" * 200]), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt[1]: ")
         with httpx.Client(timeout=60) as client:
             with client.stream("POST", f"{url}/v1/completions", json=long) as one, \
                     client.stream("POST", f"{url}/v1/completions", json=long) as two:
@@ -414,7 +419,8 @@ def test_http_n_choices_are_all_or_none_and_freed_together(zoo):
         while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert_no_leaks(engine)
-        assert engine.stats["finished_abort"] == 6, engine.stats  # 2 withdrawn, the two streams, both choices
+        # prompt[0] of the refused batch and 2 choices withdrawn, the two streams, both choices of the third
+        assert engine.stats["finished_abort"] == 7, engine.stats
 
 
 def test_http_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
@@ -557,4 +563,37 @@ def test_http_a_batch_of_prompts_gives_n_choices_each_in_openai_order(served):
     # too many at once: a 400 naming the prompt batch before anything runs
     r = httpx.post(url + "/v1/completions", json=dict(body, prompt=["x"] * 9), timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "--max-waiting" in r.text
+    assert_no_leaks(engine)
+
+
+def test_http_top_logprobs_of_tokens_sharing_a_text_keep_the_larger(zoo):
+    """Byte-level BPE tokens can decode alone to the same text ("\ufffd"): the completions dict keyed by
+    text keeps the larger log-probability of those tokens, so a sampled token never looks like the
+    most likely one by overwriting it."""
+    tok = char_tokenizer()
+    decode = tok.decode
+    tok.decode = lambda ids, *a, **k: "\ufffd" if isinstance(ids, list) and len(ids) == 1 and ids[0] % 2 \
+        else decode(ids, *a, **k)  # odd ids: one shared text
+    engine = tiny_engine(zoo, tokenizer=tok, max_num_seqs=2)
+    seen = []  # the engine's own entries, (id, log-prob, top k), beside what the server sends
+    submit = engine.submit
+
+    def spying(*a, on_output=None, **k):
+        return submit(*a, on_output=lambda o: (seen.extend(o.logprobs or ()), on_output(o)), **k)
+
+    engine.submit = spying
+    with live_server(create_app(engine, "tiny")) as url:
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": "abc", "max_tokens": 30,
+                                                                  "temperature": 1.5, "seed": 3, "logprobs": 5})
+        lp = r.json()["choices"][0]["logprobs"]
+    assert len(seen) == len(lp["top_logprobs"]) == 30
+    shared = 0
+    for (i, value, top), sent in zip(seen, lp["top_logprobs"]):
+        want = {}
+        for j, v in [*top, (i, value)]:
+            t = tok.decode([j], skip_special_tokens=False)
+            want[t] = max(want.get(t, v), v)
+        assert sent == pytest.approx(want)
+        shared += i % 2 == 1 and any(j % 2 and j != i for j, _ in top)
+    assert shared  # some sampled token shared its text with another of the top 5
     assert_no_leaks(engine)
