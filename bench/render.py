@@ -24,12 +24,18 @@ def _fmt(v) -> str:
 
 
 def render_record(rec: dict) -> str:
-    env = rec.get("env", {})
-    head = (f"### {rec.get('benchmark', '?')} — {env.get('device', '?')} ({env.get('device_type', '?')}), "
-            f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('git_commit')}, {env.get('time')}")
-    meta = {k: v for k, v in rec.items() if k not in ("rows", "env", "benchmark")}
+    # the harness's records keep their setting in "env" and their table in "rows"; vllm_compare's
+    # (written by a script of its own) keep them at the top level and in "results"
+    env = rec.get("env") or {"device": rec.get("device"), "git_commit": rec.get("git_commit"), "time": rec.get("time"),
+                             "torch": (rec.get("versions") or {}).get("torch")}
+    head = (f"### {rec.get('benchmark') or rec.get('bench', '?')} — {env.get('device') or '?'}"
+            + (f" ({env['device_type']})" if env.get("device_type") else "")
+            + f", torch {env.get('torch')}" + (f", triton {env['triton']}" if env.get("triton") else "")
+            + f", commit {env.get('git_commit')}, {env.get('time')}")
+    shown = ("rows", "results", "env", "benchmark", "bench", "device", "git_commit", "time")
+    meta = {k: v for k, v in rec.items() if k not in shown}
     lines = [head, "", "Setting: " + ", ".join(f"{k}={_fmt(v)}" for k, v in meta.items()), ""]
-    rows = [_flat(r) for r in rec.get("rows", [])]
+    rows = [_flat(r) for r in rec.get("rows") or rec.get("results") or []]
     if rows:
         cols = [c for c in rows[0] if not isinstance(rows[0][c], (list, dict))]
         for r in rows[1:]:
