@@ -424,6 +424,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                                     logit_bias=body.token_bias(), min_tokens=body.min_tokens or 0,
                                     stop_token_ids=list(body.stop_token_ids or []), logprobs=body.logprobs_k(),
+                                    allowed_token_ids=None if body.allowed_token_ids is None
+                                    else list(body.allowed_token_ids),
                                     prompt_logprobs=body.logprobs_k() if getattr(body, "echo", None) else None)
             params.validate(vocab_size=engine.vocab_size)
         except ValueError as e:

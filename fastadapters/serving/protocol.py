@@ -2,14 +2,16 @@
 
 Declared here is what the server implements: OpenAI's sampling fields (``temperature``, ``top_p``,
 ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``max_tokens`` /
-``max_completion_tokens``) and vLLM's extensions with vLLM's meaning (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``). Log-probabilities:
-``logprobs: k`` (completions) and ``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. A
-field that would change the result and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``,
-``best_of``, ``response_format`` other than text, guided / structured decoding, beam search, ...)
-is refused with a 400 naming it, never silently dropped; a field given with the value that asks for nothing (null, false, the default) is accepted. Fields
-known to leave the output alone (``user``, ``metadata``, ``store``, ...) are accepted; any other
-field is accepted and ignored, and the server logs its name once (``ignored_fields``), as vLLM does.
+``max_completion_tokens``, ``n``, ``echo`` for completions) and vLLM's extensions with vLLM's meaning
+(``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
+``allowed_token_ids``, ``ignore_eos``). Log-probabilities: ``logprobs: k`` (completions) and
+``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. A field that would change the result
+and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``, ``best_of``,
+``response_format`` other than text, guided / structured decoding, beam search, ``bad_words``, ...)
+is refused with a 400 naming it, never silently dropped; a field given with the value that asks
+for nothing (null, false, the default) is accepted. Fields known to leave the output alone
+(``user``, ``metadata``, ``store``, ...) are accepted; any other field is accepted and ignored, and
+the server logs its name once (``ignored_fields``), as vLLM does.
 Numbers and strings are strict: a string where a number belongs is a 400, not coerced; a string
 that is not valid Unicode (a lone UTF-16 surrogate, which JSON's ``\\ud800`` escapes can carry) is
 a 400 too.
@@ -86,6 +88,7 @@ class _Sampling(BaseModel):
     min_tokens: StrictInt | None = None
     logit_bias: dict[Text, Number] | None = None
     stop_token_ids: list[StrictInt] | None = None
+    allowed_token_ids: list[StrictInt] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a field this server cannot honour; None if there is none."""
@@ -137,7 +140,7 @@ UNSUPPORTED = {
     "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
     "guided_json": _empty, "guided_regex": _empty, "guided_choice": _empty, "guided_grammar": _empty,
     "structured_outputs": _empty, "guided_whitespace_pattern": _empty,
-    "bad_words": _empty, "allowed_token_ids": _empty, "truncate_prompt_tokens": lambda v: False,
+    "bad_words": _empty, "truncate_prompt_tokens": lambda v: False,
     "include_stop_str_in_output": _false, "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True, "add_generation_prompt": lambda v: v is True,
     "continue_final_message": _false, "chat_template": _empty, "chat_template_kwargs": _empty,

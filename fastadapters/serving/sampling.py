@@ -15,6 +15,7 @@ before top-k, the tokens whose probability is below ``min_p`` times the most lik
 Logits processors, applied to a request's row before greedy or sampled choice (``process_rows``),
 with OpenAI's and vLLM's meanings and in vLLM's order:
 
+  allowed_token_ids  (vLLM) every other token's logit set to -inf
   logit_bias         {token id: bias in [-100, 100]} added to those logits
   min_tokens         until the output has this many tokens, EOS and ``stop_token_ids`` get -inf
   repetition_penalty (vLLM / CTRL) every token of the prompt or the output so far: a positive logit
@@ -68,18 +69,20 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    allowed_token_ids: list[int] | None = None  # only these may be generated (vLLM's); None: any
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     MAX_LOGIT_BIAS = 1024  # entries
     MAX_STOP_TOKEN_IDS = 64
     MAX_LOGPROBS = 20  # OpenAI's and vLLM's limit on top_logprobs
+    MAX_ALLOWED = 1 << 16  # allowed_token_ids entries
 
     @property
     def processed(self) -> bool:
         """Does this request's row go through a logits processor (``process_rows``)?"""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """ValueError naming the first bad field and what is valid; token ids are checked against
@@ -132,6 +135,10 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
             bad("logprobs", self.logprobs, f"null, or an integer in [0, {self.MAX_LOGPROBS}] (top log-probabilities "
                                            "per token)")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or len(self.allowed_token_ids) > self.MAX_ALLOWED or not all(token_id(t) for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", self.allowed_token_ids, f"null, or a non-empty list of at most {self.MAX_ALLOWED} {ids}")
         if self.prompt_logprobs is not None and (isinstance(self.prompt_logprobs, bool)
                                                  or not isinstance(self.prompt_logprobs, int)
                                                  or not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS):
@@ -220,7 +227,9 @@ class LogitsState:
         self.counts = torch.zeros(vocab, dtype=torch.float32, device=device) \
             if params.presence_penalty or params.frequency_penalty else None
         self.seen = None  # filled with the prompt on the first update
-        self.bias_ids = self.bias = self.banned = None
+        self.bias_ids = self.bias = self.banned = self.allowed = None
+        if params.allowed_token_ids is not None:
+            self.allowed = torch.tensor(sorted(set(params.allowed_token_ids)), dtype=torch.long, device=device)
         if params.logit_bias:
             self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
             self.bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
@@ -251,6 +260,9 @@ def process_rows(logits: torch.Tensor, rows: list[int], states: list[LogitsState
     for j, st, n in zip(rows, states, output_lens):
         p = st.params
         row = out[j]
+        if st.allowed is not None:  # every other token masked out first (vLLM's order)
+            keep = row.index_select(0, st.allowed)
+            row.fill_(float("-inf")).index_copy_(0, st.allowed, keep)
         if st.bias is not None:
             row.index_add_(0, st.bias_ids, st.bias)
         if st.banned is not None and n < p.min_tokens:

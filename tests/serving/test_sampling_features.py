@@ -282,11 +282,14 @@ def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
     r = _post(url, logit_bias={"30": 100})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == engine.tokenizer.decode([30] * 4)
+    r = _post(url, allowed_token_ids=[31])
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == engine.tokenizer.decode([31] * 4), r.text
     r = _post(url, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.1, min_tokens=2,
               stop_token_ids=[5])
     assert r.status_code == 200, r.text
     for body, field in ((dict(logit_bias={"abc": 1}), "logit_bias"), (dict(logit_bias={"64": 1}), "logit_bias"),
                         (dict(presence_penalty=3), "presence_penalty"), (dict(min_tokens=9), "min_tokens"),
+                        (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(bad_words=["x"]), "bad_words"),
                         (dict(presence_penalty="1"), None),
                         (dict(response_format={"type": "json_object"}), "response_format"),
                         (dict(guided_json={"type": "object"}), "guided_json"),
@@ -596,4 +599,27 @@ def test_http_top_logprobs_of_tokens_sharing_a_text_keep_the_larger(zoo):
         assert sent == pytest.approx(want)
         shared += i % 2 == 1 and any(j % 2 and j != i for j, _ in top)
     assert shared  # some sampled token shared its text with another of the top 5
+    assert_no_leaks(engine)
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_choices(zoo):
+    engine = tiny_engine(zoo, max_num_seqs=4, block_size=4)
+    ps = prompts([6, 8], seed=51)
+    allowed = [7, 19, 33, 60]
+    greedy, sampled, other = engine.generate(
+        ps + [ps[1]], [SamplingParams(max_tokens=N, temperature=0, allowed_token_ids=allowed),
+                       SamplingParams(max_tokens=N, temperature=1.5, seed=2, allowed_token_ids=allowed[:2]),
+                       SamplingParams(max_tokens=N, temperature=0)], [None, "lora_r4", "lora_r4"])
+    out = []
+    with torch.no_grad():  # the reference: greedy over the allowed tokens' logits of the model alone
+        for _ in range(N):
+            logits = _base(engine)(torch.tensor([ps[0] + out])).logits[0, -1]
+            out.append(allowed[int(logits[allowed].argmax())])
+    assert greedy.output_ids == out
+    assert set(sampled.output_ids) <= set(allowed[:2])
+    assert other.output_ids == greedy_ref(engine, "lora_r4", ps[1], N)  # its batch neighbour is untouched
+    with pytest.raises(ValueError, match="^allowed_token_ids: got"):
+        engine.submit([5], SamplingParams(allowed_token_ids=[]))
+    with pytest.raises(ValueError, match="^allowed_token_ids: got"):
+        engine.submit([5], SamplingParams(allowed_token_ids=[64]))
     assert_no_leaks(engine)
