@@ -283,8 +283,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         return t
 
     def logprobs_body(entries: list, chat: bool, offset: list[int]) -> dict:
-        """OpenAI's logprobs object for ``entries`` ((log-prob, [(id, log-prob) top k]) per token,
-        the token's id in the top list's place for chat); ``offset``: the text offset so far (updated)."""
+        """OpenAI's logprobs object (chat's or completions') for ``entries``, one (token id, its
+        log-probability or None, [(id, log-probability) top k]) per token; ``offset``: the text offset
+        so far (updated)."""
         if chat:
             def item(i, lp):
                 t = token_text(i)
@@ -296,6 +297,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             tokens.append(token_text(i))
             offsets.append(offset[0])
             offset[0] += len(tokens[-1])
+
         def top_dict(i, lp, top):  # keyed by text: tokens of one text (e.g. lone bytes, "\ufffd") keep the larger
             d = {}
             for j, lq in [*top, (i, lp)]:
