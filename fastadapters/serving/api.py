@@ -450,9 +450,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                 "(--max-waiting): send fewer at once", param="prompt")
         return batch
 
-    def completion_ids(body: CompletionRequest) -> list[list[int]]:
+    def completion_ids(batch: list) -> list[list[int]]:
+        """Token ids of each prompt of ``prompts_of``'s batch."""
         out = []
-        for p in prompts_of(body):
+        for p in batch:
             if isinstance(p, str):
                 check_chars(len(p), "prompt")
                 out.append(list(tokenizer(p)["input_ids"]))
@@ -641,8 +642,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         params = sampling(body, 16)
-        prompts_of(body)  # a batch too large answers before any tokenising
-        prompts = await off_loop(completion_ids, body)
+        batch = prompts_of(body)  # a batch too large answers before any tokenising
+        prompts = await off_loop(completion_ids, batch)
         return await run(request, body, prompts, params, chat=False, adapter=adapter)
 
     @app.post("/v1/chat/completions")

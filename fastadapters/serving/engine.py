@@ -798,7 +798,7 @@ class Engine:
         with self._lock:
             self.stats["steps"] += 1
             rows, done = [], []
-            head_rows = getattr(batch, "head_rows", None)  # per request (first logits row, rows)
+            head_rows = batch.head_rows  # per request (first logits row, rows); None: one row each
             for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
                 if req.status is not Status.RUNNING:
                     continue
@@ -868,7 +868,6 @@ class Engine:
         # requests that asked for prompt log-probabilities take the LM head on every prompt position
         # of their chunk (the others on their last position only)
         scoring = [r.params.prompt_logprobs is not None and r.num_computed < len(r.prompt_ids) for r in reqs]
-        batch.head_rows = None
         if graphs is not None and len(reqs) <= graphs.max_size and all(n == 1 for n in news) and not any(scoring):
             try:
                 logits = graphs.run(reqs, [r.route_name for r in reqs])

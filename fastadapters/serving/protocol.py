@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       field_validator)
 
+from .sampling import SamplingParams
+
 __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
            "ErrorResponse", "Limits"]
 
@@ -182,8 +184,9 @@ class ChatRequest(_Sampling):
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: only with logprobs: true")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: an integer in [0, 20]")
+        top = SamplingParams.MAX_LOGPROBS
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= top:
+            raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: an integer in [0, {top}]")
         return (self.top_logprobs or 0) if self.logprobs else None
 
 

@@ -32,9 +32,10 @@ EOS its text is left out of the output text (the token stays in the output ids).
 ``logprobs = k`` (``token_logprobs``): each generated token's log-probability and the k most likely
 tokens with theirs, from the model's raw logits (before processors and temperature: vLLM's default),
 computed in fp32 on the device for those rows only; a log-probability of -inf (or NaN, from
-non-finite logits) is reported as -9999.0 (JSON has no infinity; vLLM's choice). ``prompt_logprobs = k``: the same for each prompt token after
-the first (the engine runs the LM head on the request's prompt positions; such a request computes
-its whole prompt, bypassing the prefix cache).
+non-finite logits) is reported as -9999.0 (JSON has no infinity; vLLM's choice).
+``prompt_logprobs = k``: the same for each prompt token after the first (the engine runs the LM head
+on the request's prompt positions; such a request computes its whole prompt, bypassing the prefix
+cache).
 """
 from __future__ import annotations
 
@@ -131,18 +132,15 @@ class SamplingParams:
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
                 or not 0 <= self.min_tokens <= self.max_tokens:
             bad("min_tokens", self.min_tokens, f"an integer in [0, max_tokens = {self.max_tokens}]")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
-            bad("logprobs", self.logprobs, f"null, or an integer in [0, {self.MAX_LOGPROBS}] (top log-probabilities "
-                                           "per token)")
-        if self.allowed_token_ids is not None and (
-                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
-                or len(self.allowed_token_ids) > self.MAX_ALLOWED or not all(token_id(t) for t in self.allowed_token_ids)):
-            bad("allowed_token_ids", self.allowed_token_ids, f"null, or a non-empty list of at most {self.MAX_ALLOWED} {ids}")
-        if self.prompt_logprobs is not None and (isinstance(self.prompt_logprobs, bool)
-                                                 or not isinstance(self.prompt_logprobs, int)
-                                                 or not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS):
-            bad("prompt_logprobs", self.prompt_logprobs, f"null, or an integer in [0, {self.MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= self.MAX_LOGPROBS):
+                bad(name, value, f"null, or an integer in [0, {self.MAX_LOGPROBS}] (top log-probabilities per token)")
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not isinstance(allowed, list) or not allowed or len(allowed) > self.MAX_ALLOWED
+                                    or not all(token_id(t) for t in allowed)):
+            bad("allowed_token_ids", allowed, f"null, or a non-empty list of at most {self.MAX_ALLOWED} {ids}")
         if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
                 or not all(token_id(t) for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")
@@ -291,6 +289,7 @@ def token_logprobs(raw: torch.Tensor, rows: list[int], ks: list[int], tokens: li
         host = torch.cat([chosen[:, None], top.values, top.indices.to(lp.dtype)], dim=1).tolist()
     else:
         host = chosen[:, None].tolist()
+
     def finite(v):  # -inf (a banned token) and NaN (non-finite logits, e.g. a prompt row) as the floor
         return v if math.isfinite(v) else LOGPROB_FLOOR
 
