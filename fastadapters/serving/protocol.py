@@ -24,13 +24,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       field_validator)
 
-from .sampling import SamplingParams
-
 __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
            "ErrorResponse", "Limits"]
 
 Number = Union[StrictInt, StrictFloat]
 MAX_N = 16  # choices per request (each one engine request)
+# sampling.SamplingParams.MAX_LOGPROBS, restated: this module must not import torch (`serve --help`
+# stays light); tests/serving/test_sampling_features.py checks the two agree
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class ChatRequest(_Sampling):
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: only with logprobs: true")
-        top = SamplingParams.MAX_LOGPROBS
+        top = MAX_TOP_LOGPROBS
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= top:
             raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: an integer in [0, {top}]")
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -623,3 +623,9 @@ def test_allowed_token_ids_restrict_greedy_and_sampled_choices(zoo):
     with pytest.raises(ValueError, match="^allowed_token_ids: got"):
         engine.submit([5], SamplingParams(allowed_token_ids=[64]))
     assert_no_leaks(engine)
+
+
+def test_the_http_layer_and_the_engine_agree_on_the_top_logprobs_limit():
+    from fastadapters.serving import protocol
+
+    assert protocol.MAX_TOP_LOGPROBS == SamplingParams.MAX_LOGPROBS
