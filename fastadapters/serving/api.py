@@ -47,6 +47,7 @@ from .metrics import ServerMetrics
 from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, Limits, LoadAdapterRequest,
                        UnloadAdapterRequest, error_body)
 from .sampling import SamplingParams
+from .structured import StructuredSpec
 
 __all__ = ["create_app", "APIError", "Limits"]
 
@@ -428,11 +429,18 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     stop_token_ids=list(body.stop_token_ids or []), logprobs=body.logprobs_k(),
                                     allowed_token_ids=None if body.allowed_token_ids is None
                                     else list(body.allowed_token_ids),
-                                    prompt_logprobs=body.logprobs_k() if getattr(body, "echo", None) else None)
+                                    prompt_logprobs=body.logprobs_k() if getattr(body, "echo", None) else None,
+                                    structured=structured_spec(body))
             params.validate(vocab_size=engine.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
         return params
+
+    def structured_spec(body) -> StructuredSpec | None:
+        got = body.structured()  # ValueError (a 400) names the field
+        if got is None:
+            return None
+        return StructuredSpec(got.kind, got.value, got.choices, got.any_whitespace, source=got.source)
 
     def check_chars(n: int, param: str) -> None:
         if n > max_prompt_chars:
@@ -510,6 +518,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if n > engine.scheduler.max_waiting:
             raise APIError(400, f"n: got {n}; this server queues at most {engine.scheduler.max_waiting} requests "
                                 "(--max-waiting), so at most that many choices", param="n")
+        if params.structured is not None:  # compiled off the event loop (cached: submit's compile is a hit)
+            try:
+                await off_loop(engine.compile_structured, params.structured)
+            except ValueError as e:
+                raise APIError(400, str(e), param=params.structured.source) from None
         echoes = [None] * len(prompts)
         if getattr(body, "echo", None):  # each prompt as sent (a string), else its tokens' decoding
             for i, (sent, ids) in enumerate(zip(prompts_of(body), prompts)):

@@ -105,6 +105,7 @@ from .lm_head import lm_head
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
 from .sampling import LogitsState, SamplingParams, make_generator, process_rows, sample_rows, token_logprobs
 from .scheduler import QueueFull, Request, Scheduler, Status
+from .structured import Grammars, StructuredSpec, mask_rows
 
 __all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapter", "PathNotAllowed", "PromptError",
            "EngineBusy"]
@@ -233,6 +234,7 @@ class Engine:
         self._out_finish: dict[str, tuple[str, int]] = {}  # rid -> (reason, completion tokens), output side
         self.last_output_error: str | None = None
         self.last_tables: StepTables | None = None  # the last step's block tables and attention counts
+        self._grammars: Grammars | None = None  # structured output (structured.py), made on first use
 
     def _kv_budget(self, requested: int | None) -> int:
         """Bytes for the block pool: as asked, else half the free GPU memory, else 2 GiB on the CPU."""
@@ -250,6 +252,9 @@ class Engine:
         params.validate(vocab_size=self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise PromptError("stop strings need a tokenizer; this engine has none")
+        # a structured output's matcher (its grammar compiled once per spec: the server compiles it in its
+        # tokenizer thread first, so this is a cache hit); ValueError names the field that cannot compile
+        matcher = None if params.structured is None else self.compile_structured(params.structured, matcher=True)
         if not isinstance(prompt_ids, list) or not prompt_ids:
             raise PromptError("the prompt is empty; valid: at least one token")
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
@@ -294,10 +299,26 @@ class Engine:
                 req.cache_scope = entry.internal
                 req.prefix_kv = entry.prefix_kv
             req.generator = make_generator(params, self.device)
+            if matcher is not None:
+                req.metadata["matcher"] = matcher
             self.requests[req.request_id] = req
             self._inbox.append(req)
             self._wake.notify_all()
         return req
+
+    def compile_structured(self, spec: StructuredSpec, matcher: bool = False):
+        """``spec``'s compiled grammar (cached per spec), or with ``matcher`` a fresh matcher of it; any
+        thread. ValueError (``StructuredUnavailable`` without xgrammar) names the field that cannot compile."""
+        if self.tokenizer is None:
+            raise PromptError(f"{spec.source}: a structured output needs a tokenizer; this engine has none")
+        if not self.eos_ids:  # a finished grammar allows only its stop tokens: the model's EOS
+            raise PromptError(f"{spec.source}: a structured output ends on the model's end-of-sequence token, and "
+                              "neither this model's generation config nor its tokenizer names one")
+        with self._lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+            grammars = self._grammars
+        return grammars.matcher(spec) if matcher else grammars.compile(spec)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (a client went away): it stops at the next step and frees its blocks."""
@@ -834,6 +855,9 @@ class Engine:
                 raw, x = x, process_rows(x, processed, states, [len(done[j].output_ids) for j in processed])
             else:
                 raw = x
+            structured = [j for j, r in enumerate(done) if "matcher" in r.metadata]
+            if structured:  # the grammar's allowed next tokens, after the processors (vLLM's order)
+                x = mask_rows(x, structured, [done[j].metadata["matcher"] for j in structured], aliased=x is raw)
             tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
             asked = [j for j, r in enumerate(done) if r.params.logprobs is not None and errors[j] is None]
             lps = dict(zip(asked, token_logprobs(raw, asked, [done[j].params.logprobs for j in asked], tokens))) \
@@ -843,6 +867,13 @@ class Engine:
                     self.stats["request_errors"] += 1
                     req.metadata["counted_error"] = True
                     self._finish(req, "error", error=error)
+                    continue
+                matcher = req.metadata.get("matcher")
+                if matcher is not None and not matcher.accept_token(token):  # a token its mask forbade
+                    self.stats["request_errors"] += 1
+                    req.metadata["counted_error"] = True
+                    self._finish(req, "error", error=f"token {token} is not allowed by the request's grammar "
+                                                     f"({req.params.structured.source})")
                     continue
                 req.output_ids.append(token)
                 if j in lps:  # aligned with output_ids (read by the output thread by position)
@@ -959,7 +990,9 @@ class Engine:
     # -- outputs -----------------------------------------------------------------------------------
     def _after_token(self, req: Request, token: int) -> None:
         reason = None
-        if (not req.params.ignore_eos and token in self.eos_ids) or token in req.params.stop_token_ids:
+        matcher = req.metadata.get("matcher")
+        if (not req.params.ignore_eos and token in self.eos_ids) or token in req.params.stop_token_ids \
+                or (matcher is not None and matcher.is_terminated()):  # (a grammar ends on its stop token: EOS)
             reason = "stop"  # its text is left out (``_new_text``)
         elif len(req.output_ids) >= req.params.max_tokens or req.prefix_len + req.num_tokens >= self.max_model_len:
             reason = "length"

@@ -5,9 +5,13 @@ Declared here is what the server implements: OpenAI's sampling fields (``tempera
 ``max_completion_tokens``, ``n``, ``echo`` for completions) and vLLM's extensions with vLLM's meaning
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``allowed_token_ids``, ``ignore_eos``). Log-probabilities: ``logprobs: k`` (completions) and
-``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. A field that would change the result
+``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. Structured output, one constraint per
+request (``structured()``; served by ``structured.py``): OpenAI's ``response_format`` (``json_object``,
+``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
+and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
+``disable_any_whitespace``). A field that would change the result
 and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``, ``best_of``,
-``response_format`` other than text, guided / structured decoding, beam search, ``bad_words``, ...)
+``guided_whitespace_pattern``, structural tags, beam search, ``bad_words``, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks
 for nothing (null, false, the default) is accepted. Fields known to leave the output alone
 (``user``, ``metadata``, ``store``, ...) are accepted; any other field is accepted and ignored, and
@@ -18,6 +22,7 @@ a 400 too.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -92,6 +97,13 @@ class _Sampling(BaseModel):
     logit_bias: dict[Text, Number] | None = None
     stop_token_ids: list[StrictInt] | None = None
     allowed_token_ids: list[StrictInt] | None = None
+    # structured output (one of them; ``structured()``)
+    response_format: Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
+    guided_json: Annotated[dict[str, Any] | StrictStr, AfterValidator(_unicode)] | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    structured_outputs: Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a field this server cannot honour; None if there is none."""
@@ -113,6 +125,70 @@ class _Sampling(BaseModel):
         """The names of this body's fields that the server neither uses nor knows to be harmless."""
         return [k for k in (self.model_extra or {}) if k not in UNSUPPORTED and k not in HARMLESS]
 
+    def structured(self) -> Structured | None:
+        """The structured-output constraint the body asks for (None: none); ValueError names a field
+        whose value is not a valid constraint, or two fields that both constrain the output."""
+        found: list[Structured] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(Structured("response_format", "json_object"))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict):
+                    raise ValueError("response_format: json_schema: valid: an object {\"name\": ..., \"schema\": {...}}")
+                schema = js.get("schema")
+                if schema is None:  # OpenAI: a schema-less json_schema is any JSON object
+                    found.append(Structured("response_format", "json_object"))
+                else:
+                    found.append(Structured("response_format", "json", _schema_text(schema, "response_format")))
+            elif kind != "text":
+                raise ValueError(f"response_format: type {_shown(kind)}; valid: 'text', 'json_object', 'json_schema'")
+        if self.guided_json is not None:
+            found.append(Structured("guided_json", "json", _schema_text(self.guided_json, "guided_json")))
+        if self.guided_regex is not None:
+            found.append(Structured("guided_regex", "regex", self.guided_regex))
+        if self.guided_choice is not None:
+            found.append(Structured("guided_choice", "choice", choices=tuple(self.guided_choice)))
+        if self.guided_grammar is not None:
+            found.append(Structured("guided_grammar", "grammar", self.guided_grammar))
+        so = self.structured_outputs
+        if so is not None:
+            unknown = sorted(k for k in so if k not in _SO_KINDS and k not in _SO_OPTIONS)
+            if unknown:
+                raise ValueError(f"structured_outputs: {_shown(unknown[0])} is not supported; valid keys: "
+                                 f"{', '.join(_SO_KINDS + tuple(sorted(_SO_OPTIONS)))}")
+            for key in _SO_OPTIONS:
+                value = so.get(key)
+                if value is not None and not isinstance(value, _SO_OPTIONS[key]):
+                    raise ValueError(f"structured_outputs: {key}: got {_shown(value)}; valid: "
+                                     f"{_SO_OPTIONS[key].__name__} or null")
+            ws = not so.get("disable_any_whitespace")
+            for key in _SO_KINDS:
+                value = so.get(key)
+                if value is None or value is False:
+                    continue
+                where = f"structured_outputs.{key}"
+                if key == "json":
+                    found.append(Structured(where, "json", _schema_text(value, where), any_whitespace=ws))
+                elif key == "json_object":
+                    if value is not True:
+                        raise ValueError(f"{where}: got {_shown(value)}; valid: true or null")
+                    found.append(Structured(where, "json_object", any_whitespace=ws))
+                elif key == "choice":
+                    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+                        raise ValueError(f"{where}: valid: a list of strings")
+                    found.append(Structured(where, "choice", choices=tuple(value)))
+                else:
+                    if not isinstance(value, str):
+                        raise ValueError(f"{where}: got {_shown(value)}; valid: a string")
+                    found.append(Structured(where, key, value))
+        if len(found) > 1:
+            raise ValueError(f"{found[0].source}: only one structured-output constraint per request; this one also "
+                             f"has {found[1].source}")
+        return found[0] if found else None
+
     def token_bias(self) -> dict[int, float]:
         """``logit_bias`` with integer token ids (OpenAI sends them as strings); ValueError names a bad key."""
         out = {}
@@ -124,6 +200,38 @@ class _Sampling(BaseModel):
                 raise ValueError(f"logit_bias: key {shown} is not a token id; valid: token ids as decimal "
                                  "strings, e.g. {\"50256\": -100}") from None
         return out
+
+
+@dataclass(frozen=True)
+class Structured:
+    """A structured-output constraint as sent (the engine's ``StructuredSpec`` is made from it)."""
+    source: str  # the field it came from
+    kind: str  # json | json_object | regex | choice | grammar
+    value: str = ""
+    choices: tuple[str, ...] = ()
+    any_whitespace: bool = True
+
+
+_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's structured_outputs
+# (the backend is always xgrammar; there is no fallback to disable)
+_SO_OPTIONS = {"disable_any_whitespace": bool, "backend": str, "disable_fallback": bool}
+
+
+def _shown(value) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:40] + "..."
+
+
+def _schema_text(schema, where: str) -> str:
+    """A JSON schema given as an object or as its JSON text, as text; ValueError names ``where``."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise ValueError(f"{where}: the schema is not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"{where}: got {_shown(schema)}; valid: a JSON schema (an object)")
+    return json.dumps(schema)
 
 
 def _false(v):
@@ -140,9 +248,7 @@ UNSUPPORTED = {
     "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0, "prompt_logprobs": _false,  # undeclared only
     "echo": _false, "suffix": _empty, "tools": _empty, "functions": _empty, "tool_choice": lambda v: v == "none",
     "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,
-    "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
-    "guided_json": _empty, "guided_regex": _empty, "guided_choice": _empty, "guided_grammar": _empty,
-    "structured_outputs": _empty, "guided_whitespace_pattern": _empty,
+    "guided_whitespace_pattern": _empty, "structural_tag": _empty,
     "bad_words": _empty, "truncate_prompt_tokens": lambda v: False,
     "include_stop_str_in_output": _false, "skip_special_tokens": lambda v: v is True,
     "spaces_between_special_tokens": lambda v: v is True, "add_generation_prompt": lambda v: v is True,
@@ -152,7 +258,7 @@ UNSUPPORTED = {
 # fields that leave the output alone (bookkeeping, hints, options of features not asked for)
 HARMLESS = {"metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "priority", "request_id",
             "length_penalty", "stream_options", "function_call", "reasoning_effort", "web_search_options",
-            "cache_salt", "return_tokens_as_token_ids"}
+            "cache_salt", "return_tokens_as_token_ids", "guided_decoding_backend"}
 
 
 class CompletionRequest(_Sampling):

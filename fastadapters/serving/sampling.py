@@ -33,6 +33,8 @@ EOS its text is left out of the output text (the token stays in the output ids).
 tokens with theirs, from the model's raw logits (before processors and temperature: vLLM's default),
 computed in fp32 on the device for those rows only; a log-probability of -inf (or NaN, from
 non-finite logits) is reported as -9999.0 (JSON has no infinity; vLLM's choice).
+``structured``: a ``structured.StructuredSpec`` the output must match; the engine masks the row by
+its grammar after the processors (``structured.mask_rows``). ``min_tokens`` with one is refused.
 ``prompt_logprobs = k``: the same for each prompt token after the first (the engine runs the LM head
 on the request's prompt positions; such a request computes its whole prompt, bypassing the prefix
 cache).
@@ -43,6 +45,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .structured import StructuredSpec
 
 __all__ = ["SamplingParams", "sample_next", "sample_rows", "make_generator", "GREEDY_BELOW", "is_greedy",
            "LogitsState", "process_rows", "token_logprobs"]
@@ -73,6 +77,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be generated (vLLM's); None: any
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    structured: StructuredSpec | None = None  # the output must match this (structured.py); None: free
 
     MAX_LOGIT_BIAS = 1024  # entries
     MAX_STOP_TOKEN_IDS = 64
@@ -144,6 +149,13 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
                 or not all(token_id(t) for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredSpec):
+                bad("structured", self.structured, "null or a StructuredSpec")
+            self.structured.validate()
+            if self.min_tokens:
+                bad("min_tokens", self.min_tokens, "0 with a structured output (the grammar decides where the "
+                    "output may end)")
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -192,7 +204,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     module docstring). One device-to-host copy for the whole step."""
     # a row with NaN or +inf, or with no finite logit at all (every token -inf), has no token to give
     # one pass: a row's max is NaN if any logit is NaN, +inf if any is +inf, -inf if all are -inf
-    bad = ~torch.isfinite(logits.amax(-1))
+    top = logits.amax(-1)
+    bad = ~torch.isfinite(top)
     tokens = logits.argmax(-1)
     errors: list[str | None] = [None] * len(params)
     sampled = [j for j, p in enumerate(params) if not is_greedy(p)]
@@ -205,9 +218,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 tokens[j] = _draw(rows[j], params[j], generators[j])[0]
             except Exception as e:  # one request's failure (e.g. NaN probabilities) is its own
                 errors[j] = f"sampling failed: {type(e).__name__}: {e}"
-    host = torch.stack([tokens, bad.to(tokens.dtype)]).tolist()  # the step's one device-to-host copy
+    # the step's one device-to-host copy; flag 2: every logit -inf (what the processors / grammar left out)
+    host = torch.stack([tokens, bad.to(tokens.dtype) + (top == float("-inf")).to(tokens.dtype)]).tolist()
     for j, flag in enumerate(host[1]):
-        if flag:
+        if flag == 2:
+            errors[j] = ("no token can be chosen next: every logit is -inf (allowed_token_ids, logit_bias and a "
+                         "structured output's grammar together may exclude every token, or the model gave -inf)")
+        elif flag:
             errors[j] = "the model produced non-finite logits (NaN or inf) for this request"
     return host[0], errors
 

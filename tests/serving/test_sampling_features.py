@@ -291,8 +291,8 @@ def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
                         (dict(presence_penalty=3), "presence_penalty"), (dict(min_tokens=9), "min_tokens"),
                         (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(bad_words=["x"]), "bad_words"),
                         (dict(presence_penalty="1"), None),
-                        (dict(response_format={"type": "json_object"}), "response_format"),
-                        (dict(guided_json={"type": "object"}), "guided_json"),
+                        (dict(response_format={"type": "structural_tag"}), "response_format"),
+                        (dict(guided_whitespace_pattern=" *"), "guided_whitespace_pattern"),
                         (dict(use_beam_search=True), "use_beam_search"),
                         (dict(include_stop_str_in_output=True), "include_stop_str_in_output")):
         r = _post(url, **body)

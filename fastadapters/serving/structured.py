@@ -1,0 +1,191 @@
+"""Structured output: a request's tokens constrained to a JSON schema, any JSON object, a regular
+expression, one of a list of strings, or an EBNF grammar (OpenAI's ``response_format``, vLLM's
+``guided_*`` and ``structured_outputs``).
+
+    grammars = Grammars(tokenizer, vocab_size, stop_ids)        # one per engine, built on first use
+    matcher = grammars.matcher(StructuredSpec("json", schema))  # ValueError names what cannot compile
+    x = mask_rows(x, rows, [matcher, ...], vocab_size)          # disallowed tokens -> -inf
+    matcher.accept_token(token); matcher.is_terminated()
+
+The grammar engine is xgrammar (the one vLLM and SGLang default to; an optional dependency:
+``pip install "fastadapters[structured]"``). It compiles a spec against the tokenizer's vocabulary
+once (kept in a bounded LRU cache, so a schema sent by many requests compiles once) and gives each
+request a matcher: before every token the matcher fills a bitmask of the tokens the grammar allows
+next, and after it the sampled token advances it. The engine applies the masks of a step's
+structured rows together, on the logits' device, after the logits processors and before greedy or
+sampled choice; log-probabilities stay the raw model's (vLLM's default). When the grammar is
+complete only its stop tokens (the model's EOS) are allowed, and accepting one terminates the
+matcher: the request ends with finish reason "stop", the EOS's text left out, as any EOS.
+
+A preempted request keeps its matcher: its accepted tokens are its output, which it recomputes,
+so nothing is rolled back. ``min_tokens`` with a structured output is refused (the grammar, not a
+count, decides where the output may end; the two could leave no token allowed).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["StructuredSpec", "Grammars", "StructuredUnavailable", "mask_rows", "KINDS", "XGRAMMAR_RANGE"]
+
+# the releases CI runs (pyproject.toml's `structured` and `test` extras): older ones lack
+# TokenizerInfo.from_huggingface(vocab_size=, stop_token_ids=) as used here, newer ones are untested
+XGRAMMAR_RANGE = ((0, 2, 8), (0, 3))
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_SPEC_CHARS = 32 << 10  # a schema / regex / grammar (compiling is work on the server's tokenizer thread)
+MAX_CHOICES = 1024
+CACHE_SIZE = 64  # compiled grammars kept (least recently used dropped)
+
+
+class StructuredUnavailable(ValueError):
+    """Structured output was asked for and xgrammar is not installed (or is a release not tested)."""
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """What a request's output must match. ``kind``: "json" (``value``: a JSON schema's text),
+    "json_object" (any JSON object; ``value`` ""), "regex", "choice" (``choices``: the strings),
+    "grammar" (xgrammar's EBNF, a ``root`` rule). ``any_whitespace``: JSON may carry any whitespace
+    between tokens (False: the compact form). ``source``: the request field it came from (messages)."""
+    kind: str
+    value: str = ""
+    choices: tuple[str, ...] = ()
+    any_whitespace: bool = True
+    source: str = field(default="structured_outputs", compare=False)
+
+    def validate(self) -> None:
+        def bad(what):
+            raise ValueError(f"{self.source}: {what}")
+
+        if self.kind not in KINDS:
+            bad(f"kind {self.kind!r}; valid: {', '.join(KINDS)}")
+        if not isinstance(self.value, str) or len(self.value) > MAX_SPEC_CHARS:
+            bad(f"a text of at most {MAX_SPEC_CHARS} characters is valid")
+        if self.kind in ("json", "regex", "grammar") and not self.value:
+            bad("empty; valid: a non-empty " + {"json": "JSON schema", "regex": "regular expression",
+                                                "grammar": "EBNF grammar with a root rule"}[self.kind])
+        if self.kind == "choice":
+            if not (isinstance(self.choices, tuple) and 0 < len(self.choices) <= MAX_CHOICES
+                    and all(isinstance(c, str) and c for c in self.choices)):
+                bad(f"choices: valid: 1 to {MAX_CHOICES} non-empty strings")
+            if sum(map(len, self.choices)) > MAX_SPEC_CHARS:
+                bad(f"choices: at most {MAX_SPEC_CHARS} characters in all")
+        if not isinstance(self.any_whitespace, bool):
+            bad("any_whitespace: valid: true or false")
+
+
+_checked = None  # the xgrammar module, once imported and its version checked
+
+
+def _xgrammar():
+    global _checked
+    if _checked is not None:
+        return _checked
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise StructuredUnavailable(
+            "structured output (response_format json, guided_* / structured_outputs) needs the xgrammar package, "
+            f"which this server cannot import ({e}); install it: pip install \"fastadapters[structured]\"") from None
+    from importlib.metadata import version
+
+    have = version("xgrammar")
+    nums = tuple(int(p) for p in have.split("+")[0].split(".")[:3] if p.isdigit())
+    lo, hi = XGRAMMAR_RANGE
+    if not lo <= nums < hi:
+        raise StructuredUnavailable(
+            f"structured output: xgrammar {have} is installed; this release of fastadapters is tested with "
+            f"{'.'.join(map(str, lo))} <= xgrammar < {'.'.join(map(str, hi))}: install one of those")
+    _checked = xgrammar
+    return xgrammar
+
+
+def _choice_grammar(choices: tuple[str, ...]) -> str:
+    """EBNF for exactly one of ``choices`` (JSON string escapes are EBNF string escapes)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class Grammars:
+    """Compiled grammars and matchers for one engine's tokenizer and vocabulary (thread-safe: the
+    server compiles in its tokenizer thread, the engine thread makes matchers)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids):
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, int(vocab_size), sorted(stop_ids)
+        self._lock = threading.Lock()
+        self._compiler = None
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self.compiles = 0  # grammars compiled (cache misses), for tests
+
+    def _get_compiler(self):
+        xgr = _xgrammar()
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_ids or None)
+                # our LRU bounds what is kept; xgrammar's own cache would grow without limit
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+            return self._compiler
+
+    def compile(self, spec: StructuredSpec):
+        """The compiled grammar of ``spec`` (cached); ValueError naming ``spec.source`` if it cannot compile."""
+        spec.validate()
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        compiler = self._get_compiler()
+        try:
+            if spec.kind == "json":
+                try:
+                    schema = json.loads(spec.value)
+                except ValueError as e:
+                    raise ValueError(f"not valid JSON ({e})") from None
+                if not isinstance(schema, (dict, bool)):
+                    raise ValueError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
+                # strict: no properties beyond the schema's unless it allows them (vLLM's default)
+                compiled = compiler.compile_json_schema(spec.value, any_whitespace=spec.any_whitespace)
+            elif spec.kind == "json_object":  # any object: any properties
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,
+                                                        strict_mode=False)
+            elif spec.kind == "regex":
+                compiled = compiler.compile_regex(spec.value)
+            elif spec.kind == "choice":
+                compiled = compiler.compile_grammar(_choice_grammar(spec.choices))
+            else:
+                compiled = compiler.compile_grammar(spec.value)
+        except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {msg[:300]}") from None
+        with self._lock:
+            self.compiles += 1
+            self._cache[spec] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def matcher(self, spec: StructuredSpec):
+        """A fresh matcher of ``spec``'s grammar (at its start), for one request."""
+        return _xgrammar().GrammarMatcher(self.compile(spec))
+
+
+def mask_rows(x: torch.Tensor, rows: list[int], matchers: list, aliased: bool) -> torch.Tensor:
+    """``x`` (R, V) with every token that ``matchers[i]`` does not allow next set to -inf in row
+    ``rows[i]``. ``aliased``: ``x`` is a tensor the caller still reads unmasked (then a copy is
+    masked). The matchers fill one packed bitmask (R x ceil(V/32) int32) on the host, copied to
+    ``x``'s device once; xgrammar's own kernel applies it (its C++ loop on the CPU, its Triton
+    kernel on CUDA, as in vLLM), to those rows only."""
+    xgr = _xgrammar()
+    vocab = x.shape[-1]
+    bitmask = xgr.allocate_token_bitmask(x.shape[0], vocab)  # all allowed; a matcher clears what it forbids
+    rows = [r for r, m in zip(rows, matchers) if m.fill_next_token_bitmask(bitmask, r)]  # False: all allowed
+    if not rows:
+        return x
+    if aliased:
+        x = x.clone()
+    xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), vocab_size=vocab, indices=rows)
+    return x

@@ -1,0 +1,317 @@
+"""Structured output (serving/structured.py): a request's tokens constrained to a regular expression,
+a list of choices, an EBNF grammar or a JSON schema, through xgrammar.
+
+The engine's greedy tokens are compared with a reference written without it: the tiny llama run
+alone on the whole sequence (with the request's adapter active), masked by xgrammar's own
+``apply_token_bitmask_inplace`` from a matcher compiled here, argmax. Structured requests share
+batches with free ones (base, LoRA, series, parallel, prefix) whose tokens must equal their runs
+alone, and survive preemption. The masks themselves equal xgrammar's at an odd vocabulary size.
+Errors name the field and leave the engine as it was; over HTTP the OpenAI and vLLM request forms
+reach the engine and bad ones are 400s naming the field. JSON schemas need a tokenizer with braces
+and quotes: those run on SmolLM2 in test_openai_real.py. Skipped without xgrammar.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import httpx
+import pytest
+import torch
+
+import fastadapters as fa
+from fastadapters.serving.api import create_app
+from fastadapters.serving.engine import PromptError
+from fastadapters.serving.protocol import ChatRequest, CompletionRequest
+from fastadapters.serving.sampling import SamplingParams
+from fastadapters.serving.structured import CACHE_SIZE, Grammars, StructuredSpec, StructuredUnavailable, mask_rows
+from .char_tokenizer import char_tokenizer
+from .live_server import live_server
+from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
+
+xgr = pytest.importorskip("xgrammar")
+
+EOS = 0  # the test tokenizer's EOS: "<pad>"
+REGEX = StructuredSpec("regex", "[a-c]{3}x", source="guided_regex")
+CHOICE = StructuredSpec("choice", choices=("Hello world", "Bye"), source="guided_choice")
+GRAMMAR = StructuredSpec("grammar", 'root ::= ("ab" | "c")+ "Z"', source="guided_grammar")
+
+
+def eos_tokenizer():
+    tok = char_tokenizer()
+    tok.eos_token = "<pad>"  # a grammar ends on the EOS
+    return tok
+
+
+def _ref_compiled(tok, vocab, spec: StructuredSpec):
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=[EOS])
+    compiler = xgr.GrammarCompiler(info)
+    if spec.kind == "regex":
+        return compiler.compile_regex(spec.value)
+    if spec.kind == "choice":
+        return compiler.compile_grammar("root ::= " + " | ".join(f'"{c}"' for c in spec.choices))
+    return compiler.compile_grammar(spec.value)
+
+
+@torch.no_grad()
+def masked_greedy_ref(engine, adapter, ids, spec, n):
+    """The request alone: the whole sequence through the model each step, xgrammar's own mask, argmax."""
+    model = engine.model
+    entry = None if adapter is None else engine.registry.entries[adapter]
+    fa.set_adapter(model, None if entry is None else entry.internal)
+    matcher = xgr.GrammarMatcher(_ref_compiled(engine.tokenizer, engine.vocab_size, spec))
+    bitmask = xgr.allocate_token_bitmask(1, engine.vocab_size)
+    seq, out = list(ids), []
+    try:
+        while len(out) < n:
+            logits = model(torch.tensor([seq])).logits[:, -1].float().clone()
+            matcher.fill_next_token_bitmask(bitmask, 0)
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            token = int(logits.argmax())
+            assert matcher.accept_token(token)
+            out.append(token)
+            seq.append(token)
+            if matcher.is_terminated():
+                break
+    finally:
+        fa.set_adapter(model, None)
+    return out
+
+
+def test_greedy_equals_a_masked_reference_beside_free_requests(zoo):
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=8)
+    ps = prompts([5, 9, 3, 7, 6, 4, 8], seed=11)
+    asks = [(REGEX, None), (CHOICE, "lora_r4"), (GRAMMAR, "houlsby"), (REGEX, "parallel"),
+            (None, None), (None, "parallel"), (None, "prefix")]
+    params = [SamplingParams(max_tokens=12, temperature=0, structured=s, ignore_eos=s is None) for s, _ in asks]
+    reqs = [engine.submit(p, sp, adapter=a) for p, sp, (_, a) in zip(ps, params, asks)]
+    engine.run_until_done()
+    for (spec, adapter), p, r in zip(asks, ps, reqs):
+        if spec is None:  # free neighbours: their runs alone
+            assert r.output_ids == greedy_ref(engine, adapter, p, 12), adapter
+            continue
+        want = masked_greedy_ref(engine, adapter, p, spec, 12)
+        assert r.output_ids == want, (spec.kind, adapter)
+        if want[-1] == EOS:  # the grammar completed: "stop", the EOS's text left out
+            assert r.finish_reason == "stop" and r.text == engine.tokenizer.decode(want[:-1])
+        else:
+            assert r.finish_reason == "length"
+    done = [r for (s, _), r in zip(asks, reqs) if s is REGEX]
+    assert all(r.finish_reason == "stop" and re.fullmatch(REGEX.value, r.text) for r in done), [r.text for r in done]
+    assert reqs[1].finish_reason == "stop" and reqs[1].text in CHOICE.choices
+    assert_no_leaks(engine)
+
+
+def test_a_completed_grammar_ends_the_request_even_with_ignore_eos(zoo):
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4)
+    p = prompts([6], seed=8)[0]
+    r = engine.generate([p], SamplingParams(max_tokens=12, temperature=0, structured=CHOICE, ignore_eos=True))[0]
+    assert r.output_ids == masked_greedy_ref(engine, None, p, CHOICE, 12) and r.output_ids[-1] == EOS
+    assert r.finish_reason == "stop" and r.text in CHOICE.choices  # the EOS's text left out
+    assert_no_leaks(engine)
+
+
+def test_sampled_outputs_match_and_a_seed_reproduces_in_another_batch(zoo):
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=8)
+    spec = StructuredSpec("regex", "[a-c]{2,4}(x|yy)[0-7]?")
+    ps = prompts([4, 6, 5, 7, 3, 8], seed=5)
+    params = [SamplingParams(max_tokens=10, temperature=1.5, seed=s, structured=spec) for s in range(6)]
+    together = engine.generate(ps, params, adapters=["lora_r64", None, "pfeiffer", None, "prefix", None])
+    for r in together:
+        assert r.finish_reason == "stop" and re.fullmatch(spec.value, r.text), r.text
+    assert len({r.text for r in together}) > 1  # sampled, not all the greedy answer
+    alone = engine.generate([ps[2]], params[2], adapters=["pfeiffer"])[0]
+    assert alone.output_ids == together[2].output_ids
+    assert_no_leaks(engine)
+
+
+def test_a_preempted_structured_request_keeps_its_grammar(zoo):
+    # few blocks: requests are preempted and recomputed; each matcher keeps the tokens it accepted
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=6, block_size=4, num_blocks=8,
+                         max_model_len=32)
+    spec = StructuredSpec("regex", "[a-h]{10}Q")
+    ps = prompts([9, 5, 13, 7, 3, 6], seed=41)
+    names = [None, "lora_r4", "parallel", None, "houlsby", None]
+    sp = SamplingParams(max_tokens=12, temperature=0, structured=spec)
+    reqs = [engine.submit(p, sp, adapter=a) for p, a in zip(ps, names)]
+    engine.run_until_done()
+    assert sum(r.preemptions for r in reqs) > 0
+    for r, p, a in zip(reqs, ps, names):
+        assert r.output_ids == masked_greedy_ref(engine, a, p, spec, 12), a
+        assert r.finish_reason == "stop" and re.fullmatch(spec.value, r.text), r.text
+    assert_no_leaks(engine)
+
+
+def test_mask_rows_equals_xgrammar_at_an_odd_vocabulary():
+    vocab = 77  # the tokenizer's 64 plus padding ids no grammar allows; not a multiple of 32
+    grammars = Grammars(eos_tokenizer(), vocab, [EOS])
+    matchers = [grammars.matcher(s) for s in (REGEX, CHOICE, GRAMMAR)]
+    assert matchers[1].accept_token(31)  # "B": one choice left
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
+    rows = [0, 2, 4]
+    before = logits.clone()
+    got = mask_rows(logits, rows, matchers, aliased=True)
+    assert torch.equal(logits, before)  # aliased: the caller's tensor is left as it was
+    want = before.clone()
+    for row, m in zip(rows, matchers):
+        bm = xgr.allocate_token_bitmask(1, vocab)
+        m.fill_next_token_bitmask(bm, 0)
+        one = want[row:row + 1].clone()
+        xgr.apply_token_bitmask_inplace(one, bm)
+        want[row] = one[0]
+    assert torch.equal(got, want)
+    assert torch.equal(got[[1, 3]], before[[1, 3]])  # rows without a matcher untouched
+    assert torch.isinf(got[2]).sum() == vocab - 1  # after "B" only "y"
+    assert (got[rows][:, 64:] == float("-inf")).all()  # padding ids are never allowed
+    same = mask_rows(logits, rows, matchers, aliased=False)  # not aliased: masked in place
+    assert same is logits and torch.equal(logits, want)
+
+
+def test_errors_name_the_field_and_change_nothing(zoo, monkeypatch):
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4)
+    p = prompts([5], seed=3)[0]
+    for spec, words in ((StructuredSpec("regex", "(", source="guided_regex"), "guided_regex: cannot be compiled"),
+                        (StructuredSpec("grammar", 'start ::= "a"', source="guided_grammar"),
+                         "guided_grammar: cannot be compiled"),
+                        (StructuredSpec("choice", choices=(), source="guided_choice"), "guided_choice")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            engine.submit(p, SamplingParams(max_tokens=4, temperature=0, structured=spec))
+    with pytest.raises(ValueError, match="min_tokens"):
+        engine.submit(p, SamplingParams(max_tokens=4, min_tokens=2, temperature=0, structured=REGEX))
+    assert not engine.requests and not engine._inbox
+    with pytest.raises(PromptError, match="end-of-sequence"):  # a grammar ends on an EOS; none here
+        tiny_engine(tokenizer=char_tokenizer()).submit(p, SamplingParams(structured=REGEX))
+    with pytest.raises(PromptError, match="tokenizer"):
+        tiny_engine().submit(p, SamplingParams(structured=REGEX))
+    # a request whose allowed_token_ids leave the grammar nothing ends alone, with an error that says so
+    bad = engine.submit(p, SamplingParams(max_tokens=4, temperature=0, structured=REGEX, allowed_token_ids=[40]))
+    other = engine.submit(p, SamplingParams(max_tokens=4, temperature=0), adapter="lora_r4")
+    engine.run_until_done()
+    assert bad.finish_reason == "error" and other.output_ids == greedy_ref(engine, "lora_r4", p, 4)
+    assert_no_leaks(engine)
+    # without xgrammar (or with a release not tested) the error says what to install
+    from fastadapters.serving import structured
+
+    monkeypatch.setattr(structured, "_checked", None)  # (the module and its version are checked once)
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+    with pytest.raises(StructuredUnavailable, match=re.escape('pip install "fastadapters[structured]"')):
+        Grammars(eos_tokenizer(), 64, [EOS]).compile(REGEX)
+    monkeypatch.undo()
+    import importlib.metadata
+
+    monkeypatch.setattr(structured, "_checked", None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.20")
+    with pytest.raises(StructuredUnavailable, match=r"xgrammar 0\.1\.20 is installed"):
+        Grammars(eos_tokenizer(), 64, [EOS]).compile(REGEX)
+
+
+def test_a_grammar_compiles_once_and_the_cache_is_bounded(zoo):
+    engine = tiny_engine(tokenizer=eos_tokenizer(), max_num_seqs=4)
+    ps = prompts([3, 4, 5, 6, 7], seed=2)
+    engine.generate(ps, SamplingParams(max_tokens=6, temperature=0, structured=REGEX))
+    grammars = engine._grammars
+    assert grammars.compiles == 1
+    for i in range(CACHE_SIZE + 3):
+        grammars.compile(StructuredSpec("choice", choices=("a" + chr(97 + i // 26) + chr(97 + i % 26), "b")))
+    assert len(grammars._cache) == CACHE_SIZE and grammars.compiles == CACHE_SIZE + 4
+    assert REGEX not in grammars._cache  # the least recently used went first
+
+
+def test_request_forms_map_to_one_constraint():
+    def one(**kw):
+        return CompletionRequest(model="m", prompt="p", **kw).structured()
+
+    s = one(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert (s.source, s.kind, json.loads(s.value)) == ("response_format", "json", {"type": "object"})
+    assert one(response_format={"type": "json_object"}).kind == "json_object"
+    assert one(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).kind == "json_object"
+    assert one(response_format={"type": "text"}) is None and one() is None
+    assert one(guided_json='{"type": "integer"}').value == '{"type": "integer"}'
+    assert (one(guided_regex="a+").kind, one(guided_grammar='root ::= "a"').kind) == ("regex", "grammar")
+    assert one(guided_choice=["x", "y"]).choices == ("x", "y")
+    s = one(structured_outputs={"json": {"type": "object"}, "disable_any_whitespace": True, "backend": "xgrammar"})
+    assert (s.source, s.kind, s.any_whitespace) == ("structured_outputs.json", "json", False)
+    assert one(structured_outputs={"choice": ["a"]}).choices == ("a",)
+    assert one(structured_outputs={"json_object": True}).kind == "json_object"
+    chat = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], guided_regex="[0-7]+")
+    assert chat.structured().kind == "regex"
+    for kw, field in ((dict(response_format={"type": "json_schema"}), "response_format"),
+                      (dict(response_format={"type": "grammar"}), "response_format"),
+                      (dict(guided_json="{not json"), "guided_json"), (dict(guided_json="[1]"), "guided_json"),
+                      (dict(guided_regex="a", guided_choice=["b"]), "guided_regex"),
+                      (dict(structured_outputs={"whitespace_pattern": " "}), "structured_outputs"),
+                      (dict(structured_outputs={"json_object": 1}), "structured_outputs.json_object"),
+                      (dict(structured_outputs={"regex": 5}), "structured_outputs.regex")):
+        with pytest.raises(ValueError) as e:
+            one(**kw)
+        assert str(e.value).split(":")[0] == field, (kw, str(e.value))
+
+
+@pytest.fixture(scope="module")
+def served(zoo):
+    torch.set_num_threads(1)
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4)
+    with live_server(create_app(engine, "tiny")) as url:
+        yield engine, url
+
+
+def _post(url, path="/v1/completions", **body):
+    base = {"model": "tiny", "max_tokens": 12, "temperature": 0}
+    base.update({"prompt": "abc"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    return httpx.post(url + path, json={**base, **body}, timeout=60)
+
+
+def _stream_text(url, path, **body):
+    with httpx.stream("POST", url + path, json={"model": "tiny", "max_tokens": 12, "temperature": 0, "stream": True,
+                                               **body}, timeout=60) as r:
+        assert r.status_code == 200
+        text, reason = "", None
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            c = json.loads(line[6:])["choices"][0]
+            text += c.get("text") or (c.get("delta") or {}).get("content") or ""
+            reason = c.get("finish_reason") or reason
+        return text, reason
+
+
+def test_http_constraints_reach_the_engine_streamed_or_not(served):
+    engine, url = served
+    r = _post(url, guided_regex="[a-c]{3}x")
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    assert re.fullmatch("[a-c]{3}x", c["text"]) and c["finish_reason"] == "stop"
+    assert _stream_text(url, "/v1/completions", prompt="abc", guided_regex="[a-c]{3}x") == (c["text"], "stop")
+    msgs = [{"role": "user", "content": "hi"}]
+    r = _post(url, "/v1/chat/completions", structured_outputs={"choice": ["Hello world", "Bye"]})
+    assert r.status_code == 200, r.text
+    m = r.json()["choices"][0]
+    assert m["message"]["content"] in ("Hello world", "Bye") and m["finish_reason"] == "stop"
+    assert _stream_text(url, "/v1/chat/completions", messages=msgs,
+                        structured_outputs={"choice": ["Hello world", "Bye"]}) == (m["message"]["content"], "stop")
+    r = _post(url, guided_grammar='root ::= "c"+ "Z"', n=3, temperature=1.2, seed=4)  # n choices, each its own matcher
+    assert r.status_code == 200, r.text
+    assert all(re.fullmatch("c+Z", c["text"]) or c["finish_reason"] == "length" for c in r.json()["choices"])
+    assert_no_leaks(engine)
+
+
+def test_http_bad_constraints_are_400s_naming_the_field(served):
+    engine, url = served
+    compiled = engine._grammars.compiles if engine._grammars else 0
+    for body, field in ((dict(guided_regex="("), "guided_regex"),
+                        (dict(guided_grammar="root ::= "), "guided_grammar"),
+                        (dict(guided_regex="a", guided_choice=["b"]), "guided_regex"),
+                        (dict(response_format={"type": "xml"}), "response_format"),
+                        (dict(structured_outputs={"regex": "a", "structural_tag": {}}), "structured_outputs"),
+                        (dict(guided_choice=[]), "guided_choice"),
+                        (dict(guided_regex="a+", min_tokens=2), "min_tokens"),
+                        (dict(guided_regex="x" * 40000), "guided_regex")):
+        r = _post(url, **body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == field, (body, err)
+    assert (engine._grammars.compiles if engine._grammars else 0) == compiled  # nothing bad was kept
+    assert _post(url, guided_regex="[a-c]{3}x").status_code == 200  # and it serves on
+    assert_no_leaks(engine)
