@@ -430,8 +430,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     allowed_token_ids=None if body.allowed_token_ids is None
                                     else list(body.allowed_token_ids),
                                     prompt_logprobs=body.logprobs_k() if getattr(body, "echo", None) else None,
-                                    structured=structured_spec(body))
+                                    structured=structured_spec(body),
+                                    include_stop_str_in_output=body.include_stop_str_in_output,
+                                    skip_special_tokens=body.skip_special_tokens)
             params.validate(vocab_size=engine.vocab_size)
+            keep_last(body)  # truncate_prompt_tokens checked before any tokenising
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
         return params
@@ -441,6 +444,18 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if got is None:
             return None
         return StructuredSpec(got.kind, got.value, got.choices, got.any_whitespace, source=got.source)
+
+    def keep_last(body) -> int | None:
+        """How many of the prompt's last tokens ``truncate_prompt_tokens`` keeps (None: all)."""
+        k = body.truncate_prompt_tokens
+        if k is None:
+            return None
+        if k == -1:
+            return engine.max_model_len
+        if not 1 <= k <= engine.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens: got {k}; valid: null, -1 (the context, "
+                             f"{engine.max_model_len}) or an integer in [1, {engine.max_model_len}] (max_model_len)")
+        return k
 
     def check_chars(n: int, param: str) -> None:
         if n > max_prompt_chars:
@@ -458,14 +473,17 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                 "(--max-waiting): send fewer at once", param="prompt")
         return batch
 
-    def completion_ids(batch: list) -> list[list[int]]:
-        """Token ids of each prompt of ``prompts_of``'s batch."""
+    def completion_ids(batch: list, keep: int | None = None) -> list[list[int]]:
+        """Token ids of each prompt of ``prompts_of``'s batch (``keep``: only each one's last so many)."""
         out = []
         for p in batch:
             if isinstance(p, str):
                 check_chars(len(p), "prompt")
-                out.append(list(tokenizer(p)["input_ids"]))
+                ids = list(tokenizer(p)["input_ids"])
+                out.append(ids[-keep:] if keep else ids)
                 continue
+            if keep:
+                p = p[-keep:]
             if len(p) >= engine.max_model_len:
                 raise APIError(400, f"prompt: {len(p)} tokens leave no room to generate in the context of "
                                     f"{engine.max_model_len} (max_model_len); shorten it", param="prompt")
@@ -491,12 +509,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         return messages
 
-    def chat_ids(messages: list[dict]) -> list[int]:
+    def chat_ids(messages: list[dict], options: dict, keep: int | None = None) -> list[int]:
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
         except Exception as e:
             raise APIError(400, f"messages: the chat template failed: {str(e)[:200]}", param="messages") from None
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids[-keep:] if keep else ids
 
     async def off_loop(fn, *args):
         """Run tokenising work in the tokenizer thread (one at a time: fast tokenizers are not
@@ -526,7 +545,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         echoes = [None] * len(prompts)
         if getattr(body, "echo", None):  # each prompt as sent (a string), else its tokens' decoding
             for i, (sent, ids) in enumerate(zip(prompts_of(body), prompts)):
-                echoes[i] = sent if isinstance(sent, str) else await off_loop(tokenizer.decode, ids)
+                as_sent = isinstance(sent, str) and body.truncate_prompt_tokens is None  # (else what was kept)
+                echoes[i] = sent if as_sent else await off_loop(tokenizer.decode, ids)
         submitted = []
         try:
             for k, sub in enumerate(subs):
@@ -656,7 +676,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         log_model(request, body.model, adapter)
         params = sampling(body, 16)
         batch = prompts_of(body)  # a batch too large answers before any tokenising
-        prompts = await off_loop(completion_ids, batch)
+        prompts = await off_loop(completion_ids, batch, keep_last(body))
         return await run(request, body, prompts, params, chat=False, adapter=adapter)
 
     @app.post("/v1/chat/completions")
@@ -665,7 +685,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         sampling(body, engine.max_model_len)  # bad sampling fields answer before any tokenising
-        ids = await off_loop(chat_ids, chat_messages(body))
+        try:
+            options = body.template_options()
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":")[0]) from None
+        ids = await off_loop(chat_ids, chat_messages(body), options, keep_last(body))
         entry = engine.registry.entries.get(adapter) if adapter else None
         prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
         room = engine.max_model_len - len(ids) - prefix  # the default max_tokens: what the context leaves

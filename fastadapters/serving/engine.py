@@ -1030,7 +1030,7 @@ class Engine:
         stops = req.params.stop if len(ids) >= req.params.min_tokens else []
         if reason == "stop":  # an EOS or a stop token ended it (a stop string is found below): not its text
             ids = ids[:-1]
-        committed, pending = detokenize(self.tokenizer, ids, state)
+        committed, pending = detokenize(self.tokenizer, ids, state, req.params.skip_special_tokens)
         # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
         # (a space before a split character, emitted while the character was still pending)
         held = req.metadata["held"] + committed
@@ -1039,9 +1039,11 @@ class Engine:
         ctx = req.text[-max(len(s) for s in stops):] if stops and req.text else ""
         window = ctx + unemitted
         # a hit must end in the new text (one wholly in ctx was found before, or came before min_tokens)
-        hits = [i for i in (window.find(s, max(0, len(ctx) - len(s) + 1)) for s in stops) if i >= 0]
-        if hits:
-            unemitted, reason = unemitted[:max(0, min(hits) - len(ctx))], "stop"
+        hits = [(i, len(s)) for s in stops for i in (window.find(s, max(0, len(ctx) - len(s) + 1)),) if i >= 0]
+        if hits:  # the earliest; the text ends before it (after it with include_stop_str_in_output)
+            at, n = min(hits)
+            end = at + n if req.params.include_stop_str_in_output else at
+            unemitted, reason = unemitted[:max(0, end - len(ctx))], "stop"
         if reason is not None:
             out = unemitted
         else:

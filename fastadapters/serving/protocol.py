@@ -9,7 +9,9 @@ Declared here is what the server implements: OpenAI's sampling fields (``tempera
 request (``structured()``; served by ``structured.py``): OpenAI's ``response_format`` (``json_object``,
 ``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
 and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
-``disable_any_whitespace``). A field that would change the result
+``disable_any_whitespace``). vLLM's ``include_stop_str_in_output``, ``skip_special_tokens``,
+``truncate_prompt_tokens`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
+``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
 and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``, ``best_of``,
 ``guided_whitespace_pattern``, structural tags, beam search, ``bad_words``, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks
@@ -97,6 +99,9 @@ class _Sampling(BaseModel):
     logit_bias: dict[Text, Number] | None = None
     stop_token_ids: list[StrictInt] | None = None
     allowed_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     # structured output (one of them; ``structured()``)
     response_format: Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
     guided_json: Annotated[dict[str, Any] | StrictStr, AfterValidator(_unicode)] | None = None
@@ -234,6 +239,12 @@ def _schema_text(schema, where: str) -> str:
     return json.dumps(schema)
 
 
+# apply_chat_template's own arguments: a client's chat_template_kwargs may not set them
+_TEMPLATE_RESERVED = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                      "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 def _false(v):
     return v is False
 
@@ -249,10 +260,7 @@ UNSUPPORTED = {
     "echo": _false, "suffix": _empty, "tools": _empty, "functions": _empty, "tool_choice": lambda v: v == "none",
     "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,
     "guided_whitespace_pattern": _empty, "structural_tag": _empty,
-    "bad_words": _empty, "truncate_prompt_tokens": lambda v: False,
-    "include_stop_str_in_output": _false, "skip_special_tokens": lambda v: v is True,
-    "spaces_between_special_tokens": lambda v: v is True, "add_generation_prompt": lambda v: v is True,
-    "continue_final_message": _false, "chat_template": _empty, "chat_template_kwargs": _empty,
+    "bad_words": _empty, "spaces_between_special_tokens": lambda v: v is True, "chat_template": _empty,
     "modalities": lambda v: v == ["text"], "audio": lambda v: False,
 }
 # fields that leave the output alone (bookkeeping, hints, options of features not asked for)
@@ -287,6 +295,23 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
+    # the chat template's options (vLLM's)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
+
+    def template_options(self) -> dict:
+        """Keyword arguments for ``apply_chat_template``; ValueError names a bad combination or key."""
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message: true needs add_generation_prompt: false (the reply continues "
+                             "the last message instead of starting a new one)")
+        extra = dict(self.chat_template_kwargs or {})
+        reserved = sorted(k for k in extra if k in _TEMPLATE_RESERVED)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {_shown(reserved[0])} is set by the server; valid: the "
+                             "template's own variables (e.g. enable_thinking)")
+        return {**extra, "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
 
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -78,6 +78,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     structured: StructuredSpec | None = None  # the output must match this (structured.py); None: free
+    include_stop_str_in_output: bool = False  # (vLLM's) the text ends after the stop string that ended it
+    skip_special_tokens: bool = True  # (vLLM's) special tokens' text left out of the output text
 
     MAX_LOGIT_BIAS = 1024  # entries
     MAX_STOP_TOKEN_IDS = 64
@@ -149,6 +151,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
                 or not all(token_id(t) for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "true or false")
         if self.structured is not None:
             if not isinstance(self.structured, StructuredSpec):
                 bad("structured", self.structured, "null or a StructuredSpec")

@@ -294,7 +294,7 @@ def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
                         (dict(response_format={"type": "structural_tag"}), "response_format"),
                         (dict(guided_whitespace_pattern=" *"), "guided_whitespace_pattern"),
                         (dict(use_beam_search=True), "use_beam_search"),
-                        (dict(include_stop_str_in_output=True), "include_stop_str_in_output")):
+                        (dict(spaces_between_special_tokens=False), "spaces_between_special_tokens")):
         r = _post(url, **body)
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]

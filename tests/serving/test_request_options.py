@@ -1,0 +1,143 @@
+"""vLLM's request options beyond sampling: ``include_stop_str_in_output``, ``skip_special_tokens``,
+``truncate_prompt_tokens`` and the chat template's ``add_generation_prompt`` /
+``continue_final_message`` / ``chat_template_kwargs``.
+
+Each against what it must equal: the same request without the option (the text cut at the other
+end of the stop string, the special tokens' text, the prompt's last k tokens as their own request,
+the template rendered by the tokenizer with those arguments); through the engine and over HTTP,
+streamed and not; bad values are 400s naming the field.
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from fastadapters.serving.api import create_app
+from fastadapters.serving.sampling import SamplingParams
+from .char_tokenizer import TEMPLATE, char_tokenizer
+from .live_server import live_server
+from .serve_helpers import assert_no_leaks, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
+
+
+def _tokenizer():
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE + "{% if shout %}X{% endif %}"  # a template variable for chat_template_kwargs
+    return tok
+
+
+def _stop_in(text: str) -> tuple[str, int]:
+    """A 2-character stop string first found in the middle of ``text``, and where."""
+    for i in range(3, len(text) - 3):
+        s = text[i:i + 2]
+        if text.find(s) == i and " " not in s:
+            return s, i
+    raise AssertionError(f"no stop string to pick in {text!r}")
+
+
+def test_include_stop_str_in_output_ends_the_text_after_the_stop(zoo):
+    engine = tiny_engine(zoo, tokenizer=_tokenizer(), max_num_seqs=4)
+    ps = prompts([6, 9, 7, 8, 5], seed=21)[3:]  # (prompts whose greedy texts do not repeat one character)
+    adapters = ["houlsby", "pfeiffer"]
+    free = engine.generate(ps, SamplingParams(max_tokens=24, temperature=0), adapters=adapters)
+    for p, f, adapter in zip(ps, free, adapters):
+        stop, at = _stop_in(f.text)
+        cut, kept = engine.generate([p, p], [SamplingParams(max_tokens=24, temperature=0, stop=[stop]),
+                                            SamplingParams(max_tokens=24, temperature=0, stop=[stop],
+                                                           include_stop_str_in_output=True)],
+                                    adapters=[adapter, adapter])
+        assert cut.text == f.text[:at] and kept.text == f.text[:at + len(stop)], (stop, f.text)
+        assert cut.finish_reason == kept.finish_reason == "stop" and cut.output_ids == kept.output_ids
+    assert_no_leaks(engine)
+
+
+@pytest.fixture(scope="module")
+def served(zoo):
+    torch.set_num_threads(1)
+    engine = tiny_engine(zoo, tokenizer=_tokenizer(), max_num_seqs=4, max_model_len=64)
+    with live_server(create_app(engine, "tiny")) as url:
+        yield engine, url
+
+
+def _post(url, path="/v1/completions", **body):
+    base = {"model": "tiny", "max_tokens": 8, "temperature": 0}
+    if path == "/v1/completions":
+        base["prompt"] = "abc"
+    return httpx.post(url + path, json={**base, **body}, timeout=60)
+
+
+def _streamed(url, path, **body):
+    with httpx.stream("POST", url + path, json={"model": "tiny", "max_tokens": 8, "temperature": 0, "stream": True,
+                                               **body}, timeout=60) as r:
+        assert r.status_code == 200
+        text = ""
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                c = json.loads(line[6:])["choices"][0]
+                text += c.get("text") or (c.get("delta") or {}).get("content") or ""
+        return text
+
+
+def test_http_stop_string_and_special_tokens(served):
+    engine, url = served
+    full = _post(url, max_tokens=20).json()["choices"][0]["text"]
+    stop, at = _stop_in(full)
+    for include, want in ((False, full[:at]), (True, full[:at + len(stop)])):
+        r = _post(url, max_tokens=20, stop=[stop], include_stop_str_in_output=include)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (include, r.text)
+        assert _streamed(url, "/v1/completions", prompt="abc", max_tokens=20, stop=[stop],
+                         include_stop_str_in_output=include) == want
+    # a special token (id 1, "<s>") forced by logit_bias: its text appears only with skip_special_tokens false
+    for skip, want in ((True, ""), (False, "<s>" * 8)):
+        r = _post(url, logit_bias={"1": 100}, skip_special_tokens=skip)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (skip, r.text)
+        assert _streamed(url, "/v1/completions", prompt="abc", logit_bias={"1": 100}, skip_special_tokens=skip) == want
+    assert_no_leaks(engine)
+
+
+def test_http_truncate_prompt_tokens_keeps_the_last_tokens(served):
+    engine, url = served
+    ids = prompts([20], seed=4)[0]
+    r = _post(url, prompt=ids, truncate_prompt_tokens=5)
+    assert r.status_code == 200, r.text
+    alone = _post(url, prompt=ids[-5:]).json()
+    assert r.json()["usage"]["prompt_tokens"] == 5 and r.json()["choices"][0]["text"] == alone["choices"][0]["text"]
+    r = _post(url, prompt="abcdefghij", truncate_prompt_tokens=3, echo=True, max_tokens=1)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hij"), r.text  # echo: what was kept
+    assert _post(url, prompt=ids, truncate_prompt_tokens=-1).json()["usage"]["prompt_tokens"] == 20
+    msgs = [{"role": "user", "content": "hello there"}]
+    r = _post(url, "/v1/chat/completions", messages=msgs, truncate_prompt_tokens=4)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4, r.text
+    for k in (0, -2, 65):
+        r = _post(url, prompt=ids, truncate_prompt_tokens=k)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", (k, r.text)
+    assert_no_leaks(engine)
+
+
+def test_http_chat_template_options(served):
+    engine, url = served
+    tok = engine.tokenizer
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ab"}]
+
+    def prompt_tokens(**body):
+        r = _post(url, "/v1/chat/completions", messages=msgs, **body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    def rendered(**kw):
+        return len(tok(tok.apply_chat_template(msgs, tokenize=False, **kw), add_special_tokens=False)["input_ids"])
+
+    assert prompt_tokens() == rendered(add_generation_prompt=True)
+    assert prompt_tokens(add_generation_prompt=False) == rendered(add_generation_prompt=False)
+    assert prompt_tokens(add_generation_prompt=False, continue_final_message=True) == \
+        rendered(add_generation_prompt=False, continue_final_message=True)
+    assert prompt_tokens(chat_template_kwargs={"shout": True}) == rendered(add_generation_prompt=True) + 1
+    for body, field in ((dict(continue_final_message=True), "continue_final_message"),
+                        (dict(chat_template_kwargs={"tokenize": True}), "chat_template_kwargs"),
+                        (dict(chat_template="{{ 1 }}"), "chat_template")):
+        r = _post(url, "/v1/chat/completions", messages=msgs, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
+    assert_no_leaks(engine)
