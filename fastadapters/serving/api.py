@@ -503,7 +503,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                     texts.append(part["text"])
                 content = "".join(texts)
             chars += len(content or "")
-            messages.append({"role": m.role, "content": content or ""})
+            msg = {"role": m.role, "content": content or ""}
+            for key in ("tool_calls", "tool_call_id", "name"):  # earlier turns' tool calls and results
+                value = (m.model_extra or {}).get(key)
+                if value is not None:
+                    msg[key] = _template_tool_calls(value) if key == "tool_calls" else value
+                    chars += len(json.dumps(value))
+            messages.append(msg)
         check_chars(chars, "messages")
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
@@ -542,6 +548,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 await off_loop(engine.compile_structured, params.structured)
             except ValueError as e:
                 raise APIError(400, str(e), param=params.structured.source) from None
+        tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)
         echoes = [None] * len(prompts)
         if getattr(body, "echo", None):  # each prompt as sent (a string), else its tokens' decoding
             for i, (sent, ids) in enumerate(zip(prompts_of(body), prompts)):
@@ -574,7 +581,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if watch is not None:
             watch.add(gone)
         if body.stream:
-            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info, choices),
+            return StreamingResponse(_stream(body, rid, queue, chat, watch, gone, info, choices, tool_call),
                                      media_type="text/event-stream")
         try:
             while not choices.done():
@@ -602,26 +609,46 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         for i, c in enumerate(choices.list):
             logprobs = logprobs_body(c.pending, chat, c.offset) if choices.logprobs else None
             if chat:
-                out.append({"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                            "logprobs": logprobs, "finish_reason": c.reason})
+                text = "".join(c.text)
+                calls, reason = _tool_calls(tool_call, text, c.reason)
+                message = {"role": "assistant", "content": None if calls else text}
+                if calls:
+                    message["tool_calls"] = calls
+                out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
                 out.append({"index": i, "text": "".join(c.text), "logprobs": logprobs, "finish_reason": c.reason})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
                 "model": body.model, "choices": out, "usage": choices.usage()}
 
-    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info, choices: "Choices"):
+    async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info, choices: "Choices",
+                      tool_call=None):
+        """Server-sent chunks. A named tool call streams its arguments as they come (the first chunk
+        after the role names the function); a "required" one is sent whole when its choice finishes
+        (its text is an array to parse), as the content if it did not parse."""
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        held: dict[int, list[str]] = {}  # "required": each choice's text until it finishes
 
-        def chunk(i: int, text: str | None, reason: str | None, first: bool = False) -> str:
+        def tool_chunk(i: int, text: str, reason: str | None) -> str:
+            if tool_call[0] == "named":
+                return chunk(i, None, reason, delta={"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+                             if text else {})
+            whole = "".join(held.pop(i, [])) + text
+            calls, reason = _tool_calls(tool_call, whole, reason)
+            if calls is None:
+                return chunk(i, whole, reason)
+            return chunk(i, None, reason, delta={"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
+
+        def chunk(i: int, text: str | None, reason: str | None, first: bool = False, delta: dict | None = None) -> str:
             logprobs = None
             c = choices.list[i]
             if choices.logprobs and not first:  # a chunk carries the tokens since the choice's last one
                 logprobs = logprobs_body(c.pending, chat, c.offset)  # (text held back for a stop string
                 c.pending.clear()  # goes out later)
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if delta is None:
+                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
@@ -634,6 +661,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             if chat:
                 for i in range(len(choices.list)):
                     yield chunk(i, None, None, first=True)
+                    if tool_call is not None and tool_call[0] == "named":  # the call's id and name, then its arguments
+                        call = {"index": 0, "id": _call_id(), "type": "function",
+                                "function": {"name": tool_call[1], "arguments": ""}}
+                        yield chunk(i, None, None, delta={"tool_calls": [call]})
             while True:
                 out = await queue.get()
                 if out is _GONE:
@@ -648,7 +679,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                         yield f"data: {json.dumps(err)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
-                    yield chunk(i, text, out.finish_reason)
+                    yield chunk(i, text, out.finish_reason) if tool_call is None else tool_chunk(i, text,
+                                                                                                   out.finish_reason)
                     if choices.done():
                         if include_usage:
                             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [],
@@ -656,8 +688,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                             yield f"data: {json.dumps(data)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
-                elif text:
+                elif text and tool_call is None:
                     yield chunk(i, text, None)
+                elif text and tool_call[0] == "named":
+                    yield tool_chunk(i, text, None)
+                elif text:
+                    held.setdefault(i, []).append(text)
         finally:
             if watch is not None:
                 watch.discard(gone)
@@ -728,6 +764,46 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         return PlainTextResponse(f"Success: adapter {show(body.lora_name)} removed successfully.")
 
     return app
+
+
+def _template_tool_calls(calls):
+    """An assistant message's tool calls for the chat template: each call's JSON ``arguments`` string
+    parsed into an object (what chat templates index into, as vLLM does); anything else unchanged."""
+    if not isinstance(calls, list):
+        return calls
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                call = {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+            except ValueError:
+                pass
+        out.append(call)
+    return out
+
+
+def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | None) -> tuple[list | None, str | None]:
+    """A finished choice's tool calls from its text (``call``: ``ChatRequest.tool_call()``), and its
+    finish reason: a named function's arguments are the text ("stop" as OpenAI); "required" parses the
+    text's array of {"name", "parameters"} ("tool_calls"). None when the text is not a whole call (cut by
+    max_tokens or a stop string): then the text stays the content."""
+    if call is None:
+        return None, reason
+    if call[0] == "named":
+        return [{"id": _call_id(), "type": "function", "function": {"name": call[1], "arguments": text}}], reason
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None, reason
+    if reason != "stop" or not isinstance(items, list):
+        return None, reason
+    return [{"id": _call_id(), "type": "function",
+             "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}} for it in items], "tool_calls"
+
+
+def _call_id() -> str:
+    return "chatcmpl-tool-" + uuid.uuid4().hex
 
 
 class _Choice:

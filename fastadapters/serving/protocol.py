@@ -9,7 +9,9 @@ Declared here is what the server implements: OpenAI's sampling fields (``tempera
 request (``structured()``; served by ``structured.py``): OpenAI's ``response_format`` (``json_object``,
 ``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
 and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
-``disable_any_whitespace``). vLLM's ``include_stop_str_in_output``, ``skip_special_tokens``,
+``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
+"required" become a JSON constraint on the call (vLLM's shapes; ``ChatRequest.tool_call``), "none"
+a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``truncate_prompt_tokens`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
 and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``, ``best_of``,
@@ -25,6 +27,7 @@ a 400 too.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -189,10 +192,14 @@ class _Sampling(BaseModel):
                     if not isinstance(value, str):
                         raise ValueError(f"{where}: got {_shown(value)}; valid: a string")
                     found.append(Structured(where, key, value))
+        found += self._more_constraints()
         if len(found) > 1:
             raise ValueError(f"{found[0].source}: only one structured-output constraint per request; this one also "
                              f"has {found[1].source}")
         return found[0] if found else None
+
+    def _more_constraints(self) -> list[Structured]:
+        return []
 
     def token_bias(self) -> dict[int, float]:
         """``logit_bias`` with integer token ids (OpenAI sends them as strings); ValueError names a bad key."""
@@ -239,6 +246,13 @@ def _schema_text(schema, where: str) -> str:
     return json.dumps(schema)
 
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _params_schema(params: dict | None) -> dict:
+    return params if params else {"type": "object", "properties": {}}
+
+
 # apply_chat_template's own arguments: a client's chat_template_kwargs may not set them
 _TEMPLATE_RESERVED = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                       "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
@@ -258,6 +272,7 @@ def _empty(v):
 UNSUPPORTED = {
     "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0, "prompt_logprobs": _false,  # undeclared only
     "echo": _false, "suffix": _empty, "tools": _empty, "functions": _empty, "tool_choice": lambda v: v == "none",
+    "function_call": lambda v: v in ("none", "auto"),
     "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,
     "guided_whitespace_pattern": _empty, "structural_tag": _empty,
     "bad_words": _empty, "spaces_between_special_tokens": lambda v: v is True, "chat_template": _empty,
@@ -265,7 +280,7 @@ UNSUPPORTED = {
 }
 # fields that leave the output alone (bookkeeping, hints, options of features not asked for)
 HARMLESS = {"metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "priority", "request_id",
-            "length_penalty", "stream_options", "function_call", "reasoning_effort", "web_search_options",
+            "length_penalty", "stream_options", "reasoning_effort", "web_search_options",
             "cache_salt", "return_tokens_as_token_ids", "guided_decoding_backend"}
 
 
@@ -295,6 +310,10 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
+    # tool calls: a named function or "required" (the reply is constrained to the call's JSON), or "none"
+    tools: list[Annotated[dict[str, Any], AfterValidator(_unicode)]] | None = None
+    tool_choice: Text | Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
+    parallel_tool_calls: StrictBool | None = None
     # the chat template's options (vLLM's)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
@@ -310,8 +329,79 @@ class ChatRequest(_Sampling):
         if reserved:
             raise ValueError(f"chat_template_kwargs: {_shown(reserved[0])} is set by the server; valid: the "
                              "template's own variables (e.g. enable_thinking)")
+        if self.tools:
+            extra["tools"] = self.tools
         return {**extra, "add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message}
+
+    def _tool_params(self) -> dict[str, dict | None]:
+        """``tools`` checked: function name -> its parameters' JSON schema (None: none given)."""
+        out: dict[str, dict | None] = {}
+        for i, tool in enumerate(self.tools or []):
+            fn = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(fn, dict):
+                raise ValueError(f"tools[{i}]: valid: {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                 "\"parameters\": {...}}}")
+            name, params = fn.get("name"), fn.get("parameters")
+            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+                raise ValueError(f"tools[{i}]: function name {_shown(name)}; valid: 1 to 64 letters, digits, _ or -")
+            if name in out:
+                raise ValueError(f"tools[{i}]: a second function named {name!r}")
+            if params is not None and not isinstance(params, dict):
+                raise ValueError(f"tools[{i}]: parameters of {name!r}: valid: a JSON schema (an object) or null")
+            out[name] = params
+        return out
+
+    def tool_call(self) -> tuple[str, str | None] | None:
+        """("named", name) or ("required", None) when the reply must be a tool call; None for a plain
+        reply. ValueError names a bad ``tools`` / ``tool_choice``."""
+        tools, choice = self._tool_params(), self.tool_choice
+        if not tools:
+            if choice not in (None, "none"):
+                raise ValueError(f"tool_choice: got {_shown(choice)} without tools; valid: tools to choose from")
+            return None
+        if choice == "none":
+            return None
+        if choice is None or choice == "auto":
+            raise ValueError("tool_choice: 'auto' (the default when tools are given) is not supported: this server "
+                             "has no parser for tool calls in a free-form reply; valid: 'required', a named "
+                             "function {\"type\": \"function\", \"function\": {\"name\": ...}}, or 'none'")
+        if choice == "required":
+            return "required", None
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str)):
+            raise ValueError(f"tool_choice: got {_shown(choice)}; valid: 'none', 'required', or "
+                             "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+        if fn["name"] not in tools:
+            raise ValueError(f"tool_choice: the function {_shown(fn['name'])} is not among tools")
+        return "named", fn["name"]
+
+    def _more_constraints(self) -> list[Structured]:
+        """A tool call's JSON as a constraint: a named function's parameters, or for "required" an
+        array of {"name", "parameters"} objects, one of the tools each (vLLM's shapes)."""
+        call = self.tool_call()
+        if call is None:
+            return []
+        tools = self._tool_params()
+        if call[0] == "named":
+            return [Structured("tool_choice", "json", json.dumps(_params_schema(tools[call[1]])))]
+        defs: dict[str, Any] = {}
+        items = []
+        for name, params in tools.items():
+            params = dict(_params_schema(params))
+            for key, schema in (params.pop("$defs", None) or {}).items():
+                if key in defs and defs[key] != schema:
+                    raise ValueError(f"tools: two different schemas named {key!r} in $defs")
+                defs[key] = schema
+            items.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
+                          "required": ["name", "parameters"]})
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
+        if self.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        if defs:
+            schema["$defs"] = defs
+        return [Structured("tool_choice", "json", json.dumps(schema))]
 
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -29,7 +29,7 @@ CLAMPED = (("n", 1, 4, 1), ("top_k", -1, 1 << 20, -1), ("presence_penalty", -2, 
            ("min_tokens", 0, MAX_TOKENS, 0), ("temperature", 0, 2, 1), ("top_p", 0.01, 1, 1),
            ("repetition_penalty", 0.01, 100, 1))
 STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-              "structured_outputs")
+              "structured_outputs", "tools", "tool_choice")
 
 
 @pytest.fixture(scope="module")

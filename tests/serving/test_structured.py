@@ -315,3 +315,42 @@ def test_http_bad_constraints_are_400s_naming_the_field(served):
     assert (engine._grammars.compiles if engine._grammars else 0) == compiled  # nothing bad was kept
     assert _post(url, guided_regex="[a-c]{3}x").status_code == 200  # and it serves on
     assert_no_leaks(engine)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "now"}}
+
+
+def test_tool_choice_maps_to_a_constraint_on_the_call():
+    def chat(**kw):
+        return ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], **kw)
+
+    named = chat(tools=[WEATHER, CLOCK], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.tool_call() == ("named", "get_weather")
+    s = named.structured()
+    assert (s.source, s.kind, json.loads(s.value)) == ("tool_choice", "json", WEATHER["function"]["parameters"])
+    s = chat(tools=[WEATHER, CLOCK], tool_choice={"type": "function", "function": {"name": "now"}}).structured()
+    assert json.loads(s.value) == {"type": "object", "properties": {}}  # no parameters: an empty object
+    req = chat(tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False)
+    schema = json.loads(req.structured().value)
+    assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
+    names = [it["properties"]["name"]["enum"] for it in schema["items"]["anyOf"]]
+    assert names == [["get_weather"], ["now"]]
+    assert "maxItems" not in json.loads(chat(tools=[WEATHER], tool_choice="required").structured().value)
+    assert chat(tools=[WEATHER], tool_choice="none").structured() is None and chat().structured() is None
+    assert chat(tools=[WEATHER], tool_choice="none").template_options()["tools"] == [WEATHER]
+    for kw, field in ((dict(tools=[WEATHER]), "tool_choice"),  # "auto", the default: no parser here
+                      (dict(tools=[WEATHER], tool_choice="auto"), "tool_choice"),
+                      (dict(tool_choice="required"), "tool_choice"),
+                      (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "x"}}),
+                       "tool_choice"),
+                      (dict(tools=[{"type": "code"}], tool_choice="required"), "tools[0]"),
+                      (dict(tools=[WEATHER, WEATHER], tool_choice="required"), "tools[1]"),
+                      (dict(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="required"),
+                       "tools[0]"),
+                      (dict(tools=[WEATHER], tool_choice="required", guided_regex="a"), "guided_regex")):
+        with pytest.raises(ValueError) as e:
+            chat(**kw).structured()
+        assert str(e.value).split(":")[0] == field, (kw, str(e.value))
