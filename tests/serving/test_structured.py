@@ -354,3 +354,22 @@ def test_tool_choice_maps_to_a_constraint_on_the_call():
         with pytest.raises(ValueError) as e:
             chat(**kw).structured()
         assert str(e.value).split(":")[0] == field, (kw, str(e.value))
+
+
+def test_a_grammar_over_its_time_budget_ends_alone(zoo):
+    # a budget no matcher meets: the structured request ends with an error after three tokens in a row
+    # over it; its neighbour is untouched. (The budget exists for ambiguous grammars whose matcher grows
+    # costlier per token, e.g. root ::= x "b"; x ::= x x | "a" | "", seconds per token after a few hundred.)
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4, max_grammar_ms=1e-6)
+    p = prompts([6], seed=9)[0]
+    a = engine.tokenizer.convert_tokens_to_ids("a")  # (favoured, so the grammar does not end at once)
+    slow = engine.submit(p, SamplingParams(max_tokens=12, temperature=0, logit_bias={a: 50.0}, structured=StructuredSpec(
+        "grammar", 'root ::= x "b"\nx ::= x x | "a" | ""', source="guided_grammar")))
+    other = engine.submit(p, SamplingParams(max_tokens=12, temperature=0), adapter="lora_r4")
+    engine.run_until_done()
+    assert slow.finish_reason == "error" and len(slow.output_ids) == 2  # the third slow token ends it
+    assert other.output_ids == greedy_ref(engine, "lora_r4", p, 12)
+    assert engine.stats["request_errors"] == 1
+    assert_no_leaks(engine)
+    with pytest.raises(ValueError, match="max_grammar_ms"):
+        tiny_engine(max_grammar_ms=0)
