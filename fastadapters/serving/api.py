@@ -543,9 +543,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if n > engine.scheduler.max_waiting:
             raise APIError(400, f"n: got {n}; this server queues at most {engine.scheduler.max_waiting} requests "
                                 "(--max-waiting), so at most that many choices", param="n")
-        if params.structured is not None:  # compiled off the event loop (cached: submit's compile is a hit)
+        grammar = None
+        if params.structured is not None:  # compiled off the event loop, and handed to submit
             try:
-                await off_loop(engine.compile_structured, params.structured)
+                grammar = await off_loop(engine.compile_structured, params.structured)
             except ValueError as e:
                 raise APIError(400, str(e), param=params.structured.source) from None
         tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)
@@ -559,7 +560,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             for k, sub in enumerate(subs):
                 j = k % n
                 p = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
-                engine.submit(prompts[k // n], p, adapter=adapter, request_id=sub,
+                engine.submit(prompts[k // n], p, adapter=adapter, request_id=sub, grammar=grammar,
                               on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
                 submitted.append(sub)
         except Exception as e:

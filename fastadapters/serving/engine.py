@@ -146,7 +146,7 @@ class Engine:
                  max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
                  decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto",
                  cuda_graphs: bool | str = "auto", cuda_graph_sizes: list[int] | None = None,
-                 max_grammar_ms: float = 50.0, _graph_capture=None):
+                 max_grammar_ms: float = 20.0, _graph_capture=None):
         check_model(model)
         if isinstance(max_grammar_ms, bool) or not isinstance(max_grammar_ms, (int, float)) \
                 or not 0 < max_grammar_ms <= 60_000:
@@ -256,14 +256,19 @@ class Engine:
 
     # -- public, any thread ----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-               on_output: Callable[[RequestOutput], Any] | None = None, request_id: str | None = None) -> Request:
-        """Queue a request; ValueError subclasses name what was wrong, QueueFull when the queue is full."""
+               on_output: Callable[[RequestOutput], Any] | None = None, request_id: str | None = None,
+               grammar=None) -> Request:
+        """Queue a request; ValueError subclasses name what was wrong, QueueFull when the queue is full.
+        ``grammar``: ``params.structured`` compiled already (``compile_structured``), so no compile runs here."""
         params.validate(vocab_size=self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise PromptError("stop strings need a tokenizer; this engine has none")
         # a structured output's matcher (its grammar compiled once per spec: the server compiles it in its
-        # tokenizer thread first, so this is a cache hit); ValueError names the field that cannot compile
-        matcher = None if params.structured is None else self.compile_structured(params.structured, matcher=True)
+        # tokenizer thread and passes it here); ValueError names the field that cannot compile
+        matcher = None
+        if params.structured is not None:
+            matcher = self.compile_structured(params.structured, matcher=True) if grammar is None \
+                else Grammars.matcher_of(grammar)
         if not isinstance(prompt_ids, list) or not prompt_ids:
             raise PromptError("the prompt is empty; valid: at least one token")
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]

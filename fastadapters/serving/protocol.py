@@ -140,12 +140,21 @@ class _Sampling(BaseModel):
         rf = self.response_format
         if rf is not None:
             kind = rf.get("type")
+            extra = sorted(set(rf) - {"type", "json_schema"} if kind == "json_schema" else set(rf) - {"type"})
+            if extra:  # e.g. llama.cpp's {"type": "json_object", "schema": ...}: never dropped silently
+                raise ValueError(f"response_format: {_shown(extra[0])} is not a field of type {_shown(kind)}; valid: "
+                                 "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                                 "{\"name\": ..., \"schema\": {...}}}")
             if kind == "json_object":
                 found.append(Structured("response_format", "json_object"))
             elif kind == "json_schema":
                 js = rf.get("json_schema")
                 if not isinstance(js, dict):
                     raise ValueError("response_format: json_schema: valid: an object {\"name\": ..., \"schema\": {...}}")
+                unknown = sorted(set(js) - {"name", "description", "schema", "strict"})
+                if unknown:  # a misspelt "schema" would otherwise mean any object
+                    raise ValueError(f"response_format: json_schema has {_shown(unknown[0])}; valid fields: name, "
+                                     "description, schema, strict")
                 schema = js.get("schema")
                 if schema is None:  # OpenAI: a schema-less json_schema is any JSON object
                     found.append(Structured("response_format", "json_object"))
@@ -226,7 +235,10 @@ class Structured:
 
 _SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's structured_outputs
 # (the backend is always xgrammar; there is no fallback to disable)
-_SO_OPTIONS = {"disable_any_whitespace": bool, "backend": str, "disable_fallback": bool}
+# (disable_additional_properties: xgrammar's strict mode already allows no properties beyond the
+# schema's unless it says so, vLLM's behaviour on xgrammar either way)
+_SO_OPTIONS = {"disable_any_whitespace": bool, "backend": str, "disable_fallback": bool,
+               "disable_additional_properties": bool}
 
 
 def _shown(value) -> str:
@@ -241,9 +253,14 @@ def _schema_text(schema, where: str) -> str:
             schema = json.loads(schema)
         except ValueError as e:
             raise ValueError(f"{where}: the schema is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: the schema is nested too deeply to read") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"{where}: got {_shown(schema)}; valid: a JSON schema (an object)")
-    return json.dumps(schema)
+    try:  # compact and unescaped: the size limit counts what was sent, not \uXXXX escapes
+        return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise ValueError(f"{where}: the schema is nested too deeply to read") from None
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

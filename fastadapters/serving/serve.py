@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cpu-loras", type=_positive, default=None, metavar="N",
                    help="adapters kept in memory, at least --max-loras; the least recently used idle ones beyond "
                         "it are dropped and reloaded from their files when a request needs them (default: all)")
-    p.add_argument("--max-grammar-ms", type=float, default=50.0, metavar="MS",
+    p.add_argument("--max-grammar-ms", type=float, default=20.0, metavar="MS",
                    help="a structured-output request (response_format json, guided_*, tool_choice) whose grammar takes "
                         "longer than this for one token ends with an error, so it cannot slow the other requests")
     p.add_argument("--no-prefix-caching", action="store_true",
@@ -223,7 +223,7 @@ def build_app(args):
                     attention_backend=getattr(args, "attention_backend", "auto"),
                     cuda_graphs=False if getattr(args, "enforce_eager", False) else "auto",
                     cuda_graph_sizes=getattr(args, "cuda_graph_sizes", None),
-                    max_grammar_ms=getattr(args, "max_grammar_ms", 50.0),
+                    max_grammar_ms=getattr(args, "max_grammar_ms", 20.0),
                     kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:
         name, _, path = spec.partition("=")

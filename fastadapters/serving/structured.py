@@ -20,7 +20,7 @@ matcher: the request ends with finish reason "stop", the EOS's text left out, as
 The grammar's host work runs in the engine thread, so one request's grammar could slow every
 request: an ambiguous EBNF grammar's matcher (an Earley parser) can cost more per token the longer
 the output grows (a 28-character grammar reached seconds per token). The engine gives each
-structured request a budget per token (``Engine(max_grammar_ms=50)``, ``serve --max-grammar-ms``): a
+structured request a budget per token (``Engine(max_grammar_ms=20)``, ``serve --max-grammar-ms``): a
 request whose matcher takes longer for three tokens in a row (one slow token may be a pause of the
 thread) ends alone with finish reason "error" saying so.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,16 @@ def _xgrammar():
     return xgrammar
 
 
+_NOISE = re.compile(r"^\s*\[[0-9:]+\]\s*\S+?\.(cc|h|cpp):\d+:\s*")  # xgrammar's "[hh:mm:ss] file.cc:NN: "
+
+
+def _reason(e: Exception) -> str:
+    """xgrammar's error message without its timestamp and source location, on one line, cut at 300."""
+    text = " ".join(_NOISE.sub("", line).strip() for line in str(e).strip().splitlines() if line.strip())
+    text = _NOISE.sub("", text) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _choice_grammar(choices: tuple[str, ...]) -> str:
     """EBNF for exactly one of ``choices`` (JSON string escapes are EBNF string escapes)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -147,6 +158,7 @@ class Grammars:
                 self._cache.move_to_end(spec)
                 return hit
         compiler = self._get_compiler()
+        xgr = _xgrammar()
         try:
             if spec.kind == "json":
                 try:
@@ -167,8 +179,15 @@ class Grammars:
             else:
                 compiled = compiler.compile_grammar(spec.value)
         except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {msg[:300]}") from None
+            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+        # a grammar that compiles yet allows no first token (root ::= root; or text this vocabulary cannot
+        # spell) would fail in sampling: refuse it here, as the client's error
+        probe = xgr.GrammarMatcher(compiled)
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        probe.fill_next_token_bitmask(bitmask, 0)
+        if not bool((bitmask != 0).any()):
+            raise ValueError(f"{spec.source}: the grammar allows no output: no token of this model's vocabulary "
+                             "can start it")
         with self._lock:
             self.compiles += 1
             self._cache[spec] = compiled
@@ -178,7 +197,11 @@ class Grammars:
 
     def matcher(self, spec: StructuredSpec):
         """A fresh matcher of ``spec``'s grammar (at its start), for one request."""
-        return _xgrammar().GrammarMatcher(self.compile(spec))
+        return self.matcher_of(self.compile(spec))
+
+    @staticmethod
+    def matcher_of(compiled):
+        return _xgrammar().GrammarMatcher(compiled)
 
 
 def mask_rows(x: torch.Tensor, rows: list[int], matchers: list, aliased: bool,

@@ -172,7 +172,14 @@ def test_mask_rows_equals_xgrammar_at_an_odd_vocabulary():
 def test_errors_name_the_field_and_change_nothing(zoo, monkeypatch):
     engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4)
     p = prompts([5], seed=3)[0]
+    with pytest.raises(ValueError) as e:
+        engine.submit(p, SamplingParams(structured=StructuredSpec("regex", "(", source="guided_regex")))
+    assert ".cc:" not in str(e.value) and not str(e.value).split(": ", 2)[-1].startswith("[")  # xgrammar's noise
     for spec, words in ((StructuredSpec("regex", "(", source="guided_regex"), "guided_regex: cannot be compiled"),
+                        (StructuredSpec("grammar", "root ::= root", source="guided_grammar"),  # compiles; no output
+                         "guided_grammar: the grammar allows no output"),
+                        (StructuredSpec("regex", "[{}]+", source="guided_regex"),  # this vocabulary has no braces
+                         "guided_regex: the grammar allows no output"),
                         (StructuredSpec("grammar", 'start ::= "a"', source="guided_grammar"),
                          "guided_grammar: cannot be compiled"),
                         (StructuredSpec("choice", choices=(), source="guided_choice"), "guided_choice")):
@@ -228,13 +235,16 @@ def test_request_forms_map_to_one_constraint():
     assert one(response_format={"type": "json_object"}).kind == "json_object"
     assert one(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).kind == "json_object"
     assert one(response_format={"type": "text"}) is None and one() is None
-    assert one(guided_json='{"type": "integer"}').value == '{"type": "integer"}'
+    assert json.loads(one(guided_json='{"type": "integer"}').value) == {"type": "integer"}
     assert (one(guided_regex="a+").kind, one(guided_grammar='root ::= "a"').kind) == ("regex", "grammar")
     assert one(guided_choice=["x", "y"]).choices == ("x", "y")
     s = one(structured_outputs={"json": {"type": "object"}, "disable_any_whitespace": True, "backend": "xgrammar"})
     assert (s.source, s.kind, s.any_whitespace) == ("structured_outputs.json", "json", False)
     assert one(structured_outputs={"choice": ["a"]}).choices == ("a",)
     assert one(structured_outputs={"json_object": True}).kind == "json_object"
+    wide = {"type": "object", "description": "\u5929" * 20000}  # 20k characters sent: within the 32k limit
+    StructuredSpec("json", one(guided_json=wide).value).validate()
+    assert one(structured_outputs={"regex": "a", "disable_additional_properties": True}).kind == "regex"
     chat = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], guided_regex="[0-7]+")
     assert chat.structured().kind == "regex"
     for kw, field in ((dict(response_format={"type": "json_schema"}), "response_format"),
@@ -243,7 +253,11 @@ def test_request_forms_map_to_one_constraint():
                       (dict(guided_regex="a", guided_choice=["b"]), "guided_regex"),
                       (dict(structured_outputs={"whitespace_pattern": " "}), "structured_outputs"),
                       (dict(structured_outputs={"json_object": 1}), "structured_outputs.json_object"),
-                      (dict(structured_outputs={"regex": 5}), "structured_outputs.regex")):
+                      (dict(structured_outputs={"regex": 5}), "structured_outputs.regex"),
+                      (dict(guided_json="[" * 3000 + "]" * 3000), "guided_json"),  # nested too deeply: not a 500
+                      (dict(response_format={"type": "json_object", "schema": {"type": "object"}}), "response_format"),
+                      (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "shema": {}}}),
+                       "response_format")):
         with pytest.raises(ValueError) as e:
             one(**kw)
         assert str(e.value).split(":")[0] == field, (kw, str(e.value))
@@ -291,9 +305,11 @@ def test_http_constraints_reach_the_engine_streamed_or_not(served):
     assert m["message"]["content"] in ("Hello world", "Bye") and m["finish_reason"] == "stop"
     assert _stream_text(url, "/v1/chat/completions", messages=msgs,
                         structured_outputs={"choice": ["Hello world", "Bye"]}) == (m["message"]["content"], "stop")
-    r = _post(url, guided_grammar='root ::= "c"+ "Z"', n=3, temperature=1.2, seed=4)  # n choices, each its own matcher
-    assert r.status_code == 200, r.text
-    assert all(re.fullmatch("c+Z", c["text"]) or c["finish_reason"] == "length" for c in r.json()["choices"])
+    r = _post(url, guided_grammar='root ::= ("c" | "d")+ "Z"', n=3, temperature=1.5, seed=4, max_tokens=24)
+    assert r.status_code == 200, r.text  # n choices, each its own matcher (a shared one would break the grammar)
+    got = r.json()["choices"]
+    assert all(re.fullmatch("[cd]+Z" if c["finish_reason"] == "stop" else "[cd]*", c["text"]) for c in got), got
+    assert len({c["text"] for c in got}) > 1
     assert_no_leaks(engine)
 
 
