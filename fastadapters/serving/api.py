@@ -56,6 +56,7 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/comp
 ACCESS_LOG = logging.getLogger("fastadapters.serve.access")
 LOG = logging.getLogger("fastadapters.serve")
 MAX_IGNORED_LOGGED = 256  # distinct unknown field names logged (a client can send any number)
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 64, 64  # bad_words per request, characters per word
 _WATCH, _LOG = "fastadapters.disconnect", "fastadapters.log"
 _GONE = object()  # queued when the client went away
 
@@ -435,6 +436,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     skip_special_tokens=body.skip_special_tokens)
             params.validate(vocab_size=engine.vocab_size)
             keep_last(body)  # truncate_prompt_tokens checked before any tokenising
+            words = body.bad_words or []
+            if len(words) > MAX_BAD_WORDS or not all(0 < len(w) <= MAX_BAD_WORD_CHARS for w in words):
+                raise ValueError(f"bad_words: valid: at most {MAX_BAD_WORDS} non-empty words of at most "
+                                 f"{MAX_BAD_WORD_CHARS} characters")
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
         return params
@@ -444,6 +449,17 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if got is None:
             return None
         return StructuredSpec(got.kind, got.value, got.choices, got.any_whitespace, source=got.source)
+
+    def bad_word_ids(words: list[str]) -> list[list[int]]:
+        """vLLM's tokenisation of bad_words: each word as written and with a leading space (how it
+        reads mid-sentence), without special tokens; the same sequence once."""
+        out: list[list[int]] = []
+        for w in words:
+            for text in (w.lstrip(), " " + w.lstrip()):
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text.strip() else []
+                if ids and ids not in out:
+                    out.append(ids)
+        return out[:SamplingParams.MAX_BAD_WORDS]
 
     def keep_last(body) -> int | None:
         """How many of the prompt's last tokens ``truncate_prompt_tokens`` keeps (None: all)."""
@@ -543,6 +559,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if n > engine.scheduler.max_waiting:
             raise APIError(400, f"n: got {n}; this server queues at most {engine.scheduler.max_waiting} requests "
                                 "(--max-waiting), so at most that many choices", param="n")
+        if getattr(body, "bad_words", None):  # tokenised off the event loop
+            params = dataclasses.replace(params, bad_words_ids=await off_loop(bad_word_ids, body.bad_words))
+            try:
+                params.validate(vocab_size=engine.vocab_size)
+            except ValueError as e:
+                raise APIError(400, f"bad_words: {e}", param="bad_words") from None
         grammar = None
         if params.structured is not None:  # compiled off the event loop, and handed to submit
             try:

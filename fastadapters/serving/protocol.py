@@ -12,10 +12,10 @@ and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json
 ``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
 "required" become a JSON constraint on the call (vLLM's shapes; ``ChatRequest.tool_call``), "none"
 a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``include_stop_str_in_output``, ``skip_special_tokens``,
-``truncate_prompt_tokens`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
+``truncate_prompt_tokens``, ``bad_words`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
 and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``, ``best_of``,
-``guided_whitespace_pattern``, structural tags, beam search, ``bad_words``, ...)
+``guided_whitespace_pattern``, structural tags, beam search, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks
 for nothing (null, false, the default) is accepted. Fields known to leave the output alone
 (``user``, ``metadata``, ``store``, ...) are accepted; any other field is accepted and ignored, and
@@ -103,6 +103,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     allowed_token_ids: list[StrictInt] | None = None
     include_stop_str_in_output: StrictBool = False
+    bad_words: list[Text] | None = None  # (vLLM's) words the output may not contain, tokenised by the server
     skip_special_tokens: StrictBool = True
     truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     # structured output (one of them; ``structured()``)
@@ -292,7 +293,7 @@ UNSUPPORTED = {
     "function_call": lambda v: v in ("none", "auto"),
     "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,
     "guided_whitespace_pattern": _empty, "structural_tag": _empty,
-    "bad_words": _empty, "spaces_between_special_tokens": lambda v: v is True, "chat_template": _empty,
+    "spaces_between_special_tokens": lambda v: v is True, "chat_template": _empty,
     "modalities": lambda v: v == ["text"], "audio": lambda v: False,
 }
 # fields that leave the output alone (bookkeeping, hints, options of features not asked for)

@@ -16,6 +16,8 @@ Logits processors, applied to a request's row before greedy or sampled choice (`
 with OpenAI's and vLLM's meanings and in vLLM's order:
 
   allowed_token_ids  (vLLM) every other token's logit set to -inf
+  bad_words_ids      (vLLM's bad_words, tokenised) a word's last token set to -inf where the output
+                     so far ends with the word's other tokens (a one-token word: always)
   logit_bias         {token id: bias in [-100, 100]} added to those logits
   min_tokens         until the output has this many tokens, EOS and ``stop_token_ids`` get -inf
   repetition_penalty (vLLM / CTRL) every token of the prompt or the output so far: a positive logit
@@ -75,6 +77,8 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     allowed_token_ids: list[int] | None = None  # only these may be generated (vLLM's); None: any
+    # (vLLM's bad_words, tokenised) a sequence's last token is banned where the output ends with the rest
+    bad_words_ids: list[list[int]] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     structured: StructuredSpec | None = None  # the output must match this (structured.py); None: free
@@ -85,12 +89,15 @@ class SamplingParams:
     MAX_STOP_TOKEN_IDS = 64
     MAX_LOGPROBS = 20  # OpenAI's and vLLM's limit on top_logprobs
     MAX_ALLOWED = 1 << 16  # allowed_token_ids entries
+    MAX_BAD_WORDS = 256  # bad_words_ids sequences (of at most MAX_BAD_WORD_TOKENS each)
+    MAX_BAD_WORD_TOKENS = 128
 
     @property
     def processed(self) -> bool:
         """Does this request's row go through a logits processor (``process_rows``)?"""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None
+                    or self.bad_words_ids)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """ValueError naming the first bad field and what is valid; token ids are checked against
@@ -151,6 +158,12 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS \
                 or not all(token_id(t) for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, f"a list of at most {self.MAX_STOP_TOKEN_IDS} {ids}")
+        bw = self.bad_words_ids
+        if not isinstance(bw, list) or len(bw) > self.MAX_BAD_WORDS or not all(
+                isinstance(s, list) and 0 < len(s) <= self.MAX_BAD_WORD_TOKENS and all(token_id(t) for t in s)
+                for s in bw):
+            bad("bad_words_ids", bw, f"a list of at most {self.MAX_BAD_WORDS} non-empty lists of at most "
+                f"{self.MAX_BAD_WORD_TOKENS} {ids}")
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "true or false")
@@ -253,6 +266,10 @@ class LogitsState:
         if params.logit_bias:
             self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
             self.bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+        # bad words: single tokens banned always, longer sequences where the output ends with their head
+        self.bad_always = sorted({s[0] for s in params.bad_words_ids if len(s) == 1})
+        self.bad_seqs = [tuple(s) for s in params.bad_words_ids if len(s) > 1]
+        self.tail: list[int] = []  # the output's last tokens, as many as the longest head
         banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids)))
         if params.min_tokens and banned:
             self.banned = torch.tensor(banned, dtype=torch.long, device=device)
@@ -270,6 +287,19 @@ class LogitsState:
             if self.seen is not None:
                 self.seen[idx] = True
         self.counted = len(output_ids)
+        if self.bad_seqs:
+            self.tail = output_ids[-(max(map(len, self.bad_seqs)) - 1):]
+
+    def bad_now(self) -> list[int]:
+        """The tokens bad_words ban at this step (vLLM's rule: a word's last token, where the output
+        so far ends with the word's other tokens)."""
+        ids = set(self.bad_always)
+        tail = self.tail
+        for s in self.bad_seqs:
+            head = s[:-1]
+            if len(tail) >= len(head) and tuple(tail[len(tail) - len(head):]) == head:
+                ids.add(s[-1])
+        return sorted(ids)
 
 
 def process_rows(logits: torch.Tensor, rows: list[int], states: list[LogitsState],
@@ -283,6 +313,10 @@ def process_rows(logits: torch.Tensor, rows: list[int], states: list[LogitsState
         if st.allowed is not None:  # every other token masked out first (vLLM's order)
             keep = row.index_select(0, st.allowed)
             row.fill_(float("-inf")).index_copy_(0, st.allowed, keep)
+        if st.bad_always or st.bad_seqs:
+            ban = st.bad_now()
+            if ban:
+                row.index_fill_(0, torch.tensor(ban, dtype=torch.long, device=row.device), float("-inf"))
         if st.bias is not None:
             row.index_add_(0, st.bias_ids, st.bias)
         if st.banned is not None and n < p.min_tokens:

@@ -19,7 +19,7 @@ from fastadapters.serving.api import create_app
 from fastadapters.serving.sampling import SamplingParams
 from .char_tokenizer import TEMPLATE, char_tokenizer
 from .live_server import live_server
-from .serve_helpers import assert_no_leaks, prompts, tiny_engine
+from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
 from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
 
 
@@ -140,4 +140,61 @@ def test_http_chat_template_options(served):
                         (dict(chat_template="{{ 1 }}"), "chat_template")):
         r = _post(url, "/v1/chat/completions", messages=msgs, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
+    assert_no_leaks(engine)
+
+
+@torch.no_grad()
+def _banned_greedy_ref(model, ids, seqs, n):
+    """Greedy over the whole sequence each step, a word's last token at -inf where the output so far
+    ends with the word's other tokens (vLLM's bad_words rule, written here apart from the engine's)."""
+    seq, out = list(ids), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq])).logits[0, -1].double()
+        for s in seqs:
+            if len(out) >= len(s) - 1 and out[len(out) - (len(s) - 1):] == s[:-1]:
+                logits[s[-1]] = float("-inf")
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def test_bad_words_ban_a_words_last_token_after_its_head(zoo):
+    engine = tiny_engine(zoo, tokenizer=_tokenizer(), max_num_seqs=4)
+    ps = prompts([6, 9, 7, 8, 5], seed=21)
+    free = engine.generate(ps[3:4], SamplingParams(max_tokens=24, temperature=0), adapters=["houlsby"])[0]
+    tok = engine.tokenizer
+    out = free.output_ids
+    i = next(i for i in range(len(out) - 1) if min(out[i:i + 2]) > 3)  # two adjacent letters (no special, space)
+    pair = tok.decode(out[i:i + 2])
+    seqs = [tok(pair, add_special_tokens=False)["input_ids"], [free.output_ids[0]]]  # a bigram; a single token
+    sp = SamplingParams(max_tokens=24, temperature=0, bad_words_ids=seqs)
+    got, plain = engine.generate([ps[3], ps[1]], [sp, SamplingParams(max_tokens=24, temperature=0)],
+                                 adapters=["houlsby", "lora_r4"])
+    import fastadapters as fa
+
+    fa.set_adapter(engine.model, engine.registry.entries["houlsby"].internal)
+    try:
+        want = _banned_greedy_ref(engine.model, ps[3], seqs, 24)
+    finally:
+        fa.set_adapter(engine.model, None)
+    assert got.output_ids == want and got.output_ids != free.output_ids
+    assert pair not in got.text and free.output_ids[0] not in got.output_ids
+    assert plain.output_ids == greedy_ref(engine, "lora_r4", ps[1], 24)  # its neighbour: as alone
+    assert_no_leaks(engine)
+
+
+def test_http_bad_words(served):
+    engine, url = served
+    got = _post(url, max_tokens=20, logprobs=0).json()["choices"][0]
+    toks, full = got["logprobs"]["tokens"], got["text"]
+    i = next(i for i in range(len(toks) - 1) if all(len(t) == 1 and t != " " for t in toks[i:i + 2]))
+    word = toks[i] + toks[i + 1]  # two adjacent letter tokens (no special token, no space)
+    assert word in full
+    r = _post(url, max_tokens=20, bad_words=[word])
+    assert r.status_code == 200 and word not in r.json()["choices"][0]["text"], (word, full, r.text)
+    assert _streamed(url, "/v1/completions", prompt="abc", max_tokens=20, bad_words=[word]) == \
+        r.json()["choices"][0]["text"]
+    for words in ([""], ["x" * 65], ["a"] * 65, [3]):
+        r = _post(url, bad_words=words)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("bad_words"), (words, r.text)
     assert_no_leaks(engine)

@@ -289,7 +289,7 @@ def test_http_fields_reach_the_engine_and_bad_ones_are_400s(served, caplog):
     assert r.status_code == 200, r.text
     for body, field in ((dict(logit_bias={"abc": 1}), "logit_bias"), (dict(logit_bias={"64": 1}), "logit_bias"),
                         (dict(presence_penalty=3), "presence_penalty"), (dict(min_tokens=9), "min_tokens"),
-                        (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(bad_words=["x"]), "bad_words"),
+                        (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(bad_words=[""]), "bad_words"),
                         (dict(presence_penalty="1"), None),
                         (dict(response_format={"type": "structural_tag"}), "response_format"),
                         (dict(guided_whitespace_pattern=" *"), "guided_whitespace_pattern"),
