@@ -45,8 +45,8 @@ from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, show
 from .engine import EngineBusy, PromptError, QueueFull
 from .metrics import ServerMetrics
 from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, Limits, LoadAdapterRequest,
-                       UnloadAdapterRequest, error_body)
-from .sampling import SamplingParams
+                       UnloadAdapterRequest, _unicode, error_body)
+from .sampling import NO_TOKEN, SamplingParams
 from .structured import StructuredSpec
 
 __all__ = ["create_app", "APIError", "Limits"]
@@ -273,7 +273,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     created = int(time.time())
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     # a text prompt longer than this cannot fit the context, whatever its tokens (no token is longer)
-    max_prompt_chars = engine.max_model_len * max((len(t) for t in vocab), default=64)
+    longest_token = max((len(t) for t in vocab), default=64)
+    max_prompt_chars = engine.max_model_len * longest_token
     tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-tokenize")
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
@@ -494,8 +495,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         out = []
         for p in batch:
             if isinstance(p, str):
-                check_chars(len(p), "prompt")
-                ids = list(tokenizer(p)["input_ids"])
+                if keep and len(p) > max_prompt_chars:  # (truncate_prompt_tokens: what is kept fits)
+                    ids = list(tokenizer(tail_text(p, keep), add_special_tokens=False)["input_ids"])
+                else:
+                    check_chars(len(p), "prompt")
+                    ids = list(tokenizer(p)["input_ids"])
                 out.append(ids[-keep:] if keep else ids)
                 continue
             if keep:
@@ -506,7 +510,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             out.append(list(p))
         return out
 
-    def chat_messages(body: ChatRequest) -> list[dict]:
+    def chat_messages(body: ChatRequest, keep: int | None = None) -> list[dict]:
         messages, chars = [], 0
         for m in body.messages:
             content = m.content
@@ -523,10 +527,15 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             for key in ("tool_calls", "tool_call_id", "name"):  # earlier turns' tool calls and results
                 value = (m.model_extra or {}).get(key)
                 if value is not None:
+                    try:
+                        _unicode(value)
+                    except ValueError as e:
+                        raise APIError(400, f"messages: {key}: {e}", param="messages") from None
                     msg[key] = _template_tool_calls(value) if key == "tool_calls" else value
                     chars += len(json.dumps(value))
             messages.append(msg)
-        check_chars(chars, "messages")
+        if keep is None:  # (with truncate_prompt_tokens only the rendered text's tail is tokenised)
+            check_chars(chars, "messages")
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         return messages
@@ -536,8 +545,20 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
         except Exception as e:
             raise APIError(400, f"messages: the chat template failed: {str(e)[:200]}", param="messages") from None
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if keep and len(text) > max_prompt_chars:
+            text = tail_text(text, keep)
+        try:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as e:
+            raise APIError(400, f"messages: the rendered chat could not be tokenised: {str(e)[:200]}",
+                           param="messages") from None
         return ids[-keep:] if keep else ids
+
+    def tail_text(text: str, keep: int) -> str:
+        """The end of ``text`` that holds its last ``keep`` tokens with room to spare: no token is longer
+        than the longest in the vocabulary, and the first tokens of a cut text (which may split
+        differently from the whole) are far from the ``keep`` kept."""
+        return text[-(keep + 64) * longest_token:]
 
     async def off_loop(fn, *args):
         """Run tokenising work in the tokenizer thread (one at a time: fast tokenizers are not
@@ -617,6 +638,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 if out.finished:
                     info["finish"] = out.finish_reason
                     if out.finish_reason == "error":
+                        if (out.error or "").startswith(NO_TOKEN):  # what the request asked for excludes everything
+                            raise APIError(400, f"generation failed: {out.error}")
                         raise APIError(500, f"generation failed: {out.error}", "server_error")
                     if out.finish_reason == "abort":
                         raise APIError(503, "the request was aborted (the server is shutting down)",
@@ -671,7 +694,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 c.pending.clear()  # goes out later)
             if chat:
                 if delta is None:
-                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                    role = {"role": "assistant", "content": None if tool_call is not None else ""}
+                    delta = role if first else ({"content": text} if text else {})
                 choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
@@ -698,7 +722,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 if out.finished:
                     info["finish"] = out.finish_reason
                     if out.finish_reason in ("error", "abort"):
-                        err = error_body(f"generation failed: {out.error or out.finish_reason}", "server_error", 500)
+                        err = error_body(f"generation failed: {out.error or out.finish_reason}", "server_error", 500) \
+                            if not (out.error or "").startswith(NO_TOKEN) else \
+                            error_body(f"generation failed: {out.error}", "invalid_request_error", 400)
                         yield f"data: {json.dumps(err)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
@@ -748,7 +774,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             options = body.template_options()
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
-        ids = await off_loop(chat_ids, chat_messages(body), options, keep_last(body))
+        keep = keep_last(body)
+        ids = await off_loop(chat_ids, chat_messages(body, keep), options, keep)
         entry = engine.registry.entries.get(adapter) if adapter else None
         prefix = 0 if entry is None or entry.prefix_kv is None else int(entry.prefix_kv[0][0].shape[-2])
         room = engine.max_model_len - len(ids) - prefix  # the default max_tokens: what the context leaves

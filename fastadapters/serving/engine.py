@@ -1062,8 +1062,8 @@ class Engine:
         ids = req.output_ids if ids is None else ids
         # stop strings count from min_tokens on (vLLM's rule; EOS and stop tokens are held back until then too)
         stops = req.params.stop if len(ids) >= req.params.min_tokens else []
-        if reason == "stop":  # an EOS or a stop token ended it (a stop string is found below): not its text
-            ids = ids[:-1]
+        if reason == "stop" and not req.params.include_stop_str_in_output:
+            ids = ids[:-1]  # an EOS or a stop token ended it (a stop string is found below): not its text
         committed, pending = detokenize(self.tokenizer, ids, state, req.params.skip_special_tokens)
         # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
         # (a space before a split character, emitted while the character was still pending)

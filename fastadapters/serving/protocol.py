@@ -401,24 +401,31 @@ class ChatRequest(_Sampling):
         call = self.tool_call()
         if call is None:
             return []
+        for name in ("stop", "stop_token_ids"):
+            if getattr(self, name):  # a cut call would read as a finished one (finish_reason "stop")
+                raise ValueError(f"{name}: not with tool_choice {_shown(self.tool_choice)}: it could cut the call's "
+                                 "JSON short; the call ends when its JSON is complete")
         tools = self._tool_params()
         if call[0] == "named":
             return [Structured("tool_choice", "json", json.dumps(_params_schema(tools[call[1]])))]
-        defs: dict[str, Any] = {}
+        defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}  # (2020-12's and draft 7's)
         items = []
         for name, params in tools.items():
             params = dict(_params_schema(params))
-            for key, schema in (params.pop("$defs", None) or {}).items():
-                if key in defs and defs[key] != schema:
-                    raise ValueError(f"tools: two different schemas named {key!r} in $defs")
-                defs[key] = schema
+            for where in defs:  # moved to the top, where the tools' "#/$defs/..." references now point
+                got = params.pop(where, None) or {}
+                if not isinstance(got, dict):
+                    raise ValueError(f"tools: {where} of {name!r}: valid: an object of schemas")
+                for key, schema in got.items():
+                    if key in defs[where] and defs[where][key] != schema:
+                        raise ValueError(f"tools: two different schemas named {key!r} in {where}")
+                    defs[where][key] = schema
             items.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
                           "required": ["name", "parameters"]})
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
         if self.parallel_tool_calls is False:
             schema["maxItems"] = 1
-        if defs:
-            schema["$defs"] = defs
+        schema.update({where: d for where, d in defs.items() if d})
         return [Structured("tool_choice", "json", json.dumps(schema))]
 
     def logprobs_k(self) -> int | None:

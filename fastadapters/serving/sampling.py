@@ -53,6 +53,7 @@ from .structured import StructuredSpec
 __all__ = ["SamplingParams", "sample_next", "sample_rows", "make_generator", "GREEDY_BELOW", "is_greedy",
            "LogitsState", "process_rows", "token_logprobs"]
 
+NO_TOKEN = "no token can be chosen next"  # how an error that leaves a row no token begins (HTTP: a 400)
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
 
@@ -240,7 +241,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     host = torch.stack([tokens, bad.to(tokens.dtype) + (top == float("-inf")).to(tokens.dtype)]).tolist()
     for j, flag in enumerate(host[1]):
         if flag == 2:
-            errors[j] = ("no token can be chosen next: every logit is -inf (allowed_token_ids, logit_bias and a "
+            errors[j] = (NO_TOKEN + ": every logit is -inf (allowed_token_ids, logit_bias, bad_words and a "
                          "structured output's grammar together may exclude every token, or the model gave -inf)")
         elif flag:
             errors[j] = "the model produced non-finite logits (NaN or inf) for this request"

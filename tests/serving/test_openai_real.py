@@ -196,6 +196,7 @@ def test_tool_calls_through_the_official_client(served):
     stream = client.chat.completions.create(model=BASE, messages=messages, max_tokens=32, temperature=0,
                                             tools=[weather, clock], tool_choice=named, stream=True)
     deltas = [ch.choices[0].delta for ch in stream if ch.choices]
+    assert all(d.content is None for d in deltas)  # a tool call's reply has no content, streamed or not
     calls = [tc for d in deltas for tc in (d.tool_calls or [])]
     assert calls[0].function.name == "get_weather" and calls[0].id
     assert "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments

@@ -29,6 +29,10 @@ def _tokenizer():
     return tok
 
 
+def tok_text(engine, ids):
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _stop_in(text: str) -> tuple[str, int]:
     """A 2-character stop string first found in the middle of ``text``, and where."""
     for i in range(3, len(text) - 3):
@@ -51,6 +55,14 @@ def test_include_stop_str_in_output_ends_the_text_after_the_stop(zoo):
                                     adapters=[adapter, adapter])
         assert cut.text == f.text[:at] and kept.text == f.text[:at + len(stop)], (stop, f.text)
         assert cut.finish_reason == kept.finish_reason == "stop" and cut.output_ids == kept.output_ids
+        # a stop token: its text too is kept with the option (vLLM's), left out without
+        k = next(k for k in range(2, len(f.output_ids)) if f.output_ids[k] > 3 and f.output_ids[k] not in
+                 f.output_ids[:k])
+        by_token = [SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[f.output_ids[k]],
+                                   include_stop_str_in_output=inc) for inc in (False, True)]
+        cut, kept = engine.generate([p, p], by_token, adapters=[adapter, adapter])
+        assert cut.output_ids == kept.output_ids == f.output_ids[:k + 1]
+        assert (cut.text, kept.text) == (tok_text(engine, f.output_ids[:k]), tok_text(engine, f.output_ids[:k + 1]))
     assert_no_leaks(engine)
 
 
@@ -108,6 +120,15 @@ def test_http_truncate_prompt_tokens_keeps_the_last_tokens(served):
     r = _post(url, prompt="abcdefghij", truncate_prompt_tokens=3, echo=True, max_tokens=1)
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hij"), r.text  # echo: what was kept
     assert _post(url, prompt=ids, truncate_prompt_tokens=-1).json()["usage"]["prompt_tokens"] == 20
+    # a text far beyond what the context could hold: its end is what is kept (no "shorten it" 400)
+    long = "xy" * 500 + "abcdefg"
+    r = _post(url, prompt=long, truncate_prompt_tokens=5)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5, r.text
+    assert r.json()["choices"][0]["text"] == _post(url, prompt=engine.tokenizer("cdefg")["input_ids"][-5:]).json()[
+        "choices"][0]["text"]
+    assert _post(url, prompt=long).status_code == 400  # without truncation it cannot fit
+    r = _post(url, "/v1/chat/completions", messages=[{"role": "user", "content": long}], truncate_prompt_tokens=6)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 6, r.text
     msgs = [{"role": "user", "content": "hello there"}]
     r = _post(url, "/v1/chat/completions", messages=msgs, truncate_prompt_tokens=4)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4, r.text
@@ -135,6 +156,10 @@ def test_http_chat_template_options(served):
     assert prompt_tokens(add_generation_prompt=False, continue_final_message=True) == \
         rendered(add_generation_prompt=False, continue_final_message=True)
     assert prompt_tokens(chat_template_kwargs={"shout": True}) == rendered(add_generation_prompt=True) + 1
+    bad_name = [{"role": "user", "content": "hi", "name": "\ud800x"}]  # a lone surrogate: not Unicode
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
+                   content=json.dumps({"model": "tiny", "max_tokens": 4, "messages": bad_name}))  # (\ud800 escaped)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     for body, field in ((dict(continue_final_message=True), "continue_final_message"),
                         (dict(chat_template_kwargs={"tokenize": True}), "chat_template_kwargs"),
                         (dict(chat_template="{{ 1 }}"), "chat_template")):

@@ -329,6 +329,9 @@ def test_http_bad_constraints_are_400s_naming_the_field(served):
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["param"] == field, (body, err)
     assert (engine._grammars.compiles if engine._grammars else 0) == compiled  # nothing bad was kept
+    # what the grammar allows, bad_words forbids: the client's error (a 400), found while generating
+    r = _post(url, structured_outputs={"choice": ["Bye"]}, bad_words=["Bye"])
+    assert r.status_code == 400 and "every logit is -inf" in r.json()["error"]["message"], r.text
     assert _post(url, guided_regex="[a-c]{3}x").status_code == 200  # and it serves on
     assert_no_leaks(engine)
 
@@ -357,6 +360,15 @@ def test_tool_choice_maps_to_a_constraint_on_the_call():
     assert "maxItems" not in json.loads(chat(tools=[WEATHER], tool_choice="required").structured().value)
     assert chat(tools=[WEATHER], tool_choice="none").structured() is None and chat().structured() is None
     assert chat(tools=[WEATHER], tool_choice="none").template_options()["tools"] == [WEATHER]
+    # draft-7 "definitions" and 2020-12 "$defs" move to the top, where the references point
+    item = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    d7 = {"type": "function", "function": {"name": "d7", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/definitions/Item"}}, "definitions": {"Item": item}}}}
+    d20 = {"type": "function", "function": {"name": "d20", "parameters": {
+        "type": "object", "properties": {"y": {"$ref": "#/$defs/Item"}}, "$defs": {"Item": item}}}}
+    schema = json.loads(chat(tools=[d7, d20], tool_choice="required").structured().value)
+    assert schema["definitions"] == {"Item": item} and schema["$defs"] == {"Item": item}
+    xgr.Grammar.from_json_schema(json.dumps(schema))  # the references resolve (else it raises)
     for kw, field in ((dict(tools=[WEATHER]), "tool_choice"),  # "auto", the default: no parser here
                       (dict(tools=[WEATHER], tool_choice="auto"), "tool_choice"),
                       (dict(tool_choice="required"), "tool_choice"),
@@ -366,7 +378,10 @@ def test_tool_choice_maps_to_a_constraint_on_the_call():
                       (dict(tools=[WEATHER, WEATHER], tool_choice="required"), "tools[1]"),
                       (dict(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="required"),
                        "tools[0]"),
-                      (dict(tools=[WEATHER], tool_choice="required", guided_regex="a"), "guided_regex")):
+                      (dict(tools=[WEATHER], tool_choice="required", guided_regex="a"), "guided_regex"),
+                      (dict(tools=[WEATHER], tool_choice="required", stop=["}"]), "stop"),  # would cut the JSON
+                      (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                            stop_token_ids=[5]), "stop_token_ids")):
         with pytest.raises(ValueError) as e:
             chat(**kw).structured()
         assert str(e.value).split(":")[0] == field, (kw, str(e.value))
