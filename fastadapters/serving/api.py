@@ -44,8 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .adapters import AdapterError, PathNotAllowed, UnknownAdapter, show
 from .engine import EngineBusy, PromptError, QueueFull
 from .metrics import ServerMetrics
-from .protocol import (ChatRequest, CompletionRequest, ErrorResponse, Limits, LoadAdapterRequest,
-                       UnloadAdapterRequest, _unicode, error_body)
+from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, Limits, LoadAdapterRequest,
+                       TokenizeRequest, UnloadAdapterRequest, _unicode, error_body)
 from .sampling import NO_TOKEN, SamplingParams
 from .structured import StructuredSpec
 
@@ -141,7 +141,7 @@ class _Guard:
             if size > lim.max_header_bytes:
                 return await reject(431, f"the request headers hold {size} bytes; valid: at most "
                                          f"{lim.max_header_bytes} (--max-header-bytes)", "invalid_request_error")
-            if self.api_key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            if self.api_key is not None and scope["path"].startswith(_KEYED) and scope["method"] != "OPTIONS":
                 auth = next((v for k, v in headers if k == b"authorization"), b"")
                 # raw bytes against the key's UTF-8 bytes: no lossy re-encoding that maps characters to '?'
                 if not hmac.compare_digest(auth, b"Bearer " + self.api_key.encode("utf-8")):
@@ -216,7 +216,11 @@ _ERRORS = {  # what each route can answer besides 2xx (beyond _ERRORS_ALL; /v1/*
                               503: "the engine is busy or stopped"},
     "/v1/unload_lora_adapter": {400: "bad input", 403: "an open server", 404: "unknown adapter",
                                 503: "the engine is busy or stopped"},
+    "/v1/models/{model}": {404: "unknown model"},
+    "/tokenize": {400: "bad input", 404: "unknown model"},
+    "/detokenize": {400: "bad input", 404: "unknown model"},
 }
+_KEYED = ("/v1/", "/tokenize", "/detokenize")  # the paths an --api-key guards
 _CONTENT_200 = {"/metrics": "text/plain", "/v1/load_lora_adapter": "text/plain",
                 "/v1/unload_lora_adapter": "text/plain"}
 
@@ -246,7 +250,7 @@ def _openapi(app: FastAPI, api_key: bool) -> dict:
                 elif path == "/health":
                     ok.pop("content", None)
             codes = {**_ERRORS_ALL, **_ERRORS.get(path, {})}
-            if api_key and path.startswith("/v1/"):
+            if api_key and path.startswith(_KEYED):
                 codes[401] = "a missing or wrong API key"
             for code, what in sorted(codes.items()):
                 responses[str(code)] = {"description": what, "content": err}
@@ -375,14 +379,55 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
-    @app.get("/v1/models")
-    async def models():
+    def model_cards() -> list[dict]:
         cards = [{"id": served_model_name, "object": "model", "created": created, "owned_by": "fastadapters",
                   "root": base_path or served_model_name, "parent": None}]
         for e in engine.adapters():
             cards.append({"id": e.name, "object": "model", "created": e.created, "owned_by": "fastadapters",
                           "root": e.path, "parent": served_model_name, "adapter_type": e.adapter_type})
-        return {"object": "list", "data": cards}
+        return cards
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        """OpenAI's model retrieval (``client.models.retrieve``); adapter names may hold a '/'."""
+        adapter_of(model)  # 404 naming the served models
+        return next(c for c in model_cards() if c["id"] == model)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        """vLLM's: a prompt or chat messages to token ids (what completions / chat would feed the
+        model), with the context length, so a client can count before it sends."""
+        adapter_of(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "tokenize: give one of prompt or messages", param="prompt")
+        if body.prompt is not None:
+            check_chars(len(body.prompt), "prompt")
+            ids = await off_loop(lambda: list(tokenizer(body.prompt,
+                                                        add_special_tokens=body.add_special_tokens)["input_ids"]))
+        else:
+            chat = ChatRequest.model_construct(model=body.model, messages=body.messages)  # (validated already)
+            options = {"add_generation_prompt": body.add_generation_prompt, "continue_final_message": False}
+            ids = await off_loop(chat_ids, chat_messages(chat), options)
+        out = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None}
+        if body.return_token_strs:
+            out["token_strs"] = await off_loop(lambda: [token_text(i) for i in ids])
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        """vLLM's: token ids to text (special tokens included)."""
+        adapter_of(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is out of range; valid: 0..{engine.vocab_size - 1}", param="tokens")
+        if len(body.tokens) > engine.max_model_len:
+            raise APIError(400, f"tokens: {len(body.tokens)} ids; valid: at most {engine.max_model_len} "
+                                "(max_model_len)", param="tokens")
+        return {"prompt": await off_loop(lambda: tokenizer.decode(body.tokens))}
 
     def adapter_of(model: str) -> str | None:
         if model == served_model_name:

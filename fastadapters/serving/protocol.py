@@ -35,6 +35,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       field_validator)
 
 __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
+           "TokenizeRequest", "DetokenizeRequest",
            "ErrorResponse", "Limits"]
 
 Number = Union[StrictInt, StrictFloat]
@@ -435,6 +436,23 @@ class ChatRequest(_Sampling):
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= top:
             raise ValueError(f"top_logprobs: got {self.top_logprobs}; valid: an integer in [0, {top}]")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a prompt (as completions reads it) or chat messages (as chat renders
+    them), to token ids."""
+    model: Text
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: StrictBool = True  # (a prompt's: the tokenizer's BOS etc.)
+    add_generation_prompt: StrictBool = True  # (messages': as chat does by default)
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids to text."""
+    model: Text
+    tokens: list[StrictInt]
 
 
 class LoadAdapterRequest(BaseModel):

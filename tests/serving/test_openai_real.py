@@ -74,6 +74,9 @@ def test_models_list(served):
     ids = {m.id: m for m in client.models.list().data}
     assert set(ids) == {BASE, *ADAPTERS}
     assert all(getattr(ids[a], "parent", None) == BASE for a in ADAPTERS)
+    assert client.models.retrieve("lora").id == "lora" and client.models.retrieve(BASE).id == BASE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("missing")
 
 
 def test_completions_every_adapter_type(served):

@@ -223,3 +223,32 @@ def test_http_bad_words(served):
         r = _post(url, bad_words=words)
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("bad_words"), (words, r.text)
     assert_no_leaks(engine)
+
+
+def test_http_model_retrieval_tokenize_and_detokenize(served):
+    engine, url = served
+    tok = engine.tokenizer
+    r = httpx.get(url + "/v1/models/lora_r4", timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "lora_r4" and r.json()["parent"] == "tiny", r.text
+    assert httpx.get(url + "/v1/models/tiny", timeout=30).json()["parent"] is None
+    r = httpx.get(url + "/v1/models/nope", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+    r = httpx.post(url + "/tokenize", json={"model": "tiny", "prompt": "abc de", "return_token_strs": True}, timeout=30)
+    want = tok("abc de")["input_ids"]
+    assert r.status_code == 200 and r.json() == {"count": len(want), "max_model_len": 64, "tokens": want,
+                                                 "token_strs": [tok.decode([i]) for i in want]}, r.text
+    bare = httpx.post(url + "/tokenize", json={"model": "lora_r4", "prompt": "abc", "add_special_tokens": False},
+                      timeout=30).json()
+    assert bare["tokens"] == tok("abc", add_special_tokens=False)["input_ids"] and bare["token_strs"] is None
+    msgs = [{"role": "user", "content": "hello"}]
+    counted = httpx.post(url + "/tokenize", json={"model": "tiny", "messages": msgs}, timeout=30).json()["count"]
+    assert counted == _post(url, "/v1/chat/completions", messages=msgs).json()["usage"]["prompt_tokens"]
+    r = httpx.post(url + "/detokenize", json={"model": "tiny", "tokens": want}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"prompt": tok.decode(want)}, r.text
+    for path, body, field in (("/tokenize", {"model": "tiny"}, "prompt"),
+                              ("/tokenize", {"model": "tiny", "prompt": "a", "messages": msgs}, "prompt"),
+                              ("/detokenize", {"model": "tiny", "tokens": [64]}, "tokens"),
+                              ("/detokenize", {"model": "tiny", "tokens": [-1]}, "tokens"),
+                              ("/tokenize", {"model": "nope", "prompt": "a"}, "model")):
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == field, (path, body, r.text)

@@ -476,6 +476,8 @@ def test_api_key_is_required_on_v1_and_admin_needs_a_key_when_open(zoo, tmp_path
         assert error_of(c.get("/v1/models"), 401)["type"] == "authentication_error"
         error_of(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         error_of(c.post("/v1/completions", json={"model": BASE, "prompt": "a"}), 401)
+        error_of(c.post("/tokenize", json={"model": BASE, "prompt": "a"}), 401)  # vLLM's routes: keyed too
+        error_of(c.post("/detokenize", json={"model": BASE, "tokens": [5]}), 401)
         assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert "401" in c.get("/openapi.json").json()["paths"]["/v1/models"]["get"]["responses"]
     engine = make_engine(root=tmp_path)
