@@ -408,7 +408,7 @@ class ChatRequest(_Sampling):
                                  "JSON short; the call ends when its JSON is complete")
         tools = self._tool_params()
         if call[0] == "named":
-            return [Structured("tool_choice", "json", json.dumps(_params_schema(tools[call[1]])))]
+            return [Structured("tool_choice", "json", _schema_text(_params_schema(tools[call[1]]), "tool_choice"))]
         defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}  # (2020-12's and draft 7's)
         items = []
         for name, params in tools.items():
@@ -427,7 +427,7 @@ class ChatRequest(_Sampling):
         if self.parallel_tool_calls is False:
             schema["maxItems"] = 1
         schema.update({where: d for where, d in defs.items() if d})
-        return [Structured("tool_choice", "json", json.dumps(schema))]
+        return [Structured("tool_choice", "json", _schema_text(schema, "tool_choice"))]
 
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -4,7 +4,7 @@ expression, one of a list of strings, or an EBNF grammar (OpenAI's ``response_fo
 
     grammars = Grammars(tokenizer, vocab_size, stop_ids)        # one per engine, built on first use
     matcher = grammars.matcher(StructuredSpec("json", schema))  # ValueError names what cannot compile
-    x = mask_rows(x, rows, [matcher, ...], vocab_size)          # disallowed tokens -> -inf
+    x = mask_rows(x, rows, [matcher, ...], aliased=True)       # disallowed tokens -> -inf
     matcher.accept_token(token); matcher.is_terminated()
 
 The grammar engine is xgrammar (the one vLLM and SGLang default to; an optional dependency:
