@@ -1,0 +1,208 @@
+"""The engine's linears through oneDNN's GEMM on the CPU (``serving/cpu_gemm.py``): only inside the
+engine's forward, only where it applies, numerically a float32 GEMM (fp64 references), the same
+greedy tokens and prompt log-probabilities for every adapter type, and a warned fallback (not a
+silent one) when the private op is missing."""
+from __future__ import annotations
+
+import copy
+import re
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastadapters as fa
+from fastadapters.serving import cpu_gemm
+from fastadapters.serving.sampling import SamplingParams
+from .real_model import smollm2_dir
+from .serve_helpers import ZOO_NAMES, assert_no_leaks, greedy_ref, prompts, tiny_engine, zoo  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+U = 2.0 ** -24  # float32 unit roundoff
+
+
+def _onednn_calls(fn) -> tuple[object, int]:
+    """``fn()``'s result and how many oneDNN linear calls it made (the profiler's count)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+
+@pytest.fixture
+def every_size(monkeypatch):
+    """oneDNN for every call (the tiny models' GEMMs are far below MIN_WORK)."""
+    monkeypatch.setattr(cpu_gemm, "MIN_WORK", 0)
+
+
+def _hooked(inp, out, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(inp, out, bias=bias)
+    assert cpu_gemm.install(nn.Sequential(layer)) == 1
+    assert isinstance(layer.__dict__["forward"], cpu_gemm.OneDNNForward)
+    return layer
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 130])
+@pytest.mark.parametrize("shape", [(67, 1001), (333, 333), (1536, 576)])  # odd sizes, and SmolLM2's down_proj
+def test_within_the_float32_error_bound_of_an_fp64_reference(every_size, shape, rows):
+    """Any float32 GEMM with float32 accumulation, whatever its summation order, errs at most
+    gamma_K * (|x| |W|^T + |b|) (gamma_K = K u / (1 - K u)); a reduced-precision or wrong one does not."""
+    k, n = shape
+    layer = _hooked(k, n, seed=rows)
+    x = torch.randn(2, rows, k)  # 3-D, as a decoder layer calls it
+    ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    bound = (k * U / (1 - k * U)) * (x.double().abs() @ layer.weight.double().abs().t() + layer.bias.double().abs())
+    with torch.no_grad(), cpu_gemm.active():
+        y, calls = _onednn_calls(lambda: layer(x))
+    assert calls == 1 and y.shape == (2, rows, n) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= bound).all()
+    plain = (F.linear(x, layer.weight, layer.bias).double() - ref).abs()
+    # the measured gap to MKL's summation order (cpu_gemm's docstring: RMS 1.5-2x at these K)
+    assert (y.double() - ref).pow(2).mean().sqrt() <= 3 * plain.pow(2).mean().sqrt()
+
+
+def test_f_linear_exactly_outside_the_engine_scope_below_the_work_bound_and_under_autograd():
+    layer = _hooked(576, 1536, bias=False)
+    x = torch.randn(32, 576)
+    want = F.linear(x, layer.weight)
+    with torch.no_grad():
+        y, calls = _onednn_calls(lambda: layer(x))  # not inside active(): as the model always computed
+    assert calls == 0 and torch.equal(y, want)
+    with torch.no_grad(), cpu_gemm.active():
+        y, calls = _onednn_calls(lambda: layer(x[:2]))  # 2 x 576 x 1536 < MIN_WORK: oneDNN's fixed cost loses
+        assert calls == 0 and torch.equal(y, F.linear(x[:2], layer.weight))
+        _, calls = _onednn_calls(lambda: layer(x))
+        assert calls == 1
+        with cpu_gemm.active(False):
+            assert _onednn_calls(lambda: layer(x))[1] == 0
+        assert _onednn_calls(lambda: layer(x))[1] == 1  # the outer scope again
+    with cpu_gemm.active():  # autograd records: F.linear, whose gradient is there
+        xg = x.clone().requires_grad_()
+        y, calls = _onednn_calls(lambda: layer(xg))
+        assert calls == 0 and torch.equal(y, want)
+        y.sum().backward()
+        assert layer.weight.grad is not None and torch.allclose(xg.grad, layer.weight.detach().sum(0).expand_as(x), atol=1e-5)
+
+
+def test_the_scope_is_per_thread():
+    layer = _hooked(576, 1536, bias=False)
+    x = torch.randn(32, 576)
+    seen = {}
+
+    def other():
+        with torch.no_grad():
+            seen["calls"] = _onednn_calls(lambda: layer(x))[1]
+
+    with torch.no_grad(), cpu_gemm.active():
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert _onednn_calls(lambda: layer(x))[1] == 1
+    assert seen["calls"] == 0  # the other thread computes as the model always did
+
+
+def test_install_hooks_plain_float32_cpu_linears_once_and_leaves_the_rest():
+    class Custom(nn.Linear):
+        pass
+
+    own = nn.Linear(4, 4)
+    mine = own.forward = lambda x: x  # a forward of its own, set on the instance
+    model = nn.Sequential(nn.Linear(4, 8), Custom(8, 8), nn.Linear(8, 8).double(), nn.Linear(8, 8).half(), own,
+                          nn.Sequential(nn.Linear(8, 3)))
+    assert cpu_gemm.install(model) == 2
+    assert cpu_gemm.install(model) == 2  # again: nothing hooked twice
+    hooked = [i for i, m in enumerate(model.modules()) if isinstance(m.__dict__.get("forward"), cpu_gemm.OneDNNForward)]
+    assert len(hooked) == 2 and isinstance(model[5][0].__dict__["forward"], cpu_gemm.OneDNNForward)
+    assert "forward" not in model[1].__dict__ and own.forward is mine
+    assert "forward" not in model[2].__dict__ and "forward" not in model[3].__dict__
+
+
+def test_a_copied_model_computes_with_its_own_weights(every_size):
+    model = nn.Sequential(nn.Linear(16, 24))
+    assert cpu_gemm.install(model) == 1
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.mul_(-1.0)
+        x = torch.randn(5, 16)
+        with cpu_gemm.active():
+            assert torch.allclose(twin(x), F.linear(x, twin[0].weight, twin[0].bias), atol=1e-5)
+            assert torch.allclose(model(x), F.linear(x, model[0].weight, model[0].bias), atol=1e-5)
+    assert twin[0].__dict__["forward"].module is twin[0]
+
+
+def test_a_missing_op_hooks_nothing_with_one_warning(monkeypatch):
+    def gone(*a, **k):
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'")
+
+    monkeypatch.setattr(cpu_gemm, "_onednn_linear", gone)
+    monkeypatch.setattr(cpu_gemm, "_CHECKED", None)
+    monkeypatch.setattr(cpu_gemm, "_WARNED", set())
+    model = nn.Sequential(nn.Linear(4, 8))
+    with pytest.warns(RuntimeWarning, match=re.escape(f"linear op is unavailable on torch {torch.__version__}")):
+        assert cpu_gemm.install(model) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_gemm.install(model) == 0  # once
+    assert "forward" not in model[0].__dict__
+
+
+def test_engine_hooks_its_linears_and_keeps_every_adapter_types_greedy_tokens(zoo, every_size):  # noqa: F811
+    engine = tiny_engine(zoo, max_num_seqs=6)
+    assert engine.onednn_linears > 0
+    ps = prompts([5, 9, 3, 12, 7, 4], seed=13)
+    names = ["lora_r64", None, "houlsby", "parallel", "prefix", "pfeiffer"]
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    reqs, calls = _onednn_calls(lambda: engine.generate(ps, sp, names))
+    assert calls > 0
+    for p, n, r in zip(ps, names, reqs):  # greedy_ref runs the model outside the engine: F.linear
+        assert r.output_ids == greedy_ref(engine, n, p, sp.max_tokens), n
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("adapter", [None, "lora_r4", "houlsby"])
+def test_engine_prompt_logprobs_err_at_most_twice_the_float32_model(zoo, every_size, adapter):  # noqa: F811
+    engine = tiny_engine(zoo, max_num_seqs=2)
+    p = prompts([40], seed=5)[0]
+    outs = []
+    engine.submit(p, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), adapter=adapter,
+                  on_output=outs.append)
+    _, calls = _onednn_calls(engine.run_until_done)
+    assert calls > 0
+    got = torch.tensor([outs[0].prompt_logprobs[i][1] for i in range(1, len(p))], dtype=torch.float64)
+    model = engine.model
+    fa.set_adapter(model, None if adapter is None else engine.registry.entries[adapter].internal)
+    ids, idx = torch.tensor([p]), torch.tensor(p[1:])
+    with torch.no_grad():
+        plain = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)[torch.arange(len(p) - 1), idx]
+        ref = torch.log_softmax(copy.deepcopy(model).double()(ids).logits[0, :-1], -1)[torch.arange(len(p) - 1), idx]
+    assert (got - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-6
+
+
+def test_real_model_logits_err_at_most_twice_the_float32_model():
+    """SmolLM2-135M at its own sizes (every GEMM above MIN_WORK at 64 tokens): the engine's prompt
+    log-probabilities against an fp64 copy of the model, beside the plain float32 model's."""
+    folder, why = smollm2_dir()
+    if folder is None:
+        pytest.skip(why)
+    from transformers import AutoModelForCausalLM
+
+    from fastadapters.serving.engine import Engine
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    engine = Engine(model, max_num_seqs=2, max_model_len=128, num_blocks=16)
+    assert engine.onednn_linears == 211  # 30 layers x 7 and the output layer
+    p = torch.randint(100, 49152, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    outs = []
+    engine.submit(p, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), on_output=outs.append)
+    _, calls = _onednn_calls(engine.run_until_done)
+    assert calls >= 210
+    got = torch.tensor([outs[0].prompt_logprobs[i][1] for i in range(1, len(p))], dtype=torch.float64)
+    ids, idx, rows = torch.tensor([p]), torch.tensor(p[1:]), torch.arange(len(p) - 1)
+    with torch.no_grad():
+        plain = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)[rows, idx]
+        ref = torch.log_softmax(model.double()(ids).logits[0, :-1], -1)[rows, idx]
+    assert (got - ref).abs().max() <= 2 * (plain - ref).abs().max()
