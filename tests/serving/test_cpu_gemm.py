@@ -18,7 +18,8 @@ import fastadapters as fa
 from fastadapters.serving import cpu_gemm
 from fastadapters.serving.sampling import SamplingParams
 from .real_model import smollm2_dir
-from .serve_helpers import ZOO_NAMES, assert_no_leaks, greedy_ref, prompts, tiny_engine, zoo  # noqa: F401
+from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+from .serve_helpers import one_thread, zoo  # noqa: F401,F811 - fixtures (one_thread is autouse)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -150,7 +151,7 @@ def test_a_missing_op_hooks_nothing_with_one_warning(monkeypatch):
     assert "forward" not in model[0].__dict__
 
 
-def test_engine_hooks_its_linears_and_keeps_every_adapter_types_greedy_tokens(zoo, every_size):  # noqa: F811
+def test_engine_hooks_its_linears_and_keeps_every_adapter_types_greedy_tokens(zoo, every_size):
     engine = tiny_engine(zoo, max_num_seqs=6)
     assert engine.onednn_linears > 0
     ps = prompts([5, 9, 3, 12, 7, 4], seed=13)
@@ -164,7 +165,7 @@ def test_engine_hooks_its_linears_and_keeps_every_adapter_types_greedy_tokens(zo
 
 
 @pytest.mark.parametrize("adapter", [None, "lora_r4", "houlsby"])
-def test_engine_prompt_logprobs_err_at_most_twice_the_float32_model(zoo, every_size, adapter):  # noqa: F811
+def test_engine_prompt_logprobs_err_at_most_twice_the_float32_model(zoo, every_size, adapter):
     engine = tiny_engine(zoo, max_num_seqs=2)
     p = prompts([40], seed=5)[0]
     outs = []
