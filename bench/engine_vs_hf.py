@@ -151,8 +151,10 @@ def main(argv=None):
     meta = dict(model="SmolLM2-135M-Instruct", dtype="float32", device=str(model.device), threads=args.threads,
                 torch=torch.__version__, repeats=args.repeats)
     if args.out:
+        from fastadapters.bench.harness import environment
+
         with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            json.dump(dict(benchmark="engine_vs_hf", env=environment(model.device), meta=meta, rows=rows), f, indent=1)
     print(json.dumps(meta))
 
 
