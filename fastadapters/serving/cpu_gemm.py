@@ -9,13 +9,15 @@ row-major weight (no reordered copy, so no extra memory), is much faster at the 
 serving step has. Measured on the 2-core AMD EPYC these machines have (AVX-512), one thread,
 SmolLM2-135M's seven linears of a layer x 30 layers, 32 rows: 90 ms with ``F.linear``, 53-61 ms
 through oneDNN; per GEMM, oneDNN is 1.5-2.3x faster from 16 rows up (2.1-2.3x at 512, a prefill
-chunk). MKL on AMD CPUs does not take its AVX-512 kernels, which is most of the gap. Below a few
+chunk). With ``MKL_VERBOSE=1`` MKL names its code path on this AMD CPU "Intel(R) Architecture
+processors" (its generic one; ``MKL_ENABLE_INSTRUCTIONS=AVX512`` changes nothing) while oneDNN
+reports AVX-512: likely most of the gap (on an Intel CPU it may be small: not measured). Below a few
 rows oneDNN's fixed cost per call loses (576 x 576 at one row: 0.74x; a 192 x 576 one: 0.4x),
 while a large weight wins even at one row (4096 x 4096: 1.3x), so the choice is by the call's
 work: oneDNN when rows x in x out >= ``MIN_WORK`` (2**21), the plain ``F.linear`` below.
 
-Numerics: oneDNN sums in another order. Against float64, its float32 GEMM errs 1.5-2.9x more than
-MKL's (max abs, K = 576 .. 4096; RMS 1.5-2.2x); SmolLM2-135M's logits over 4 x 200 tokens err
+Numerics: oneDNN sums in another order. Against float64, its float32 GEMM errs more than MKL's:
+max abs 1.5-2.9x typically, 4.2x the worst seen (K = 1536); RMS 1.5-2.2x (K = 576 .. 4096); SmolLM2-135M's logits over 4 x 200 tokens err
 1.35x (RMS) / 1.54x (max) what the plain float32 model errs (``tests/serving/test_cpu_gemm.py``
 holds the engine to at most 2x).
 
