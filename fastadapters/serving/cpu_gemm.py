@@ -17,9 +17,9 @@ while a large weight wins even at one row (4096 x 4096: 1.3x), so the choice is 
 work: oneDNN when rows x in x out >= ``MIN_WORK`` (2**21), the plain ``F.linear`` below.
 
 Numerics: oneDNN sums in another order. Against float64, its float32 GEMM errs more than MKL's:
-max abs 1.5-2.9x typically, 4.2x the worst seen (K = 1536); RMS 1.5-2.2x (K = 576 .. 4096); SmolLM2-135M's logits over 4 x 200 tokens err
-1.35x (RMS) / 1.54x (max) what the plain float32 model errs (``tests/serving/test_cpu_gemm.py``
-holds the engine to at most 2x).
+max abs 1.5-2.9x typically, 4.2x the worst seen (K = 1536); RMS 1.5-2.2x (K = 576 .. 4096).
+SmolLM2-135M's logits over 4 x 200 tokens err 1.35x (RMS) / 1.54x (max) what the plain float32
+model errs (``tests/serving/test_cpu_gemm.py`` holds the engine to at most 2x).
 
 How it is hooked, and why so: each plain ``nn.Linear`` (exactly that type, float32, on the CPU,
 no forward of its own already set on the instance) gets an instance ``forward``, a ``OneDNNForward``
