@@ -476,7 +476,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     stop_token_ids=list(body.stop_token_ids or []), logprobs=body.logprobs_k(),
                                     allowed_token_ids=None if body.allowed_token_ids is None
                                     else list(body.allowed_token_ids),
-                                    prompt_logprobs=body.logprobs_k() if getattr(body, "echo", None) else None,
+                                    prompt_logprobs=prompt_k(body),
                                     structured=structured_spec(body),
                                     include_stop_str_in_output=body.include_stop_str_in_output,
                                     skip_special_tokens=body.skip_special_tokens)
@@ -489,6 +489,31 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":")[0]) from None
         return params
+
+    def prompt_k(body) -> int | None:
+        """The engine's prompt log-probabilities k: for vLLM's ``prompt_logprobs`` and for completions'
+        echo with ``logprobs`` (each answer takes its own top k of them); None when neither asks."""
+        ks = [k for k in (body.prompt_logprobs_k(), body.logprobs_k() if getattr(body, "echo", None) else None)
+              if k is not None]
+        return max(ks) if ks else None
+
+    def prompt_logprobs_body(entries: list | None, k: int) -> list | None:
+        """vLLM's ``prompt_logprobs``: per prompt token None (the first) or {token id: {"logprob",
+        "rank", "decoded_token"}}, the prompt token first (its rank in the vocabulary) and the k most
+        likely (ranks 1..k; a prompt token among them takes its place there, as vLLM's dict does)."""
+        if entries is None:
+            return None
+        out = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            tok, lp, top, rank = e
+            d = {str(tok): {"logprob": lp, "rank": rank, "decoded_token": token_text(tok)}}
+            for r, (j, lq) in enumerate(top[:k], 1):
+                d[str(j)] = {"logprob": lq, "rank": r, "decoded_token": token_text(j)}
+            out.append(d)
+        return out
 
     def structured_spec(body) -> StructuredSpec | None:
         got = body.structured()  # ValueError (a 400) names the field
@@ -659,7 +684,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 err = APIError(err.status, f"prompt[{len(submitted) // n}]: {err.message}", err.type, err.param)
             raise err from None
         watch = request.scope.get(_WATCH)
-        choices = Choices(subs, [prompts[k // n] for k in range(count)], chat, params.logprobs is not None,
+        choices = Choices(subs, [prompts[k // n] for k in range(count)], chat, params.logprobs,
                           [echoes[k // n] for k in range(count)])
 
         def gone():  # the client went away: abort now (freed at the engine's next step), wake the waiter
@@ -697,6 +722,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                     engine.abort(sub)
         now = int(time.time())
         out = []
+        plp = body.prompt_logprobs_k()  # (vLLM's: each completions choice has its prompt's; chat one at the top)
         for i, c in enumerate(choices.list):
             logprobs = logprobs_body(c.pending, chat, c.offset) if choices.logprobs else None
             if chat:
@@ -708,8 +734,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
                 out.append({"index": i, "text": "".join(c.text), "logprobs": logprobs, "finish_reason": c.reason})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
-                "model": body.model, "choices": out, "usage": choices.usage()}
+                if plp is not None:
+                    out[-1]["prompt_logprobs"] = prompt_logprobs_body(c.prompt_entries, plp)
+        reply = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                 "model": body.model, "choices": out, "usage": choices.usage()}
+        if chat and plp is not None:
+            reply["prompt_logprobs"] = prompt_logprobs_body(choices.list[0].prompt_entries, plp)
+        return reply
 
     async def _stream(body, rid: str, queue: asyncio.Queue, chat: bool, watch, gone, info, choices: "Choices",
                       tool_call=None):
@@ -905,6 +936,7 @@ class _Choice:
     def __init__(self):
         self.text, self.pending, self.offset = [], [], [0]  # pending: log-prob entries not yet sent
         self.reason, self.completion_tokens, self.echoed = None, 0, False
+        self.prompt_entries = None  # the engine's prompt log-probability entries (with prompt log-probabilities)
 
 
 class Choices:
@@ -912,9 +944,10 @@ class Choices:
     finish reason and token count, gathered from its outputs. ``echoes[i]``: choice i's prompt text
     (or None), put before its first text (with the prompt's log-probabilities before its tokens')."""
 
-    def __init__(self, subs: list[str], prompts: list[list[int]], chat: bool, logprobs: bool,
+    def __init__(self, subs: list[str], prompts: list[list[int]], chat: bool, logprobs_k: int | None,
                  echoes: list[str | None]):
-        self.subs, self.chat, self.logprobs = subs, chat, logprobs
+        self.subs, self.chat = subs, chat
+        self.logprobs, self.logprobs_k = logprobs_k is not None, logprobs_k
         self.prompts, self.echoes = prompts, echoes  # per choice
         # each distinct prompt counted once (a choice's prompt object is its prompt's, shared by its n)
         self.prompt_tokens = sum(len(p) for p in {id(p): p for p in prompts}.values())
@@ -927,13 +960,16 @@ class Choices:
         i = self.index[out.request_id]
         c = self.list[i]
         text = out.text
+        if out.prompt_logprobs is not None and c.prompt_entries is None:
+            c.prompt_entries = out.prompt_logprobs
         if self.echoes[i] is not None and not c.echoed:
             c.echoed = True
             text = self.echoes[i] + text
-            if self.logprobs:  # the first prompt token has no log-probability
-                ids = self.prompts[i]
+            if self.logprobs:  # the first prompt token has no log-probability; each its top logprobs_k
+                ids, k = self.prompts[i], self.logprobs_k
                 entries = out.prompt_logprobs or [None] * len(ids)
-                c.pending.extend(e if e is not None else (ids[j], None, None) for j, e in enumerate(entries))
+                c.pending.extend((e[0], e[1], e[2][:k]) if e is not None else (ids[j], None, None)
+                                 for j, e in enumerate(entries))
         if keep_text:
             c.text.append(text)
         c.pending.extend(out.logprobs or ())

@@ -135,7 +135,8 @@ class RequestOutput:
     error: str | None = None
     # with SamplingParams.logprobs: per token of token_ids, (id, its log-probability, [(id, log-prob) top k])
     logprobs: list | None = None
-    # with SamplingParams.prompt_logprobs, on a request's first output: the same per prompt token (None first)
+    # with SamplingParams.prompt_logprobs, on a request's first output: per prompt token (None first),
+    # (id, its log-probability, [(id, log-prob) top k], its rank in the vocabulary: 1 = the most likely)
     prompt_logprobs: list | None = None
 
 
@@ -1160,7 +1161,7 @@ class Engine:
             return
         targets = req.prompt_ids[start + 1:start + 1 + count]
         got = token_logprobs(logits[first:first + count], list(range(count)), [req.params.prompt_logprobs] * count,
-                             targets)
+                             targets, ranks=True)
         table = req.metadata.setdefault("prompt_logprobs", [None] * plen)
         for j, (tok, entry) in enumerate(zip(targets, got)):
             table[start + 1 + j] = (tok, *entry)

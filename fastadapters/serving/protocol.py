@@ -11,10 +11,11 @@ request (``structured()``; served by ``structured.py``): OpenAI's ``response_for
 and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
 ``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
 "required" become a JSON constraint on the call (vLLM's shapes; ``ChatRequest.tool_call``), "none"
-a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``include_stop_str_in_output``, ``skip_special_tokens``,
+a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``prompt_logprobs`` (k <= 20,
+not streamed; ``prompt_logprobs_k``), ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``bad_words`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
-and is not supported (``n`` > 16, ``prompt_logprobs``, chat's ``echo``, ``best_of``,
+and is not supported (``n`` > 16, ``prompt_logprobs`` -1, chat's ``echo``, ``best_of``,
 ``guided_whitespace_pattern``, structural tags, beam search, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks
 for nothing (null, false, the default) is accepted. Fields known to leave the output alone
@@ -107,6 +108,7 @@ class _Sampling(BaseModel):
     bad_words: list[Text] | None = None  # (vLLM's) words the output may not contain, tokenised by the server
     skip_special_tokens: StrictBool = True
     truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: max_model_len)
+    prompt_logprobs: StrictInt | None = None  # (vLLM's) each prompt token's log-probability, rank and top k
     # structured output (one of them; ``structured()``)
     response_format: Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
     guided_json: Annotated[dict[str, Any] | StrictStr, AfterValidator(_unicode)] | None = None
@@ -130,6 +132,23 @@ class _Sampling(BaseModel):
             shown = shown if len(shown) <= 40 else shown[:40] + "..."
             return key, f"{key} is not supported by this server (got {shown}); omit it or send null"
         return None
+
+    def prompt_logprobs_k(self) -> int | None:
+        """vLLM's ``prompt_logprobs`` k, checked as vLLM checks it (refused with ``stream`` when k > 0;
+        0 with ``stream`` asks for nothing there); None when not asked. -1 (vLLM: the whole vocabulary)
+        is refused: at most MAX_TOP_LOGPROBS, as every other top-k here."""
+        k = self.prompt_logprobs
+        if k is None:
+            return None
+        if not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs: got {k}; valid: an integer in [0, {MAX_TOP_LOGPROBS}] (-1, the "
+                             "whole vocabulary, is not supported)")
+        if self.stream:
+            if k > 0:
+                raise ValueError("prompt_logprobs: `prompt_logprobs` are not available when `stream=True` "
+                                 "(as in vLLM); valid: without stream, or 0")
+            return None
+        return k
 
     def ignored(self) -> list[str]:
         """The names of this body's fields that the server neither uses nor knows to be harmless."""
@@ -289,7 +308,7 @@ def _empty(v):
 # fields that change the result and that this server does not implement -> does this value ask
 # for nothing (then the request is served; None always does)
 UNSUPPORTED = {
-    "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0, "prompt_logprobs": _false,  # undeclared only
+    "logprobs": _false, "top_logprobs": lambda v: type(v) is int and v == 0,  # undeclared only
     "echo": _false, "suffix": _empty, "tools": _empty, "functions": _empty, "tool_choice": lambda v: v == "none",
     "function_call": lambda v: v in ("none", "auto"),
     "best_of": lambda v: type(v) is int and v == 1, "use_beam_search": _false,

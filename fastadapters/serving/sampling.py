@@ -37,9 +37,10 @@ computed in fp32 on the device for those rows only; a log-probability of -inf (o
 non-finite logits) is reported as -9999.0 (JSON has no infinity; vLLM's choice).
 ``structured``: a ``structured.StructuredSpec`` the output must match; the engine masks the row by
 its grammar after the processors (``structured.mask_rows``). ``min_tokens`` with one is refused.
-``prompt_logprobs = k``: the same for each prompt token after the first (the engine runs the LM head
-on the request's prompt positions; such a request computes its whole prompt, bypassing the prefix
-cache).
+``prompt_logprobs = k``: the same for each prompt token after the first, plus the token's rank in
+the vocabulary (1 + how many other tokens have a log-probability at least as large: vLLM's count)
+(the engine runs the LM head on the request's prompt positions; such a request computes its whole
+prompt, bypassing the prefix cache).
 """
 from __future__ import annotations
 
@@ -333,25 +334,31 @@ def process_rows(logits: torch.Tensor, rows: list[int], states: list[LogitsState
 LOGPROB_FLOOR = -9999.0
 
 
-def token_logprobs(raw: torch.Tensor, rows: list[int], ks: list[int], tokens: list[int]) -> list[tuple]:
+def token_logprobs(raw: torch.Tensor, rows: list[int], ks: list[int], tokens: list[int],
+                   ranks: bool = False) -> list[tuple]:
     """For row ``rows[i]`` of ``raw`` (R, V) logits, which gave ``tokens[rows[i]]``: (that token's
-    log-probability, [(token id, log-probability) of the ``ks[i]`` most likely tokens]). One
-    device-to-host copy for all rows."""
+    log-probability, [(token id, log-probability) of the ``ks[i]`` most likely tokens]), and with
+    ``ranks`` its rank as a third item (the number of tokens whose log-probability is at least its
+    own: 1 for the most likely; vLLM's count). One device-to-host copy for all rows."""
     dev = raw.device
     lp = torch.log_softmax(raw.index_select(0, torch.tensor(rows, device=dev)).float(), dim=-1)
     chosen = lp.gather(1, torch.tensor([tokens[j] for j in rows], device=dev)[:, None])[:, 0]
     k = min(max(ks), lp.shape[-1])  # (a vocabulary smaller than k: all of it)
+    cols = [chosen[:, None]]
     if k:
         top = lp.topk(k, dim=-1)
-        host = torch.cat([chosen[:, None], top.values, top.indices.to(lp.dtype)], dim=1).tolist()
-    else:
-        host = chosen[:, None].tolist()
+        cols += [top.values, top.indices.to(lp.dtype)]
+    if ranks:  # (float32 holds these counts exactly up to 2**24 tokens)
+        cols.append((lp >= chosen[:, None]).sum(-1, dtype=lp.dtype)[:, None])
+    host = torch.cat(cols, dim=1).tolist()
 
     def finite(v):  # -inf (a banned token) and NaN (non-finite logits, e.g. a prompt row) as the floor
         return v if math.isfinite(v) else LOGPROB_FLOOR
 
     out = []
     for row, ki in zip(host, ks):
-        vals, ids = row[1:1 + k], row[1 + k:]
-        out.append((finite(row[0]), [(int(ids[i]), finite(vals[i])) for i in range(min(ki, k))]))
+        vals, ids = row[1:1 + k], row[1 + k:1 + 2 * k]
+        entry = (finite(row[0]), [(int(ids[i]), finite(vals[i])) for i in range(min(ki, k))])
+        # (a NaN log-probability compares false: rank 0 there, reported as the vocabulary's size)
+        out.append(entry + (int(row[-1]) or lp.shape[-1],) if ranks else entry)
     return out

@@ -135,6 +135,16 @@ def test_logprobs_echo_and_n_through_the_official_client(served):
         ref = torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].double(), -1)
     want = sum(ref[i - 1, ids[i]].item() for i in range(1, len(ids)))
     assert abs(sum(lp.token_logprobs[1:len(ids)]) - want) < 1e-3
+    # vLLM's prompt_logprobs through extra_body: the same scores, keyed by token id, with ranks
+    c = client.completions.create(model=BASE, prompt=prompt, max_tokens=1, temperature=0,
+                                  extra_body={"prompt_logprobs": 2})
+    plp = c.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    assert abs(sum(plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))) - want) < 1e-3
+    for i in range(1, len(ids)):
+        row, mine = ref[i - 1], ref[i - 1, ids[i]]  # (fp32 against fp64: near-ties may order either way)
+        assert int((row >= mine + 1e-4).sum()) + 1 <= plp[i][str(ids[i])]["rank"] <= int((row >= mine - 1e-4).sum())
+        assert plp[i][str(ids[i])]["decoded_token"] == engine.tokenizer.decode([ids[i]])
     # n choices, seeded; a vLLM extension through extra_body
     r = client.completions.create(model="houlsby", prompt=prompt, max_tokens=3, temperature=1.0, seed=3, n=2,
                                   extra_body={"repetition_penalty": 1.3})

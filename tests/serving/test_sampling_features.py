@@ -257,9 +257,10 @@ def test_prompt_logprobs_equal_an_fp64_reference_chunked_and_batched(zoo, adapte
         ref = torch.log_softmax(model(torch.tensor([ps[0]])).logits[0].double(), -1)
     assert got[0] is None and len(got) == len(ps[0])
     for pos in range(1, len(ps[0])):
-        tok, lp, top = got[pos]
+        tok, lp, top, rank = got[pos]
         assert tok == ps[0][pos] and abs(lp - ref[pos - 1, tok].item()) < 1e-4, pos
         assert [i for i, _ in top] == ref[pos - 1].topk(2).indices.tolist()
+        assert rank == int((ref[pos - 1] >= ref[pos - 1, tok]).sum()), pos  # vLLM's rank: 1 = the most likely
     assert_no_leaks(engine)
 
 
@@ -462,6 +463,58 @@ def test_http_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
     assert_no_leaks(engine)
 
 
+def _check_prompt_logprobs(engine, got, ids, k):
+    """vLLM's prompt_logprobs shape against an fp64 reference: None first, then per prompt token
+    {id: {logprob, rank, decoded_token}}, the prompt token first (its rank in the vocabulary) and
+    the k most likely with ranks 1..k."""
+    with torch.no_grad():
+        ref = torch.log_softmax(_base(engine)(torch.tensor([ids])).logits[0].double(), -1)
+    assert len(got) == len(ids) and got[0] is None
+    for pos in range(1, len(ids)):
+        tok, row = ids[pos], ref[pos - 1]
+        entry = got[pos]
+        assert next(iter(entry)) == str(tok), pos  # the prompt token first
+        top = row.topk(k).indices.tolist()
+        assert set(entry) == {str(tok), *map(str, top)}, pos
+        for r, j in enumerate(top, 1):
+            assert entry[str(j)]["rank"] == r and abs(entry[str(j)]["logprob"] - row[j].item()) < 1e-4
+        if tok not in top:
+            assert entry[str(tok)]["rank"] == int((row >= row[tok]).sum()) > k
+        assert abs(entry[str(tok)]["logprob"] - row[tok].item()) < 1e-4
+        assert all(v["decoded_token"] == engine.tokenizer.decode([int(i)]) for i, v in entry.items())
+
+
+def test_http_vllm_prompt_logprobs_completions_and_chat(served):
+    engine, app, url = served
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    ids = engine.tokenizer("hello world")["input_ids"]
+    r = httpx.post(url + "/v1/completions", json=dict(body, n=2), timeout=60).json()
+    for choice in r["choices"]:  # each choice carries its prompt's
+        _check_prompt_logprobs(engine, choice["prompt_logprobs"], ids, 3)
+        assert choice["logprobs"] is None and choice["text"] == engine.tokenizer.decode(greedy_ref(engine, None, ids, 2))
+    # with echo and logprobs 1 beside it: each answer its own k
+    r = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=0, echo=True, logprobs=2), timeout=60).json()
+    _check_prompt_logprobs(engine, r["choices"][0]["prompt_logprobs"], ids, 0)
+    assert all(v is None or len(v) <= 3 for v in r["choices"][0]["logprobs"]["top_logprobs"])
+    assert max(len(v) for v in r["choices"][0]["logprobs"]["top_logprobs"][1:]) == 3  # two and the chosen one
+    # chat: one list at the top, for the templated prompt
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    r = httpx.post(url + "/v1/chat/completions", json=dict(chat, prompt_logprobs=1), timeout=60).json()
+    cids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                add_generation_prompt=True)
+    _check_prompt_logprobs(engine, r["prompt_logprobs"], engine.tokenizer(cids, add_special_tokens=False)["input_ids"], 1)
+    assert "prompt_logprobs" not in r["choices"][0]
+    # not asked: no field; refused as vLLM refuses (stream with k > 0), and beyond 20 or -1
+    r = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=None), timeout=60).json()
+    assert "prompt_logprobs" not in r["choices"][0]
+    for extra in ({"stream": True}, {"prompt_logprobs": 21}, {"prompt_logprobs": -1}, {"prompt_logprobs": True}):
+        e = httpx.post(url + "/v1/completions", json=dict(body, **extra), timeout=60)
+        assert e.status_code == 400 and e.json()["error"]["param"] == "prompt_logprobs", (extra, e.text)
+    s = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=0, stream=True), timeout=60)
+    assert s.status_code == 200 and "prompt_logprobs" not in s.text  # 0 with stream asks for nothing there
+    assert_no_leaks(engine)
+
+
 def test_a_one_token_prompt_chunk_still_gets_its_log_probability(zoo):
     # a 3-token prefill takes 3 of the 4-token budget first: the scoring request's first chunk is 1 token
     engine = tiny_engine(zoo, max_num_seqs=4, block_size=4, chunk_size=4, token_budget=4, prefix_caching=False)
@@ -486,6 +539,10 @@ def test_token_logprobs_of_non_finite_rows_and_a_vocabulary_below_k_stay_json():
     ref = torch.log_softmax(raw[1].double(), -1)
     assert abs(got[1][0] - ref[4].item()) < 1e-6
     assert [i for i, _ in got[1][1]] == ref.argsort(descending=True).tolist()
+    ranked = token_logprobs(raw, [0, 1], [1, 0], [1, 4], ranks=True)
+    # row 0: inf logits give NaN log-probabilities, which rank last; row 1: token 4 is the second most likely
+    assert ranked[0][2] == 5 and ranked[1][2] == 2 and ranked[1][1] == [] and ranked[0][:2] == (-9999.0, [(2, -9999.0)])
+    assert json.loads(json.dumps(ranked, allow_nan=False))
 
 
 def test_min_tokens_holds_back_stop_strings_too(zoo):

@@ -320,7 +320,9 @@ def test_logprobs_out_of_range_and_unsupported_forms_are_refused_not_ignored(cli
     for path, extra, param in (("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
                                ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
                                ("/v1/chat/completions", dict(chat, echo=True), "echo"),
-                               ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1}, "prompt_logprobs"),
+                               ("/v1/completions", {"prompt": "a", "prompt_logprobs": -1}, "prompt_logprobs"),
+                               ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1, "stream": True},
+                                "prompt_logprobs"),
                                ("/v1/chat/completions", dict(chat, top_logprobs=2), "top_logprobs"),
                                ("/v1/chat/completions", dict(chat, logprobs=True, top_logprobs=21), "top_logprobs")):
         err = error_of(c.post(path, json={"model": BASE, "max_tokens": 1, **extra}), 400)
