@@ -1,7 +1,7 @@
 """The engine's linear layers on the CPU: oneDNN's GEMM instead of the default ``F.linear``.
 
-    n = install(model)            # once, at engine start: the model's plain nn.Linear layers
-    with active():                # the engine's forward only
+    hooks = install(model)        # once, at engine start: the model's plain nn.Linear layers
+    with hooks.active():          # the engine's forward only
         ...                       # their float32 calls with enough work go through oneDNN
 
 On the CPU, ``F.linear`` in float32 runs MKL's ``sgemm``. oneDNN's GEMM, called on the same
@@ -21,14 +21,17 @@ max abs 1.5-2.9x typically, 4.2x the worst seen (K = 1536); RMS 1.5-2.2x (K = 57
 SmolLM2-135M's logits over 4 x 200 tokens err 1.35x (RMS) / 1.54x (max) what the plain float32
 model errs (``tests/serving/test_cpu_gemm.py`` holds the engine to at most 2x).
 
-How it is hooked, and why so: each plain ``nn.Linear`` (exactly that type, float32, on the CPU,
-no forward of its own already set on the instance) gets an instance ``forward``, a ``OneDNNForward``
-that calls oneDNN only inside ``active()`` on the thread that entered it, without autograd, on a
-float32 CPU input with enough work; everything else is ``F.linear`` as before. So the model
-computes as it always did outside the engine's forward (Hugging Face's ``generate`` on the same
-model, training, another thread), and a copy of the model (``copy.deepcopy``) gets hooks on its
-own layers. A torch.function mode would need no hook, but it intercepts every torch call of the
-forward: it cost 20-25 ms of a 160 ms step. The op is PyTorch's private
+How it is hooked, and why so: ``install`` lists the plain ``nn.Linear`` layers (exactly that type,
+float32, on the CPU, no forward of their own set on the instance). ``hooks.active()`` gives
+each of them an instance ``forward`` (a ``OneDNNForward``, made once) for the block and takes it
+away after it, also on an exception: outside the engine's forward the model is exactly as it was
+(its signature, ``torch.jit.script``, pickling and copies see nothing of this, and the hooks'
+layer -> hook -> layer cycle exists only inside the block). Inside it, the hook calls oneDNN only on the thread that entered (another
+thread running the model meanwhile gets ``F.linear``), without autograd or autocast, on a float32
+CPU input with enough work, with a contiguous weight and a contiguous bias of the layer's width;
+every other call is ``F.linear`` as before. Setting and removing the hooks costs ~40 us a step
+(211 layers on SmolLM2). A torch.function mode would need no hook, but it intercepts every torch
+call of the forward: it cost 20-25 ms of a 160 ms step. The op is PyTorch's private
 ``torch.ops.mkldnn._linear_pointwise`` (what Inductor's CPU freezing emits, and what the LM head
 uses packed, ``lm_head.py``): ``install`` checks it against ``F.linear`` first, and where it is
 missing or disagrees it warns once, naming the torch version, and hooks nothing.
@@ -43,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MIN_WORK", "OneDNNForward", "active", "install"]
+__all__ = ["MIN_WORK", "LinearHooks", "OneDNNForward", "install"]
 
 MIN_WORK = 1 << 21  # rows x in x out at which oneDNN's GEMM beats F.linear (module docstring)
 
@@ -52,26 +55,27 @@ _WARNED: set[str] = set()
 
 
 class OneDNNForward:
-    """A plain ``nn.Linear``'s forward: oneDNN's GEMM inside ``active()`` where it pays, else
-    ``F.linear``. An object, not a closure, so that ``copy.deepcopy`` of the model points the copy
-    at the copied layer."""
+    """A plain ``nn.Linear``'s forward while ``LinearHooks.active()`` holds: oneDNN's GEMM on the
+    thread inside the block where it pays, else ``F.linear`` (the module docstring)."""
 
     __slots__ = ("module",)
 
     def __init__(self, module: nn.Linear):
         self.module = module
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear.forward's parameter name)
         m = self.module
         w, b = m.weight, m.bias
-        if getattr(_SCOPE, "on", False) and x.dtype is torch.float32 and w.dtype is torch.float32 \
-                and x.device.type == "cpu" and w.device.type == "cpu" and x.dim() >= 2 \
-                and not torch.is_grad_enabled() and w.is_contiguous():
-            k = x.shape[-1]
-            rows = x.numel() // k if k else 0
-            if rows * k * w.shape[0] >= MIN_WORK:
-                return _onednn_linear(x.reshape(rows, k).contiguous(), w, b).view(*x.shape[:-1], w.shape[0])
-        return F.linear(x, w, b)
+        if getattr(_SCOPE, "on", False) and input.dtype is torch.float32 and w.dtype is torch.float32 \
+                and input.device.type == "cpu" and w.device.type == "cpu" and input.dim() >= 2 \
+                and not torch.is_grad_enabled() and w.is_contiguous() and not torch.is_autocast_enabled("cpu") \
+                and (b is None or (b.dtype is torch.float32 and b.shape == w.shape[:1] and b.is_contiguous())):
+            k = input.shape[-1]
+            rows = input.numel() // k if k else 0
+            if rows and rows * k * w.shape[0] >= MIN_WORK:
+                x = input.reshape(rows, k).contiguous()
+                return _onednn_linear(x, w, b).view(*input.shape[:-1], w.shape[0])
+        return F.linear(input, w, b)
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -79,15 +83,37 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-@contextlib.contextmanager
-def active(on: bool = True):
-    """Within the block, on this thread, hooked layers may call oneDNN."""
-    before = getattr(_SCOPE, "on", False)
-    _SCOPE.on = bool(on)
-    try:
-        yield
-    finally:
-        _SCOPE.on = before
+class LinearHooks:
+    """A model's plain float32 CPU linears, hooked for the length of ``active()`` (the engine keeps
+    this beside the model it holds anyway: a layer replaced in the model later stays referenced
+    here, unused, for the engine's life)."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        self._hooks = [OneDNNForward(m) for m in layers]
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within the block the layers run ``OneDNNForward`` (oneDNN on this thread); after it, as
+        before. A layer that meanwhile got a forward of its own is left alone; nested blocks add and
+        remove only their own hooks."""
+        added = []
+        before = getattr(_SCOPE, "on", False)
+        try:
+            for fwd in self._hooks:
+                m = fwd.module
+                if "forward" not in m.__dict__:
+                    m.__dict__["forward"] = fwd
+                    added.append(m)
+            _SCOPE.on = True
+            yield
+        finally:
+            _SCOPE.on = before
+            for m in added:
+                if isinstance(m.__dict__.get("forward"), OneDNNForward):
+                    del m.__dict__["forward"]
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -123,20 +149,11 @@ def _op_works() -> bool:
 _CHECKED: bool | None = None
 
 
-def install(model: nn.Module) -> int:
-    """Hook ``model``'s plain float32 CPU ``nn.Linear`` layers (see the module docstring); returns
-    how many are hooked now (those hooked before included). Safe to call again: a layer is hooked
-    once, and a layer with its own instance forward is left alone."""
+def install(model: nn.Module) -> LinearHooks:
+    """``model``'s plain float32 CPU ``nn.Linear`` layers, to hook inside ``active()`` (see the module
+    docstring); none where oneDNN's op is missing or wrong (warned once). Changes nothing on the model."""
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
-              and m.weight.device.type == "cpu"]
+              and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
     if not layers or not _op_works():
-        return 0
-    n = 0
-    for m in layers:
-        fwd = m.__dict__.get("forward")
-        if fwd is None:
-            m.forward = OneDNNForward(m)
-            n += 1
-        elif isinstance(fwd, OneDNNForward):
-            n += 1
-    return n
+        return LinearHooks([])
+    return LinearHooks(layers)

@@ -101,7 +101,7 @@ from .cuda_graphs import DecodeGraphs, capture_sizes, graphs_unavailable, warn_o
 from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
-from .cpu_gemm import active as onednn_active, install as onednn_install
+from .cpu_gemm import LinearHooks, install as onednn_install
 from .lm_head import lm_head
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
 from .sampling import LogitsState, SamplingParams, make_generator, process_rows, sample_rows, token_logprobs
@@ -192,7 +192,8 @@ class Engine:
         self.device, self.dtype = emb.device, emb.dtype
         self._lm_head = lm_head(model, self.device)  # oneDNN-packed on the CPU (lm_head.py)
         # the other float32 linears through oneDNN's GEMM inside the engine's forward (cpu_gemm.py)
-        self.onednn_linears = onednn_install(model) if self.device.type == "cpu" and self.dtype == torch.float32 else 0
+        self.onednn_linears = onednn_install(model) if self.device.type == "cpu" and self.dtype == torch.float32 \
+            else LinearHooks([])
         # the multi-adapter op's backend, resolved now: on the CPU that builds the C++ kernel (first
         # use on a machine, about a minute) at start-up rather than inside the first request's step,
         # and a bad --backend fails here
@@ -1016,11 +1017,11 @@ class Engine:
 
             # consecutive decode steps of one set: route reuses the last router (it checks names and lengths)
             with route(self.model, names, backend=self.backend, lengths=list(news), reuse=self._router) as router, \
-                    onednn_active(self.onednn_linears > 0):
+                    self.onednn_linears.active():
                 logits = paged_forward(*args)
             self._router = router
         else:
-            with onednn_active(self.onednn_linears > 0):
+            with self.onednn_linears.active():
                 logits = paged_forward(*args)
         self.last_tables = tables
         self.stats["attention_score_elements"] += tables.score_elements

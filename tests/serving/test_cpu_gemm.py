@@ -1,10 +1,11 @@
 """The engine's linears through oneDNN's GEMM on the CPU (``serving/cpu_gemm.py``): only inside the
-engine's forward, only where it applies, numerically a float32 GEMM (fp64 references), the same
+engine's forward (nothing left on the model after it), only where it applies, numerically a float32 GEMM (fp64 references), the same
 greedy tokens and prompt log-probabilities for every adapter type, and a warned fallback (not a
 silent one) when the private op is missing."""
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 import threading
 import warnings
@@ -42,9 +43,9 @@ def every_size(monkeypatch):
 def _hooked(inp, out, bias=True, seed=0):
     torch.manual_seed(seed)
     layer = nn.Linear(inp, out, bias=bias)
-    assert cpu_gemm.install(nn.Sequential(layer)) == 1
-    assert isinstance(layer.__dict__["forward"], cpu_gemm.OneDNNForward)
-    return layer
+    hooks = cpu_gemm.install(nn.Sequential(layer))
+    assert len(hooks) == 1 and "forward" not in layer.__dict__  # nothing on the model until active()
+    return layer, hooks
 
 
 @pytest.mark.parametrize("rows", [1, 7, 33, 130])
@@ -53,11 +54,11 @@ def test_within_the_float32_error_bound_of_an_fp64_reference(every_size, shape, 
     """Any float32 GEMM with float32 accumulation, whatever its summation order, errs at most
     gamma_K * (|x| |W|^T + |b|) (gamma_K = K u / (1 - K u)); a reduced-precision or wrong one does not."""
     k, n = shape
-    layer = _hooked(k, n, seed=rows)
+    layer, hooks = _hooked(k, n, seed=rows)
     x = torch.randn(2, rows, k)  # 3-D, as a decoder layer calls it
     ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
     bound = (k * U / (1 - k * U)) * (x.double().abs() @ layer.weight.double().abs().t() + layer.bias.double().abs())
-    with torch.no_grad(), cpu_gemm.active():
+    with torch.no_grad(), hooks.active():
         y, calls = _onednn_calls(lambda: layer(x))
     assert calls == 1 and y.shape == (2, rows, n) and y.dtype == torch.float32
     assert ((y.double() - ref).abs() <= bound).all()
@@ -66,22 +67,22 @@ def test_within_the_float32_error_bound_of_an_fp64_reference(every_size, shape, 
     assert (y.double() - ref).pow(2).mean().sqrt() <= 3 * plain.pow(2).mean().sqrt()
 
 
-def test_f_linear_exactly_outside_the_engine_scope_below_the_work_bound_and_under_autograd():
-    layer = _hooked(576, 1536, bias=False)
+def test_f_linear_exactly_outside_the_block_below_the_work_bound_and_under_autograd_or_autocast():
+    layer, hooks = _hooked(576, 1536, bias=False)
     x = torch.randn(32, 576)
     want = F.linear(x, layer.weight)
     with torch.no_grad():
         y, calls = _onednn_calls(lambda: layer(x))  # not inside active(): as the model always computed
     assert calls == 0 and torch.equal(y, want)
-    with torch.no_grad(), cpu_gemm.active():
+    with torch.no_grad(), hooks.active():
         y, calls = _onednn_calls(lambda: layer(x[:2]))  # 2 x 576 x 1536 < MIN_WORK: oneDNN's fixed cost loses
         assert calls == 0 and torch.equal(y, F.linear(x[:2], layer.weight))
-        _, calls = _onednn_calls(lambda: layer(x))
-        assert calls == 1
-        with cpu_gemm.active(False):
-            assert _onednn_calls(lambda: layer(x))[1] == 0
-        assert _onednn_calls(lambda: layer(x))[1] == 1  # the outer scope again
-    with cpu_gemm.active():  # autograd records: F.linear, whose gradient is there
+        y, calls = _onednn_calls(lambda: layer(input=x))  # nn.Linear.forward's keyword
+        assert calls == 1 and torch.allclose(y, want, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype, as F.linear gives it
+            y, calls = _onednn_calls(lambda: layer(x))
+            assert calls == 0 and y.dtype == torch.bfloat16
+    with hooks.active():  # autograd records: F.linear, whose gradient is there
         xg = x.clone().requires_grad_()
         y, calls = _onednn_calls(lambda: layer(xg))
         assert calls == 0 and torch.equal(y, want)
@@ -90,8 +91,39 @@ def test_f_linear_exactly_outside_the_engine_scope_below_the_work_bound_and_unde
         assert torch.allclose(xg.grad, layer.weight.detach().sum(0).expand_as(x), atol=1e-5)
 
 
-def test_the_scope_is_per_thread():
-    layer = _hooked(576, 1536, bias=False)
+def test_a_bias_oneDNN_would_misread_takes_f_linear(every_size):
+    layer, hooks = _hooked(64, 48)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        for b in (torch.randn(48 * 3)[::3], torch.randn(1).expand(48), torch.randn(1)):  # strided, stride 0, broadcast
+            layer.bias = nn.Parameter(b, requires_grad=False)
+            with hooks.active():
+                y, calls = _onednn_calls(lambda: layer(x))
+            assert calls == 0 and torch.equal(y, F.linear(x, layer.weight, layer.bias))
+
+
+def test_the_model_is_as_it_was_after_the_block_even_after_an_error():
+    model = nn.Sequential(nn.Linear(576, 1536), nn.ReLU(), nn.Linear(1536, 576))
+    hooks = cpu_gemm.install(model)
+    assert len(hooks) == 2
+    x = torch.randn(32, 576)
+    with torch.no_grad():
+        want = model(x)
+        with pytest.raises(ZeroDivisionError):
+            with hooks.active():
+                assert isinstance(model[0].__dict__["forward"], cpu_gemm.OneDNNForward)
+                assert _onednn_calls(lambda: model(x))[1] == 2
+                1 / 0
+        assert all("forward" not in m.__dict__ for m in model.modules())
+        assert _onednn_calls(lambda: model(x))[1] == 0 and torch.equal(model(x), want)
+    scripted = torch.jit.script(model)  # nothing of the hooks is left to trip TorchScript, pickling or a copy
+    assert torch.allclose(scripted(x), want)
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    assert torch.equal(twin(x), want) and "forward" not in twin[0].__dict__
+
+
+def test_the_block_is_per_thread():
+    layer, hooks = _hooked(576, 1536, bias=False)
     x = torch.randn(32, 576)
     seen = {}
 
@@ -99,7 +131,7 @@ def test_the_scope_is_per_thread():
         with torch.no_grad():
             seen["calls"] = _onednn_calls(lambda: layer(x))[1]
 
-    with torch.no_grad(), cpu_gemm.active():
+    with torch.no_grad(), hooks.active():
         t = threading.Thread(target=other)
         t.start()
         t.join()
@@ -107,7 +139,7 @@ def test_the_scope_is_per_thread():
     assert seen["calls"] == 0  # the other thread computes as the model always did
 
 
-def test_install_hooks_plain_float32_cpu_linears_once_and_leaves_the_rest():
+def test_install_takes_plain_float32_cpu_linears_and_nested_blocks_remove_only_their_own():
     class Custom(nn.Linear):
         pass
 
@@ -115,25 +147,14 @@ def test_install_hooks_plain_float32_cpu_linears_once_and_leaves_the_rest():
     mine = own.forward = lambda x: x  # a forward of its own, set on the instance
     model = nn.Sequential(nn.Linear(4, 8), Custom(8, 8), nn.Linear(8, 8).double(), nn.Linear(8, 8).half(), own,
                           nn.Sequential(nn.Linear(8, 3)))
-    assert cpu_gemm.install(model) == 2
-    assert cpu_gemm.install(model) == 2  # again: nothing hooked twice
-    hooked = [i for i, m in enumerate(model.modules()) if isinstance(m.__dict__.get("forward"), cpu_gemm.OneDNNForward)]
-    assert len(hooked) == 2 and isinstance(model[5][0].__dict__["forward"], cpu_gemm.OneDNNForward)
-    assert "forward" not in model[1].__dict__ and own.forward is mine
-    assert "forward" not in model[2].__dict__ and "forward" not in model[3].__dict__
-
-
-def test_a_copied_model_computes_with_its_own_weights(every_size):
-    model = nn.Sequential(nn.Linear(16, 24))
-    assert cpu_gemm.install(model) == 1
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        twin[0].weight.mul_(-1.0)
-        x = torch.randn(5, 16)
-        with cpu_gemm.active():
-            assert torch.allclose(twin(x), F.linear(x, twin[0].weight, twin[0].bias), atol=1e-5)
-            assert torch.allclose(model(x), F.linear(x, model[0].weight, model[0].bias), atol=1e-5)
-    assert twin[0].__dict__["forward"].module is twin[0]
+    hooks = cpu_gemm.install(model)
+    assert len(hooks) == 2 and {id(h.module) for h in hooks._hooks} == {id(model[0]), id(model[5][0])}
+    with hooks.active():
+        with cpu_gemm.install(model).active():  # a second engine's block inside the first's
+            assert isinstance(model[0].__dict__["forward"], cpu_gemm.OneDNNForward)
+        assert isinstance(model[0].__dict__["forward"], cpu_gemm.OneDNNForward)  # still the outer block's
+        assert own.forward is mine and "forward" not in model[1].__dict__
+    assert "forward" not in model[0].__dict__ and own.forward is mine
 
 
 def test_a_missing_op_hooks_nothing_with_one_warning(monkeypatch):
@@ -145,21 +166,21 @@ def test_a_missing_op_hooks_nothing_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "_WARNED", set())
     model = nn.Sequential(nn.Linear(4, 8))
     with pytest.warns(RuntimeWarning, match=re.escape(f"linear op is unavailable on torch {torch.__version__}")):
-        assert cpu_gemm.install(model) == 0
+        assert len(cpu_gemm.install(model)) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cpu_gemm.install(model) == 0  # once
-    assert "forward" not in model[0].__dict__
+        assert len(cpu_gemm.install(model)) == 0  # once
 
 
 def test_engine_hooks_its_linears_and_keeps_every_adapter_types_greedy_tokens(zoo, every_size):
     engine = tiny_engine(zoo, max_num_seqs=6)
-    assert engine.onednn_linears > 0
+    assert len(engine.onednn_linears) > 0
     ps = prompts([5, 9, 3, 12, 7, 4], seed=13)
     names = ["lora_r64", None, "houlsby", "parallel", "prefix", "pfeiffer"]
     sp = SamplingParams(max_tokens=6, temperature=0)
     reqs, calls = _onednn_calls(lambda: engine.generate(ps, sp, names))
-    assert calls > 0
+    assert calls > 0  # and the hooks only in its forward:
+    assert not any(isinstance(m.__dict__.get("forward"), cpu_gemm.OneDNNForward) for m in engine.model.modules())
     for p, n, r in zip(ps, names, reqs):  # greedy_ref runs the model outside the engine: F.linear
         assert r.output_ids == greedy_ref(engine, n, p, sp.max_tokens), n
     assert_no_leaks(engine)
@@ -196,7 +217,7 @@ def test_real_model_logits_err_at_most_twice_the_float32_model():
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     engine = Engine(model, max_num_seqs=2, max_model_len=128, num_blocks=16)
-    assert engine.onednn_linears == 211  # 30 layers x 7 and the output layer
+    assert len(engine.onednn_linears) == 211  # 30 layers x 7 and the output layer
     p = torch.randint(100, 49152, (64,), generator=torch.Generator().manual_seed(3)).tolist()
     outs = []
     engine.submit(p, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), on_output=outs.append)
