@@ -11,8 +11,8 @@ SmolLM2-135M's seven linears of a layer x 30 layers, 32 rows: 90 ms with ``F.lin
 through oneDNN; per GEMM, oneDNN is 1.5-2.3x faster from 16 rows up (2.1-2.3x at 512, a prefill
 chunk). With ``MKL_VERBOSE=1`` MKL names its code path on this AMD CPU "Intel(R) Architecture
 processors" (its generic one; ``MKL_ENABLE_INSTRUCTIONS=AVX512`` changes nothing) while oneDNN
-reports AVX-512: likely most of the gap (on an Intel CPU it may be small: not measured). Below a few
-rows oneDNN's fixed cost per call loses (576 x 576 at one row: 0.74x; a 192 x 576 one: 0.4x),
+reports AVX-512: likely most of the gap (on an Intel CPU it may be small: not measured). Below a
+few rows oneDNN's fixed cost per call loses (576 x 576 at one row: 0.74x; a 192 x 576 one: 0.4x),
 while a large weight wins even at one row (4096 x 4096: 1.3x), so the choice is by the call's
 work: oneDNN when rows x in x out >= ``MIN_WORK`` (2**21), the plain ``F.linear`` below.
 
@@ -22,16 +22,16 @@ SmolLM2-135M's logits over 4 x 200 tokens err 1.35x (RMS) / 1.54x (max) what the
 model errs (``tests/serving/test_cpu_gemm.py`` holds the engine to at most 2x).
 
 How it is hooked, and why so: ``install`` lists the plain ``nn.Linear`` layers (exactly that type,
-float32, on the CPU, no forward of their own set on the instance). ``hooks.active()`` gives
-each of them an instance ``forward`` (a ``OneDNNForward``, made once) for the block and takes it
-away after it, also on an exception: outside the engine's forward the model is exactly as it was
-(its signature, ``torch.jit.script``, pickling and copies see nothing of this, and the hooks'
-layer -> hook -> layer cycle exists only inside the block). Inside it, the hook calls oneDNN only on the thread that entered (another
-thread running the model meanwhile gets ``F.linear``), without autograd or autocast, on a float32
-CPU input with enough work, with a contiguous weight and a contiguous bias of the layer's width;
-every other call is ``F.linear`` as before. Setting and removing the hooks costs ~40 us a step
-(211 layers on SmolLM2). A torch.function mode would need no hook, but it intercepts every torch
-call of the forward: it cost 20-25 ms of a 160 ms step. The op is PyTorch's private
+float32, on the CPU, no forward of their own set on the instance). ``hooks.active()`` gives each of
+them an instance ``forward`` (a ``OneDNNForward``, made once) for the block and takes it away after
+it, also on an exception: outside the engine's forward the model is exactly as it was (its call
+signature, ``torch.jit.script``, pickling and copies see nothing of this, and the layer -> hook ->
+layer cycle exists only inside the block). Inside it, the hook calls oneDNN only on the thread that
+entered (another thread running the model meanwhile gets ``F.linear``), without autograd or
+autocast, on a float32 CPU input with enough work, with a contiguous weight and a contiguous bias of
+the layer's width; every other call is ``F.linear`` as before. Setting and removing the hooks costs
+~40 us a step (211 layers on SmolLM2). A torch.function mode would need no hook, but it intercepts
+every torch call of the forward: it cost 20-25 ms of a 160 ms step. The op is PyTorch's private
 ``torch.ops.mkldnn._linear_pointwise`` (what Inductor's CPU freezing emits, and what the LM head
 uses packed, ``lm_head.py``): ``install`` checks it against ``F.linear`` first, and where it is
 missing or disagrees it warns once, naming the torch version, and hooks nothing.

@@ -97,11 +97,11 @@ from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllow
 from .detokenizer import DetokState, detokenize
 from ..ops import dispatch
 from ..ops.multi import OP as MULTI_OP
+from .cpu_gemm import LinearHooks, install as onednn_install
 from .cuda_graphs import DecodeGraphs, capture_sizes, graphs_unavailable, warn_once as graphs_warn_once
 from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
 from .kv_blocks import BlockPool
-from .cpu_gemm import LinearHooks, install as onednn_install
 from .lm_head import lm_head
 from .paged_attention import DECODE_BATCH_MAX_LEN, Segment, StepTables, chunk_mask, decode_batch
 from .sampling import LogitsState, SamplingParams, make_generator, process_rows, sample_rows, token_logprobs

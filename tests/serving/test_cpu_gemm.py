@@ -1,7 +1,7 @@
 """The engine's linears through oneDNN's GEMM on the CPU (``serving/cpu_gemm.py``): only inside the
-engine's forward (nothing left on the model after it), only where it applies, numerically a float32 GEMM (fp64 references), the same
-greedy tokens and prompt log-probabilities for every adapter type, and a warned fallback (not a
-silent one) when the private op is missing."""
+engine's forward (nothing left on the model after it), only where it applies, numerically a
+float32 GEMM (fp64 references), the same greedy tokens and prompt log-probabilities for every
+adapter type, and a warned fallback (not a silent one) when the private op is missing."""
 from __future__ import annotations
 
 import copy

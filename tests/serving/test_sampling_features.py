@@ -491,9 +491,11 @@ def test_http_vllm_prompt_logprobs_completions_and_chat(served):
     r = httpx.post(url + "/v1/completions", json=dict(body, n=2), timeout=60).json()
     for choice in r["choices"]:  # each choice carries its prompt's
         _check_prompt_logprobs(engine, choice["prompt_logprobs"], ids, 3)
-        assert choice["logprobs"] is None and choice["text"] == engine.tokenizer.decode(greedy_ref(engine, None, ids, 2))
-    # with echo and logprobs 1 beside it: each answer its own k
-    r = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=0, echo=True, logprobs=2), timeout=60).json()
+        assert choice["logprobs"] is None
+        assert choice["text"] == engine.tokenizer.decode(greedy_ref(engine, None, ids, 2))
+    # with echo and logprobs 2 beside it: each answer its own k
+    r = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=0, echo=True, logprobs=2),
+                   timeout=60).json()
     _check_prompt_logprobs(engine, r["choices"][0]["prompt_logprobs"], ids, 0)
     assert all(v is None or len(v) <= 3 for v in r["choices"][0]["logprobs"]["top_logprobs"])
     assert max(len(v) for v in r["choices"][0]["logprobs"]["top_logprobs"][1:]) == 3  # two and the chosen one
@@ -502,7 +504,8 @@ def test_http_vllm_prompt_logprobs_completions_and_chat(served):
     r = httpx.post(url + "/v1/chat/completions", json=dict(chat, prompt_logprobs=1), timeout=60).json()
     cids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                 add_generation_prompt=True)
-    _check_prompt_logprobs(engine, r["prompt_logprobs"], engine.tokenizer(cids, add_special_tokens=False)["input_ids"], 1)
+    cids = engine.tokenizer(cids, add_special_tokens=False)["input_ids"]
+    _check_prompt_logprobs(engine, r["prompt_logprobs"], cids, 1)
     assert "prompt_logprobs" not in r["choices"][0]
     # not asked: no field; refused as vLLM refuses (stream with k > 0), and beyond 20 or -1
     r = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=None), timeout=60).json()
