@@ -477,6 +477,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                     allowed_token_ids=None if body.allowed_token_ids is None
                                     else list(body.allowed_token_ids),
                                     prompt_logprobs=prompt_k(body),
+                                    prompt_ranks=body.prompt_logprobs_k() is not None,
                                     structured=structured_spec(body),
                                     include_stop_str_in_output=body.include_stop_str_in_output,
                                     skip_special_tokens=body.skip_special_tokens)

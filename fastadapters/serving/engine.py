@@ -136,7 +136,8 @@ class RequestOutput:
     # with SamplingParams.logprobs: per token of token_ids, (id, its log-probability, [(id, log-prob) top k])
     logprobs: list | None = None
     # with SamplingParams.prompt_logprobs, on a request's first output: per prompt token (None first),
-    # (id, its log-probability, [(id, log-prob) top k], its rank in the vocabulary: 1 = the most likely)
+    # (id, its log-probability, [(id, log-prob) top k], its rank in the vocabulary, 1 = the most likely,
+    # with SamplingParams.prompt_ranks, else None)
     prompt_logprobs: list | None = None
 
 
@@ -1161,11 +1162,12 @@ class Engine:
         if count <= 0:
             return
         targets = req.prompt_ids[start + 1:start + 1 + count]
+        ranks = req.params.prompt_ranks
         got = token_logprobs(logits[first:first + count], list(range(count)), [req.params.prompt_logprobs] * count,
-                             targets, ranks=True)
+                             targets, ranks=ranks)
         table = req.metadata.setdefault("prompt_logprobs", [None] * plen)
         for j, (tok, entry) in enumerate(zip(targets, got)):
-            table[start + 1 + j] = (tok, *entry)
+            table[start + 1 + j] = (tok, *entry) if ranks else (tok, *entry, None)
 
     @staticmethod
     def _prompt_entries(req: Request, n: int) -> list | None:
@@ -1173,7 +1175,8 @@ class Engine:
         tokens generated with this output)."""
         if req.params.prompt_logprobs is None or n != 1:
             return None
-        return req.metadata.get("prompt_logprobs") or [None] * len(req.prompt_ids)
+        # a copy: a request preempted later recomputes its prompt into the table while the output is read
+        return list(req.metadata.get("prompt_logprobs") or [None] * len(req.prompt_ids))
 
     @staticmethod
     def _token_logprobs(req: Request, start: int, end: int) -> list | None:

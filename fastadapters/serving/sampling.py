@@ -37,9 +37,10 @@ computed in fp32 on the device for those rows only; a log-probability of -inf (o
 non-finite logits) is reported as -9999.0 (JSON has no infinity; vLLM's choice).
 ``structured``: a ``structured.StructuredSpec`` the output must match; the engine masks the row by
 its grammar after the processors (``structured.mask_rows``). ``min_tokens`` with one is refused.
-``prompt_logprobs = k``: the same for each prompt token after the first, plus the token's rank in
-the vocabulary (1 + how many other tokens have a log-probability at least as large: vLLM's count)
-(the engine runs the LM head on the request's prompt positions; such a request computes its whole
+``prompt_logprobs = k``: the same for each prompt token after the first, and with ``prompt_ranks``
+the token's rank in the vocabulary (how many tokens have a log-probability at least as large as its
+own: vLLM's count; a compare over the vocabulary per position, ~46 ms a 256-token chunk of
+SmolLM2's on one CPU core, so only when asked) (the engine runs the LM head on the request's prompt positions; such a request computes its whole
 prompt, bypassing the prefix cache).
 """
 from __future__ import annotations
@@ -83,6 +84,7 @@ class SamplingParams:
     bad_words_ids: list[list[int]] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    prompt_ranks: bool = False  # with prompt_logprobs: also each prompt token's rank (vLLM's prompt_logprobs)
     structured: StructuredSpec | None = None  # the output must match this (structured.py); None: free
     include_stop_str_in_output: bool = False  # (vLLM's) the text ends after the stop string that ended it
     skip_special_tokens: bool = True  # (vLLM's) special tokens' text left out of the output text

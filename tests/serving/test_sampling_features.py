@@ -240,7 +240,8 @@ def test_prompt_logprobs_equal_an_fp64_reference_chunked_and_batched(zoo, adapte
     ps = prompts([11, 6, 9], seed=31)
     engine.generate([ps[0]], SamplingParams(max_tokens=2, temperature=0), [adapter])  # its blocks now cached
     outs = []
-    mine = engine.submit(ps[0], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2), adapter=adapter,
+    mine = engine.submit(ps[0], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2, prompt_ranks=True),
+                         adapter=adapter,
                          on_output=outs.append)
     others = [engine.submit(p, SamplingParams(max_tokens=3, temperature=0), adapter=a)
               for p, a in ((ps[1], "parallel"), (ps[2], None))]
@@ -499,6 +500,9 @@ def test_http_vllm_prompt_logprobs_completions_and_chat(served):
     _check_prompt_logprobs(engine, r["choices"][0]["prompt_logprobs"], ids, 0)
     assert all(v is None or len(v) <= 3 for v in r["choices"][0]["logprobs"]["top_logprobs"])
     assert max(len(v) for v in r["choices"][0]["logprobs"]["top_logprobs"][1:]) == 3  # two and the chosen one
+    r = httpx.post(url + "/v1/completions", json=dict(body, echo=True, logprobs=1), timeout=60).json()  # the other way
+    _check_prompt_logprobs(engine, r["choices"][0]["prompt_logprobs"], ids, 3)
+    assert max(len(v) for v in r["choices"][0]["logprobs"]["top_logprobs"][1:]) == 2  # one and the chosen one
     # chat: one list at the top, for the templated prompt
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
     r = httpx.post(url + "/v1/chat/completions", json=dict(chat, prompt_logprobs=1), timeout=60).json()
@@ -531,6 +535,7 @@ def test_a_one_token_prompt_chunk_still_gets_its_log_probability(zoo):
     with torch.no_grad():
         ref = torch.log_softmax(_base(engine)(torch.tensor([ps[1]])).logits[0].double(), -1)
     assert max(abs(e[1] - ref[i - 1, e[0]].item()) for i, e in enumerate(got) if e is not None) < 1e-4
+    assert all(e[3] is None for e in got[1:])  # no ranks asked (prompt_ranks): none computed
     assert_no_leaks(engine)
 
 
