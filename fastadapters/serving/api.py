@@ -282,11 +282,21 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-tokenize")
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
+    marker = _stripped_space_marker(tokenizer, vocab)
 
     def token_text(i: int) -> str:
+        """One token's text, as it reads inside a text: ``decode([i])``, with the leading spaces a
+        SentencePiece-style tokenizer drops from a lone token put back (as vLLM does), so that the
+        tokens of a log-probability list add up to the text."""
         t = token_texts.get(i)
         if t is None:
-            t = token_texts[i] = tokenizer.decode([i], skip_special_tokens=False)
+            t = tokenizer.decode([i], skip_special_tokens=False)
+            if marker is not None:
+                raw = tokenizer.convert_ids_to_tokens(i)
+                if isinstance(raw, str) and raw.startswith(marker):
+                    missing = (len(raw) - len(raw.lstrip(marker))) - (len(t) - len(t.lstrip(" ")))
+                    t = " " * max(missing, 0) + t
+            token_texts[i] = t
         return t
 
     def logprobs_body(entries: list, chat: bool, offset: list[int]) -> dict:
@@ -927,6 +937,21 @@ def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | No
         return None, reason
     return [{"id": _call_id(), "type": "function",
              "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}} for it in items], "tool_calls"
+
+
+def _stripped_space_marker(tokenizer, vocab: dict) -> str | None:
+    """The marker "▁" where ``tokenizer`` is SentencePiece-style and its ``decode`` of a lone token
+    drops the space that a piece's leading "▁" stands for (Llama-2, Mistral, Gemma); else None.
+    Found by trying it: a vocabulary piece "▁" + a letter, decoded alone."""
+    marker = "\u2581"
+    for piece, i in vocab.items():
+        if len(piece) > 1 and piece[0] == marker and piece[1].isalpha():
+            try:
+                text = tokenizer.decode([i], skip_special_tokens=False)
+            except Exception:
+                return None
+            return marker if not text.startswith(" ") else None
+    return None
 
 
 def _call_id() -> str:

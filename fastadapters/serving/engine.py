@@ -1064,15 +1064,15 @@ class Engine:
         characters (a stop may begin there). Same text and reasons as decoding the whole output
         each time. ``ids``: the output's ids (default ``req.output_ids``; the output thread's copy)."""
         state = req.metadata.get("detok")
-        if state is None:
-            state = req.metadata["detok"] = DetokState()
+        if state is None:  # the output is read after the prompt's last tokens (detokenizer.py)
+            state = req.metadata["detok"] = DetokState.after(req.prompt_ids)
             req.metadata["held"], req.metadata["skip"] = "", 0
         ids = req.output_ids if ids is None else ids
         # stop strings count from min_tokens on (vLLM's rule; EOS and stop tokens are held back until then too)
         stops = req.params.stop if len(ids) >= req.params.min_tokens else []
         if reason == "stop" and not req.params.include_stop_str_in_output:
             ids = ids[:-1]  # an EOS or a stop token ended it (a stop string is found below): not its text
-        committed, pending = detokenize(self.tokenizer, ids, state, req.params.skip_special_tokens)
+        committed, pending = detokenize(self.tokenizer, ids, state, req.params.skip_special_tokens, state.context)
         # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
         # (a space before a split character, emitted while the character was still pending)
         held = req.metadata["held"] + committed

@@ -20,6 +20,7 @@ import time
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 import fastadapters as fa
 from fastadapters.serving.api import create_app
@@ -519,6 +520,39 @@ def test_http_vllm_prompt_logprobs_completions_and_chat(served):
         assert e.status_code == 400 and e.json()["error"]["param"] == "prompt_logprobs", (extra, e.text)
     s = httpx.post(url + "/v1/completions", json=dict(body, prompt_logprobs=0, stream=True), timeout=60)
     assert s.status_code == 200 and "prompt_logprobs" not in s.text  # 0 with stream asks for nothing there
+    assert_no_leaks(engine)
+
+
+def _metaspace_tokenizer():
+    """A 64-token SentencePiece-style (Metaspace) fast tokenizer with one merge, "▁h": its decode of
+    a lone "▁h" drops the space, as Llama-2's does."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, "▁": 3}
+    vocab.update({c: i + 4 for i, c in enumerate(string.ascii_lowercase + string.ascii_uppercase + "0123456")})
+    vocab["▁h"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "h")], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", unk_token="<unk>")
+    assert len(tok) == 64 and tok.decode([vocab["▁h"]]) == "h"
+    return tok
+
+
+def test_http_sentencepiece_token_texts_keep_their_leading_space():
+    tok = _metaspace_tokenizer()
+    engine = tiny_engine(None, tokenizer=tok, max_num_seqs=2)
+    with TestClient(create_app(engine, "tiny")) as c:
+        body = {"model": "tiny", "prompt": "ab hello", "max_tokens": 12, "temperature": 0, "logprobs": 0,
+                "prompt_logprobs": 0, "logit_bias": {"63": 5}}  # "▁h" likely among the outputs too
+        r = c.post("/v1/completions", json=body).json()["choices"][0]
+    # vLLM's decoded tokens for this prompt (its convert_ids_list_to_tokens): " h" keeps its space
+    assert [None if e is None else next(iter(e.values()))["decoded_token"] for e in r["prompt_logprobs"]] == \
+        [None, "a", "b", " h", "e", "l", "l", "o"]
+    assert " h" in r["logprobs"]["tokens"] and "".join(r["logprobs"]["tokens"]) == r["text"]
     assert_no_leaks(engine)
 
 
