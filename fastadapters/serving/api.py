@@ -972,8 +972,7 @@ class Choices:
 
     def __init__(self, subs: list[str], prompts: list[list[int]], chat: bool, logprobs_k: int | None,
                  echoes: list[str | None]):
-        self.subs, self.chat = subs, chat
-        self.logprobs, self.logprobs_k = logprobs_k is not None, logprobs_k
+        self.subs, self.chat, self.logprobs_k = subs, chat, logprobs_k
         self.prompts, self.echoes = prompts, echoes  # per choice
         # each distinct prompt counted once (a choice's prompt object is its prompt's, shared by its n)
         self.prompt_tokens = sum(len(p) for p in {id(p): p for p in prompts}.values())
@@ -1004,6 +1003,11 @@ class Choices:
             c.reason = out.finish_reason
             self.finished += 1
         return i, text
+
+    @property
+    def logprobs(self) -> bool:
+        """Did the request ask for its output tokens' log-probabilities?"""
+        return self.logprobs_k is not None
 
     def done(self) -> bool:
         return self.finished == len(self.list)

@@ -1,7 +1,7 @@
 """Incremental detokenisation: O(1) amortised tokenizer work per generated token.
 
-    state = DetokState.after(prompt_ids)                                  # once per request
-    committed, pending = detokenize(tokenizer, output_ids, state, context=state.context)
+    state = DetokState.after(prompt_ids)                                # once per request
+    committed, pending = detokenize(tokenizer, output_ids, state)       # after each new token
 
 The approach vLLM uses (prefix / read offsets): decode only a short window of the most recent
 tokens, ``ids[prefix_offset:]``, and subtract the decoding of its already-read head
@@ -40,11 +40,11 @@ class DetokState:
         return cls(prefix_offset=0, read_offset=len(tail), context=tail)
 
 
-def detokenize(tokenizer, ids: list[int], state: DetokState, skip_special_tokens: bool = True,
-               context: tuple[int, ...] = ()) -> tuple[str, str]:
-    """(new committed text, pending text) after ``ids`` grew by one or more tokens; ``context``:
-    the ids decoded before ``ids`` (the state's offsets count them), whose text is never returned."""
+def detokenize(tokenizer, ids: list[int], state: DetokState, skip_special_tokens: bool = True) -> tuple[str, str]:
+    """(new committed text, pending text) after ``ids`` grew by one or more tokens; the state's
+    ``context`` is decoded before ``ids`` (its offsets count it) and its text is never returned."""
     po, ro = state.prefix_offset, state.read_offset
+    context = state.context
     n = len(context)
 
     def span(a: int, b: int) -> list[int]:  # context + ids, [a, b), copying only what it returns

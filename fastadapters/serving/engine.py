@@ -1072,7 +1072,7 @@ class Engine:
         stops = req.params.stop if len(ids) >= req.params.min_tokens else []
         if reason == "stop" and not req.params.include_stop_str_in_output:
             ids = ids[:-1]  # an EOS or a stop token ended it (a stop string is found below): not its text
-        committed, pending = detokenize(self.tokenizer, ids, state, req.params.skip_special_tokens, state.context)
+        committed, pending = detokenize(self.tokenizer, ids, state, req.params.skip_special_tokens)
         # held: decoded text not yet emitted; skip: its first characters that were emitted anyway
         # (a space before a split character, emitted while the character was still pending)
         held = req.metadata["held"] + committed
