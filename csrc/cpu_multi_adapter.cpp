@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -139,6 +140,174 @@ void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __
       for (int64_t t = 0; t < r; ++t) acc += static_cast<acc_t>(u[t]) * h[t];
       yr[c] = static_cast<scalar_t>(static_cast<acc_t>(yr[c]) + scale * acc);
     }
+  }
+}
+
+// ---- float32 small groups with the transposed up storage the adapter store keeps on the CPU.
+// Two shapes of loop, picked by the group's row count:
+//  * 1-2 rows (decode: one token per request): bound by reading the slot's weights, so each (r, K)
+//    / (r, N) block is read front to back as a single stream: on a 2-core EPYC (one core) that
+//    reads ~25-30 GB/s, where the generic small_group's four interleaved weight-row streams read
+//    ~15-20 GB/s (a plain sum of the same blocks: ~55-60 GB/s, so there is room left).
+//  * 3+ rows (a prefill chunk): bound by arithmetic, so register blocks of 2 rows x 4 ranks load
+//    each weight vector once per two rows. On SmolLM2's shapes this beats ATen's two GEMMs per
+//    slot up to 64 rows (1.1x at rank 32, 2x at rank 8; see CPP_GEMM_MIN_ROWS in ops/multi.py).
+// GCC/Clang vector extensions: 8 floats with AVX2 (the build's -mavx2), 16 with AVX-512 flags.
+#if defined(__AVX512F__)
+constexpr int kVW = 16;
+#else
+constexpr int kVW = 8;
+#endif
+typedef float vf __attribute__((vector_size(kVW * sizeof(float))));
+inline vf vload(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+inline void vstore(float* p, const vf& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline float vsum(const vf& v) {
+  float s = 0;
+  for (int q = 0; q < kVW; ++q) s += v[q];
+  return s;
+}
+
+// h[i * R + jb] = w[jb] . x[i] for NI rows of x (stride K) and JB weight rows (stride K)
+template <int NI, int JB>
+inline void down_block(const float* __restrict__ xb, const float* __restrict__ w, int64_t K, float* h, int64_t R) {
+  vf acc[NI][JB];
+  for (int i = 0; i < NI; ++i)
+    for (int jb = 0; jb < JB; ++jb) acc[i][jb] = vf{};
+  int64_t k = 0;
+  for (; k + kVW <= K; k += kVW) {
+    vf xv[NI];
+    for (int i = 0; i < NI; ++i) xv[i] = vload(xb + i * K + k);
+    for (int jb = 0; jb < JB; ++jb) {
+      const vf wv = vload(w + jb * K + k);
+      for (int i = 0; i < NI; ++i) acc[i][jb] += wv * xv[i];
+    }
+  }
+  for (int i = 0; i < NI; ++i)
+    for (int jb = 0; jb < JB; ++jb) {
+      float s = vsum(acc[i][jb]);
+      for (int64_t kk = k; kk < K; ++kk) s += w[jb * K + kk] * xb[i * K + kk];
+      h[i * R + jb] = s;
+    }
+}
+
+// out[i, :] += sum_jb h[i * R + jb] * u[jb * ur + :] for NI rows of out (stride N)
+template <int NI, int JB>
+inline void up_block(const float* __restrict__ u, int64_t ur, const float* h, int64_t R, float* __restrict__ out,
+                     int64_t N) {
+  vf hb[NI][JB];
+  for (int i = 0; i < NI; ++i)
+    for (int jb = 0; jb < JB; ++jb) hb[i][jb] = vf{} + h[i * R + jb];
+  int64_t c = 0;
+  for (; c + kVW <= N; c += kVW) {
+    vf uv[JB];
+    for (int jb = 0; jb < JB; ++jb) uv[jb] = vload(u + jb * ur + c);
+    for (int i = 0; i < NI; ++i) {
+      vf o = vload(out + i * N + c);
+      for (int jb = 0; jb < JB; ++jb) o += uv[jb] * hb[i][jb];
+      vstore(out + i * N + c, o);
+    }
+  }
+  for (; c < N; ++c)
+    for (int i = 0; i < NI; ++i) {
+      float o = out[i * N + c];
+      for (int jb = 0; jb < JB; ++jb) o += u[jb * ur + c] * h[i * R + jb];
+      out[i * N + c] = o;
+    }
+}
+
+template <int JB>
+inline void down_rows(const float* xb, const float* w, int n, int64_t K, float* h, int64_t R) {
+  int i = 0;
+  for (; i + 2 <= n; i += 2) down_block<2, JB>(xb + i * K, w, K, h + i * R, R);
+  if (i < n) down_block<1, JB>(xb + i * K, w, K, h + i * R, R);
+}
+
+template <int JB>
+inline void up_rows(const float* u, int64_t ur, const float* h, int n, int64_t R, float* out, int64_t N) {
+  int i = 0;
+  for (; i + 2 <= n; i += 2) up_block<2, JB>(u, ur, h + i * R, R, out + i * N, N);
+  if (i < n) up_block<1, JB>(u, ur, h + i * R, R, out + i * N, N);
+}
+
+// h[i * R + j] = w[j] . x[i] for NI rows of x (stride K) and r weight rows (stride K), weight rows
+// taken one after another: the slot's (r, K) block is read front to back as one stream (several
+// interleaved row streams keep the hardware prefetcher from reaching memory speed), with 4 / NI
+// independent accumulators per row of x
+template <int NI>
+inline void down_seq(const float* __restrict__ xb, const float* __restrict__ w, int64_t K, int64_t r, float* h,
+                     int64_t R) {
+  constexpr int P = NI == 1 ? 4 : 2;
+  for (int64_t j = 0; j < r; ++j) {
+    const float* wr = w + j * K;
+    vf acc[NI][P];
+    for (int i = 0; i < NI; ++i)
+      for (int p = 0; p < P; ++p) acc[i][p] = vf{};
+    int64_t k = 0;
+    for (; k + P * kVW <= K; k += P * kVW)
+      for (int p = 0; p < P; ++p) {
+        const vf wv = vload(wr + k + p * kVW);
+        for (int i = 0; i < NI; ++i) acc[i][p] += wv * vload(xb + i * K + k + p * kVW);
+      }
+    for (; k + kVW <= K; k += kVW) {
+      const vf wv = vload(wr + k);
+      for (int i = 0; i < NI; ++i) acc[i][0] += wv * vload(xb + i * K + k);
+    }
+    for (int i = 0; i < NI; ++i) {
+      vf t = acc[i][0];
+      for (int p = 1; p < P; ++p) t += acc[i][p];
+      float s = vsum(t);
+      for (int64_t kk = k; kk < K; ++kk) s += wr[kk] * xb[i * K + kk];
+      h[i * R + j] = s;
+    }
+  }
+}
+
+// out[i, :] += sum_j h[i * R + j] * u[j * ur + :] for NI rows of out (stride N), the up rows taken
+// one after another (one stream, as above)
+template <int NI>
+inline void up_seq(const float* __restrict__ u, int64_t ur, const float* h, int64_t r, int64_t R,
+                   float* __restrict__ out, int64_t N) {
+  for (int64_t j = 0; j < r; ++j) {
+    const float* row = u + j * ur;
+    vf hb[NI];
+    for (int i = 0; i < NI; ++i) hb[i] = vf{} + h[i * R + j];
+    int64_t c = 0;
+    for (; c + kVW <= N; c += kVW) {
+      const vf uv = vload(row + c);
+      for (int i = 0; i < NI; ++i) vstore(out + i * N + c, vload(out + i * N + c) + uv * hb[i]);
+    }
+    for (; c < N; ++c)
+      for (int i = 0; i < NI; ++i) out[i * N + c] += row[c] * h[i * R + j];
+  }
+}
+
+void small_group_f32(const float* __restrict__ x, float* y, const float* __restrict__ down,
+                     const float* __restrict__ up, int64_t ur, const int64_t* rows, int n, int64_t K, int64_t N,
+                     int64_t R, int64_t r, float scale, int act, float* hbuf, float* xbuf) {
+  for (int i = 0; i < n; ++i) std::copy(x + rows[i] * K, x + rows[i] * K + K, xbuf + i * K);
+  if (n <= 2) {  // decode: bound by reading the weights once; one stream each
+    if (n == 2) down_seq<2>(xbuf, down, K, r, hbuf, R); else down_seq<1>(xbuf, down, K, r, hbuf, R);
+  } else {  // enough rows to be bound by arithmetic: register blocks of 2 rows x 4 ranks
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) down_rows<4>(xbuf, down + j * K, n, K, hbuf + j, R);
+    for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);
+  }
+  if (act != 0)
+    for (int i = 0; i < n; ++i)
+      for (int64_t t = 0; t < r; ++t) hbuf[i * R + t] = apply_act(act, hbuf[i * R + t]);
+  float* out = xbuf;  // the x rows are no longer needed
+  std::fill(out, out + int64_t(n) * N, 0.f);
+  if (n <= 2) {
+    if (n == 2) up_seq<2>(up, ur, hbuf, r, R, out, N); else up_seq<1>(up, ur, hbuf, r, R, out, N);
+  } else {
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) up_rows<4>(up + j * ur, ur, hbuf + j, n, R, out, N);
+    for (; j < r; ++j) up_rows<1>(up + j * ur, ur, hbuf + j, n, R, out, N);
+  }
+  for (int i = 0; i < n; ++i) {
+    float* yr = y + rows[i] * N;
+    const float* o = out + i * N;
+    for (int64_t c = 0; c < N; ++c) yr[c] += scale * o[c];
   }
 }
 
@@ -268,6 +437,14 @@ int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& 
       std::vector<acc_t> hbuf(kMaxSmall * R), xbuf(kMaxSmall * std::max(K, N));
       for (int64_t gi = lo; gi < hi; ++gi) {
         const Group& g = small[gi];
+        if (std::is_same_v<scalar_t, float> && un == 1) {  // (the casts are no-ops where it is taken)
+          small_group_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<float*>(yp),
+                          reinterpret_cast<const float*>(dp + g.slot * R * K),
+                          reinterpret_cast<const float*>(upp + g.slot * us), ur, order.data() + g.start,
+                          static_cast<int>(g.n), K, N, R, g.r, static_cast<float>(sc[g.slot]), ac[g.slot],
+                          reinterpret_cast<float*>(hbuf.data()), reinterpret_cast<float*>(xbuf.data()));
+          continue;
+        }
         small_group<scalar_t, acc_t>(xp, yp, dp + g.slot * R * K, upp + g.slot * us, un, ur, order.data() + g.start,
                                      static_cast<int>(g.n), K, N, R, g.r, static_cast<acc_t>(sc[g.slot]), ac[g.slot],
                                      hbuf.data(), xbuf.data());

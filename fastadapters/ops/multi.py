@@ -467,10 +467,19 @@ _register_cuda_backend()
 # ---------------------------------------------------------------------------------------------
 
 #: rows of one slot at or above which the C++ kernel runs that slot's rows as two GEMMs (ATen's);
-#: fewer run as fused dot products over the slot's weight rows (decode). Measured on a 2-core EPYC,
-#: one thread, fp32, SmolLM2 shapes (K 576, N 576 / 1536): the GEMMs win from about 16 rows at
-#: rank 64 and from about 64 rows at rank 8 (their fixed cost per group is ~40 us).
+#: fewer run as fused dot products over the slot's weight rows (decode, short prefill chunks).
+#: Measured on a 2-core EPYC, one thread, SmolLM2 shapes (K 576, N 576): for bf16 / fp16 / fp64
+#: (the generic loops) the GEMMs win from about 16 rows at rank 64 and from about 64 rows at rank 8
+#: (their fixed cost per group is ~40 us); float32 has register-blocked loops of its own that match
+#: or beat the GEMMs up to 64 rows at every rank 8-64 (2.1x at rank 8, 1.3x at 16, 1.1x at 32,
+#: 1.03x at 64, a 1216-row prefill in 32 chunks of 8-64 rows).
 CPP_GEMM_MIN_ROWS = 16
+CPP_GEMM_MIN_ROWS_F32 = 64
+
+
+def cpp_gemm_min_rows(dtype: torch.dtype) -> int:
+    """The C++ kernel's GEMM threshold for inputs of ``dtype`` (above)."""
+    return CPP_GEMM_MIN_ROWS_F32 if dtype == torch.float32 else CPP_GEMM_MIN_ROWS
 
 
 def _cpp_probe() -> str | None:
@@ -518,7 +527,7 @@ def multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=No
     load_cpu_extension().cpu_multi_adapter_(
         y, x.contiguous(), row_slot.to(torch.int32).contiguous(), down.contiguous(), up,
         sizes.to(torch.int32).contiguous(), scales.to(torch.float32).contiguous(),
-        act_ids.to(torch.int32).contiguous(), CPP_GEMM_MIN_ROWS)
+        act_ids.to(torch.int32).contiguous(), cpp_gemm_min_rows(y.dtype))
     if owned:  # the kernel writes through a raw pointer: tell autograd y0 changed, as an in-place op would
         torch.autograd.graph.increment_version(y)
     return y

@@ -50,7 +50,7 @@ import torch.nn as nn
 from ..config import PrefixConfig
 from ..layers import AdapterLinear
 from ..ops import dispatch
-from ..ops.multi import CPP_GEMM_MIN_ROWS, OP as MULTI_OP, SEGMENT_BLOCK_M, MultiPlan, build_plan, multi_adapter
+from ..ops.multi import OP as MULTI_OP, cpp_gemm_min_rows, SEGMENT_BLOCK_M, MultiPlan, build_plan, multi_adapter
 from ..patching import RESERVED_NAMES, _state, _wrappers
 from .store import get_store
 
@@ -345,17 +345,18 @@ class Router:
                 entry = self._fast[key] = self._fast_entry(layer, x, tables, *self._rows_tokens(x))
             if entry is not False:
                 ext, pre, post_in, post_out = entry
+                gemm_rows = cpp_gemm_min_rows(x.dtype)
                 x2 = x.view(-1, x.shape[-1])
                 if pre is not None:  # never into the caller's input
                     x2 = x2.clone()
-                    ext.cpu_multi_adapter_calls_(x2, x2, pre, CPP_GEMM_MIN_ROWS)
+                    ext.cpu_multi_adapter_calls_(x2, x2, pre, gemm_rows)
                 y = layer.base_layer(x2)
                 if y.data_ptr() == x2.data_ptr() or not y.is_contiguous():  # not a fresh output of ours
                     y = y.clone(memory_format=torch.contiguous_format)
                 if post_in is not None:
-                    ext.cpu_multi_adapter_calls_(y, x2, post_in, CPP_GEMM_MIN_ROWS)
+                    ext.cpu_multi_adapter_calls_(y, x2, post_in, gemm_rows)
                 if post_out is not None:
-                    ext.cpu_multi_adapter_calls_(y, y, post_out, CPP_GEMM_MIN_ROWS)
+                    ext.cpu_multi_adapter_calls_(y, y, post_out, gemm_rows)
                 return y.view(*x.shape[:-1], y.shape[-1])
         k = x.shape[-1]
         rows, tokens = self._rows_tokens(x)
@@ -382,7 +383,7 @@ class Router:
                         if not (owned and out.is_contiguous()):
                             out = out.clone(memory_format=torch.contiguous_format)
                         ext.cpu_multi_adapter_(out, inp, plan.row_slot, t.down, t.up, t.sizes_host, t.scales,
-                                               t.act_host, CPP_GEMM_MIN_ROWS)
+                                               t.act_host, cpp_gemm_min_rows(out.dtype))
                     else:
                         out = multi_adapter(out, inp, plan.row_slot, *t.args(), plan=plan, backend=backend,
                                             check=False, sizes_host=t.sizes_host, act_host=t.act_host,

@@ -77,6 +77,39 @@ def test_matches_fp64_reference_fp32_and_fp64(ext, rows, m, transposed_up):
     assert gemm > 0 if rows == "segments" else gemm < m
 
 
+@pytest.mark.parametrize("k,n", [(101, 75), (64, 64), (7, 130)])
+def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
+    """float32 with the store's transposed ``up`` has loops of its own (one weight stream for 1-2
+    rows, 2 x 4 register blocks for more): every group size 1..9 (9 = a chunk of 8 and one more),
+    ranks 1..13 (remainders of the 4-rank blocks), widths with and without a vector remainder, every
+    activation, against the fp64 reference within twice plain torch's fp32 error; the general loops
+    (``up`` contiguous) agree, and an aliased x (the output phase) reads each row before writing it."""
+    g = torch.Generator().manual_seed(k + n)
+    s, r = 9, 13
+    rs = torch.cat([torch.full((c,), c - 1, dtype=torch.int32) for c in range(1, 10)])  # slot i: i + 1 rows
+    rs = rs[torch.randperm(len(rs), generator=g)]
+    m = len(rs)
+    x = torch.randn(m, k, generator=g)
+    y0 = torch.randn(m, n, generator=g)
+    down = torch.randn(s, r, k, generator=g) / k ** 0.5
+    up_nr = torch.randn(s, n, r, generator=g) / 4
+    up_rn = up_nr.transpose(1, 2).contiguous().transpose(1, 2)
+    sz = torch.tensor([1, 2, 3, 4, 5, 8, 11, 12, 13], dtype=torch.int32)
+    sc = torch.rand(s, generator=g) + 0.5
+    act = torch.tensor([ACTS[i % len(ACTS)] for i in range(s)], dtype=torch.int32)
+    ref = _ref64((y0, x, rs, down, up_nr, sz, sc, act))
+    err_t = (mo.multi_adapter_ref(y0, x, rs, down, up_nr, sz, sc, act).double() - ref).abs().max()
+    for up in (up_rn, up_nr):
+        y = y0.clone()
+        assert ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, act, 64) == 0  # no group took the GEMMs
+        assert (y.double() - ref).abs().max() <= 2 * err_t + 1e-6
+    if k == n:
+        ref = _ref64((y0, y0, rs, down, up_nr, sz, sc, act))
+        y = y0.clone()
+        ext.cpu_multi_adapter_(y, y, rs, down, up_rn, sz, sc, act, 64)
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows,m", [("uniform", 37), ("segments", 203)])
 def test_bf16_within_rule(rows, m):
     args = _case(m=m, rows=rows, dtype=torch.bfloat16, seed=5)
