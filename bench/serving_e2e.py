@@ -3,6 +3,7 @@
     python bench/serving_e2e.py                               # "small" random llama, A = 1, 8, 32
     python bench/serving_e2e.py --model ~/.cache/fastadapters-tests/smollm2-...  --requests 32
     python bench/serving_e2e.py --json ''                     # print only
+    python bench/serving_e2e.py --model DIR --threads 1 --vllm-python /path/to/vllm-venv/bin/python
 
 Output tokens/s, TTFT and TPOT (p50/p99) against the same engine with base-model requests only and
 PEFT's padded ``generate`` with ``adapter_names``, and HF's batched ``generate`` of the base model; the measurement lives in
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=1,
                     help="measure every A this many times, engine / base-only / PEFT interleaved; report medians")
     ap.add_argument("--parity", type=int, default=8, help="greedy requests checked against generate alone")
+    ap.add_argument("--vllm-python", default=None,
+                    help="also run vLLM's offline engine (LoRA adapters of the same ranks) in this Python, one "
+                         "trial per A; with --threads N it is bound to cores 0..N-1")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "serving_e2e.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -43,7 +47,9 @@ def main(argv=None) -> int:
     result = run_e2e(args.model, tuple(int(a) for a in args.adapters.split(",")), args.requests, args.max_tokens,
                      max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, with_peft=not args.no_peft,
                      with_hf=not args.no_hf,
-                     parity=args.parity, backend=args.backend, trials=args.trials)
+                     parity=args.parity, backend=args.backend, trials=args.trials, vllm_python=args.vllm_python,
+                     vllm_cpu_bind=(f"0-{args.threads - 1}" if args.threads and args.threads > 1 else
+                                    "0" if args.threads else None))
     print(render_e2e(result))
     if args.json:
         append_results(args.json, result)

@@ -1,5 +1,6 @@
 """`fastadapters bench` runs end to end on the micro preset and writes parseable JSON; its end-to-end
 serving section runs at a tiny size, picks issue 13's configuration on CUDA, and `--no-e2e` skips it."""
+import importlib.util
 import json
 
 from fastadapters import cli
@@ -172,3 +173,23 @@ def test_e2e_trials_interleaved_medians():
     assert e2e_bench.summary(res)["noisy"] == ((max(spread) - min(spread)) / 2 > abs(row["engine_over_peft"] - 1))
     with pytest.raises(ValueError, match="trials"):
         e2e_bench.run_e2e("small", adapter_counts=(1,), trials=0)
+
+
+def test_e2e_vllm_failure_is_recorded_and_the_rest_stands():
+    # a Python without vLLM: the vLLM runs fail, the record says why (warned, rendered) and keeps
+    # every engine number; nothing of vLLM's is made up
+    import sys
+
+    import pytest
+
+    from fastadapters.bench import e2e as e2e_bench
+
+    with pytest.warns(RuntimeWarning, match="vLLM runs failed"):
+        res = e2e_bench.run_e2e("small", adapter_counts=(1,), requests=2, max_tokens=2, prompt_lens=(4, 6),
+                                max_num_seqs=2, parity=0, with_peft=False, with_hf=False,
+                                vllm_python=sys.executable if importlib.util.find_spec("vllm") is None
+                                else "/nonexistent/python")
+    assert "exited with" in res["vllm"]["error"] or "No such file" in res["vllm"]["error"]
+    (row,) = res["rows"]
+    assert row["engine"]["tokens"] == 4 and "vllm" not in row and "engine_over_vllm" not in row
+    assert "vLLM: not measured" in e2e_bench.render_e2e(res)

@@ -16,6 +16,12 @@ tokens over wall time), time to first token (TTFT) and time per output token aft
               and ``adapter_names=`` per row (what a PEFT user has; PEFT has no bottleneck adapters,
               so its adapters are all LoRA of the same ranks); throughput only
   greedy parity  how many engine requests (greedy) differ from ``generate`` alone (near-ties)
+  vllm        optional (``vllm_python=``: a Python with vLLM installed): vLLM's offline engine
+              (``fastadapters/bench/vllm_offline.py`` in that Python, a subprocess) on each row's
+              first-trial prompts and adapter draw, and the base model on the first row's prompts,
+              after everything above (one trial: its LoRA runs are slow on a CPU). vLLM serves LoRA
+              only, so its A adapters are all LoRA of the same ranks (as PEFT's); its greedy
+              base-model answers are compared with the engine's (``vllm_base_greedy_equal``)
 
 Noise: on a shared machine one run's ratio can move by 20% or more from run to run;
 ``trials=N`` (``bench/serving_e2e.py --trials N``) repeats every measurement N times, interleaved,
@@ -30,8 +36,10 @@ from __future__ import annotations
 import os
 import random
 import statistics
+import subprocess
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -165,12 +173,16 @@ def _peft_model(model_spec, count, device, dtype):
 def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int = 32, max_tokens: int = 16,
             prompt_lens=(8, 64), max_num_seqs: int = 16, device: str | None = None, dtype: str = "float32",
             with_peft: bool = True, parity: int = 8, seed: int = 0, backend: str | None = None,
-            with_hf: bool = True, trials: int = 1) -> dict:
+            with_hf: bool = True, trials: int = 1, vllm_python: str | None = None,
+            vllm_cpu_bind: str | None = None) -> dict:
     """``trials`` > 1: each A is measured that many times, the engine, its base-only run, HF's
     generate and PEFT interleaved within each trial (their order rotated from trial to trial) on a
     fresh prompt set and Zipf draw per trial; a row then holds the per-trial records (``trials``), the median of
     each throughput and of each per-trial ratio, and each ratio's range (``ratio_range``). A ratio
-    is taken within one trial, so the machine's drift between trials cancels in it."""
+    is taken within one trial, so the machine's drift between trials cancels in it.
+
+    ``vllm_python``: also measure vLLM (above); ``vllm_cpu_bind``: its ``VLLM_CPU_OMP_THREADS_BIND``
+    (e.g. ``"0"``: one core, as a one-thread engine run), left to vLLM when None."""
     from .harness import environment
     from ..serving.engine import Engine
 
@@ -190,6 +202,7 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
     prompt_sets = [draw(rng) for _ in range(trials)]  # trial t's prompts, the same for every A
     warm = draw(random.Random(seed + 1))[:2]  # warm-up prompts of their own: no prefix-cache hit in a trial
     rows = []
+    vllm_runs = []  # per row: its first trial's prompts, draw and engine runs (what vLLM is run on)
     hf_runs = []  # every HF generate run, all rows and trials
     # the base model through transformers' own batched generate: the engine's yardstick, run inside
     # each trial beside the engine so that the ratio compares runs made minutes apart at most
@@ -220,6 +233,8 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
                 mixed, base = got["mixed"], got["base"]
                 if first_outputs is None:
                     first_outputs = (prompts, names, mixed["outputs"])
+                    vllm_runs.append({"A": count, "prompts": prompts, "names": names, "engine": _strip(mixed),
+                                      "base_only": _strip(base), "base_outputs": base["outputs"]})
                 rec = {"distinct_adapters_used": len(set(picks)), "engine": _strip(mixed), "base_only": _strip(base),
                        "ratio_vs_base_only": mixed["tok_per_s"] / base["tok_per_s"]}
                 if "hf" in got:
@@ -245,18 +260,105 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
                 row["parity_checked"], row["parity_diverged"] = min(parity, requests), diverged
             rows.append(row)
             engine = peft_model = None  # freed before the next A loads its own
-    hf_model = None
+        hf_model = None
+        vllm = vllm_error = None
+        if vllm_python:
+            try:
+                vllm = _run_vllm(vllm_python, vllm_cpu_bind, model_spec, dtype, max(adapter_counts), vllm_runs,
+                                 max_tokens, max_num_seqs, tmp)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:  # the rest of the record stands
+                vllm_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"serving_e2e: the vLLM runs failed; the record has no vLLM numbers ({vllm_error})",
+                              RuntimeWarning, stacklevel=2)
+    for row, run in zip(rows, vllm_runs if vllm else []):
+        got = vllm["runs"][f"A{row['A']}"]
+        row["vllm"] = _strip(got)
+        row["engine_over_vllm"] = run["engine"]["tok_per_s"] / got["tok_per_s"]  # the same prompts and draw
     hf = _combine_runs(hf_runs) if hf_runs else None
     out = {"benchmark": "serving_e2e", "env": environment(dev), "model": model_spec, "model_shape": shape,
            "dtype": dtype, "requests": requests, "max_tokens": max_tokens,
            "max_num_seqs": max_num_seqs, "prompt_lens": list(prompt_lens), "backend": backend or "auto",
            "hf_generate": hf, "rows": rows}
+    if vllm_error:
+        out["vllm"] = {"error": vllm_error}
+    if vllm:
+        base = vllm["runs"]["base"]
+        first = vllm_runs[0]
+        out["vllm"] = {"version": vllm["vllm"], "cpu_bind": vllm_cpu_bind, "base_only": _strip(base),
+                       "engine_base_only": first["base_only"],
+                       "engine_base_over_vllm_base": first["base_only"]["tok_per_s"] / base["tok_per_s"],
+                       "vllm_base_greedy_equal": sum(a == b for a, b in zip(base["outputs"], first["base_outputs"])),
+                       "requests": len(first["prompts"])}
     if trials > 1:
         out["trials"] = trials
     return out
 
 
 _RATIOS = ("ratio_vs_base_only", "base_only_over_hf", "engine_over_peft")
+
+
+def _write_lora_adapters(model_spec, count: int, folder: str, dtype) -> dict[str, str]:
+    """``count`` LoRA adapters ``a0..`` with PEFT's file format (ranks and targets as PEFT's here,
+    small random weights): what vLLM serves."""
+    import fastadapters as fa
+    from fastadapters.patching import _wrappers
+
+    model = _load(model_spec, torch.device("cpu"), getattr(torch, dtype))
+    g = torch.Generator().manual_seed(count + 1)
+    paths = {}
+    for i in range(count):
+        name = f"a{i}"
+        fa.patch(model, name=name, adapter="lora", r=RANKS[i % len(RANKS)], alpha=16,
+                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        with torch.no_grad():
+            for _, w in _wrappers(model):
+                for container in (w.lora_A, w.lora_B):
+                    if name in container:
+                        p = container[name].weight
+                        p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.02)
+        paths[name] = fa.save_adapter(model, os.path.join(folder, name), name=name, format="peft")
+        fa.delete_adapter(model, name)
+    return paths
+
+
+def _run_vllm(python: str, cpu_bind: str | None, model_spec: str, dtype: str, count: int, runs: list[dict],
+              max_tokens: int, max_num_seqs: int, tmp: str) -> dict:
+    """vLLM's offline engine on ``runs`` (one per row) plus the base model, in ``python`` (a
+    subprocess running vllm_offline.py from a copy in ``tmp``: run from the package folder, its
+    ``kernels.py`` would shadow a module of that name vLLM imports). Raises with the log's tail if
+    it fails."""
+    import json
+    import shutil
+
+    work = os.path.join(tmp, "vllm")
+    os.makedirs(work, exist_ok=True)
+    model_dir = model_spec
+    if model_spec == "small":  # a folder vLLM can load (no tokenizer: the worker passes token ids)
+        model_dir = os.path.join(work, "small")
+        _small_model(torch.device("cpu"), getattr(torch, dtype)).save_pretrained(model_dir)
+    adapters = _write_lora_adapters(model_spec, count, os.path.join(work, "adapters"), dtype)
+    job = {"model": model_dir, "dtype": dtype, "max_model_len": 512, "max_num_seqs": max_num_seqs,
+           "max_lora_rank": max(RANKS[i % len(RANKS)] for i in range(count)), "adapters": adapters,
+           "runs": [{"key": "base", "prompts": runs[0]["prompts"], "names": [None] * len(runs[0]["prompts"]),
+                     "max_tokens": max_tokens}]
+           + [{"key": f"A{r['A']}", "prompts": r["prompts"], "names": r["names"], "max_tokens": max_tokens}
+              for r in runs]}
+    script = shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_offline.py"), work)
+    job_path, out_path, log_path = (os.path.join(work, n) for n in ("job.json", "out.json", "vllm.log"))
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    if cpu_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+    with open(log_path, "w") as log:
+        proc = subprocess.run([python, script, job_path, out_path], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              cwd=work, timeout=3600)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"serving_e2e: vLLM ({python}) exited with {proc.returncode}; the end of its log:\n{tail}")
+    with open(out_path) as f:
+        return json.load(f)
 
 
 def _combine_runs(runs: list[dict]) -> dict:
@@ -325,6 +427,24 @@ def render_e2e(result: dict) -> str:
                      f"{r['base_only']['tok_per_s']:.1f} | {ratio(r, 'ratio_vs_base_only')} | {hf_cell} | "
                      f"{e['ttft_p50_ms']:.0f}/{e['ttft_p99_ms']:.0f} | {e['tpot_p50_ms']:.0f}/{e['tpot_p99_ms']:.0f} | "
                      f"{peft_cells} | {r.get('parity_diverged', '-')}/{r.get('parity_checked', '-')} |")
+    v = result.get("vllm")
+    if v and "error" in v:
+        lines += ["", f"vLLM: not measured ({v['error']})"]
+    elif v:
+        bind = f"VLLM_CPU_OMP_THREADS_BIND={v['cpu_bind']}" if v.get("cpu_bind") else "its default threads"
+        lines += ["", f"vLLM {v['version']} offline engine ({bind}), each row's first-trial prompts and adapter draw, "
+                      "one run each; its adapters are all LoRA of the same ranks (it serves no bottleneck adapters):",
+                  f"base model: vLLM {v['base_only']['tok_per_s']:.1f} tok/s, the engine's base-only run on the same "
+                  f"prompts {v['engine_base_only']['tok_per_s']:.1f} (engine/vLLM "
+                  f"{v['engine_base_over_vllm_base']:.2f}); greedy answers equal {v['vllm_base_greedy_equal']}/"
+                  f"{v['requests']}", "",
+                  "| A | vLLM tok/s | vLLM / its base | engine tok/s (same prompts) | engine/vLLM |", "|---|---|---|---|---|"]
+        for r in result["rows"]:
+            if "vllm" in r:
+                eng = r["vllm"]["tok_per_s"] * r["engine_over_vllm"]
+                lines.append(f"| {r['A']} | {r['vllm']['tok_per_s']:.1f} | "
+                             f"{r['vllm']['tok_per_s'] / v['base_only']['tok_per_s']:.2f} | {eng:.1f} | "
+                             f"{r['engine_over_vllm']:.2f} |")
     return "\n".join(lines)
 
 
