@@ -102,7 +102,9 @@ def test_bench_e2e_section_configuration(monkeypatch):
     bench.e2e_section("cuda", None)
     bench.e2e_section("cuda:1", "float16")
     bench.e2e_section("cpu", None)
-    (spec, cuda), (_, cuda1), (_, cpu) = calls
+    bench.e2e_section("cpu", None, "/venvs/vllm/bin/python")
+    (spec, cuda), (_, cuda1), (_, cpu), (_, cpu_vllm) = calls
+    assert cpu["vllm_python"] is None and cpu_vllm["vllm_python"] == "/venvs/vllm/bin/python"
     assert spec == "small" and cuda["adapter_counts"] == (1, 8, 32) and cuda["dtype"] == "bfloat16"
     assert cuda["device"] == "cuda" and cuda1["device"] == "cuda:1" and cuda1["dtype"] == "float16"
     assert cpu["adapter_counts"] == (1, 8, 32) and cpu["dtype"] == "float32" and cpu["requests"] <= 16
@@ -193,3 +195,11 @@ def test_e2e_vllm_failure_is_recorded_and_the_rest_stands():
     (row,) = res["rows"]
     assert row["engine"]["tokens"] == 4 and "vllm" not in row and "engine_over_vllm" not in row
     assert "vLLM: not measured" in e2e_bench.render_e2e(res)
+
+
+def test_bench_vllm_python_checked(capsys):
+    # --vllm-python: refused with --no-e2e (nothing would use it) and when it names no executable
+    assert cli.main(["bench", "--no-e2e", "--vllm-python", "/bin/sh"]) == 2
+    assert "--no-e2e" in capsys.readouterr().err
+    assert cli.main(["bench", "--vllm-python", "/nonexistent/python"]) == 2
+    assert "not an executable" in capsys.readouterr().err

@@ -6,6 +6,7 @@ padded ``generate``), on embedded Llama configs with random weights.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..cli import CommandParser, UsageError, check_device, run_command
 from .harness import append_results, render_summary
@@ -22,15 +23,16 @@ E2E_CUDA = dict(adapter_counts=(1, 8, 32), requests=32, max_tokens=16, prompt_le
                 parity=8)
 
 
-def e2e_section(device: str, dtype: str | None) -> dict:
-    """The end-to-end serving record for ``fastadapters bench`` on ``device`` (``E2E_CPU`` / ``E2E_CUDA``)."""
+def e2e_section(device: str, dtype: str | None, vllm_python: str | None = None) -> dict:
+    """The end-to-end serving record for ``fastadapters bench`` on ``device`` (``E2E_CPU`` / ``E2E_CUDA``);
+    ``vllm_python``: also vLLM's offline engine in that Python (``run_e2e``)."""
     import torch
 
     from .e2e import run_e2e
 
     cuda = torch.device(device).type == "cuda"
     return run_e2e("small", device=device, dtype=dtype or ("bfloat16" if cuda else "float32"),
-                   **(E2E_CUDA if cuda else E2E_CPU))
+                   vllm_python=vllm_python, **(E2E_CUDA if cuda else E2E_CPU))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-e2e", action="store_true",
                     help="skip the end-to-end serving table (engine tokens/s, TTFT, TPOT vs base-only and PEFT)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-layer kernel table")
+    ap.add_argument("--vllm-python", metavar="PY", default=None,
+                    help="end-to-end table: also vLLM's offline engine, run in this Python (a venv with vLLM), on "
+                         "the same prompts with LoRA adapters of the same ranks")
     ap.add_argument("--json", metavar="PATH", help="append the numbers to this JSON file")
     return ap
 
@@ -79,6 +84,11 @@ def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.vllm_python and args.no_e2e:
+        raise UsageError("--vllm-python adds vLLM to the end-to-end table, which --no-e2e skips; drop one of them")
+    if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
+        raise UsageError(f"--vllm-python {args.vllm_python!r} is not an executable file; pass the python of a venv "
+                         "that has vLLM installed")
     device = check_device(args.device)
     if args.device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device}: the bench runs on cpu or cuda")
@@ -147,7 +157,7 @@ def _run(argv: list[str]) -> int:
 
         i += 1
         t0 = stage(i, "e2e", "end-to-end serving table: the engine over a request stream")
-        rec = e2e_section(args.device or result["env"]["device_type"], args.dtype)
+        rec = e2e_section(args.device or result["env"]["device_type"], args.dtype, args.vllm_python)
         done(t0)
         rec["summary"] = e2e.summary(rec)
         records.append(rec)
