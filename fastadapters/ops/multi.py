@@ -477,9 +477,12 @@ CPP_GEMM_MIN_ROWS = 16
 CPP_GEMM_MIN_ROWS_F32 = 64
 
 
-def cpp_gemm_min_rows(dtype: torch.dtype) -> int:
-    """The C++ kernel's GEMM threshold for inputs of ``dtype`` (above)."""
-    return CPP_GEMM_MIN_ROWS_F32 if dtype == torch.float32 else CPP_GEMM_MIN_ROWS
+def cpp_gemm_min_rows(dtype: torch.dtype, up: torch.Tensor | None = None) -> int:
+    """The C++ kernel's GEMM threshold for inputs of ``dtype`` (above): float32's own loops exist
+    for the adapter store's transposed ``up`` storage (strides (N*R, 1, N)), which ``up=None``
+    means; a contiguous (S, N, R) ``up`` takes the generic loops and their threshold."""
+    transposed = up is None or (up.dim() == 3 and up.stride(1) == 1 and up.stride(2) == up.shape[1])
+    return CPP_GEMM_MIN_ROWS_F32 if dtype == torch.float32 and transposed else CPP_GEMM_MIN_ROWS
 
 
 def _cpp_probe() -> str | None:
@@ -527,7 +530,7 @@ def multi_adapter_cpp(y0, x, row_slot, down, up, sizes, scales, act_ids, plan=No
     load_cpu_extension().cpu_multi_adapter_(
         y, x.contiguous(), row_slot.to(torch.int32).contiguous(), down.contiguous(), up,
         sizes.to(torch.int32).contiguous(), scales.to(torch.float32).contiguous(),
-        act_ids.to(torch.int32).contiguous(), cpp_gemm_min_rows(y.dtype))
+        act_ids.to(torch.int32).contiguous(), cpp_gemm_min_rows(y.dtype, up))
     if owned:  # the kernel writes through a raw pointer: tell autograd y0 changed, as an in-place op would
         torch.autograd.graph.increment_version(y)
     return y

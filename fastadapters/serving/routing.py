@@ -383,7 +383,7 @@ class Router:
                         if not (owned and out.is_contiguous()):
                             out = out.clone(memory_format=torch.contiguous_format)
                         ext.cpu_multi_adapter_(out, inp, plan.row_slot, t.down, t.up, t.sizes_host, t.scales,
-                                               t.act_host, cpp_gemm_min_rows(out.dtype))
+                                               t.act_host, cpp_gemm_min_rows(out.dtype, t.up))
                     else:
                         out = multi_adapter(out, inp, plan.row_slot, *t.args(), plan=plan, backend=backend,
                                             check=False, sizes_host=t.sizes_host, act_host=t.act_host,

@@ -99,6 +99,9 @@ def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
     act = torch.tensor([ACTS[i % len(ACTS)] for i in range(s)], dtype=torch.int32)
     ref = _ref64((y0, x, rs, down, up_nr, sz, sc, act))
     err_t = (mo.multi_adapter_ref(y0, x, rs, down, up_nr, sz, sc, act).double() - ref).abs().max()
+    # the op's GEMM threshold: 64 rows where these loops run (float32, the store's storage), else 16
+    assert mo.cpp_gemm_min_rows(torch.float32, up_rn) == mo.cpp_gemm_min_rows(torch.float32) == 64
+    assert mo.cpp_gemm_min_rows(torch.float32, up_nr) == mo.cpp_gemm_min_rows(torch.bfloat16, up_rn) == 16
     for up in (up_rn, up_nr):
         y = y0.clone()
         assert ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, act, 64) == 0  # no group took the GEMMs
