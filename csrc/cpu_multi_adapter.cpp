@@ -151,7 +151,7 @@ void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __
 //    ~15-20 GB/s (a plain sum of the same blocks: ~55-60 GB/s, so there is room left).
 //  * 3+ rows (a prefill chunk): bound by arithmetic, so register blocks of 2 rows x 4 ranks load
 //    each weight vector once per two rows. On SmolLM2's shapes this beats ATen's two GEMMs per
-//    slot up to 64 rows (1.1x at rank 32, 2x at rank 8; see CPP_GEMM_MIN_ROWS in ops/multi.py).
+//    slot up to 64 rows (1.1x at rank 32, 2.1x at rank 8; see cpp_gemm_min_rows in ops/multi.py).
 // GCC/Clang vector extensions: 8 floats with AVX2 (the build's -mavx2), 16 with AVX-512 flags.
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -230,9 +230,9 @@ inline void up_rows(const float* u, int64_t ur, const float* h, int n, int64_t R
 }
 
 // h[i * R + j] = w[j] . x[i] for NI rows of x (stride K) and r weight rows (stride K), weight rows
-// taken one after another: the slot's (r, K) block is read front to back as one stream (several
-// interleaved row streams keep the hardware prefetcher from reaching memory speed), with 4 / NI
-// independent accumulators per row of x
+// taken one after another: the slot's (r, K) block is read front to back as one stream (measured
+// faster than several interleaved row streams, above), with 4 / NI independent accumulators per
+// row of x
 template <int NI>
 inline void down_seq(const float* __restrict__ xb, const float* __restrict__ w, int64_t K, int64_t r, float* h,
                      int64_t R) {

@@ -68,16 +68,26 @@ def _load(model_spec: str, device, dtype):
     return AutoModelForCausalLM.from_pretrained(model_spec, dtype=dtype).to(device).eval()
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _lora_spec(i: int) -> dict:
+    """Adapter ``i`` as LoRA (rank RANKS[i % 4]): ours where it is not a bottleneck adapter, and
+    every one of PEFT's and vLLM's (they have no bottleneck adapters)."""
+    return dict(adapter="lora", r=RANKS[i % len(RANKS)], alpha=16, target_modules=LORA_TARGETS)
+
+
 def _adapter_spec(i: int) -> dict:
     if i % 4 == 3:
         return (dict(adapter="series", variant="houlsby", bottleneck_size=64) if (i // 4) % 2 == 0
                 else dict(adapter="parallel", bottleneck_size=64))
-    return dict(adapter="lora", r=RANKS[i % len(RANKS)], alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                       "o_proj"])
+    return _lora_spec(i)
 
 
-def _write_adapters(model_spec, count: int, folder: str, device, dtype) -> list[str]:
-    """Save ``count`` adapters with small random weights; returns their directories."""
+def _write_adapters(model_spec, count: int, folder: str, device, dtype, spec=_adapter_spec,
+                    format: str = "fastadapters") -> list[str]:
+    """Save ``count`` adapters ``a0..`` (``spec(i)``) with small random weights in ``format``;
+    returns their directories."""
     import fastadapters as fa
     from fastadapters.patching import _wrappers
 
@@ -86,14 +96,14 @@ def _write_adapters(model_spec, count: int, folder: str, device, dtype) -> list[
     g = torch.Generator().manual_seed(count)
     for i in range(count):
         name = f"a{i}"
-        fa.patch(model, name=name, **_adapter_spec(i))
+        fa.patch(model, name=name, **spec(i))
         with torch.no_grad():
             for _, w in _wrappers(model):
                 for container in (w.lora_A, w.lora_B, w.adapter_down, w.adapter_up):
                     if name in container:
                         p = container[name].weight
                         p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.02)
-        paths.append(fa.save_adapter(model, os.path.join(folder, name), name=name))
+        paths.append(fa.save_adapter(model, os.path.join(folder, name), name=name, format=format))
         fa.delete_adapter(model, name)
     return paths
 
@@ -161,7 +171,7 @@ def _peft_model(model_spec, count, device, dtype):
     pm = None
     for i in range(count):
         r = RANKS[i % len(RANKS)]
-        cfg = peft.LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        cfg = peft.LoraConfig(r=r, lora_alpha=16, target_modules=LORA_TARGETS,
                               init_lora_weights=False)
         if pm is None:
             pm = peft.get_peft_model(model, cfg, adapter_name=f"a{i}")
@@ -297,30 +307,6 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
 _RATIOS = ("ratio_vs_base_only", "base_only_over_hf", "engine_over_peft")
 
 
-def _write_lora_adapters(model_spec, count: int, folder: str, dtype) -> dict[str, str]:
-    """``count`` LoRA adapters ``a0..`` with PEFT's file format (ranks and targets as PEFT's here,
-    small random weights): what vLLM serves."""
-    import fastadapters as fa
-    from fastadapters.patching import _wrappers
-
-    model = _load(model_spec, torch.device("cpu"), getattr(torch, dtype))
-    g = torch.Generator().manual_seed(count + 1)
-    paths = {}
-    for i in range(count):
-        name = f"a{i}"
-        fa.patch(model, name=name, adapter="lora", r=RANKS[i % len(RANKS)], alpha=16,
-                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        with torch.no_grad():
-            for _, w in _wrappers(model):
-                for container in (w.lora_A, w.lora_B):
-                    if name in container:
-                        p = container[name].weight
-                        p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.02)
-        paths[name] = fa.save_adapter(model, os.path.join(folder, name), name=name, format="peft")
-        fa.delete_adapter(model, name)
-    return paths
-
-
 def _run_vllm(python: str, cpu_bind: str | None, model_spec: str, dtype: str, count: int, runs: list[dict],
               max_tokens: int, max_num_seqs: int, tmp: str) -> dict:
     """vLLM's offline engine on ``runs`` (one per row) plus the base model, in ``python`` (a
@@ -336,7 +322,9 @@ def _run_vllm(python: str, cpu_bind: str | None, model_spec: str, dtype: str, co
     if model_spec == "small":  # a folder vLLM can load (no tokenizer: the worker passes token ids)
         model_dir = os.path.join(work, "small")
         _small_model(torch.device("cpu"), getattr(torch, dtype)).save_pretrained(model_dir)
-    adapters = _write_lora_adapters(model_spec, count, os.path.join(work, "adapters"), dtype)
+    paths = _write_adapters(model_spec, count, os.path.join(work, "adapters"), torch.device("cpu"),
+                            getattr(torch, dtype), spec=_lora_spec, format="peft")
+    adapters = {f"a{i}": p for i, p in enumerate(paths)}
     job = {"model": model_dir, "dtype": dtype, "max_model_len": 512, "max_num_seqs": max_num_seqs,
            "max_lora_rank": max(RANKS[i % len(RANKS)] for i in range(count)), "adapters": adapters,
            "runs": [{"key": "base", "prompts": runs[0]["prompts"], "names": [None] * len(runs[0]["prompts"]),
