@@ -13,7 +13,9 @@
 // ranks, so padding and other slots' weights (NaN or not) never reach it. Groups of at least
 // `gemm_min_rows` rows (prefill: one request's tokens) run as two GEMMs through ATen (MKL/oneDNN,
 // torch's threads); smaller groups (decode: one token per request) run as fused dot products over
-// the slot's weight rows, groups in parallel on torch's thread pool (at::parallel_for). y may be x
+// the slot's weight rows, on torch's thread pool (at::parallel_for): one parallel region per call,
+// every table's small groups of a TableCalls call together, cut into one run per thread by cost
+// (run_small_). y may be x
 // itself (an output adapter h + f(h)): every row's h is computed before that row is written, and
 // rows are disjoint. Nothing here allocates per row; there is no autograd (inference only: the
 // Python wrapper refuses inputs that require grad).
@@ -315,15 +317,24 @@ constexpr int kMaxSmall = 8;  // rows a small group holds at once (larger small 
 
 #define FA_CHECK(cond, ...) TORCH_CHECK(cond, "fastadapters cpu_multi_adapter_: ", __VA_ARGS__)
 
-}  // namespace
+struct Group { int64_t slot, start, n, r; };
 
-// y (M, N) in place; x (M, K); row_slot (M,) int32; down (S, R, K); up (S, N, R); sizes (S,) int32;
-// scales (S,) float32; act_ids (S,) int32. All CPU; y/x/down/up one floating dtype; y, x, down and
-// the small tensors contiguous; up either contiguous or the transposed storage (strides (N*R, 1, N)).
-// Returns the number of rows that took the GEMM path (for tests and benchmarks).
-int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& row_slot, const at::Tensor& down,
-                           const at::Tensor& up, const at::Tensor& sizes, const at::Tensor& scales,
-                           const at::Tensor& act_ids, int64_t gemm_min_rows) {
+// One table's small groups, checked and ready to run (its large groups have run already).
+struct SmallWork {
+  std::vector<int64_t> order;  // rows grouped by slot; a group's rows are order[start .. start + n)
+  std::vector<Group> small;
+  const void* down;
+  const void* up;
+  const int32_t* act;
+  const float* scale;
+  int64_t R, us, un, ur;
+};
+
+// Checks one table's arguments, groups its rows by slot, runs the large groups (ATen GEMMs) and
+// leaves the small ones in `work`; returns the GEMM-path rows.
+int64_t prepare_(at::Tensor& y, const at::Tensor& x, const at::Tensor& row_slot, const at::Tensor& down,
+                 const at::Tensor& up, const at::Tensor& sizes, const at::Tensor& scales, const at::Tensor& act_ids,
+                 int64_t gemm_min_rows, SmallWork& work) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&y, &x, &row_slot, &down, &up, &sizes, &scales, &act_ids})
     FA_CHECK(t->device().is_cpu(), "expected CPU tensors, got one on ", t->device());
   FA_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0), "expected x (M, K) and y (M, N), got x ",
@@ -366,14 +377,15 @@ int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& 
     FA_CHECK(ac[s] >= 0 && ac[s] <= 5, "act_ids[", s, "] = ", ac[s], "; valid: 0..5");
     count[s + 1] += count[s];
   }
-  std::vector<int64_t> order(count[S]);
+  std::vector<int64_t>& order = work.order;
+  order.assign(count[S], 0);
   {
     std::vector<int64_t> fill(count.begin(), count.end() - 1);
     for (int64_t m = 0; m < M; ++m)
       if (rs[m] >= 0) order[fill[rs[m]]++] = m;
   }
-  struct Group { int64_t slot, start, n, r; };
-  std::vector<Group> small, large;
+  std::vector<Group>& small = work.small;
+  std::vector<Group> large;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = count[s + 1] - count[s];
     const int64_t r = std::min<int64_t>(std::max<int32_t>(sz[s], 0), R);
@@ -421,36 +433,92 @@ int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& 
       if (contiguous) ys.copy_(out); else y.index_copy_(0, idx, out);
     }
   }
-  if (small.empty()) return gemm_rows;
+  work.down = down.data_ptr();
+  work.up = up.data_ptr();
+  work.act = ac;
+  work.scale = sc;
+  work.R = R;
+  work.us = us;
+  work.un = un;
+  work.ur = ur;
+  return gemm_rows;
+}
 
+// Work below which the small groups of one call stay on the calling thread (a parallel region
+// costs a few microseconds): in run_small_'s cost units, a decode group of rank 8 at K = N = 576 is
+// ~28k. On a SmolLM2-135M decode step's calls (32 rows, 17 adapters of ranks 8-64), two threads
+// took 8.1-8.6 ms against 13.3-13.6 ms on one, where 2^14 and 2^18 did no better than this.
+constexpr int64_t kParallelMinCost = int64_t(1) << 16;
+
+// Runs the small groups of every table in `works` on y (rows are disjoint across groups and
+// tables: a row has one slot of one table). With more than one thread and enough work they are
+// cut into one contiguous run of groups per thread with about equal cost, so that every thread
+// streams its own slots' weights (a decode call's groups are few and of unequal rank; a split by
+// count would leave one thread the large ones). Each group is computed by one thread whatever the
+// split, so the result does not depend on the thread count.
+void run_small_(at::Tensor& y, const at::Tensor& x, const std::vector<SmallWork>& works) {
+  const int64_t K = x.size(1), N = y.size(1);
+  struct Item { const SmallWork* w; const Group* g; };
+  std::vector<Item> items;
+  std::vector<int64_t> prefix{0};  // prefix[i]: cost of items before i
+  int64_t R = 1;
+  for (const SmallWork& w : works) {
+    R = std::max(R, w.R);
+    for (const Group& g : w.small) {
+      items.push_back(Item{&w, &g});
+      // the weights are read once per group, the arithmetic grows with its rows
+      prefix.push_back(prefix.back() + g.r * (K + N) * (g.n + 2));
+    }
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  if (n_items == 0) return;
+  const int64_t total = prefix.back();
+  const int64_t tasks = total < kParallelMinCost ? 1 : std::min<int64_t>(at::get_num_threads(), n_items);
+  std::vector<int64_t> cut(tasks + 1, n_items);
+  cut[0] = 0;
+  for (int64_t t = 1, i = 0; t < tasks; ++t) {  // task t starts at the first item whose middle is past t/tasks of the cost
+    while (i < n_items && (prefix[i] + prefix[i + 1]) * tasks < 2 * total * t) ++i;
+    cut[t] = std::max(i, cut[t - 1]);
+  }
+  const auto dt = y.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "cpu_multi_adapter_", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* dp = down.data_ptr<scalar_t>();
-    const scalar_t* upp = up.data_ptr<scalar_t>();
-    const int64_t groups = static_cast<int64_t>(small.size());
-    // grain: about 256k multiply-adds per task, so tiny batches stay on the calling thread
-    const int64_t work = std::max<int64_t>(1, small[0].r * (K + N));
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
-    at::parallel_for(0, groups, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<acc_t> hbuf(kMaxSmall * R), xbuf(kMaxSmall * std::max(K, N));
-      for (int64_t gi = lo; gi < hi; ++gi) {
-        const Group& g = small[gi];
-        if (std::is_same_v<scalar_t, float> && un == 1) {  // (the casts are no-ops where it is taken)
+      for (int64_t i = cut[lo]; i < cut[hi]; ++i) {
+        const SmallWork& w = *items[i].w;
+        const Group& g = *items[i].g;
+        const scalar_t* dp = static_cast<const scalar_t*>(w.down) + g.slot * w.R * K;
+        const scalar_t* upp = static_cast<const scalar_t*>(w.up) + g.slot * w.us;
+        const int64_t* rows = w.order.data() + g.start;
+        if (std::is_same_v<scalar_t, float> && w.un == 1) {  // (the casts are no-ops where it is taken)
           small_group_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<float*>(yp),
-                          reinterpret_cast<const float*>(dp + g.slot * R * K),
-                          reinterpret_cast<const float*>(upp + g.slot * us), ur, order.data() + g.start,
-                          static_cast<int>(g.n), K, N, R, g.r, static_cast<float>(sc[g.slot]), ac[g.slot],
+                          reinterpret_cast<const float*>(dp), reinterpret_cast<const float*>(upp), w.ur, rows,
+                          static_cast<int>(g.n), K, N, w.R, g.r, static_cast<float>(w.scale[g.slot]), w.act[g.slot],
                           reinterpret_cast<float*>(hbuf.data()), reinterpret_cast<float*>(xbuf.data()));
           continue;
         }
-        small_group<scalar_t, acc_t>(xp, yp, dp + g.slot * R * K, upp + g.slot * us, un, ur, order.data() + g.start,
-                                     static_cast<int>(g.n), K, N, R, g.r, static_cast<acc_t>(sc[g.slot]), ac[g.slot],
-                                     hbuf.data(), xbuf.data());
+        small_group<scalar_t, acc_t>(xp, yp, dp, upp, w.un, w.ur, rows, static_cast<int>(g.n), K, N, w.R, g.r,
+                                     static_cast<acc_t>(w.scale[g.slot]), w.act[g.slot], hbuf.data(), xbuf.data());
       }
     });
   });
+}
+
+}  // namespace
+
+// y (M, N) in place; x (M, K); row_slot (M,) int32; down (S, R, K); up (S, N, R); sizes (S,) int32;
+// scales (S,) float32; act_ids (S,) int32. All CPU; y/x/down/up one floating dtype; y, x, down and
+// the small tensors contiguous; up either contiguous or the transposed storage (strides (N*R, 1, N)).
+// Returns the number of rows that took the GEMM path (for tests and benchmarks).
+int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& row_slot, const at::Tensor& down,
+                           const at::Tensor& up, const at::Tensor& sizes, const at::Tensor& scales,
+                           const at::Tensor& act_ids, int64_t gemm_min_rows) {
+  std::vector<SmallWork> works(1);
+  const int64_t gemm_rows = prepare_(y, x, row_slot, down, up, sizes, scales, act_ids, gemm_min_rows, works[0]);
+  run_small_(y, x, works);
   return gemm_rows;
 }
 
@@ -475,9 +543,11 @@ struct TableCalls {
 // disjoint: a row has one adapter, in one bucket); returns the GEMM-path rows of all of them.
 int64_t cpu_multi_adapter_calls_(at::Tensor y, const at::Tensor& x, const TableCalls& calls, int64_t gemm_min_rows) {
   int64_t gemm_rows = 0;
+  std::vector<SmallWork> works(calls.size());
   for (size_t i = 0; i < calls.size(); ++i)
-    gemm_rows += cpu_multi_adapter_(y, x, calls.row_slot[i], calls.down[i], calls.up[i], calls.sizes[i],
-                                    calls.scales[i], calls.act_ids[i], gemm_min_rows);
+    gemm_rows += prepare_(y, x, calls.row_slot[i], calls.down[i], calls.up[i], calls.sizes[i], calls.scales[i],
+                          calls.act_ids[i], gemm_min_rows, works[i]);
+  run_small_(y, x, works);  // one parallel region for every bucket's small groups
   return gemm_rows;
 }
 

@@ -404,6 +404,50 @@ def test_threads_split_groups_without_changing_a_bit(ext):
     torch.testing.assert_close(outs[0].double(), _ref64((y0, x, rs, down, up, sz, sc, act)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("transposed_up", [False, True], ids=["up-NR", "up-RN"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_one_call_splits_every_tables_groups_across_threads_without_changing_a_bit(ext, transposed_up, dtype):
+    """``cpu_multi_adapter_calls_`` runs the small groups of all its tables (rank buckets) in one
+    parallel region, cut into runs of about equal cost: decode-shaped rows (one or two per slot)
+    over three buckets of unequal rank give the same bits on one thread and on two, the same as one
+    ``cpu_multi_adapter_`` per table, and match the fp64 reference."""
+    m, k, n = 45, 133, 71
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y0 = torch.randn(m, n, generator=g).to(dtype)
+    bucket_of_row = torch.randint(-1, 3, (m,), generator=g)  # each row in at most one bucket
+    tables = []
+    for b, (s, r, sizes) in enumerate([(5, 8, (8, 3, 8, 8, 0)), (3, 16, (16, 11, 16)), (4, 64, (64, 40, 64, 17))]):
+        down = (torch.randn(s, r, k, generator=g) / k ** 0.5).to(dtype)
+        up = (torch.randn(s, n, r, generator=g) / 4).to(dtype)
+        if transposed_up:
+            up = up.transpose(1, 2).contiguous().transpose(1, 2)
+        rs = torch.where(bucket_of_row == b, torch.randint(0, s, (m,), generator=g), -1).to(torch.int32)
+        tables.append((rs, down, up, torch.tensor(sizes, dtype=torch.int32), torch.rand(s, generator=g) + 0.5,
+                       torch.tensor([ACTS[(i + b) % len(ACTS)] for i in range(s)], dtype=torch.int32)))
+    calls = ext.TableCalls(*[list(col) for col in zip(*tables)])
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            y = y0.clone()
+            assert ext.cpu_multi_adapter_calls_(y, x, calls, 10 ** 9) == 0  # all small groups
+            outs.append(y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    one_by_one = y0.clone()
+    for rs, down, up, sz, sc, act in tables:
+        ext.cpu_multi_adapter_(one_by_one, x, rs, down, up, sz, sc, act, 10 ** 9)
+    assert torch.equal(outs[0], one_by_one)
+    want = y0.double()
+    for rs, down, up, sz, sc, act in tables:
+        want = mo.multi_adapter_ref(want, x.double(), rs, down.double(), up.double(), sz, sc.double(), act)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(outs[0].double(), want, atol=tol, rtol=tol)
+
+
 def test_status_names_what_is_missing(monkeypatch):
     from fastadapters.ops import cpu_ext
 
@@ -426,7 +470,7 @@ def test_generic_build_without_avx2_matches_the_reference():
     from fastadapters.ops import cpu_ext
 
     env = dict(os.environ, **{cpu_ext.ISA_ENV: "generic"})
-    sel = "matches_fp64_reference or bf16_within_rule or isolation_from_nan or in_place_and_aliased or threads_split"
+    sel = "matches_fp64_reference or bf16_within_rule or isolation_from_nan or in_place_and_aliased or threads_split or splits_every"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel], env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        capture_output=True, text=True, timeout=900)
