@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -509,18 +510,32 @@ void run_small_(at::Tensor& y, const at::Tensor& x, const std::vector<SmallWork>
   });
 }
 
+// (..., N) / (..., K) -> (M, N) / (M, K) views (2-D tensors are returned as they are)
+std::pair<at::Tensor, at::Tensor> as_rows(const at::Tensor& y, const at::Tensor& x) {
+  if (x.dim() == 2 && y.dim() == 2) return {y, x};
+  FA_CHECK(x.dim() >= 2 && y.dim() == x.dim() && x.sizes().slice(0, x.dim() - 1) == y.sizes().slice(0, y.dim() - 1),
+           "expected x (M, K) and y (M, N), or x (..., K) and y (..., N) with the same leading sizes, got x ",
+           x.sizes(), " and y ", y.sizes());
+  FA_CHECK(x.is_contiguous() && y.is_contiguous(), "expected contiguous y and x");
+  return {y.view({-1, y.size(-1)}), x.view({-1, x.size(-1)})};
+}
+
 }  // namespace
 
 // y (M, N) in place; x (M, K); row_slot (M,) int32; down (S, R, K); up (S, N, R); sizes (S,) int32;
 // scales (S,) float32; act_ids (S,) int32. All CPU; y/x/down/up one floating dtype; y, x, down and
 // the small tensors contiguous; up either contiguous or the transposed storage (strides (N*R, 1, N)).
 // Returns the number of rows that took the GEMM path (for tests and benchmarks).
+// x may also be (..., K) and y (..., N) with the same leading sizes, both contiguous (a layer's
+// (B, T, K) input and output as the serving router has them): their rows are the flattened
+// leading dimensions.
 int64_t cpu_multi_adapter_(at::Tensor y, const at::Tensor& x, const at::Tensor& row_slot, const at::Tensor& down,
                            const at::Tensor& up, const at::Tensor& sizes, const at::Tensor& scales,
                            const at::Tensor& act_ids, int64_t gemm_min_rows) {
+  auto [y2, x2] = as_rows(y, x);
   std::vector<SmallWork> works(1);
-  const int64_t gemm_rows = prepare_(y, x, row_slot, down, up, sizes, scales, act_ids, gemm_min_rows, works[0]);
-  run_small_(y, x, works);
+  const int64_t gemm_rows = prepare_(y2, x2, row_slot, down, up, sizes, scales, act_ids, gemm_min_rows, works[0]);
+  run_small_(y2, x2, works);
   return gemm_rows;
 }
 
@@ -541,15 +556,16 @@ struct TableCalls {
   size_t size() const { return row_slot.size(); }
 };
 
-// cpu_multi_adapter_ for each entry of `calls` in turn, on the same y and x (the buckets' rows are
+// cpu_multi_adapter_ for each entry of `calls`, on the same y and x (the buckets' rows are
 // disjoint: a row has one adapter, in one bucket); returns the GEMM-path rows of all of them.
 int64_t cpu_multi_adapter_calls_(at::Tensor y, const at::Tensor& x, const TableCalls& calls, int64_t gemm_min_rows) {
+  auto [y2, x2] = as_rows(y, x);
   int64_t gemm_rows = 0;
   std::vector<SmallWork> works(calls.size());
   for (size_t i = 0; i < calls.size(); ++i)
-    gemm_rows += prepare_(y, x, calls.row_slot[i], calls.down[i], calls.up[i], calls.sizes[i], calls.scales[i],
+    gemm_rows += prepare_(y2, x2, calls.row_slot[i], calls.down[i], calls.up[i], calls.sizes[i], calls.scales[i],
                           calls.act_ids[i], gemm_min_rows, works[i]);
-  run_small_(y, x, works);  // one parallel region for every bucket's small groups
+  run_small_(y2, x2, works);  // one parallel region for every bucket's small groups
   return gemm_rows;
 }
 

@@ -302,9 +302,16 @@ class Router:
             rows = batch  # a layer that sees (B*T, K): tokens of each row adjacent, row-major
         return rows, x.numel() // max(rows * x.shape[-1], 1)
 
+    def check_fast_stamp(self) -> None:
+        """Forget the prepared kernel calls when the store's table layout or the backend setting
+        (``FASTADAPTERS_BACKEND``) changed since they were made; ``route`` calls it on entry."""
+        stamp = (self.store.layout, os.environ.get(dispatch.ENV_VAR))
+        if self._fast_stamp != stamp:
+            self._fast, self._fast_stamp = {}, stamp
+
     def _fast_entry(self, layer: AdapterLinear, x: torch.Tensor, tables, rows: int, tokens: int):
         """The C++ CPU kernel's calls for this layer and input, built once per (layer, shape, dtype)
-        while the plans and the store's tables stay (``(ext, pre, post_in, post_out)``, a phase None
+        while the plans and the store's tables stay (``(ext, pre, post_in, post_out, gemm_min_rows)``, a phase None
         when it has no table, each phase one ``TableCalls`` over its rank buckets); False where a
         layer call cannot take it (another backend, graph mode, tables or base weights of another
         dtype): the general path then runs."""
@@ -325,7 +332,7 @@ class Router:
             calls.append(ext.TableCalls([p.row_slot for p in plans], [t.down for _, t in picked],
                                         [t.up for _, t in picked], [t.sizes_host for _, t in picked],
                                         [t.scales for _, t in picked], [t.act_host for _, t in picked]))
-        return (ext, *calls)
+        return (ext, *calls, cpp_gemm_min_rows(x.dtype))
 
     def forward(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
         self._refresh_if_changed()
@@ -335,29 +342,27 @@ class Router:
         # the CPU fast path: one prepared C++ call per phase (no per-bucket Python), for inference
         # outside torch.compile on a contiguous input; the entry is rebuilt when the plans, the
         # store's tables or the backend setting change
+        # (the prepared calls' validity -- store layout, backend setting -- is checked once per
+        # forward, by ``route``: ``check_fast_stamp``; this runs ~200 times a serving step, so it
+        # does as little as it can: the kernel takes the layer's (..., K) input and output as they are)
         if not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
-            stamp = (self.store.layout, os.environ.get(dispatch.ENV_VAR))
-            if self._fast_stamp != stamp:
-                self._fast, self._fast_stamp = {}, stamp
             key = (id(layer), x.shape, x.dtype, layer.backend, self.expand)
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._fast_entry(layer, x, tables, *self._rows_tokens(x))
             if entry is not False:
-                ext, pre, post_in, post_out = entry
-                gemm_rows = cpp_gemm_min_rows(x.dtype)
-                x2 = x.view(-1, x.shape[-1])
+                ext, pre, post_in, post_out, gemm_rows = entry
                 if pre is not None:  # never into the caller's input
-                    x2 = x2.clone()
-                    ext.cpu_multi_adapter_calls_(x2, x2, pre, gemm_rows)
-                y = layer.base_layer(x2)
-                if y.data_ptr() == x2.data_ptr() or not y.is_contiguous():  # not a fresh output of ours
+                    x = x.clone()
+                    ext.cpu_multi_adapter_calls_(x, x, pre, gemm_rows)
+                y = layer.base_layer(x)
+                if y.data_ptr() == x.data_ptr() or not y.is_contiguous():  # not a fresh output of ours
                     y = y.clone(memory_format=torch.contiguous_format)
                 if post_in is not None:
-                    ext.cpu_multi_adapter_calls_(y, x2, post_in, gemm_rows)
+                    ext.cpu_multi_adapter_calls_(y, x, post_in, gemm_rows)
                 if post_out is not None:
                     ext.cpu_multi_adapter_calls_(y, y, post_out, gemm_rows)
-                return y.view(*x.shape[:-1], y.shape[-1])
+                return y
         k = x.shape[-1]
         rows, tokens = self._rows_tokens(x)
         x2 = x.reshape(-1, k)
@@ -481,6 +486,7 @@ def route(model: nn.Module, names, backend: str | None = None, lengths=None, reu
     param = next(model.parameters(), None)
     if param is not None:
         dispatch.resolve(MULTI_OP, backend, param.device)
+    router.check_fast_stamp()
     wrappers = router.store.wrappers()
     version_in = state.version
     previous = [w.routing for w in wrappers]

@@ -448,6 +448,28 @@ def test_one_call_splits_every_tables_groups_across_threads_without_changing_a_b
     torch.testing.assert_close(outs[0].double(), want, atol=tol, rtol=tol)
 
 
+def test_leading_dimensions_are_rows(ext):
+    """x (..., K) and y (..., N) with the same leading sizes (a layer's (B, T, K) input and output,
+    as the router passes them) are the flattened rows, through both entry points; other shapes and
+    non-contiguous ones are refused before anything is written."""
+    y0, x, rs, down, up, sz, sc, act = _case(m=36, transposed_up=True, seed=3)
+    want = y0.clone()
+    ext.cpu_multi_adapter_(want, x, rs, down, up, sz, sc, act, 8)
+    y3 = y0.clone().view(3, 12, -1)
+    ext.cpu_multi_adapter_(y3, x.view(3, 12, -1), rs, down, up, sz, sc, act, 8)
+    assert torch.equal(y3.view_as(want), want)
+    calls = ext.TableCalls([rs], [down], [up], [sz], [sc], [act])
+    y4 = y0.clone().view(2, 3, 6, -1)
+    ext.cpu_multi_adapter_calls_(y4, x.view(2, 3, 6, -1), calls, 8)
+    assert torch.equal(y4.view_as(want), want)
+    y = y0.clone().view(3, 12, -1)
+    with pytest.raises(RuntimeError, match=r"same leading sizes, got x \[4, 9, 101\] and y \[3, 12, 75\]"):
+        ext.cpu_multi_adapter_calls_(y, x.view(4, 9, -1), calls, 8)
+    with pytest.raises(RuntimeError, match="expected contiguous y and x"):
+        ext.cpu_multi_adapter_calls_(y.transpose(0, 1), x.view(3, 12, -1).transpose(0, 1), calls, 8)
+    assert torch.equal(y, y0.view(3, 12, -1))
+
+
 def test_status_names_what_is_missing(monkeypatch):
     from fastadapters.ops import cpu_ext
 
