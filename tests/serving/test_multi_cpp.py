@@ -385,21 +385,30 @@ def test_router_makes_one_kernel_call_per_phase_whatever_the_rank_buckets(ext, m
     torch.testing.assert_close(packed_fast, packed_general.detach(), atol=1e-6, rtol=1e-6)
 
 
+def _on_one_and_two_threads(run):
+    """``run()``'s results with torch on one thread and on two (the setting restored after)."""
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(run())
+        return outs
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_threads_split_groups_without_changing_a_bit(ext):
     """Small groups run in parallel on torch's pool; each group is one task, so the result does not
     depend on the thread count."""
     y0, x, rs, down, up, sz, sc, act = _case(m=600, k=301, n=257, s=7, r=64, sizes=(64, 33, 64, 0, 17, 64, 9),
                                              transposed_up=True, seed=13)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            y = y0.clone()
-            assert ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, act, 10 ** 9) == 0  # all small groups
-            outs.append(y)
-    finally:
-        torch.set_num_threads(before)
+    def run():
+        y = y0.clone()
+        assert ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, act, 10 ** 9) == 0  # all small groups
+        return y
+
+    outs = _on_one_and_two_threads(run)
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[0].double(), _ref64((y0, x, rs, down, up, sz, sc, act)), atol=1e-5, rtol=1e-5)
 
@@ -426,16 +435,12 @@ def test_one_call_splits_every_tables_groups_across_threads_without_changing_a_b
         tables.append((rs, down, up, torch.tensor(sizes, dtype=torch.int32), torch.rand(s, generator=g) + 0.5,
                        torch.tensor([ACTS[(i + b) % len(ACTS)] for i in range(s)], dtype=torch.int32)))
     calls = ext.TableCalls(*[list(col) for col in zip(*tables)])
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            y = y0.clone()
-            assert ext.cpu_multi_adapter_calls_(y, x, calls, 10 ** 9) == 0  # all small groups
-            outs.append(y)
-    finally:
-        torch.set_num_threads(before)
+    def run():
+        y = y0.clone()
+        assert ext.cpu_multi_adapter_calls_(y, x, calls, 10 ** 9) == 0  # all small groups
+        return y
+
+    outs = _on_one_and_two_threads(run)
     assert torch.equal(outs[0], outs[1])
     one_by_one = y0.clone()
     for rs, down, up, sz, sc, act in tables:
