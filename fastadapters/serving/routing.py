@@ -340,11 +340,11 @@ class Router:
         if tables is None or not self.any_active:
             return layer.base_layer(x)
         # the CPU fast path: one prepared C++ call per phase (no per-bucket Python), for inference
-        # outside torch.compile on a contiguous input; the entry is rebuilt when the plans, the
-        # store's tables or the backend setting change
-        # (the prepared calls' validity -- store layout, backend setting -- is checked once per
-        # forward, by ``route``: ``check_fast_stamp``; this runs ~200 times a serving step, so it
-        # does as little as it can: the kernel takes the layer's (..., K) input and output as they are)
+        # outside torch.compile on a contiguous input. The entry is rebuilt when the plans change
+        # (they are dropped with it), and when the store's table layout or the backend setting
+        # does, which ``route`` checks once per forward (``check_fast_stamp``): this runs ~200 times
+        # a serving step, so it does as little as it can (the kernel takes the layer's (..., K)
+        # input and output as they are, no views)
         if not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
             key = (id(layer), x.shape, x.dtype, layer.backend, self.expand)
             entry = self._fast.get(key)
