@@ -37,25 +37,39 @@ def _source() -> Path:
                                   "reinstall fastadapters from a source checkout")
 
 
-ISA_ENV = "FASTADAPTERS_CPU_ISA"  # "auto" (default): AVX2/FMA when the CPU has them; "generic": never
+ISA_ENV = "FASTADAPTERS_CPU_ISA"  # "auto" (default): the widest of AVX-512 / AVX2+FMA the CPU has; "avx2"; "generic"
+ISA_CHOICES = ("auto", "avx2", "generic")
+ISA_FLAGS = {"avx512": ["-mavx2", "-mfma", "-mavx512f"], "avx2": ["-mavx2", "-mfma"], "generic": []}
+
+#: the instruction set of the loaded build ("avx512" | "avx2" | "generic"); None before it is loaded
+LOADED_ISA: str | None = None
+
+
+def _isa() -> str:
+    """The instruction set to build for: AVX-512F (16-float vectors) when this CPU has it, else
+    AVX2/FMA when it has them, else none; ``FASTADAPTERS_CPU_ISA=avx2`` caps it at AVX2/FMA (a CPU
+    that slows its clock for 512-bit code), ``generic`` builds without (a portable build, e.g. for
+    a cache older CPUs share). The build directory is per flag set, so a cache shared by machines
+    with different CPUs never loads code a CPU cannot run."""
+    isa = os.environ.get(ISA_ENV, "auto")
+    if isa not in ISA_CHOICES:
+        raise CpuExtensionUnavailable(f"fastadapters: {ISA_ENV}={isa!r}; valid: 'auto' (AVX-512 or AVX2/FMA, the "
+                                      "widest this CPU has), 'avx2' (AVX2/FMA at most) or 'generic' (no "
+                                      "instruction-set flags)")
+    if isa == "generic":
+        return "generic"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        flags = set()
+    if not {"avx2", "fma"} <= flags:
+        return "generic"
+    return "avx512" if isa == "auto" and "avx512f" in flags else "avx2"
 
 
 def _isa_flags() -> list[str]:
-    """AVX2/FMA when this CPU has them (the build directory is per flag set, so a cache shared by
-    machines with different CPUs never loads code a CPU cannot run); none with
-    ``FASTADAPTERS_CPU_ISA=generic`` (a portable build, e.g. for a cache older CPUs share)."""
-    isa = os.environ.get(ISA_ENV, "auto")
-    if isa not in ("auto", "generic"):
-        raise CpuExtensionUnavailable(f"fastadapters: {ISA_ENV}={isa!r}; valid: 'auto' (AVX2/FMA when this CPU has "
-                                      "them) or 'generic' (no instruction-set flags)")
-    if isa == "generic":
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+    return list(ISA_FLAGS[_isa()])
 
 
 def status() -> str:
@@ -66,8 +80,8 @@ def status() -> str:
         return _FAILED
     if sys.platform != "linux":
         return f"the CPU kernel is built only on Linux (this is {sys.platform})"
-    if os.environ.get(ISA_ENV, "auto") not in ("auto", "generic"):
-        return f"{ISA_ENV}={os.environ[ISA_ENV]!r}; valid: 'auto' or 'generic'"
+    if os.environ.get(ISA_ENV, "auto") not in ISA_CHOICES:
+        return f"{ISA_ENV}={os.environ[ISA_ENV]!r}; valid: 'auto', 'avx2' or 'generic'"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)"
@@ -104,7 +118,7 @@ def load_cpu_extension(verbose: bool = False):
     """The compiled module (``cpu_multi_adapter_``, and ``TableCalls`` / ``cpu_multi_adapter_calls_``
     for the serving router's one call per layer phase); builds it on first use.
     Raises CpuExtensionUnavailable with the reason (and remembers it: no second attempt)."""
-    global _LOADED, _FAILED
+    global _LOADED, _FAILED, LOADED_ISA
     if _LOADED is not None:
         return _LOADED
     with _LOCK:
@@ -120,7 +134,8 @@ def load_cpu_extension(verbose: bool = False):
 
         try:
             src = _source()
-            flags = FLAGS + _isa_flags()
+            isa = _isa()
+            flags = FLAGS + ISA_FLAGS[isa]
             build_dir = _build_path(flags)
             build_dir.mkdir(parents=True, exist_ok=True)
             if not any(build_dir.glob(f"{NAME}*.so")):
@@ -130,6 +145,7 @@ def load_cpu_extension(verbose: bool = False):
             # resolves to the one torch already loaded (one thread pool, torch.set_num_threads)
             _LOADED = cpp.load(name=NAME, sources=[str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                build_directory=str(build_dir), verbose=verbose)
+            LOADED_ISA = isa
         except Exception as e:  # compiler or loader errors: remembered, reported once by the caller
             _FAILED = (f"fastadapters: building the CPU kernel failed ({type(e).__name__}: {str(e)[:400]}); "
                        "load_cpu_extension(verbose=True) shows the compiler output")

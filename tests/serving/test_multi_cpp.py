@@ -99,8 +99,13 @@ def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
     act = torch.tensor([ACTS[i % len(ACTS)] for i in range(s)], dtype=torch.int32)
     ref = _ref64((y0, x, rs, down, up_nr, sz, sc, act))
     err_t = (mo.multi_adapter_ref(y0, x, rs, down, up_nr, sz, sc, act).double() - ref).abs().max()
-    # the op's GEMM threshold: 64 rows where these loops run (float32, the store's storage), else 16
-    assert mo.cpp_gemm_min_rows(torch.float32, up_rn) == mo.cpp_gemm_min_rows(torch.float32) == 64
+    # the op's GEMM threshold: where these loops run (float32, the store's storage) 64 rows, 128 in
+    # an AVX-512 build; else 16
+    from fastadapters.ops import cpu_ext
+
+    assert cpu_ext.LOADED_ISA == cpu_ext._isa()
+    f32_rows = 128 if cpu_ext.LOADED_ISA == "avx512" else 64
+    assert mo.cpp_gemm_min_rows(torch.float32, up_rn) == mo.cpp_gemm_min_rows(torch.float32) == f32_rows
     assert mo.cpp_gemm_min_rows(torch.float32, up_nr) == mo.cpp_gemm_min_rows(torch.bfloat16, up_rn) == 16
     for up in (up_rn, up_nr):
         y = y0.clone()
@@ -490,30 +495,44 @@ def test_status_names_what_is_missing(monkeypatch):
         cpu_ext.load_cpu_extension()
 
 
-def test_generic_build_without_avx2_matches_the_reference():
-    """``FASTADAPTERS_CPU_ISA=generic``: the build a CPU without AVX2/FMA gets (no instruction-set
-    flags), compiled and run here in a fresh process against the fp64 reference, the NaN isolation
-    and the in-place cases."""
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_other_builds_match_the_reference(isa):
+    """``FASTADAPTERS_CPU_ISA=generic`` (the build a CPU without AVX2/FMA gets: no instruction-set
+    flags) and ``=avx2`` (what an AVX2 CPU without AVX-512 gets, 8-float vectors, when this machine
+    builds for AVX-512 by default), each compiled and run here in a fresh process: the fp64
+    reference, float32's own loops at every group size and rank, the NaN isolation, the in-place
+    cases and the thread splits."""
     from fastadapters.ops import cpu_ext
 
-    env = dict(os.environ, **{cpu_ext.ISA_ENV: "generic"})
-    sel = "matches_fp64_reference or bf16_within_rule or isolation_from_nan or in_place_and_aliased or threads_split or splits_every"
+    env = dict(os.environ, **{cpu_ext.ISA_ENV: isa})
+    sel = ("matches_fp64_reference or bf16_within_rule or isolation_from_nan or in_place_and_aliased or threads_split "
+           "or splits_every or fp32_small_groups")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel], env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
-    assert any(cpu_ext._build_path(cpu_ext.FLAGS).glob(f"{cpu_ext.NAME}*.so")), "the generic build was not made"
+    with open("/proc/cpuinfo") as f:
+        cpu = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    flags = cpu_ext.ISA_FLAGS[isa if isa == "generic" or {"avx2", "fma"} <= cpu else "generic"]
+    assert any(cpu_ext._build_path(cpu_ext.FLAGS + flags).glob(f"{cpu_ext.NAME}*.so")), f"the {isa} build was not made"
 
 
 def test_isa_setting_is_checked(monkeypatch):
     from fastadapters.ops import cpu_ext
 
+    with open("/proc/cpuinfo") as f:
+        cpu = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     monkeypatch.setenv(cpu_ext.ISA_ENV, "generic")
     assert cpu_ext._isa_flags() == []
-    monkeypatch.setenv(cpu_ext.ISA_ENV, "avx512")
-    with pytest.raises(cpu_ext.CpuExtensionUnavailable, match="valid: 'auto'"):
+    monkeypatch.setenv(cpu_ext.ISA_ENV, "avx2")  # AVX2/FMA at most, also on an AVX-512 CPU
+    assert cpu_ext._isa_flags() == (["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu else [])
+    monkeypatch.setenv(cpu_ext.ISA_ENV, "auto")
+    want = "avx512" if {"avx2", "fma", "avx512f"} <= cpu else "avx2" if {"avx2", "fma"} <= cpu else "generic"
+    assert cpu_ext._isa() == want and cpu_ext._isa_flags() == cpu_ext.ISA_FLAGS[want]
+    monkeypatch.setenv(cpu_ext.ISA_ENV, "sse9")
+    with pytest.raises(cpu_ext.CpuExtensionUnavailable, match="valid: 'auto' .*'avx2' .*'generic'"):
         cpu_ext._isa_flags()
     monkeypatch.setattr(cpu_ext, "_LOADED", None)
     monkeypatch.setattr(cpu_ext, "_FAILED", None)
-    assert "FASTADAPTERS_CPU_ISA='avx512'" in cpu_ext.status()
+    assert "FASTADAPTERS_CPU_ISA='sse9'; valid: 'auto', 'avx2' or 'generic'" in cpu_ext.status()
