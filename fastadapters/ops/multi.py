@@ -476,7 +476,8 @@ _register_cuda_backend()
 #: Zen 5 EPYC, whose 512-bit units run 16 floats an instruction), they also beat ATen's GEMMs (MKL,
 #: which runs its generic code path on AMD CPUs) from 64 to 128 rows: replaying the three prefill
 #: steps of 32 requests on 32 adapters (SmolLM2-135M), the kernel took 132 ms with 128, 131-133 ms
-#: with 256 or no GEMMs at all, 148-152 ms with 64, and 161-170 ms for the AVX2 build at any threshold.
+#: with 256 or no GEMMs at all, 148-152 ms with 64; the AVX2 build 161-170 ms with 64 or 128 rows and
+#: 173-183 ms with 256 or none (one thread).
 CPP_GEMM_MIN_ROWS = 16
 CPP_GEMM_MIN_ROWS_F32 = 64
 CPP_GEMM_MIN_ROWS_F32_AVX512 = 128
