@@ -45,6 +45,15 @@ ISA_FLAGS = {"avx512": ["-mavx2", "-mfma", "-mavx512f"], "avx2": ["-mavx2", "-mf
 LOADED_ISA: str | None = None
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
 def _isa() -> str:
     """The instruction set to build for: AVX-512F (16-float vectors) when this CPU has it, else
     AVX2/FMA when it has them, else none; ``FASTADAPTERS_CPU_ISA=avx2`` caps it at AVX2/FMA (a CPU
@@ -58,11 +67,7 @@ def _isa() -> str:
                                       "instruction-set flags)")
     if isa == "generic":
         return "generic"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        flags = set()
+    flags = cpu_flags()
     if not {"avx2", "fma"} <= flags:
         return "generic"
     return "avx512" if isa == "auto" and "avx512f" in flags else "avx2"
