@@ -280,6 +280,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     longest_token = max((len(t) for t in vocab), default=64)
     max_prompt_chars = engine.max_model_len * longest_token
     tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-tokenize")
+    # grammars compile in a thread of their own: a slow one (bounded by the engine's
+    # max_grammar_compile_s) holds up other structured requests, never the tokenising of the rest
+    grammar_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-grammar")
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
     marker = _stripped_space_marker(tokenizer, vocab)
@@ -335,6 +338,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             yield
         finally:
             tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            grammar_pool.shutdown(wait=False, cancel_futures=True)
             if manage_engine:
                 await run_in_threadpool(engine.stop, shutdown_timeout)
             stats = engine.stats
@@ -670,7 +674,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         grammar = None
         if params.structured is not None:  # compiled off the event loop, and handed to submit
             try:
-                grammar = await off_loop(engine.compile_structured, params.structured)
+                grammar = await asyncio.get_running_loop().run_in_executor(grammar_pool, engine.compile_structured,
+                                                                           params.structured)
             except ValueError as e:
                 raise APIError(400, str(e), param=params.structured.source) from None
         tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)

@@ -149,8 +149,14 @@ class Engine:
                  max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
                  decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto",
                  cuda_graphs: bool | str = "auto", cuda_graph_sizes: list[int] | None = None,
-                 max_grammar_ms: float = 20.0, _graph_capture=None):
+                 max_grammar_ms: float = 20.0, max_grammar_compile_s: float | None = 10.0, _graph_capture=None):
         check_model(model)
+        if max_grammar_compile_s is not None and (isinstance(max_grammar_compile_s, bool) or not isinstance(
+                max_grammar_compile_s, (int, float)) or not 0 < max_grammar_compile_s <= 3600):
+            raise ValueError(f"max_grammar_compile_s: got {max_grammar_compile_s!r}; valid: a number of seconds in "
+                             "(0, 3600] (a structured output whose grammar takes longer to compile is refused), or "
+                             "None (compiled in the calling thread, without a limit)")
+        self.max_grammar_compile_s = None if max_grammar_compile_s is None else float(max_grammar_compile_s)
         if isinstance(max_grammar_ms, bool) or not isinstance(max_grammar_ms, (int, float)) \
                 or not 0 < max_grammar_ms <= 60_000:
             raise ValueError(f"max_grammar_ms: got {max_grammar_ms!r}; valid: a number of milliseconds in (0, 60000] "
@@ -336,7 +342,8 @@ class Engine:
                               "neither this model's generation config nor its tokenizer names one")
         with self._lock:
             if self._grammars is None:
-                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids,
+                                          compile_timeout_s=self.max_grammar_compile_s)
             grammars = self._grammars
         return grammars.matcher(spec) if matcher else grammars.compile(spec)
 
@@ -456,6 +463,8 @@ class Engine:
         return None
 
     def stop(self, timeout: float = 30) -> None:
+        if self._grammars is not None:  # its compiler process, if it started one
+            self._grammars.close()
         thread = self._thread
         if thread is None:
             return

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grammar-ms", type=float, default=20.0, metavar="MS",
                    help="a structured-output request (response_format json, guided_*, tool_choice) whose grammar takes "
                         "longer than this for one token ends with an error, so it cannot slow the other requests")
+    p.add_argument("--max-grammar-compile-s", type=float, default=10.0, metavar="S",
+                   help="a structured output whose grammar (a JSON schema, regex, choice list or EBNF) takes longer "
+                        "than this to compile is refused with a 400; compiling runs in a child process that is "
+                        "stopped then, so it cannot hold up the server (default: 10)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")
@@ -224,6 +228,7 @@ def build_app(args):
                     cuda_graphs=False if getattr(args, "enforce_eager", False) else "auto",
                     cuda_graph_sizes=getattr(args, "cuda_graph_sizes", None),
                     max_grammar_ms=getattr(args, "max_grammar_ms", 20.0),
+                    max_grammar_compile_s=getattr(args, "max_grammar_compile_s", 10.0),
                     kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:
         name, _, path = spec.partition("=")

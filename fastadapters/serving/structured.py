@@ -24,6 +24,10 @@ structured request a budget per token (``Engine(max_grammar_ms=20)``, ``serve --
 request whose matcher takes longer for three tokens in a row (one slow token may be a pause of the
 thread) ends alone with finish reason "error" saying so.
 
+Compiling is bounded as well: with ``compile_timeout_s`` set (the engine's ``max_grammar_compile_s``,
+10 s by default; ``serve --max-grammar-compile-s``) specs compile in a child process that is killed
+at the limit (grammar_worker.py), and the request is refused with a ValueError (a 400) that says so.
+
 A preempted request keeps its matcher: its accepted tokens are its output, which it recomputes,
 so nothing is rolled back. ``min_tokens`` with a structured output is refused (the grammar, not a
 count, decides where the output may end; the two could leave no token allowed).
@@ -132,22 +136,74 @@ class Grammars:
     """Compiled grammars and matchers for one engine's tokenizer and vocabulary (thread-safe: the
     server compiles in its tokenizer thread, the engine thread makes matchers)."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_ids):
+    def __init__(self, tokenizer, vocab_size: int, stop_ids, compile_timeout_s: float | None = None):
         self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, int(vocab_size), sorted(stop_ids)
+        self.compile_timeout_s = compile_timeout_s  # None: compile in the calling thread, without a limit
         self._lock = threading.Lock()
+        self._info = None
         self._compiler = None
+        self._worker = None
         self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._too_slow: collections.OrderedDict = collections.OrderedDict()  # specs that ran past the limit
         self.compiles = 0  # grammars compiled (cache misses), for tests
 
-    def _get_compiler(self):
+    def _get_info(self):
         xgr = _xgrammar()
         with self._lock:
+            if self._info is None:
+                self._info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                                stop_token_ids=self.stop_ids or None)
+            return self._info
+
+    def _get_compiler(self):
+        info = self._get_info()
+        with self._lock:
             if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.stop_ids or None)
                 # our LRU bounds what is kept; xgrammar's own cache would grow without limit
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+                self._compiler = _xgrammar().GrammarCompiler(info, max_threads=2, cache_enabled=False)
             return self._compiler
+
+    def _get_worker(self):
+        info = self._get_info()
+        with self._lock:
+            if self._worker is None:
+                from .grammar_worker import CompileWorker
+
+                self._worker = CompileWorker(info.serialize_json(), max_threads=2)
+            return self._worker
+
+    def close(self) -> None:
+        """Stop the compiler process, if one runs (it also stops when this object is collected)."""
+        if self._worker is not None:
+            self._worker.close()
+
+    def _compiled(self, spec: StructuredSpec, req: dict):
+        """``req`` compiled: in a child process stopped at ``compile_timeout_s`` where that is set,
+        else in this thread."""
+        from .grammar_worker import CompileError, CompileTimeout, compile_request
+
+        if self.compile_timeout_s is None:
+            try:
+                return compile_request(self._get_compiler(), req)
+            except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
+                raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+        too_slow = (f"{spec.source}: compiling it to a grammar took longer than this server allows "
+                    f"({self.compile_timeout_s:g} s, --max-grammar-compile-s); simplify it (fewer or shorter bounded "
+                    "repetitions, fewer alternatives)")
+        with self._lock:
+            if spec in self._too_slow:  # the same spec again: refused without compiling
+                raise ValueError(too_slow)
+        try:
+            text = self._get_worker().compile(req, self.compile_timeout_s)
+        except CompileTimeout:
+            with self._lock:
+                self._too_slow[spec] = None
+                while len(self._too_slow) > CACHE_SIZE:
+                    self._too_slow.popitem(last=False)
+            raise ValueError(too_slow) from None
+        except CompileError as e:
+            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+        return _xgrammar().CompiledGrammar.deserialize_json(text, self._get_info())
 
     def compile(self, spec: StructuredSpec):
         """The compiled grammar of ``spec`` (cached); ValueError naming ``spec.source`` if it cannot compile."""
@@ -157,29 +213,27 @@ class Grammars:
             if hit is not None:
                 self._cache.move_to_end(spec)
                 return hit
-        compiler = self._get_compiler()
         xgr = _xgrammar()
-        try:
-            if spec.kind == "json":
-                try:
-                    schema = json.loads(spec.value)
-                except ValueError as e:
-                    raise ValueError(f"not valid JSON ({e})") from None
-                if not isinstance(schema, (dict, bool)):
-                    raise ValueError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
-                # strict: no properties beyond the schema's unless it allows them (vLLM's default)
-                compiled = compiler.compile_json_schema(spec.value, any_whitespace=spec.any_whitespace)
-            elif spec.kind == "json_object":  # any object: any properties
-                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,
-                                                        strict_mode=False)
-            elif spec.kind == "regex":
-                compiled = compiler.compile_regex(spec.value)
-            elif spec.kind == "choice":
-                compiled = compiler.compile_grammar(_choice_grammar(spec.choices))
-            else:
-                compiled = compiler.compile_grammar(spec.value)
-        except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
-            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+        if spec.kind == "json":
+            try:
+                schema = json.loads(spec.value)
+            except ValueError as e:
+                raise ValueError(f"{spec.source}: cannot be compiled to a grammar: not valid JSON ({e})") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"{spec.source}: cannot be compiled to a grammar: a JSON schema is an object (or "
+                                 f"true / false), got {type(schema).__name__}")
+            # strict: no properties beyond the schema's unless it allows them (vLLM's default)
+            req = {"method": "json", "value": spec.value, "any_whitespace": spec.any_whitespace, "strict": True}
+        elif spec.kind == "json_object":  # any object: any properties
+            req = {"method": "json", "value": '{"type": "object"}', "any_whitespace": spec.any_whitespace,
+                   "strict": False}
+        elif spec.kind == "regex":
+            req = {"method": "regex", "value": spec.value}
+        elif spec.kind == "choice":
+            req = {"method": "grammar", "value": _choice_grammar(spec.choices)}
+        else:
+            req = {"method": "grammar", "value": spec.value}
+        compiled = self._compiled(spec, req)
         # a grammar that compiles yet allows no first token (root ::= root; or text this vocabulary cannot
         # spell) would fail in sampling: refuse it here, as the client's error
         probe = xgr.GrammarMatcher(compiled)

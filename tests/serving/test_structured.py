@@ -404,3 +404,67 @@ def test_a_grammar_over_its_time_budget_ends_alone(zoo):
     assert_no_leaks(engine)
     with pytest.raises(ValueError, match="max_grammar_ms"):
         tiny_engine(max_grammar_ms=0)
+
+
+# an EBNF grammar of 400 bounded repetitions (6.7 KB, within the size limit): xgrammar 0.2.9 took
+# 4.7 s to compile it against the 64-token test vocabulary on a 2-core EPYC (20 s for 200 of them
+# against SmolLM2's 49k), far past the limits set below
+SLOW = StructuredSpec("grammar", "root ::= " + " ".join(f'[a-z]{{0,{k}}} "x"' for k in range(1, 400)),
+                      source="guided_grammar")
+
+
+def test_a_grammar_that_compiles_too_long_is_refused_and_its_compiler_stopped(zoo):
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4, max_grammar_compile_s=0.3)
+    p = prompts([5], seed=3)[0]
+    limit = re.escape("longer than this server allows (0.3 s, --max-grammar-compile-s)")
+    with pytest.raises(ValueError, match="guided_grammar: compiling it to a grammar took " + limit):
+        engine.submit(p, SamplingParams(max_tokens=4, temperature=0, structured=SLOW))
+    worker = engine._grammars._worker
+    assert worker.started == 1 and worker.killed == 1 and worker._proc is None  # the compile was stopped
+    assert not engine.requests and not engine._inbox and engine._grammars.compiles == 0
+    with pytest.raises(ValueError, match=limit):  # the same spec again: refused without compiling
+        engine.submit(p, SamplingParams(max_tokens=4, temperature=0, structured=SLOW))
+    assert worker.started == 1 and worker.killed == 1
+    # the next grammar compiles in a new child, and constrains exactly as one compiled here
+    good = engine.submit(p, SamplingParams(max_tokens=8, temperature=0, structured=REGEX), adapter="lora_r4")
+    other = engine.submit(p, SamplingParams(max_tokens=8, temperature=0), adapter="houlsby")
+    engine.run_until_done()
+    assert worker.started == 2 and worker.killed == 1 and engine._grammars.compiles == 1
+    assert good.output_ids == masked_greedy_ref(engine, "lora_r4", p, REGEX, 8) and good.finish_reason == "stop"
+    assert other.output_ids == greedy_ref(engine, "houlsby", p, 8)
+    assert_no_leaks(engine)
+    proc = worker._proc
+    engine.stop()  # (never started: stop still ends the compiler child)
+    assert worker._proc is None and proc.poll() is not None
+    # no limit: compiled in the calling thread, as a library user of Grammars does
+    free = tiny_engine(tokenizer=eos_tokenizer(), max_grammar_compile_s=None)
+    free.generate([p], SamplingParams(max_tokens=6, temperature=0, structured=REGEX))
+    assert free._grammars._worker is None and free._grammars.compiles == 1
+    for bad in (0, -1.0, True, "10", 1e9):
+        with pytest.raises(ValueError, match="max_grammar_compile_s"):
+            tiny_engine(max_grammar_compile_s=bad)
+
+
+def test_http_a_slow_grammar_is_a_400_and_holds_up_no_other_request(zoo):
+    import concurrent.futures
+    import time
+
+    torch.set_num_threads(1)
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=4, max_grammar_compile_s=1.5)
+    engine.compile_structured(REGEX)  # the compiler child is up (its start is not part of the limit)
+    with live_server(create_app(engine, "tiny")) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        slow = pool.submit(lambda: (_post(url, guided_grammar=SLOW.value), time.monotonic()))
+        time.sleep(0.2)  # the slow one is compiling
+        plain = _post(url, prompt="abcab")
+        plain_done = time.monotonic()
+        r, slow_done = slow.result(timeout=120)
+        assert plain.status_code == 200, plain.text
+        assert plain_done < slow_done  # tokenising and serving went on while the grammar compiled
+        assert r.status_code == 400 and slow_done - t0 >= 1.5, r.text
+        err = r.json()["error"]
+        assert err["param"] == "guided_grammar" and "--max-grammar-compile-s" in err["message"], err
+        assert engine._grammars._worker.killed == 1
+        r = _post(url, guided_regex="[a-c]{3}x")  # a new compiler child serves the next grammar
+        assert r.status_code == 200 and re.fullmatch("[a-c]{3}x", r.json()["choices"][0]["text"]), r.text
+    assert_no_leaks(engine)

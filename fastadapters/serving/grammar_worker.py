@@ -1,0 +1,200 @@
+"""Grammar compilation with a time limit: xgrammar compiles in a child process that is killed when
+it runs past the limit (structured.py's ``Grammars(compile_timeout_s=...)``, the engine's
+``max_grammar_compile_s``, ``serve --max-grammar-compile-s``).
+
+Why a process: compiling can take without bound (EBNF grammars of bounded repetitions against
+SmolLM2's vocabulary: 1.9 KB took 5.5 s, 3.3 KB 20 s, growing faster than the grammar's length),
+and a compile in progress cannot be interrupted. In a thread it would keep two cores busy after its
+request had been answered; a process is stopped. The child receives the tokenizer's
+``TokenizerInfo`` once (xgrammar's JSON), then compile requests; it answers with the compiled
+grammar's JSON, which the server deserialises against its own ``TokenizerInfo``.
+
+Frames on the pipes: an 8-byte little-endian length, then that many bytes of UTF-8 JSON.
+
+    worker = CompileWorker(info_json)
+    text = worker.compile({"method": "regex", "value": "[a-c]+"}, timeout=10.0)   # CompiledGrammar JSON
+    # CompileTimeout after ``timeout`` seconds (the child is killed; the next call starts another);
+    # CompileError(reason) for what xgrammar refuses
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+__all__ = ["CompileWorker", "CompileTimeout", "CompileError", "compile_request", "STARTUP_TIMEOUT_S"]
+
+STARTUP_TIMEOUT_S = 120.0  # the child imports xgrammar (and torch) and reads the vocabulary: seconds
+
+
+class CompileTimeout(Exception):
+    """The compile ran past its time limit; the child was killed."""
+
+
+class CompileError(Exception):
+    """xgrammar could not compile the request (the message is its reason)."""
+
+
+def _write(stream, obj) -> None:
+    data = json.dumps(obj).encode()
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _read_exact(stream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = stream.read(n - len(out))
+        if not chunk:
+            raise EOFError("the grammar compiler process closed its output")
+        out += chunk
+    return bytes(out)
+
+
+def _read(stream):
+    (n,) = struct.unpack("<Q", _read_exact(stream, 8))
+    return json.loads(_read_exact(stream, n))
+
+
+class CompileWorker:
+    """One child process compiling one request at a time (callers are serialised by a lock)."""
+
+    def __init__(self, info_json: str, max_threads: int = 2):
+        self.info_json = info_json
+        self.max_threads = int(max_threads)
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.started = 0  # children started (tests read it)
+        self.killed = 0  # children killed at their time limit
+        self._finalizer = None
+
+    def _start(self) -> subprocess.Popen:
+        # the child imports this same fastadapters, wherever the parent found it (an install or a checkout)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        proc = subprocess.Popen([sys.executable, "-m", "fastadapters.serving.grammar_worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env=env)
+        self.started += 1
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _kill, proc)  # the child goes with this object
+        try:
+            _write(proc.stdin, {"info": self.info_json, "max_threads": self.max_threads})
+            reply = self._wait(proc, STARTUP_TIMEOUT_S)
+        except CompileTimeout:
+            _kill(proc)
+            raise RuntimeError(f"the grammar compiler process did not start within {STARTUP_TIMEOUT_S:g} s") from None
+        except (OSError, EOFError) as e:
+            _kill(proc)
+            raise RuntimeError(f"the grammar compiler process failed to start ({e}; exit code {proc.poll()})") from None
+        if reply.get("ready") is not True:
+            _kill(proc)
+            raise RuntimeError(f"the grammar compiler process failed to start: {reply.get('error', reply)}")
+        return proc
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, timeout: float):
+        """The child's next frame, or CompileTimeout when none starts within ``timeout`` seconds."""
+        ready, _, _ = select.select([proc.stdout], [], [], max(timeout, 0.0))
+        if not ready:
+            raise CompileTimeout()
+        return _read(proc.stdout)
+
+    def compile(self, request: dict, timeout: float) -> str:
+        """The compiled grammar's JSON for ``request`` ({"method": "json" | "regex" | "grammar",
+        "value": text, "any_whitespace": bool, "strict": bool}). ``timeout`` counts from when this
+        request reaches the child (not the wait for the lock)."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+            proc = self._proc
+            t0 = time.monotonic()
+            try:
+                _write(proc.stdin, request)
+                reply = self._wait(proc, timeout - (time.monotonic() - t0))
+            except CompileTimeout:
+                self.killed += 1
+                _kill(proc)
+                self._proc = None
+                raise
+            except (OSError, EOFError) as e:
+                code = proc.poll()
+                _kill(proc)
+                self._proc = None
+                raise RuntimeError(f"the grammar compiler process exited while compiling (exit code {code}: {e})") \
+                    from None
+        if "error" in reply:
+            raise CompileError(reply["error"])
+        return reply["compiled"]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                _kill(self._proc)
+                self._proc = None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+
+
+def compile_request(compiler, req: dict):
+    """``req`` compiled by an xgrammar ``GrammarCompiler`` (here in the child, or in the server's own
+    thread where no time limit is set)."""
+    method = req["method"]
+    if method == "json":
+        return compiler.compile_json_schema(req["value"], any_whitespace=bool(req.get("any_whitespace", True)),
+                                            strict_mode=bool(req.get("strict", True)))
+    if method == "regex":
+        return compiler.compile_regex(req["value"])
+    if method == "grammar":
+        return compiler.compile_grammar(req["value"])
+    raise ValueError(f"unknown method {method!r}; valid: json, regex, grammar")
+
+
+def _main() -> None:
+    """The child: read the TokenizerInfo, then compile requests until the parent closes the pipe."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but frames on the pipe
+    try:
+        hello = _read(stdin)
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.deserialize_json(hello["info"])
+        # the parent keeps its own bounded cache of compiled grammars
+        compiler = xgr.GrammarCompiler(info, max_threads=int(hello.get("max_threads", 2)), cache_enabled=False)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses structured output
+        _write(stdout, {"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return
+    _write(stdout, {"ready": True})
+    while True:
+        try:
+            req = _read(stdin)
+        except EOFError:  # the parent closed the pipe (or exited)
+            return
+        try:
+            _write(stdout, {"compiled": compile_request(compiler, req).serialize_json()})
+        except Exception as e:  # noqa: BLE001 - xgrammar's own errors: the client's spec
+            _write(stdout, {"error": str(e)})
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _main()
