@@ -151,9 +151,9 @@ void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __
 //  * 1-2 rows (decode: one token per request): bound by reading the slot's weights, so each (r, K)
 //    / (r, N) block is read front to back as a single stream: on a 2-core EPYC (one core) that
 //    reads ~25-30 GB/s, where the generic small_group's four interleaved weight-row streams read
-//    ~15-20 GB/s. A loop that only sums the same blocks takes as long as these loops over a decode
-//    step's calls: what limits them is the access pattern (many short blocks with gaps between
-//    them), not the arithmetic (docs/DESIGN.md).
+//    ~15-20 GB/s. Over a decode step's recorded calls these loops take ~1.5x as long as a loop
+//    that only sums the same blocks (their arithmetic does not overlap the memory stream); what
+//    was tried to close that, and did not move the engine's time, is in docs/DESIGN.md.
 //  * 3+ rows (a prefill chunk): bound by arithmetic, so register blocks of 2 rows x 4 ranks load
 //    each weight vector once per two rows. On SmolLM2's shapes this beats ATen's two GEMMs per
 //    slot up to 64 rows (1.1x at rank 32, 2.1x at rank 8; see cpp_gemm_min_rows in ops/multi.py).
