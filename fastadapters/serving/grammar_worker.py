@@ -14,7 +14,7 @@ Frames on the pipes: an 8-byte little-endian length, then that many bytes of UTF
     worker = CompileWorker(info_json)
     text = worker.compile({"method": "regex", "value": "[a-c]+"}, timeout=10.0)   # CompiledGrammar JSON
     # CompileTimeout after ``timeout`` seconds (the child is killed; the next call starts another);
-    # CompileError(reason) for what xgrammar refuses
+    # CompileError(reason) for what xgrammar refuses; CompileCrash when the child dies compiling
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 
-__all__ = ["CompileWorker", "CompileTimeout", "CompileError", "compile_request", "STARTUP_TIMEOUT_S"]
+__all__ = ["CompileWorker", "CompileTimeout", "CompileError", "CompileCrash", "compile_request", "STARTUP_TIMEOUT_S"]
 
 STARTUP_TIMEOUT_S = 120.0  # the child imports xgrammar (and torch) and reads the vocabulary: seconds
 
@@ -39,6 +39,10 @@ class CompileTimeout(Exception):
 
 class CompileError(Exception):
     """xgrammar could not compile the request (the message is its reason)."""
+
+
+class CompileCrash(Exception):
+    """The child exited while compiling the request (a crash, or killed from outside: out of memory)."""
 
 
 def _write(stream, obj) -> None:
@@ -123,12 +127,11 @@ class CompileWorker:
                 _kill(proc)
                 self._proc = None
                 raise
-            except (OSError, EOFError) as e:
-                code = proc.poll()
+            except (OSError, EOFError):
                 _kill(proc)
                 self._proc = None
-                raise RuntimeError(f"the grammar compiler process exited while compiling (exit code {code}: {e})") \
-                    from None
+                raise CompileCrash(f"the grammar compiler process exited while compiling it (exit code "
+                                   f"{proc.returncode})") from None
         if "error" in reply:
             raise CompileError(reply["error"])
         return reply["compiled"]

@@ -144,7 +144,8 @@ class Grammars:
         self._compiler = None
         self._worker = None
         self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._too_slow: collections.OrderedDict = collections.OrderedDict()  # specs that ran past the limit
+        self._refused: collections.OrderedDict = collections.OrderedDict()  # spec -> why it was refused (the
+        # limit, or the compiler died on it): refused again at once
         self.compiles = 0  # grammars compiled (cache misses), for tests
 
     def _get_info(self):
@@ -180,7 +181,7 @@ class Grammars:
     def _compiled(self, spec: StructuredSpec, req: dict):
         """``req`` compiled: in a child process stopped at ``compile_timeout_s`` where that is set,
         else in this thread."""
-        from .grammar_worker import CompileError, CompileTimeout, compile_request
+        from .grammar_worker import CompileCrash, CompileError, CompileTimeout, compile_request
 
         if self.compile_timeout_s is None:
             try:
@@ -191,16 +192,18 @@ class Grammars:
                     f"({self.compile_timeout_s:g} s, --max-grammar-compile-s); simplify it (fewer or shorter bounded "
                     "repetitions, fewer alternatives)")
         with self._lock:
-            if spec in self._too_slow:  # the same spec again: refused without compiling
-                raise ValueError(too_slow)
+            known = self._refused.get(spec)
+        if known is not None:  # the same spec again: refused without compiling
+            raise ValueError(known)
         try:
             text = self._get_worker().compile(req, self.compile_timeout_s)
-        except CompileTimeout:
+        except (CompileTimeout, CompileCrash) as e:
+            why = too_slow if isinstance(e, CompileTimeout) else f"{spec.source}: cannot be compiled to a grammar: {e}"
             with self._lock:
-                self._too_slow[spec] = None
-                while len(self._too_slow) > CACHE_SIZE:
-                    self._too_slow.popitem(last=False)
-            raise ValueError(too_slow) from None
+                self._refused[spec] = why
+                while len(self._refused) > CACHE_SIZE:
+                    self._refused.popitem(last=False)
+            raise ValueError(why) from None
         except CompileError as e:
             raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
         return _xgrammar().CompiledGrammar.deserialize_json(text, self._get_info())

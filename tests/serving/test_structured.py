@@ -468,3 +468,22 @@ def test_http_a_slow_grammar_is_a_400_and_holds_up_no_other_request(zoo):
         r = _post(url, guided_regex="[a-c]{3}x")  # a new compiler child serves the next grammar
         assert r.status_code == 200 and re.fullmatch("[a-c]{3}x", r.json()["choices"][0]["text"]), r.text
     assert_no_leaks(engine)
+
+
+def test_a_grammar_whose_compiler_process_dies_is_refused_and_the_next_compiles():
+    import threading
+
+    engine = tiny_engine(tokenizer=eos_tokenizer(), max_grammar_compile_s=60)
+    engine.compile_structured(REGEX)  # the child is up
+    worker = engine._grammars._worker
+    threading.Timer(0.5, worker._proc.kill).start()  # it dies (as by the OOM killer) while compiling SLOW
+    died = re.escape("guided_grammar: cannot be compiled to a grammar: the grammar compiler process exited while "
+                     "compiling it (exit code -9)")
+    with pytest.raises(ValueError, match=died):
+        engine.compile_structured(SLOW)
+    with pytest.raises(ValueError, match=died):  # the same spec again: refused without another child
+        engine.compile_structured(SLOW)
+    assert worker.started == 1 and worker._proc is None
+    engine.compile_structured(CHOICE)  # the next spec: a new child
+    assert worker.started == 2 and engine._grammars.compiles == 2
+    engine.stop()
