@@ -134,7 +134,9 @@ def _choice_grammar(choices: tuple[str, ...]) -> str:
 
 class Grammars:
     """Compiled grammars and matchers for one engine's tokenizer and vocabulary (thread-safe: the
-    server compiles in its tokenizer thread, the engine thread makes matchers)."""
+    server compiles in a thread of its own, the engine thread makes matchers). ``compile_timeout_s``:
+    compile in a child process killed after that many seconds (grammar_worker.py); None: in the
+    calling thread, without a limit."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids, compile_timeout_s: float | None = None):
         self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, int(vocab_size), sorted(stop_ids)
