@@ -69,9 +69,12 @@ def _read(stream):
 class CompileWorker:
     """One child process compiling one request at a time (callers are serialised by a lock)."""
 
-    def __init__(self, info_json: str, max_threads: int = 2):
+    def __init__(self, info_json: str, max_threads: int = 2, memory_bytes: int | None = None,
+                 max_grammar_bytes: int | None = None):
         self.info_json = info_json
         self.max_threads = int(max_threads)
+        self.memory_bytes = memory_bytes  # how much the child may grow past its start (None: no limit)
+        self.max_grammar_bytes = max_grammar_bytes  # a larger compiled grammar is refused in the child
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self.started = 0  # children started (tests read it)
@@ -89,7 +92,8 @@ class CompileWorker:
             self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _kill, proc)  # the child goes with this object
         try:
-            _write(proc.stdin, {"info": self.info_json, "max_threads": self.max_threads})
+            _write(proc.stdin, {"info": self.info_json, "max_threads": self.max_threads,
+                                "memory_bytes": self.memory_bytes, "max_grammar_bytes": self.max_grammar_bytes})
             reply = self._wait(proc, STARTUP_TIMEOUT_S)
         except CompileTimeout:
             _kill(proc)
@@ -134,6 +138,8 @@ class CompileWorker:
                                    f"{proc.returncode})") from None
         if "error" in reply:
             raise CompileError(reply["error"])
+        if "too_large" in reply:
+            raise CompileError(int(reply["too_large"]))
         return reply["compiled"]
 
     def close(self) -> None:
@@ -172,6 +178,15 @@ def compile_request(compiler, req: dict):
     raise ValueError(f"unknown method {method!r}; valid: json, regex, grammar")
 
 
+def _data_bytes() -> int:
+    """This process's data segment (VmData: heap and private writable mappings), what RLIMIT_DATA bounds."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _main() -> None:
     """The child: read the TokenizerInfo, then compile requests until the parent closes the pipe."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -183,6 +198,12 @@ def _main() -> None:
         info = xgr.TokenizerInfo.deserialize_json(hello["info"])
         # the parent keeps its own bounded cache of compiled grammars
         compiler = xgr.GrammarCompiler(info, max_threads=int(hello.get("max_threads", 2)), cache_enabled=False)
+        limit = hello.get("memory_bytes")
+        if limit is not None:  # heap and private mappings may grow by ``limit`` from here (xgrammar: bad_alloc)
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, (_data_bytes() + int(limit), resource.RLIM_INFINITY))
+        max_grammar = hello.get("max_grammar_bytes")
     except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses structured output
         _write(stdout, {"ready": False, "error": f"{type(e).__name__}: {e}"})
         return
@@ -193,7 +214,12 @@ def _main() -> None:
         except EOFError:  # the parent closed the pipe (or exited)
             return
         try:
-            _write(stdout, {"compiled": compile_request(compiler, req).serialize_json()})
+            compiled = compile_request(compiler, req)
+            if max_grammar is not None and compiled.memory_size_bytes > max_grammar:
+                _write(stdout, {"too_large": compiled.memory_size_bytes})
+            else:
+                _write(stdout, {"compiled": compiled.serialize_json()})
+            del compiled
         except Exception as e:  # noqa: BLE001 - xgrammar's own errors: the client's spec
             _write(stdout, {"error": str(e)})
 

@@ -27,6 +27,8 @@ thread) ends alone with finish reason "error" saying so.
 Compiling is bounded as well: with ``compile_timeout_s`` set (the engine's ``max_grammar_compile_s``,
 10 s by default; ``serve --max-grammar-compile-s``) specs compile in a child process that is killed
 at the limit (grammar_worker.py), and the request is refused with a ValueError (a 400) that says so.
+So is one whose compiled grammar would exceed ``MAX_GRAMMAR_BYTES`` or whose compile needs more than
+``COMPILE_MEMORY_BYTES``; the cache of compiled grammars is bounded in bytes as well as in count.
 
 A preempted request keeps its matcher: its accepted tokens are its output, which it recomputes,
 so nothing is rolled back. ``min_tokens`` with a structured output is refused (the grammar, not a
@@ -49,9 +51,16 @@ __all__ = ["StructuredSpec", "Grammars", "StructuredUnavailable", "mask_rows", "
 # TokenizerInfo.from_huggingface(vocab_size=, stop_token_ids=) as used here, newer ones are untested
 XGRAMMAR_RANGE = ((0, 2, 8), (0, 3))
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
-MAX_SPEC_CHARS = 32 << 10  # a schema / regex / grammar (compiling is work on the server's tokenizer thread)
+MAX_SPEC_CHARS = 32 << 10  # a schema / regex / grammar
 MAX_CHOICES = 1024
 CACHE_SIZE = 64  # compiled grammars kept (least recently used dropped)
+# memory: a compiled grammar's size grows with its spec (EBNF of bounded repetitions against SmolLM2's
+# vocabulary: 22 MB at 0.9 KB, 52 MB at 1.6 KB), so the cache is bounded in bytes as well as count,
+# one grammar larger than MAX_GRAMMAR_BYTES is refused, and the compiler process may grow by at most
+# COMPILE_MEMORY_BYTES (beyond that xgrammar's allocation fails and the spec is refused)
+CACHE_BYTES = 1 << 30
+MAX_GRAMMAR_BYTES = 256 << 20
+COMPILE_MEMORY_BYTES = 1 << 30
 
 
 class StructuredUnavailable(ValueError):
@@ -127,6 +136,11 @@ def _reason(e: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _too_large(spec: StructuredSpec, size: int) -> str:
+    return (f"{spec.source}: its compiled grammar takes {size / 2**20:.1f} MB, more than this server keeps for "
+            f"one grammar ({MAX_GRAMMAR_BYTES / 2**20:g} MB); simplify it")
+
+
 def _choice_grammar(choices: tuple[str, ...]) -> str:
     """EBNF for exactly one of ``choices`` (JSON string escapes are EBNF string escapes)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -172,7 +186,8 @@ class Grammars:
             if self._worker is None:
                 from .grammar_worker import CompileWorker
 
-                self._worker = CompileWorker(info.serialize_json(), max_threads=2)
+                self._worker = CompileWorker(info.serialize_json(), max_threads=2, memory_bytes=COMPILE_MEMORY_BYTES,
+                                             max_grammar_bytes=MAX_GRAMMAR_BYTES)
             return self._worker
 
     def close(self) -> None:
@@ -187,9 +202,12 @@ class Grammars:
 
         if self.compile_timeout_s is None:
             try:
-                return compile_request(self._get_compiler(), req)
+                compiled = compile_request(self._get_compiler(), req)
             except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
                 raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+            if compiled.memory_size_bytes > MAX_GRAMMAR_BYTES:
+                raise ValueError(_too_large(spec, compiled.memory_size_bytes))
+            return compiled
         too_slow = (f"{spec.source}: compiling it to a grammar took longer than this server allows "
                     f"({self.compile_timeout_s:g} s, --max-grammar-compile-s); simplify it (fewer or shorter bounded "
                     "repetitions, fewer alternatives)")
@@ -207,7 +225,13 @@ class Grammars:
                     self._refused.popitem(last=False)
             raise ValueError(why) from None
         except CompileError as e:
-            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+            if e.args and isinstance(e.args[0], int):  # the child measured it past MAX_GRAMMAR_BYTES
+                raise ValueError(_too_large(spec, e.args[0])) from None
+            reason = _reason(e)
+            if "bad_alloc" in reason:  # past the child's COMPILE_MEMORY_BYTES
+                reason = (f"compiling it needs more than the {COMPILE_MEMORY_BYTES / 2**20:g} MB this server "
+                          "allows; simplify it")
+            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {reason}") from None
         return _xgrammar().CompiledGrammar.deserialize_json(text, self._get_info())
 
     def compile(self, spec: StructuredSpec):
@@ -250,8 +274,9 @@ class Grammars:
         with self._lock:
             self.compiles += 1
             self._cache[spec] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            total = sum(c.memory_size_bytes for c in self._cache.values())
+            while len(self._cache) > CACHE_SIZE or (total > CACHE_BYTES and len(self._cache) > 1):
+                total -= self._cache.popitem(last=False)[1].memory_size_bytes
         return compiled
 
     def matcher(self, spec: StructuredSpec):

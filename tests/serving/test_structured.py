@@ -487,3 +487,40 @@ def test_a_grammar_whose_compiler_process_dies_is_refused_and_the_next_compiles(
     engine.compile_structured(CHOICE)  # the next spec: a new child
     assert worker.started == 2 and engine._grammars.compiles == 2
     engine.stop()
+
+
+def test_grammar_memory_is_bounded_per_grammar_in_the_cache_and_in_the_compiler(monkeypatch):
+    from fastadapters.serving import structured
+
+    # one compiled grammar past MAX_GRAMMAR_BYTES is refused, measured in the child or in this thread
+    monkeypatch.setattr(structured, "MAX_GRAMMAR_BYTES", 1000)
+    for limit in (60, None):
+        engine = tiny_engine(tokenizer=eos_tokenizer(), max_grammar_compile_s=limit)
+        with pytest.raises(ValueError, match=r"guided_regex: its compiled grammar takes [0-9.]+ MB, more than this "
+                                             r"server keeps for one grammar \(0\.000953674 MB\)"):
+            engine.compile_structured(REGEX)
+        assert engine._grammars.compiles == 0 and not engine._grammars._cache
+        engine.stop()
+    monkeypatch.undo()
+    # the cache holds at most CACHE_BYTES (least recently used dropped first)
+    engine = tiny_engine(tokenizer=eos_tokenizer(), max_grammar_compile_s=None)
+    grammars = engine._grammars or engine.compile_structured(REGEX) and engine._grammars
+    one = grammars._cache[REGEX].memory_size_bytes
+    monkeypatch.setattr(structured, "CACHE_BYTES", int(one * 1.5))
+    for spec in (CHOICE, GRAMMAR):
+        engine.compile_structured(spec)
+    sizes = [c.memory_size_bytes for c in grammars._cache.values()]
+    assert REGEX not in grammars._cache and grammars.compiles == 3
+    assert sum(sizes) <= structured.CACHE_BYTES or len(sizes) == 1, sizes
+    # the compiler process grows by at most COMPILE_MEMORY_BYTES: past it, xgrammar's allocation fails
+    # (SLOW grew this process's data segment by ~90 MB compiling in this thread; its grammar is 45 MB).
+    # xgrammar fails the allocation (bad_alloc, the child lives) or, where a compile thread hits it,
+    # the child aborts: either way the spec is a 400 and the next one compiles
+    monkeypatch.setattr(structured, "COMPILE_MEMORY_BYTES", 64 << 20)
+    engine = tiny_engine(tokenizer=eos_tokenizer(), max_grammar_compile_s=60)
+    with pytest.raises(ValueError, match=r"guided_grammar: cannot be compiled to a grammar: (compiling it needs more "
+                                         r"than the 64 MB this server allows|the grammar compiler process exited)"):
+        engine.compile_structured(SLOW)
+    engine.compile_structured(REGEX)
+    assert engine._grammars.compiles == 1 and engine._grammars._worker.killed == 0
+    engine.stop()
