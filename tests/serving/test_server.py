@@ -248,15 +248,24 @@ def test_full_queue_answers_503_at_once(zoo):
     with live_server(create_app(engine, BASE)) as url:
         long = {"model": BASE, "prompt": "a", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{url}/v1/completions", json=long) as one, \
-                    client.stream("POST", f"{url}/v1/completions", json=long) as two:
-                assert one.status_code == two.status_code == 200
-                snap = engine.snapshot()
+            with client.stream("POST", f"{url}/v1/completions", json=long) as one:
+                assert one.status_code == 200
+                # running (it streamed a token): the next request waits rather than meeting this one still
+                # queued on a busy machine
+                lines = one.iter_lines()  # (kept: a collected line iterator closes the stream)
+                while not next(lines).startswith("data: "):
+                    pass
+                two = client.send(client.build_request("POST", f"{url}/v1/completions", json=long), stream=True)
+                assert two.status_code == 200
+                deadline = time.monotonic() + 10  # (submitted; the engine thread takes it in at its next step)
+                while (snap := engine.snapshot())["running"] + snap["waiting"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
                 assert snap["running"] + snap["waiting"] == 2, snap  # one running, one queued: full
                 t = time.monotonic()
                 r = httpx.post(f"{url}/v1/completions", json=dict(long, stream=False), timeout=30)
                 assert time.monotonic() - t < 5
                 assert "retry" in error_of(r, 503)
+                two.close()
             # both streams closed: their requests are aborted and the queue drains
         deadline = time.monotonic() + 20
         while engine.snapshot()["live_requests"] and time.monotonic() < deadline:
