@@ -671,6 +671,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 params.validate(vocab_size=engine.vocab_size)
             except ValueError as e:
                 raise APIError(400, f"bad_words: {e}", param="bad_words") from None
+        if chat and body.echo and body.tool_call() is not None:
+            raise APIError(400, "echo: not with a tool call (tool_choice naming a function or \"required\"): the "
+                                "reply is the call's JSON", param="echo")
         grammar = None
         if params.structured is not None:  # compiled off the event loop, and handed to submit
             try:
@@ -680,7 +683,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 raise APIError(400, str(e), param=params.structured.source) from None
         tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)
         echoes = [None] * len(prompts)
-        if getattr(body, "echo", None):  # each prompt as sent (a string), else its tokens' decoding
+        if chat and body.echo:  # the last message's content, when the reply continues its role
+            last = chat_messages(body, None)[-1]
+            if not body.add_generation_prompt or last["role"] == "assistant":
+                echoes[0] = last["content"]
+        elif getattr(body, "echo", None):  # each prompt as sent (a string), else its tokens' decoding
             for i, (sent, ids) in enumerate(zip(prompts_of(body), prompts)):
                 as_sent = isinstance(sent, str) and body.truncate_prompt_tokens is None  # (else what was kept)
                 echoes[i] = sent if as_sent else await off_loop(tokenizer.decode, ids)
@@ -995,7 +1002,7 @@ class Choices:
         if self.echoes[i] is not None and not c.echoed:
             c.echoed = True
             text = self.echoes[i] + text
-            if self.logprobs:  # the first prompt token has no log-probability; each its top logprobs_k
+            if self.logprobs and not self.chat:  # the first prompt token has no log-probability; each its top k
                 ids, k = self.prompts[i], self.logprobs_k
                 entries = out.prompt_logprobs or [None] * len(ids)
                 c.pending.extend((e[0], e[1], e[2][:k]) if e is not None else (ids[j], None, None)

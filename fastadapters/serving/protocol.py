@@ -2,7 +2,7 @@
 
 Declared here is what the server implements: OpenAI's sampling fields (``temperature``, ``top_p``,
 ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``max_tokens`` /
-``max_completion_tokens``, ``n``, ``echo`` for completions) and vLLM's extensions with vLLM's meaning
+``max_completion_tokens``, ``n``, ``echo``) and vLLM's extensions with vLLM's meaning
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``allowed_token_ids``, ``ignore_eos``). Log-probabilities: ``logprobs: k`` (completions) and
 ``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. Structured output, one constraint per
@@ -15,7 +15,7 @@ a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``promp
 not streamed; ``prompt_logprobs_k``), ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``bad_words`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
-and is not supported (``n`` > 16, ``prompt_logprobs`` -1, chat's ``echo``, ``best_of``,
+and is not supported (``n`` > 16, ``prompt_logprobs`` -1, ``best_of``,
 ``guided_whitespace_pattern``, structural tags, beam search, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks
 for nothing (null, false, the default) is accepted. Fields known to leave the output alone
@@ -356,6 +356,9 @@ class ChatRequest(_Sampling):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(_unicode)] | None = None
+    # vLLM's: the reply's content starts with the last message's when that message has the reply's
+    # role (the assistant's, or with add_generation_prompt false any: the reply continues it)
+    echo: StrictBool | None = None
 
     def template_options(self) -> dict:
         """Keyword arguments for ``apply_chat_template``; ValueError names a bad combination or key."""

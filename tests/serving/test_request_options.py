@@ -168,6 +168,41 @@ def test_http_chat_template_options(served):
     assert_no_leaks(engine)
 
 
+def test_http_chat_echo_puts_the_continued_message_before_the_reply(served):
+    # vLLM's chat echo: the reply's content starts with the last message's when the reply continues
+    # its role; the continuation itself is the reply without echo, streamed or not, and echo adds
+    # no tokens (usage) and no log-probabilities
+    engine, url = served
+    cont = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ab cd"}]
+    opts = dict(add_generation_prompt=False, continue_final_message=True, max_tokens=6, logprobs=True, top_logprobs=1)
+
+    def chat(msgs, **body):
+        r = _post(url, "/v1/chat/completions", messages=msgs, **body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain, echoed = chat(cont, **opts), chat(cont, echo=True, **opts)
+    reply = plain["choices"][0]["message"]["content"]
+    assert reply and echoed["choices"][0]["message"]["content"] == "ab cd" + reply
+    assert echoed["usage"] == plain["usage"]
+    assert echoed["choices"][0]["logprobs"] == plain["choices"][0]["logprobs"]
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "temperature": 0, "stream": True, "messages": cont, "echo": True,
+                            **opts}) as r:
+        assert r.status_code == 200
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(d.get("content") or "" for d in deltas) == "ab cd" + reply
+    # a reply in a new turn (the last message is the user's) has nothing to continue: echo adds nothing
+    ask = [{"role": "user", "content": "hi"}]
+    assert chat(ask, echo=True, max_tokens=6)["choices"][0]["message"] == \
+        chat(ask, max_tokens=6)["choices"][0]["message"]
+    r = _post(url, "/v1/chat/completions", messages=ask, echo=True, tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text  # (before the call's grammar)
+    assert_no_leaks(engine)
+
+
 @torch.no_grad()
 def _banned_greedy_ref(model, ids, seqs, n):
     """Greedy over the whole sequence each step, a word's last token at -inf where the output so far

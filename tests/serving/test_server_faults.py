@@ -319,7 +319,6 @@ def test_logprobs_out_of_range_and_unsupported_forms_are_refused_not_ignored(cli
     chat = {"messages": [{"role": "user", "content": "a"}]}
     for path, extra, param in (("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
                                ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
-                               ("/v1/chat/completions", dict(chat, echo=True), "echo"),
                                ("/v1/completions", {"prompt": "a", "prompt_logprobs": -1}, "prompt_logprobs"),
                                ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1, "stream": True},
                                 "prompt_logprobs"),
