@@ -175,7 +175,21 @@ def compile_request(compiler, req: dict):
         return compiler.compile_regex(req["value"])
     if method == "grammar":
         return compiler.compile_grammar(req["value"])
-    raise ValueError(f"unknown method {method!r}; valid: json, regex, grammar")
+    if method == "structural_tag":  # as vLLM hands it to xgrammar: the older form as tags and triggers
+        tag = json.loads(req["value"])
+        if "structures" in tag:
+            import xgrammar as xgr
+
+            try:
+                items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+                         for s in tag["structures"]]
+                triggers = list(tag["triggers"])
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"structures: each needs begin, schema and end, and triggers a list ({e!r})") \
+                    from None
+            return compiler.compile_structural_tag(items, triggers)
+        return compiler.compile_structural_tag(req["value"])
+    raise ValueError(f"unknown method {method!r}; valid: json, regex, grammar, structural_tag")
 
 
 def _data_bytes() -> int:

@@ -7,16 +7,16 @@ Declared here is what the server implements: OpenAI's sampling fields (``tempera
 ``allowed_token_ids``, ``ignore_eos``). Log-probabilities: ``logprobs: k`` (completions) and
 ``logprobs: true`` with ``top_logprobs: k`` (chat), k <= 20. Structured output, one constraint per
 request (``structured()``; served by ``structured.py``): OpenAI's ``response_format`` (``json_object``,
-``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
-and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
-``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
+``json_schema``; vLLM's ``structural_tag``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
+``guided_grammar`` and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
+``structural_tag``, ``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
 "required" become a JSON constraint on the call (vLLM's shapes; ``ChatRequest.tool_call``), "none"
 a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``prompt_logprobs`` (k <= 20,
 not streamed; ``prompt_logprobs_k``), ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``bad_words`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
 and is not supported (``n`` > 16, ``prompt_logprobs`` -1, ``best_of``,
-``guided_whitespace_pattern``, structural tags, beam search, ...)
+``guided_whitespace_pattern``, beam search, ...)
 is refused with a 400 naming it, never silently dropped; a field given with the value that asks
 for nothing (null, false, the default) is accepted. Fields known to leave the output alone
 (``user``, ``metadata``, ``store``, ...) are accepted; any other field is accepted and ignored, and
@@ -161,11 +161,14 @@ class _Sampling(BaseModel):
         rf = self.response_format
         if rf is not None:
             kind = rf.get("type")
-            extra = sorted(set(rf) - {"type", "json_schema"} if kind == "json_schema" else set(rf) - {"type"})
+            fields = {"json_schema": {"type", "json_schema"}, "structural_tag": {"type", "format"} if "format" in rf
+                      else {"type", "structures", "triggers"}}.get(kind, {"type"})
+            extra = sorted(set(rf) - fields)
             if extra:  # e.g. llama.cpp's {"type": "json_object", "schema": ...}: never dropped silently
                 raise ValueError(f"response_format: {_shown(extra[0])} is not a field of type {_shown(kind)}; valid: "
-                                 "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
-                                 "{\"name\": ..., \"schema\": {...}}}")
+                                 "{\"type\": \"json_object\"}, {\"type\": \"json_schema\", \"json_schema\": "
+                                 "{\"name\": ..., \"schema\": {...}}} or {\"type\": \"structural_tag\", \"format\": "
+                                 "{...}} (or its older \"structures\" and \"triggers\")")
             if kind == "json_object":
                 found.append(Structured("response_format", "json_object"))
             elif kind == "json_schema":
@@ -181,8 +184,11 @@ class _Sampling(BaseModel):
                     found.append(Structured("response_format", "json_object"))
                 else:
                     found.append(Structured("response_format", "json", _schema_text(schema, "response_format")))
+            elif kind == "structural_tag":  # vLLM's: the whole object is the tag's JSON (xgrammar reads it)
+                found.append(Structured("response_format", "structural_tag", _schema_text(rf, "response_format")))
             elif kind != "text":
-                raise ValueError(f"response_format: type {_shown(kind)}; valid: 'text', 'json_object', 'json_schema'")
+                raise ValueError(f"response_format: type {_shown(kind)}; valid: 'text', 'json_object', 'json_schema', "
+                                 "'structural_tag'")
         if self.guided_json is not None:
             found.append(Structured("guided_json", "json", _schema_text(self.guided_json, "guided_json")))
         if self.guided_regex is not None:
@@ -248,13 +254,13 @@ class _Sampling(BaseModel):
 class Structured:
     """A structured-output constraint as sent (the engine's ``StructuredSpec`` is made from it)."""
     source: str  # the field it came from
-    kind: str  # json | json_object | regex | choice | grammar
+    kind: str  # json | json_object | regex | choice | grammar | structural_tag
     value: str = ""
     choices: tuple[str, ...] = ()
     any_whitespace: bool = True
 
 
-_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's structured_outputs
+_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")  # vLLM's structured_outputs
 # (the backend is always xgrammar; there is no fallback to disable)
 # (disable_additional_properties: xgrammar's strict mode already allows no properties beyond the
 # schema's unless it says so, vLLM's behaviour on xgrammar either way)

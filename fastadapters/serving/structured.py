@@ -1,6 +1,6 @@
 """Structured output: a request's tokens constrained to a JSON schema, any JSON object, a regular
-expression, one of a list of strings, or an EBNF grammar (OpenAI's ``response_format``, vLLM's
-``guided_*`` and ``structured_outputs``).
+expression, one of a list of strings, an EBNF grammar or a structural tag (OpenAI's
+``response_format``, vLLM's ``guided_*``, ``structured_outputs`` and structural tags).
 
     grammars = Grammars(tokenizer, vocab_size, stop_ids)        # one per engine, built on first use
     matcher = grammars.matcher(StructuredSpec("json", schema))  # ValueError names what cannot compile
@@ -50,7 +50,7 @@ __all__ = ["StructuredSpec", "Grammars", "StructuredUnavailable", "mask_rows", "
 # the releases CI runs (pyproject.toml's `structured` and `test` extras): older ones lack
 # TokenizerInfo.from_huggingface(vocab_size=, stop_token_ids=) as used here, newer ones are untested
 XGRAMMAR_RANGE = ((0, 2, 8), (0, 3))
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 MAX_SPEC_CHARS = 32 << 10  # a schema / regex / grammar
 MAX_CHOICES = 1024
 CACHE_SIZE = 64  # compiled grammars kept (least recently used dropped)
@@ -87,9 +87,10 @@ class StructuredSpec:
             bad(f"kind {self.kind!r}; valid: {', '.join(KINDS)}")
         if not isinstance(self.value, str) or len(self.value) > MAX_SPEC_CHARS:
             bad(f"a text of at most {MAX_SPEC_CHARS} characters is valid")
-        if self.kind in ("json", "regex", "grammar") and not self.value:
+        if self.kind in ("json", "regex", "grammar", "structural_tag") and not self.value:
             bad("empty; valid: a non-empty " + {"json": "JSON schema", "regex": "regular expression",
-                                                "grammar": "EBNF grammar with a root rule"}[self.kind])
+                                                "grammar": "EBNF grammar with a root rule",
+                                                "structural_tag": "structural tag (JSON)"}[self.kind])
         if self.kind == "choice":
             if not (isinstance(self.choices, tuple) and 0 < len(self.choices) <= MAX_CHOICES
                     and all(isinstance(c, str) and c for c in self.choices)):
@@ -260,6 +261,15 @@ class Grammars:
             req = {"method": "regex", "value": spec.value}
         elif spec.kind == "choice":
             req = {"method": "grammar", "value": _choice_grammar(spec.choices)}
+        elif spec.kind == "structural_tag":  # vLLM's: {"type": "structural_tag", "format": ...} or the older
+            try:  # {"structures": [{"begin", "schema", "end"}], "triggers": [...]}
+                tag = json.loads(spec.value)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{spec.source}: cannot be compiled to a grammar: not valid JSON ({e})") from None
+            if not isinstance(tag, dict):
+                raise ValueError(f"{spec.source}: cannot be compiled to a grammar: a structural tag is an object, got "
+                                 f"{type(tag).__name__}")
+            req = {"method": "structural_tag", "value": spec.value}
         else:
             req = {"method": "grammar", "value": spec.value}
         compiled = self._compiled(spec, req)

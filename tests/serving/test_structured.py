@@ -35,6 +35,11 @@ xgr = pytest.importorskip("xgrammar")
 
 EOS = 0  # the test tokenizer's EOS: "<pad>"
 REGEX = StructuredSpec("regex", "[a-c]{3}x", source="guided_regex")
+# a structural tag (xgrammar's format, as vLLM takes it): the output is "ab", two of c-d, "Z" (one tag, then it ends)
+TAG = {"type": "structural_tag", "format": {
+    "type": "triggered_tags", "triggers": ["ab"], "at_least_one": True, "stop_after_first": True,
+    "tags": [{"type": "tag", "begin": "ab", "content": {"type": "regex", "pattern": "[c-d]{2}"}, "end": "Z"}]}}
+STAG = StructuredSpec("structural_tag", json.dumps(TAG), source="response_format")
 CHOICE = StructuredSpec("choice", choices=("Hello world", "Bye"), source="guided_choice")
 GRAMMAR = StructuredSpec("grammar", 'root ::= ("ab" | "c")+ "Z"', source="guided_grammar")
 
@@ -52,6 +57,8 @@ def _ref_compiled(tok, vocab, spec: StructuredSpec):
         return compiler.compile_regex(spec.value)
     if spec.kind == "choice":
         return compiler.compile_grammar("root ::= " + " | ".join(f'"{c}"' for c in spec.choices))
+    if spec.kind == "structural_tag":
+        return compiler.compile_structural_tag(spec.value)
     return compiler.compile_grammar(spec.value)
 
 
@@ -82,9 +89,9 @@ def masked_greedy_ref(engine, adapter, ids, spec, n):
 
 def test_greedy_equals_a_masked_reference_beside_free_requests(zoo):
     engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=8)
-    ps = prompts([5, 9, 3, 7, 6, 4, 8], seed=11)
+    ps = prompts([5, 9, 3, 7, 6, 4, 8, 5], seed=11)
     asks = [(REGEX, None), (CHOICE, "lora_r4"), (GRAMMAR, "houlsby"), (REGEX, "parallel"),
-            (None, None), (None, "parallel"), (None, "prefix")]
+            (None, None), (None, "parallel"), (None, "prefix"), (STAG, "pfeiffer")]
     params = [SamplingParams(max_tokens=12, temperature=0, structured=s, ignore_eos=s is None) for s, _ in asks]
     reqs = [engine.submit(p, sp, adapter=a) for p, sp, (_, a) in zip(ps, params, asks)]
     engine.run_until_done()
@@ -101,6 +108,7 @@ def test_greedy_equals_a_masked_reference_beside_free_requests(zoo):
     done = [r for (s, _), r in zip(asks, reqs) if s is REGEX]
     assert all(r.finish_reason == "stop" and re.fullmatch(REGEX.value, r.text) for r in done), [r.text for r in done]
     assert reqs[1].finish_reason == "stop" and reqs[1].text in CHOICE.choices
+    assert reqs[7].finish_reason == "stop" and re.fullmatch("ab[cd]{2}Z", reqs[7].text), reqs[7].text
     assert_no_leaks(engine)
 
 
@@ -247,6 +255,15 @@ def test_request_forms_map_to_one_constraint():
     assert one(structured_outputs={"regex": "a", "disable_additional_properties": True}).kind == "regex"
     chat = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], guided_regex="[0-7]+")
     assert chat.structured().kind == "regex"
+    # structural tags, vLLM's way: the response_format object itself is the tag's JSON; in
+    # structured_outputs, its JSON text
+    s = one(response_format=TAG)
+    assert (s.source, s.kind, json.loads(s.value)) == ("response_format", "structural_tag", TAG)
+    legacy = {"type": "structural_tag", "structures": [{"begin": "ab", "schema": {"type": "integer"}, "end": "Z"}],
+              "triggers": ["ab"]}
+    assert json.loads(one(response_format=legacy).value) == legacy
+    s = one(structured_outputs={"structural_tag": json.dumps(TAG)})
+    assert (s.source, s.kind, json.loads(s.value)) == ("structured_outputs.structural_tag", "structural_tag", TAG)
     for kw, field in ((dict(response_format={"type": "json_schema"}), "response_format"),
                       (dict(response_format={"type": "grammar"}), "response_format"),
                       (dict(guided_json="{not json"), "guided_json"), (dict(guided_json="[1]"), "guided_json"),
@@ -257,7 +274,9 @@ def test_request_forms_map_to_one_constraint():
                       (dict(guided_json="[" * 3000 + "]" * 3000), "guided_json"),  # nested too deeply: not a 500
                       (dict(response_format={"type": "json_object", "schema": {"type": "object"}}), "response_format"),
                       (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "shema": {}}}),
-                       "response_format")):
+                       "response_format"),
+                      (dict(response_format=dict(TAG, triggers=["ab"])), "response_format"),  # two forms at once
+                      (dict(structured_outputs={"structural_tag": TAG}), "structured_outputs.structural_tag")):
         with pytest.raises(ValueError) as e:
             one(**kw)
         assert str(e.value).split(":")[0] == field, (kw, str(e.value))
@@ -305,6 +324,9 @@ def test_http_constraints_reach_the_engine_streamed_or_not(served):
     assert m["message"]["content"] in ("Hello world", "Bye") and m["finish_reason"] == "stop"
     assert _stream_text(url, "/v1/chat/completions", messages=msgs,
                         structured_outputs={"choice": ["Hello world", "Bye"]}) == (m["message"]["content"], "stop")
+    r = _post(url, "/v1/chat/completions", response_format=TAG)  # a structural tag, as vLLM takes it
+    assert r.status_code == 200, r.text
+    assert re.fullmatch("ab[cd]{2}Z", r.json()["choices"][0]["message"]["content"]), r.text
     r = _post(url, guided_grammar='root ::= ("c" | "d")+ "Z"', n=3, temperature=1.5, seed=4, max_tokens=24)
     assert r.status_code == 200, r.text  # n choices, each its own matcher (a shared one would break the grammar)
     got = r.json()["choices"]
@@ -320,7 +342,13 @@ def test_http_bad_constraints_are_400s_naming_the_field(served):
                         (dict(guided_grammar="root ::= "), "guided_grammar"),
                         (dict(guided_regex="a", guided_choice=["b"]), "guided_regex"),
                         (dict(response_format={"type": "xml"}), "response_format"),
-                        (dict(structured_outputs={"regex": "a", "structural_tag": {}}), "structured_outputs"),
+                        (dict(structured_outputs={"regex": "a", "structural_tag": {}}),  # (its JSON text is valid)
+                         "structured_outputs.structural_tag"),
+                        (dict(structured_outputs={"regex": "a", "whitespace_pattern": " "}), "structured_outputs"),
+                        (dict(response_format={"type": "structural_tag", "format": {"type": "nope"}}),
+                         "response_format"),
+                        (dict(response_format={"type": "structural_tag", "structures": [{"begin": "a"}],
+                                               "triggers": ["a"]}), "response_format"),
                         (dict(guided_choice=[]), "guided_choice"),
                         (dict(guided_regex="a+", min_tokens=2), "min_tokens"),
                         (dict(guided_regex="x" * 40000), "guided_regex")):
