@@ -13,6 +13,7 @@ Frames on the pipes: an 8-byte little-endian length, then that many bytes of UTF
 
     worker = CompileWorker(info_json)
     text = worker.compile({"method": "regex", "value": "[a-c]+"}, timeout=10.0)   # CompiledGrammar JSON
+    # methods: json (value, any_whitespace, strict), regex, grammar (EBNF), lark, structural_tag
     # CompileTimeout after ``timeout`` seconds (the child is killed; the next call starts another);
     # CompileError(reason) for what xgrammar refuses; CompileCrash when the child dies compiling
 """
@@ -175,6 +176,8 @@ def compile_request(compiler, req: dict):
         return compiler.compile_regex(req["value"])
     if method == "grammar":
         return compiler.compile_grammar(req["value"])
+    if method == "lark":
+        return compiler.compile_lark(req["value"])
     if method == "structural_tag":  # as vLLM hands it to xgrammar: the older form as tags and triggers
         tag = json.loads(req["value"])
         if "structures" in tag:
@@ -189,7 +192,7 @@ def compile_request(compiler, req: dict):
                     from None
             return compiler.compile_structural_tag(items, triggers)
         return compiler.compile_structural_tag(req["value"])
-    raise ValueError(f"unknown method {method!r}; valid: json, regex, grammar, structural_tag")
+    raise ValueError(f"unknown method {method!r}; valid: json, regex, grammar, lark, structural_tag")
 
 
 def _data_bytes() -> int:

@@ -1,5 +1,5 @@
 """Structured output: a request's tokens constrained to a JSON schema, any JSON object, a regular
-expression, one of a list of strings, an EBNF grammar or a structural tag (OpenAI's
+expression, one of a list of strings, a grammar (xgrammar's EBNF, or Lark's notation) or a structural tag (OpenAI's
 ``response_format``, vLLM's ``guided_*``, ``structured_outputs`` and structural tags).
 
     grammars = Grammars(tokenizer, vocab_size, stop_ids)        # one per engine, built on first use
@@ -142,6 +142,12 @@ def _too_large(spec: StructuredSpec, size: int) -> str:
             f"one grammar ({MAX_GRAMMAR_BYTES / 2**20:g} MB); simplify it")
 
 
+def _is_lark(text: str) -> bool:
+    """Whether a grammar is Lark's notation rather than EBNF: no line, comments (# or //) left out,
+    defines a rule with "::=" (how vLLM tells the two apart)."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in text.splitlines())
+
+
 def _choice_grammar(choices: tuple[str, ...]) -> str:
     """EBNF for exactly one of ``choices`` (JSON string escapes are EBNF string escapes)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -270,8 +276,8 @@ class Grammars:
                 raise ValueError(f"{spec.source}: cannot be compiled to a grammar: a structural tag is an object, got "
                                  f"{type(tag).__name__}")
             req = {"method": "structural_tag", "value": spec.value}
-        else:
-            req = {"method": "grammar", "value": spec.value}
+        else:  # EBNF (xgrammar's, a root rule), or Lark where no rule is written with "::=" (vLLM's test)
+            req = {"method": "lark" if _is_lark(spec.value) else "grammar", "value": spec.value}
         compiled = self._compiled(spec, req)
         # a grammar that compiles yet allows no first token (root ::= root; or text this vocabulary cannot
         # spell) would fail in sampling: refuse it here, as the client's error

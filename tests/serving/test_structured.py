@@ -42,6 +42,7 @@ TAG = {"type": "structural_tag", "format": {
 STAG = StructuredSpec("structural_tag", json.dumps(TAG), source="response_format")
 CHOICE = StructuredSpec("choice", choices=("Hello world", "Bye"), source="guided_choice")
 GRAMMAR = StructuredSpec("grammar", 'root ::= ("ab" | "c")+ "Z"', source="guided_grammar")
+LARK = StructuredSpec("grammar", '// Lark: no "::="\n?start: item+ "Z"\nitem: "ab" | /[c-d]/', source="guided_grammar")
 
 
 def eos_tokenizer():
@@ -59,6 +60,8 @@ def _ref_compiled(tok, vocab, spec: StructuredSpec):
         return compiler.compile_grammar("root ::= " + " | ".join(f'"{c}"' for c in spec.choices))
     if spec.kind == "structural_tag":
         return compiler.compile_structural_tag(spec.value)
+    if spec is LARK:
+        return compiler.compile_lark(spec.value)
     return compiler.compile_grammar(spec.value)
 
 
@@ -88,10 +91,10 @@ def masked_greedy_ref(engine, adapter, ids, spec, n):
 
 
 def test_greedy_equals_a_masked_reference_beside_free_requests(zoo):
-    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=8)
-    ps = prompts([5, 9, 3, 7, 6, 4, 8, 5], seed=11)
+    engine = tiny_engine(zoo, tokenizer=eos_tokenizer(), max_num_seqs=9)
+    ps = prompts([5, 9, 3, 7, 6, 4, 8, 5, 6], seed=11)
     asks = [(REGEX, None), (CHOICE, "lora_r4"), (GRAMMAR, "houlsby"), (REGEX, "parallel"),
-            (None, None), (None, "parallel"), (None, "prefix"), (STAG, "pfeiffer")]
+            (None, None), (None, "parallel"), (None, "prefix"), (STAG, "pfeiffer"), (LARK, "lora_r64")]
     params = [SamplingParams(max_tokens=12, temperature=0, structured=s, ignore_eos=s is None) for s, _ in asks]
     reqs = [engine.submit(p, sp, adapter=a) for p, sp, (_, a) in zip(ps, params, asks)]
     engine.run_until_done()
@@ -109,6 +112,7 @@ def test_greedy_equals_a_masked_reference_beside_free_requests(zoo):
     assert all(r.finish_reason == "stop" and re.fullmatch(REGEX.value, r.text) for r in done), [r.text for r in done]
     assert reqs[1].finish_reason == "stop" and reqs[1].text in CHOICE.choices
     assert reqs[7].finish_reason == "stop" and re.fullmatch("ab[cd]{2}Z", reqs[7].text), reqs[7].text
+    assert reqs[8].finish_reason != "stop" or re.fullmatch("(ab|[cd])+Z", reqs[8].text), reqs[8].text
     assert_no_leaks(engine)
 
 
@@ -188,6 +192,8 @@ def test_errors_name_the_field_and_change_nothing(zoo, monkeypatch):
                          "guided_grammar: the grammar allows no output"),
                         (StructuredSpec("regex", "[{}]+", source="guided_regex"),  # this vocabulary has no braces
                          "guided_regex: the grammar allows no output"),
+                        (StructuredSpec("grammar", "hello", source="guided_grammar"),  # read as Lark: no rule
+                         "guided_grammar: cannot be compiled"),
                         (StructuredSpec("grammar", 'start ::= "a"', source="guided_grammar"),
                          "guided_grammar: cannot be compiled"),
                         (StructuredSpec("choice", choices=(), source="guided_choice"), "guided_choice")):
@@ -324,6 +330,8 @@ def test_http_constraints_reach_the_engine_streamed_or_not(served):
     assert m["message"]["content"] in ("Hello world", "Bye") and m["finish_reason"] == "stop"
     assert _stream_text(url, "/v1/chat/completions", messages=msgs,
                         structured_outputs={"choice": ["Hello world", "Bye"]}) == (m["message"]["content"], "stop")
+    r = _post(url, guided_grammar='start: ("ab" | "c")+ "Z"')  # Lark's notation, as vLLM takes it
+    assert r.status_code == 200 and re.fullmatch("(ab|c)+Z|(ab|c)*", r.json()["choices"][0]["text"]), r.text
     r = _post(url, "/v1/chat/completions", response_format=TAG)  # a structural tag, as vLLM takes it
     assert r.status_code == 200, r.text
     assert re.fullmatch("ab[cd]{2}Z", r.json()["choices"][0]["message"]["content"]), r.text
