@@ -25,8 +25,9 @@ request whose matcher takes longer for three tokens in a row (one slow token may
 thread) ends alone with finish reason "error" saying so.
 
 Compiling is bounded as well: with ``compile_timeout_s`` set (the engine's ``max_grammar_compile_s``,
-10 s by default; ``serve --max-grammar-compile-s``) specs compile in a child process that is killed
-at the limit (grammar_worker.py), and the request is refused with a ValueError (a 400) that says so.
+10 s by default; ``serve --max-grammar-compile-s``) a spec first compiles in a child process that is
+killed at the limit (grammar_worker.py), and the request is refused with a ValueError (a 400) that
+says so; one that compiled there in time is compiled again here (a cache miss costs two compiles).
 So is one whose compiled grammar would exceed ``MAX_GRAMMAR_BYTES`` or whose compile needs more than
 ``COMPILE_MEMORY_BYTES``; the cache of compiled grammars is bounded in bytes as well as in count.
 
@@ -203,18 +204,25 @@ class Grammars:
             self._worker.close()
 
     def _compiled(self, spec: StructuredSpec, req: dict):
-        """``req`` compiled: in a child process stopped at ``compile_timeout_s`` where that is set,
-        else in this thread."""
-        from .grammar_worker import CompileCrash, CompileError, CompileTimeout, compile_request
+        """``req`` compiled in this thread; where ``compile_timeout_s`` is set, only after a child
+        process compiled it within that time and memory (``_probe``)."""
+        from .grammar_worker import compile_request
 
-        if self.compile_timeout_s is None:
-            try:
-                compiled = compile_request(self._get_compiler(), req)
-            except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
-                raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
-            if compiled.memory_size_bytes > MAX_GRAMMAR_BYTES:
-                raise ValueError(_too_large(spec, compiled.memory_size_bytes))
-            return compiled
+        if self.compile_timeout_s is not None:
+            self._probe(spec, req)
+        try:
+            compiled = compile_request(self._get_compiler(), req)
+        except Exception as e:  # xgrammar raises RuntimeError / its own errors for what it cannot compile
+            raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {_reason(e)}") from None
+        if compiled.memory_size_bytes > MAX_GRAMMAR_BYTES:
+            raise ValueError(_too_large(spec, compiled.memory_size_bytes))
+        return compiled
+
+    def _probe(self, spec: StructuredSpec, req: dict) -> None:
+        """Compile ``req`` in the child process, killed after ``compile_timeout_s``; ValueError when
+        it runs past that, past ``COMPILE_MEMORY_BYTES``, to a grammar over ``MAX_GRAMMAR_BYTES``, or
+        when xgrammar refuses it. (The child's grammar is not sent back; see grammar_worker.py.)"""
+        from .grammar_worker import CompileCrash, CompileError, CompileTimeout
         too_slow = (f"{spec.source}: compiling it to a grammar took longer than this server allows "
                     f"({self.compile_timeout_s:g} s, --max-grammar-compile-s); simplify it (fewer or shorter bounded "
                     "repetitions, fewer alternatives)")
@@ -223,7 +231,7 @@ class Grammars:
         if known is not None:  # the same spec again: refused without compiling
             raise ValueError(known)
         try:
-            text = self._get_worker().compile(req, self.compile_timeout_s)
+            self._get_worker().compile(req, self.compile_timeout_s)
         except (CompileTimeout, CompileCrash) as e:
             why = too_slow if isinstance(e, CompileTimeout) else f"{spec.source}: cannot be compiled to a grammar: {e}"
             with self._lock:
@@ -239,7 +247,6 @@ class Grammars:
                 reason = (f"compiling it needs more than the {COMPILE_MEMORY_BYTES / 2**20:g} MB this server "
                           "allows; simplify it")
             raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {reason}") from None
-        return _xgrammar().CompiledGrammar.deserialize_json(text, self._get_info())
 
     def compile(self, spec: StructuredSpec):
         """The compiled grammar of ``spec`` (cached); ValueError naming ``spec.source`` if it cannot compile."""
