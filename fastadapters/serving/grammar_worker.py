@@ -35,6 +35,9 @@ import weakref
 __all__ = ["CompileWorker", "CompileTimeout", "CompileError", "CompileCrash", "compile_request", "STARTUP_TIMEOUT_S"]
 
 STARTUP_TIMEOUT_S = 120.0  # the child imports xgrammar (and torch) and reads the vocabulary: seconds
+# the frames' meaning; a child started from files of another release (fastadapters upgraded in place
+# under a running server) refuses to start rather than answer in a form the server misreads
+PROTOCOL = 2
 
 
 class CompileTimeout(Exception):
@@ -96,7 +99,7 @@ class CompileWorker:
             self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _kill, proc)  # the child goes with this object
         try:
-            _write(proc.stdin, {"info": self.info_json, "max_threads": self.max_threads,
+            _write(proc.stdin, {"protocol": PROTOCOL, "info": self.info_json, "max_threads": self.max_threads,
                                 "memory_bytes": self.memory_bytes, "max_grammar_bytes": self.max_grammar_bytes})
             reply = self._wait(proc, STARTUP_TIMEOUT_S)
         except CompileTimeout:
@@ -213,6 +216,9 @@ def _main() -> None:
     sys.stdout = sys.stderr  # nothing but frames on the pipe
     try:
         hello = _read(stdin)
+        if hello.get("protocol") != PROTOCOL:
+            raise RuntimeError(f"this grammar compiler speaks protocol {PROTOCOL}, the server {hello.get('protocol')}: "
+                               "fastadapters changed on disk under the running server; restart it")
         import xgrammar as xgr
 
         info = xgr.TokenizerInfo.deserialize_json(hello["info"])

@@ -560,3 +560,18 @@ def test_grammar_memory_is_bounded_per_grammar_in_the_cache_and_in_the_compiler(
     engine.compile_structured(REGEX)
     assert engine._grammars.compiles == 1 and engine._grammars._worker.killed == 0
     engine.stop()
+
+
+def test_a_compiler_child_of_another_protocol_refuses_to_start(monkeypatch):
+    # fastadapters upgraded on disk under a running server: the new child's frames would be misread
+    from fastadapters.serving import grammar_worker
+
+    engine = tiny_engine(tokenizer=eos_tokenizer(), max_grammar_compile_s=60)
+    monkeypatch.setattr(grammar_worker, "PROTOCOL", grammar_worker.PROTOCOL + 1)  # the server's side only
+    with pytest.raises(RuntimeError, match="changed on disk under the running server; restart it"):
+        engine.compile_structured(REGEX)
+    assert engine._grammars.compiles == 0
+    monkeypatch.undo()
+    engine.compile_structured(REGEX)  # a child of its own protocol starts
+    assert engine._grammars.compiles == 1
+    engine.stop()
