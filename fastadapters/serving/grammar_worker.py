@@ -18,7 +18,8 @@ Frames on the pipes: an 8-byte little-endian length, then that many bytes of UTF
     size = worker.compile({"method": "regex", "value": "[a-c]+"}, timeout=10.0)   # the compiled bytes
     # methods: json (value, any_whitespace, strict), regex, grammar (EBNF), lark, structural_tag
     # CompileTimeout after ``timeout`` seconds (the child is killed; the next call starts another);
-    # CompileError(reason) for what xgrammar refuses; CompileCrash when the child dies compiling
+    # CompileError(reason) for what xgrammar refuses; CompileTooLarge(bytes) past max_grammar_bytes;
+    # CompileCrash when the child dies compiling
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import threading
 import time
 import weakref
 
-__all__ = ["CompileWorker", "CompileTimeout", "CompileError", "CompileCrash", "compile_request", "STARTUP_TIMEOUT_S"]
+__all__ = ["CompileWorker", "CompileTimeout", "CompileError", "CompileTooLarge", "CompileCrash", "compile_request",
+           "STARTUP_TIMEOUT_S", "PROTOCOL"]
 
 STARTUP_TIMEOUT_S = 120.0  # the child imports xgrammar (and torch) and reads the vocabulary: seconds
 # the frames' meaning; a child started from files of another release (fastadapters upgraded in place
@@ -46,6 +48,10 @@ class CompileTimeout(Exception):
 
 class CompileError(Exception):
     """xgrammar could not compile the request (the message is its reason)."""
+
+
+class CompileTooLarge(Exception):
+    """The compiled grammar is larger than the child was told to allow (``args[0]``: its bytes)."""
 
 
 class CompileCrash(Exception):
@@ -146,7 +152,7 @@ class CompileWorker:
         if "error" in reply:
             raise CompileError(reply["error"])
         if "too_large" in reply:
-            raise CompileError(int(reply["too_large"]))
+            raise CompileTooLarge(int(reply["too_large"]))
         return int(reply["bytes"])
 
     def close(self) -> None:

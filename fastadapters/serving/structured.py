@@ -222,7 +222,8 @@ class Grammars:
         """Compile ``req`` in the child process, killed after ``compile_timeout_s``; ValueError when
         it runs past that, past ``COMPILE_MEMORY_BYTES``, to a grammar over ``MAX_GRAMMAR_BYTES``, or
         when xgrammar refuses it. (The child's grammar is not sent back; see grammar_worker.py.)"""
-        from .grammar_worker import CompileCrash, CompileError, CompileTimeout
+        from .grammar_worker import CompileCrash, CompileError, CompileTimeout, CompileTooLarge
+
         too_slow = (f"{spec.source}: compiling it to a grammar took longer than this server allows "
                     f"({self.compile_timeout_s:g} s, --max-grammar-compile-s); simplify it (fewer or shorter bounded "
                     "repetitions, fewer alternatives)")
@@ -239,9 +240,9 @@ class Grammars:
                 while len(self._refused) > CACHE_SIZE:
                     self._refused.popitem(last=False)
             raise ValueError(why) from None
+        except CompileTooLarge as e:
+            raise ValueError(_too_large(spec, e.args[0])) from None
         except CompileError as e:
-            if e.args and isinstance(e.args[0], int):  # the child measured it past MAX_GRAMMAR_BYTES
-                raise ValueError(_too_large(spec, e.args[0])) from None
             reason = _reason(e)
             if "bad_alloc" in reason:  # past the child's COMPILE_MEMORY_BYTES
                 reason = (f"compiling it needs more than the {COMPILE_MEMORY_BYTES / 2**20:g} MB this server "
