@@ -676,9 +676,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                                 "reply is the call's JSON", param="echo")
         grammar = None
         if params.structured is not None:  # compiled off the event loop, and handed to submit
-            try:
-                grammar = await asyncio.get_running_loop().run_in_executor(grammar_pool, engine.compile_structured,
-                                                                           params.structured)
+            try:  # a cached grammar at once: it never waits behind another spec's compile
+                grammar = engine.cached_structured(params.structured)
+                if grammar is None:
+                    grammar = await asyncio.get_running_loop().run_in_executor(
+                        grammar_pool, engine.compile_structured, params.structured)
             except ValueError as e:
                 raise APIError(400, str(e), param=params.structured.source) from None
         tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)

@@ -347,6 +347,11 @@ class Engine:
             grammars = self._grammars
         return grammars.matcher(spec) if matcher else grammars.compile(spec)
 
+    def cached_structured(self, spec: StructuredSpec):
+        """``spec``'s compiled grammar when already compiled (cached), else None; never compiles."""
+        grammars = self._grammars
+        return None if grammars is None else grammars.cached(spec)
+
     def abort(self, request_id: str) -> None:
         """Cancel a request (a client went away): it stops at the next step and frees its blocks."""
         with self._lock:

@@ -249,14 +249,20 @@ class Grammars:
                           "allows; simplify it")
             raise ValueError(f"{spec.source}: cannot be compiled to a grammar: {reason}") from None
 
-    def compile(self, spec: StructuredSpec):
-        """The compiled grammar of ``spec`` (cached); ValueError naming ``spec.source`` if it cannot compile."""
-        spec.validate()
+    def cached(self, spec: StructuredSpec):
+        """``spec``'s compiled grammar if the cache holds it, else None (O(1): no compile, no wait)."""
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
-                return hit
+            return hit
+
+    def compile(self, spec: StructuredSpec):
+        """The compiled grammar of ``spec`` (cached); ValueError naming ``spec.source`` if it cannot compile."""
+        spec.validate()
+        hit = self.cached(spec)
+        if hit is not None:
+            return hit
         xgr = _xgrammar()
         if spec.kind == "json":
             try:

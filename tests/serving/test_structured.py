@@ -493,9 +493,11 @@ def test_http_a_slow_grammar_is_a_400_and_holds_up_no_other_request(zoo):
         slow = pool.submit(lambda: (_post(url, guided_grammar=SLOW.value), time.monotonic()))
         time.sleep(0.2)  # the slow one is compiling
         plain = _post(url, prompt="abcab")
+        cached = _post(url, guided_regex=REGEX.value)  # compiled before: it does not wait for the compiler
         plain_done = time.monotonic()
         r, slow_done = slow.result(timeout=120)
-        assert plain.status_code == 200, plain.text
+        assert plain.status_code == 200 and cached.status_code == 200, (plain.text, cached.text)
+        assert re.fullmatch(REGEX.value, cached.json()["choices"][0]["text"]), cached.text
         assert plain_done < slow_done  # tokenising and serving went on while the grammar compiled
         assert r.status_code == 400 and slow_done - t0 >= 1.5, r.text
         err = r.json()["error"]
