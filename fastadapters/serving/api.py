@@ -671,7 +671,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 params.validate(vocab_size=engine.vocab_size)
             except ValueError as e:
                 raise APIError(400, f"bad_words: {e}", param="bad_words") from None
-        if chat and body.echo and body.tool_call() is not None:
+        tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)
+        if chat and body.echo and tool_call is not None:
             raise APIError(400, "echo: not with a tool call (tool_choice naming a function or \"required\"): the "
                                 "reply is the call's JSON", param="echo")
         grammar = None
@@ -683,7 +684,6 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                         grammar_pool, engine.compile_structured, params.structured)
             except ValueError as e:
                 raise APIError(400, str(e), param=params.structured.source) from None
-        tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)
         echoes = [None] * len(prompts)
         if chat and body.echo:  # the last message's content, when the reply continues its role
             last = chat_messages(body, None)[-1]

@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a structured-output request (response_format json, guided_*, tool_choice) whose grammar takes "
                         "longer than this for one token ends with an error, so it cannot slow the other requests")
     p.add_argument("--max-grammar-compile-s", type=float, default=10.0, metavar="S",
-                   help="a structured output whose grammar (a JSON schema, regex, choice list or EBNF) takes longer "
-                        "than this to compile is refused with a 400; compiling runs in a child process that is "
-                        "stopped then, so it cannot hold up the server (default: 10)")
+                   help="a structured output whose grammar (a JSON schema, regex, choice list, grammar or structural "
+                        "tag) takes longer than this to compile is refused with a 400; compiling runs in a child "
+                        "process that is stopped then, so it cannot hold up the server (default: 10)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")

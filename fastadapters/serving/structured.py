@@ -27,9 +27,9 @@ thread) ends alone with finish reason "error" saying so.
 Compiling is bounded as well: with ``compile_timeout_s`` set (the engine's ``max_grammar_compile_s``,
 10 s by default; ``serve --max-grammar-compile-s``) a spec first compiles in a child process that is
 killed at the limit (grammar_worker.py), and the request is refused with a ValueError (a 400) that
-says so; one that compiled there in time is compiled again here (a cache miss costs two compiles).
-So is one whose compiled grammar would exceed ``MAX_GRAMMAR_BYTES`` or whose compile needs more than
-``COMPILE_MEMORY_BYTES``; the cache of compiled grammars is bounded in bytes as well as in count.
+says so. So is one whose compiled grammar would exceed ``MAX_GRAMMAR_BYTES`` or whose compile needs
+more than ``COMPILE_MEMORY_BYTES``. A spec that passed is compiled again here (a cache miss costs
+two compiles); the cache of compiled grammars is bounded in bytes as well as in count.
 
 A preempted request keeps its matcher: its accepted tokens are its output, which it recomputes,
 so nothing is rolled back. ``min_tokens`` with a structured output is refused (the grammar, not a
@@ -157,8 +157,8 @@ def _choice_grammar(choices: tuple[str, ...]) -> str:
 class Grammars:
     """Compiled grammars and matchers for one engine's tokenizer and vocabulary (thread-safe: the
     server compiles in a thread of its own, the engine thread makes matchers). ``compile_timeout_s``:
-    compile in a child process killed after that many seconds (grammar_worker.py); None: in the
-    calling thread, without a limit."""
+    each spec first compiles in a child process killed after that many seconds (grammar_worker.py),
+    then in the calling thread; None: only in the calling thread, without a limit."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids, compile_timeout_s: float | None = None):
         self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, int(vocab_size), sorted(stop_ids)
