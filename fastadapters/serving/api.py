@@ -48,6 +48,7 @@ from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ErrorR
                        TokenizeRequest, UnloadAdapterRequest, _unicode, error_body)
 from .sampling import NO_TOKEN, SamplingParams
 from .structured import StructuredSpec
+from .tool_parsers import PARSERS, HermesStream, parse as parse_tools, tags_are_special
 
 __all__ = ["create_app", "APIError", "Limits"]
 
@@ -259,12 +260,17 @@ def _openapi(app: FastAPI, api_key: bool) -> dict:
 
 def create_app(engine, served_model_name: str, base_path: str | None = None, manage_engine: bool = True, *,
                limits: Limits | None = None, api_key: str | None = None, admin_needs_key: bool = False,
-               max_adapter_bytes: int | None = None, shutdown_timeout: float = 30) -> FastAPI:
+               max_adapter_bytes: int | None = None, shutdown_timeout: float = 30,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app. ``manage_engine``: start the engine thread with the app, stop it at shutdown
     (waiting ``shutdown_timeout`` s for the thread). ``api_key``: Bearer auth on ``/v1/*``.
     ``admin_needs_key``: the load / unload routes answer 403 unless an ``api_key`` is set (the CLI
     sets it when bound to a non-loopback address). ``max_adapter_bytes``: the size limit of a
-    runtime-loaded adapter folder (None: ``adapters.default_max_adapter_bytes`` of the model)."""
+    runtime-loaded adapter folder (None: ``adapters.default_max_adapter_bytes`` of the model).
+    ``tool_call_parser``: a parser of ``tool_parsers.PARSERS`` for chat's ``tool_choice: "auto"``
+    (None: "auto" is refused, as vLLM does without ``--enable-auto-tool-choice``)."""
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise ValueError(f"tool_call_parser: got {tool_call_parser!r}; valid: one of {', '.join(PARSERS)}, or None")
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ValueError("the HTTP server needs the engine to have a tokenizer")
@@ -286,6 +292,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
     marker = _stripped_space_marker(tokenizer, vocab)
+    special_tags = tags_are_special(tokenizer)  # (tool_choice "auto")
 
     def token_text(i: int) -> str:
         """One token's text, as it reads inside a text: ``decode([i])``, with the leading spaces a
@@ -673,8 +680,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 raise APIError(400, f"bad_words: {e}", param="bad_words") from None
         tool_call = body.tool_call() if chat else None  # (checked by sampling: no error here)
         if chat and body.echo and tool_call is not None:
-            raise APIError(400, "echo: not with a tool call (tool_choice naming a function or \"required\"): the "
-                                "reply is the call's JSON", param="echo")
+            raise APIError(400, "echo: not with tool calls (tools with tool_choice 'auto', 'required' or a named "
+                                "function): the reply is parsed into calls", param="echo")
+        if tool_call is not None and tool_call[0] == "auto":  # the tools' names, for the parser
+            tool_call = ("auto", frozenset(body._tool_params()))
+            if special_tags and params.skip_special_tokens:  # else the tags would be left out of the text
+                params = dataclasses.replace(params, skip_special_tokens=False)
         grammar = None
         if params.structured is not None:  # compiled off the event loop, and handed to submit
             try:  # a cached grammar at once: it never waits behind another spec's compile
@@ -752,8 +763,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             logprobs = logprobs_body(c.pending, chat, c.offset) if choices.logprobs else None
             if chat:
                 text = "".join(c.text)
-                calls, reason = _tool_calls(tool_call, text, c.reason)
-                message = {"role": "assistant", "content": None if calls else text}
+                if tool_call is not None and tool_call[0] == "auto":  # text and calls
+                    text, calls, reason = _auto_tool_calls(tool_call[1], text, c.reason)
+                else:
+                    calls, reason = _tool_calls(tool_call, text, c.reason)
+                    text = None if calls else text
+                message = {"role": "assistant", "content": text}
                 if calls:
                     message["tool_calls"] = calls
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
@@ -771,11 +786,34 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                       tool_call=None):
         """Server-sent chunks. A named tool call streams its arguments as they come (the first chunk
         after the role names the function); a "required" one is sent whole when its choice finishes
-        (its text is an array to parse), as the content if it did not parse."""
+        (its text is an array to parse), as the content if it did not parse; with "auto" each
+        choice's text goes through a ``HermesStream`` (content as it comes, each call whole when its
+        block closes)."""
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         held: dict[int, list[str]] = {}  # "required": each choice's text until it finishes
+        auto = tool_call is not None and tool_call[0] == "auto"
+        parsers = [HermesStream(tool_call[1]) for _ in choices.list] if auto else []
+        called = [0] * len(parsers)  # calls sent per choice (each call's index)
+
+        def auto_chunks(i: int, text: str, reason: str | None) -> list[str]:
+            """Choice i's chunks for its new text (``reason``: it finished): content, then calls."""
+            events = parsers[i].feed(text) + (parsers[i].finish() if reason is not None else [])
+            pieces = []  # (content, delta) per chunk
+            for kind, value in events:
+                if kind == "content":
+                    pieces.append((value, None))
+                else:
+                    call = {"index": called[i], "id": _call_id(), "type": "function", "function": value}
+                    pieces.append((None, {"tool_calls": [call]}))
+                    called[i] += 1
+            if reason is not None:
+                if reason == "stop" and called[i]:
+                    reason = "tool_calls"
+                if not pieces:
+                    pieces.append((None, {}))
+            return [chunk(i, t, reason if k == len(pieces) - 1 else None, delta=d) for k, (t, d) in enumerate(pieces)]
 
         def tool_chunk(i: int, text: str, reason: str | None) -> str:
             if tool_call[0] == "named":
@@ -795,7 +833,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 c.pending.clear()  # goes out later)
             if chat:
                 if delta is None:
-                    role = {"role": "assistant", "content": None if tool_call is not None else ""}
+                    role = {"role": "assistant", "content": None if tool_call is not None and not auto else ""}
                     delta = role if first else ({"content": text} if text else {})
                 choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
@@ -829,8 +867,12 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                         yield f"data: {json.dumps(err)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
-                    yield chunk(i, text, out.finish_reason) if tool_call is None else tool_chunk(i, text,
-                                                                                                   out.finish_reason)
+                    if auto:
+                        for piece in auto_chunks(i, text, out.finish_reason):
+                            yield piece
+                    else:
+                        yield chunk(i, text, out.finish_reason) if tool_call is None else tool_chunk(i, text,
+                                                                                                       out.finish_reason)
                     if choices.done():
                         if include_usage:
                             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [],
@@ -840,6 +882,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                         return
                 elif text and tool_call is None:
                     yield chunk(i, text, None)
+                elif text and auto:
+                    for piece in auto_chunks(i, text, None):
+                        yield piece
                 elif text and tool_call[0] == "named":
                     yield tool_chunk(i, text, None)
                 elif text:
@@ -870,6 +915,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         log_model(request, body.model, None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
+        body._tool_parser = tool_call_parser  # (read by tool_call: "auto" needs one)
         sampling(body, engine.max_model_len)  # bad sampling fields answer before any tokenising
         try:
             options = body.template_options()
@@ -951,6 +997,14 @@ def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | No
         return None, reason
     return [{"id": _call_id(), "type": "function",
              "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}} for it in items], "tool_calls"
+
+
+def _auto_tool_calls(names, text: str, reason: str | None) -> tuple[str | None, list | None, str | None]:
+    """A finished "auto" choice's (content, tool calls or None, finish reason): ``tool_parsers.parse``;
+    "tool_calls" when it made calls and ended by itself."""
+    content, calls = parse_tools(text, names)
+    calls = [{"id": _call_id(), "type": "function", "function": c} for c in calls]
+    return content, calls or None, "tool_calls" if calls and reason == "stop" else reason
 
 
 def _stripped_space_marker(tokenizer, vocab: dict) -> str | None:

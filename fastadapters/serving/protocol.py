@@ -11,7 +11,9 @@ request (``structured()``; served by ``structured.py``): OpenAI's ``response_for
 ``guided_grammar`` and ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``,
 ``structural_tag``, ``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
 "required" become a JSON constraint on the call (vLLM's shapes; ``ChatRequest.tool_call``), "none"
-a plain reply; "auto" is refused (no per-model tool-call parser). vLLM's ``prompt_logprobs`` (k <= 20,
+a plain reply; "auto" (the default with tools) needs a server started with a tool-call parser
+(``--enable-auto-tool-choice --tool-call-parser hermes``: text and calls, the calls held to the
+tools by a structural tag; ``tool_parsers.py``), else it is refused, as vLLM does. vLLM's ``prompt_logprobs`` (k <= 20,
 not streamed; ``prompt_logprobs_k``), ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``bad_words`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
@@ -32,7 +34,8 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
+                      StrictStr,
                       field_validator)
 
 __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
@@ -365,6 +368,9 @@ class ChatRequest(_Sampling):
     # vLLM's: the reply's content starts with the last message's when that message has the reply's
     # role (the assistant's, or with add_generation_prompt false any: the reply continues it)
     echo: StrictBool | None = None
+    # the server's parser of tool calls in a free-form reply (tool_parsers.PARSERS), set by the server
+    # before the body is read further: None refuses tool_choice "auto"
+    _tool_parser: str | None = PrivateAttr(default=None)
 
     def template_options(self) -> dict:
         """Keyword arguments for ``apply_chat_template``; ValueError names a bad combination or key."""
@@ -400,8 +406,9 @@ class ChatRequest(_Sampling):
         return out
 
     def tool_call(self) -> tuple[str, str | None] | None:
-        """("named", name) or ("required", None) when the reply must be a tool call; None for a plain
-        reply. ValueError names a bad ``tools`` / ``tool_choice``."""
+        """("named", name) or ("required", None) when the reply must be a tool call, ("auto", parser)
+        when it may hold calls among its text; None for a plain reply. ValueError names a bad
+        ``tools`` / ``tool_choice``."""
         tools, choice = self._tool_params(), self.tool_choice
         if not tools:
             if choice not in (None, "none"):
@@ -410,9 +417,12 @@ class ChatRequest(_Sampling):
         if choice == "none":
             return None
         if choice is None or choice == "auto":
-            raise ValueError("tool_choice: 'auto' (the default when tools are given) is not supported: this server "
-                             "has no parser for tool calls in a free-form reply; valid: 'required', a named "
-                             "function {\"type\": \"function\", \"function\": {\"name\": ...}}, or 'none'")
+            if self._tool_parser is not None:
+                return "auto", self._tool_parser
+            raise ValueError("tool_choice: 'auto' (the default when tools are given) needs a server started with "
+                             "--enable-auto-tool-choice --tool-call-parser hermes (a parser for tool calls in a "
+                             "free-form reply); valid here: 'required', a named function {\"type\": \"function\", "
+                             "\"function\": {\"name\": ...}}, or 'none'")
         if choice == "required":
             return "required", None
         fn = choice.get("function") if isinstance(choice, dict) else None
@@ -430,11 +440,16 @@ class ChatRequest(_Sampling):
         call = self.tool_call()
         if call is None:
             return []
+        tools = self._tool_params()
+        if call[0] == "auto":  # text, and calls held to the tools (a stop string may cut one: it stays text)
+            from .tool_parsers import constraint
+            params = {name: json.loads(_schema_text(_params_schema(p), f"tools: parameters of {name!r}"))
+                      for name, p in tools.items()}
+            return [Structured("tool_choice", "structural_tag", constraint(params, self.parallel_tool_calls is not False))]
         for name in ("stop", "stop_token_ids"):
             if getattr(self, name):  # a cut call would read as a finished one (finish_reason "stop")
                 raise ValueError(f"{name}: not with tool_choice {_shown(self.tool_choice)}: it could cut the call's "
                                  "JSON short; the call ends when its JSON is complete")
-        tools = self._tool_params()
         if call[0] == "named":
             return [Structured("tool_choice", "json", _schema_text(_params_schema(tools[call[1]]), "tool_choice"))]
         defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}  # (2020-12's and draft 7's)

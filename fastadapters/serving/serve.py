@@ -29,6 +29,7 @@ import signal
 import sys
 
 from ..cli import CommandParser, UsageError
+from .tool_parsers import PARSERS
 
 __all__ = ["main", "build_parser", "load_base", "build_app"]
 
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a structured output whose grammar (a JSON schema, regex, choice list, grammar or structural "
                         "tag) takes longer than this to compile is refused with a 400; compiling runs in a child "
                         "process that is stopped then, so it cannot hold up the server (default: 10)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="chat requests with tools may leave tool_choice 'auto' (its default): the reply is text "
+                        "and tool calls, parsed by --tool-call-parser, each call held to a request's tool by a "
+                        "grammar (needs xgrammar: fastadapters[structured]); without it 'auto' is a 400")
+    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="the format of tool calls in a reply, for --enable-auto-tool-choice: hermes "
+                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")
@@ -238,7 +246,8 @@ def build_app(args):
                     stall_seconds=args.health_stall_seconds)
     return create_app(engine, served_name(args), base_path=args.base_model, limits=limits, api_key=args.api_key,
                       admin_needs_key=not (_loopback(args.host) or args.allow_unauthenticated_admin),
-                      max_adapter_bytes=args.max_adapter_bytes, shutdown_timeout=args.shutdown_timeout)
+                      max_adapter_bytes=args.max_adapter_bytes, shutdown_timeout=args.shutdown_timeout,
+                      tool_call_parser=getattr(args, "tool_call_parser", None))
 
 
 def served_name(args) -> str:
@@ -255,6 +264,17 @@ def _check(args) -> None:
                                      or not args.api_key.isascii()):
         raise UsageError("--api-key: an empty, unprintable or non-ASCII key; valid: printable ASCII characters "
                          "(what an HTTP header carries as it is)")
+    auto, parser = getattr(args, "enable_auto_tool_choice", False), getattr(args, "tool_call_parser", None)
+    if auto and parser is None:
+        raise UsageError(f"--enable-auto-tool-choice needs --tool-call-parser; valid: {', '.join(PARSERS)}")
+    if parser is not None and not auto:
+        raise UsageError("--tool-call-parser: only read with --enable-auto-tool-choice; add it (or drop the parser)")
+    if auto:
+        from .structured import StructuredUnavailable, _xgrammar
+        try:
+            _xgrammar()
+        except StructuredUnavailable as e:
+            raise UsageError(f"--enable-auto-tool-choice: {e}") from None
     if not os.path.exists(args.base_model):
         raise UsageError(f"--base-model: {args.base_model!r} does not exist")
     folder, gguf = _split_gguf(args.base_model, args.gguf_file)

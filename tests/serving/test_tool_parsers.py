@@ -1,0 +1,273 @@
+"""tool_choice "auto" (serving/tool_parsers.py): a reply of text and Hermes-format tool calls.
+
+The parser: what ``parse`` makes of finished replies (calls, text around them, blocks that are not
+calls, cut blocks), and that every chunking of a reply streams what ``parse`` gives. The grammar:
+compiled with SmolLM2's vocabulary, it lets a reply call the request's tools with conforming
+arguments and refuses other names, other arguments and (``parallel_tool_calls: false``) a second
+call. Over HTTP with the official client: SmolLM2 does not write tool calls by itself, so the test
+scripts the sampled tokens (the engine's ``sample_rows`` replaced); the engine still checks each
+scripted token against the request's grammar, so a script that calls an unknown function fails,
+which shows the grammar is in force. The server without a parser refuses "auto" (400), as vLLM does.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from fastadapters.serving.protocol import ChatRequest
+from fastadapters.serving.tool_parsers import END, START, HermesStream, constraint, parse, tags_are_special
+
+NAMES = {"get_weather", "now"}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                          "required": ["city"]}}}
+NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: {} only
+
+
+def block(name: str, args: dict) -> str:
+    return f'{START}\n{{"name": "{name}", "arguments": {json.dumps(args)}}}\n{END}'
+
+
+CALL = block("get_weather", {"city": "Paris"})
+REPLIES = [
+    "Let me check.\n" + CALL,
+    CALL + "\n" + block("now", {}),
+    "a " + CALL + "\n then more",
+    "plain text, no call <tool",  # a cut start of a tag at the end is text
+    "x " + f'{START}{{"name": "unknown", "arguments": {{}}}}{END} y',  # not one of the tools: text
+    "x \n" + f'{START}\n{{"name": "now", "arguments": {{"a": [1,',  # cut by max_tokens: text
+    f'{START}\n{{"name": "now", "arguments": {{}}}}',  # a stop string cut the closing tag: still a call
+    "",
+    "  \n ",
+    CALL + "  " + f'{START}not json{END}',
+]
+
+
+def test_parse_splits_text_and_calls():
+    assert parse(REPLIES[0], NAMES) == ("Let me check.", [{"name": "get_weather", "arguments": '{"city": "Paris"}'}])
+    content, calls = parse(REPLIES[1], NAMES)
+    assert content is None and [c["name"] for c in calls] == ["get_weather", "now"] and calls[1]["arguments"] == "{}"
+    assert parse(REPLIES[2], NAMES) == ("athen more", [{"name": "get_weather", "arguments": '{"city": "Paris"}'}])
+    assert parse(REPLIES[3], NAMES) == (REPLIES[3], [])
+    assert parse(REPLIES[4], NAMES) == (REPLIES[4], [])  # as written, whitespace before the block too
+    assert parse(REPLIES[5], NAMES) == (REPLIES[5], [])
+    assert parse(REPLIES[6], NAMES) == (None, [{"name": "now", "arguments": "{}"}])
+    assert parse("", NAMES) == (None, []) and parse("  \n ", NAMES) == ("  \n ", [])
+    assert parse(REPLIES[9], NAMES) == (f'{START}not json{END}', [{"name": "get_weather",
+                                                                     "arguments": '{"city": "Paris"}'}])
+    # arguments that are not an object, extra keys, a name that is not a string: text
+    for bad in ('{"name": "now", "arguments": "{}"}', '{"name": "now", "arguments": {}, "x": 1}',
+                '{"name": 1, "arguments": {}}', '[1]'):
+        assert parse(START + bad + END, NAMES) == (START + bad + END, [])
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_every_chunking_streams_what_parse_gives(reply):
+    want = parse(reply, NAMES)
+    rng = random.Random(len(reply))
+    chunkings = [[reply[i:i + 1] for i in range(len(reply))], [reply]]
+    for _ in range(60):
+        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randint(0, 12)))) if reply else []
+        chunkings.append([reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])])
+    for pieces in chunkings:
+        stream = HermesStream(NAMES)
+        events = [e for p in pieces for e in stream.feed(p)] + stream.finish()
+        content = "".join(v for kind, v in events if kind == "content")
+        assert (content or None, [v for kind, v in events if kind == "call"]) == want, pieces
+        assert all(v for kind, v in events if kind == "content")  # no empty content deltas
+
+
+def test_content_is_not_held_longer_than_needed():
+    stream = HermesStream(NAMES)
+    assert stream.feed("Hello, wor") == [("content", "Hello, wor")]
+    assert stream.feed("ld <tool") == [("content", "ld")]  # " <tool" might start a call
+    assert stream.feed("box") == [("content", " <toolbox")]
+    assert stream.feed(" " + CALL[:20]) == []
+    assert stream.feed(CALL[20:]) == [("call", {"name": "get_weather", "arguments": '{"city": "Paris"}'})]
+
+
+def test_special_call_tags_are_kept_in_the_text():
+    class Tok:
+        all_special_tokens = ["<s>", START, END]
+
+    assert tags_are_special(Tok()) and not tags_are_special(object())
+    Tok.all_special_tokens = ["<s>"]
+    assert not tags_are_special(Tok())
+
+
+def _auto(**kw):
+    req = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER, NOW], **kw)
+    req._tool_parser = "hermes"
+    return req
+
+
+def test_auto_is_a_structural_tag_over_the_tools_and_refused_without_a_parser():
+    req = _auto()
+    assert req.tool_call() == ("auto", "hermes")
+    s = req.structured()
+    tag = json.loads(s.value)["format"]
+    assert (s.source, s.kind, tag["type"], tag["triggers"], tag["stop_after_first"]) == \
+        ("tool_choice", "structural_tag", "triggered_tags", [START], False)
+    assert [t["content"]["json_schema"] for t in tag["tags"]] == \
+        [WEATHER["function"]["parameters"], {"type": "object", "properties": {}}]
+    assert json.loads(_auto(parallel_tool_calls=False).structured().value)["format"]["stop_after_first"] is True
+    assert _auto(stop=["x"]).structured() is not None  # a cut call stays text: stop strings are fine here
+    with pytest.raises(ValueError, match="only one structured-output constraint"):
+        _auto(response_format={"type": "json_object"}).structured()
+    plain = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice --tool-call-parser hermes"):
+        plain.tool_call()
+
+
+def test_bad_tool_flags_exit_2(tmp_path, capsys):
+    from fastadapters.serving.serve import main
+
+    assert main(["--base-model", str(tmp_path), "--enable-auto-tool-choice"]) == 2
+    assert "--tool-call-parser" in capsys.readouterr().err
+    assert main(["--base-model", str(tmp_path), "--tool-call-parser", "hermes"]) == 2
+    assert "--enable-auto-tool-choice" in capsys.readouterr().err
+    assert main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "nope"]) == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+# ---- with SmolLM2's vocabulary (grammar) and through the server
+
+@pytest.fixture(scope="module")
+def smol():
+    from .real_model import smollm2_dir
+
+    pytest.importorskip("xgrammar")
+    folder, why = smollm2_dir()
+    if folder is None:
+        pytest.skip(why)
+    return folder
+
+
+def test_the_grammar_holds_calls_to_the_tools(smol):
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok)))
+    tools = {"get_weather": WEATHER["function"]["parameters"], "now": {"type": "object", "properties": {}}}
+
+    def allowed(grammar, text: str) -> bool:
+        m = xgr.GrammarMatcher(grammar)
+        return all(m.accept_token(i) for i in tok.encode(text, add_special_tokens=False)) and \
+            m.accept_token(tok.eos_token_id)
+
+    for parallel in (True, False):
+        g = compiler.compile_structural_tag(constraint(tools, parallel))
+        assert allowed(g, "Let me check.\n" + CALL) and allowed(g, "just text") and allowed(g, block("now", {}))
+        assert not allowed(g, block("get_time", {}))  # not a tool
+        assert not allowed(g, block("get_weather", {"town": "Paris"}))  # arguments outside the schema
+        assert not allowed(g, block("get_weather", {}))  # a required argument missing
+        assert allowed(g, CALL + "\n" + block("now", {})) is parallel  # a second call
+
+
+@pytest.fixture(scope="module")
+def served(smol):
+    openai = pytest.importorskip("openai")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastadapters.serving.api import create_app
+    from fastadapters.serving.engine import Engine
+    from .live_server import live_server
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(smol)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval(), tok, max_num_seqs=2,
+                    max_model_len=256, backend="torch")
+    try:
+        with live_server(create_app(engine, "smol", base_path=smol, tool_call_parser="hermes")) as url:
+            yield engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def script(served, monkeypatch):
+    """Replace the engine's sampling with a script: ``script(text)`` makes the next request's tokens
+    ``text``'s tokens, then EOS (one request at a time)."""
+    from fastadapters.serving import engine as engine_mod
+
+    engine = served[0]
+    real, queue = engine_mod.sample_rows, []
+
+    def scripted(logits, params, generators):
+        tokens, errors = real(logits, params, generators)
+        return [queue.pop(0) if queue else engine.tokenizer.eos_token_id for _ in tokens], errors
+
+    monkeypatch.setattr(engine_mod, "sample_rows", scripted)
+
+    def load(text: str) -> None:
+        queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
+    return load
+
+
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_auto_replies_with_text_and_calls_streamed_or_not(served, script):
+    from .serve_helpers import assert_no_leaks
+
+    engine, client = served
+    assert not tags_are_special(engine.tokenizer)  # SmolLM2 has no such tokens: spelt in ordinary ones
+    tools = [WEATHER, NOW]
+    script("Let me check.\n" + CALL + "\n" + block("now", {}))
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=64)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
+    got = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls]
+    assert got == [("get_weather", {"city": "Paris"}), ("now", {})]
+    assert len({t.id for t in c.message.tool_calls}) == 2
+    script("Let me check.\n" + CALL + "\n" + block("now", {}))
+    chunks = [ch.choices[0] for ch in client.chat.completions.create(
+        model="smol", messages=MESSAGES, tools=tools, max_tokens=64, stream=True) if ch.choices]
+    assert "".join(ch.delta.content or "" for ch in chunks) == "Let me check."
+    calls = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+        [(0, "get_weather", {"city": "Paris"}), (1, "now", {})]
+    assert chunks[-1].finish_reason == "tool_calls" and all(ch.finish_reason is None for ch in chunks[:-1])
+    # text only: a plain reply
+    script("It is sunny.")
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, tool_choice="auto",
+                                       max_tokens=16)
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls, r.choices[0].finish_reason) == \
+        ("It is sunny.", None, "stop")
+    # cut by max_tokens inside a call: its text, finish "length"
+    script("Let me check.\n" + CALL)
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=12)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and not c.message.tool_calls and c.message.content.startswith("Let me check.")
+    assert START in c.message.content
+    # one call with parallel_tool_calls false: the reply ends there
+    script(CALL)
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, parallel_tool_calls=False,
+                                       max_tokens=64)
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+    assert_no_leaks(engine)
+
+
+def test_the_grammar_is_in_force_over_http(served, script):
+    """A scripted call the grammar does not allow (an unknown function; a second call with
+    parallel_tool_calls false) ends that request with an error; the server serves on."""
+    import openai
+
+    from .serve_helpers import assert_no_leaks
+
+    engine, client = served
+    for text, kw in ((block("get_time", {}), {}), (CALL + "\n" + block("now", {}), {"parallel_tool_calls": False})):
+        script(text)
+        with pytest.raises(openai.InternalServerError, match="not allowed by the request's grammar"):
+            client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64, **kw)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], extra_body={"echo": True})
+    script("fine")
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=4)
+    assert r.choices[0].message.content == "fine"
+    assert_no_leaks(engine)
