@@ -21,12 +21,14 @@ and several blocks in a row are parallel calls. Two parts:
 * ``parse`` (a finished reply) and ``HermesStream`` (a streamed one) split the text into content and
   calls, with one result either way (``tests/serving/test_tool_parsers.py`` checks that every
   chunking of a reply streams what ``parse`` gives):
-  - a block whose JSON parses to ``{"name": one of the tools, "arguments": an object}`` is a call;
-  - every other text is content, in order: the text outside the blocks less the whitespace next to
-    a call, and a block that is not a call (its JSON cut by ``max_tokens`` or a stop string) as
-    written, tags and the whitespace before it included; content that is empty is None;
+  - a block is a call when the text up to one of the end tags after it is JSON of the form
+    ``{"name": one of the tools, "arguments": an object}`` (the first such end tag closes it: an
+    argument's string may hold ``</tool_call>``);
   - a block still open when the reply ends is a call if its JSON is whole (a stop string may cut
-    the closing tag), else content.
+    the closing tag); else it is content as written, tags, the whitespace before it and the rest
+    of the reply included (a call cut by ``max_tokens``; without the grammar, malformed JSON);
+  - every other text is content, in order: the text outside the blocks less the whitespace next to
+    a call; content that is empty is None.
   A streamed call is sent whole, in one delta, when its block closes (OpenAI's clients accumulate
   deltas; one that holds the whole call is valid); content streams as it comes, less what might
   still turn out to be the start of ``<tool_call>`` or whitespace before one.
@@ -96,6 +98,7 @@ class HermesStream:
         self.inside = False
         self.after_block = False  # no content since the last block: its whitespace is dropped
         self.ws = ""  # the whitespace before the open block: dropped if it is a call, else content
+        self.scan = 0  # where in the open block's text to look for its end tag next
 
     def _content(self, text: str, events: list) -> None:
         if text:
@@ -106,16 +109,16 @@ class HermesStream:
         events: list[tuple[str, Any]] = []
         while True:
             if self.inside:
-                end = self.buf.find(END)
-                if end < 0:
-                    return events
-                body, self.buf = self.buf[:end], self.buf[end + len(END):]
-                call = _call(body, self.tools)
-                if call is None:  # not a call: content as written
-                    self._content(self.ws + START + body + END, events)
-                else:
-                    events.append(("call", call))
-                self.inside, self.after_block = False, call is not None
+                while True:  # the first end tag after which the block is a call
+                    end = self.buf.find(END, self.scan)
+                    if end < 0:
+                        return events
+                    call = _call(self.buf[:end], self.tools)
+                    if call is not None:
+                        break
+                    self.scan = end + len(END)  # (an argument's string may hold the tag: look further)
+                events.append(("call", call))
+                self.buf, self.scan, self.inside, self.after_block = self.buf[end + len(END):], 0, False, True
                 continue
             if self.after_block:  # whitespace right after a call is dropped
                 self.buf = self.buf.lstrip()
@@ -140,7 +143,7 @@ class HermesStream:
 
     def finish(self) -> list[tuple[str, Any]]:
         events: list[tuple[str, Any]] = []
-        if self.inside:  # an open block at the end: a call if its JSON is whole (its tag cut)
+        if self.inside:  # an open block at the end: a call if its JSON is whole (its tag cut), else text
             call = _call(self.buf, self.tools)
             if call is None:
                 self._content(self.ws + START + self.buf, events)
@@ -148,7 +151,7 @@ class HermesStream:
                 events.append(("call", call))
         else:  # the held end: a cut start of a tag, or whitespace (after a block already dropped)
             self._content(self.buf, events)
-        self.buf, self.inside = "", False
+        self.buf, self.inside, self.scan = "", False, 0
         return events
 
 

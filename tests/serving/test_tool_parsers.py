@@ -43,6 +43,8 @@ REPLIES = [
     "",
     "  \n ",
     CALL + "  " + f'{START}not json{END}',
+    block("get_weather", {"city": f"a{END}b"}) + " done",  # the end tag inside an argument
+    f'{START}not json{END} ' + CALL,  # never a call: the rest of the reply is its text
 ]
 
 
@@ -58,6 +60,8 @@ def test_parse_splits_text_and_calls():
     assert parse("", NAMES) == (None, []) and parse("  \n ", NAMES) == ("  \n ", [])
     assert parse(REPLIES[9], NAMES) == (f'{START}not json{END}', [{"name": "get_weather",
                                                                      "arguments": '{"city": "Paris"}'}])
+    assert parse(REPLIES[10], NAMES) == ("done", [{"name": "get_weather", "arguments": json.dumps({"city": f"a{END}b"})}])
+    assert parse(REPLIES[11], NAMES) == (REPLIES[11], [])
     # arguments that are not an object, extra keys, a name that is not a string: text
     for bad in ('{"name": "now", "arguments": "{}"}', '{"name": "now", "arguments": {}, "x": 1}',
                 '{"name": 1, "arguments": {}}', '[1]'):
@@ -162,6 +166,7 @@ def test_the_grammar_holds_calls_to_the_tools(smol):
     for parallel in (True, False):
         g = compiler.compile_structural_tag(constraint(tools, parallel))
         assert allowed(g, "Let me check.\n" + CALL) and allowed(g, "just text") and allowed(g, block("now", {}))
+        assert allowed(g, block("get_weather", {"city": f"a{END}b"}))  # (why parse looks past an end tag)
         assert not allowed(g, block("get_time", {}))  # not a tool
         assert not allowed(g, block("get_weather", {"town": "Paris"}))  # arguments outside the schema
         assert not allowed(g, block("get_weather", {}))  # a required argument missing
