@@ -34,9 +34,12 @@ import time
 import weakref
 
 __all__ = ["CompileWorker", "CompileTimeout", "CompileError", "CompileTooLarge", "CompileCrash", "compile_request",
-           "STARTUP_TIMEOUT_S", "PROTOCOL"]
+           "STARTUP_TIMEOUT_S", "PROTOCOL", "IDLE_S"]
 
 STARTUP_TIMEOUT_S = 120.0  # the child imports xgrammar (and torch) and reads the vocabulary: seconds
+# a child with no compile for this long exits (about 400 MB resident: it imports xgrammar, which
+# imports torch); the next cache miss starts another (~1.4 s, not counted in the compile limit)
+IDLE_S = 120.0
 # the frames' meaning; a child started from files of another release (fastadapters upgraded in place
 # under a running server) refuses to start rather than answer in a form the server misreads
 PROTOCOL = 2
@@ -83,11 +86,15 @@ class CompileWorker:
     """One child process compiling one request at a time (callers are serialised by a lock)."""
 
     def __init__(self, info_json: str, max_threads: int = 2, memory_bytes: int | None = None,
-                 max_grammar_bytes: int | None = None):
+                 max_grammar_bytes: int | None = None, idle_s: float | None = IDLE_S):
         self.info_json = info_json
         self.max_threads = int(max_threads)
         self.memory_bytes = memory_bytes  # how much the child may grow past its start (None: no limit)
         self.max_grammar_bytes = max_grammar_bytes  # a larger compiled grammar is refused in the child
+        self.idle_s = idle_s  # the child is stopped after this long without a compile (None: kept)
+        self._last = 0.0  # when the last compile ended
+        self._timer: threading.Timer | None = None
+        self.reaped = 0  # children stopped for idleness (tests read it)
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self.started = 0  # children started (tests read it)
@@ -149,17 +156,50 @@ class CompileWorker:
                 self._proc = None
                 raise CompileCrash(f"the grammar compiler process exited while compiling it (exit code "
                                    f"{proc.returncode})") from None
+            self._last = time.monotonic()
+            self._arm()
         if "error" in reply:
             raise CompileError(reply["error"])
         if "too_large" in reply:
             raise CompileTooLarge(int(reply["too_large"]))
         return int(reply["bytes"])
 
+    def _arm(self) -> None:
+        """(Under the lock.) Stop the child once it has been idle for ``idle_s``."""
+        if self.idle_s is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        ref = weakref.ref(self)  # the timer does not keep this object (and its child) alive
+        self._timer = threading.Timer(self.idle_s, _reap, (ref,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _reap_if_idle(self) -> None:
+        if not self._lock.acquire(blocking=False):  # a compile runs: it re-arms the timer when it ends
+            return
+        try:
+            if self._proc is not None and time.monotonic() - self._last >= self.idle_s:
+                _kill(self._proc)
+                self._proc = None
+                self.reaped += 1
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if self._proc is not None:
                 _kill(self._proc)
                 self._proc = None
+
+
+def _reap(ref) -> None:
+    worker = ref()
+    if worker is not None:
+        worker._reap_if_idle()
 
 
 def _kill(proc: subprocess.Popen) -> None:

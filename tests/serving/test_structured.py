@@ -527,6 +527,38 @@ def test_a_grammar_whose_compiler_process_dies_is_refused_and_the_next_compiles(
     engine.stop()
 
 
+def test_an_idle_compiler_process_exits_and_the_next_compile_starts_another():
+    """The child holds ~400 MB (xgrammar imports torch): it is stopped after idle_s without a
+    compile, and never while one runs."""
+    import time
+
+    from fastadapters.serving.grammar_worker import CompileWorker
+
+    grammars = Grammars(eos_tokenizer(), 64, [EOS], compile_timeout_s=60)
+    worker = CompileWorker(grammars._get_info().serialize_json(), idle_s=1.0)
+    assert worker.compile({"method": "regex", "value": "[a-c]+"}, 60) > 0
+    proc = worker._proc
+    time.sleep(0.5)
+    assert worker.compile({"method": "regex", "value": "[a-d]+"}, 60) > 0  # a compile re-arms the timer
+    time.sleep(0.7)
+    assert worker._proc is proc and proc.poll() is None and worker.reaped == 0  # 0.7 s idle: kept
+    deadline = time.monotonic() + 10
+    while worker._proc is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker._proc is None and proc.poll() is not None and worker.reaped == 1
+    assert worker.compile({"method": "regex", "value": "[a-c]+"}, 60) > 0  # a new child
+    assert worker.started == 2 and worker._proc.poll() is None
+    worker._lock.acquire()  # a compile "running": the timer leaves the child alone
+    try:
+        worker._last -= 5
+        worker._reap_if_idle()
+        assert worker._proc is not None and worker.reaped == 1
+    finally:
+        worker._lock.release()
+    worker.close()
+    assert worker._proc is None and worker._timer is None
+
+
 def test_grammar_memory_is_bounded_per_grammar_in_the_cache_and_in_the_compiler(monkeypatch):
     from fastadapters.serving import structured
 
