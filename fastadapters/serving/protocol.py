@@ -443,9 +443,16 @@ class ChatRequest(_Sampling):
         tools = self._tool_params()
         if call[0] == "auto":  # text, and calls held to the tools (a stop string may cut one: it stays text)
             from .tool_parsers import constraint
-            params = {name: json.loads(_schema_text(_params_schema(p), f"tools: parameters of {name!r}"))
-                      for name, p in tools.items()}
-            return [Structured("tool_choice", "structural_tag", constraint(params, self.parallel_tool_calls is not False))]
+            params = {}
+            for i, (name, p) in enumerate(tools.items()):
+                schema = _params_schema(p)
+                if schema.get("type") != "object":  # the format's arguments are an object
+                    raise ValueError(f"tools[{i}]: parameters of {name!r} have type {_shown(schema.get('type'))}; "
+                                     "valid with tool_choice 'auto': a schema of type \"object\" (a call's "
+                                     "arguments are an object)")
+                params[name] = json.loads(_schema_text(schema, f"tools[{i}]"))
+            source = "tool_choice" if self.tool_choice is not None else "tools"  # ("auto" sent, or by default)
+            return [Structured(source, "structural_tag", constraint(params, self.parallel_tool_calls is not False))]
         for name in ("stop", "stop_token_ids"):
             if getattr(self, name):  # a cut call would read as a finished one (finish_reason "stop")
                 raise ValueError(f"{name}: not with tool_choice {_shown(self.tool_choice)}: it could cut the call's "

@@ -23,15 +23,17 @@ and several blocks in a row are parallel calls. Two parts:
   chunking of a reply streams what ``parse`` gives):
   - a block is a call when the text up to one of the end tags after it is JSON of the form
     ``{"name": one of the tools, "arguments": an object}`` (the first such end tag closes it: an
-    argument's string may hold ``</tool_call>``);
+    argument's string may hold ``</tool_call>``); the call's arguments are the model's own JSON text
+    (not decoded and encoded again: that would turn ``1e400`` into ``Infinity``);
   - a block still open when the reply ends is a call if its JSON is whole (a stop string may cut
-    the closing tag); else it is content as written, tags, the whitespace before it and the rest
-    of the reply included (a call cut by ``max_tokens``; without the grammar, malformed JSON);
-  - every other text is content, in order: the text outside the blocks less the whitespace next to
-    a call; content that is empty is None.
+    the closing tag); else it is content as written, its tags and the rest of the reply included (a
+    call cut by ``max_tokens``; without the grammar, malformed JSON);
+  - the content is all the text outside the calls, as written, less its trailing whitespace when
+    the reply made calls; None when it is only whitespace.
   A streamed call is sent whole, in one delta, when its block closes (OpenAI's clients accumulate
   deltas; one that holds the whole call is valid); content streams as it comes, less what might
-  still turn out to be the start of ``<tool_call>`` or whitespace before one.
+  still turn out to be the start of ``<tool_call>``, and whitespace until text follows it (so a
+  reply of calls and whitespace sends no content, as ``parse`` gives None).
 """
 from __future__ import annotations
 
@@ -65,10 +67,39 @@ def tags_are_special(tokenizer) -> bool:
     return START in special or END in special
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _raw_member(text: str, key: str) -> str:
+    """The JSON text of the last ``key`` member of the object ``text`` (already checked to parse)."""
+    dec, i, raw = json.JSONDecoder(), 0, ""
+
+    def ws(j: int) -> int:
+        while j < len(text) and text[j] in " \t\n\r":
+            j += 1
+        return j
+
+    i = ws(i) + 1  # past "{"
+    while True:
+        i = ws(i)
+        if text[i] == "}":
+            return raw
+        name, i = json.decoder.scanstring(text, i + 1)
+        i = ws(ws(i) + 1)  # past ":"
+        _, end = dec.raw_decode(text, i)
+        if name == key:
+            raw = text[i:end]
+        i = ws(end)
+        if text[i] == ",":
+            i += 1
+
+
 def _call(block: str, tools) -> dict | None:
-    """A block's text (between the tags) as {"name", "arguments"} (arguments as JSON text), or None."""
-    try:
-        obj = json.loads(block)
+    """A block's text (between the tags) as {"name", "arguments"} (arguments: the JSON text as the
+    model wrote it), or None."""
+    try:  # (NaN / Infinity are not JSON, though Python's parser reads them)
+        obj = json.loads(block, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or set(obj) != {"name", "arguments"}:
@@ -76,7 +107,7 @@ def _call(block: str, tools) -> dict | None:
     name, args = obj["name"], obj["arguments"]
     if not isinstance(name, str) or name not in tools or not isinstance(args, dict):
         return None
-    return {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}
+    return {"name": name, "arguments": _raw_member(block, "arguments")}
 
 
 def _partial_start(text: str) -> int:
@@ -94,15 +125,21 @@ class HermesStream:
 
     def __init__(self, tools):
         self.tools = tools
-        self.buf = ""  # unsent text: outside a block (state "out") or a block's body ("in")
+        self.buf = ""  # unsent text: outside a block, or the open block's body
         self.inside = False
-        self.after_block = False  # no content since the last block: its whitespace is dropped
-        self.ws = ""  # the whitespace before the open block: dropped if it is a call, else content
         self.scan = 0  # where in the open block's text to look for its end tag next
+        self.held = ""  # whitespace outside the blocks, sent when text follows it
+        self.spoke = False  # content other than whitespace sent
+        self.called = False  # a call sent
 
-    def _content(self, text: str, events: list) -> None:
-        if text:
-            events.append(("content", text))
+    def _text(self, text: str, events: list) -> None:
+        """Text outside the blocks, in order: sent less its trailing whitespace (held)."""
+        body = text.rstrip()
+        if body:
+            events.append(("content", self.held + body))
+            self.held, self.spoke = text[len(body):], True
+        else:
+            self.held += text
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buf += text
@@ -111,34 +148,24 @@ class HermesStream:
             if self.inside:
                 while True:  # the first end tag after which the block is a call
                     end = self.buf.find(END, self.scan)
-                    if end < 0:
+                    if end < 0:  # (what was searched is not searched again)
+                        self.scan = max(self.scan, len(self.buf) - len(END) + 1)
                         return events
                     call = _call(self.buf[:end], self.tools)
                     if call is not None:
                         break
                     self.scan = end + len(END)  # (an argument's string may hold the tag: look further)
                 events.append(("call", call))
-                self.buf, self.scan, self.inside, self.after_block = self.buf[end + len(END):], 0, False, True
+                self.buf, self.scan, self.inside, self.called = self.buf[end + len(END):], 0, False, True
                 continue
-            if self.after_block:  # whitespace right after a call is dropped
-                self.buf = self.buf.lstrip()
-                if not self.buf:
-                    return events
             start = self.buf.find(START)
             if start >= 0:
-                before = self.buf[:start].rstrip()
-                self._content(before, events)
-                self.ws = self.buf[len(before):start]
-                self.buf, self.inside, self.after_block = self.buf[start + len(START):], True, False
+                self._text(self.buf[:start], events)
+                self.buf, self.inside = self.buf[start + len(START):], True
                 continue
-            # send all but a possible start of START and the whitespace that may precede a block
-            keep = _partial_start(self.buf)
-            head = self.buf[:len(self.buf) - keep]
-            sent = head.rstrip()
-            self._content(sent, events)
-            if sent:
-                self.after_block = False
-            self.buf = self.buf[len(sent):]
+            keep = _partial_start(self.buf)  # a possible start of START stays
+            self._text(self.buf[:len(self.buf) - keep], events)
+            self.buf = self.buf[len(self.buf) - keep:]
             return events
 
     def finish(self) -> list[tuple[str, Any]]:
@@ -146,12 +173,15 @@ class HermesStream:
         if self.inside:  # an open block at the end: a call if its JSON is whole (its tag cut), else text
             call = _call(self.buf, self.tools)
             if call is None:
-                self._content(self.ws + START + self.buf, events)
+                self._text(START + self.buf, events)
             else:
                 events.append(("call", call))
-        else:  # the held end: a cut start of a tag, or whitespace (after a block already dropped)
-            self._content(self.buf, events)
-        self.buf, self.inside, self.scan = "", False, 0
+                self.called = True
+        else:
+            self._text(self.buf, events)
+        if self.held and self.spoke and not self.called:  # a reply of text alone ends as written
+            events.append(("content", self.held))
+        self.buf, self.inside, self.scan, self.held = "", False, 0, ""
         return events
 
 

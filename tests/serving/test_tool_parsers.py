@@ -45,26 +45,32 @@ REPLIES = [
     CALL + "  " + f'{START}not json{END}',
     block("get_weather", {"city": f"a{END}b"}) + " done",  # the end tag inside an argument
     f'{START}not json{END} ' + CALL,  # never a call: the rest of the reply is its text
+    "It is sunny.\n",
+    f'{START}\n{{"name": "get_weather", "arguments": {{"city": "\\ud800x", "n": 1e400}}}}\n{END}',
 ]
 
 
 def test_parse_splits_text_and_calls():
-    assert parse(REPLIES[0], NAMES) == ("Let me check.", [{"name": "get_weather", "arguments": '{"city": "Paris"}'}])
+    paris = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert parse(REPLIES[0], NAMES) == ("Let me check.", [paris])  # (trailing whitespace: the reply made calls)
     content, calls = parse(REPLIES[1], NAMES)
     assert content is None and [c["name"] for c in calls] == ["get_weather", "now"] and calls[1]["arguments"] == "{}"
-    assert parse(REPLIES[2], NAMES) == ("athen more", [{"name": "get_weather", "arguments": '{"city": "Paris"}'}])
+    assert parse(REPLIES[2], NAMES) == ("a \n then more", [paris])  # the text around a call, as written
     assert parse(REPLIES[3], NAMES) == (REPLIES[3], [])
-    assert parse(REPLIES[4], NAMES) == (REPLIES[4], [])  # as written, whitespace before the block too
+    assert parse(REPLIES[4], NAMES) == (REPLIES[4], [])  # not one of the tools: text as written
     assert parse(REPLIES[5], NAMES) == (REPLIES[5], [])
     assert parse(REPLIES[6], NAMES) == (None, [{"name": "now", "arguments": "{}"}])
-    assert parse("", NAMES) == (None, []) and parse("  \n ", NAMES) == ("  \n ", [])
-    assert parse(REPLIES[9], NAMES) == (f'{START}not json{END}', [{"name": "get_weather",
-                                                                     "arguments": '{"city": "Paris"}'}])
-    assert parse(REPLIES[10], NAMES) == ("done", [{"name": "get_weather", "arguments": json.dumps({"city": f"a{END}b"})}])
+    assert parse("", NAMES) == (None, []) and parse("  \n ", NAMES) == (None, [])
+    assert parse(REPLIES[9], NAMES) == (f'  {START}not json{END}', [paris])
+    assert parse(REPLIES[10], NAMES) == (" done", [{"name": "get_weather", "arguments": json.dumps({"city": f"a{END}b"})}])
     assert parse(REPLIES[11], NAMES) == (REPLIES[11], [])
-    # arguments that are not an object, extra keys, a name that is not a string: text
+    assert parse(REPLIES[12], NAMES) == ("It is sunny.\n", [])  # text alone: as written
+    # the arguments are the model's JSON text: not re-encoded (1e400 would become Infinity, which is not
+    # JSON; a lone surrogate's escape would become a character no response can encode)
+    assert parse(REPLIES[13], NAMES)[1] == [{"name": "get_weather", "arguments": '{"city": "\\ud800x", "n": 1e400}'}]
+    # arguments that are not an object, extra keys, a name that is not a string, NaN: text
     for bad in ('{"name": "now", "arguments": "{}"}', '{"name": "now", "arguments": {}, "x": 1}',
-                '{"name": 1, "arguments": {}}', '[1]'):
+                '{"name": 1, "arguments": {}}', '[1]', '{"name": "now", "arguments": {"a": NaN}}'):
         assert parse(START + bad + END, NAMES) == (START + bad + END, [])
 
 
@@ -114,13 +120,22 @@ def test_auto_is_a_structural_tag_over_the_tools_and_refused_without_a_parser():
     s = req.structured()
     tag = json.loads(s.value)["format"]
     assert (s.source, s.kind, tag["type"], tag["triggers"], tag["stop_after_first"]) == \
-        ("tool_choice", "structural_tag", "triggered_tags", [START], False)
+        ("tools", "structural_tag", "triggered_tags", [START], False)  # ("auto" by default: named after tools)
+    assert _auto(tool_choice="auto").structured().source == "tool_choice"
     assert [t["content"]["json_schema"] for t in tag["tags"]] == \
         [WEATHER["function"]["parameters"], {"type": "object", "properties": {}}]
     assert json.loads(_auto(parallel_tool_calls=False).structured().value)["format"]["stop_after_first"] is True
     assert _auto(stop=["x"]).structured() is not None  # a cut call stays text: stop strings are fine here
     with pytest.raises(ValueError, match="only one structured-output constraint"):
         _auto(response_format={"type": "json_object"}).structured()
+    # the format's arguments are an object: a tool whose parameters may be anything else is refused
+    echo = {"type": "function", "function": {"name": "echo", "parameters": {"type": "string"}}}
+    for params in ({"type": "string"}, {"type": ["object", "null"]}, {"properties": {"a": {}}}):
+        echo["function"]["parameters"] = params
+        req = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER, echo])
+        req._tool_parser = "hermes"
+        with pytest.raises(ValueError, match=r"tools\[1\]: parameters of 'echo' .* valid with tool_choice 'auto'"):
+            req.structured()
     plain = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
     with pytest.raises(ValueError, match="--enable-auto-tool-choice --tool-call-parser hermes"):
         plain.tool_call()
@@ -226,7 +241,7 @@ def test_auto_replies_with_text_and_calls_streamed_or_not(served, script):
     script("Let me check.\n" + CALL + "\n" + block("now", {}))
     r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=64)
     c = r.choices[0]
-    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."  # (its trailing newline dropped)
     got = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls]
     assert got == [("get_weather", {"city": "Paris"}), ("now", {})]
     assert len({t.id for t in c.message.tool_calls}) == 2
@@ -276,3 +291,23 @@ def test_the_grammar_is_in_force_over_http(served, script):
     r = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=4)
     assert r.choices[0].message.content == "fine"
     assert_no_leaks(engine)
+
+
+def test_text_around_a_call_and_arguments_as_written_streamed_or_not(served, script):
+    """The text on both sides of a call is the content, as written; a call's arguments are the
+    model's JSON text (an escaped lone surrogate and a number past float range must not make the
+    reply unencodable or invalid JSON)."""
+    engine, client = served
+    odd = f'{START}\n{{"name": "get_weather", "arguments": {{"city": "\\ud800x"}}}}\n{END}'
+    for reply, content, args in (("Checking: " + CALL + "\nDone.", "Checking: \nDone.", '{"city": "Paris"}'),
+                                 (odd, None, '{"city": "\\ud800x"}')):
+        script(reply)
+        r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=64)
+        c = r.choices[0]
+        assert (c.message.content, [t.function.arguments for t in c.message.tool_calls], c.finish_reason) == \
+            (content, [args], "tool_calls")
+        script(reply)
+        chunks = [ch.choices[0] for ch in client.chat.completions.create(
+            model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=64, stream=True) if ch.choices]
+        assert ("".join(ch.delta.content or "" for ch in chunks) or None) == content
+        assert [tc.function.arguments for ch in chunks for tc in (ch.delta.tool_calls or [])] == [args]
