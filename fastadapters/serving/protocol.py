@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
-                      StrictStr,
-                      field_validator)
+                      StrictStr, field_validator)
 
 __all__ = ["CompletionRequest", "ChatRequest", "LoadAdapterRequest", "UnloadAdapterRequest", "error_body",
            "TokenizeRequest", "DetokenizeRequest",
