@@ -48,7 +48,7 @@ from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ErrorR
                        TokenizeRequest, UnloadAdapterRequest, _unicode, error_body)
 from .sampling import NO_TOKEN, SamplingParams
 from .structured import StructuredSpec
-from .tool_parsers import PARSERS, HermesStream, parse as parse_tools, tags_are_special
+from .tool_parsers import PARSERS, parse as parse_tools, stream as tool_stream, tags_are_special
 
 __all__ = ["create_app", "APIError", "Limits"]
 
@@ -292,7 +292,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
     marker = _stripped_space_marker(tokenizer, vocab)
-    special_tags = tags_are_special(tokenizer)  # (tool_choice "auto")
+    special_tags = tool_call_parser is not None and tags_are_special(tokenizer, tool_call_parser)  # ("auto")
 
     def token_text(i: int) -> str:
         """One token's text, as it reads inside a text: ``decode([i])``, with the leading spaces a
@@ -764,7 +764,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             if chat:
                 text = "".join(c.text)
                 if tool_call is not None and tool_call[0] == "auto":  # text and calls
-                    text, calls, reason = _auto_tool_calls(tool_call[1], text, c.reason)
+                    text, calls, reason = _auto_tool_calls(tool_call[1], text, c.reason, tool_call_parser)
                 else:
                     calls, reason = _tool_calls(tool_call, text, c.reason)
                     text = None if calls else text
@@ -787,14 +787,14 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         """Server-sent chunks. A named tool call streams its arguments as they come (the first chunk
         after the role names the function); a "required" one is sent whole when its choice finishes
         (its text is an array to parse), as the content if it did not parse; with "auto" each
-        choice's text goes through a ``HermesStream`` (content as it comes, each call whole when its
+        choice's text goes through the server's parser (``tool_parsers.stream``: content as it comes, each call whole when its
         block closes)."""
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         held: dict[int, list[str]] = {}  # "required": each choice's text until it finishes
         auto = tool_call is not None and tool_call[0] == "auto"
-        parsers = [HermesStream(tool_call[1]) for _ in choices.list] if auto else []
+        parsers = [tool_stream(tool_call_parser, tool_call[1]) for _ in choices.list] if auto else []
         called = [0] * len(parsers)  # calls sent per choice (each call's index)
 
         def auto_chunks(i: int, text: str, reason: str | None) -> list[str]:
@@ -999,10 +999,11 @@ def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | No
              "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}} for it in items], "tool_calls"
 
 
-def _auto_tool_calls(names, text: str, reason: str | None) -> tuple[str | None, list | None, str | None]:
-    """A finished "auto" choice's (content, tool calls or None, finish reason): ``tool_parsers.parse``;
-    "tool_calls" when it made calls and ended by itself."""
-    content, calls = parse_tools(text, names)
+def _auto_tool_calls(names, text: str, reason: str | None,
+                     parser: str) -> tuple[str | None, list | None, str | None]:
+    """A finished "auto" choice's (content, tool calls or None, finish reason): ``tool_parsers.parse``
+    with the server's ``parser``; "tool_calls" when it made calls and ended by itself."""
+    content, calls = parse_tools(text, names, parser)
     calls = [{"id": _call_id(), "type": "function", "function": c} for c in calls]
     return content, calls or None, "tool_calls" if calls and reason == "stop" else reason
 

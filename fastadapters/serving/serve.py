@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "grammar (needs xgrammar: fastadapters[structured]); without it 'auto' is a 400")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the format of tool calls in a reply, for --enable-auto-tool-choice: hermes "
-                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen)")
+                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen) or llama3_json "
+                        "({\"name\": ..., \"parameters\": {...}}, several separated by ';'; Llama 3.1-3.3, "
+                        "Llama 4's JSON template)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")

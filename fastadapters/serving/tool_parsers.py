@@ -1,68 +1,94 @@
-"""Tool calls in a free-form chat reply (``tool_choice: "auto"``): the Hermes format.
+"""Tool calls in a free-form chat reply (``tool_choice: "auto"``): the Hermes and Llama 3 JSON formats.
 
-    serve --enable-auto-tool-choice --tool-call-parser hermes
+    serve --enable-auto-tool-choice --tool-call-parser hermes        (or llama3_json)
 
-The reply may be text, tool calls, or both. In the Hermes format (Hermes 2/3, Qwen 2/2.5/3 and the
-many chat templates that copied it) a call is a block
+The reply may be text, tool calls, or both.
 
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
+* ``hermes`` (Hermes 2/3, Qwen 2/2.5/3 and the many chat templates that copied it): a call is a block
 
-and several blocks in a row are parallel calls. Two parts:
+      <tool_call>
+      {"name": "get_weather", "arguments": {"city": "Paris"}}
+      </tool_call>
 
-* ``constraint(tools, parallel)``: the structural tag (xgrammar's ``triggered_tags``) the request's
-  grammar is compiled from. Text is free until the model writes ``<tool_call>``; from there it must
-  write one of the request's functions by name and arguments that conform to that function's
-  parameters, then ``}`` and ``</tool_call>``; then text is free again. With
+  and several blocks in a row are parallel calls.
+* ``llama3_json`` (Llama 3.1-3.3's JSON tool calling, and Llama 4's JSON template): a call is the
+  object ``{"name": "get_weather", "parameters": {"city": "Paris"}}`` in the text, several of them
+  separated by ``;``; the model may write ``<|python_tag|>`` before one (a special token: in the
+  text only where the request keeps special tokens).
+
+Two parts:
+
+* ``constraint(tools, parallel, parser)``: the structural tag (xgrammar's ``triggered_tags``) the
+  request's grammar is compiled from. Text is free until the model writes ``<tool_call>`` (hermes)
+  or ``{"name": `` (llama3_json, xgrammar's own "llama" format); from there it must write one of the
+  request's functions by name and arguments that conform to that function's parameters, then
+  close the call (``}`` and ``</tool_call>``; ``}``); then text is free again. With
   ``parallel_tool_calls: false`` the reply ends after its first call. So a call that finishes is
   always one the client can run. vLLM's parsers run on an unconstrained reply, where a call with
   malformed JSON or a misspelt name comes back as text.
-* ``parse`` (a finished reply) and ``HermesStream`` (a streamed one) split the text into content and
-  calls, with one result either way (``tests/serving/test_tool_parsers.py`` checks that every
-  chunking of a reply streams what ``parse`` gives):
-  - a block is a call when the text up to one of the end tags after it is JSON of the form
+* ``parse`` (a finished reply) and ``stream(parser, tools)`` (a streamed one) split the text into
+  content and calls, with one result either way (``tests/serving/test_tool_parsers.py`` checks that
+  every chunking of a reply streams what ``parse`` gives):
+  - hermes: a block is a call when the text up to one of the end tags after it is JSON of the form
     ``{"name": one of the tools, "arguments": an object}`` (the first such end tag closes it: an
-    argument's string may hold ``</tool_call>``); the call's arguments are the model's own JSON text
-    (not decoded and encoded again: that would turn ``1e400`` into ``Infinity``);
-  - a block still open when the reply ends is a call if its JSON is whole (a stop string may cut
-    the closing tag); else it is content as written, its tags and the rest of the reply included (a
-    call cut by ``max_tokens``; without the grammar, malformed JSON);
-  - the content is all the text outside the calls, as written, less its trailing whitespace when
-    the reply made calls; None when it is only whitespace.
+    argument's string may hold ``</tool_call>``); a block still open when the reply ends is a call
+    if its JSON is whole (a stop string may cut the closing tag); else it is content as written,
+    its tags and the rest of the reply included (a call cut by ``max_tokens``; without the grammar,
+    malformed JSON);
+  - llama3_json: a block starts at ``{"name": `` and ends where its object closes (braces counted
+    outside strings); it is a call when it is ``{"name": one of the tools, "parameters" (or
+    "arguments", as vLLM reads it too): an object}``, else content as written, and the text goes on
+    after it; a block still open when the reply ends (cut by ``max_tokens``) is content as written.
+    The run of whitespace, ``;`` and ``<|python_tag|>`` just before a call is its separator, not
+    content;
+  - a call's arguments are the model's own JSON text (not decoded and encoded again: that would
+    turn ``1e400`` into ``Infinity``);
+  - the content is all the other text, as written, less its trailing whitespace (llama3_json: and
+    separators) when the reply made calls; None when it is only that.
   A streamed call is sent whole, in one delta, when its block closes (OpenAI's clients accumulate
   deltas; one that holds the whole call is valid); content streams as it comes, less what might
-  still turn out to be the start of ``<tool_call>``, and whitespace until text follows it (so a
-  reply of calls and whitespace sends no content, as ``parse`` gives None).
+  still turn out to be the start of a call, and the held run until text follows it (so a reply of
+  calls and whitespace sends no content, as ``parse`` gives None).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-__all__ = ["PARSERS", "START", "END", "constraint", "parse", "HermesStream", "tags_are_special"]
+__all__ = ["PARSERS", "START", "END", "LLAMA3_START", "PYTHON_TAG", "constraint", "parse", "stream",
+           "HermesStream", "Llama3JsonStream", "tags_are_special"]
 
-PARSERS = ("hermes",)
-START, END = "<tool_call>", "</tool_call>"
+PARSERS = ("hermes", "llama3_json")
+START, END = "<tool_call>", "</tool_call>"  # hermes
+LLAMA3_START, PYTHON_TAG = '{"name": ', "<|python_tag|>"  # llama3_json
 
 
-def constraint(tools: dict[str, dict], parallel: bool) -> str:
+def constraint(tools: dict[str, dict], parallel: bool, parser: str = "hermes") -> str:
     """The structural tag (JSON) that holds a reply's calls to ``tools`` (name -> parameters schema,
-    already checked); ``parallel`` False: the reply ends after its first call."""
-    tags = [{"type": "tag", "begin": f'{START}\n{{"name": {json.dumps(name)}, "arguments": ',
-             "content": {"type": "json_schema", "json_schema": schema}, "end": f"}}\n{END}"}
+    already checked) in ``parser``'s format; ``parallel`` False: the reply ends after its first call."""
+    if parser == "hermes":
+        trigger, key, end = START, "arguments", f"}}\n{END}"
+    elif parser == "llama3_json":
+        trigger, key, end = LLAMA3_START, "parameters", "}"
+    else:
+        raise ValueError(f"parser: got {parser!r}; valid: one of {', '.join(PARSERS)}")
+    opening = START + "\n" if parser == "hermes" else ""
+    tags = [{"type": "tag", "begin": f'{opening}{{"name": {json.dumps(name)}, "{key}": ',
+             "content": {"type": "json_schema", "json_schema": schema}, "end": end}
             for name, schema in tools.items()]
-    fmt = {"type": "triggered_tags", "triggers": [START], "tags": tags, "at_least_one": False,
+    fmt = {"type": "triggered_tags", "triggers": [trigger], "tags": tags, "at_least_one": False,
            "stop_after_first": not parallel}
     return json.dumps({"type": "structural_tag", "format": fmt})
 
 
-def tags_are_special(tokenizer) -> bool:
-    """Whether ``tokenizer`` has the call tags as special tokens (some Hermes tokenizers; Qwen's are
-    ordinary added tokens). The grammar matches a special token by its text, but the reply's text
-    leaves special tokens out unless the request keeps them: then an "auto" request keeps them
-    (``skip_special_tokens`` false, as vLLM sets it for its Hermes parser), else no call would be
-    seen."""
+def tags_are_special(tokenizer, parser: str = "hermes") -> bool:
+    """Whether ``tokenizer`` has ``parser``'s call tags as special tokens (some Hermes tokenizers;
+    Qwen's are ordinary added tokens; llama3_json's calls have no tags). The grammar matches a special
+    token by its text, but the reply's text leaves special tokens out unless the request keeps them:
+    then an "auto" request keeps them (``skip_special_tokens`` false, as vLLM sets it for its Hermes
+    parser), else no call would be seen."""
+    if parser != "hermes":
+        return False
     special = set(getattr(tokenizer, "all_special_tokens", None) or ())
     return START in special or END in special
 
@@ -95,99 +121,206 @@ def _raw_member(text: str, key: str) -> str:
             i += 1
 
 
-def _call(block: str, tools) -> dict | None:
-    """A block's text (between the tags) as {"name", "arguments"} (arguments: the JSON text as the
-    model wrote it), or None."""
+def _call(block: str, tools, keys=("arguments",)) -> dict | None:
+    """A block's JSON text as {"name", "arguments"} (arguments: the JSON text as the model wrote it),
+    or None: the block must be an object of "name" and one of ``keys``."""
     try:  # (NaN / Infinity are not JSON, though Python's parser reads them)
         obj = json.loads(block, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(obj, dict) or set(obj) != {"name", "arguments"}:
+    key = next((k for k in keys if isinstance(obj, dict) and set(obj) == {"name", k}), None)
+    if key is None:
         return None
-    name, args = obj["name"], obj["arguments"]
+    name, args = obj["name"], obj[key]
     if not isinstance(name, str) or name not in tools or not isinstance(args, dict):
         return None
-    return {"name": name, "arguments": _raw_member(block, "arguments")}
+    return {"name": name, "arguments": _raw_member(block, key)}
 
 
-def _partial_start(text: str) -> int:
-    """The length of the longest end of ``text`` that begins ``START`` (0: none)."""
-    for k in range(min(len(text), len(START) - 1), 0, -1):
-        if START.startswith(text[-k:]):
+def _partial_start(text: str, *marks: str) -> int:
+    """The length of the longest end of ``text`` that begins one of ``marks`` (0: none)."""
+    for k in range(min(len(text), max(len(m) for m in marks) - 1), 0, -1):
+        if any(m.startswith(text[-k:]) for m in marks):
             return k
     return 0
 
 
-class HermesStream:
+class _Stream:
     """One streamed reply: ``feed(text)`` and then ``finish()`` return events, ("content", text) or
     ("call", {"name", "arguments"}), in order; their content joined and their calls equal ``parse``
-    of the whole text."""
+    of the whole text. A subclass finds its format's blocks (``_block``)."""
+
+    start = ""  # the text that opens a block
+    marks: tuple[str, ...] = ()  # what a held end of the text outside the blocks may be the start of
 
     def __init__(self, tools):
         self.tools = tools
-        self.buf = ""  # unsent text: outside a block, or the open block's body
+        self.buf = ""  # unsent text: outside a block, or the open block's text
         self.inside = False
-        self.scan = 0  # where in the open block's text to look for its end tag next
-        self.held = ""  # whitespace outside the blocks, sent when text follows it
-        self.spoke = False  # content other than whitespace sent
+        self.scan = 0  # where in the open block's text to go on looking for its end
+        self.held = ""  # a run outside the blocks (whitespace, separators), sent when text follows it
+        self.spoke = False  # content other than the held runs sent
         self.called = False  # a call sent
 
+    def _trail(self, text: str) -> int:
+        """Where the run that ``_text`` holds back starts in ``text`` (its trailing whitespace)."""
+        return len(text.rstrip())
+
     def _text(self, text: str, events: list) -> None:
-        """Text outside the blocks, in order: sent less its trailing whitespace (held)."""
-        body = text.rstrip()
-        if body:
-            events.append(("content", self.held + body))
-            self.held, self.spoke = text[len(body):], True
+        """Text outside the blocks, in order: sent less its trailing run (held)."""
+        cut = self._trail(text)
+        if cut:
+            events.append(("content", self.held + text[:cut]))
+            self.held, self.spoke = text[cut:], True
         else:
             self.held += text
+
+    def _call_made(self, call: dict, events: list) -> None:
+        """A block is a call (what is held before it stays held: sent if text follows the call)."""
+        events.append(("call", call))
+        self.called = True
+
+    def _block(self) -> tuple[int, dict | None] | None:
+        """The open block (``self.buf``, from its opening): None while it may go on; else (where it
+        ends in ``buf``, the call or None when it is not one: then its text is content)."""
+        raise NotImplementedError
+
+    def _open_at_end(self) -> dict | None:
+        """The call an open block is when the reply ends there, or None (its text is content)."""
+        return None
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buf += text
         events: list[tuple[str, Any]] = []
         while True:
             if self.inside:
-                while True:  # the first end tag after which the block is a call
-                    end = self.buf.find(END, self.scan)
-                    if end < 0:  # (what was searched is not searched again)
-                        self.scan = max(self.scan, len(self.buf) - len(END) + 1)
-                        return events
-                    call = _call(self.buf[:end], self.tools)
-                    if call is not None:
-                        break
-                    self.scan = end + len(END)  # (an argument's string may hold the tag: look further)
-                events.append(("call", call))
-                self.buf, self.scan, self.inside, self.called = self.buf[end + len(END):], 0, False, True
+                got = self._block()
+                if got is None:
+                    return events
+                end, call = got
+                if call is None:
+                    self._text(self.buf[:end], events)
+                else:
+                    self._call_made(call, events)
+                self.buf, self.scan, self.inside = self.buf[end:], 0, False
                 continue
-            start = self.buf.find(START)
-            if start >= 0:
-                self._text(self.buf[:start], events)
-                self.buf, self.inside = self.buf[start + len(START):], True
+            at = self.buf.find(self.start)
+            if at >= 0:
+                self._text(self.buf[:at], events)
+                self.buf, self.inside = self.buf[at:], True
                 continue
-            keep = _partial_start(self.buf)  # a possible start of START stays
+            keep = _partial_start(self.buf, *self.marks)  # a possible start of a block or a held mark stays
             self._text(self.buf[:len(self.buf) - keep], events)
             self.buf = self.buf[len(self.buf) - keep:]
             return events
 
     def finish(self) -> list[tuple[str, Any]]:
         events: list[tuple[str, Any]] = []
-        if self.inside:  # an open block at the end: a call if its JSON is whole (its tag cut), else text
-            call = _call(self.buf, self.tools)
-            if call is None:
-                self._text(START + self.buf, events)
-            else:
-                events.append(("call", call))
-                self.called = True
-        else:
+        call = self._open_at_end() if self.inside else None
+        if call is not None:
+            self._call_made(call, events)
+        else:  # an open block that is not a call, or text that only might have started one: as written
             self._text(self.buf, events)
-        if self.held and self.spoke and not self.called:  # a reply of text alone ends as written
+        if self.held and not self.called and (self.spoke or self.held.strip()):  # text alone: as written
             events.append(("content", self.held))
         self.buf, self.inside, self.scan, self.held = "", False, 0, ""
         return events
 
 
-def parse(text: str, tools) -> tuple[str | None, list[dict]]:
+class HermesStream(_Stream):
+    """``<tool_call>`` JSON ``</tool_call>`` blocks (the module docstring's rules)."""
+
+    start = START
+    marks = (START,)
+
+    def _block(self):
+        while True:  # the first end tag after which the block is a call
+            end = self.buf.find(END, self.scan)
+            if end < 0:  # (what was searched is not searched again)
+                self.scan = max(self.scan, len(self.buf) - len(END) + 1)
+                return None
+            call = _call(self.buf[len(START):end], self.tools)
+            if call is not None:
+                return end + len(END), call
+            self.scan = end + len(END)  # (an argument's string may hold the tag: look further)
+
+    def _open_at_end(self):  # its JSON whole: a call whose closing tag was cut (a stop string)
+        return _call(self.buf[len(START):], self.tools)
+
+
+class _ObjectEnd:
+    """Where a JSON object that starts a text closes: its braces counted outside its strings,
+    incrementally (each character read once)."""
+
+    def __init__(self):
+        self.depth, self.in_str, self.esc, self.pos = 0, False, False, 0
+
+    def find(self, text: str) -> int:
+        """The end (past the closing brace) of the object ``text`` starts with, or -1 while open."""
+        depth, in_str, esc = self.depth, self.in_str, self.esc
+        for i in range(self.pos, len(text)):
+            ch = text[i]
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    self.pos = i + 1
+                    return i + 1
+        self.depth, self.in_str, self.esc, self.pos = depth, in_str, esc, len(text)
+        return -1
+
+
+class Llama3JsonStream(_Stream):
+    """Llama 3's JSON calls, ``{"name": ..., "parameters": {...}}`` in the text, separated by ``;``
+    (the module docstring's rules)."""
+
+    start = LLAMA3_START
+    marks = (LLAMA3_START, PYTHON_TAG)
+
+    def __init__(self, tools):
+        super().__init__(tools)
+        self.end = _ObjectEnd()
+
+    def _trail(self, text: str) -> int:  # whitespace, ";" and <|python_tag|> are held
+        while True:
+            body = text.rstrip(" \t\n\r;")
+            if not body.endswith(PYTHON_TAG):
+                return len(body)
+            text = body[:-len(PYTHON_TAG)]
+
+    def _call_made(self, call: dict, events: list) -> None:  # the run before a call is its separator
+        self.held = ""
+        super()._call_made(call, events)
+
+    def _block(self):
+        end = self.end.find(self.buf)
+        if end < 0:
+            return None
+        self.end = _ObjectEnd()
+        return end, _call(self.buf[:end], self.tools, ("parameters", "arguments"))
+
+
+STREAMS = {"hermes": HermesStream, "llama3_json": Llama3JsonStream}
+
+
+def stream(parser: str, tools) -> _Stream:
+    """A streamed reply's parser: ``parser`` one of ``PARSERS``, ``tools`` the request's names."""
+    return STREAMS[parser](tools)
+
+
+def parse(text: str, tools, parser: str = "hermes") -> tuple[str | None, list[dict]]:
     """A finished reply's (content, calls): the module docstring's rules."""
-    stream = HermesStream(tools)
-    events = stream.feed(text) + stream.finish()
+    s = stream(parser, tools)
+    events = s.feed(text) + s.finish()
     content = "".join(t for kind, t in events if kind == "content")
     return (content or None), [c for kind, c in events if kind == "call"]

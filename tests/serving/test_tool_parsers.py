@@ -1,4 +1,5 @@
-"""tool_choice "auto" (serving/tool_parsers.py): a reply of text and Hermes-format tool calls.
+"""tool_choice "auto" (serving/tool_parsers.py): a reply of text and tool calls, in the Hermes format
+and in Llama 3's JSON format (``llama3_json``).
 
 The parser: what ``parse`` makes of finished replies (calls, text around them, blocks that are not
 calls, cut blocks), and that every chunking of a reply streams what ``parse`` gives. The grammar:
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from fastadapters.serving.protocol import ChatRequest
-from fastadapters.serving.tool_parsers import END, START, HermesStream, constraint, parse, tags_are_special
+from fastadapters.serving.tool_parsers import (END, LLAMA3_START, PYTHON_TAG, START, HermesStream, Llama3JsonStream,
+                                               constraint, parse, stream, tags_are_special)
 
 NAMES = {"get_weather", "now"}
 WEATHER = {"type": "function", "function": {
@@ -74,17 +76,72 @@ def test_parse_splits_text_and_calls():
         assert parse(START + bad + END, NAMES) == (START + bad + END, [])
 
 
-@pytest.mark.parametrize("reply", REPLIES)
-def test_every_chunking_streams_what_parse_gives(reply):
-    want = parse(reply, NAMES)
+def call3(name: str, args: dict, key: str = "parameters") -> str:
+    """A Llama 3 JSON call."""
+    return f'{{"name": "{name}", "{key}": {json.dumps(args)}}}'
+
+
+L_CALL = call3("get_weather", {"city": "Paris"})
+L_REPLIES = [
+    L_CALL,
+    PYTHON_TAG + L_CALL,  # (the tag is in the text where the request keeps special tokens)
+    L_CALL + "; " + call3("now", {}),  # two calls, Llama's separator
+    "Let me check. " + L_CALL,
+    L_CALL + " then more",
+    'x {"name": "unknown", "parameters": {}} y',  # not one of the tools: text
+    '{"name": "now", "parameters": {}, "extra": 1}; ' + L_CALL,  # not a call, then a call
+    '{"name": "now", "parameters": {"a": [1,',  # cut by max_tokens: text
+    call3("get_weather", {"city": 'a}b"{ [x'}),  # braces and a quote inside an argument's string
+    call3("now", {}, key="arguments"),  # vLLM reads "arguments" too
+    "",
+    "  \n ",
+    ";",
+    "a;",
+    "Use {\"a\": 1} and {\"name\":\"now\"} here <|pyth",  # objects that do not start a call, a cut tag
+    L_CALL + '; {"name"',  # a call, then what was cut before a second one: text
+    '{"name": "get_weather", "parameters": {"city": "\\ud800x", "n": 1e400}}',
+]
+
+
+def test_llama3_parse_splits_text_and_calls():
+    paris = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    now = {"name": "now", "arguments": "{}"}
+
+    def p(text):
+        return parse(text, NAMES, "llama3_json")
+
+    assert p(L_REPLIES[0]) == p(L_REPLIES[1]) == (None, [paris])
+    assert p(L_REPLIES[2]) == (None, [paris, now])  # the "; " between them is a separator
+    assert p(L_REPLIES[3]) == ("Let me check.", [paris])  # the run before a call is its separator
+    assert p(L_REPLIES[4]) == (" then more", [paris])  # text after a call: as written
+    assert p(L_REPLIES[5]) == (L_REPLIES[5], [])
+    assert p(L_REPLIES[6]) == ('{"name": "now", "parameters": {}, "extra": 1}', [paris])  # the text goes on after it
+    assert p(L_REPLIES[7]) == (L_REPLIES[7], [])
+    assert p(L_REPLIES[8]) == (None, [{"name": "get_weather", "arguments": json.dumps({"city": 'a}b"{ [x'})}])
+    assert p(L_REPLIES[9]) == (None, [now])
+    assert p("") == p("  \n ") == (None, [])
+    assert p(";") == (";", []) and p("a;") == ("a;", [])  # text alone: as written
+    assert p(L_REPLIES[14]) == (L_REPLIES[14], [])
+    assert p(L_REPLIES[15]) == ('; {"name"', [paris])
+    assert p(L_REPLIES[16])[1] == [{"name": "get_weather", "arguments": '{"city": "\\ud800x", "n": 1e400}'}]
+    # the other format: its tags are text, its JSON (with "arguments") a call wherever it stands, as vLLM reads it
+    assert p(block("now", {})) == (f"{START}\n{END}", [now])
+    assert parse(L_CALL, NAMES, "hermes") == (L_CALL, [])
+    with pytest.raises(KeyError):
+        stream("nope", NAMES)
+
+
+@pytest.mark.parametrize("parser,reply", [("hermes", r) for r in REPLIES] + [("llama3_json", r) for r in L_REPLIES])
+def test_every_chunking_streams_what_parse_gives(parser, reply):
+    want = parse(reply, NAMES, parser)
     rng = random.Random(len(reply))
     chunkings = [[reply[i:i + 1] for i in range(len(reply))], [reply]]
     for _ in range(60):
         cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randint(0, 12)))) if reply else []
         chunkings.append([reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])])
     for pieces in chunkings:
-        stream = HermesStream(NAMES)
-        events = [e for p in pieces for e in stream.feed(p)] + stream.finish()
+        st = stream(parser, NAMES)
+        events = [e for p in pieces for e in st.feed(p)] + st.finish()
         content = "".join(v for kind, v in events if kind == "content")
         assert (content or None, [v for kind, v in events if kind == "call"]) == want, pieces
         assert all(v for kind, v in events if kind == "content")  # no empty content deltas
@@ -99,19 +156,42 @@ def test_content_is_not_held_longer_than_needed():
     assert stream.feed(CALL[20:]) == [("call", {"name": "get_weather", "arguments": '{"city": "Paris"}'})]
 
 
+def test_llama3_content_is_not_held_longer_than_needed():
+    st = Llama3JsonStream(NAMES)
+    assert st.feed("Sure. {") == [("content", "Sure.")]  # " {" might start a call
+    assert st.feed('"a": 1} ') == [("content", ' {"a": 1}')]
+    assert st.feed(L_CALL[:12]) == []
+    assert st.feed(L_CALL[12:] + ";") == [("call", {"name": "get_weather", "arguments": '{"city": "Paris"}'})]
+    assert st.feed(" ok") == [("content", "; ok")]
+    assert st.finish() == []
+
+
 def test_special_call_tags_are_kept_in_the_text():
     class Tok:
         all_special_tokens = ["<s>", START, END]
 
     assert tags_are_special(Tok()) and not tags_are_special(object())
+    assert not tags_are_special(Tok(), "llama3_json")  # its calls have no tags (<|python_tag|> is dropped)
     Tok.all_special_tokens = ["<s>"]
     assert not tags_are_special(Tok())
 
 
-def _auto(**kw):
+def _auto(parser="hermes", **kw):
     req = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER, NOW], **kw)
-    req._tool_parser = "hermes"
+    req._tool_parser = parser
     return req
+
+
+def test_llama3_json_is_xgrammars_llama_format():
+    # the trigger and each tool's begin / end as xgrammar's builtin "llama" structural tag writes them
+    req = _auto("llama3_json", parallel_tool_calls=False)
+    assert req.tool_call() == ("auto", "llama3_json")
+    tag = json.loads(req.structured().value)["format"]
+    assert (tag["type"], tag["triggers"], tag["stop_after_first"]) == ("triggered_tags", [LLAMA3_START], True)
+    assert [(t["begin"], t["end"]) for t in tag["tags"]] == \
+        [('{"name": "get_weather", "parameters": ', "}"), ('{"name": "now", "parameters": ', "}")]
+    with pytest.raises(ValueError, match="parser: got 'x'"):
+        constraint({"now": {}}, True, "x")
 
 
 def test_auto_is_a_structural_tag_over_the_tools_and_refused_without_a_parser():
@@ -186,6 +266,30 @@ def test_the_grammar_holds_calls_to_the_tools(smol):
         assert not allowed(g, block("get_weather", {"town": "Paris"}))  # arguments outside the schema
         assert not allowed(g, block("get_weather", {}))  # a required argument missing
         assert allowed(g, CALL + "\n" + block("now", {})) is parallel  # a second call
+
+
+def test_the_llama3_grammar_holds_calls_to_the_tools(smol):
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok)))
+    tools = {"get_weather": WEATHER["function"]["parameters"], "now": {"type": "object", "properties": {}}}
+
+    def allowed(grammar, text: str) -> bool:
+        m = xgr.GrammarMatcher(grammar)
+        return all(m.accept_token(i) for i in tok.encode(text, add_special_tokens=False)) and \
+            m.accept_token(tok.eos_token_id)
+
+    for parallel in (True, False):
+        g = compiler.compile_structural_tag(constraint(tools, parallel, "llama3_json"))
+        assert allowed(g, "Let me check. " + L_CALL) and allowed(g, "just text, {\"a\": 1}") and allowed(g, call3("now", {}))
+        assert allowed(g, call3("get_weather", {"city": 'a}b"{'}))
+        assert not allowed(g, call3("get_time", {}))  # not a tool
+        assert not allowed(g, call3("now", {}, key="arguments"))  # the format's key is "parameters"
+        assert not allowed(g, call3("get_weather", {"town": "Paris"}))  # arguments outside the schema
+        assert not allowed(g, call3("get_weather", {}))  # a required argument missing
+        assert allowed(g, L_CALL + "; " + call3("now", {})) is parallel  # a second call
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +415,71 @@ def test_text_around_a_call_and_arguments_as_written_streamed_or_not(served, scr
             model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=64, stream=True) if ch.choices]
         assert ("".join(ch.delta.content or "" for ch in chunks) or None) == content
         assert [tc.function.arguments for ch in chunks for tc in (ch.delta.tool_calls or [])] == [args]
+
+
+@pytest.fixture(scope="module")
+def served_llama3(smol):
+    openai = pytest.importorskip("openai")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastadapters.serving.api import create_app
+    from fastadapters.serving.engine import Engine
+    from .live_server import live_server
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(smol)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval(), tok, max_num_seqs=2,
+                    max_model_len=256, backend="torch")
+    try:
+        with live_server(create_app(engine, "smol", base_path=smol, tool_call_parser="llama3_json")) as url:
+            yield engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_llama3_json_over_http_streamed_or_not(served_llama3, monkeypatch):
+    """The llama3_json server: a reply's calls (two, with Llama's separator) and its text, streamed or
+    not; the grammar in force (an unknown function ends the request with an error); a call cut by
+    max_tokens stays text."""
+    import openai
+
+    from fastadapters.serving import engine as engine_mod
+    from .serve_helpers import assert_no_leaks
+
+    engine, client = served_llama3
+    real, queue = engine_mod.sample_rows, []
+
+    def scripted(logits, params, generators):
+        tokens, errors = real(logits, params, generators)
+        return [queue.pop(0) if queue else engine.tokenizer.eos_token_id for _ in tokens], errors
+
+    monkeypatch.setattr(engine_mod, "sample_rows", scripted)
+
+    def script(text):
+        queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
+
+    reply = "Let me check. " + L_CALL + "; " + call3("now", {})
+    want = [("get_weather", {"city": "Paris"}), ("now", {})]
+    script(reply)
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64).choices[0]
+    assert (c.finish_reason, c.message.content) == ("tool_calls", "Let me check.")
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == want
+    script(reply)
+    chunks = [ch.choices[0] for ch in client.chat.completions.create(
+        model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64, stream=True) if ch.choices]
+    assert "".join(ch.delta.content or "" for ch in chunks) == "Let me check."
+    calls = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+        [(0, *want[0]), (1, *want[1])]
+    assert chunks[-1].finish_reason == "tool_calls"
+    script(call3("get_time", {}))
+    with pytest.raises(openai.InternalServerError, match="not allowed by the request's grammar"):
+        client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64)
+    script(L_CALL)
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=8).choices[0]
+    assert c.finish_reason == "length" and not c.message.tool_calls and c.message.content.startswith('{"name": ')
+    script("It is sunny; {\"a\": 1}")
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=16).choices[0]
+    assert (c.message.content, c.message.tool_calls, c.finish_reason) == ('It is sunny; {"a": 1}', None, "stop")
+    assert_no_leaks(engine)
