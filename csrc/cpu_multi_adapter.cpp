@@ -15,7 +15,8 @@
 // torch's threads); smaller groups (decode: one token per request) run as fused dot products over
 // the slot's weight rows, on torch's thread pool (at::parallel_for): one parallel region per call,
 // every table's small groups of a TableCalls call together, cut into one run per thread by cost
-// (run_small_). y may be x
+// (run_small_); float32 and bfloat16 with the adapter store's transposed up have vector loops of
+// their own (small_group_f32, small_group_bf16), the other cases generic ones. y may be x
 // itself (an output adapter h + f(h)): every row's h is computed before that row is written, and
 // rows are disjoint. Nothing here allocates per row; there is no autograd (inference only: the
 // Python wrapper refuses inputs that require grad).
@@ -172,9 +173,31 @@ inline float vsum(const vf& v) {
   return s;
 }
 
+// Weights are float32, or bfloat16 held as its bits (uint16_t) and widened to float32 as they are
+// loaded: a bfloat16 is the top half of the float32 with the same value, so widening is a shift
+// (vpmovzxwd + vpslld with AVX-512), exact. The arithmetic stays float32 either way.
+typedef uint16_t vh __attribute__((vector_size(kVW * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(kVW * sizeof(uint32_t))));
+inline vf wload(const float* p) { return vload(p); }
+inline vf wload(const uint16_t* p) {
+  vh b;
+  __builtin_memcpy(&b, p, sizeof(b));
+  const vu u = __builtin_convertvector(b, vu) << 16;
+  vf v;
+  __builtin_memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline float wval(float v) { return v; }
+inline float wval(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // h[i * R + jb] = w[jb] . x[i] for NI rows of x (stride K) and JB weight rows (stride K)
-template <int NI, int JB>
-inline void down_block(const float* __restrict__ xb, const float* __restrict__ w, int64_t K, float* h, int64_t R) {
+template <int NI, int JB, typename W>
+inline void down_block(const float* __restrict__ xb, const W* __restrict__ w, int64_t K, float* h, int64_t R) {
   vf acc[NI][JB];
   for (int i = 0; i < NI; ++i)
     for (int jb = 0; jb < JB; ++jb) acc[i][jb] = vf{};
@@ -183,21 +206,21 @@ inline void down_block(const float* __restrict__ xb, const float* __restrict__ w
     vf xv[NI];
     for (int i = 0; i < NI; ++i) xv[i] = vload(xb + i * K + k);
     for (int jb = 0; jb < JB; ++jb) {
-      const vf wv = vload(w + jb * K + k);
+      const vf wv = wload(w + jb * K + k);
       for (int i = 0; i < NI; ++i) acc[i][jb] += wv * xv[i];
     }
   }
   for (int i = 0; i < NI; ++i)
     for (int jb = 0; jb < JB; ++jb) {
       float s = vsum(acc[i][jb]);
-      for (int64_t kk = k; kk < K; ++kk) s += w[jb * K + kk] * xb[i * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += wval(w[jb * K + kk]) * xb[i * K + kk];
       h[i * R + jb] = s;
     }
 }
 
 // out[i, :] += sum_jb h[i * R + jb] * u[jb * ur + :] for NI rows of out (stride N)
-template <int NI, int JB>
-inline void up_block(const float* __restrict__ u, int64_t ur, const float* h, int64_t R, float* __restrict__ out,
+template <int NI, int JB, typename W>
+inline void up_block(const W* __restrict__ u, int64_t ur, const float* h, int64_t R, float* __restrict__ out,
                      int64_t N) {
   vf hb[NI][JB];
   for (int i = 0; i < NI; ++i)
@@ -205,7 +228,7 @@ inline void up_block(const float* __restrict__ u, int64_t ur, const float* h, in
   int64_t c = 0;
   for (; c + kVW <= N; c += kVW) {
     vf uv[JB];
-    for (int jb = 0; jb < JB; ++jb) uv[jb] = vload(u + jb * ur + c);
+    for (int jb = 0; jb < JB; ++jb) uv[jb] = wload(u + jb * ur + c);
     for (int i = 0; i < NI; ++i) {
       vf o = vload(out + i * N + c);
       for (int jb = 0; jb < JB; ++jb) o += uv[jb] * hb[i][jb];
@@ -215,20 +238,20 @@ inline void up_block(const float* __restrict__ u, int64_t ur, const float* h, in
   for (; c < N; ++c)
     for (int i = 0; i < NI; ++i) {
       float o = out[i * N + c];
-      for (int jb = 0; jb < JB; ++jb) o += u[jb * ur + c] * h[i * R + jb];
+      for (int jb = 0; jb < JB; ++jb) o += wval(u[jb * ur + c]) * h[i * R + jb];
       out[i * N + c] = o;
     }
 }
 
-template <int JB>
-inline void down_rows(const float* xb, const float* w, int n, int64_t K, float* h, int64_t R) {
+template <int JB, typename W>
+inline void down_rows(const float* xb, const W* w, int n, int64_t K, float* h, int64_t R) {
   int i = 0;
   for (; i + 2 <= n; i += 2) down_block<2, JB>(xb + i * K, w, K, h + i * R, R);
   if (i < n) down_block<1, JB>(xb + i * K, w, K, h + i * R, R);
 }
 
-template <int JB>
-inline void up_rows(const float* u, int64_t ur, const float* h, int n, int64_t R, float* out, int64_t N) {
+template <int JB, typename W>
+inline void up_rows(const W* u, int64_t ur, const float* h, int n, int64_t R, float* out, int64_t N) {
   int i = 0;
   for (; i + 2 <= n; i += 2) up_block<2, JB>(u, ur, h + i * R, R, out + i * N, N);
   if (i < n) up_block<1, JB>(u, ur, h + i * R, R, out + i * N, N);
@@ -238,30 +261,30 @@ inline void up_rows(const float* u, int64_t ur, const float* h, int n, int64_t R
 // taken one after another: the slot's (r, K) block is read front to back as one stream (measured
 // faster than several interleaved row streams, above), with 4 / NI independent accumulators per
 // row of x
-template <int NI>
-inline void down_seq(const float* __restrict__ xb, const float* __restrict__ w, int64_t K, int64_t r, float* h,
+template <int NI, typename W>
+inline void down_seq(const float* __restrict__ xb, const W* __restrict__ w, int64_t K, int64_t r, float* h,
                      int64_t R) {
   constexpr int P = NI == 1 ? 4 : 2;
   for (int64_t j = 0; j < r; ++j) {
-    const float* wr = w + j * K;
+    const W* wr = w + j * K;
     vf acc[NI][P];
     for (int i = 0; i < NI; ++i)
       for (int p = 0; p < P; ++p) acc[i][p] = vf{};
     int64_t k = 0;
     for (; k + P * kVW <= K; k += P * kVW)
       for (int p = 0; p < P; ++p) {
-        const vf wv = vload(wr + k + p * kVW);
+        const vf wv = wload(wr + k + p * kVW);
         for (int i = 0; i < NI; ++i) acc[i][p] += wv * vload(xb + i * K + k + p * kVW);
       }
     for (; k + kVW <= K; k += kVW) {
-      const vf wv = vload(wr + k);
+      const vf wv = wload(wr + k);
       for (int i = 0; i < NI; ++i) acc[i][0] += wv * vload(xb + i * K + k);
     }
     for (int i = 0; i < NI; ++i) {
       vf t = acc[i][0];
       for (int p = 1; p < P; ++p) t += acc[i][p];
       float s = vsum(t);
-      for (int64_t kk = k; kk < K; ++kk) s += wr[kk] * xb[i * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += wval(wr[kk]) * xb[i * K + kk];
       h[i * R + j] = s;
     }
   }
@@ -269,20 +292,20 @@ inline void down_seq(const float* __restrict__ xb, const float* __restrict__ w, 
 
 // out[i, :] += sum_j h[i * R + j] * u[j * ur + :] for NI rows of out (stride N), the up rows taken
 // one after another (one stream, as above)
-template <int NI>
-inline void up_seq(const float* __restrict__ u, int64_t ur, const float* h, int64_t r, int64_t R,
+template <int NI, typename W>
+inline void up_seq(const W* __restrict__ u, int64_t ur, const float* h, int64_t r, int64_t R,
                    float* __restrict__ out, int64_t N) {
   for (int64_t j = 0; j < r; ++j) {
-    const float* row = u + j * ur;
+    const W* row = u + j * ur;
     vf hb[NI];
     for (int i = 0; i < NI; ++i) hb[i] = vf{} + h[i * R + j];
     int64_t c = 0;
     for (; c + kVW <= N; c += kVW) {
-      const vf uv = vload(row + c);
+      const vf uv = wload(row + c);
       for (int i = 0; i < NI; ++i) vstore(out + i * N + c, vload(out + i * N + c) + uv * hb[i]);
     }
     for (; c < N; ++c)
-      for (int i = 0; i < NI; ++i) out[i * N + c] += row[c] * h[i * R + j];
+      for (int i = 0; i < NI; ++i) out[i * N + c] += wval(row[c]) * h[i * R + j];
   }
 }
 
@@ -313,6 +336,131 @@ void small_group_f32(const float* __restrict__ x, float* y, const float* __restr
     float* yr = y + rows[i] * N;
     const float* o = out + i * N;
     for (int64_t c = 0; c < N; ++c) yr[c] += scale * o[c];
+  }
+}
+
+// bfloat16 decode loops (1-2 rows): a vector of kVW uint32 lanes loads 2 * kVW bfloat16 weights,
+// and each lane's low and high halves are its even and odd weights. ``lane << 16`` is the even one
+// as a float32 and ``lane & 0xffff0000`` the odd one: two integer operations widen 2 * kVW weights
+// (converting kVW at a time takes two per kVW). So x rows and the up-projection's output are kept
+// "split": in each block of 2 * kVW positions the even positions first, then the odd ones
+// (split_row, and the y write in small_group_bf16); positions past the last whole block stay in order.
+inline void split_row(float* row, int64_t n) {  // in place
+  float tmp[2 * kVW];
+  for (int64_t b = 0; b + 2 * kVW <= n; b += 2 * kVW) {
+    std::copy(row + b, row + b + 2 * kVW, tmp);
+    for (int q = 0; q < kVW; ++q) {
+      row[b + q] = tmp[2 * q];
+      row[b + kVW + q] = tmp[2 * q + 1];
+    }
+  }
+}
+
+inline void widen_pairs(const uint16_t* p, vf& even, vf& odd) {
+  vu raw;
+  __builtin_memcpy(&raw, p, sizeof(raw));
+  const vu lo = raw << 16, hi = raw & 0xffff0000u;
+  __builtin_memcpy(&even, &lo, sizeof(even));
+  __builtin_memcpy(&odd, &hi, sizeof(odd));
+}
+
+// h[i * R + j] = w[j] . x[i] for NI split rows of x (stride K), the (r, K) block read as one stream
+template <int NI>
+inline void down_seq_bf16(const float* __restrict__ xs, const uint16_t* __restrict__ w, int64_t K, int64_t r,
+                          float* h, int64_t R) {
+  for (int64_t j = 0; j < r; ++j) {
+    const uint16_t* wr = w + j * K;
+    vf acc[NI][2];
+    for (int i = 0; i < NI; ++i) acc[i][0] = acc[i][1] = vf{};
+    int64_t k = 0;
+    for (; k + 2 * kVW <= K; k += 2 * kVW) {
+      vf even, odd;
+      widen_pairs(wr + k, even, odd);
+      for (int i = 0; i < NI; ++i) {
+        acc[i][0] += even * vload(xs + i * K + k);
+        acc[i][1] += odd * vload(xs + i * K + k + kVW);
+      }
+    }
+    for (int i = 0; i < NI; ++i) {
+      float s = vsum(acc[i][0] + acc[i][1]);
+      for (int64_t kk = k; kk < K; ++kk) s += wval(wr[kk]) * xs[i * K + kk];
+      h[i * R + j] = s;
+    }
+  }
+}
+
+// out[i, :] += sum_j h[i * R + j] * u[j * ur + :] for NI split rows of out (stride N), one stream
+template <int NI>
+inline void up_seq_bf16(const uint16_t* __restrict__ u, int64_t ur, const float* h, int64_t r, int64_t R,
+                        float* __restrict__ out, int64_t N) {
+  for (int64_t j = 0; j < r; ++j) {
+    const uint16_t* row = u + j * ur;
+    vf hb[NI];
+    for (int i = 0; i < NI; ++i) hb[i] = vf{} + h[i * R + j];
+    int64_t c = 0;
+    for (; c + 2 * kVW <= N; c += 2 * kVW) {
+      vf even, odd;
+      widen_pairs(row + c, even, odd);
+      for (int i = 0; i < NI; ++i) {
+        float* o = out + i * N + c;
+        vstore(o, vload(o) + even * hb[i]);
+        vstore(o + kVW, vload(o + kVW) + odd * hb[i]);
+      }
+    }
+    for (; c < N; ++c)
+      for (int i = 0; i < NI; ++i) out[i * N + c] += wval(row[c]) * h[i * R + j];
+  }
+}
+
+// small_group_f32 for bfloat16 (weights as their bits), float32 arithmetic: x rows widened into
+// xbuf, y rounded once (round to nearest even, as at::BFloat16 converts). 1-2 rows take the split
+// loops above, more rows small_group_f32's register blocks with each weight vector widened as loaded.
+void small_group_bf16(const at::BFloat16* __restrict__ x, at::BFloat16* y, const uint16_t* __restrict__ down,
+                      const uint16_t* __restrict__ up, int64_t ur, const int64_t* rows, int n, int64_t K, int64_t N,
+                      int64_t R, int64_t r, float scale, int act, float* hbuf, float* xbuf) {
+  using T = at::BFloat16;
+  const bool split = n <= 2;  // decode: the split loops (above)
+  for (int i = 0; i < n; ++i) {
+    const T* xr = x + rows[i] * K;
+    float* xb = xbuf + i * K;
+    for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<float>(xr[k]);
+    if (split) split_row(xb, K);
+  }
+  if (split) {
+    if (n == 2) down_seq_bf16<2>(xbuf, down, K, r, hbuf, R); else down_seq_bf16<1>(xbuf, down, K, r, hbuf, R);
+  } else {  // enough rows to be bound by arithmetic: register blocks of 2 rows x 4 ranks
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) down_rows<4>(xbuf, down + j * K, n, K, hbuf + j, R);
+    for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);
+  }
+  if (act != 0)
+    for (int i = 0; i < n; ++i)
+      for (int64_t t = 0; t < r; ++t) hbuf[i * R + t] = apply_act(act, hbuf[i * R + t]);
+  float* out = xbuf;  // the x rows are no longer needed
+  std::fill(out, out + int64_t(n) * N, 0.f);
+  if (split) {
+    if (n == 2) up_seq_bf16<2>(up, ur, hbuf, r, R, out, N); else up_seq_bf16<1>(up, ur, hbuf, r, R, out, N);
+    for (int i = 0; i < n; ++i) {  // out is split: position 2q of a block is its q-th, 2q + 1 its (kVW + q)-th
+      T* yr = y + rows[i] * N;
+      const float* o = out + i * N;
+      int64_t c = 0;
+      for (; c + 2 * kVW <= N; c += 2 * kVW)
+        for (int q = 0; q < kVW; ++q) {
+          yr[c + 2 * q] = static_cast<T>(static_cast<float>(yr[c + 2 * q]) + scale * o[c + q]);
+          yr[c + 2 * q + 1] = static_cast<T>(static_cast<float>(yr[c + 2 * q + 1]) + scale * o[c + kVW + q]);
+        }
+      for (; c < N; ++c) yr[c] = static_cast<T>(static_cast<float>(yr[c]) + scale * o[c]);
+    }
+    return;
+  } else {
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) up_rows<4>(up + j * ur, ur, hbuf + j, n, R, out, N);
+    for (; j < r; ++j) up_rows<1>(up + j * ur, ur, hbuf + j, n, R, out, N);
+  }
+  for (int i = 0; i < n; ++i) {
+    T* yr = y + rows[i] * N;
+    const float* o = out + i * N;
+    for (int64_t c = 0; c < N; ++c) yr[c] = static_cast<T>(static_cast<float>(yr[c]) + scale * o[c]);
   }
 }
 
@@ -496,11 +644,18 @@ void run_small_(at::Tensor& y, const at::Tensor& x, const std::vector<SmallWork>
         const scalar_t* dp = static_cast<const scalar_t*>(w.down) + g.slot * w.R * K;
         const scalar_t* upp = static_cast<const scalar_t*>(w.up) + g.slot * w.us;
         const int64_t* rows = w.order.data() + g.start;
-        if (std::is_same_v<scalar_t, float> && w.un == 1) {  // (the casts are no-ops where it is taken)
+        if (w.un == 1 && std::is_same_v<scalar_t, float>) {  // the store's transposed up (the casts are no-ops here)
           small_group_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<float*>(yp),
                           reinterpret_cast<const float*>(dp), reinterpret_cast<const float*>(upp), w.ur, rows,
                           static_cast<int>(g.n), K, N, w.R, g.r, static_cast<float>(w.scale[g.slot]), w.act[g.slot],
                           reinterpret_cast<float*>(hbuf.data()), reinterpret_cast<float*>(xbuf.data()));
+          continue;
+        }
+        if (w.un == 1 && std::is_same_v<scalar_t, at::BFloat16>) {  // the same for bfloat16 (acc_t is float)
+          small_group_bf16(reinterpret_cast<const at::BFloat16*>(xp), reinterpret_cast<at::BFloat16*>(yp),
+                           reinterpret_cast<const uint16_t*>(dp), reinterpret_cast<const uint16_t*>(upp), w.ur, rows,
+                           static_cast<int>(g.n), K, N, w.R, g.r, static_cast<float>(w.scale[g.slot]), w.act[g.slot],
+                           reinterpret_cast<float*>(hbuf.data()), reinterpret_cast<float*>(xbuf.data()));
           continue;
         }
         small_group<scalar_t, acc_t>(xp, yp, dp, upp, w.un, w.ur, rows, static_cast<int>(g.n), K, N, w.R, g.r,

@@ -106,7 +106,8 @@ def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
     assert cpu_ext.LOADED_ISA == cpu_ext._isa()
     f32_rows = 128 if cpu_ext.LOADED_ISA == "avx512" else 64
     assert mo.cpp_gemm_min_rows(torch.float32, up_rn) == mo.cpp_gemm_min_rows(torch.float32) == f32_rows
-    assert mo.cpp_gemm_min_rows(torch.float32, up_nr) == mo.cpp_gemm_min_rows(torch.bfloat16, up_rn) == 16
+    assert mo.cpp_gemm_min_rows(torch.bfloat16, up_rn) == f32_rows  # bfloat16 has the same loops
+    assert mo.cpp_gemm_min_rows(torch.float32, up_nr) == mo.cpp_gemm_min_rows(torch.float16, up_rn) == 16
     for up in (up_rn, up_nr):
         y = y0.clone()
         assert ext.cpu_multi_adapter_(y, x, rs, down, up, sz, sc, act, 64) == 0  # no group took the GEMMs
@@ -118,9 +119,14 @@ def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
         torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,m", [("uniform", 37), ("segments", 203)])
-def test_bf16_within_rule(rows, m):
-    args = _case(m=m, rows=rows, dtype=torch.bfloat16, seed=5)
+@pytest.mark.parametrize("transposed_up", [False, True], ids=["up-NR", "up-RN"])  # up-RN: the vector loops
+@pytest.mark.parametrize("rows,m", [("uniform", 1), ("uniform", 37), ("uniform", 90), ("segments", 203),
+                                    ("segments", 1203)])
+def test_bf16_within_rule(rows, m, transposed_up):
+    # uniform 90 rows over 7 slots: groups of 3+ rows (register blocks) below the GEMM threshold; 203
+    # segments: groups of ~29 rows, register blocks with the store's storage, GEMMs with (S, N, R);
+    # 1203: ~155 rows a group, GEMMs with either
+    args = _case(m=m, rows=rows, dtype=torch.bfloat16, seed=5, transposed_up=transposed_up)
     ref = _ref64(args)
     got = mo.multi_adapter(*args, backend="cpp")
     ref_t = mo.multi_adapter_ref(*args)  # the plain-torch statement in bf16 storage
