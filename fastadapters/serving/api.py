@@ -48,7 +48,7 @@ from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ErrorR
                        TokenizeRequest, UnloadAdapterRequest, _unicode, error_body)
 from .sampling import NO_TOKEN, SamplingParams
 from .structured import StructuredSpec
-from .tool_parsers import PARSERS, parse as parse_tools, stream as tool_stream, tags_are_special
+from .tool_parsers import PARSERS, split as split_tools, stream as tool_stream, tags_are_special
 
 __all__ = ["create_app", "APIError", "Limits"]
 
@@ -787,8 +787,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         """Server-sent chunks. A named tool call streams its arguments as they come (the first chunk
         after the role names the function); a "required" one is sent whole when its choice finishes
         (its text is an array to parse), as the content if it did not parse; with "auto" each
-        choice's text goes through the server's parser (``tool_parsers.stream``: content as it comes, each call whole when its
-        block closes)."""
+        choice's text goes through the server's parser (``tool_parsers.stream``: content as it comes; a
+        call's id and name when it opens, then its arguments as they come)."""
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -796,20 +796,26 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         auto = tool_call is not None and tool_call[0] == "auto"
         parsers = [tool_stream(tool_call_parser, tool_call[1]) for _ in choices.list] if auto else []
         called = [0] * len(parsers)  # calls sent per choice (each call's index)
+        cut = [False] * len(parsers)  # the choice ended inside a call's arguments
 
         def auto_chunks(i: int, text: str, reason: str | None) -> list[str]:
             """Choice i's chunks for its new text (``reason``: it finished): content, then calls."""
             events = parsers[i].feed(text) + (parsers[i].finish() if reason is not None else [])
             pieces = []  # (content, delta) per chunk
             for kind, value in events:
-                if kind == "content":
+                if kind == "cut":  # the reply ended inside a call's arguments: not a finished call
+                    cut[i] = True
+                elif kind == "content":
                     pieces.append((value, None))
-                else:
-                    call = {"index": called[i], "id": _call_id(), "type": "function", "function": value}
+                elif kind == "call_args":  # the open call's arguments, as they come
+                    pieces.append((None, {"tool_calls": [{"index": called[i] - 1, "function": {"arguments": value}}]}))
+                else:  # a call opens (its name; arguments to come), or one read whole
+                    fn = {"name": value, "arguments": ""} if kind == "call_open" else value
+                    call = {"index": called[i], "id": _call_id(), "type": "function", "function": fn}
                     pieces.append((None, {"tool_calls": [call]}))
                     called[i] += 1
             if reason is not None:
-                if reason == "stop" and called[i]:
+                if reason == "stop" and called[i] and not cut[i]:
                     reason = "tool_calls"
                 if not pieces:
                     pieces.append((None, {}))
@@ -1002,10 +1008,11 @@ def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | No
 def _auto_tool_calls(names, text: str, reason: str | None,
                      parser: str) -> tuple[str | None, list | None, str | None]:
     """A finished "auto" choice's (content, tool calls or None, finish reason): ``tool_parsers.parse``
-    with the server's ``parser``; "tool_calls" when it made calls and ended by itself."""
-    content, calls = parse_tools(text, names, parser)
+    with the server's ``parser``; "tool_calls" when it made calls and ended by itself, not inside one
+    (a stop string that cut a call's arguments leaves "stop")."""
+    content, calls, cut = split_tools(text, names, parser)
     calls = [{"id": _call_id(), "type": "function", "function": c} for c in calls]
-    return content, calls or None, "tool_calls" if calls and reason == "stop" else reason
+    return content, calls or None, "tool_calls" if calls and reason == "stop" and not cut else reason
 
 
 def _stripped_space_marker(tokenizer, vocab: dict) -> str | None:

@@ -440,7 +440,7 @@ class ChatRequest(_Sampling):
         if call is None:
             return []
         tools = self._tool_params()
-        if call[0] == "auto":  # text, and calls held to the tools (a stop string may cut one: it stays text)
+        if call[0] == "auto":  # text, and calls held to the tools (a stop string may cut one's close: it is whole)
             from .tool_parsers import constraint
             params = {}
             for i, (name, p) in enumerate(tools.items()):

@@ -29,34 +29,38 @@ Two parts:
 * ``parse`` (a finished reply) and ``stream(parser, tools)`` (a streamed one) split the text into
   content and calls, with one result either way (``tests/serving/test_tool_parsers.py`` checks that
   every chunking of a reply streams what ``parse`` gives):
-  - hermes: a block is a call when the text up to one of the end tags after it is JSON of the form
-    ``{"name": one of the tools, "arguments": an object}`` (the first such end tag closes it: an
-    argument's string may hold ``</tool_call>``); a block still open when the reply ends is a call
-    if its JSON is whole (a stop string may cut the closing tag); else it is content as written,
-    its tags and the rest of the reply included (a call cut by ``max_tokens``; without the grammar,
-    malformed JSON);
-  - llama3_json: a block starts at ``{"name": `` and ends where its object closes (braces counted
-    outside strings); it is a call when it is ``{"name": one of the tools, "parameters" (or
-    "arguments", as vLLM reads it too): an object}``, else content as written, and the text goes on
-    after it; a block still open when the reply ends (cut by ``max_tokens``) is content as written.
-    The run of whitespace, ``;`` and ``<|python_tag|>`` just before a call is its separator, not
-    content;
+  - a call that opens as the grammar writes it (``<tool_call>\n{"name": "get_weather", "arguments":
+    `` / ``{"name": "get_weather", "parameters": ``, one of the tools named) is a call from there
+    on. Streamed, its id and name go out as soon as that opening is whole and its arguments as
+    they come, nothing held back (where they end is found by counting their brackets outside
+    strings, so an argument may hold ``</tool_call>`` or ``}``); then the format's close
+    (``}\n</tool_call>``, ``}``) is read past. Cut by ``max_tokens``, it is the call as far as it
+    got (its arguments not whole JSON; ``finish_reason`` "length", or "stop" for a stop string,
+    never "tool_calls"), as OpenAI's API cuts one; cut in its close (a stop string), it is whole.
+    What follows its arguments where it is not the close (text no grammar held) is read as text;
+  - a block with another opening (text no grammar held) is read whole. hermes: it is a call when the
+    text up to one of the end tags after it is JSON of the form ``{"name": one of the tools,
+    "arguments": an object}`` (the first such end tag closes it), or, when the reply ends inside
+    it, when its JSON is whole; else it is content as written, its tags and the rest of the reply
+    included. llama3_json: it ends where its object closes and is a call when it is ``{"name": one
+    of the tools, "parameters" (or "arguments", as vLLM reads it too): an object}``, else content as
+    written, and the text goes on after it; still open when the reply ends, it is content;
+  - llama3_json: the run of whitespace, ``;`` and ``<|python_tag|>`` just before a call is its
+    separator, not content;
   - a call's arguments are the model's own JSON text (not decoded and encoded again: that would
     turn ``1e400`` into ``Infinity``);
   - the content is all the other text, as written, less its trailing whitespace (llama3_json: and
-    separators) when the reply made calls; None when it is only that.
-  A streamed call is sent whole, in one delta, when its block closes (OpenAI's clients accumulate
-  deltas; one that holds the whole call is valid); content streams as it comes, less what might
-  still turn out to be the start of a call, and the held run until text follows it (so a reply of
-  calls and whitespace sends no content, as ``parse`` gives None).
+    separators) when the reply made calls; None when it is only that. Streamed, it goes out as it
+    comes, less what might still turn out to be the start of a call, and the held run until text
+    follows it (so a reply of calls and whitespace sends no content, as ``parse`` gives None).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-__all__ = ["PARSERS", "START", "END", "LLAMA3_START", "PYTHON_TAG", "constraint", "parse", "stream",
-           "HermesStream", "Llama3JsonStream", "tags_are_special"]
+__all__ = ["PARSERS", "START", "END", "LLAMA3_START", "PYTHON_TAG", "constraint", "parse", "split", "stream",
+           "calls_of", "HermesStream", "Llama3JsonStream", "tags_are_special"]
 
 PARSERS = ("hermes", "llama3_json")
 START, END = "<tool_call>", "</tool_call>"  # hermes
@@ -146,21 +150,34 @@ def _partial_start(text: str, *marks: str) -> int:
 
 
 class _Stream:
-    """One streamed reply: ``feed(text)`` and then ``finish()`` return events, ("content", text) or
-    ("call", {"name", "arguments"}), in order; their content joined and their calls equal ``parse``
-    of the whole text. A subclass finds its format's blocks (``_block``)."""
+    """One streamed reply: ``feed(text)`` and then ``finish()`` return events in order: ("content",
+    text); ("call_open", name) then ("call_args", text) pieces for a call that opened as the grammar
+    writes it (its arguments streamed as they come); ("call", {"name", "arguments"}) for one read
+    whole (another opening); ("cut", None) last where the reply ended inside a call's arguments.
+    Their content joined and their calls equal ``parse`` of the whole text. A subclass gives its
+    format's openings and closing (``opening``, ``close``) and finds the blocks of other openings
+    (``_block``)."""
 
     start = ""  # the text that opens a block
     marks: tuple[str, ...] = ()  # what a held end of the text outside the blocks may be the start of
+    close = ""  # what follows a call's arguments where the grammar wrote the call
 
     def __init__(self, tools):
         self.tools = tools
+        self.openings = {self.opening(name): name for name in tools}
         self.buf = ""  # unsent text: outside a block, or the open block's text
-        self.inside = False
-        self.scan = 0  # where in the open block's text to go on looking for its end
+        self.inside = False  # in a block read whole (``_block``)
+        self.scan = 0  # where in that block's text to go on looking for its end
+        self.args: _ObjectEnd | None = None  # in a streamed call's arguments
+        self.closing = False  # past a streamed call's arguments, before its close
         self.held = ""  # a run outside the blocks (whitespace, separators), sent when text follows it
         self.spoke = False  # content other than the held runs sent
         self.called = False  # a call sent
+
+    @staticmethod
+    def opening(name: str) -> str:
+        """The text before a call's arguments, as the grammar writes it (the structural tag's begin)."""
+        raise NotImplementedError
 
     def _trail(self, text: str) -> int:
         """Where the run that ``_text`` holds back starts in ``text`` (its trailing whitespace)."""
@@ -175,24 +192,51 @@ class _Stream:
         else:
             self.held += text
 
-    def _call_made(self, call: dict, events: list) -> None:
-        """A block is a call (what is held before it stays held: sent if text follows the call)."""
-        events.append(("call", call))
+    def _call_made(self, event: tuple[str, Any], events: list) -> None:
+        """A call begins (what is held before it stays held: sent if text follows the call)."""
+        events.append(event)
         self.called = True
 
     def _block(self) -> tuple[int, dict | None] | None:
-        """The open block (``self.buf``, from its opening): None while it may go on; else (where it
-        ends in ``buf``, the call or None when it is not one: then its text is content)."""
+        """The open block read whole (``self.buf``, from its opening): None while it may go on; else
+        (where it ends in ``buf``, the call or None when it is not one: then its text is content)."""
         raise NotImplementedError
 
     def _open_at_end(self) -> dict | None:
-        """The call an open block is when the reply ends there, or None (its text is content)."""
+        """The call an open block read whole is when the reply ends there, or None (its text is content)."""
         return None
+
+    def _opened(self) -> tuple[str, int] | bool:
+        """At a block's start (``buf``): (tool name, opening length) for a call opened as the grammar
+        writes it; True while ``buf`` may still become one; False for any other block."""
+        for text, name in self.openings.items():
+            if self.buf.startswith(text):
+                return name, len(text)
+        return any(text.startswith(self.buf) for text in self.openings)
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buf += text
         events: list[tuple[str, Any]] = []
         while True:
+            if self.args is not None:  # a call's arguments: sent as they come, up to where they close
+                end = self.args.scan(self.buf)
+                piece = self.buf if end < 0 else self.buf[:end]
+                if piece:
+                    events.append(("call_args", piece))
+                if end < 0:
+                    self.buf = ""
+                    return events
+                self.buf, self.args, self.closing = self.buf[end:], None, True
+                continue
+            if self.closing:  # then the format's close (whitespace before it allowed)
+                rest = self.buf.lstrip()
+                if rest.startswith(self.close):
+                    self.buf, self.closing = rest[len(self.close):], False
+                    continue
+                if self.close.startswith(rest):
+                    return events  # more to come
+                self.closing = False  # not the close (text no grammar held): read on as text
+                continue
             if self.inside:
                 got = self._block()
                 if got is None:
@@ -201,13 +245,22 @@ class _Stream:
                 if call is None:
                     self._text(self.buf[:end], events)
                 else:
-                    self._call_made(call, events)
+                    self._call_made(("call", call), events)
                 self.buf, self.scan, self.inside = self.buf[end:], 0, False
                 continue
             at = self.buf.find(self.start)
             if at >= 0:
                 self._text(self.buf[:at], events)
-                self.buf, self.inside = self.buf[at:], True
+                self.buf = self.buf[at:]
+                opened = self._opened()
+                if opened is True:
+                    return events  # may still be a call's opening
+                if opened is False:
+                    self.inside = True
+                    continue
+                name, length = opened
+                self._call_made(("call_open", name), events)
+                self.buf, self.args = self.buf[length:], _ObjectEnd()
                 continue
             keep = _partial_start(self.buf, *self.marks)  # a possible start of a block or a held mark stays
             self._text(self.buf[:len(self.buf) - keep], events)
@@ -216,14 +269,17 @@ class _Stream:
 
     def finish(self) -> list[tuple[str, Any]]:
         events: list[tuple[str, Any]] = []
-        call = self._open_at_end() if self.inside else None
-        if call is not None:
-            self._call_made(call, events)
+        if self.args is not None:  # a streamed call cut in its arguments stays as sent
+            events.append(("cut", None))
+        elif self.closing:  # cut in its close (a stop string): whole
+            pass
+        elif self.inside and (call := self._open_at_end()) is not None:
+            self._call_made(("call", call), events)
         else:  # an open block that is not a call, or text that only might have started one: as written
             self._text(self.buf, events)
         if self.held and not self.called and (self.spoke or self.held.strip()):  # text alone: as written
             events.append(("content", self.held))
-        self.buf, self.inside, self.scan, self.held = "", False, 0, ""
+        self.buf, self.inside, self.scan, self.held, self.args, self.closing = "", False, 0, "", None, False
         return events
 
 
@@ -232,6 +288,11 @@ class HermesStream(_Stream):
 
     start = START
     marks = (START,)
+    close = f"}}\n{END}"
+
+    @staticmethod
+    def opening(name: str) -> str:
+        return f'{START}\n{{"name": {json.dumps(name)}, "arguments": '
 
     def _block(self):
         while True:  # the first end tag after which the block is a call
@@ -249,17 +310,23 @@ class HermesStream(_Stream):
 
 
 class _ObjectEnd:
-    """Where a JSON object that starts a text closes: its braces counted outside its strings,
-    incrementally (each character read once)."""
+    """Where a JSON object closes: its brackets counted outside its strings, read incrementally
+    (each character once). Text before the object's first bracket (whitespace) is read past."""
 
     def __init__(self):
         self.depth, self.in_str, self.esc, self.pos = 0, False, False, 0
 
     def find(self, text: str) -> int:
-        """The end (past the closing brace) of the object ``text`` starts with, or -1 while open."""
+        """The end (past the closing brace) of the object ``text`` starts with, or -1 while open;
+        ``text`` grows between calls (what was read is not read again)."""
+        start = self.pos
+        end = self.scan(text[start:])
+        return -1 if end < 0 else start + end
+
+    def scan(self, chunk: str) -> int:
+        """Read the object's next ``chunk``: where in it the object closes (past its brace), or -1."""
         depth, in_str, esc = self.depth, self.in_str, self.esc
-        for i in range(self.pos, len(text)):
-            ch = text[i]
+        for i, ch in enumerate(chunk):
             if in_str:
                 if esc:
                     esc = False
@@ -274,9 +341,11 @@ class _ObjectEnd:
             elif ch in "}]":
                 depth -= 1
                 if depth == 0:
-                    self.pos = i + 1
+                    self.depth, self.in_str, self.esc = depth, in_str, esc
+                    self.pos += i + 1
                     return i + 1
-        self.depth, self.in_str, self.esc, self.pos = depth, in_str, esc, len(text)
+        self.depth, self.in_str, self.esc = depth, in_str, esc
+        self.pos += len(chunk)
         return -1
 
 
@@ -286,6 +355,11 @@ class Llama3JsonStream(_Stream):
 
     start = LLAMA3_START
     marks = (LLAMA3_START, PYTHON_TAG)
+    close = "}"
+
+    @staticmethod
+    def opening(name: str) -> str:
+        return f'{{"name": {json.dumps(name)}, "parameters": '
 
     def __init__(self, tools):
         super().__init__(tools)
@@ -298,9 +372,9 @@ class Llama3JsonStream(_Stream):
                 return len(body)
             text = body[:-len(PYTHON_TAG)]
 
-    def _call_made(self, call: dict, events: list) -> None:  # the run before a call is its separator
+    def _call_made(self, event, events: list) -> None:  # the run before a call is its separator
         self.held = ""
-        super()._call_made(call, events)
+        super()._call_made(event, events)
 
     def _block(self):
         end = self.end.find(self.buf)
@@ -318,9 +392,28 @@ def stream(parser: str, tools) -> _Stream:
     return STREAMS[parser](tools)
 
 
-def parse(text: str, tools, parser: str = "hermes") -> tuple[str | None, list[dict]]:
-    """A finished reply's (content, calls): the module docstring's rules."""
+def calls_of(events) -> list[dict]:
+    """The calls a stream's events make, {"name", "arguments"} each (a streamed one's pieces joined)."""
+    calls: list[dict] = []
+    for kind, value in events:
+        if kind == "call":
+            calls.append(dict(value))
+        elif kind == "call_open":
+            calls.append({"name": value, "arguments": ""})
+        elif kind == "call_args":
+            calls[-1]["arguments"] += value
+    return calls
+
+
+def split(text: str, tools, parser: str = "hermes") -> tuple[str | None, list[dict], bool]:
+    """A finished reply's (content, calls, whether the reply ended inside a call's arguments, its
+    last call then not whole JSON): the module docstring's rules."""
     s = stream(parser, tools)
     events = s.feed(text) + s.finish()
     content = "".join(t for kind, t in events if kind == "content")
-    return (content or None), [c for kind, c in events if kind == "call"]
+    return (content or None), calls_of(events), any(kind == "cut" for kind, _ in events)
+
+
+def parse(text: str, tools, parser: str = "hermes") -> tuple[str | None, list[dict]]:
+    """A finished reply's (content, calls): the module docstring's rules."""
+    return split(text, tools, parser)[:2]

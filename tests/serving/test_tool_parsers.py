@@ -20,7 +20,7 @@ import torch
 
 from fastadapters.serving.protocol import ChatRequest
 from fastadapters.serving.tool_parsers import (END, LLAMA3_START, PYTHON_TAG, START, HermesStream, Llama3JsonStream,
-                                               constraint, parse, stream, tags_are_special)
+                                               calls_of, constraint, parse, split, stream, tags_are_special)
 
 NAMES = {"get_weather", "now"}
 WEATHER = {"type": "function", "function": {
@@ -40,7 +40,7 @@ REPLIES = [
     "a " + CALL + "\n then more",
     "plain text, no call <tool",  # a cut start of a tag at the end is text
     "x " + f'{START}{{"name": "unknown", "arguments": {{}}}}{END} y',  # not one of the tools: text
-    "x \n" + f'{START}\n{{"name": "now", "arguments": {{"a": [1,',  # cut by max_tokens: text
+    "x \n" + f'{START}\n{{"name": "now", "arguments": {{"a": [1,',  # cut by max_tokens: a call, cut
     f'{START}\n{{"name": "now", "arguments": {{}}}}',  # a stop string cut the closing tag: still a call
     "",
     "  \n ",
@@ -60,7 +60,8 @@ def test_parse_splits_text_and_calls():
     assert parse(REPLIES[2], NAMES) == ("a \n then more", [paris])  # the text around a call, as written
     assert parse(REPLIES[3], NAMES) == (REPLIES[3], [])
     assert parse(REPLIES[4], NAMES) == (REPLIES[4], [])  # not one of the tools: text as written
-    assert parse(REPLIES[5], NAMES) == (REPLIES[5], [])
+    assert parse(REPLIES[5], NAMES) == ("x", [{"name": "now", "arguments": '{"a": [1,'}])  # as OpenAI cuts one
+    assert split(REPLIES[5], NAMES)[2] and not split(REPLIES[6], NAMES)[2]  # ended inside its arguments, or not
     assert parse(REPLIES[6], NAMES) == (None, [{"name": "now", "arguments": "{}"}])
     assert parse("", NAMES) == (None, []) and parse("  \n ", NAMES) == (None, [])
     assert parse(REPLIES[9], NAMES) == (f'  {START}not json{END}', [paris])
@@ -90,7 +91,7 @@ L_REPLIES = [
     L_CALL + " then more",
     'x {"name": "unknown", "parameters": {}} y',  # not one of the tools: text
     '{"name": "now", "parameters": {}, "extra": 1}; ' + L_CALL,  # not a call, then a call
-    '{"name": "now", "parameters": {"a": [1,',  # cut by max_tokens: text
+    '{"name": "now", "parameters": {"a": [1,',  # cut by max_tokens: a call, cut
     call3("get_weather", {"city": 'a}b"{ [x'}),  # braces and a quote inside an argument's string
     call3("now", {}, key="arguments"),  # vLLM reads "arguments" too
     "",
@@ -115,8 +116,12 @@ def test_llama3_parse_splits_text_and_calls():
     assert p(L_REPLIES[3]) == ("Let me check.", [paris])  # the run before a call is its separator
     assert p(L_REPLIES[4]) == (" then more", [paris])  # text after a call: as written
     assert p(L_REPLIES[5]) == (L_REPLIES[5], [])
-    assert p(L_REPLIES[6]) == ('{"name": "now", "parameters": {}, "extra": 1}', [paris])  # the text goes on after it
-    assert p(L_REPLIES[7]) == (L_REPLIES[7], [])
+    # a call opened as the grammar writes it is a call; what follows its arguments, when it is not
+    # the close (text no grammar held), is read as text
+    assert p(L_REPLIES[6]) == (', "extra": 1}', [now, paris])
+    assert p('{"name": "now", "arguments": {}, "extra": 1} ' + L_CALL) == \
+        ('{"name": "now", "arguments": {}, "extra": 1}', [paris])  # another opening: read whole, not a call
+    assert p(L_REPLIES[7]) == (None, [{"name": "now", "arguments": '{"a": [1,'}])
     assert p(L_REPLIES[8]) == (None, [{"name": "get_weather", "arguments": json.dumps({"city": 'a}b"{ [x'})}])
     assert p(L_REPLIES[9]) == (None, [now])
     assert p("") == p("  \n ") == (None, [])
@@ -143,8 +148,8 @@ def test_every_chunking_streams_what_parse_gives(parser, reply):
         st = stream(parser, NAMES)
         events = [e for p in pieces for e in st.feed(p)] + st.finish()
         content = "".join(v for kind, v in events if kind == "content")
-        assert (content or None, [v for kind, v in events if kind == "call"]) == want, pieces
-        assert all(v for kind, v in events if kind == "content")  # no empty content deltas
+        assert (content or None, calls_of(events)) == want, pieces
+        assert all(v for kind, v in events if kind in ("content", "call_args"))  # no empty deltas
 
 
 def test_content_is_not_held_longer_than_needed():
@@ -152,8 +157,31 @@ def test_content_is_not_held_longer_than_needed():
     assert stream.feed("Hello, wor") == [("content", "Hello, wor")]
     assert stream.feed("ld <tool") == [("content", "ld")]  # " <tool" might start a call
     assert stream.feed("box") == [("content", " <toolbox")]
-    assert stream.feed(" " + CALL[:20]) == []
-    assert stream.feed(CALL[20:]) == [("call", {"name": "get_weather", "arguments": '{"city": "Paris"}'})]
+    assert stream.feed(" " + CALL[:20]) == []  # (it may be a call's opening)
+    assert stream.feed(CALL[20:]) == [("call_open", "get_weather"), ("call_args", '{"city": "Paris"}')]
+
+
+@pytest.mark.parametrize("parser,call", [("hermes", block("get_weather", {"city": "Paris, {France}"})),
+                                         ("llama3_json", call3("get_weather", {"city": "Paris, {France}"}))])
+def test_a_calls_arguments_stream_as_they_come(parser, call):
+    # fed one character at a time: the call opens as soon as its opening is whole, and every
+    # character of its arguments goes out as it arrives (nothing held back inside them)
+    st = stream(parser, NAMES)
+    opening = st.opening("get_weather")
+    events = []
+    for i, ch in enumerate(call):
+        got = st.feed(ch)
+        if i + 1 < len(opening):
+            assert got == []
+        elif i + 1 == len(opening):
+            assert got == [("call_open", "get_weather")]
+        elif i + 1 <= len(opening) + len('{"city": "Paris, {France}"}'):
+            assert got == [("call_args", ch)], (i, ch)
+        else:
+            assert got == []  # the close
+        events += got
+    events += st.finish()
+    assert calls_of(events) == [{"name": "get_weather", "arguments": '{"city": "Paris, {France}"}'}]
 
 
 def test_llama3_content_is_not_held_longer_than_needed():
@@ -161,7 +189,7 @@ def test_llama3_content_is_not_held_longer_than_needed():
     assert st.feed("Sure. {") == [("content", "Sure.")]  # " {" might start a call
     assert st.feed('"a": 1} ') == [("content", ' {"a": 1}')]
     assert st.feed(L_CALL[:12]) == []
-    assert st.feed(L_CALL[12:] + ";") == [("call", {"name": "get_weather", "arguments": '{"city": "Paris"}'})]
+    assert st.feed(L_CALL[12:] + ";") == [("call_open", "get_weather"), ("call_args", '{"city": "Paris"}')]
     assert st.feed(" ok") == [("content", "; ok")]
     assert st.finish() == []
 
@@ -329,11 +357,48 @@ def script(served, monkeypatch):
     monkeypatch.setattr(engine_mod, "sample_rows", scripted)
 
     def load(text: str) -> None:
+        settle(engine)
         queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
     return load
 
 
+def settle(engine, timeout: float = 30.0) -> None:
+    """Wait until the engine runs no request: one a stop string ended may still take a step (its stop
+    is checked while the next step runs), and the script's tokens are for the next request alone."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (snap := engine.snapshot())["running"] or snap["live_requests"]:
+        assert time.monotonic() < deadline, snap
+        time.sleep(0.01)
+
+
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def accumulate(chunks) -> list[tuple[str, str, str]]:
+    """A streamed choice's calls as OpenAI's clients put them together: (name, arguments, id) per
+    index, the first delta of an index giving its id and name, every delta adding to its arguments."""
+    calls: dict[int, list] = {}
+    for ch in chunks:
+        for tc in ch.delta.tool_calls or []:
+            if tc.index not in calls:
+                assert tc.id and tc.function.name, tc  # a call's first delta names it
+                calls[tc.index] = [tc.function.name, "", tc.id]
+            else:
+                assert tc.id is None and tc.function.name is None, tc
+            calls[tc.index][1] += tc.function.arguments or ""
+    assert sorted(calls) == list(range(len(calls)))
+    return [tuple(c) for _, c in sorted(calls.items())]
+
+
+def cut_points(tokenizer, reply: str, opening: str) -> tuple[int, str]:
+    """The number of ``reply``'s tokens at which its text first holds the whole call ``opening``, and
+    the call's arguments as far as one token more takes them."""
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    k = next(k for k in range(1, len(ids) + 1) if opening in tokenizer.decode(ids[:k]))
+    text = tokenizer.decode(ids[:k + 1])
+    return k, text[text.index(opening) + len(opening):]
 
 
 def test_auto_replies_with_text_and_calls_streamed_or_not(served, script):
@@ -353,9 +418,9 @@ def test_auto_replies_with_text_and_calls_streamed_or_not(served, script):
     chunks = [ch.choices[0] for ch in client.chat.completions.create(
         model="smol", messages=MESSAGES, tools=tools, max_tokens=64, stream=True) if ch.choices]
     assert "".join(ch.delta.content or "" for ch in chunks) == "Let me check."
-    calls = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
-    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+    assert [(i, name, json.loads(args)) for i, (name, args, _) in enumerate(accumulate(chunks))] == \
         [(0, "get_weather", {"city": "Paris"}), (1, "now", {})]
+    assert len([tc for ch in chunks for tc in (ch.delta.tool_calls or []) if tc.index == 0]) > 2  # arguments in pieces
     assert chunks[-1].finish_reason == "tool_calls" and all(ch.finish_reason is None for ch in chunks[:-1])
     # text only: a plain reply
     script("It is sunny.")
@@ -363,12 +428,41 @@ def test_auto_replies_with_text_and_calls_streamed_or_not(served, script):
                                        max_tokens=16)
     assert (r.choices[0].message.content, r.choices[0].message.tool_calls, r.choices[0].finish_reason) == \
         ("It is sunny.", None, "stop")
-    # cut by max_tokens inside a call: its text, finish "length"
-    script("Let me check.\n" + CALL)
-    r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=12)
-    c = r.choices[0]
+    # cut by max_tokens: before the call's opening is whole, text; in its arguments, the call as far
+    # as it got (as OpenAI's API cuts one), finish "length", streamed or not
+    reply = "Let me check.\n" + CALL
+    opened, cut = cut_points(engine.tokenizer, reply, HermesStream.opening("get_weather"))
+    script(reply)
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=opened - 1).choices[0]
     assert c.finish_reason == "length" and not c.message.tool_calls and c.message.content.startswith("Let me check.")
     assert START in c.message.content
+    for streamed in (False, True):
+        script(reply)
+        r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=opened + 1,
+                                           stream=streamed)
+        if streamed:
+            chunks = [ch.choices[0] for ch in r if ch.choices]
+            content, calls, reason = ("".join(ch.delta.content or "" for ch in chunks), accumulate(chunks),
+                                      chunks[-1].finish_reason)
+        else:
+            c = r.choices[0]
+            content, reason = c.message.content, c.finish_reason
+            calls = [(t.function.name, t.function.arguments, t.id) for t in c.message.tool_calls]
+        assert (content, reason, [(n, a) for n, a, _ in calls]) == ("Let me check.", "length", [("get_weather", cut)])
+    # a stop string: inside the arguments, the call as far as it got and "stop" (not "tool_calls": it
+    # is not whole); in the close, the call is whole
+    for stop, reason, args in (("Paris", "stop", '{"city": "'), ("</tool_call>", "tool_calls", '{"city": "Paris"}')):
+        for streamed in (False, True):
+            script(reply)
+            r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, max_tokens=64,
+                                               stop=[stop], stream=streamed)
+            if streamed:
+                chunks = [ch.choices[0] for ch in r if ch.choices]
+                got = (chunks[-1].finish_reason, [(n, a) for n, a, _ in accumulate(chunks)])
+            else:
+                got = (r.choices[0].finish_reason, [(t.function.name, t.function.arguments)
+                                                    for t in r.choices[0].message.tool_calls])
+            assert got == (reason, [("get_weather", args)]), (stop, streamed)
     # one call with parallel_tool_calls false: the reply ends there
     script(CALL)
     r = client.chat.completions.create(model="smol", messages=MESSAGES, tools=tools, parallel_tool_calls=False,
@@ -414,7 +508,7 @@ def test_text_around_a_call_and_arguments_as_written_streamed_or_not(served, scr
         chunks = [ch.choices[0] for ch in client.chat.completions.create(
             model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=64, stream=True) if ch.choices]
         assert ("".join(ch.delta.content or "" for ch in chunks) or None) == content
-        assert [tc.function.arguments for ch in chunks for tc in (ch.delta.tool_calls or [])] == [args]
+        assert [a for _, a, _ in accumulate(chunks)] == [args]
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +551,7 @@ def test_llama3_json_over_http_streamed_or_not(served_llama3, monkeypatch):
     monkeypatch.setattr(engine_mod, "sample_rows", scripted)
 
     def script(text):
+        settle(engine)
         queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
 
     reply = "Let me check. " + L_CALL + "; " + call3("now", {})
@@ -469,16 +564,19 @@ def test_llama3_json_over_http_streamed_or_not(served_llama3, monkeypatch):
     chunks = [ch.choices[0] for ch in client.chat.completions.create(
         model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64, stream=True) if ch.choices]
     assert "".join(ch.delta.content or "" for ch in chunks) == "Let me check."
-    calls = [tc for ch in chunks for tc in (ch.delta.tool_calls or [])]
-    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
-        [(0, *want[0]), (1, *want[1])]
+    assert [(name, json.loads(args)) for name, args, _ in accumulate(chunks)] == want
     assert chunks[-1].finish_reason == "tool_calls"
     script(call3("get_time", {}))
     with pytest.raises(openai.InternalServerError, match="not allowed by the request's grammar"):
         client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64)
+    opened, cut = cut_points(engine.tokenizer, L_CALL, Llama3JsonStream.opening("get_weather"))
     script(L_CALL)
-    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=8).choices[0]
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=opened - 1).choices[0]
     assert c.finish_reason == "length" and not c.message.tool_calls and c.message.content.startswith('{"name": ')
+    script(L_CALL)
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=opened + 1).choices[0]
+    assert (c.finish_reason, c.message.content, [(t.function.name, t.function.arguments) for t in c.message.tool_calls]) \
+        == ("length", None, [("get_weather", cut)])
     script("It is sunny; {\"a\": 1}")
     c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=16).choices[0]
     assert (c.message.content, c.message.tool_calls, c.finish_reason) == ('It is sunny; {"a": 1}', None, "stop")
