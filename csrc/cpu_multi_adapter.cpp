@@ -309,6 +309,27 @@ inline void up_seq(const W* __restrict__ u, int64_t ur, const float* h, int64_t 
   }
 }
 
+// A group of 3+ rows (bound by arithmetic): register blocks of 2 rows x 4 ranks, down then up.
+template <typename W>
+inline void down_blocks(const float* xbuf, const W* down, int n, int64_t K, int64_t r, float* hbuf, int64_t R) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) down_rows<4>(xbuf, down + j * K, n, K, hbuf + j, R);
+  for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);
+}
+
+template <typename W>
+inline void up_blocks(const W* up, int64_t ur, const float* hbuf, int n, int64_t r, int64_t R, float* out, int64_t N) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) up_rows<4>(up + j * ur, ur, hbuf + j, n, R, out, N);
+  for (; j < r; ++j) up_rows<1>(up + j * ur, ur, hbuf + j, n, R, out, N);
+}
+
+inline void act_rows(float* hbuf, int n, int64_t r, int64_t R, int act) {
+  if (act != 0)
+    for (int i = 0; i < n; ++i)
+      for (int64_t t = 0; t < r; ++t) hbuf[i * R + t] = apply_act(act, hbuf[i * R + t]);
+}
+
 void small_group_f32(const float* __restrict__ x, float* y, const float* __restrict__ down,
                      const float* __restrict__ up, int64_t ur, const int64_t* rows, int n, int64_t K, int64_t N,
                      int64_t R, int64_t r, float scale, int act, float* hbuf, float* xbuf) {
@@ -316,21 +337,15 @@ void small_group_f32(const float* __restrict__ x, float* y, const float* __restr
   if (n <= 2) {  // decode: bound by reading the weights once; one stream each
     if (n == 2) down_seq<2>(xbuf, down, K, r, hbuf, R); else down_seq<1>(xbuf, down, K, r, hbuf, R);
   } else {  // enough rows to be bound by arithmetic: register blocks of 2 rows x 4 ranks
-    int64_t j = 0;
-    for (; j + 4 <= r; j += 4) down_rows<4>(xbuf, down + j * K, n, K, hbuf + j, R);
-    for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);
+    down_blocks(xbuf, down, n, K, r, hbuf, R);
   }
-  if (act != 0)
-    for (int i = 0; i < n; ++i)
-      for (int64_t t = 0; t < r; ++t) hbuf[i * R + t] = apply_act(act, hbuf[i * R + t]);
+  act_rows(hbuf, n, r, R, act);
   float* out = xbuf;  // the x rows are no longer needed
   std::fill(out, out + int64_t(n) * N, 0.f);
   if (n <= 2) {
     if (n == 2) up_seq<2>(up, ur, hbuf, r, R, out, N); else up_seq<1>(up, ur, hbuf, r, R, out, N);
   } else {
-    int64_t j = 0;
-    for (; j + 4 <= r; j += 4) up_rows<4>(up + j * ur, ur, hbuf + j, n, R, out, N);
-    for (; j < r; ++j) up_rows<1>(up + j * ur, ur, hbuf + j, n, R, out, N);
+    up_blocks(up, ur, hbuf, n, r, R, out, N);
   }
   for (int i = 0; i < n; ++i) {
     float* yr = y + rows[i] * N;
@@ -429,13 +444,9 @@ void small_group_bf16(const at::BFloat16* __restrict__ x, at::BFloat16* y, const
   if (split) {
     if (n == 2) down_seq_bf16<2>(xbuf, down, K, r, hbuf, R); else down_seq_bf16<1>(xbuf, down, K, r, hbuf, R);
   } else {  // enough rows to be bound by arithmetic: register blocks of 2 rows x 4 ranks
-    int64_t j = 0;
-    for (; j + 4 <= r; j += 4) down_rows<4>(xbuf, down + j * K, n, K, hbuf + j, R);
-    for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);
+    down_blocks(xbuf, down, n, K, r, hbuf, R);
   }
-  if (act != 0)
-    for (int i = 0; i < n; ++i)
-      for (int64_t t = 0; t < r; ++t) hbuf[i * R + t] = apply_act(act, hbuf[i * R + t]);
+  act_rows(hbuf, n, r, R, act);
   float* out = xbuf;  // the x rows are no longer needed
   std::fill(out, out + int64_t(n) * N, 0.f);
   if (split) {
@@ -453,9 +464,7 @@ void small_group_bf16(const at::BFloat16* __restrict__ x, at::BFloat16* y, const
     }
     return;
   } else {
-    int64_t j = 0;
-    for (; j + 4 <= r; j += 4) up_rows<4>(up + j * ur, ur, hbuf + j, n, R, out, N);
-    for (; j < r; ++j) up_rows<1>(up + j * ur, ur, hbuf + j, n, R, out, N);
+    up_blocks(up, ur, hbuf, n, r, R, out, N);
   }
   for (int i = 0; i < n; ++i) {
     T* yr = y + rows[i] * N;

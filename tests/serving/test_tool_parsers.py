@@ -273,7 +273,10 @@ def smol():
     return folder
 
 
-def test_the_grammar_holds_calls_to_the_tools(smol):
+@pytest.fixture(scope="module")
+def compiled(smol):
+    """compile(parser, parallel) -> the "auto" grammar of WEATHER and NOW with SmolLM2's vocabulary;
+    allowed(grammar, text): whether it lets a reply of ``text`` (then EOS) through."""
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
@@ -281,13 +284,20 @@ def test_the_grammar_holds_calls_to_the_tools(smol):
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok)))
     tools = {"get_weather": WEATHER["function"]["parameters"], "now": {"type": "object", "properties": {}}}
 
+    def compile(parser: str, parallel: bool):
+        return compiler.compile_structural_tag(constraint(tools, parallel, parser))
+
     def allowed(grammar, text: str) -> bool:
         m = xgr.GrammarMatcher(grammar)
         return all(m.accept_token(i) for i in tok.encode(text, add_special_tokens=False)) and \
             m.accept_token(tok.eos_token_id)
+    return compile, allowed
 
+
+def test_the_grammar_holds_calls_to_the_tools(compiled):
+    compile, allowed = compiled
     for parallel in (True, False):
-        g = compiler.compile_structural_tag(constraint(tools, parallel))
+        g = compile("hermes", parallel)
         assert allowed(g, "Let me check.\n" + CALL) and allowed(g, "just text") and allowed(g, block("now", {}))
         assert allowed(g, block("get_weather", {"city": f"a{END}b"}))  # (why parse looks past an end tag)
         assert not allowed(g, block("get_time", {}))  # not a tool
@@ -296,21 +306,10 @@ def test_the_grammar_holds_calls_to_the_tools(smol):
         assert allowed(g, CALL + "\n" + block("now", {})) is parallel  # a second call
 
 
-def test_the_llama3_grammar_holds_calls_to_the_tools(smol):
-    import xgrammar as xgr
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smol)
-    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok)))
-    tools = {"get_weather": WEATHER["function"]["parameters"], "now": {"type": "object", "properties": {}}}
-
-    def allowed(grammar, text: str) -> bool:
-        m = xgr.GrammarMatcher(grammar)
-        return all(m.accept_token(i) for i in tok.encode(text, add_special_tokens=False)) and \
-            m.accept_token(tok.eos_token_id)
-
+def test_the_llama3_grammar_holds_calls_to_the_tools(compiled):
+    compile, allowed = compiled
     for parallel in (True, False):
-        g = compiler.compile_structural_tag(constraint(tools, parallel, "llama3_json"))
+        g = compile("llama3_json", parallel)
         assert allowed(g, "Let me check. " + L_CALL) and allowed(g, "just text, {\"a\": 1}") and allowed(g, call3("now", {}))
         assert allowed(g, call3("get_weather", {"city": 'a}b"{'}))
         assert not allowed(g, call3("get_time", {}))  # not a tool
@@ -320,8 +319,8 @@ def test_the_llama3_grammar_holds_calls_to_the_tools(smol):
         assert allowed(g, L_CALL + "; " + call3("now", {})) is parallel  # a second call
 
 
-@pytest.fixture(scope="module")
-def served(smol):
+def _serve(smol, parser: str):
+    """(engine, openai client) of a live server of SmolLM2 with ``parser`` for tool_choice "auto"."""
     openai = pytest.importorskip("openai")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -335,10 +334,15 @@ def served(smol):
     engine = Engine(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval(), tok, max_num_seqs=2,
                     max_model_len=256, backend="torch")
     try:
-        with live_server(create_app(engine, "smol", base_path=smol, tool_call_parser="hermes")) as url:
+        with live_server(create_app(engine, "smol", base_path=smol, tool_call_parser=parser)) as url:
             yield engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def served(smol):
+    yield from _serve(smol, "hermes")
 
 
 @pytest.fixture
@@ -513,23 +517,7 @@ def test_text_around_a_call_and_arguments_as_written_streamed_or_not(served, scr
 
 @pytest.fixture(scope="module")
 def served_llama3(smol):
-    openai = pytest.importorskip("openai")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fastadapters.serving.api import create_app
-    from fastadapters.serving.engine import Engine
-    from .live_server import live_server
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(smol)
-    engine = Engine(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval(), tok, max_num_seqs=2,
-                    max_model_len=256, backend="torch")
-    try:
-        with live_server(create_app(engine, "smol", base_path=smol, tool_call_parser="llama3_json")) as url:
-            yield engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-    finally:
-        torch.set_num_threads(threads)
+    yield from _serve(smol, "llama3_json")
 
 
 def test_llama3_json_over_http_streamed_or_not(served_llama3, monkeypatch):
