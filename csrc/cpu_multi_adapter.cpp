@@ -261,30 +261,30 @@ inline void up_rows(const W* u, int64_t ur, const float* h, int n, int64_t R, fl
 // taken one after another: the slot's (r, K) block is read front to back as one stream (measured
 // faster than several interleaved row streams, above), with 4 / NI independent accumulators per
 // row of x
-template <int NI, typename W>
-inline void down_seq(const float* __restrict__ xb, const W* __restrict__ w, int64_t K, int64_t r, float* h,
+template <int NI>
+inline void down_seq(const float* __restrict__ xb, const float* __restrict__ w, int64_t K, int64_t r, float* h,
                      int64_t R) {
   constexpr int P = NI == 1 ? 4 : 2;
   for (int64_t j = 0; j < r; ++j) {
-    const W* wr = w + j * K;
+    const float* wr = w + j * K;
     vf acc[NI][P];
     for (int i = 0; i < NI; ++i)
       for (int p = 0; p < P; ++p) acc[i][p] = vf{};
     int64_t k = 0;
     for (; k + P * kVW <= K; k += P * kVW)
       for (int p = 0; p < P; ++p) {
-        const vf wv = wload(wr + k + p * kVW);
+        const vf wv = vload(wr + k + p * kVW);
         for (int i = 0; i < NI; ++i) acc[i][p] += wv * vload(xb + i * K + k + p * kVW);
       }
     for (; k + kVW <= K; k += kVW) {
-      const vf wv = wload(wr + k);
+      const vf wv = vload(wr + k);
       for (int i = 0; i < NI; ++i) acc[i][0] += wv * vload(xb + i * K + k);
     }
     for (int i = 0; i < NI; ++i) {
       vf t = acc[i][0];
       for (int p = 1; p < P; ++p) t += acc[i][p];
       float s = vsum(t);
-      for (int64_t kk = k; kk < K; ++kk) s += wval(wr[kk]) * xb[i * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += wr[kk] * xb[i * K + kk];
       h[i * R + j] = s;
     }
   }
@@ -292,20 +292,20 @@ inline void down_seq(const float* __restrict__ xb, const W* __restrict__ w, int6
 
 // out[i, :] += sum_j h[i * R + j] * u[j * ur + :] for NI rows of out (stride N), the up rows taken
 // one after another (one stream, as above)
-template <int NI, typename W>
-inline void up_seq(const W* __restrict__ u, int64_t ur, const float* h, int64_t r, int64_t R,
+template <int NI>
+inline void up_seq(const float* __restrict__ u, int64_t ur, const float* h, int64_t r, int64_t R,
                    float* __restrict__ out, int64_t N) {
   for (int64_t j = 0; j < r; ++j) {
-    const W* row = u + j * ur;
+    const float* row = u + j * ur;
     vf hb[NI];
     for (int i = 0; i < NI; ++i) hb[i] = vf{} + h[i * R + j];
     int64_t c = 0;
     for (; c + kVW <= N; c += kVW) {
-      const vf uv = wload(row + c);
+      const vf uv = vload(row + c);
       for (int i = 0; i < NI; ++i) vstore(out + i * N + c, vload(out + i * N + c) + uv * hb[i]);
     }
     for (; c < N; ++c)
-      for (int i = 0; i < NI; ++i) out[i * N + c] += wval(row[c]) * h[i * R + j];
+      for (int i = 0; i < NI; ++i) out[i * N + c] += row[c] * h[i * R + j];
   }
 }
 
