@@ -12,7 +12,8 @@
 // Rows are grouped by slot (a counting sort, O(M + S)); a row reads only its own slot's first r
 // ranks, so padding and other slots' weights (NaN or not) never reach it. Groups of at least
 // `gemm_min_rows` rows (prefill: one request's tokens) run as two GEMMs through ATen (MKL/oneDNN,
-// torch's threads); smaller groups (decode: one token per request) run as fused dot products over
+// torch's threads; the AVX-512 build's float32 / bfloat16 loops beat them at every size, so for
+// those the caller passes a threshold no group reaches); smaller groups (decode: one token per request) run as fused dot products over
 // the slot's weight rows, on torch's thread pool (at::parallel_for): one parallel region per call,
 // every table's small groups of a TableCalls call together, cut into one run per thread by cost
 // (run_small_); float32 and bfloat16 with the adapter store's transposed up have vector loops of
@@ -155,9 +156,10 @@ void small_group(const scalar_t* __restrict__ x, scalar_t* y, const scalar_t* __
 //    ~15-20 GB/s. Over a decode step's recorded calls these loops take ~1.5x as long as a loop
 //    that only sums the same blocks (their arithmetic does not overlap the memory stream); what
 //    was tried to close that, and did not move the engine's time, is in docs/DESIGN.md.
-//  * 3+ rows (a prefill chunk): bound by arithmetic, so register blocks of 2 rows x 4 ranks load
-//    each weight vector once per two rows. On SmolLM2's shapes this beats ATen's two GEMMs per
-//    slot up to 64 rows (1.1x at rank 32, 2.1x at rank 8; see cpp_gemm_min_rows in ops/multi.py).
+//  * 3+ rows (a prefill chunk, up to 64 rows at a time): bound by arithmetic, so register tiles
+//    (below: down_tiles, up_tiles) load each x and weight vector once per tile and sum a tile's
+//    dot products with a shuffle tree. Built for AVX-512 they beat ATen's two GEMMs per slot at
+//    every group size measured (1.4-2x from 64 to 1024 rows; see cpp_gemm_min_rows in ops/multi.py).
 // GCC/Clang vector extensions: 8 floats with AVX2 (the build's -mavx2), 16 with AVX-512 flags.
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -218,43 +220,11 @@ inline void down_block(const float* __restrict__ xb, const W* __restrict__ w, in
     }
 }
 
-// out[i, :] += sum_jb h[i * R + jb] * u[jb * ur + :] for NI rows of out (stride N)
-template <int NI, int JB, typename W>
-inline void up_block(const W* __restrict__ u, int64_t ur, const float* h, int64_t R, float* __restrict__ out,
-                     int64_t N) {
-  vf hb[NI][JB];
-  for (int i = 0; i < NI; ++i)
-    for (int jb = 0; jb < JB; ++jb) hb[i][jb] = vf{} + h[i * R + jb];
-  int64_t c = 0;
-  for (; c + kVW <= N; c += kVW) {
-    vf uv[JB];
-    for (int jb = 0; jb < JB; ++jb) uv[jb] = wload(u + jb * ur + c);
-    for (int i = 0; i < NI; ++i) {
-      vf o = vload(out + i * N + c);
-      for (int jb = 0; jb < JB; ++jb) o += uv[jb] * hb[i][jb];
-      vstore(out + i * N + c, o);
-    }
-  }
-  for (; c < N; ++c)
-    for (int i = 0; i < NI; ++i) {
-      float o = out[i * N + c];
-      for (int jb = 0; jb < JB; ++jb) o += wval(u[jb * ur + c]) * h[i * R + jb];
-      out[i * N + c] = o;
-    }
-}
-
 template <int JB, typename W>
 inline void down_rows(const float* xb, const W* w, int n, int64_t K, float* h, int64_t R) {
   int i = 0;
   for (; i + 2 <= n; i += 2) down_block<2, JB>(xb + i * K, w, K, h + i * R, R);
   if (i < n) down_block<1, JB>(xb + i * K, w, K, h + i * R, R);
-}
-
-template <int JB, typename W>
-inline void up_rows(const W* u, int64_t ur, const float* h, int n, int64_t R, float* out, int64_t N) {
-  int i = 0;
-  for (; i + 2 <= n; i += 2) up_block<2, JB>(u, ur, h + i * R, R, out + i * N, N);
-  if (i < n) up_block<1, JB>(u, ur, h + i * R, R, out + i * N, N);
 }
 
 // h[i * R + j] = w[j] . x[i] for NI rows of x (stride K) and r weight rows (stride K), weight rows
@@ -309,19 +279,139 @@ inline void up_seq(const float* __restrict__ u, int64_t ur, const float* h, int6
   }
 }
 
-// A group of 3+ rows (bound by arithmetic): register blocks of 2 rows x 4 ranks, down then up.
-template <typename W>
-inline void down_blocks(const float* xbuf, const W* down, int n, int64_t K, int64_t r, float* hbuf, int64_t R) {
-  int64_t j = 0;
-  for (; j + 4 <= r; j += 4) down_rows<4>(xbuf, down + j * K, n, K, hbuf + j, R);
-  for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);
+// ---- A group of 3+ rows (a prefill chunk; bound by arithmetic, its weights in the caches).
+// down: register tiles of up to kTileRows rows x 4 ranks (16 accumulator vectors with AVX-512, each x
+// and weight vector loaded once per tile), their 16 sums reduced 4 at a time by a shuffle tree (hsum4) rather than
+// one lane at a time. up: tiles of up to kTileRows rows x 4 vectors of outputs summed in registers over all
+// r ranks (the slot's up block read from L1 once per tile, no output row reloaded per rank), then
+// added to y scaled, once (no zeroed buffer, no second pass).
+
+// Rows a tile holds: 4 where there are 32 vector registers (AVX-512: a 4 x 4 tile's 16 accumulators,
+// its 4 x rows and a weight vector fit), 2 with AVX2's 16 (4 rows there spill).
+#if defined(__AVX512F__)
+constexpr int kTileRows = 4;
+#else
+constexpr int kTileRows = 2;
+#endif
+
+// s[jb] = sum of v[jb]'s lanes, for 4 vectors: two lane-halving folds and two in-lane ones
+inline void hsum4(const vf& a, const vf& b, const vf& c, const vf& d, float* s) {
+#if defined(__AVX512F__)
+  const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  vf t = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  t += __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  t += __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  s[0] = t[0]; s[1] = t[4]; s[2] = t[8]; s[3] = t[12];
+#else
+  const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+  vf t = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+         __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+  t += __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
+  s[0] = t[0]; s[1] = t[2]; s[2] = t[4]; s[3] = t[6];
+#endif
+}
+
+// h[i * R + jb] = w[jb] . x[i] for NI rows of x (stride K) and 4 weight rows (stride K)
+template <int NI, typename W>
+inline void down_tile(const float* __restrict__ xb, const W* __restrict__ w, int64_t K, float* h, int64_t R) {
+  vf acc[NI][4];
+  for (int i = 0; i < NI; ++i)
+    for (int jb = 0; jb < 4; ++jb) acc[i][jb] = vf{};
+  int64_t k = 0;
+  for (; k + kVW <= K; k += kVW) {
+    vf xv[NI];
+    for (int i = 0; i < NI; ++i) xv[i] = vload(xb + i * K + k);
+    for (int jb = 0; jb < 4; ++jb) {
+      const vf wv = wload(w + jb * K + k);
+      for (int i = 0; i < NI; ++i) acc[i][jb] += wv * xv[i];
+    }
+  }
+  for (int i = 0; i < NI; ++i) {
+    float s[4];
+    hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], s);
+    for (int jb = 0; jb < 4; ++jb) {
+      for (int64_t kk = k; kk < K; ++kk) s[jb] += wval(w[jb * K + kk]) * xb[i * K + kk];
+      h[i * R + jb] = s[jb];
+    }
+  }
 }
 
 template <typename W>
-inline void up_blocks(const W* up, int64_t ur, const float* hbuf, int n, int64_t r, int64_t R, float* out, int64_t N) {
+inline void down_tiles(const float* xbuf, const W* down, int n, int64_t K, int64_t r, float* hbuf, int64_t R) {
   int64_t j = 0;
-  for (; j + 4 <= r; j += 4) up_rows<4>(up + j * ur, ur, hbuf + j, n, R, out, N);
-  for (; j < r; ++j) up_rows<1>(up + j * ur, ur, hbuf + j, n, R, out, N);
+  for (; j + 4 <= r; j += 4) {  // a rank block's 4 weight rows stay in L1 over the row tiles
+    const W* w = down + j * K;
+    int i = 0;
+    for (; i + kTileRows <= n; i += kTileRows) down_tile<kTileRows>(xbuf + i * K, w, K, hbuf + i * R + j, R);
+    switch (n - i) {
+      case 3: down_tile<3>(xbuf + i * K, w, K, hbuf + i * R + j, R); break;
+      case 2: down_tile<2>(xbuf + i * K, w, K, hbuf + i * R + j, R); break;
+      case 1: down_tile<1>(xbuf + i * K, w, K, hbuf + i * R + j, R); break;
+      default: break;
+    }
+  }
+  for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);  // remainder ranks
+}
+
+// y[rows[i]][c ..] += scale * a (kVW outputs), rounded once to y's type
+inline void add_scaled(float* yr, const vf& a, float scale) { vstore(yr, vload(yr) + a * scale); }
+inline void add_scaled(at::BFloat16* yr, const vf& a, float scale) {
+  for (int q = 0; q < kVW; ++q) yr[q] = static_cast<at::BFloat16>(static_cast<float>(yr[q]) + scale * a[q]);
+}
+
+// y[rows[i], c + v * kVW ..] += scale * sum_j h[i * R + j] * u[j * ur + c + v * kVW ..] for NI rows,
+// CV vectors of outputs
+template <int NI, int CV, typename T, typename W>
+inline void up_tile(const W* __restrict__ u, int64_t ur, const float* h, int64_t R, int64_t r, int64_t c,
+                    T* y, const int64_t* rows, int64_t N, float scale) {
+  vf acc[NI][CV];
+  for (int i = 0; i < NI; ++i)
+    for (int v = 0; v < CV; ++v) acc[i][v] = vf{};
+  for (int64_t j = 0; j < r; ++j) {
+    vf uv[CV];
+    for (int v = 0; v < CV; ++v) uv[v] = wload(u + j * ur + c + v * kVW);
+    for (int i = 0; i < NI; ++i) {
+      const vf hb = vf{} + h[i * R + j];
+      for (int v = 0; v < CV; ++v) acc[i][v] += uv[v] * hb;
+    }
+  }
+  for (int i = 0; i < NI; ++i)
+    for (int v = 0; v < CV; ++v) add_scaled(y + rows[i] * N + c + v * kVW, acc[i][v], scale);
+}
+
+template <int CV, typename T, typename W>
+inline void up_cols(const W* u, int64_t ur, const float* hbuf, int n, int64_t R, int64_t r, int64_t c, T* y,
+                    const int64_t* rows, int64_t N, float scale) {
+  int i = 0;
+  for (; i + kTileRows <= n; i += kTileRows) up_tile<kTileRows, CV>(u, ur, hbuf + i * R, R, r, c, y, rows + i, N, scale);
+  switch (n - i) {
+    case 3: up_tile<3, CV>(u, ur, hbuf + i * R, R, r, c, y, rows + i, N, scale); break;
+    case 2: up_tile<2, CV>(u, ur, hbuf + i * R, R, r, c, y, rows + i, N, scale); break;
+    case 1: up_tile<1, CV>(u, ur, hbuf + i * R, R, r, c, y, rows + i, N, scale); break;
+    default: break;
+  }
+}
+
+template <typename T, typename W>
+inline void up_tiles(const W* up, int64_t ur, const float* hbuf, int n, int64_t r, int64_t R, T* y,
+                     const int64_t* rows, int64_t N, float scale) {
+  int64_t c = 0;
+  for (; c + 4 * kVW <= N; c += 4 * kVW) up_cols<4>(up, ur, hbuf, n, R, r, c, y, rows, N, scale);
+  for (; c + kVW <= N; c += kVW) up_cols<1>(up, ur, hbuf, n, R, r, c, y, rows, N, scale);
+  for (; c < N; ++c)  // outputs past the last whole vector
+    for (int i = 0; i < n; ++i) {
+      float o = 0;
+      for (int64_t j = 0; j < r; ++j) o += wval(up[j * ur + c]) * hbuf[i * R + j];
+      T* yc = y + rows[i] * N + c;
+      *yc = static_cast<T>(static_cast<float>(*yc) + scale * o);
+    }
 }
 
 inline void act_rows(float* hbuf, int n, int64_t r, int64_t R, int act) {
@@ -334,19 +424,18 @@ void small_group_f32(const float* __restrict__ x, float* y, const float* __restr
                      const float* __restrict__ up, int64_t ur, const int64_t* rows, int n, int64_t K, int64_t N,
                      int64_t R, int64_t r, float scale, int act, float* hbuf, float* xbuf) {
   for (int i = 0; i < n; ++i) std::copy(x + rows[i] * K, x + rows[i] * K + K, xbuf + i * K);
-  if (n <= 2) {  // decode: bound by reading the weights once; one stream each
-    if (n == 2) down_seq<2>(xbuf, down, K, r, hbuf, R); else down_seq<1>(xbuf, down, K, r, hbuf, R);
-  } else {  // enough rows to be bound by arithmetic: register blocks of 2 rows x 4 ranks
-    down_blocks(xbuf, down, n, K, r, hbuf, R);
+  if (n > 2) {  // enough rows to be bound by arithmetic: the register tiles
+    down_tiles(xbuf, down, n, K, r, hbuf, R);
+    act_rows(hbuf, n, r, R, act);
+    up_tiles(up, ur, hbuf, n, r, R, y, rows, N, scale);
+    return;
   }
+  // decode: bound by reading the weights once; one stream each
+  if (n == 2) down_seq<2>(xbuf, down, K, r, hbuf, R); else down_seq<1>(xbuf, down, K, r, hbuf, R);
   act_rows(hbuf, n, r, R, act);
   float* out = xbuf;  // the x rows are no longer needed
   std::fill(out, out + int64_t(n) * N, 0.f);
-  if (n <= 2) {
-    if (n == 2) up_seq<2>(up, ur, hbuf, r, R, out, N); else up_seq<1>(up, ur, hbuf, r, R, out, N);
-  } else {
-    up_blocks(up, ur, hbuf, n, r, R, out, N);
-  }
+  if (n == 2) up_seq<2>(up, ur, hbuf, r, R, out, N); else up_seq<1>(up, ur, hbuf, r, R, out, N);
   for (int i = 0; i < n; ++i) {
     float* yr = y + rows[i] * N;
     const float* o = out + i * N;
@@ -429,7 +518,7 @@ inline void up_seq_bf16(const uint16_t* __restrict__ u, int64_t ur, const float*
 
 // small_group_f32 for bfloat16 (weights as their bits), float32 arithmetic: x rows widened into
 // xbuf, y rounded once (round to nearest even, as at::BFloat16 converts). 1-2 rows take the split
-// loops above, more rows small_group_f32's register blocks with each weight vector widened as loaded.
+// loops above, more rows small_group_f32's register tiles with each weight vector widened as loaded.
 void small_group_bf16(const at::BFloat16* __restrict__ x, at::BFloat16* y, const uint16_t* __restrict__ down,
                       const uint16_t* __restrict__ up, int64_t ur, const int64_t* rows, int n, int64_t K, int64_t N,
                       int64_t R, int64_t r, float scale, int act, float* hbuf, float* xbuf) {
@@ -441,43 +530,52 @@ void small_group_bf16(const at::BFloat16* __restrict__ x, at::BFloat16* y, const
     for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<float>(xr[k]);
     if (split) split_row(xb, K);
   }
-  if (split) {
-    if (n == 2) down_seq_bf16<2>(xbuf, down, K, r, hbuf, R); else down_seq_bf16<1>(xbuf, down, K, r, hbuf, R);
-  } else {  // enough rows to be bound by arithmetic: register blocks of 2 rows x 4 ranks
-    down_blocks(xbuf, down, n, K, r, hbuf, R);
+  if (!split) {  // enough rows to be bound by arithmetic: the register tiles
+    down_tiles(xbuf, down, n, K, r, hbuf, R);
+    act_rows(hbuf, n, r, R, act);
+    up_tiles(up, ur, hbuf, n, r, R, y, rows, N, scale);
+    return;
   }
+  if (n == 2) down_seq_bf16<2>(xbuf, down, K, r, hbuf, R); else down_seq_bf16<1>(xbuf, down, K, r, hbuf, R);
   act_rows(hbuf, n, r, R, act);
   float* out = xbuf;  // the x rows are no longer needed
   std::fill(out, out + int64_t(n) * N, 0.f);
-  if (split) {
-    if (n == 2) up_seq_bf16<2>(up, ur, hbuf, r, R, out, N); else up_seq_bf16<1>(up, ur, hbuf, r, R, out, N);
-    for (int i = 0; i < n; ++i) {  // out is split: position 2q of a block is its q-th, 2q + 1 its (kVW + q)-th
-      T* yr = y + rows[i] * N;
-      const float* o = out + i * N;
-      int64_t c = 0;
-      for (; c + 2 * kVW <= N; c += 2 * kVW)
-        for (int q = 0; q < kVW; ++q) {
-          yr[c + 2 * q] = static_cast<T>(static_cast<float>(yr[c + 2 * q]) + scale * o[c + q]);
-          yr[c + 2 * q + 1] = static_cast<T>(static_cast<float>(yr[c + 2 * q + 1]) + scale * o[c + kVW + q]);
-        }
-      for (; c < N; ++c) yr[c] = static_cast<T>(static_cast<float>(yr[c]) + scale * o[c]);
-    }
-    return;
-  } else {
-    up_blocks(up, ur, hbuf, n, r, R, out, N);
-  }
-  for (int i = 0; i < n; ++i) {
+  if (n == 2) up_seq_bf16<2>(up, ur, hbuf, r, R, out, N); else up_seq_bf16<1>(up, ur, hbuf, r, R, out, N);
+  for (int i = 0; i < n; ++i) {  // out is split: position 2q of a block is its q-th, 2q + 1 its (kVW + q)-th
     T* yr = y + rows[i] * N;
     const float* o = out + i * N;
-    for (int64_t c = 0; c < N; ++c) yr[c] = static_cast<T>(static_cast<float>(yr[c]) + scale * o[c]);
+    int64_t c = 0;
+    for (; c + 2 * kVW <= N; c += 2 * kVW)
+      for (int q = 0; q < kVW; ++q) {
+        yr[c + 2 * q] = static_cast<T>(static_cast<float>(yr[c + 2 * q]) + scale * o[c + q]);
+        yr[c + 2 * q + 1] = static_cast<T>(static_cast<float>(yr[c + 2 * q + 1]) + scale * o[c + kVW + q]);
+      }
+    for (; c < N; ++c) yr[c] = static_cast<T>(static_cast<float>(yr[c]) + scale * o[c]);
   }
 }
 
-constexpr int kMaxSmall = 8;  // rows a small group holds at once (larger small groups loop)
+constexpr int kMaxSmall = 8;  // rows a small group of the generic loops holds at once (larger ones loop)
+// rows a group of float32's and bfloat16's own loops holds at once: its x rows (kMaxTile x K floats)
+// stay in L2 while each rank block of its weights is applied to all of them
+constexpr int kMaxTile = 64;
 
 #define FA_CHECK(cond, ...) TORCH_CHECK(cond, "fastadapters cpu_multi_adapter_: ", __VA_ARGS__)
 
 struct Group { int64_t slot, start, n, r; };
+
+// float32 and bfloat16 with the adapter store's transposed up (un == 1) have loops of their own
+// (small_group_f32, small_group_bf16); everything else takes the generic small_group
+inline bool own_loops(at::ScalarType dt, int64_t un) {
+  return un == 1 && (dt == at::kFloat || dt == at::kBFloat16);
+}
+
+// a thread's scratch rows, kept between calls (grown, never shrunk: no allocation per call)
+template <typename A>
+A* scratch(int which, size_t n) {
+  thread_local std::vector<A> bufs[2];
+  if (bufs[which].size() < n) bufs[which].resize(n);
+  return bufs[which].data();
+}
 
 // One table's small groups, checked and ready to run (its large groups have run already).
 struct SmallWork {
@@ -546,6 +644,7 @@ int64_t prepare_(at::Tensor& y, const at::Tensor& x, const at::Tensor& row_slot,
   }
   std::vector<Group>& small = work.small;
   std::vector<Group> large;
+  const int64_t chunk = own_loops(dt, un) ? kMaxTile : kMaxSmall;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = count[s + 1] - count[s];
     const int64_t r = std::min<int64_t>(std::max<int32_t>(sz[s], 0), R);
@@ -553,8 +652,8 @@ int64_t prepare_(at::Tensor& y, const at::Tensor& x, const at::Tensor& row_slot,
     if (n >= gemm_min_rows) {
       large.push_back(Group{s, count[s], n, r});
     } else {
-      for (int64_t off = 0; off < n; off += kMaxSmall)  // small groups split into chunks of kMaxSmall
-        small.push_back(Group{s, count[s] + off, std::min<int64_t>(kMaxSmall, n - off), r});
+      for (int64_t off = 0; off < n; off += chunk)  // small groups split into chunks
+        small.push_back(Group{s, count[s] + off, std::min<int64_t>(chunk, n - off), r});
     }
   }
 
@@ -646,7 +745,9 @@ void run_small_(at::Tensor& y, const at::Tensor& x, const std::vector<SmallWork>
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> hbuf(kMaxSmall * R), xbuf(kMaxSmall * std::max(K, N));
+      const size_t rows_max = std::max(kMaxSmall, kMaxTile);
+      acc_t* hbuf = scratch<acc_t>(0, rows_max * R);
+      acc_t* xbuf = scratch<acc_t>(1, rows_max * std::max(K, N));
       for (int64_t i = cut[lo]; i < cut[hi]; ++i) {
         const SmallWork& w = *items[i].w;
         const Group& g = *items[i].g;
@@ -657,18 +758,18 @@ void run_small_(at::Tensor& y, const at::Tensor& x, const std::vector<SmallWork>
           small_group_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<float*>(yp),
                           reinterpret_cast<const float*>(dp), reinterpret_cast<const float*>(upp), w.ur, rows,
                           static_cast<int>(g.n), K, N, w.R, g.r, static_cast<float>(w.scale[g.slot]), w.act[g.slot],
-                          reinterpret_cast<float*>(hbuf.data()), reinterpret_cast<float*>(xbuf.data()));
+                          reinterpret_cast<float*>(hbuf), reinterpret_cast<float*>(xbuf));
           continue;
         }
         if (w.un == 1 && std::is_same_v<scalar_t, at::BFloat16>) {  // the same for bfloat16 (acc_t is float)
           small_group_bf16(reinterpret_cast<const at::BFloat16*>(xp), reinterpret_cast<at::BFloat16*>(yp),
                            reinterpret_cast<const uint16_t*>(dp), reinterpret_cast<const uint16_t*>(upp), w.ur, rows,
                            static_cast<int>(g.n), K, N, w.R, g.r, static_cast<float>(w.scale[g.slot]), w.act[g.slot],
-                           reinterpret_cast<float*>(hbuf.data()), reinterpret_cast<float*>(xbuf.data()));
+                           reinterpret_cast<float*>(hbuf), reinterpret_cast<float*>(xbuf));
           continue;
         }
         small_group<scalar_t, acc_t>(xp, yp, dp, upp, w.un, w.ur, rows, static_cast<int>(g.n), K, N, w.R, g.r,
-                                     static_cast<acc_t>(w.scale[g.slot]), w.act[g.slot], hbuf.data(), xbuf.data());
+                                     static_cast<acc_t>(w.scale[g.slot]), w.act[g.slot], hbuf, xbuf);
       }
     });
   });

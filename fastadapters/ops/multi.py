@@ -467,23 +467,25 @@ _register_cuda_backend()
 # ---------------------------------------------------------------------------------------------
 
 #: rows of one slot at or above which the C++ kernel runs that slot's rows as two GEMMs (ATen's);
-#: fewer run as fused dot products over the slot's weight rows (decode, short prefill chunks).
+#: fewer run as fused loops over the slot's weight rows (decode, prefill chunks).
 #: Measured on a 2-core EPYC, one thread, SmolLM2 shapes (K 576, N 576): for bf16 / fp16 / fp64
 #: (the generic loops) the GEMMs win from about 16 rows at rank 64 and from about 64 rows at rank 8
-#: (their fixed cost per group is ~40 us); float32 has register-blocked loops of its own that match
-#: or beat the GEMMs up to 64 rows at every rank 8-64 (2.1x at rank 8, 1.3x at 16, 1.1x at 32,
-#: 1.03x at 64, a 1216-row prefill in 32 chunks of 8-64 rows) with AVX2. Built for AVX-512 (a
-#: Zen 5 EPYC, whose 512-bit units run 16 floats an instruction), they also beat ATen's GEMMs (MKL,
-#: which runs its generic code path on AMD CPUs) from 64 to 128 rows: replaying the three prefill
-#: steps of 32 requests on 32 adapters (SmolLM2-135M), the kernel took 132 ms with 128, 131-133 ms
-#: with 256 or no GEMMs at all, 148-152 ms with 64; the AVX2 build 161-170 ms with 64 or 128 rows and
-#: 173-183 ms with 256 or none (one thread). bfloat16 with the store's storage has the same loops,
-#: each weight vector widened as it is loaded, and the same thresholds: in the AVX-512 build they
-#: beat ATen's bf16 GEMMs (oneDNN) at every size up to 128 rows a slot (8 slots, K = N = 576, one
-#: thread: 1.66x at rank 8 and 1.06x at rank 32 with 128 rows, 1.9-3.3x with 16).
+#: (their fixed cost per group is ~40 us). float32 and bfloat16 with the store's storage have loops
+#: of their own: for 3+ rows, register tiles (4 rows x 4 ranks down, 4 rows x 64 outputs up summed
+#: over all ranks in registers, in chunks of 64 rows; 2 rows a tile in an AVX2 build). Built for
+#: AVX-512 (a Zen 5 EPYC, whose 512-bit units run 16 floats an instruction) they beat ATen's GEMMs
+#: (MKL's sgemm, which runs its generic code path on AMD CPUs; oneDNN for bfloat16) at every group
+#: size measured, 3 to 1024 rows, ranks 8-64, K / N of 576 / 1536 / 192: float32 150-200 GFLOP/s
+#: against 80-107 from 64 rows up (one thread), 270-380 against 160-210 (two threads); bfloat16
+#: 1.3-2x oneDNN's. A chunk's cost per row does not depend on the group's size, so the AVX-512
+#: build never takes the GEMMs for them. In the engine (SmolLM2-135M fp32, 32 requests of 8-64
+#: prompt tokens, one thread) the kernel's time over the three prefill steps went from 100-133 ms
+#: (the previous loops: 2 x 4 blocks, GEMMs from 128 rows) to 61-72 ms with A = 8 and A = 32
+#: adapters. The AVX2 build's tiles run 45-95 GFLOP/s, about the GEMMs' speed at 64 rows, so it
+#: keeps 64. Not measured on an Intel CPU, where MKL takes its AVX-512 path.
 CPP_GEMM_MIN_ROWS = 16
 CPP_GEMM_MIN_ROWS_F32 = 64
-CPP_GEMM_MIN_ROWS_F32_AVX512 = 128
+CPP_GEMM_MIN_ROWS_F32_AVX512 = 1 << 62  # never (above)
 
 
 def cpp_gemm_min_rows(dtype: torch.dtype, up: torch.Tensor | None = None) -> int:

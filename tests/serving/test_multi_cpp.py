@@ -80,7 +80,7 @@ def test_matches_fp64_reference_fp32_and_fp64(ext, rows, m, transposed_up):
 @pytest.mark.parametrize("k,n", [(101, 75), (64, 64), (7, 130)])
 def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
     """float32 with the store's transposed ``up`` has loops of its own (one weight stream for 1-2
-    rows, 2 x 4 register blocks for more): every group size 1..9 (9 = a chunk of 8 and one more),
+    rows, register tiles for more): every group size 1..9 (tile-row remainders 1..3),
     ranks 1..13 (remainders of the 4-rank blocks), widths with and without a vector remainder, every
     activation, against the fp64 reference within twice plain torch's fp32 error; the general loops
     (``up`` contiguous) agree, and an aliased x (the output phase) reads each row before writing it."""
@@ -104,7 +104,8 @@ def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
     from fastadapters.ops import cpu_ext
 
     assert cpu_ext.LOADED_ISA == cpu_ext._isa()
-    f32_rows = 128 if cpu_ext.LOADED_ISA == "avx512" else 64
+    f32_rows = mo.CPP_GEMM_MIN_ROWS_F32_AVX512 if cpu_ext.LOADED_ISA == "avx512" else 64
+    assert mo.CPP_GEMM_MIN_ROWS_F32_AVX512 >= 1 << 40  # the AVX-512 build's tiles beat the GEMMs at every size
     assert mo.cpp_gemm_min_rows(torch.float32, up_rn) == mo.cpp_gemm_min_rows(torch.float32) == f32_rows
     assert mo.cpp_gemm_min_rows(torch.bfloat16, up_rn) == f32_rows  # bfloat16 has the same loops
     assert mo.cpp_gemm_min_rows(torch.float32, up_nr) == mo.cpp_gemm_min_rows(torch.float16, up_rn) == 16
@@ -117,6 +118,38 @@ def test_fp32_small_groups_every_row_count_and_rank(ext, k, n):
         y = y0.clone()
         ext.cpu_multi_adapter_(y, y, rs, down, up_rn, sz, sc, act, 64)
         torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("k,n", [(93, 101), (576, 192)])
+def test_register_tiles_at_chunk_boundaries(ext, dtype, k, n):
+    """The tiles of 3+ rows in chunks of 64 rows: groups of 3, 5, 63, 64, 65 and 130 rows (a chunk
+    and a remainder of 1, two chunks and 2), ranks 1..19 with every remainder of the 4-rank blocks,
+    widths with 64-output blocks, single vectors and a scalar tail (101 = 64 + 2 x 16 + 5), every
+    activation: against the fp64 reference within twice plain torch's error in the same dtype, with
+    no GEMM taken."""
+    g = torch.Generator().manual_seed(k * n)
+    counts = [3, 5, 63, 64, 65, 130]
+    sizes = [19, 1, 6, 13, 16, 7]
+    s, r = len(counts), max(sizes)
+    rs = torch.cat([torch.full((c,), i, dtype=torch.int32) for i, c in enumerate(counts)])
+    rs = rs[torch.randperm(len(rs), generator=g)]
+    m = len(rs)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y0 = torch.randn(m, n, generator=g).to(dtype)
+    down = (torch.randn(s, r, k, generator=g) / k ** 0.5).to(dtype)
+    up_nr = (torch.randn(s, n, r, generator=g) / 4).to(dtype)
+    up_rn = up_nr.transpose(1, 2).contiguous().transpose(1, 2)
+    sz = torch.tensor(sizes, dtype=torch.int32)
+    sc = torch.rand(s, generator=g) + 0.5
+    act = torch.tensor([ACTS[i % len(ACTS)] for i in range(s)], dtype=torch.int32)
+    ref = _ref64((y0, x, rs, down, up_nr, sz, sc, act))
+    err_t = (mo.multi_adapter_ref(y0, x, rs, down, up_nr, sz, sc, act).double() - ref).abs().max()
+    y = y0.clone()
+    assert ext.cpu_multi_adapter_(y, x, rs, down, up_rn, sz, sc, act, 1 << 40) == 0
+    err = (y.double() - ref).abs().max()
+    slack = 1e-6 if dtype == torch.float32 else 2 ** -7 * ref.abs().max()
+    assert err <= 2 * err_t + slack, (err, err_t)
 
 
 @pytest.mark.parametrize("transposed_up", [False, True], ids=["up-NR", "up-RN"])  # up-RN: the vector loops
