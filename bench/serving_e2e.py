@@ -4,6 +4,7 @@
     python bench/serving_e2e.py --model ~/.cache/fastadapters-tests/smollm2-...  --requests 32
     python bench/serving_e2e.py --json ''                     # print only
     python bench/serving_e2e.py --model DIR --threads 1 --vllm-python /path/to/vllm-venv/bin/python
+    python bench/serving_e2e.py --model DIR --prompt-lens 128,512 --no-peft --no-hf   # long prompts
 
 Output tokens/s, TTFT and TPOT (p50/p99) against the same engine with base-model requests only and
 PEFT's padded ``generate`` with ``adapter_names``, and HF's batched ``generate`` of the base model; the measurement lives in
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--prompt-lens", default="8,64", help="LOW,HIGH: each prompt's length is drawn uniformly from it")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--backend", default=None, choices=(None, "torch", "triton", "cuda"))
@@ -40,12 +42,18 @@ def main(argv=None) -> int:
                          "trial per A; with --threads N it is bound to cores 0..N-1")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "serving_e2e.json"))
     args = ap.parse_args(argv)
+    try:
+        prompt_lens = tuple(int(v) for v in args.prompt_lens.split(","))
+    except ValueError:
+        prompt_lens = ()
+    if len(prompt_lens) != 2:
+        ap.error(f"--prompt-lens: got {args.prompt_lens!r}; valid: LOW,HIGH (two integers, e.g. 128,512)")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     result = run_e2e(args.model, tuple(int(a) for a in args.adapters.split(",")), args.requests, args.max_tokens,
-                     max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, with_peft=not args.no_peft,
+                     prompt_lens=prompt_lens, max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, with_peft=not args.no_peft,
                      with_hf=not args.no_hf,
                      parity=args.parity, backend=args.backend, trials=args.trials, vllm_python=args.vllm_python,
                      vllm_cpu_bind=(f"0-{args.threads - 1}" if args.threads and args.threads > 1 else

@@ -209,6 +209,10 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
     def draw(r: random.Random) -> list[list[int]]:
         return [[r.randrange(3, vocab) for _ in range(r.randint(*prompt_lens))] for _ in range(requests)]
 
+    if not (len(prompt_lens) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in prompt_lens)
+            and 1 <= prompt_lens[0] <= prompt_lens[1]):
+        raise ValueError(f"prompt_lens: got {prompt_lens!r}; valid: (low, high) integers with 1 <= low <= high")
+    model_len = max(512, prompt_lens[1] + max_tokens)  # the engine's and vLLM's max_model_len
     prompt_sets = [draw(rng) for _ in range(trials)]  # trial t's prompts, the same for every A
     warm = draw(random.Random(seed + 1))[:2]  # warm-up prompts of their own: no prefix-cache hit in a trial
     rows = []
@@ -220,7 +224,7 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_adapters(model_spec, max(adapter_counts), tmp, dev, dt)
         for count in adapter_counts:
-            engine = Engine(_load(model_spec, dev, dt), max_num_seqs=max_num_seqs, max_model_len=512,
+            engine = Engine(_load(model_spec, dev, dt), max_num_seqs=max_num_seqs, max_model_len=model_len,
                             backend=backend)
             for i in range(count):
                 engine.load_adapter(f"a{i}", paths[i], confined=False)
@@ -275,7 +279,7 @@ def run_e2e(model_spec: str = "small", adapter_counts=(1, 8, 32), requests: int 
         if vllm_python:
             try:
                 vllm = _run_vllm(vllm_python, vllm_cpu_bind, model_spec, dtype, max(adapter_counts), vllm_runs,
-                                 max_tokens, max_num_seqs, tmp)
+                                 max_tokens, max_num_seqs, tmp, model_len)
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:  # the rest of the record stands
                 vllm_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"serving_e2e: the vLLM runs failed; the record has no vLLM numbers ({vllm_error})",
@@ -308,7 +312,7 @@ _RATIOS = ("ratio_vs_base_only", "base_only_over_hf", "engine_over_peft")
 
 
 def _run_vllm(python: str, cpu_bind: str | None, model_spec: str, dtype: str, count: int, runs: list[dict],
-              max_tokens: int, max_num_seqs: int, tmp: str) -> dict:
+              max_tokens: int, max_num_seqs: int, tmp: str, max_model_len: int = 512) -> dict:
     """vLLM's offline engine on ``runs`` (one per row) plus the base model, in ``python`` (a
     subprocess running vllm_offline.py from a copy in ``tmp``: run from the package folder, its
     ``kernels.py`` would shadow a module of that name vLLM imports). Raises with the log's tail if
@@ -325,7 +329,7 @@ def _run_vllm(python: str, cpu_bind: str | None, model_spec: str, dtype: str, co
     paths = _write_adapters(model_spec, count, os.path.join(work, "adapters"), torch.device("cpu"),
                             getattr(torch, dtype), spec=_lora_spec, format="peft")
     adapters = {f"a{i}": p for i, p in enumerate(paths)}
-    job = {"model": model_dir, "dtype": dtype, "max_model_len": 512, "max_num_seqs": max_num_seqs,
+    job = {"model": model_dir, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
            "max_lora_rank": max(RANKS[i % len(RANKS)] for i in range(count)), "adapters": adapters,
            "runs": [{"key": "base", "prompts": runs[0]["prompts"], "names": [None] * len(runs[0]["prompts"]),
                      "max_tokens": max_tokens}]
