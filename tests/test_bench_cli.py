@@ -2,6 +2,7 @@
 serving section runs at a tiny size, picks issue 13's configuration on CUDA, and `--no-e2e` skips it."""
 import importlib.util
 import json
+import os
 
 from fastadapters import cli
 from fastadapters.bench import command as bench, harness
@@ -203,3 +204,28 @@ def test_bench_vllm_python_checked(capsys):
     assert "--no-e2e" in capsys.readouterr().err
     assert cli.main(["bench", "--vllm-python", "/nonexistent/python"]) == 2
     assert "not an executable" in capsys.readouterr().err
+
+
+def test_e2e_prompt_lens_past_512_and_checked():
+    # --prompt-lens: prompts longer than the engine's default 512 positions grow its max_model_len
+    # (the run serves them, no request refused); a bad range is refused, on the CLI with exit 2
+    import pytest
+
+    from fastadapters.bench import e2e as e2e_bench
+
+    res = e2e_bench.run_e2e("small", adapter_counts=(1,), requests=2, max_tokens=3, prompt_lens=(600, 640),
+                            max_num_seqs=2, parity=0, with_peft=False, with_hf=False)
+    (row,) = res["rows"]
+    assert res["prompt_lens"] == [600, 640]
+    assert row["engine"]["tokens"] == row["base_only"]["tokens"] == 2 * 3
+    for bad in ((0, 5), (9, 8), (4,), (4.0, 8)):
+        with pytest.raises(ValueError, match="prompt_lens"):
+            e2e_bench.run_e2e("small", adapter_counts=(1,), prompt_lens=bad)
+    spec = importlib.util.spec_from_file_location("serving_e2e_cli", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "serving_e2e.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    for bad in ("128", "a,b", "1,2,3"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--prompt-lens", bad, "--json", ""])
+        assert e.value.code == 2
