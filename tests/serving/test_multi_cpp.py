@@ -152,6 +152,37 @@ def test_register_tiles_at_chunk_boundaries(ext, dtype, k, n):
     assert err <= 2 * err_t + slack, (err, err_t)
 
 
+@pytest.mark.parametrize("k,n", [(7, 75), (101, 130), (608, 608)])
+def test_bf16_decode_groups_within_rule(ext, k, n):
+    """bfloat16 groups of 1 and 2 rows (decode) with the store's storage: the split loops (x rows
+    and output kept even-then-odd per block of 2 x kVW). Widths with no whole block (7), a block
+    and a tail (101) and whole blocks plus a half (608); every activation; against the fp64
+    reference within twice plain torch's bf16 error, rows of no adapter untouched, and aliased
+    (y is x: every h before any write)."""
+    g = torch.Generator().manual_seed(k)
+    s, r = 8, 19
+    rs = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, -1], dtype=torch.int32)
+    rs = rs[torch.randperm(len(rs), generator=g)]
+    m = len(rs)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    y0 = torch.randn(m, n, generator=g).bfloat16()
+    down = (torch.randn(s, r, k, generator=g) / k ** 0.5).bfloat16()
+    up_nr = (torch.randn(s, n, r, generator=g) / 4).bfloat16()
+    up_rn = up_nr.transpose(1, 2).contiguous().transpose(1, 2)
+    sz = torch.tensor([19, 1, 4, 7, 16, 9, 13, 2], dtype=torch.int32)
+    sc = torch.rand(s, generator=g) + 0.5
+    act = torch.tensor([ACTS[i % len(ACTS)] for i in range(s)], dtype=torch.int32)
+    for aliased in [False] + [True] * (k == n):
+        xx = y0 if aliased else x
+        ref = _ref64((y0, xx, rs, down, up_nr, sz, sc, act))
+        err_t = (mo.multi_adapter_ref(y0, xx, rs, down, up_nr, sz, sc, act).double() - ref).abs().max()
+        y = y0.clone()
+        assert ext.cpu_multi_adapter_(y, y if aliased else xx, rs, down, up_rn, sz, sc, act, 1 << 40) == 0
+        err = (y.double() - ref).abs().max()
+        assert err <= 2 * err_t + 2 ** -7 * ref.abs().max(), (aliased, err, err_t)
+        assert torch.equal(y[rs < 0], y0[rs < 0])
+
+
 @pytest.mark.parametrize("transposed_up", [False, True], ids=["up-NR", "up-RN"])  # up-RN: the vector loops
 @pytest.mark.parametrize("rows,m", [("uniform", 1), ("uniform", 37), ("uniform", 90), ("segments", 203),
                                     ("segments", 1203)])
@@ -539,13 +570,13 @@ def test_other_builds_match_the_reference(isa):
     """``FASTADAPTERS_CPU_ISA=generic`` (the build a CPU without AVX2/FMA gets: no instruction-set
     flags) and ``=avx2`` (what an AVX2 CPU without AVX-512 gets, 8-float vectors, when this machine
     builds for AVX-512 by default), each compiled and run here in a fresh process: the fp64
-    reference, float32's own loops at every group size and rank, the NaN isolation, the in-place
-    cases and the thread splits."""
+    reference, float32's own loops at every group size and rank, the register tiles, bfloat16's
+    decode loops, the NaN isolation, the in-place cases and the thread splits."""
     from fastadapters.ops import cpu_ext
 
     env = dict(os.environ, **{cpu_ext.ISA_ENV: isa})
     sel = ("matches_fp64_reference or bf16_within_rule or isolation_from_nan or in_place_and_aliased or threads_split "
-           "or splits_every or fp32_small_groups")
+           "or splits_every or fp32_small_groups or register_tiles or bf16_decode")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel], env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        capture_output=True, text=True, timeout=900)
