@@ -294,26 +294,33 @@ constexpr int kTileRows = 4;
 constexpr int kTileRows = 2;
 #endif
 
+// A two-vector lane shuffle with constant indices (lane i of the result is lane idx[i] of a:b):
+// GCC's __builtin_shuffle (GCC 4.7+; __builtin_shufflevector only from GCC 12), clang's
+// __builtin_shufflevector.
+typedef int32_t vi __attribute__((vector_size(kVW * sizeof(int32_t))));
+#if defined(__clang__)
+#define FA_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define FA_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+
 // s[jb] = sum of v[jb]'s lanes, for 4 vectors: two lane-halving folds and two in-lane ones
 inline void hsum4(const vf& a, const vf& b, const vf& c, const vf& d, float* s) {
 #if defined(__AVX512F__)
-  const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  vf t = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  t += __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  t += __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const vf ab = FA_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                FA_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf cd = FA_SHUFFLE(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                FA_SHUFFLE(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  vf t = FA_SHUFFLE(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         FA_SHUFFLE(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  t += FA_SHUFFLE(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  t += FA_SHUFFLE(t, t, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   s[0] = t[0]; s[1] = t[4]; s[2] = t[8]; s[3] = t[12];
 #else
-  const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
-                __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
-  const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
-                __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
-  vf t = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
-         __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
-  t += __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
+  const vf ab = FA_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + FA_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  const vf cd = FA_SHUFFLE(c, d, 0, 1, 2, 3, 8, 9, 10, 11) + FA_SHUFFLE(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+  vf t = FA_SHUFFLE(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) + FA_SHUFFLE(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+  t += FA_SHUFFLE(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
   s[0] = t[0]; s[1] = t[2]; s[2] = t[4]; s[3] = t[6];
 #endif
 }
