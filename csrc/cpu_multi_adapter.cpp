@@ -47,6 +47,14 @@ inline acc_t apply_act(int act, acc_t v) {
   }
 }
 
+// a thread's scratch rows, kept between calls (grown, never shrunk: no allocation per call)
+template <typename A>
+A* scratch(int which, size_t n) {
+  thread_local std::vector<A> bufs[3];
+  if (bufs[which].size() < n) bufs[which].resize(n);
+  return bufs[which].data();
+}
+
 // One group of n (small) rows of slot s: h = down[s,:r] @ x[row] for each row, then
 // y[row] += scale * up[s,:,:r] @ act(h). Weight rows are read once per group, not per row.
 // `up` is slot s's (N, R) matrix with strides (un, ur): ur == 1 is the (S, N, R) contiguous layout
@@ -523,6 +531,10 @@ inline void up_seq_bf16(const uint16_t* __restrict__ u, int64_t ur, const float*
   }
 }
 
+// Rows of a bfloat16 group from which its slot's weights are widened to float32 once, into scratch,
+// rather than as each tile loads them (a tile of 4 rows widens every weight vector again).
+constexpr int kWidenRows = 16;
+
 // small_group_f32 for bfloat16 (weights as their bits), float32 arithmetic: x rows widened into
 // xbuf, y rounded once (round to nearest even, as at::BFloat16 converts). 1-2 rows take the split
 // loops above, more rows small_group_f32's register tiles with each weight vector widened as loaded.
@@ -538,6 +550,17 @@ void small_group_bf16(const at::BFloat16* __restrict__ x, at::BFloat16* y, const
     if (split) split_row(xb, K);
   }
   if (!split) {  // enough rows to be bound by arithmetic: the register tiles
+    if (n >= kWidenRows) {  // the slot's weights widened once, then float32's tiles
+      float* wd = scratch<float>(2, r * (K + N));
+      float* wu = wd + r * K;
+      for (int64_t t = 0; t < r * K; ++t) wd[t] = wval(down[t]);
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t c = 0; c < N; ++c) wu[j * N + c] = wval(up[j * ur + c]);
+      down_tiles(xbuf, wd, n, K, r, hbuf, R);
+      act_rows(hbuf, n, r, R, act);
+      up_tiles(wu, N, hbuf, n, r, R, y, rows, N, scale);
+      return;
+    }
     down_tiles(xbuf, down, n, K, r, hbuf, R);
     act_rows(hbuf, n, r, R, act);
     up_tiles(up, ur, hbuf, n, r, R, y, rows, N, scale);
@@ -576,13 +599,6 @@ inline bool own_loops(at::ScalarType dt, int64_t un) {
   return un == 1 && (dt == at::kFloat || dt == at::kBFloat16);
 }
 
-// a thread's scratch rows, kept between calls (grown, never shrunk: no allocation per call)
-template <typename A>
-A* scratch(int which, size_t n) {
-  thread_local std::vector<A> bufs[2];
-  if (bufs[which].size() < n) bufs[which].resize(n);
-  return bufs[which].data();
-}
 
 // One table's small groups, checked and ready to run (its large groups have run already).
 struct SmallWork {
