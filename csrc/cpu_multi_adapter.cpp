@@ -205,34 +205,22 @@ inline float wval(uint16_t b) {
   return f;
 }
 
-// h[i * R + jb] = w[jb] . x[i] for NI rows of x (stride K) and JB weight rows (stride K)
-template <int NI, int JB, typename W>
-inline void down_block(const float* __restrict__ xb, const W* __restrict__ w, int64_t K, float* h, int64_t R) {
-  vf acc[NI][JB];
-  for (int i = 0; i < NI; ++i)
-    for (int jb = 0; jb < JB; ++jb) acc[i][jb] = vf{};
+// h[i * R] = w . x[i] for NI rows of x (stride K) and one weight row: the ranks of a tiled group past
+// its last whole block of 4 (down_tiles)
+template <int NI, typename W>
+inline void down_one(const float* __restrict__ xb, const W* __restrict__ w, int64_t K, float* h, int64_t R) {
+  vf acc[NI];
+  for (int i = 0; i < NI; ++i) acc[i] = vf{};
   int64_t k = 0;
   for (; k + kVW <= K; k += kVW) {
-    vf xv[NI];
-    for (int i = 0; i < NI; ++i) xv[i] = vload(xb + i * K + k);
-    for (int jb = 0; jb < JB; ++jb) {
-      const vf wv = wload(w + jb * K + k);
-      for (int i = 0; i < NI; ++i) acc[i][jb] += wv * xv[i];
-    }
+    const vf wv = wload(w + k);
+    for (int i = 0; i < NI; ++i) acc[i] += wv * vload(xb + i * K + k);
   }
-  for (int i = 0; i < NI; ++i)
-    for (int jb = 0; jb < JB; ++jb) {
-      float s = vsum(acc[i][jb]);
-      for (int64_t kk = k; kk < K; ++kk) s += wval(w[jb * K + kk]) * xb[i * K + kk];
-      h[i * R + jb] = s;
-    }
-}
-
-template <int JB, typename W>
-inline void down_rows(const float* xb, const W* w, int n, int64_t K, float* h, int64_t R) {
-  int i = 0;
-  for (; i + 2 <= n; i += 2) down_block<2, JB>(xb + i * K, w, K, h + i * R, R);
-  if (i < n) down_block<1, JB>(xb + i * K, w, K, h + i * R, R);
+  for (int i = 0; i < NI; ++i) {
+    float s = vsum(acc[i]);
+    for (int64_t kk = k; kk < K; ++kk) s += wval(w[kk]) * xb[i * K + kk];
+    h[i * R] = s;
+  }
 }
 
 // h[i * R + j] = w[j] . x[i] for NI rows of x (stride K) and r weight rows (stride K), weight rows
@@ -372,7 +360,11 @@ inline void down_tiles(const float* xbuf, const W* down, int n, int64_t K, int64
       default: break;
     }
   }
-  for (; j < r; ++j) down_rows<1>(xbuf, down + j * K, n, K, hbuf + j, R);  // remainder ranks
+  for (; j < r; ++j) {  // remainder ranks, two rows at a time
+    int i = 0;
+    for (; i + 2 <= n; i += 2) down_one<2>(xbuf + i * K, down + j * K, K, hbuf + i * R + j, R);
+    if (i < n) down_one<1>(xbuf + i * K, down + j * K, K, hbuf + i * R + j, R);
+  }
 }
 
 // y[rows[i]][c ..] += scale * a (kVW outputs), rounded once to y's type
