@@ -97,7 +97,7 @@ from .adapters import (AdapterEntry, AdapterError, AdapterRegistry, PathNotAllow
 from .detokenizer import DetokState, detokenize
 from ..ops import dispatch
 from ..ops.multi import OP as MULTI_OP
-from .cpu_gemm import LinearHooks, install as onednn_install
+from .cpu_gemm import LinearHooks, install as onednn_install, weight_packing
 from .cuda_graphs import DecodeGraphs, capture_sizes, graphs_unavailable, warn_once as graphs_warn_once
 from .flashinfer_attention import FlashInferAttention, select_backend
 from .hf_compat import check_model, geometry, paged_forward
@@ -149,8 +149,13 @@ class Engine:
                  max_loras: int | None = None, prefix_caching: bool = True, max_cpu_loras: int | None = None,
                  decode_batch_max_len: int = DECODE_BATCH_MAX_LEN, attention_backend: str = "auto",
                  cuda_graphs: bool | str = "auto", cuda_graph_sizes: list[int] | None = None,
-                 max_grammar_ms: float = 20.0, max_grammar_compile_s: float | None = 10.0, _graph_capture=None):
+                 max_grammar_ms: float = 20.0, max_grammar_compile_s: float | None = 10.0,
+                 pack_weights: bool | None = None, _graph_capture=None):
         check_model(model)
+        if pack_weights not in (None, True, False):
+            raise ValueError(f"pack_weights: got {pack_weights!r}; valid: None (on the CPU, pack the linears' weights "
+                             "for oneDNN when the copies take at most half the available memory), True (pack them), "
+                             "False (run the row-major weights)")
         if max_grammar_compile_s is not None and (isinstance(max_grammar_compile_s, bool) or not isinstance(
                 max_grammar_compile_s, (int, float)) or not 0 < max_grammar_compile_s <= 3600):
             raise ValueError(f"max_grammar_compile_s: got {max_grammar_compile_s!r}; valid: a number of seconds in "
@@ -197,10 +202,12 @@ class Engine:
         layers, kv_heads, head_dim = geometry(model)
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
-        self._lm_head = lm_head(model, self.device)  # oneDNN-packed on the CPU (lm_head.py)
-        # the other float32 linears through oneDNN's GEMM inside the engine's forward (cpu_gemm.py)
-        self.onednn_linears = onednn_install(model) if self.device.type == "cpu" and self.dtype == torch.float32 \
-            else LinearHooks([])
+        # on the CPU: the linears' weights packed for oneDNN where memory allows (cpu_gemm.py), the LM
+        # head (lm_head.py) and the other linears through oneDNN's GEMM inside the engine's forward
+        self.pack_weights = weight_packing(model, pack_weights) if self.device.type == "cpu" else False
+        self._lm_head = lm_head(model, self.device, pack=self.pack_weights)
+        self.onednn_linears = onednn_install(model, pack=self.pack_weights) if self.device.type == "cpu" and (
+            self.dtype == torch.float32 or (self.pack_weights and self.dtype == torch.bfloat16)) else LinearHooks([])
         # the multi-adapter op's backend, resolved now: on the CPU that builds the C++ kernel (first
         # use on a machine, about a minute) at start-up rather than inside the first request's step,
         # and a bad --backend fails here
@@ -944,7 +951,7 @@ class Engine:
         wrapped it)."""
         head = self._lm_head
         if getattr(head, "layer", head) is not self.model.get_output_embeddings():
-            head = self._lm_head = lm_head(self.model, self.device)
+            head = self._lm_head = lm_head(self.model, self.device, pack=self.pack_weights)
         return head
 
     def _forward(self, batch) -> torch.Tensor:

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads for the model on the CPU (default: OMP_NUM_THREADS when set, else "
                         "the usable cores less one, at least 1: the spare core runs the HTTP server and the "
                         "tokenizer, as vLLM's CPU backend reserves one for its front end)")
+    p.add_argument("--weight-packing", default="auto", choices=("auto", "on", "off"),
+                   help="on the CPU, run the linears (and the LM head) from copies of their weights packed for "
+                        "oneDNN: 1.3-1.9x faster at 2-32 rows, for the weights' memory once more; auto (default): "
+                        "packed when the copies take at most half the available memory, else warned and unpacked")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "sdpa", "flashinfer"),
                    help="the engine's paged attention: auto = FlashInfer on CUDA (fp16/bf16) when flashinfer-python "
                         "is installed, else per-request SDPA; sdpa never imports flashinfer")
@@ -239,6 +243,7 @@ def build_app(args):
                     cuda_graph_sizes=getattr(args, "cuda_graph_sizes", None),
                     max_grammar_ms=getattr(args, "max_grammar_ms", 20.0),
                     max_grammar_compile_s=getattr(args, "max_grammar_compile_s", 10.0),
+                    pack_weights={"auto": None, "on": True, "off": False}[getattr(args, "weight_packing", "auto")],
                     kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)))
     for spec in args.adapter:
         name, _, path = spec.partition("=")

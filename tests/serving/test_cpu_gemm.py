@@ -40,31 +40,158 @@ def every_size(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "MIN_WORK", 0)
 
 
-def _hooked(inp, out, bias=True, seed=0):
+def _hooked(inp, out, bias=True, seed=0, pack=False, dtype=torch.float32):
     torch.manual_seed(seed)
-    layer = nn.Linear(inp, out, bias=bias)
-    hooks = cpu_gemm.install(nn.Sequential(layer))
+    layer = nn.Linear(inp, out, bias=bias).to(dtype)
+    hooks = cpu_gemm.install(nn.Sequential(layer), pack=pack)
     assert len(hooks) == 1 and "forward" not in layer.__dict__  # nothing on the model until active()
+    assert hooks.packed == int(pack)
     return layer, hooks
 
 
+@pytest.fixture
+def weights_seen(monkeypatch):
+    """The weights oneDNN's GEMM is called on, in order: "packed" or "row-major" (the once-per-process
+    checks of ``install`` made before, not counted)."""
+    assert cpu_gemm._op_works(pack=True)
+    seen, real = [], cpu_gemm._onednn_linear
+
+    def spy(x, w, b):
+        seen.append("packed" if w.is_mkldnn else "row-major")
+        return real(x, w, b)
+
+    monkeypatch.setattr(cpu_gemm, "_onednn_linear", spy)
+    return seen
+
+
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 33, 130])
 @pytest.mark.parametrize("shape", [(67, 1001), (333, 333), (1536, 576)])  # odd sizes, and SmolLM2's down_proj
-def test_within_the_float32_error_bound_of_an_fp64_reference(every_size, shape, rows):
+def test_within_the_float32_error_bound_of_an_fp64_reference(every_size, shape, rows, pack, weights_seen):
     """Any float32 GEMM with float32 accumulation, whatever its summation order, errs at most
     gamma_K * (|x| |W|^T + |b|) (gamma_K = K u / (1 - K u)); a reduced-precision or wrong one does not."""
     k, n = shape
-    layer, hooks = _hooked(k, n, seed=rows)
+    layer, hooks = _hooked(k, n, seed=rows, pack=pack)
     x = torch.randn(2, rows, k)  # 3-D, as a decoder layer calls it
     ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
     bound = (k * U / (1 - k * U)) * (x.double().abs() @ layer.weight.double().abs().t() + layer.bias.double().abs())
     with torch.no_grad(), hooks.active():
         y, calls = _onednn_calls(lambda: layer(x))
     assert calls == 1 and y.shape == (2, rows, n) and y.dtype == torch.float32
+    assert weights_seen == ["packed" if pack and 2 * rows <= cpu_gemm.PACKED_MAX_ROWS else "row-major"]
     assert ((y.double() - ref).abs() <= bound).all()
     plain = (F.linear(x, layer.weight, layer.bias).double() - ref).abs()
     # the measured gap to MKL's summation order (cpu_gemm's docstring: RMS 1.5-2x at these K)
     assert (y.double() - ref).pow(2).mean().sqrt() <= 3 * plain.pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 130])
+@pytest.mark.parametrize("shape", [(67, 1001), (333, 333), (1536, 576)])
+def test_bfloat16_packed_errs_at_most_twice_f_linear(shape, rows, weights_seen):
+    k, n = shape
+    layer, hooks = _hooked(k, n, seed=rows, pack=True, dtype=torch.bfloat16)
+    x = torch.randn(rows, k).bfloat16()
+    ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    with torch.no_grad():
+        plain = F.linear(x, layer.weight, layer.bias)
+        with hooks.active():
+            y = layer(x)
+    assert weights_seen == ["packed"] and y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    for stat in (torch.max, torch.mean):
+        assert stat((y.double() - ref).abs()) <= 2 * stat((plain.double() - ref).abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_up_to_packed_max_rows_and_the_row_major_weight_above(dtype, weights_seen):
+    layer, hooks = _hooked(576, 1536, pack=True, dtype=dtype)
+    cap = cpu_gemm.PACKED_MAX_ROWS
+    with torch.no_grad(), hooks.active():
+        for rows in (1, cap):
+            y = layer(torch.randn(rows, 576).to(dtype))
+            assert y.shape == (rows, 1536)
+        assert weights_seen == ["packed", "packed"]
+        x = torch.randn(cap + 1, 576).to(dtype)
+        y = layer(x)
+    if dtype == torch.float32:  # above the rows where packing pays: oneDNN on the row-major weight
+        assert weights_seen[2:] == ["row-major"]
+    else:  # bfloat16's F.linear is oneDNN on the row-major weight already
+        assert weights_seen[2:] == [] and torch.equal(y, F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weight_changed_or_replaced_is_packed_again_never_served_stale(dtype, weights_seen):
+    layer, hooks = _hooked(64, 48, pack=True, dtype=dtype)
+    x = torch.randn(5, 64).to(dtype)
+    tol = dict(atol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    with torch.no_grad(), hooks.active():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+        layer.weight.mul_(-3.0)  # in place (e.g. an adapter merged into it)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+        layer.weight = nn.Parameter(torch.randn(48, 64).to(dtype), requires_grad=False)  # replaced
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+    assert weights_seen == ["packed"] * 3
+
+
+def test_a_failed_packing_check_hooks_float32_unpacked_with_one_warning(monkeypatch, weights_seen):
+    def gone(w):
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
+
+    monkeypatch.setattr(cpu_gemm, "_reorder", gone)
+    monkeypatch.setattr(cpu_gemm, "_PACK_CHECKED", None)
+    monkeypatch.setattr(cpu_gemm, "_WARNED", set())
+    model = nn.Sequential(nn.Linear(576, 1536), nn.Linear(576, 8).bfloat16())
+    with pytest.warns(RuntimeWarning, match=re.escape(f"packed linear weights are unavailable on torch {torch.__version__}")):
+        hooks = cpu_gemm.install(model, pack=True)
+    assert len(hooks) == 1 and hooks.packed == 0  # the float32 layer, as without packing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_gemm.install(model, pack=True).packed == 0  # once
+    with torch.no_grad(), hooks.active():
+        model[0](torch.randn(32, 576))
+    assert weights_seen == ["row-major"]
+
+
+def test_weight_packing_by_default_only_where_half_the_available_memory_holds_it(monkeypatch):
+    model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 100).bfloat16(), nn.Linear(3, 3).half())
+    need = cpu_gemm.packed_bytes(model)
+    assert need == 100 * 200 * 4 + 200 * 100 * 2  # float32 and bfloat16 weights once more; float16 is not packed
+    monkeypatch.setattr(cpu_gemm, "available_memory", lambda: 2 * need)
+    assert cpu_gemm.weight_packing(model, None) is True
+    monkeypatch.setattr(cpu_gemm, "available_memory", lambda: 2 * need - 1)
+    with pytest.warns(RuntimeWarning, match=r"packing them for oneDNN would take 0\.1 MiB more, over half of the "
+                                            r"0\.2 MiB available \(pack them anyway with Engine\(pack_weights=True\) "
+                                            r"/ serve --weight-packing on"):
+        assert cpu_gemm.weight_packing(model, None) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning either way
+        assert cpu_gemm.weight_packing(model, True) is True and cpu_gemm.weight_packing(model, False) is False
+    monkeypatch.setattr(cpu_gemm, "available_memory", lambda: None)  # unknown: pack
+    assert cpu_gemm.weight_packing(model, None) is True
+
+
+def test_available_memory_reads_the_system():
+    got = cpu_gemm.available_memory()
+    assert got is None or 0 < got < 1 << 50
+
+
+def test_engine_packs_its_linears_and_lm_head_unless_told_not_to(zoo):
+    from fastadapters.serving.lm_head import PackedLMHead
+
+    engine = tiny_engine(zoo, max_num_seqs=2)
+    hooked = len(engine.onednn_linears)
+    assert engine.pack_weights is True and engine.onednn_linears.packed == hooked - 1  # all but the output layer
+    assert isinstance(engine.head(), PackedLMHead)
+    off = tiny_engine(zoo, max_num_seqs=2, pack_weights=False)
+    assert off.pack_weights is False and off.onednn_linears.packed == 0 and len(off.onednn_linears) == hooked
+    assert off.head() is off.model.get_output_embeddings()
+    ps = prompts([5, 9], seed=2)
+    sp = SamplingParams(max_tokens=5, temperature=0)
+    names = ["lora_r64", None]
+    for e in (engine, off):
+        for p, n, r in zip(ps, names, e.generate(ps, sp, names)):
+            assert r.output_ids == greedy_ref(e, n, p, sp.max_tokens), n
+    with pytest.raises(ValueError, match="pack_weights: got 'yes'; valid: None"):
+        tiny_engine(zoo, pack_weights="yes")
 
 
 def test_f_linear_exactly_outside_the_block_below_the_work_bound_and_under_autograd_or_autocast():
@@ -218,6 +345,7 @@ def test_real_model_logits_err_at_most_twice_the_float32_model():
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     engine = Engine(model, max_num_seqs=2, max_model_len=128, num_blocks=16)
     assert len(engine.onednn_linears) == 211  # 30 layers x 7 and the output layer
+    assert engine.onednn_linears.packed == 210  # (the output layer is the packed LM head's)
     p = torch.randint(100, 49152, (64,), generator=torch.Generator().manual_seed(3)).tolist()
     outs = []
     engine.submit(p, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), on_output=outs.append)

@@ -63,10 +63,23 @@ def test_not_used_off_the_cpu_path_or_for_other_layers():
     lin = nn.Linear(4, 8)
     assert lm.lm_head(_Model(lin), torch.device("meta")) is lin
     assert lm.lm_head(_Model(lin.half()), torch.device("cpu")) is lin
-    bf = nn.Linear(4, 8).bfloat16()
-    assert lm.lm_head(_Model(bf), torch.device("cpu")) is bf  # measured in fp32 only
+    assert lm.lm_head(_Model(lin), torch.device("cpu"), pack=False) is lin  # the engine decided against packing
     w = Wrapped()
     assert lm.lm_head(_Model(w), torch.device("cpu")) is w
+
+
+def test_bfloat16_head_packed_errs_at_most_twice_f_linear():
+    torch.manual_seed(3)
+    layer = nn.Linear(333, 1001).bfloat16()  # odd sizes
+    head = lm.lm_head(_Model(layer), torch.device("cpu"))
+    assert isinstance(head, lm.PackedLMHead)
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, 333).bfloat16()
+        ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        with torch.no_grad():
+            got, plain = head(x), F.linear(x, layer.weight, layer.bias)
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - ref).abs().max() <= 2 * (plain.double() - ref).abs().max()
 
 
 def test_missing_private_ops_fall_back_with_one_warning(monkeypatch):

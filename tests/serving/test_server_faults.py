@@ -678,6 +678,11 @@ def test_serve_flags_reach_the_engine_residency_and_prefix_cache(base_dir, no_uv
         serve.main(["--base-model", base, "--max-loras", "2", "--no-prefix-caching"])
     engine = started.value.args[0].state.engine
     assert engine.max_loras == 2 and engine.scheduler.prefix_caching is False
+    assert engine.pack_weights is True  # (auto: the tiny base's copies are far below half the memory)
+    with pytest.raises(_Started) as started:
+        serve.main(["--base-model", base, "--weight-packing", "off"])
+    engine = started.value.args[0].state.engine
+    assert engine.pack_weights is False and engine.onednn_linears.packed == 0
 
 
 def test_serve_attention_backend_reaches_the_engine(base_dir, no_uvicorn, capsys):
