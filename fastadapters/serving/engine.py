@@ -186,6 +186,7 @@ class Engine:
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self._in_memory: collections.OrderedDict[str, AdapterEntry] = collections.OrderedDict()  # LRU first
+        self._reloads = 0  # reloads after max_cpu_loras drops (each one a new prefix-cache scope)
         for label, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk_size", chunk_size),
                          ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -329,7 +330,7 @@ class Engine:
                 if reread is not None and reread[0] is entry:
                     req.metadata["reread"] = reread[1]
                 req.route_name = None if entry.prefix_kv is not None else entry.internal
-                req.cache_scope = entry.internal
+                req.cache_scope = entry.metadata.get("cache_scope", entry.internal)  # (set again at intake)
                 req.prefix_kv = entry.prefix_kv
             req.generator = make_generator(params, self.device)
             if matcher is not None:
@@ -756,6 +757,11 @@ class Engine:
             raise AdapterError(f"the adapter {entry.name!r} reloaded from {entry.path!r} has non-finite weights in "
                                f"{bad}; refusing it")
         entry.metadata.pop("evicted", None)
+        # a new prefix-cache scope: the files may have changed since the blocks cached under the
+        # internal name were computed (no request of it was live when it was dropped, and every
+        # request of it from now on passes the intake after this reload, which gives it this scope)
+        self._reloads += 1
+        entry.metadata["cache_scope"] = f"{entry.internal}#reload{self._reloads}"
         self._in_memory[entry.internal] = entry
         self.stats["adapters_reloaded"] += 1
         self._enforce_cpu_limit()
@@ -815,6 +821,8 @@ class Engine:
                         self.stats["request_errors"] += 1
                         self._finish(req, "error", error=str(e))
                         continue
+                if entry is not None:  # after a reload: the keys/values of the weights it runs on now
+                    req.cache_scope = entry.metadata.get("cache_scope", entry.internal)
                 self.scheduler.waiting.append(req)
             for rid in list(self._out_finish):  # ended by the output thread: a stop string, a failed callback
                 req = self.requests.get(rid)

@@ -65,7 +65,12 @@ def check_model(model: nn.Module) -> None:
     if getattr(text, "sliding_window", None) or types - {"full_attention"}:
         raise ValueError(f"serving needs full attention in every layer; this model has layer types {sorted(types)} "
                          f"and sliding_window={getattr(text, 'sliding_window', None)}")
-    for attr in ("final_logit_softcapping", "logit_scale", "attn_logit_softcapping"):
+    # what a family's forward does to the logits (or the head's input) beyond a plain linear head:
+    # softcapping (Gemma 2), logit_scale (Cohere), logits_scaling (Granite and MiniCPM3 divide by it,
+    # HyperCLOVAX multiplies), lm_head_multiplier (Falcon-H1); the engine's LM head runs the linear
+    # alone, so these would change every sampled distribution and log-probability (greedy survives)
+    for attr in ("final_logit_softcapping", "logit_scale", "attn_logit_softcapping", "logits_scaling",
+                 "lm_head_multiplier", "output_multiplier"):
         if getattr(text, attr, None) not in (None, 1.0):
             raise ValueError(f"serving applies plain attention and a plain linear LM head; this model has {attr}="
                              f"{getattr(text, attr)!r}, which it would skip")

@@ -200,6 +200,43 @@ def test_max_cpu_loras_drops_idle_adapters_and_reloads_them_on_demand(zoo, tmp_p
     assert_no_leaks(engine)
 
 
+def test_a_reload_after_a_drop_never_hits_blocks_cached_with_the_weights_before(tmp_path):
+    """max_cpu_loras drops an idle adapter and reloads it from its files under the same internal
+    name. Its prompt's blocks cached before the drop were keyed by that name alone, so when the
+    files had changed, the reloaded adapter's request read keys/values of the old weights for its
+    cached prefix and the new weights for the rest: tokens of neither adapter."""
+    from .serve_helpers import assert_no_leaks, greedy_ref, prompts, tiny_engine
+
+    def write_lora(seed: int) -> str:
+        model = tiny_llama()
+        fa.patch(model, "lora", name="x", r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+        randomize_adapter(model, "x", seed)
+        return fa.save_adapter(model, str(tmp_path / f"lora_{seed}"), name="x")
+
+    import shutil
+
+    path = str(tmp_path / "a")
+    shutil.copytree(write_lora(1), path)
+    engine = tiny_engine({"a": path}, max_num_seqs=2, block_size=4, max_cpu_loras=1)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    p = prompts([21], seed=3)[0]
+    first = engine.generate([p], greedy, ["a"])[0]
+    assert engine.pool.cached_blocks >= 5  # its prompt's blocks stay cached
+    engine.load_adapter("b", write_lora(2), confined=False)
+    assert engine.stats["adapters_dropped_from_memory"] == 1  # "a" (idle) went
+    shutil.rmtree(path)
+    shutil.copytree(write_lora(77), path)  # its files replaced with other weights
+    again = engine.generate([p], greedy, ["a"])[0]
+    assert engine.stats["adapters_reloaded"] == 1
+    expected = greedy_ref(engine, "a", p, greedy.max_tokens)  # the reloaded weights, alone
+    assert expected != first.output_ids  # (the new weights do change the tokens)
+    assert again.output_ids == expected
+    assert engine.stats["prefix_cache_hit_tokens"] == 0
+    again = engine.generate([p], greedy, ["a"])[0]  # the reloaded version caches and hits its own blocks
+    assert engine.stats["prefix_cache_hit_tokens"] == 20 and again.output_ids == expected
+    assert_no_leaks(engine)
+
+
 def test_engine_load_between_steps_copies_only_the_new_adapter(zoo, monkeypatch):
     """Loads while a request runs: each step after a load copies that adapter's weights (its
     bucket's tables doubling at most once per power of two) and reads no other adapter's weights'
