@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "grammar (needs xgrammar: fastadapters[structured]); without it 'auto' is a 400")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the format of tool calls in a reply, for --enable-auto-tool-choice: hermes "
-                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen) or llama3_json "
+                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen), llama3_json "
                         "({\"name\": ..., \"parameters\": {...}}, several separated by ';'; Llama 3.1-3.3, "
-                        "Llama 4's JSON template)")
+                        "Llama 4's JSON template) or mistral ([TOOL_CALLS] and a JSON array of {\"name\": ..., "
+                        "\"arguments\": {...}}; Mistral 7B v0.3, Nemo, Small)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")

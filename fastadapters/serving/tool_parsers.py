@@ -1,6 +1,6 @@
-"""Tool calls in a free-form chat reply (``tool_choice: "auto"``): the Hermes and Llama 3 JSON formats.
+"""Tool calls in a free-form chat reply (``tool_choice: "auto"``): the Hermes, Llama 3 JSON and Mistral formats.
 
-    serve --enable-auto-tool-choice --tool-call-parser hermes        (or llama3_json)
+    serve --enable-auto-tool-choice --tool-call-parser hermes        (or llama3_json, mistral)
 
 The reply may be text, tool calls, or both.
 
@@ -15,14 +15,23 @@ The reply may be text, tool calls, or both.
   object ``{"name": "get_weather", "parameters": {"city": "Paris"}}`` in the text, several of them
   separated by ``;``; the model may write ``<|python_tag|>`` before one (a special token: in the
   text only where the request keeps special tokens).
+* ``mistral`` (Mistral 7B v0.3, Nemo, Small, Mixtral 8x22B: tokenizers v3 and v7): the calls are
+  ``[TOOL_CALLS]`` and a JSON array ``[{"name": "get_weather", "arguments": {"city": "Paris"}}, ...]``
+  (``[`` or `` [`` after the tag, the calls separated by ``, ``, as Mistral's templates write them);
+  ``[TOOL_CALLS]`` is a special token in Mistral's tokenizers, so "auto" requests keep special
+  tokens there (``tags_are_special``). The newer ``[TOOL_CALLS]name[ARGS]{...}`` form (tokenizers v11
+  and later: Magistral, Devstral, Mistral Small 3.2) is not read: its ``[TOOL_CALLS]`` opens a block
+  that is not an array, which is text. A call's id is 9 letters and digits (``call_id``): Mistral's
+  templates refuse any other id when the call comes back in the next request.
 
 Two parts:
 
 * ``constraint(tools, parallel, parser)``: the structural tag (xgrammar's ``triggered_tags``) the
-  request's grammar is compiled from. Text is free until the model writes ``<tool_call>`` (hermes)
-  or ``{"name": `` (llama3_json, xgrammar's own "llama" format); from there it must write one of the
-  request's functions by name and arguments that conform to that function's parameters, then
-  close the call (``}`` and ``</tool_call>``; ``}``); then text is free again. With
+  request's grammar is compiled from. Text is free until the model writes ``<tool_call>`` (hermes),
+  ``{"name": `` (llama3_json, xgrammar's own "llama" format) or ``[TOOL_CALLS]`` (mistral); from
+  there it must write one of the request's functions by name and arguments that conform to that
+  function's parameters, then close the call (``}`` and ``</tool_call>``; ``}``; ``}`` and then
+  ``, `` and the next call of the array, or ``]``); then text is free again. With
   ``parallel_tool_calls: false`` the reply ends after its first call. So a call that finishes is
   always one the client can run. vLLM's parsers run on an unconstrained reply, where a call with
   malformed JSON or a misspelt name comes back as text.
@@ -37,14 +46,22 @@ Two parts:
     (``}\n</tool_call>``, ``}``) is read past. Cut by ``max_tokens``, it is the call as far as it
     got (its arguments not whole JSON; ``finish_reason`` "length", or "stop" for a stop string,
     never "tool_calls"), as OpenAI's API cuts one; cut in its close (a stop string), it is whole.
-    What follows its arguments where it is not the close (text no grammar held) is read as text;
+    What follows its arguments where it is not the close (text no grammar held) is read as text.
+    mistral: the grammar's openings are ``[TOOL_CALLS][{"name": "get_weather", "arguments": `` (or
+    ``[TOOL_CALLS] [``) and, right after a call's ``}``, ``, {"name": "now", "arguments": `` for the
+    next call of the array; ``}]`` closes it;
   - a block with another opening (text no grammar held) is read whole. hermes: it is a call when the
     text up to one of the end tags after it is JSON of the form ``{"name": one of the tools,
     "arguments": an object}`` (the first such end tag closes it), or, when the reply ends inside
     it, when its JSON is whole; else it is content as written, its tags and the rest of the reply
     included. llama3_json: it ends where its object closes and is a call when it is ``{"name": one
     of the tools, "parameters" (or "arguments", as vLLM reads it too): an object}``, else content as
-    written, and the text goes on after it; still open when the reply ends, it is content;
+    written, and the text goes on after it; still open when the reply ends, it is content. mistral:
+    ``[TOOL_CALLS]`` and the JSON array after it (whitespace between), ending where the array
+    closes, is calls when every element is ``{"name": one of the tools, "arguments": an object}``
+    (and there is one at least), else content as written, and the text goes on after it; a tag not
+    followed by ``[`` is content with the whitespace after it; still open when the reply ends,
+    content;
   - llama3_json: the run of whitespace, ``;`` and ``<|python_tag|>`` just before a call is its
     separator, not content;
   - a call's arguments are the model's own JSON text (not decoded and encoded again: that would
@@ -57,14 +74,18 @@ Two parts:
 from __future__ import annotations
 
 import json
+import secrets
+import string
+import uuid
 from typing import Any
 
-__all__ = ["PARSERS", "START", "END", "LLAMA3_START", "PYTHON_TAG", "constraint", "parse", "split", "stream",
-           "calls_of", "HermesStream", "Llama3JsonStream", "tags_are_special"]
+__all__ = ["PARSERS", "START", "END", "LLAMA3_START", "PYTHON_TAG", "TOOL_CALLS", "constraint", "parse", "split",
+           "stream", "calls_of", "call_id", "HermesStream", "Llama3JsonStream", "MistralStream", "tags_are_special"]
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "mistral")
 START, END = "<tool_call>", "</tool_call>"  # hermes
 LLAMA3_START, PYTHON_TAG = '{"name": ', "<|python_tag|>"  # llama3_json
+TOOL_CALLS = "[TOOL_CALLS]"  # mistral
 
 
 def constraint(tools: dict[str, dict], parallel: bool, parser: str = "hermes") -> str:
@@ -74,6 +95,17 @@ def constraint(tools: dict[str, dict], parallel: bool, parser: str = "hermes") -
         trigger, key, end = START, "arguments", f"}}\n{END}"
     elif parser == "llama3_json":
         trigger, key, end = LLAMA3_START, "parameters", "}"
+    elif parser == "mistral":  # one array of calls after the tag ("[" or " [": Mistral's templates write both)
+        calls = [{"type": "tag", "begin": _call_begin(name), "content": {"type": "json_schema", "json_schema": schema},
+                  "end": "}"} for name, schema in tools.items()]
+        array = {"type": "sequence", "elements": [
+            {"type": "or", "elements": [{"type": "const_string", "value": "["}, {"type": "const_string", "value": " ["}]},
+            {"type": "tags_with_separator", "tags": calls, "separator": ", ", "at_least_one": True,
+             "stop_after_first": not parallel}]}
+        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALLS], "at_least_one": False,
+               "tags": [{"type": "tag", "begin": TOOL_CALLS, "content": array, "end": "]"}],
+               "stop_after_first": not parallel}
+        return json.dumps({"type": "structural_tag", "format": fmt})
     else:
         raise ValueError(f"parser: got {parser!r}; valid: one of {', '.join(PARSERS)}")
     opening = START + "\n" if parser == "hermes" else ""
@@ -87,14 +119,28 @@ def constraint(tools: dict[str, dict], parallel: bool, parser: str = "hermes") -
 
 def tags_are_special(tokenizer, parser: str = "hermes") -> bool:
     """Whether ``tokenizer`` has ``parser``'s call tags as special tokens (some Hermes tokenizers;
-    Qwen's are ordinary added tokens; llama3_json's calls have no tags). The grammar matches a special
-    token by its text, but the reply's text leaves special tokens out unless the request keeps them:
-    then an "auto" request keeps them (``skip_special_tokens`` false, as vLLM sets it for its Hermes
-    parser), else no call would be seen."""
-    if parser != "hermes":
+    Qwen's are ordinary added tokens; Mistral's ``[TOOL_CALLS]`` is one wherever the vocabulary has
+    it; llama3_json's calls have no tags). The grammar matches a special token by its text, but the
+    reply's text leaves special tokens out unless the request keeps them: then an "auto" request
+    keeps them (``skip_special_tokens`` false, as vLLM sets it for its Hermes and Mistral parsers),
+    else no call would be seen. A special token is one of ``all_special_tokens`` or an added token
+    marked special (which ``decode`` leaves out too, though not listed there)."""
+    tags = {"hermes": (START, END), "mistral": (TOOL_CALLS,)}.get(parser)
+    if tags is None:
         return False
     special = set(getattr(tokenizer, "all_special_tokens", None) or ())
-    return START in special or END in special
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {str(t) for t in added.values() if getattr(t, "special", False)}
+    return any(tag in special for tag in tags)
+
+
+def call_id(parser: str) -> str:
+    """A new tool call's id: Mistral's 9 letters and digits for ``mistral`` (its chat templates refuse
+    any other id when the call comes back in the next request's messages, and vLLM's parser makes such
+    ids), else ``chatcmpl-tool-`` and 32 hex digits."""
+    if parser == "mistral":
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+    return "chatcmpl-tool-" + uuid.uuid4().hex
 
 
 def _refuse_constant(name: str):
@@ -197,9 +243,19 @@ class _Stream:
         events.append(event)
         self.called = True
 
-    def _block(self) -> tuple[int, dict | None] | None:
+    def _close(self) -> int | tuple[str, int] | bool | None:
+        """After a streamed call's arguments (``buf``): the length of the format's close, read past;
+        (tool name, length) where the close goes straight on into the next call's opening (mistral's
+        array); None while ``buf`` may still become either; False when it is not the close."""
+        rest = self.buf.lstrip()
+        if rest.startswith(self.close):
+            return len(self.buf) - len(rest) + len(self.close)
+        return None if self.close.startswith(rest) else False
+
+    def _block(self) -> tuple[int, dict | list[dict] | None] | None:
         """The open block read whole (``self.buf``, from its opening): None while it may go on; else
-        (where it ends in ``buf``, the call or None when it is not one: then its text is content)."""
+        (where it ends in ``buf``, the call (or mistral's list of calls) or None when it is not one:
+        then its text is content)."""
         raise NotImplementedError
 
     def _open_at_end(self) -> dict | None:
@@ -229,13 +285,18 @@ class _Stream:
                 self.buf, self.args, self.closing = self.buf[end:], None, True
                 continue
             if self.closing:  # then the format's close (whitespace before it allowed)
-                rest = self.buf.lstrip()
-                if rest.startswith(self.close):
-                    self.buf, self.closing = rest[len(self.close):], False
-                    continue
-                if self.close.startswith(rest):
+                got = self._close()
+                if got is None:
                     return events  # more to come
-                self.closing = False  # not the close (text no grammar held): read on as text
+                self.closing = False
+                if got is False:  # not the close (text no grammar held): read on as text
+                    continue
+                if isinstance(got, int):
+                    self.buf = self.buf[got:]
+                    continue
+                name, length = got  # the close, and the next call's opening (mistral's array)
+                self._call_made(("call_open", name), events)
+                self.buf, self.args = self.buf[length:], _ObjectEnd()
                 continue
             if self.inside:
                 got = self._block()
@@ -245,7 +306,8 @@ class _Stream:
                 if call is None:
                     self._text(self.buf[:end], events)
                 else:
-                    self._call_made(("call", call), events)
+                    for one in (call if isinstance(call, list) else [call]):
+                        self._call_made(("call", one), events)
                 self.buf, self.scan, self.inside = self.buf[end:], 0, False
                 continue
             at = self.buf.find(self.start)
@@ -384,7 +446,78 @@ class Llama3JsonStream(_Stream):
         return end, _call(self.buf[:end], self.tools, ("parameters", "arguments"))
 
 
-STREAMS = {"hermes": HermesStream, "llama3_json": Llama3JsonStream}
+def _call_begin(name: str) -> str:
+    """The text before a call's arguments in a Mistral array (the grammar's begin of each call)."""
+    return f'{{"name": {json.dumps(name)}, "arguments": '
+
+
+def _array_calls(text: str, tools) -> list[dict] | None:
+    """A JSON array's text as its calls ({"name", "arguments"} each, arguments as written), or None
+    unless it is a non-empty array of calls (``_call``: "name" one of the tools, "arguments" an object)."""
+    try:
+        items = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(items, list) or not items:
+        return None
+    dec, i, calls = json.JSONDecoder(), text.index("[") + 1, []
+    for _ in items:  # each element's own text
+        while text[i] in " \t\n\r,":
+            i += 1
+        _, end = dec.raw_decode(text, i)
+        call = _call(text[i:end], tools)
+        if call is None:
+            return None
+        calls.append(call)
+        i = end
+    return calls
+
+
+class MistralStream(_Stream):
+    """Mistral's ``[TOOL_CALLS]`` and a JSON array of ``{"name": ..., "arguments": {...}}`` calls
+    (the module docstring's rules)."""
+
+    start = TOOL_CALLS
+    marks = (TOOL_CALLS,)
+    ends = ("}]",)  # after a call's arguments: the array closes, or the next call opens (``nexts``)
+
+    @staticmethod
+    def opening(name: str) -> str:
+        return TOOL_CALLS + "[" + _call_begin(name)
+
+    def __init__(self, tools):
+        super().__init__(tools)
+        self.openings.update({f"{TOOL_CALLS} [{_call_begin(name)}": name for name in tools})  # (either spelling)
+        self.nexts = {"}, " + _call_begin(name): name for name in tools}
+        self.end: _ObjectEnd | None = None
+
+    def _close(self):
+        rest = self.buf.lstrip()
+        skip = len(self.buf) - len(rest)
+        if rest.startswith("}]"):
+            return skip + 2
+        for text, name in self.nexts.items():
+            if rest.startswith(text):
+                return name, skip + len(text)
+        return None if any(c.startswith(rest) for c in (*self.ends, *self.nexts)) else False
+
+    def _block(self):
+        body = self.buf[len(TOOL_CALLS):]
+        array = body.lstrip()
+        if not array:
+            return None  # (whitespace may go on to the array)
+        at = len(self.buf) - len(array)
+        if array[0] != "[":  # the tag with no array after it: text, and the text goes on
+            return at, None
+        self.end = self.end or _ObjectEnd()
+        end = self.end.find(array)
+        if end < 0:
+            return None
+        self.end = None
+        return at + end, _array_calls(array[:end], self.tools)
+
+
+STREAMS = {"hermes": HermesStream, "llama3_json": Llama3JsonStream, "mistral": MistralStream}
 
 
 def stream(parser: str, tools) -> _Stream:
