@@ -1,6 +1,7 @@
-"""Tool calls in a free-form chat reply (``tool_choice: "auto"``): the Hermes, Llama 3 JSON and Mistral formats.
+"""Tool calls in a free-form chat reply (``tool_choice: "auto"``): the Hermes, Llama 3 JSON, Mistral and
+pythonic formats.
 
-    serve --enable-auto-tool-choice --tool-call-parser hermes        (or llama3_json, mistral)
+    serve --enable-auto-tool-choice --tool-call-parser hermes        (or llama3_json, mistral, pythonic)
 
 The reply may be text, tool calls, or both.
 
@@ -23,6 +24,10 @@ The reply may be text, tool calls, or both.
   and later: Magistral, Devstral, Mistral Small 3.2) is not read: its ``[TOOL_CALLS]`` opens a block
   that is not an array, which is text. A call's id is 9 letters and digits (``call_id``): Mistral's
   templates refuse any other id when the call comes back in the next request.
+* ``pythonic`` (Llama 3.2, Llama 4, and others with the same template): the whole reply is a Python
+  list of calls by keyword, ``[get_weather(city="Paris", unit='celsius'), now()]``, the values Python
+  literals (str, int, float, True / False / None, lists, tuples, dicts with string keys), optionally
+  between Llama 4's ``<|python_start|>`` and ``<|python_end|>``. It is read with ``ast`` (never run).
 
 Two parts:
 
@@ -34,7 +39,12 @@ Two parts:
   ``, `` and the next call of the array, or ``]``); then text is free again. With
   ``parallel_tool_calls: false`` the reply ends after its first call. So a call that finishes is
   always one the client can run. vLLM's parsers run on an unconstrained reply, where a call with
-  malformed JSON or a misspelt name comes back as text.
+  malformed JSON or a misspelt name comes back as text. ``pythonic`` has no constraint (None): its
+  arguments are Python literals, which no JSON schema grammar writes, and its text could only be
+  held by forbidding a reply that begins with ``[``. Its replies are read as vLLM reads them: a
+  reply that is not wholly a list of calls of the tools (a malformed call, an unknown name, text
+  around the list) is content, and ``parallel_tool_calls: false`` is not enforced (every call of the
+  list is returned).
 * ``parse`` (a finished reply) and ``stream(parser, tools)`` (a streamed one) split the text into
   content and calls, with one result either way (``tests/serving/test_tool_parsers.py`` checks that
   every chunking of a reply streams what ``parse`` gives):
@@ -62,10 +72,16 @@ Two parts:
     (and there is one at least), else content as written, and the text goes on after it; a tag not
     followed by ``[`` is content with the whitespace after it; still open when the reply ends,
     content;
+  - pythonic: a reply whose first text other than whitespace is not ``[`` or ``<|python_start|>``
+    is content, streamed as it comes; one that begins so is held until the reply ends and is then
+    calls (content None) or, when it is not a list of calls, content as written. So its calls are
+    sent whole at the end, not streamed as they come, and a cut one is content;
   - llama3_json: the run of whitespace, ``;`` and ``<|python_tag|>`` just before a call is its
     separator, not content;
   - a call's arguments are the model's own JSON text (not decoded and encoded again: that would
-    turn ``1e400`` into ``Infinity``);
+    turn ``1e400`` into ``Infinity``); pythonic's are its literals as JSON (``json.dumps``; a tuple
+    becomes a list; a value JSON has no form for, such as ``1e400``, a set or a dict with other keys
+    than strings, makes the reply content);
   - the content is all the other text, as written, less its trailing whitespace (llama3_json: and
     separators) when the reply made calls; None when it is only that. Streamed, it goes out as it
     comes, less what might still turn out to be the start of a call, and the held run until text
@@ -73,6 +89,7 @@ Two parts:
 """
 from __future__ import annotations
 
+import ast
 import json
 import secrets
 import string
@@ -80,17 +97,22 @@ import uuid
 from typing import Any
 
 __all__ = ["PARSERS", "START", "END", "LLAMA3_START", "PYTHON_TAG", "TOOL_CALLS", "constraint", "parse", "split",
-           "stream", "calls_of", "call_id", "HermesStream", "Llama3JsonStream", "MistralStream", "tags_are_special"]
+           "stream", "calls_of", "call_id", "HermesStream", "Llama3JsonStream", "MistralStream", "PythonicStream",
+           "PYTHON_START", "PYTHON_END", "tags_are_special"]
 
-PARSERS = ("hermes", "llama3_json", "mistral")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 START, END = "<tool_call>", "</tool_call>"  # hermes
 LLAMA3_START, PYTHON_TAG = '{"name": ', "<|python_tag|>"  # llama3_json
 TOOL_CALLS = "[TOOL_CALLS]"  # mistral
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"  # pythonic (Llama 4)
 
 
-def constraint(tools: dict[str, dict], parallel: bool, parser: str = "hermes") -> str:
+def constraint(tools: dict[str, dict], parallel: bool, parser: str = "hermes") -> str | None:
     """The structural tag (JSON) that holds a reply's calls to ``tools`` (name -> parameters schema,
-    already checked) in ``parser``'s format; ``parallel`` False: the reply ends after its first call."""
+    already checked) in ``parser``'s format; ``parallel`` False: the reply ends after its first call.
+    None for ``pythonic``: its replies are not constrained (the module docstring)."""
+    if parser == "pythonic":
+        return None
     if parser == "hermes":
         trigger, key, end = START, "arguments", f"}}\n{END}"
     elif parser == "llama3_json":
@@ -517,7 +539,106 @@ class MistralStream(_Stream):
         return at + end, _array_calls(array[:end], self.tools)
 
 
-STREAMS = {"hermes": HermesStream, "llama3_json": Llama3JsonStream, "mistral": MistralStream}
+def _json_value(value):
+    """A Python literal's value as JSON's (a tuple as a list); ValueError where JSON has none (a set,
+    bytes, a complex or non-finite number, a dict key that is not a string)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("not a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v) for k, v in value.items()}
+    raise ValueError(f"{type(value).__name__} is not JSON")
+
+
+def _pythonic_calls(text: str, tools) -> list[dict] | None:
+    """A whole reply's pythonic calls ({"name", "arguments": JSON text} each), or None unless the
+    reply (less surrounding whitespace and Llama 4's ``<|python_start|>`` / ``<|python_end|>``) is a
+    non-empty Python list of calls of the tools by keyword arguments whose values are literals. Read
+    with ``ast`` (nothing is run)."""
+    body = text.strip()
+    if body.startswith(PYTHON_START):
+        body = body[len(PYTHON_START):].strip()
+        if body.endswith(PYTHON_END):
+            body = body[:-len(PYTHON_END)].strip()
+    if not body.startswith("["):
+        return None
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in tools
+                and not node.args):
+            return None
+        args: dict[str, Any] = {}
+        for kw in node.keywords:
+            if kw.arg is None or kw.arg in args:  # (**kwargs; a keyword given twice)
+                return None
+            try:
+                args[kw.arg] = _json_value(ast.literal_eval(kw.value))
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+                return None
+        try:  # (as written where it can be: an escaped lone surrogate cannot be, so it stays escaped)
+            out = json.dumps(args, ensure_ascii=False)
+            out.encode("utf-8")
+        except UnicodeEncodeError:
+            out = json.dumps(args)
+        except ValueError:  # (an int past Python's 4300-digit conversion limit)
+            return None
+        calls.append({"name": node.func.id, "arguments": out})
+    return calls
+
+
+class PythonicStream(_Stream):
+    """A pythonic reply (the module docstring's rules): text that does not begin as a list of calls
+    goes out as it comes; one that does is held and read whole when the reply ends."""
+
+    @staticmethod
+    def opening(name: str) -> str:  # (what a list's first call to ``name`` begins with; read whole, not streamed)
+        return f"[{name}("
+
+    def __init__(self, tools):
+        super().__init__(tools)
+        self.mode: str | None = None  # "calls" (may be a list of calls: held), "text", or None (not known yet)
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        self.buf += text
+        events: list[tuple[str, Any]] = []
+        if self.mode is None:
+            lead = self.buf.lstrip()
+            if lead.startswith(("[", PYTHON_START)):
+                self.mode = "calls"
+            elif lead and not PYTHON_START.startswith(lead):
+                self.mode = "text"
+        if self.mode == "text" or (self.mode is None and not self.buf.strip()):  # (whitespace: held by _text)
+            self._text(self.buf, events)
+            self.buf = ""
+        return events
+
+    def finish(self) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        calls = _pythonic_calls(self.buf, self.tools) if self.mode == "calls" else None
+        if calls:
+            for call in calls:
+                self._call_made(("call", call), events)
+        else:
+            self._text(self.buf, events)
+        if self.held and not self.called and (self.spoke or self.held.strip()):
+            events.append(("content", self.held))
+        self.buf, self.held, self.mode = "", "", None
+        return events
+
+
+STREAMS = {"hermes": HermesStream, "llama3_json": Llama3JsonStream, "mistral": MistralStream,
+           "pythonic": PythonicStream}
 
 
 def stream(parser: str, tools) -> _Stream:

@@ -1,5 +1,6 @@
 """tool_choice "auto" (serving/tool_parsers.py): a reply of text and tool calls, in the Hermes format,
-Llama 3's JSON format (``llama3_json``) and Mistral's ``[TOOL_CALLS]`` array (``mistral``).
+Llama 3's JSON format (``llama3_json``), Mistral's ``[TOOL_CALLS]`` array (``mistral``) and the
+pythonic list of calls (``pythonic``).
 
 The parser: what ``parse`` makes of finished replies (calls, text around them, blocks that are not
 calls, cut blocks), and that every chunking of a reply streams what ``parse`` gives. The grammar:
@@ -19,9 +20,10 @@ import pytest
 import torch
 
 from fastadapters.serving.protocol import ChatRequest
-from fastadapters.serving.tool_parsers import (END, LLAMA3_START, PYTHON_TAG, START, TOOL_CALLS, HermesStream,
-                                               Llama3JsonStream, MistralStream, call_id, calls_of, constraint, parse,
-                                               split, stream, tags_are_special)
+from fastadapters.serving.tool_parsers import (END, LLAMA3_START, PYTHON_END, PYTHON_START, PYTHON_TAG, START,
+                                               TOOL_CALLS, HermesStream, Llama3JsonStream, MistralStream,
+                                               PythonicStream, call_id, calls_of, constraint, parse, split, stream,
+                                               tags_are_special)
 
 NAMES = {"get_weather", "now"}
 WEATHER = {"type": "function", "function": {
@@ -203,8 +205,63 @@ def test_mistral_parse_splits_text_and_calls():
     assert parse(M_CALL, NAMES, "hermes") == (M_CALL, [])  # another format's tag is text there
 
 
+def pcalls(*calls: str, wrap: bool = False) -> str:
+    text = "[" + ", ".join(calls) + "]"
+    return PYTHON_START + text + PYTHON_END if wrap else text
+
+
+P_CALL = 'get_weather(city="Paris")'
+P_REPLIES = [
+    pcalls(P_CALL),
+    pcalls(P_CALL, "now()"),
+    pcalls("now()", wrap=True) + "\n",  # Llama 4's tags
+    "  " + pcalls("get_weather(city='San Francisco', n=-1.5, days=[1, (2, 3)], opts={'a': None, 'b': True})"),
+    "Let me check. " + pcalls(P_CALL),  # text before the list: text, as vLLM reads it
+    pcalls(P_CALL) + " done",  # and after it
+    "[1, 2] is a list",
+    pcalls("unknown()"),
+    pcalls("now(a=1, a=2)"),  # a keyword twice
+    pcalls("now(1)"),  # positional
+    pcalls("now(a=x)"),  # not a literal (a name: never evaluated)
+    pcalls('now(a=__import__("os").getcwd())'),
+    pcalls("now(a={1})"),  # a set: no JSON
+    pcalls("now(a=1e400)"),  # inf: no JSON
+    pcalls("now(a={1: 2})"),  # a key that is not a string
+    "[now(a=1), get_weather(city=",  # cut by max_tokens: text
+    "[]",
+    "",
+    "  \n ",
+    "<|python_sta",  # a cut tag: text
+    "It is sunny.\n",
+    pcalls("now(a='\\ud800')"),  # an escaped lone surrogate stays escaped
+    PYTHON_START + "not python" + PYTHON_END,
+]
+
+
+def test_pythonic_parse_splits_text_and_calls():
+    paris = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    now = {"name": "now", "arguments": "{}"}
+
+    def p(text):
+        return parse(text, NAMES, "pythonic")
+
+    assert p(P_REPLIES[0]) == (None, [paris])
+    assert p(P_REPLIES[1]) == (None, [paris, now])
+    assert p(P_REPLIES[2]) == (None, [now])
+    content, calls = p(P_REPLIES[3])
+    assert content is None and [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "San Francisco", "n": -1.5, "days": [1, [2, 3]],
+                                                 "opts": {"a": None, "b": True}}
+    for text in P_REPLIES[4:17] + P_REPLIES[19:21] + P_REPLIES[22:]:  # not wholly a list of calls: content as written
+        assert p(text) == (text, []), text
+    assert p("") == p("  \n ") == (None, [])
+    assert p(P_REPLIES[21]) == (None, [{"name": "now", "arguments": '{"a": "\\ud800"}'}])
+    assert p(pcalls("now(a='é')")) == (None, [{"name": "now", "arguments": '{"a": "é"}'}])
+    assert not any(split(r, NAMES, "pythonic")[2] for r in P_REPLIES)  # a cut list is text, never a cut call
+
+
 @pytest.mark.parametrize("parser,reply", [("hermes", r) for r in REPLIES] + [("llama3_json", r) for r in L_REPLIES]
-                         + [("mistral", r) for r in M_REPLIES])
+                         + [("mistral", r) for r in M_REPLIES] + [("pythonic", r) for r in P_REPLIES])
 def test_every_chunking_streams_what_parse_gives(parser, reply):
     want = parse(reply, NAMES, parser)
     rng = random.Random(len(reply))
@@ -274,6 +331,15 @@ def test_mistral_streams_each_call_of_the_array_as_it_opens():
     assert st.finish() == []
 
 
+def test_pythonic_text_streams_and_a_list_is_read_whole():
+    st = PythonicStream(NAMES)
+    assert st.feed("  ") == [] and st.feed("It is ") == [("content", "  It is")]  # not a list: text as it comes
+    assert st.feed("[sunny].") == [("content", " [sunny].")] and st.finish() == []
+    st = PythonicStream(NAMES)
+    assert st.feed(" <|python_") == [] and st.feed("start|>[now()") == [] and st.feed("]<|python_end|>") == []
+    assert st.finish() == [("call", {"name": "now", "arguments": "{}"})]  # held: it might not have been calls
+
+
 def test_special_call_tags_are_kept_in_the_text():
     class Tok:
         all_special_tokens = ["<s>", START, END]
@@ -297,7 +363,7 @@ def test_special_call_tags_are_kept_in_the_text():
     assert tags_are_special(MistralTok(), "mistral") and not tags_are_special(MistralTok(), "hermes")
     MistralTok.added_tokens_decoder = {5: Added(TOOL_CALLS, False)}
     assert not tags_are_special(MistralTok(), "mistral")  # spelt in ordinary tokens: left in the text anyway
-    assert not tags_are_special(MistralTok(), "llama3_json")
+    assert not tags_are_special(MistralTok(), "pythonic")
 
 
 def test_call_ids():
@@ -320,11 +386,11 @@ def test_llama3_json_is_xgrammars_llama_format():
     assert (tag["type"], tag["triggers"], tag["stop_after_first"]) == ("triggered_tags", [LLAMA3_START], True)
     assert [(t["begin"], t["end"]) for t in tag["tags"]] == \
         [('{"name": "get_weather", "parameters": ', "}"), ('{"name": "now", "parameters": ', "}")]
-    with pytest.raises(ValueError, match="parser: got 'x'; valid: one of hermes, llama3_json, mistral"):
+    with pytest.raises(ValueError, match="parser: got 'x'; valid: one of hermes, llama3_json, mistral, pythonic"):
         constraint({"now": {}}, True, "x")
 
 
-def test_mistral_is_one_array_after_the_tag():
+def test_mistral_is_one_array_after_the_tag_and_pythonic_is_unconstrained():
     tag = json.loads(_auto("mistral", parallel_tool_calls=False).structured().value)["format"]
     assert (tag["type"], tag["triggers"], tag["stop_after_first"]) == ("triggered_tags", [TOOL_CALLS], True)
     (array,) = tag["tags"]
@@ -333,6 +399,9 @@ def test_mistral_is_one_array_after_the_tag():
     assert (calls["separator"], calls["at_least_one"], calls["stop_after_first"]) == (", ", True, True)
     assert [(t["begin"], t["end"]) for t in calls["tags"]] == \
         [('{"name": "get_weather", "arguments": ', "}"), ('{"name": "now", "arguments": ', "}")]
+    req = _auto("pythonic")
+    assert req.tool_call() == ("auto", "pythonic") and req.structured() is None  # (the tools are still checked)
+    assert _auto("pythonic", response_format={"type": "json_object"}).structured().kind == "json_object"
 
 
 def test_auto_is_a_structural_tag_over_the_tools_and_refused_without_a_parser():
@@ -371,7 +440,21 @@ def test_bad_tool_flags_exit_2(tmp_path, capsys):
     assert "--enable-auto-tool-choice" in capsys.readouterr().err
     assert main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'nope'" in err and all(p in err for p in ("hermes", "llama3_json", "mistral"))
+    assert "invalid choice: 'nope'" in err and all(p in err for p in ("hermes", "llama3_json", "mistral", "pythonic"))
+
+
+def test_pythonic_needs_no_xgrammar(tmp_path, capsys, monkeypatch):
+    from fastadapters.serving import structured
+    from fastadapters.serving.serve import main
+
+    def missing():
+        raise structured.StructuredUnavailable("structured output needs xgrammar")
+
+    monkeypatch.setattr(structured, "_xgrammar", missing)
+    assert main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "mistral"]) == 2
+    assert "--enable-auto-tool-choice: structured output needs xgrammar" in capsys.readouterr().err
+    main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"])
+    assert "xgrammar" not in capsys.readouterr().err  # (it stops later, at the empty model folder)
 
 
 # ---- with SmolLM2's vocabulary (grammar) and through the server
@@ -706,6 +789,11 @@ def served_mistral(smol):
     yield from _serve(smol, "mistral")
 
 
+@pytest.fixture(scope="module")
+def served_pythonic(smol):
+    yield from _serve(smol, "pythonic")
+
+
 def _scripted(engine, monkeypatch):
     """``script(text)``: the engine's next request samples ``text``'s tokens, then EOS."""
     from fastadapters.serving import engine as engine_mod
@@ -759,4 +847,24 @@ def test_mistral_over_http_streamed_or_not(served_mistral, monkeypatch):
         with pytest.raises(openai.InternalServerError, match="not allowed by the request's grammar"):
             client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64, **kw)
     assert _both(client, script, "Plain [text].", max_tokens=16) == [("Plain [text].", [], "stop")] * 2
+    assert_no_leaks(engine)
+
+
+def test_pythonic_over_http_streamed_or_not(served_pythonic, monkeypatch):
+    """The pythonic server: a list of calls (content None), streamed or not; a list cut by
+    max_tokens, and text around a list, come back as content, as vLLM returns them."""
+    from .serve_helpers import assert_no_leaks
+
+    engine, client = served_pythonic
+    script = _scripted(engine, monkeypatch)
+    for content, calls, reason in _both(client, script, pcalls(P_CALL, "now()"), max_tokens=64):
+        assert (content, reason) == (None, "tool_calls")
+        assert [(n, json.loads(a)) for n, a, _ in calls] == [("get_weather", {"city": "Paris"}), ("now", {})]
+        assert all(i.startswith("chatcmpl-tool-") for _, _, i in calls)
+    cut = pcalls(P_CALL, "now()")
+    n = len(engine.tokenizer.encode(cut, add_special_tokens=False))
+    got = _both(client, script, cut, max_tokens=n - 2)
+    assert [(c, calls, r) for c, calls, r in got] == [(got[0][0], [], "length")] * 2 and cut.startswith(got[0][0])
+    text = "See " + pcalls(P_CALL)
+    assert _both(client, script, text, max_tokens=64) == [(text, [], "stop")] * 2
     assert_no_leaks(engine)
