@@ -48,7 +48,7 @@ from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ErrorR
                        TokenizeRequest, UnloadAdapterRequest, _unicode, error_body)
 from .sampling import NO_TOKEN, SamplingParams
 from .structured import StructuredSpec
-from .tool_parsers import PARSERS, split as split_tools, stream as tool_stream, tags_are_special
+from .tool_parsers import PARSERS, call_id, split as split_tools, stream as tool_stream, tags_are_special
 
 __all__ = ["create_app", "APIError", "Limits"]
 
@@ -766,7 +766,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 if tool_call is not None and tool_call[0] == "auto":  # text and calls
                     text, calls, reason = _auto_tool_calls(tool_call[1], text, c.reason, tool_call_parser)
                 else:
-                    calls, reason = _tool_calls(tool_call, text, c.reason)
+                    calls, reason = _tool_calls(tool_call, text, c.reason, tool_call_parser)
                     text = None if calls else text
                 message = {"role": "assistant", "content": text}
                 if calls:
@@ -811,7 +811,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                     pieces.append((None, {"tool_calls": [{"index": called[i] - 1, "function": {"arguments": value}}]}))
                 else:  # a call opens (its name; arguments to come), or one read whole
                     fn = {"name": value, "arguments": ""} if kind == "call_open" else value
-                    call = {"index": called[i], "id": _call_id(), "type": "function", "function": fn}
+                    call = {"index": called[i], "id": call_id(tool_call_parser), "type": "function", "function": fn}
                     pieces.append((None, {"tool_calls": [call]}))
                     called[i] += 1
             if reason is not None:
@@ -826,7 +826,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 return chunk(i, None, reason, delta={"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
                              if text else {})
             whole = "".join(held.pop(i, [])) + text
-            calls, reason = _tool_calls(tool_call, whole, reason)
+            calls, reason = _tool_calls(tool_call, whole, reason, tool_call_parser)
             if calls is None:
                 return chunk(i, whole, reason)
             return chunk(i, None, reason, delta={"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
@@ -854,7 +854,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
                 for i in range(len(choices.list)):
                     yield chunk(i, None, None, first=True)
                     if tool_call is not None and tool_call[0] == "named":  # the call's id and name, then its arguments
-                        call = {"index": 0, "id": _call_id(), "type": "function",
+                        call = {"index": 0, "id": call_id(tool_call_parser), "type": "function",
                                 "function": {"name": tool_call[1], "arguments": ""}}
                         yield chunk(i, None, None, delta={"tool_calls": [call]})
             while True:
@@ -986,22 +986,24 @@ def _template_tool_calls(calls):
     return out
 
 
-def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | None) -> tuple[list | None, str | None]:
+def _tool_calls(call: tuple[str, str | None] | None, text: str, reason: str | None,
+                parser: str | None = None) -> tuple[list | None, str | None]:
     """A finished choice's tool calls from its text (``call``: ``ChatRequest.tool_call()``), and its
     finish reason: a named function's arguments are the text ("stop" as OpenAI); "required" parses the
     text's array of {"name", "parameters"} ("tool_calls"). None when the text is not a whole call (cut by
-    max_tokens or a stop string): then the text stays the content."""
+    max_tokens or a stop string): then the text stays the content. Ids: ``tool_parsers.call_id`` of the
+    server's ``parser`` (a Mistral model's template takes only its own ids back)."""
     if call is None:
         return None, reason
     if call[0] == "named":
-        return [{"id": _call_id(), "type": "function", "function": {"name": call[1], "arguments": text}}], reason
+        return [{"id": call_id(parser), "type": "function", "function": {"name": call[1], "arguments": text}}], reason
     try:
         items = json.loads(text)
     except ValueError:
         return None, reason
     if reason != "stop" or not isinstance(items, list):
         return None, reason
-    return [{"id": _call_id(), "type": "function",
+    return [{"id": call_id(parser), "type": "function",
              "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}} for it in items], "tool_calls"
 
 
@@ -1011,7 +1013,7 @@ def _auto_tool_calls(names, text: str, reason: str | None,
     with the server's ``parser``; "tool_calls" when it made calls and ended by itself, not inside one
     (a stop string that cut a call's arguments leaves "stop")."""
     content, calls, cut = split_tools(text, names, parser)
-    calls = [{"id": _call_id(), "type": "function", "function": c} for c in calls]
+    calls = [{"id": call_id(parser), "type": "function", "function": c} for c in calls]
     return content, calls or None, "tool_calls" if calls and reason == "stop" and not cut else reason
 
 
@@ -1028,10 +1030,6 @@ def _stripped_space_marker(tokenizer, vocab: dict) -> str | None:
                 return None
             return marker if not text.startswith(" ") else None
     return None
-
-
-def _call_id() -> str:
-    return "chatcmpl-tool-" + uuid.uuid4().hex
 
 
 class _Choice:

@@ -12,8 +12,9 @@ request (``structured()``; served by ``structured.py``): OpenAI's ``response_for
 ``structural_tag``, ``disable_any_whitespace``). Tool calls (chat): ``tools`` with ``tool_choice`` naming a function or
 "required" become a JSON constraint on the call (vLLM's shapes; ``ChatRequest.tool_call``), "none"
 a plain reply; "auto" (the default with tools) needs a server started with a tool-call parser
-(``--enable-auto-tool-choice --tool-call-parser hermes`` or ``llama3_json``: text and calls, the calls held to the
-tools by a structural tag; ``tool_parsers.py``), else it is refused, as vLLM does. vLLM's ``prompt_logprobs`` (k <= 20,
+(``--enable-auto-tool-choice --tool-call-parser hermes``, ``llama3_json``, ``mistral`` or ``pythonic``: text and
+calls, the calls held to the tools by a structural tag, pythonic's unconstrained; ``tool_parsers.py``), else it is
+refused, as vLLM does. vLLM's ``prompt_logprobs`` (k <= 20,
 not streamed; ``prompt_logprobs_k``), ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``bad_words`` and chat's ``add_generation_prompt``, ``continue_final_message`` and
 ``chat_template_kwargs`` (``ChatRequest.template_options``). A field that would change the result
@@ -419,8 +420,8 @@ class ChatRequest(_Sampling):
             if self._tool_parser is not None:
                 return "auto", self._tool_parser
             raise ValueError("tool_choice: 'auto' (the default when tools are given) needs a server started with "
-                             "--enable-auto-tool-choice --tool-call-parser hermes (or llama3_json: a parser for tool "
-                             "calls in a free-form reply); valid here: 'required', a named function {\"type\": \"function\", "
+                             "--enable-auto-tool-choice --tool-call-parser hermes (or llama3_json, mistral, pythonic: a "
+                             "parser for tool calls in a free-form reply); valid here: 'required', a named function {\"type\": \"function\", "
                              "\"function\": {\"name\": ...}}, or 'none'")
         if choice == "required":
             return "required", None
@@ -451,8 +452,8 @@ class ChatRequest(_Sampling):
                                      "arguments are an object)")
                 params[name] = json.loads(_schema_text(schema, f"tools[{i}]"))
             source = "tool_choice" if self.tool_choice is not None else "tools"  # ("auto" sent, or by default)
-            return [Structured(source, "structural_tag",
-                               constraint(params, self.parallel_tool_calls is not False, call[1]))]
+            tag = constraint(params, self.parallel_tool_calls is not False, call[1])
+            return [Structured(source, "structural_tag", tag)] if tag is not None else []  # (pythonic: none)
         for name in ("stop", "stop_token_ids"):
             if getattr(self, name):  # a cut call would read as a finished one (finish_reason "stop")
                 raise ValueError(f"{name}: not with tool_choice {_shown(self.tool_choice)}: it could cut the call's "

@@ -107,12 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="chat requests with tools may leave tool_choice 'auto' (its default): the reply is text "
                         "and tool calls, parsed by --tool-call-parser, each call held to a request's tool by a "
-                        "grammar (needs xgrammar: fastadapters[structured]); without it 'auto' is a 400")
+                        "grammar (needs xgrammar: fastadapters[structured]; pythonic's calls are not held, and a "
+                        "malformed one is text); without it 'auto' is a 400")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the format of tool calls in a reply, for --enable-auto-tool-choice: hermes "
-                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen) or llama3_json "
+                        "(<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; Hermes, Qwen), llama3_json "
                         "({\"name\": ..., \"parameters\": {...}}, several separated by ';'; Llama 3.1-3.3, "
-                        "Llama 4's JSON template)")
+                        "Llama 4's JSON template), mistral ([TOOL_CALLS] and a JSON array of {\"name\": ..., "
+                        "\"arguments\": {...}}; Mistral 7B v0.3, Nemo, Small) or pythonic ([f(a=1), g(b='x')] as "
+                        "the whole reply; Llama 3.2, Llama 4; not held to the tools by a grammar)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of a prompt prefix computed for an earlier request of the same "
                         "adapter (default: reuse them)")
@@ -276,7 +279,7 @@ def _check(args) -> None:
         raise UsageError(f"--enable-auto-tool-choice needs --tool-call-parser; valid: {', '.join(PARSERS)}")
     if parser is not None and not auto:
         raise UsageError("--tool-call-parser: only read with --enable-auto-tool-choice; add it (or drop the parser)")
-    if auto:
+    if auto and parser != "pythonic":  # (pythonic's calls are not constrained: no grammar to compile)
         from .structured import StructuredUnavailable, _xgrammar
         try:
             _xgrammar()

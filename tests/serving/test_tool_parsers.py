@@ -1,5 +1,6 @@
-"""tool_choice "auto" (serving/tool_parsers.py): a reply of text and tool calls, in the Hermes format
-and in Llama 3's JSON format (``llama3_json``).
+"""tool_choice "auto" (serving/tool_parsers.py): a reply of text and tool calls, in the Hermes format,
+Llama 3's JSON format (``llama3_json``), Mistral's ``[TOOL_CALLS]`` array (``mistral``) and the
+pythonic list of calls (``pythonic``).
 
 The parser: what ``parse`` makes of finished replies (calls, text around them, blocks that are not
 calls, cut blocks), and that every chunking of a reply streams what ``parse`` gives. The grammar:
@@ -19,8 +20,10 @@ import pytest
 import torch
 
 from fastadapters.serving.protocol import ChatRequest
-from fastadapters.serving.tool_parsers import (END, LLAMA3_START, PYTHON_TAG, START, HermesStream, Llama3JsonStream,
-                                               calls_of, constraint, parse, split, stream, tags_are_special)
+from fastadapters.serving.tool_parsers import (END, LLAMA3_START, PYTHON_END, PYTHON_START, PYTHON_TAG, START,
+                                               TOOL_CALLS, HermesStream, Llama3JsonStream, MistralStream,
+                                               PythonicStream, call_id, calls_of, constraint, parse, split, stream,
+                                               tags_are_special)
 
 NAMES = {"get_weather", "now"}
 WEATHER = {"type": "function", "function": {
@@ -136,7 +139,129 @@ def test_llama3_parse_splits_text_and_calls():
         stream("nope", NAMES)
 
 
-@pytest.mark.parametrize("parser,reply", [("hermes", r) for r in REPLIES] + [("llama3_json", r) for r in L_REPLIES])
+def mcalls(*calls: tuple[str, dict], space: str = "") -> str:
+    """A Mistral reply's calls: the tag and the array, as Mistral's templates write it."""
+    return TOOL_CALLS + space + "[" + ", ".join(json.dumps({"name": n, "arguments": a}) for n, a in calls) + "]"
+
+
+M_CALL = mcalls(("get_weather", {"city": "Paris"}))
+M_REPLIES = [
+    M_CALL,
+    mcalls(("get_weather", {"city": "Paris"}), ("now", {}), space=" "),  # two calls in one array; " [" too
+    "Let me check. " + M_CALL,
+    M_CALL + " then more",
+    "x " + mcalls(("unknown", {})) + " y",  # not one of the tools: text
+    TOOL_CALLS + '[{"name": "now", "arguments": {}}, {"x": 1}] y',  # a call, then what no grammar held: text
+    TOOL_CALLS + '\n[{"arguments": {}, "name": "now"}]',  # another opening: read whole, a call
+    TOOL_CALLS + '  [{"name": "now", "arguments": {}}, {"name": "nope", "arguments": {}}] z ' + M_CALL,  # an array
+    # with a non-call is text, and the text goes on
+    TOOL_CALLS + "hello " + M_CALL,  # the tag with no array: text
+    TOOL_CALLS + '[{"name": "now", "arguments": {"a": [1,',  # cut by max_tokens: a call, cut
+    TOOL_CALLS + '[{"name": "now", "arguments": {}}, {"name": "get_w',  # cut after a call, in the next's opening
+    TOOL_CALLS + '[{"name": "now", "arguments": {}}',  # a stop string cut the close: whole
+    TOOL_CALLS + ' [{"name": "now"',  # cut in the opening: text
+    mcalls(("get_weather", {"city": 'a}]b"{ [x'})),  # brackets and a quote inside an argument's string
+    TOOL_CALLS + "[]",  # no calls: text
+    TOOL_CALLS + '[{"name": "now", "arguments": {}}]' + TOOL_CALLS + '[{"name": "now", "arguments": {}}]',
+    "",
+    "  \n ",
+    "Plain [text] and [TOOL_CA",  # brackets that are no tag, a cut tag at the end: text
+    '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "\\ud800x", "n": 1e400}}]',
+]
+
+
+def test_mistral_parse_splits_text_and_calls():
+    paris = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    now = {"name": "now", "arguments": "{}"}
+
+    def p(text):
+        return parse(text, NAMES, "mistral")
+
+    assert p(M_REPLIES[0]) == (None, [paris])
+    assert p(M_REPLIES[1]) == (None, [paris, now])
+    assert p(M_REPLIES[2]) == ("Let me check.", [paris])
+    assert p(M_REPLIES[3]) == (" then more", [paris])
+    assert p(M_REPLIES[4]) == (M_REPLIES[4], [])
+    assert p(M_REPLIES[5]) == ('}, {"x": 1}] y', [now])
+    assert p(M_REPLIES[6]) == (None, [now])
+    assert p(M_REPLIES[7]) == (M_REPLIES[7][:-len(M_CALL) - 1], [paris])
+    assert p(M_REPLIES[8]) == (TOOL_CALLS + "hello", [paris])
+    assert p(M_REPLIES[9]) == (None, [{"name": "now", "arguments": '{"a": [1,'}])
+    assert split(M_REPLIES[9], NAMES, "mistral")[2] and not split(M_REPLIES[10], NAMES, "mistral")[2]
+    assert p(M_REPLIES[10]) == p(M_REPLIES[11]) == (None, [now])
+    assert p(M_REPLIES[12]) == (M_REPLIES[12], [])
+    assert p(M_REPLIES[13]) == (None, [{"name": "get_weather", "arguments": json.dumps({"city": 'a}]b"{ [x'})}])
+    assert p(M_REPLIES[14]) == (M_REPLIES[14], [])
+    assert p(M_REPLIES[15]) == (None, [now, now])
+    assert p("") == p("  \n ") == (None, [])
+    assert p(M_REPLIES[18]) == (M_REPLIES[18], [])
+    assert p(M_REPLIES[19])[1] == [{"name": "get_weather", "arguments": '{"city": "\\ud800x", "n": 1e400}'}]
+    # read whole (another opening): extra keys, arguments not an object, NaN, no array: all text
+    for bad in ('[{"name": "now", "arguments": {}, "id": "abcdefghi"}]', '[{"name": "now", "arguments": "{}"}]',
+                '[{"name": "now", "arguments": {"a": NaN}}]', '{"name": "now", "arguments": {}}'):
+        assert p(TOOL_CALLS + "\n" + bad) == (TOOL_CALLS + "\n" + bad, []), bad
+    # opened as the grammar writes it: a call, and what follows its arguments (not the close) text
+    assert p(TOOL_CALLS + ' [{"name": "now", "arguments": {}, "id": "abcdefghi"}]') == (', "id": "abcdefghi"}]', [now])
+    assert parse(M_CALL, NAMES, "hermes") == (M_CALL, [])  # another format's tag is text there
+
+
+def pcalls(*calls: str, wrap: bool = False) -> str:
+    text = "[" + ", ".join(calls) + "]"
+    return PYTHON_START + text + PYTHON_END if wrap else text
+
+
+P_CALL = 'get_weather(city="Paris")'
+P_REPLIES = [
+    pcalls(P_CALL),
+    pcalls(P_CALL, "now()"),
+    pcalls("now()", wrap=True) + "\n",  # Llama 4's tags
+    "  " + pcalls("get_weather(city='San Francisco', n=-1.5, days=[1, (2, 3)], opts={'a': None, 'b': True})"),
+    "Let me check. " + pcalls(P_CALL),  # text before the list: text, as vLLM reads it
+    pcalls(P_CALL) + " done",  # and after it
+    "[1, 2] is a list",
+    pcalls("unknown()"),
+    pcalls("now(a=1, a=2)"),  # a keyword twice
+    pcalls("now(1)"),  # positional
+    pcalls("now(a=x)"),  # not a literal (a name: never evaluated)
+    pcalls('now(a=__import__("os").getcwd())'),
+    pcalls("now(a={1})"),  # a set: no JSON
+    pcalls("now(a=1e400)"),  # inf: no JSON
+    pcalls("now(a={1: 2})"),  # a key that is not a string
+    "[now(a=1), get_weather(city=",  # cut by max_tokens: text
+    "[]",
+    "",
+    "  \n ",
+    "<|python_sta",  # a cut tag: text
+    "It is sunny.\n",
+    pcalls("now(a='\\ud800')"),  # an escaped lone surrogate stays escaped
+    PYTHON_START + "not python" + PYTHON_END,
+]
+
+
+def test_pythonic_parse_splits_text_and_calls():
+    paris = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    now = {"name": "now", "arguments": "{}"}
+
+    def p(text):
+        return parse(text, NAMES, "pythonic")
+
+    assert p(P_REPLIES[0]) == (None, [paris])
+    assert p(P_REPLIES[1]) == (None, [paris, now])
+    assert p(P_REPLIES[2]) == (None, [now])
+    content, calls = p(P_REPLIES[3])
+    assert content is None and [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "San Francisco", "n": -1.5, "days": [1, [2, 3]],
+                                                 "opts": {"a": None, "b": True}}
+    for text in P_REPLIES[4:17] + P_REPLIES[19:21] + P_REPLIES[22:]:  # not wholly a list of calls: content as written
+        assert p(text) == (text, []), text
+    assert p("") == p("  \n ") == (None, [])
+    assert p(P_REPLIES[21]) == (None, [{"name": "now", "arguments": '{"a": "\\ud800"}'}])
+    assert p(pcalls("now(a='é')")) == (None, [{"name": "now", "arguments": '{"a": "é"}'}])
+    assert not any(split(r, NAMES, "pythonic")[2] for r in P_REPLIES)  # a cut list is text, never a cut call
+
+
+@pytest.mark.parametrize("parser,reply", [("hermes", r) for r in REPLIES] + [("llama3_json", r) for r in L_REPLIES]
+                         + [("mistral", r) for r in M_REPLIES] + [("pythonic", r) for r in P_REPLIES])
 def test_every_chunking_streams_what_parse_gives(parser, reply):
     want = parse(reply, NAMES, parser)
     rng = random.Random(len(reply))
@@ -162,7 +287,8 @@ def test_content_is_not_held_longer_than_needed():
 
 
 @pytest.mark.parametrize("parser,call", [("hermes", block("get_weather", {"city": "Paris, {France}"})),
-                                         ("llama3_json", call3("get_weather", {"city": "Paris, {France}"}))])
+                                         ("llama3_json", call3("get_weather", {"city": "Paris, {France}"})),
+                                         ("mistral", mcalls(("get_weather", {"city": "Paris, {France}"})))])
 def test_a_calls_arguments_stream_as_they_come(parser, call):
     # fed one character at a time: the call opens as soon as its opening is whole, and every
     # character of its arguments goes out as it arrives (nothing held back inside them)
@@ -194,6 +320,26 @@ def test_llama3_content_is_not_held_longer_than_needed():
     assert st.finish() == []
 
 
+def test_mistral_streams_each_call_of_the_array_as_it_opens():
+    st = MistralStream(NAMES)
+    assert st.feed("Sure. " + TOOL_CALLS + ' [{"name": "now", "arg') == [("content", "Sure.")]
+    assert st.feed('uments": {}') == [("call_open", "now"), ("call_args", "{}")]
+    assert st.feed('}, {"name": "get_weather", "arguments": {"ci') == [("call_open", "get_weather"),
+                                                                        ("call_args", '{"ci')]
+    assert st.feed('ty": "Paris"}}]') == [("call_args", 'ty": "Paris"}')]
+    assert st.feed(" Done") == [("content", "  Done")]  # (the space held before the call, then the text)
+    assert st.finish() == []
+
+
+def test_pythonic_text_streams_and_a_list_is_read_whole():
+    st = PythonicStream(NAMES)
+    assert st.feed("  ") == [] and st.feed("It is ") == [("content", "  It is")]  # not a list: text as it comes
+    assert st.feed("[sunny].") == [("content", " [sunny].")] and st.finish() == []
+    st = PythonicStream(NAMES)
+    assert st.feed(" <|python_") == [] and st.feed("start|>[now()") == [] and st.feed("]<|python_end|>") == []
+    assert st.finish() == [("call", {"name": "now", "arguments": "{}"})]  # held: it might not have been calls
+
+
 def test_special_call_tags_are_kept_in_the_text():
     class Tok:
         all_special_tokens = ["<s>", START, END]
@@ -202,6 +348,28 @@ def test_special_call_tags_are_kept_in_the_text():
     assert not tags_are_special(Tok(), "llama3_json")  # its calls have no tags (<|python_tag|> is dropped)
     Tok.all_special_tokens = ["<s>"]
     assert not tags_are_special(Tok())
+
+    class Added:  # an added token marked special (decode leaves it out), not in all_special_tokens
+        def __init__(self, text, special):
+            self.text, self.special = text, special
+
+        def __str__(self):
+            return self.text
+
+    class MistralTok:
+        all_special_tokens = ["<s>", "</s>"]
+        added_tokens_decoder = {5: Added(TOOL_CALLS, True), 6: Added(START, False)}
+
+    assert tags_are_special(MistralTok(), "mistral") and not tags_are_special(MistralTok(), "hermes")
+    MistralTok.added_tokens_decoder = {5: Added(TOOL_CALLS, False)}
+    assert not tags_are_special(MistralTok(), "mistral")  # spelt in ordinary tokens: left in the text anyway
+    assert not tags_are_special(MistralTok(), "pythonic")
+
+
+def test_call_ids():
+    assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in {call_id("mistral") for _ in range(50)})
+    assert len({call_id("mistral") for _ in range(50)}) == 50
+    assert call_id("hermes").startswith("chatcmpl-tool-") and call_id(None) != call_id(None)
 
 
 def _auto(parser="hermes", **kw):
@@ -218,8 +386,22 @@ def test_llama3_json_is_xgrammars_llama_format():
     assert (tag["type"], tag["triggers"], tag["stop_after_first"]) == ("triggered_tags", [LLAMA3_START], True)
     assert [(t["begin"], t["end"]) for t in tag["tags"]] == \
         [('{"name": "get_weather", "parameters": ', "}"), ('{"name": "now", "parameters": ', "}")]
-    with pytest.raises(ValueError, match="parser: got 'x'"):
+    with pytest.raises(ValueError, match="parser: got 'x'; valid: one of hermes, llama3_json, mistral, pythonic"):
         constraint({"now": {}}, True, "x")
+
+
+def test_mistral_is_one_array_after_the_tag_and_pythonic_is_unconstrained():
+    tag = json.loads(_auto("mistral", parallel_tool_calls=False).structured().value)["format"]
+    assert (tag["type"], tag["triggers"], tag["stop_after_first"]) == ("triggered_tags", [TOOL_CALLS], True)
+    (array,) = tag["tags"]
+    assert (array["begin"], array["end"]) == (TOOL_CALLS, "]")
+    calls = array["content"]["elements"][1]
+    assert (calls["separator"], calls["at_least_one"], calls["stop_after_first"]) == (", ", True, True)
+    assert [(t["begin"], t["end"]) for t in calls["tags"]] == \
+        [('{"name": "get_weather", "arguments": ', "}"), ('{"name": "now", "arguments": ', "}")]
+    req = _auto("pythonic")
+    assert req.tool_call() == ("auto", "pythonic") and req.structured() is None  # (the tools are still checked)
+    assert _auto("pythonic", response_format={"type": "json_object"}).structured().kind == "json_object"
 
 
 def test_auto_is_a_structural_tag_over_the_tools_and_refused_without_a_parser():
@@ -257,7 +439,22 @@ def test_bad_tool_flags_exit_2(tmp_path, capsys):
     assert main(["--base-model", str(tmp_path), "--tool-call-parser", "hermes"]) == 2
     assert "--enable-auto-tool-choice" in capsys.readouterr().err
     assert main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "nope"]) == 2
-    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(p in err for p in ("hermes", "llama3_json", "mistral", "pythonic"))
+
+
+def test_pythonic_needs_no_xgrammar(tmp_path, capsys, monkeypatch):
+    from fastadapters.serving import structured
+    from fastadapters.serving.serve import main
+
+    def missing():
+        raise structured.StructuredUnavailable("structured output needs xgrammar")
+
+    monkeypatch.setattr(structured, "_xgrammar", missing)
+    assert main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "mistral"]) == 2
+    assert "--enable-auto-tool-choice: structured output needs xgrammar" in capsys.readouterr().err
+    main(["--base-model", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"])
+    assert "xgrammar" not in capsys.readouterr().err  # (it stops later, at the empty model folder)
 
 
 # ---- with SmolLM2's vocabulary (grammar) and through the server
@@ -317,6 +514,22 @@ def test_the_llama3_grammar_holds_calls_to_the_tools(compiled):
         assert not allowed(g, call3("get_weather", {"town": "Paris"}))  # arguments outside the schema
         assert not allowed(g, call3("get_weather", {}))  # a required argument missing
         assert allowed(g, L_CALL + "; " + call3("now", {})) is parallel  # a second call
+
+
+def test_the_mistral_grammar_holds_calls_to_the_tools(compiled):
+    compile, allowed = compiled
+    two = mcalls(("get_weather", {"city": "Paris"}), ("now", {}), space=" ")
+    for parallel in (True, False):
+        g = compile("mistral", parallel)
+        assert allowed(g, "Let me check. " + M_CALL) and allowed(g, "just [text]") and allowed(g, mcalls(("now", {})))
+        assert allowed(g, mcalls(("now", {}), space=" ")) and allowed(g, M_REPLIES[13])
+        assert not allowed(g, mcalls(("get_time", {})))  # not a tool
+        assert not allowed(g, mcalls(("get_weather", {"town": "Paris"})))  # arguments outside the schema
+        assert not allowed(g, mcalls(("get_weather", {})))  # a required argument missing
+        assert not allowed(g, TOOL_CALLS + "[]") and not allowed(g, TOOL_CALLS + "hello")  # the tag opens an array
+        assert not allowed(g, TOOL_CALLS + '[{"name": "now", "arguments": {}, "id": "abcdefghi"}]')
+        assert allowed(g, two) is parallel  # a second call
+        assert allowed(g, M_CALL + " " + M_CALL) is parallel
 
 
 def _serve(smol, parser: str):
@@ -568,4 +781,90 @@ def test_llama3_json_over_http_streamed_or_not(served_llama3, monkeypatch):
     script("It is sunny; {\"a\": 1}")
     c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER], max_tokens=16).choices[0]
     assert (c.message.content, c.message.tool_calls, c.finish_reason) == ('It is sunny; {"a": 1}', None, "stop")
+    assert_no_leaks(engine)
+
+
+@pytest.fixture(scope="module")
+def served_mistral(smol):
+    yield from _serve(smol, "mistral")
+
+
+@pytest.fixture(scope="module")
+def served_pythonic(smol):
+    yield from _serve(smol, "pythonic")
+
+
+def _scripted(engine, monkeypatch):
+    """``script(text)``: the engine's next request samples ``text``'s tokens, then EOS."""
+    from fastadapters.serving import engine as engine_mod
+
+    real, queue = engine_mod.sample_rows, []
+
+    def scripted(logits, params, generators):
+        tokens, errors = real(logits, params, generators)
+        return [queue.pop(0) if queue else engine.tokenizer.eos_token_id for _ in tokens], errors
+
+    monkeypatch.setattr(engine_mod, "sample_rows", scripted)
+
+    def script(text):
+        settle(engine)
+        queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
+    return script
+
+
+def _both(client, script, reply: str, **kw):
+    """The reply ``reply`` scripted, non-streamed then streamed: [(content, [(name, arguments, id)],
+    finish_reason)] for each."""
+    out = []
+    script(reply)
+    c = client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], **kw).choices[0]
+    out.append((c.message.content, [(t.function.name, t.function.arguments, t.id) for t in c.message.tool_calls or []],
+                c.finish_reason))
+    script(reply)
+    chunks = [ch.choices[0] for ch in client.chat.completions.create(
+        model="smol", messages=MESSAGES, tools=[WEATHER, NOW], stream=True, **kw) if ch.choices]
+    out.append(("".join(ch.delta.content or "" for ch in chunks) or None, accumulate(chunks), chunks[-1].finish_reason))
+    return out
+
+
+def test_mistral_over_http_streamed_or_not(served_mistral, monkeypatch):
+    """The mistral server: text and an array of two calls, streamed or not, with Mistral's 9-character
+    ids; the grammar in force (an unknown function, a second call with parallel_tool_calls false)."""
+    import openai
+
+    from .serve_helpers import assert_no_leaks
+
+    engine, client = served_mistral
+    script = _scripted(engine, monkeypatch)
+    assert not tags_are_special(engine.tokenizer, "mistral")  # SmolLM2 spells the tag in ordinary tokens
+    reply = "Let me check. " + mcalls(("get_weather", {"city": "Paris"}), ("now", {}))
+    for content, calls, reason in _both(client, script, reply, max_tokens=64):
+        assert (content, reason) == ("Let me check.", "tool_calls")
+        assert [(n, json.loads(a)) for n, a, _ in calls] == [("get_weather", {"city": "Paris"}), ("now", {})]
+        assert all(len(i) == 9 and i.isalnum() for _, _, i in calls) and len({i for _, _, i in calls}) == 2
+    for text, kw in ((mcalls(("get_time", {})), {}), (reply, {"parallel_tool_calls": False})):
+        script(text)
+        with pytest.raises(openai.InternalServerError, match="not allowed by the request's grammar"):
+            client.chat.completions.create(model="smol", messages=MESSAGES, tools=[WEATHER, NOW], max_tokens=64, **kw)
+    assert _both(client, script, "Plain [text].", max_tokens=16) == [("Plain [text].", [], "stop")] * 2
+    assert_no_leaks(engine)
+
+
+def test_pythonic_over_http_streamed_or_not(served_pythonic, monkeypatch):
+    """The pythonic server: a list of calls (content None), streamed or not; a list cut by
+    max_tokens, and text around a list, come back as content, as vLLM returns them."""
+    from .serve_helpers import assert_no_leaks
+
+    engine, client = served_pythonic
+    script = _scripted(engine, monkeypatch)
+    for content, calls, reason in _both(client, script, pcalls(P_CALL, "now()"), max_tokens=64):
+        assert (content, reason) == (None, "tool_calls")
+        assert [(n, json.loads(a)) for n, a, _ in calls] == [("get_weather", {"city": "Paris"}), ("now", {})]
+        assert all(i.startswith("chatcmpl-tool-") for _, _, i in calls)
+    cut = pcalls(P_CALL, "now()")
+    n = len(engine.tokenizer.encode(cut, add_special_tokens=False))
+    got = _both(client, script, cut, max_tokens=n - 2)
+    assert [(c, calls, r) for c, calls, r in got] == [(got[0][0], [], "length")] * 2 and cut.startswith(got[0][0])
+    text = "See " + pcalls(P_CALL)
+    assert _both(client, script, text, max_tokens=64) == [(text, [], "stop")] * 2
     assert_no_leaks(engine)
