@@ -97,8 +97,13 @@ def extract_choice_first(response: str) -> str:
 
 
 _STRICT_PATTERNS = (
-    # "the answer is (D)", "Answer: D", "answer is option C", "correct answer is: (b)"
-    re.compile(r"answer\s*(?:is|:)?\s*:?\s*(?:option|choice)?\s*\(?\s*([A-Ea-e])\s*\)?(?![A-Za-z0-9])", re.I),
+    # "the answer is (D)", "Answer: D", "answer is option C", "correct answer is: (b)", "answer: b".
+    # A capital letter, or any letter in parentheses, is the choice; a lone lowercase one only when
+    # no word follows it: in "the answer is a number" / "answer is e.g. 5" it is an article / an
+    # abbreviation, not choice A / E.
+    re.compile(r"(?i:answer\s*(?:is|:)?\s*:?\s*(?:option|choice)?)\s*"
+               r"(?:\(\s*([A-Ea-e])\s*\)|([A-E])\s*\)?(?![A-Za-z0-9])|([a-e])\s*\)?(?![A-Za-z0-9])(?!\s*[A-Za-z])"
+               r"(?!\.[A-Za-z]))"),
     re.compile(r"\(([A-E])\)"),  # a parenthesised choice, as the options are written
     re.compile(r"(?<![A-Za-z0-9])([A-E])[).:]?\s*$"),  # a bare letter ending the response
 )
@@ -109,13 +114,15 @@ def extract_choice_strict(response: str) -> str:
 
     In order: the last "answer is X" / "answer: (X)" / "answer is option X" statement; else the last
     parenthesised ``(X)``; else a lone letter A-E ending the response. Letters inside words ("Bob",
-    "A:" at the start of a rationale) are never read as the choice.
+    "A:" at the start of a rationale) are never read as the choice, nor is a lowercase letter after
+    "answer is" that a word follows (the article of "the answer is a number", "e.g.").
     """
     text = response.strip()
     for pattern in _STRICT_PATTERNS:
         found = pattern.findall(text)
         if found:
-            return found[-1].upper()
+            last = found[-1]
+            return (last if isinstance(last, str) else next(g for g in last if g)).upper()
     return ""
 
 

@@ -114,6 +114,13 @@ def test_numeric_scoring_tolerance():
     ("so we choose E", "E", "E"),
     ("the value is 42", "", ""),
     ("", "", ""),
+    # an article or an abbreviation after "answer is" is no choice: the strict reading goes on
+    ("Answer: C. The answer is a multiple of 3.", "A", "C"),
+    ("The answer is a number between 1 and 5, so (B)", "B", "B"),
+    ("The answer is e.g. 5, so B", "B", "B"),
+    ("the answer is a) 10", "", "A"),                  # lowercase with its parenthesis is a choice
+    ("The answer is (a)", "", "A"),
+    ("the answer is b, since 3 > 2", "", "B"),
 ])
 def test_aqua_rules(response, first, strict):
     assert ex.extract_choice_first(response) == first

@@ -50,3 +50,21 @@ def test_failed_reroute_keeps_the_previous_names():
         alone = _alone(model, ids[i:i + 1], n)[0]
         torch.testing.assert_close(out[i], alone, atol=1e-5, rtol=0)
         torch.testing.assert_close(out_after_load[i], alone, atol=1e-5, rtol=0)
+
+
+def test_route_sees_adapter_weights_replaced_through_data():
+    """``p.data = t`` (as dtype conversions and fp16 master-weight code do: ``fastadapters train
+    --fp16`` itself) keeps the parameter's version counter: the store compared only the counters,
+    so the next ``route`` ran its copies of the old weights."""
+    model = _model()
+    ids = input_ids(2, 5)
+    with torch.no_grad(), fa.route(model, ["a", "b"], backend="torch"):
+        model(input_ids=ids)
+    g = torch.Generator().manual_seed(7)
+    for path, w in model.named_modules():
+        if isinstance(w, fa.layers.AdapterLinear) and "a" in w.lora_B:
+            w.lora_B["a"].weight.data = torch.randn(w.lora_B["a"].weight.shape, generator=g) * 0.3
+    with torch.no_grad(), fa.route(model, ["a", "b"], backend="torch"):
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out[0], _alone(model, ids[:1], "a")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], _alone(model, ids[1:], "b")[0], atol=1e-5, rtol=0)

@@ -202,7 +202,7 @@ class AdapterStore:
         self.bucket: dict[str, int] = {}  # adapter -> its rank bucket
         self.capacity: dict[int, int] = {}  # bucket -> slots in each of its tables
         self.slot_of: dict[str, tuple[int, int]] = {}  # resident adapter -> (bucket, slot in the bucket)
-        self._wvers: dict[str, int] = {}  # adapter -> sum of its weights' version counters
+        self._wvers: dict[str, tuple] = {}  # adapter -> its weights' (version, data pointer)s
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.swaps = 0  # slot fills (tests and benchmarks read it)
         self.bytes_copied = 0  # adapter bytes copied into slots, plus table contents moved by growth
@@ -235,13 +235,15 @@ class AdapterStore:
             cached = self._wrappers_cache = (st.version, [w for _, w in _wrappers(self.model)])
         return cached[1]
 
-    def _weight_versions(self, names=None) -> dict[str, int]:
-        """Sum of each adapter's weight version counters (``names``: only those adapters)."""
-        vers: dict[str, int] = {}
+    def _weight_versions(self, names=None) -> dict[str, tuple]:
+        """Per adapter, the (version counter, data pointer) of each of its weights (``names``: only
+        those adapters). The counter moves with in-place edits; the pointer with a new tensor put
+        in place without one (``p.data = t``, a new Parameter), which keeps or restarts the counter."""
+        vers: dict[str, list] = {}
         for w in self.wrappers():
             for name, p in (_named_params(w) if names is None else _named_params_of(w, names)):
-                vers[name] = vers.get(name, 0) + p._version
-        return vers
+                vers.setdefault(name, []).append((p._version, p.data_ptr()))
+        return {name: tuple(v) for name, v in vers.items()}
 
     def _added(self) -> list[str]:
         st = _require_state(self.model)
@@ -301,7 +303,7 @@ class AdapterStore:
         self.sync()
 
     # -- building ----------------------------------------------------------------------------
-    def _update(self, wvers: dict[str, int], only_set: bool = False) -> None:
+    def _update(self, wvers: dict[str, tuple], only_set: bool = False) -> None:
         """Apply what changed; ``only_set``: ``wvers`` covers the added adapters only (the others'
         weights are taken as unchanged until the next full sync)."""
         st = _require_state(self.model)
@@ -315,7 +317,7 @@ class AdapterStore:
             if n not in self.bucket:
                 self._add(n)
         self.names = names
-        self._wvers = {n: wvers.get(n, 0) for n in names}
+        self._wvers = {n: wvers.get(n, ()) for n in names}
         self.version = st.version
 
     def _remove(self, name: str) -> None:
