@@ -612,7 +612,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     The format (fastadapters, PEFT LoRA, LLM-Adapters) is detected from ``adapter_config.json``.
     A model that does not carry adapter ``name`` yet is patched with the file's config (beside any
-    adapters it already has; the active adapter does not change unless this is the first one).
+    adapters it already has; it becomes the active adapter only when none is active, e.g. when it is the
+    first one).
     If it already carries ``name`` with the same configuration, the weights are replaced. Every
     key, shape and config field is checked before the model changes: on error the model is
     exactly as it was. Returns the model.

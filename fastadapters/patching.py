@@ -117,7 +117,8 @@ def get_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
     name = st.active if name is None else name
     if name not in st.configs:
         raise ValueError(f"no adapter named {name!r}; loaded: {list(st.configs)}")
-    return st.configs[name]
+    cfg = st.configs[name]
+    return type(cfg).from_dict(cfg.to_dict())  # a copy: editing it does not change the patched model
 
 
 def _check_name(st: PatchState | None, name: str) -> None:
@@ -265,7 +266,7 @@ def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig
             raise ValueError(f"config: got {type(config).__name__}; valid: LoRAConfig, SeriesConfig, "
                              "ParallelConfig, PrefixConfig")
         cfg = type(config).from_dict(config.to_dict())  # a validated private copy
-    dispatch.check_backend_name(backend)
+    _check_model_backend(backend)
     _check_unsharded(model)
     st = _state(model)
     _check_name(st, name)
@@ -422,10 +423,20 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     _mark_trainable(model, st)
 
 
+def _check_model_backend(backend: str | None) -> None:
+    """A model's backend runs its single-adapter forwards too, which have no C++ kernel: "cpp" is
+    refused here, before anything changes, rather than by every forward after."""
+    dispatch.check_backend_name(backend)
+    if backend == "cpp":
+        raise ValueError("backend: got 'cpp' for a model; valid: auto, torch, triton, cuda, or None ('cpp' is the "
+                         "CPU kernel of mixed-adapter batches only: fa.route(model, names, backend='cpp') or "
+                         "serve --backend cpp; 'auto' takes it there on the CPU)")
+
+
 def set_backend(model: nn.Module, backend: str | None) -> None:
     """Choose the kernel backend of every patched layer (None: FASTADAPTERS_BACKEND or auto)."""
     st = _require_state(model)
-    dispatch.check_backend_name(backend)
+    _check_model_backend(backend)
     st.backend = backend
     for _, w in _wrappers(model):
         w.backend = backend

@@ -415,6 +415,34 @@ def test_config_object_and_backend_argument(monkeypatch):
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
 
 
+def test_cpp_is_refused_as_a_models_backend_before_anything_changes():
+    """'cpp' is the routed multi-adapter kernel only: a model set to it would fail every single-adapter
+    forward, so patch and set_backend refuse it up front, naming what is valid and where cpp goes."""
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"backend: got 'cpp' for a model; valid: auto, torch, triton, cuda, or "
+                                         r"None \('cpp' is the CPU kernel of mixed-adapter batches only"):
+        fa.patch(model, adapter="lora", r=2, backend="cpp")
+    assert fa.adapter_names(model) == []
+    assert_state_identical(before, snapshot(model))
+    fa.patch(model, adapter="lora", r=2)
+    with pytest.raises(ValueError, match="got 'cpp' for a model"):
+        fa.set_backend(model, "cpp")
+    with pytest.raises(ValueError, match="got 'cpp' for a model"):
+        fa.patch(model, adapter="lora", r=2, name="second", backend="cpp")
+    assert fa.adapter_names(model) == ["default"]
+    ids = input_ids(1, 5)
+    with torch.no_grad():
+        model(input_ids=ids)  # still runs: its backend is as it was
+
+
+def test_get_config_is_a_copy_that_does_not_change_the_model():
+    model = fa.patch(tiny_model("llama"), adapter="lora", r=2)
+    cfg = fa.get_config(model)
+    cfg.r = 64
+    assert fa.get_config(model).r == 2
+
+
 # ----------------------------------------------------------------------------- bad inputs
 BAD_PATCHES = [
     (dict(adapter="ia3"), r"adapter: got 'ia3'; valid: lora, series, houlsby, pfeiffer, parallel, prefix"),
