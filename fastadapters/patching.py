@@ -134,18 +134,30 @@ def _check_name(st: PatchState | None, name: str) -> None:
                          "pick another name or fastadapters.delete_adapter(model, name) first")
 
 
+def _modules_to_wrappers(model: nn.Module, skip: str | None = None):
+    """(path, module) as ``named_modules`` gives them (pre-order, a module reachable twice once,
+    under its first path), but not below a wrapper nor at / below the top-level ``skip``: a wrapper
+    holds every loaded adapter's modules, so walking them made each patch, load and set_adapter cost
+    grow with the adapters already loaded (quadratically over a server's loads)."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, mod = stack.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        yield path, mod
+        if isinstance(mod, AdapterLinear):
+            continue
+        children = [(f"{path}.{name}" if path else name, child) for name, child in mod._modules.items()
+                    if child is not None]
+        stack.extend((p, c) for p, c in reversed(children) if p != skip)
+
+
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Candidate modules by path: wrappers count under their own path, their insides are skipped,
     and so are our own prefix encoders (their linears are adapter weights, not targets)."""
-    out: dict[str, nn.Module] = {}
-    skip: list[str] = [PREFIX_MODULE]
-    for path, mod in model.named_modules():
-        if path == PREFIX_MODULE or any(path.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(mod, AdapterLinear):
-            skip.append(path)
-        out[path] = mod
-    return out
+    return dict(_modules_to_wrappers(model, skip=PREFIX_MODULE))
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -220,7 +232,7 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _wrappers(model: nn.Module):
-    for path, mod in model.named_modules():
+    for path, mod in _modules_to_wrappers(model):
         if isinstance(mod, AdapterLinear):
             yield path, mod
 
@@ -238,9 +250,16 @@ def _adapter_params(model: nn.Module, name: str):
 
 
 def _mark_trainable(model: nn.Module, st: PatchState) -> None:
+    wrappers = [w for _, w in _wrappers(model)]  # one walk of the model, not one per adapter
+    enc = _prefix_encoders(model)
     for name in st.configs:
-        for p in _adapter_params(model, name):
-            p.requires_grad_(name == st.active)
+        on = name == st.active
+        for w in wrappers:
+            for p in w.adapter_parameters(name):
+                p.requires_grad_(on)
+        if enc is not None and name in enc:
+            for p in enc[name].parameters():
+                p.requires_grad_(on)
 
 
 def patch(model: nn.Module, adapter: str | None = None, *, config: AdapterConfig | None = None,

@@ -436,6 +436,28 @@ def test_cpp_is_refused_as_a_models_backend_before_anything_changes():
         model(input_ids=ids)  # still runs: its backend is as it was
 
 
+def test_patch_and_set_adapter_walk_the_model_without_the_adapters_already_loaded(monkeypatch):
+    """The walks of patch / set_adapter visit the base model's modules and the wrappers, never the
+    adapters inside them, and set_adapter walks it once: their cost does not grow with the adapters
+    a server has loaded (it grew quadratically over a server's loads before)."""
+    from fastadapters import patching
+
+    model = tiny_model("llama")
+    fa.patch(model, adapter="lora", r=2, name="a0")
+    visited = len(list(patching._modules_to_wrappers(model)))
+    for i in range(1, 8):
+        kind = dict(adapter="houlsby", bottleneck_size=4) if i % 2 else dict(adapter="lora", r=2)
+        fa.patch(model, name=f"a{i}", **kind)
+    assert len(list(patching._modules_to_wrappers(model))) == visited
+    walks = []
+    real = patching._modules_to_wrappers
+    monkeypatch.setattr(patching, "_modules_to_wrappers", lambda *a, **k: walks.append(1) or real(*a, **k))
+    fa.set_adapter(model, "a3")
+    assert len(walks) == 2  # the wrappers' active adapter, and requires_grad for every adapter at once
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".a3." in n or n.endswith(".a3") for n in trainable)
+
+
 def test_get_config_is_a_copy_that_does_not_change_the_model():
     model = fa.patch(tiny_model("llama"), adapter="lora", r=2)
     cfg = fa.get_config(model)

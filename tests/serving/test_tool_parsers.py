@@ -562,21 +562,7 @@ def served(smol):
 def script(served, monkeypatch):
     """Replace the engine's sampling with a script: ``script(text)`` makes the next request's tokens
     ``text``'s tokens, then EOS (one request at a time)."""
-    from fastadapters.serving import engine as engine_mod
-
-    engine = served[0]
-    real, queue = engine_mod.sample_rows, []
-
-    def scripted(logits, params, generators):
-        tokens, errors = real(logits, params, generators)
-        return [queue.pop(0) if queue else engine.tokenizer.eos_token_id for _ in tokens], errors
-
-    monkeypatch.setattr(engine_mod, "sample_rows", scripted)
-
-    def load(text: str) -> None:
-        settle(engine)
-        queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
-    return load
+    return _scripted(served[0], monkeypatch)
 
 
 def settle(engine, timeout: float = 30.0) -> None:
@@ -739,21 +725,10 @@ def test_llama3_json_over_http_streamed_or_not(served_llama3, monkeypatch):
     max_tokens stays text."""
     import openai
 
-    from fastadapters.serving import engine as engine_mod
     from .serve_helpers import assert_no_leaks
 
     engine, client = served_llama3
-    real, queue = engine_mod.sample_rows, []
-
-    def scripted(logits, params, generators):
-        tokens, errors = real(logits, params, generators)
-        return [queue.pop(0) if queue else engine.tokenizer.eos_token_id for _ in tokens], errors
-
-    monkeypatch.setattr(engine_mod, "sample_rows", scripted)
-
-    def script(text):
-        settle(engine)
-        queue[:] = engine.tokenizer.encode(text, add_special_tokens=False)
+    script = _scripted(engine, monkeypatch)
 
     reply = "Let me check. " + L_CALL + "; " + call3("now", {})
     want = [("get_weather", {"city": "Paris"}), ("now", {})]
