@@ -203,12 +203,6 @@ class Engine:
         layers, kv_heads, head_dim = geometry(model)
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
-        # on the CPU: the linears' weights packed for oneDNN where memory allows (cpu_gemm.py), the LM
-        # head (lm_head.py) and the other linears through oneDNN's GEMM inside the engine's forward
-        self.pack_weights = weight_packing(model, pack_weights) if self.device.type == "cpu" else False
-        self._lm_head = lm_head(model, self.device, pack=self.pack_weights)
-        self.onednn_linears = onednn_install(model, pack=self.pack_weights) if self.device.type == "cpu" and (
-            self.dtype == torch.float32 or (self.pack_weights and self.dtype == torch.bfloat16)) else LinearHooks([])
         # the multi-adapter op's backend, resolved now: on the CPU that builds the C++ kernel (first
         # use on a machine, about a minute) at start-up rather than inside the first request's step,
         # and a bad --backend fails here
@@ -233,6 +227,13 @@ class Engine:
                              f"max_model_len {self.max_model_len} in blocks of {block_size})")
         self.pool = BlockPool(layers, kv_heads, head_dim, block_size, num_blocks, self.dtype, self.device,
                               reserved=1 if use_graphs else 0)
+        # on the CPU: the linears' weights packed for oneDNN where the memory left once the block pool
+        # has its own allows (cpu_gemm.py), the LM head (lm_head.py) and the other linears through
+        # oneDNN's GEMM inside the engine's forward
+        self.pack_weights = weight_packing(model, pack_weights) if self.device.type == "cpu" else False
+        self._lm_head = lm_head(model, self.device, pack=self.pack_weights)
+        self.onednn_linears = onednn_install(model, pack=self.pack_weights) if self.device.type == "cpu" and (
+            self.dtype == torch.float32 or (self.pack_weights and self.dtype == torch.bfloat16)) else LinearHooks([])
         self._graphs = DecodeGraphs(self, graph_sizes, _graph_capture) if use_graphs else None
         self._graphs_required = cuda_graphs is True
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_waiting or 4 * max_num_seqs, chunk_size, token_budget,
