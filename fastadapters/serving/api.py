@@ -6,7 +6,8 @@
 Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events ending in
 ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's
-payloads, any adapter type). A request's ``model`` is the served base name or an adapter name.
+payloads, any adapter type). A request's ``model`` is the served base name or an adapter name (left
+out, null or empty: the base, as vLLM reads it).
 Every error, an unhandled one included, is ``{"error": {"message", "type", "param", "code"}}``:
 400 bad input, 401 a missing / wrong API key, 403 a load from outside the adapter roots (or an
 admin route on an open server), 404 an unknown model, 408 a body sent too slowly, 413 a body over
@@ -422,7 +423,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     async def tokenize(body: TokenizeRequest):
         """vLLM's: a prompt or chat messages to token ids (what completions / chat would feed the
         model), with the context length, so a client can count before it sends."""
-        adapter_of(body.model)
+        adapter_of(named(body))
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "tokenize: give one of prompt or messages", param="prompt")
         if body.prompt is not None:
@@ -441,7 +442,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         """vLLM's: token ids to text (special tokens included)."""
-        adapter_of(body.model)
+        adapter_of(named(body))
         bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"tokens: id {bad} is out of range; valid: 0..{engine.vocab_size - 1}", param="tokens")
@@ -449,6 +450,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             raise APIError(400, f"tokens: {len(body.tokens)} ids; valid: at most {engine.max_model_len} "
                                 "(max_model_len)", param="tokens")
         return {"prompt": await off_loop(lambda: tokenizer.decode(body.tokens))}
+
+    def named(body) -> str:
+        """The body's ``model``, the served base name when it is left out, null or empty (as vLLM
+        reads it); set on the body, so that the reply names it."""
+        if not body.model:
+            body.model = served_model_name
+        return body.model
 
     def adapter_of(model: str) -> str | None:
         if model == served_model_name:
@@ -908,7 +916,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        log_model(request, body.model, None)
+        log_model(request, named(body), None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         params = sampling(body, 16)
@@ -918,7 +926,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
-        log_model(request, body.model, None)
+        log_model(request, named(body), None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         body._tool_parser = tool_call_parser  # (read by tool_call: "auto" needs one)
