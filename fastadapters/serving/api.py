@@ -800,6 +800,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        continuous = include_usage and body.stream_options.continuous_usage_stats  # (vLLM's)
         held: dict[int, list[str]] = {}  # "required": each choice's text until it finishes
         auto = tool_call is not None and tool_call[0] == "auto"
         parsers = [tool_stream(tool_call_parser, tool_call[1]) for _ in choices.list] if auto else []
@@ -853,7 +854,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             else:
                 choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
-            if include_usage:
+            if continuous:  # the choice's prompt and its tokens so far, as vLLM's chunks count them
+                p, done = len(choices.prompts[i]), c.completion_tokens
+                data["usage"] = {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done}
+            elif include_usage:
                 data["usage"] = None
             return f"data: {json.dumps(data)}\n\n"
 

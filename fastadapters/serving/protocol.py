@@ -82,6 +82,7 @@ Text = Annotated[StrictStr, AfterValidator(_unicode)]
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # (vLLM's; with include_usage) each chunk: its choice's usage so far
 
 
 class _Sampling(BaseModel):
