@@ -31,6 +31,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -292,6 +293,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     grammar_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-grammar")
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
+    token_bytes_of: dict[int, list[int]] = {}
+    byte_chars = _byte_level_chars(tokenizer)
     marker = _stripped_space_marker(tokenizer, vocab)
     special_tags = tool_call_parser is not None and tags_are_special(tokenizer, tool_call_parser)  # ("auto")
 
@@ -310,6 +313,26 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             token_texts[i] = t
         return t
 
+    def token_bytes(i: int) -> list[int]:
+        """OpenAI's ``bytes`` of one token: its own UTF-8 bytes. A token that holds part of a
+        character (its text alone is "\ufffd") has its bytes read from its vocabulary piece: the
+        characters of a byte-level BPE piece each stand for one byte (SmolLM2, Llama 3, Qwen, GPT-2),
+        a SentencePiece byte-fallback piece is "<0xNN>"; so the bytes of a reply's tokens, joined,
+        are its text's."""
+        got = token_bytes_of.get(i)
+        if got is None:
+            t, raw = token_text(i), None
+            if "\ufffd" in t:
+                piece = tokenizer.convert_ids_to_tokens(i)
+                if isinstance(piece, str) and piece:
+                    if byte_chars is not None and all(ch in byte_chars for ch in piece):
+                        raw = bytes(byte_chars[ch] for ch in piece)
+                    elif (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)) is not None:
+                        raw = bytes([int(m.group(1), 16)])
+            got = list(t.encode("utf-8") if raw is None else raw)
+            token_bytes_of[i] = got
+        return got
+
     def logprobs_body(entries: list, chat: bool, offset: list[int]) -> dict:
         """OpenAI's logprobs object (chat's or completions') for ``entries``, one (token id, its
         log-probability or None, [(id, log-probability) top k]) per token; ``offset``: the text offset
@@ -317,7 +340,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if chat:
             def item(i, lp):
                 t = token_text(i)
-                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                return {"token": t, "logprob": lp, "bytes": token_bytes(i)}
             return {"content": [dict(item(i, lp), top_logprobs=[item(j, lq) for j, lq in top])
                                 for i, lp, top in entries]}
         tokens, offsets = [], []
@@ -1027,6 +1050,22 @@ def _auto_tool_calls(names, text: str, reason: str | None,
     content, calls, cut = split_tools(text, names, parser)
     calls = [{"id": call_id(parser), "type": "function", "function": c} for c in calls]
     return content, calls or None, "tool_calls" if calls and reason == "stop" and not cut else reason
+
+
+def _byte_level_chars(tokenizer) -> dict[str, int] | None:
+    """Character -> the byte it stands for, where ``tokenizer`` is byte-level BPE (its decoder is
+    ``tokenizers``' ByteLevel: GPT-2's map of the 256 bytes to printable characters); else None."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ != "ByteLevel":
+        return None
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _stripped_space_marker(tokenizer, vocab: dict) -> str | None:
