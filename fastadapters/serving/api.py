@@ -426,10 +426,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     def model_cards() -> list[dict]:
         cards = [{"id": served_model_name, "object": "model", "created": created, "owned_by": "fastadapters",
-                  "root": base_path or served_model_name, "parent": None}]
-        for e in engine.adapters():
+                  "root": base_path or served_model_name, "parent": None, "max_model_len": engine.max_model_len}]
+        for e in engine.adapters():  # (max_model_len: null on an adapter's card, as vLLM's)
             cards.append({"id": e.name, "object": "model", "created": e.created, "owned_by": "fastadapters",
-                          "root": e.path, "parent": served_model_name, "adapter_type": e.adapter_type})
+                          "root": e.path, "parent": served_model_name, "max_model_len": None,
+                          "adapter_type": e.adapter_type})
         return cards
 
     @app.get("/v1/models")

@@ -87,6 +87,15 @@ def test_health_models_metrics(served):
     assert 'max_lora="' in text and "running_lora_adapters" in text
 
 
+def test_models_list_gives_the_base_models_context_length_as_vllm(served):
+    # vLLM's base model card has max_model_len (what clients read to size prompts); its adapter cards null
+    engine, url = served
+    by_id = {c["id"]: c for c in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert by_id[BASE]["max_model_len"] == engine.max_model_len
+    assert httpx.get(f"{url}/v1/models/{BASE}").json()["max_model_len"] == engine.max_model_len
+    assert all(by_id[name]["max_model_len"] is None for name in ZOO_NAMES)
+
+
 @pytest.mark.parametrize("model", NAMES)
 def test_completion_equals_offline_run(served, model):
     engine, url = served
