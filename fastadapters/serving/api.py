@@ -6,7 +6,8 @@
 Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events ending in
 ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's
-payloads, any adapter type). A request's ``model`` is the served base name or an adapter name.
+payloads, any adapter type). A request's ``model`` is the served base name or an adapter name (left
+out, null or empty: the base, as vLLM reads it).
 Every error, an unhandled one included, is ``{"error": {"message", "type", "param", "code"}}``:
 400 bad input, 401 a missing / wrong API key, 403 a load from outside the adapter roots (or an
 admin route on an open server), 404 an unknown model, 408 a body sent too slowly, 413 a body over
@@ -30,6 +31,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -291,6 +293,8 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     grammar_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastadapters-grammar")
     ignored_fields: set[str] = set()  # request fields this server ignored, each logged once
     token_texts: dict[int, str] = {}
+    token_bytes_of: dict[int, list[int]] = {}
+    byte_chars = _byte_level_chars(tokenizer)
     marker = _stripped_space_marker(tokenizer, vocab)
     special_tags = tool_call_parser is not None and tags_are_special(tokenizer, tool_call_parser)  # ("auto")
 
@@ -309,6 +313,26 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             token_texts[i] = t
         return t
 
+    def token_bytes(i: int) -> list[int]:
+        """OpenAI's ``bytes`` of one token: its own UTF-8 bytes. A token that holds part of a
+        character (its text alone is "\ufffd") has its bytes read from its vocabulary piece: the
+        characters of a byte-level BPE piece each stand for one byte (SmolLM2, Llama 3, Qwen, GPT-2),
+        a SentencePiece byte-fallback piece is "<0xNN>"; so the bytes of a reply's tokens, joined,
+        are its text's."""
+        got = token_bytes_of.get(i)
+        if got is None:
+            t, raw = token_text(i), None
+            if "\ufffd" in t:
+                piece = tokenizer.convert_ids_to_tokens(i)
+                if isinstance(piece, str) and piece:
+                    if byte_chars is not None and all(ch in byte_chars for ch in piece):
+                        raw = bytes(byte_chars[ch] for ch in piece)
+                    elif (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)) is not None:
+                        raw = bytes([int(m.group(1), 16)])
+            got = list(t.encode("utf-8") if raw is None else raw)
+            token_bytes_of[i] = got
+        return got
+
     def logprobs_body(entries: list, chat: bool, offset: list[int]) -> dict:
         """OpenAI's logprobs object (chat's or completions') for ``entries``, one (token id, its
         log-probability or None, [(id, log-probability) top k]) per token; ``offset``: the text offset
@@ -316,7 +340,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         if chat:
             def item(i, lp):
                 t = token_text(i)
-                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                return {"token": t, "logprob": lp, "bytes": token_bytes(i)}
             return {"content": [dict(item(i, lp), top_logprobs=[item(j, lq) for j, lq in top])
                                 for i, lp, top in entries]}
         tokens, offsets = [], []
@@ -402,10 +426,11 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     def model_cards() -> list[dict]:
         cards = [{"id": served_model_name, "object": "model", "created": created, "owned_by": "fastadapters",
-                  "root": base_path or served_model_name, "parent": None}]
-        for e in engine.adapters():
+                  "root": base_path or served_model_name, "parent": None, "max_model_len": engine.max_model_len}]
+        for e in engine.adapters():  # (max_model_len: null on an adapter's card, as vLLM's)
             cards.append({"id": e.name, "object": "model", "created": e.created, "owned_by": "fastadapters",
-                          "root": e.path, "parent": served_model_name, "adapter_type": e.adapter_type})
+                          "root": e.path, "parent": served_model_name, "max_model_len": None,
+                          "adapter_type": e.adapter_type})
         return cards
 
     @app.get("/v1/models")
@@ -422,7 +447,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     async def tokenize(body: TokenizeRequest):
         """vLLM's: a prompt or chat messages to token ids (what completions / chat would feed the
         model), with the context length, so a client can count before it sends."""
-        adapter_of(body.model)
+        adapter_of(named(body))
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "tokenize: give one of prompt or messages", param="prompt")
         if body.prompt is not None:
@@ -441,7 +466,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         """vLLM's: token ids to text (special tokens included)."""
-        adapter_of(body.model)
+        adapter_of(named(body))
         bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"tokens: id {bad} is out of range; valid: 0..{engine.vocab_size - 1}", param="tokens")
@@ -449,6 +474,13 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             raise APIError(400, f"tokens: {len(body.tokens)} ids; valid: at most {engine.max_model_len} "
                                 "(max_model_len)", param="tokens")
         return {"prompt": await off_loop(lambda: tokenizer.decode(body.tokens))}
+
+    def named(body) -> str:
+        """The body's ``model``, the served base name when it is left out, null or empty (as vLLM
+        reads it); set on the body, so that the reply names it."""
+        if not body.model:
+            body.model = served_model_name
+        return body.model
 
     def adapter_of(model: str) -> str | None:
         if model == served_model_name:
@@ -792,6 +824,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        continuous = include_usage and body.stream_options.continuous_usage_stats  # (vLLM's)
         held: dict[int, list[str]] = {}  # "required": each choice's text until it finishes
         auto = tool_call is not None and tool_call[0] == "auto"
         parsers = [tool_stream(tool_call_parser, tool_call[1]) for _ in choices.list] if auto else []
@@ -845,7 +878,10 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
             else:
                 choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
-            if include_usage:
+            if continuous:  # the choice's prompt and its tokens so far, as vLLM's chunks count them
+                p, done = len(choices.prompts[i]), c.completion_tokens
+                data["usage"] = {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done}
+            elif include_usage:
                 data["usage"] = None
             return f"data: {json.dumps(data)}\n\n"
 
@@ -908,7 +944,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        log_model(request, body.model, None)
+        log_model(request, named(body), None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         params = sampling(body, 16)
@@ -918,7 +954,7 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
-        log_model(request, body.model, None)
+        log_model(request, named(body), None)
         adapter = adapter_of(body.model)
         log_model(request, body.model, adapter)
         body._tool_parser = tool_call_parser  # (read by tool_call: "auto" needs one)
@@ -1015,6 +1051,22 @@ def _auto_tool_calls(names, text: str, reason: str | None,
     content, calls, cut = split_tools(text, names, parser)
     calls = [{"id": call_id(parser), "type": "function", "function": c} for c in calls]
     return content, calls or None, "tool_calls" if calls and reason == "stop" and not cut else reason
+
+
+def _byte_level_chars(tokenizer) -> dict[str, int] | None:
+    """Character -> the byte it stands for, where ``tokenizer`` is byte-level BPE (its decoder is
+    ``tokenizers``' ByteLevel: GPT-2's map of the 256 bytes to printable characters); else None."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ != "ByteLevel":
+        return None
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _stripped_space_marker(tokenizer, vocab: dict) -> str | None:

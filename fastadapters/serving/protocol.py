@@ -82,12 +82,13 @@ Text = Annotated[StrictStr, AfterValidator(_unicode)]
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # (vLLM's; with include_usage) each chunk: its choice's usage so far
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: Text
+    model: Text | None = None  # (vLLM's: null, left out or "" names the base model)
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
@@ -492,7 +493,7 @@ class ChatRequest(_Sampling):
 class TokenizeRequest(BaseModel):
     """vLLM's ``POST /tokenize``: a prompt (as completions reads it) or chat messages (as chat renders
     them), to token ids."""
-    model: Text
+    model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: StrictBool = True  # (a prompt's: the tokenizer's BOS etc.)
@@ -502,7 +503,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     """vLLM's ``POST /detokenize``: token ids to text."""
-    model: Text
+    model: Text | None = None
     tokens: list[StrictInt]
 
 

@@ -152,6 +152,21 @@ def test_logprobs_echo_and_n_through_the_official_client(served):
     assert_no_leaks(engine)
 
 
+def test_chat_logprob_bytes_of_tokens_holding_part_of_a_character_add_up_to_the_text(served):
+    """OpenAI's ``bytes``: a token's own UTF-8 bytes, which joined rebuild the text where a character
+    spans tokens (SmolLM2's byte-level BPE splits each CJK character); not the bytes of the "\ufffd"
+    that such a token's text reads as alone."""
+    engine, client = served
+    r = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Say 日本語 😀"}],
+                                       max_tokens=12, temperature=0, logprobs=True, top_logprobs=1)
+    text, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert not text.isascii() and "\ufffd" not in text, text  # (what this greedy reply is: CJK characters)
+    assert any(c.token == "\ufffd" for c in content)  # tokens that hold part of a character
+    assert bytes(b for c in content for b in c.bytes) == text.encode("utf-8")
+    assert all(c.top_logprobs[0].bytes == c.bytes for c in content)  # greedy: the top token is the chosen one
+    assert_no_leaks(engine)
+
+
 def test_structured_output_through_the_official_client(served):
     """OpenAI's response_format (a JSON schema, any JSON object) and vLLM's guided_choice: the answers
     parse and conform, streamed equal to not streamed, on the real tokenizer."""

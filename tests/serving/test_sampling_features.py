@@ -394,6 +394,36 @@ def test_http_n_choices_are_n_seeded_requests_streamed_per_index(served):
     assert_no_leaks(engine)
 
 
+def test_http_continuous_usage_stats_put_each_choices_counts_in_every_chunk(served):
+    # vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries its choice's
+    # usage so far -- the prompt's tokens and the tokens generated until that chunk -- and the last chunk
+    # the whole request's; without continuous_usage_stats the chunks' usage stays null
+    engine, app, url = served
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 6, "temperature": 0, "n": 2, "logprobs": 0,
+            "stream": True}
+    for path, extra in (("/v1/completions", {}),
+                        ("/v1/chat/completions", {"prompt": None, "logprobs": True,
+                                                  "messages": [{"role": "user", "content": "hi"}]})):
+        req = {k: v for k, v in {**body, **extra}.items() if v is not None}
+        whole = httpx.post(url + path, json=dict(req, stream=False), timeout=60).json()["usage"]
+        r = httpx.post(url + path, json=dict(req, stream_options=opts), timeout=60)
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(x) for x in lines[:-1]]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole
+        sent = [0, 0]  # tokens whose log-probabilities each choice's chunks carried so far
+        for c in chunks[:-1]:
+            i, lp = c["choices"][0]["index"], c["choices"][0]["logprobs"]
+            sent[i] += 0 if lp is None else len(lp["content"] if "content" in lp else lp["tokens"])
+            assert c["usage"] == {"prompt_tokens": whole["prompt_tokens"], "completion_tokens": sent[i],
+                                  "total_tokens": whole["prompt_tokens"] + sent[i]}, (path, c)
+        assert sent == [6, 6] and whole["completion_tokens"] == 12
+        plain = httpx.post(url + path, json=dict(req, stream_options={"include_usage": True}), timeout=60)
+        chunks = [json.loads(line[6:]) for line in plain.iter_lines() if line.startswith("data: {")]
+        assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"] == whole
+    assert_no_leaks(engine)
+
+
 def test_http_n_choices_are_all_or_none_and_freed_together(zoo):
     engine = tiny_engine(zoo, tokenizer=char_tokenizer(), max_num_seqs=1, max_waiting=3, max_model_len=4096)
     long = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "ignore_eos": True, "stream": True}

@@ -87,6 +87,15 @@ def test_health_models_metrics(served):
     assert 'max_lora="' in text and "running_lora_adapters" in text
 
 
+def test_models_list_gives_the_base_models_context_length_as_vllm(served):
+    # vLLM's base model card has max_model_len (what clients read to size prompts); its adapter cards null
+    engine, url = served
+    by_id = {c["id"]: c for c in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert by_id[BASE]["max_model_len"] == engine.max_model_len
+    assert httpx.get(f"{url}/v1/models/{BASE}").json()["max_model_len"] == engine.max_model_len
+    assert all(by_id[name]["max_model_len"] is None for name in ZOO_NAMES)
+
+
 @pytest.mark.parametrize("model", NAMES)
 def test_completion_equals_offline_run(served, model):
     engine, url = served
@@ -170,6 +179,31 @@ def test_seeded_sampling_over_http_and_token_counters(served):
     prompt_len = len(engine.tokenizer("seed me")["input_ids"])
     assert _metric(after, "fastadapters:prompt_tokens_total") - _metric(before, "fastadapters:prompt_tokens_total") \
         == 5 * prompt_len
+
+
+def test_a_request_without_model_is_served_by_the_base_as_vllm_does(served):
+    # vLLM's request bodies make `model` optional: left out (or empty) it names the base model, and the
+    # reply names the base; clients written against vLLM (curl scripts, tools) send none
+    engine, url = served
+    body = {"prompt": "abc", "max_tokens": 5, "temperature": 0}
+    named = httpx.post(f"{url}/v1/completions", json={**body, "model": BASE}, timeout=60).json()
+    for extra in ({}, {"model": None}, {"model": ""}):
+        r = httpx.post(f"{url}/v1/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, (extra, r.text)
+        assert r.json()["model"] == BASE and r.json()["choices"][0]["text"] == named["choices"][0]["text"]
+    msgs = [{"role": "user", "content": "hi"}]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, "temperature": 0},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == BASE, r.text
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, "stream": True},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        assert {c["model"] for c in sse(r)} == {BASE}
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "abc"}, timeout=30)
+    assert r.status_code == 200 and r.json()["tokens"] == engine.tokenizer("abc")["input_ids"], r.text
+    r = httpx.post(f"{url}/detokenize", json={"tokens": [3, 4]}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"prompt": engine.tokenizer.decode([3, 4])}, r.text
+    assert_no_leaks(engine)
 
 
 def test_errors_are_openai_shaped_4xx_and_change_nothing(served):
