@@ -497,6 +497,9 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
         bad = body.unsupported()
         if bad:
             raise APIError(400, bad[1], param=bad[0])
+        if body.stream_options is not None and not body.stream:  # (OpenAI's and vLLM's 400 too)
+            raise APIError(400, "stream_options: only read with stream: true; set stream, or leave stream_options "
+                                "out", param="stream_options")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > limits.max_stop:
             raise APIError(400, f"stop: got {len(stop)} strings; valid: at most {limits.max_stop} "

@@ -421,6 +421,10 @@ def test_http_continuous_usage_stats_put_each_choices_counts_in_every_chunk(serv
         plain = httpx.post(url + path, json=dict(req, stream_options={"include_usage": True}), timeout=60)
         chunks = [json.loads(line[6:]) for line in plain.iter_lines() if line.startswith("data: {")]
         assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"] == whole
+        # stream_options on a request that does not stream: refused (OpenAI and vLLM too), not ignored
+        r = httpx.post(url + path, json=dict(req, stream=False, stream_options=opts), timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+        assert "only read with stream: true" in r.json()["error"]["message"]
     assert_no_leaks(engine)
 
 
