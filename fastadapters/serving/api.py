@@ -301,14 +301,16 @@ def create_app(engine, served_model_name: str, base_path: str | None = None, man
     def token_text(i: int) -> str:
         """One token's text, as it reads inside a text: ``decode([i])``, with the leading spaces a
         SentencePiece-style tokenizer drops from a lone token put back (as vLLM does), so that the
-        tokens of a log-probability list add up to the text."""
+        tokens of a log-probability list add up to the text: a piece's leading "▁"s, and the space
+        that the byte-fallback piece "<0x20>" is (Llama-2's decoder strips it, decoded alone, to "")."""
         t = token_texts.get(i)
         if t is None:
             t = tokenizer.decode([i], skip_special_tokens=False)
             if marker is not None:
                 raw = tokenizer.convert_ids_to_tokens(i)
-                if isinstance(raw, str) and raw.startswith(marker):
-                    missing = (len(raw) - len(raw.lstrip(marker))) - (len(t) - len(t.lstrip(" ")))
+                if isinstance(raw, str):
+                    lead = 1 if raw == "<0x20>" else len(raw) - len(raw.lstrip(marker))
+                    missing = lead - (len(t) - len(t.lstrip(" ")))
                     t = " " * max(missing, 0) + t
             token_texts[i] = t
         return t

@@ -19,10 +19,10 @@ PARALLEL = {"parallel": dict(bottleneck_size=7, non_linearity="gelu", scaling="l
 ZOO = list(LORA_RANKS) + list(SERIES) + list(PARALLEL)
 
 
-def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2):
+def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = VOCAB):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=0, bos_token_id=1, eos_token_id=None)
     torch.manual_seed(seed)

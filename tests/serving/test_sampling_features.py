@@ -590,6 +590,92 @@ def test_http_sentencepiece_token_texts_keep_their_leading_space():
     assert_no_leaks(engine)
 
 
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style fast tokenizer with byte fallback, as Llama-2's is (ids 0 <unk>, 1 <s>,
+    2 </s>, then the 256 byte pieces "<0x00>".."<0xFF>", then a few "▁" pieces; Llama-2's normalizer
+    and decoder: Replace("▁", " "), ByteFallback, Fuse, Strip one leading space): a character
+    outside the vocabulary is its UTF-8 bytes, one piece each; a one-line chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .char_tokenizer import TEMPLATE
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in ["▁", "a", "h", "i", "s", "▁h", "▁i", "▁hi", "▁is"]:
+        vocab[piece] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "h"), ("▁h", "i"), ("▁", "i"), ("▁i", "s")],
+                              unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def test_http_chat_logprob_bytes_of_sentencepiece_byte_fallback_tokens_add_up_to_the_text(monkeypatch):
+    """OpenAI's ``bytes`` where a SentencePiece tokenizer spells a character in byte-fallback pieces
+    ("日" is "<0xE6>" "<0x97>" "<0xA5>"): each such token's bytes are its piece's byte, not the UTF-8
+    of the "\ufffd" its text reads as alone, so a reply's tokens' bytes, joined, are its text's;
+    streamed as not. The piece "<0x20>" reads " " (Llama-2's decoder strips it, alone, to ""). The
+    reply is scripted (the engine's sampling replaced)."""
+    from fastadapters.serving import engine as engine_mod
+    from fastadapters.serving.engine import Engine
+    from .helpers import tiny_llama
+
+    tok = _byte_fallback_tokenizer()
+    # "日", "😀" and "!" are their bytes' pieces as the tokenizer spells them; a space may be "<0x20>" too
+    pieces = ["▁", "<0xE6>", "<0x97>", "<0xA5>", "▁is", "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "<0x20>",
+              "<0x21>", "▁hi"]
+    ids = tok.convert_tokens_to_ids(pieces)
+    reply = tok.decode(ids)
+    assert reply == "日 is 😀 ! hi" and tok.convert_ids_to_tokens(tok.encode("日 is 😀!", add_special_tokens=False)) \
+        == [p for p in pieces[:-1] if p != "<0x20>"]
+    engine = Engine(tiny_llama(vocab=len(tok)), tok, max_num_seqs=2, backend="torch")
+    real, queue = engine_mod.sample_rows, []
+
+    def scripted(logits, params, generators):
+        tokens, errors = real(logits, params, generators)
+        return [queue.pop(0) if queue else tok.eos_token_id for _ in tokens], errors
+
+    monkeypatch.setattr(engine_mod, "sample_rows", scripted)
+
+    # max_tokens: the reply's tokens alone (an EOS's entry, "</s>" as vLLM gives it, is no part of the text)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": len(ids),
+            "logprobs": True, "top_logprobs": 20}
+    with TestClient(create_app(engine, "tiny")) as c:
+        queue[:] = ids
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        queue[:] = ids
+        s = c.post("/v1/chat/completions", json=dict(body, stream=True))
+        assert s.status_code == 200, s.text
+        chunks = [json.loads(line[len("data: "):]) for line in s.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    text, content = choice["message"]["content"], choice["logprobs"]["content"]
+    # the reply reads on from the prompt: its first "▁" is a space
+    assert (text, choice["finish_reason"]) == (" " + reply, "length")
+    assert len(content) == len(ids)
+    # a token holding part of a character reads "\ufffd" and has its piece's byte; an ASCII byte piece its character
+    assert [e["token"] for e in content] == [" ", "\ufffd", "\ufffd", "\ufffd", " is", " ", "\ufffd", "\ufffd",
+                                             "\ufffd", "\ufffd", " ", "!", " hi"]
+    assert [e["bytes"] for e in content[1:4]] == [[0xE6], [0x97], [0xA5]]
+    assert bytes(b for e in content for b in e["bytes"]) == text.encode("utf-8")
+    # the top tokens: those reading "\ufffd" are byte pieces "<0x80>".."<0xFF>", each its own byte; others their text's
+    assert sum(t["token"] == "\ufffd" for e in content for t in e["top_logprobs"]) > 20  # (128 of the 268 tokens)
+    for e in content:
+        assert len(e["top_logprobs"]) == 20
+        partial = [t["bytes"] for t in e["top_logprobs"] if t["token"] == "\ufffd"]
+        assert all(len(b) == 1 and b[0] >= 0x80 for b in partial) and len({b[0] for b in partial}) == len(partial)
+        assert all(t["bytes"] == list(t["token"].encode("utf-8")) for t in e["top_logprobs"] if t["token"] != "\ufffd")
+    streamed = [e for ch in chunks for cc in ch["choices"] if cc.get("logprobs") for e in cc["logprobs"]["content"]]
+    assert "".join(cc["delta"].get("content") or "" for ch in chunks for cc in ch["choices"]) == text
+    assert streamed == content
+    assert_no_leaks(engine)
+
+
 def test_a_one_token_prompt_chunk_still_gets_its_log_probability(zoo):
     # a 3-token prefill takes 3 of the 4-token budget first: the scoring request's first chunk is 1 token
     engine = tiny_engine(zoo, max_num_seqs=4, block_size=4, chunk_size=4, token_budget=4, prefix_caching=False)
