@@ -40,7 +40,12 @@ def gpu_rounding():
     import triton.language as tl
     from triton.runtime import interpreter as interp
 
-    orig = interp.InterpreterBuilder.cast_impl
+    orig = getattr(getattr(interp, "InterpreterBuilder", None), "cast_impl", None)
+    if orig is None or not hasattr(interp, "TensorHandle"):
+        import triton
+
+        raise RuntimeError(f"triton {triton.__version__}'s interpreter has no InterpreterBuilder.cast_impl / "
+                           "TensorHandle (3.6-3.9 have them): gpu_rounding cannot round its fp32 -> bf16 casts")
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
