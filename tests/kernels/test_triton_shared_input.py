@@ -210,3 +210,124 @@ def test_model_with_waiting_outputs_deep_copies(group_calls):
     ids = input_ids(batch=2, length=5)
     with torch.no_grad():
         torch.testing.assert_close(twin(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- precision under autocast
+# The grouped backward chains the members' dX in the input's dtype (bf16 under autocast: each member
+# adds its term to the bf16 partial sum, G roundings of growing sums), while each projection on its
+# own gives a bf16 dX that autograd adds in fp32. The DESIGN.md rule still holds for the grouped dX,
+# against the plain torch formula run by autocast (each member's linear + adapter term; autograd adds
+# their dX), max and mean error vs fp64.
+
+
+def test_gpu_rounding_rounds_to_nearest():
+    """The helper the precision tests run under: the kernels' fp32 -> bf16 stores round to nearest,
+    as torch's cast does (the interpreter alone truncates)."""
+    import triton
+    import triton.language as tl
+    from kernel_checks import gpu_rounding
+
+    @triton.jit
+    def store(x_ptr, y_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(y_ptr + r, tl.load(x_ptr + r))
+
+    x = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    y = torch.empty(256, dtype=torch.bfloat16)
+    with gpu_rounding():
+        store[(1,)](x, y, 256)
+    assert torch.equal(y, x.to(torch.bfloat16))
+
+
+def _rule_model(adapter, seed, hidden, inter, backend):
+    """A one-layer llama (tiny_models' family, odd sizes) with ``adapter`` on q/k/v and gate/up."""
+    import transformers as T
+    from tiny_models import VOCAB
+
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = T.LlamaForCausalLM(cfg).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    if adapter == "lora":
+        fa.patch(model, adapter="lora", r=5, alpha=8, dropout=0.0, target_modules=targets, backend=backend)
+    else:  # gelu: relu's kink turns a rounding of its input into an O(1) gradient difference
+        fa.patch(model, adapter="parallel", bottleneck_size=7, non_linearity="gelu", scaling="learned",
+                 dropout=0.0, target_modules=targets, backend=backend)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _plain(mod, x):
+    """The member's output as plain torch (run by autocast when it is on)."""
+    from fastadapters.ops.bottleneck import ACT_FNS
+
+    name = mod.active_adapter
+    spec = mod.specs[name]
+    w, b = mod._base_args()
+    s = mod.scaling_of(name)
+    y = torch.nn.functional.linear(x, w, b)
+    if spec.kind == "lora":
+        return y + s * ((x @ mod.lora_A[name].weight.t()) @ mod.lora_B[name].weight.t())
+    act = ACT_FNS[spec.config.non_linearity]
+    return y + s * (act(x @ mod.adapter_down[name].weight.t()) @ mod.adapter_up[name].weight.t())
+
+
+def _shared_dx(model, names, x, dys, autocast, plain=False):
+    """dX of the members ``names`` of layer 0 called in turn on x (as the model calls them)."""
+    layer = model.model.layers[0]
+    mods = [getattr(layer.self_attn, n, None) or getattr(layer.mlp, n) for n in names]
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ys = [_plain(m, x) if plain else m(x) for m in mods]
+    torch.autograd.backward(ys, [dy.to(y.dtype) for y, dy in zip(ys, dys)])
+    return x.grad
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("adapter", ["lora", "parallel"])
+def test_shared_input_grad_under_bf16_autocast_within_rule(adapter, backend, group_calls, monkeypatch):
+    """dX of q/k/v (3 members) and gate/up (2) under CPU bf16 autocast, grouped where the backend
+    groups (triton) and each member alone (FASTADAPTERS_SHARED_INPUT=0): max and mean error vs fp64
+    at most 2x the plain torch formula's under autocast, for odd sizes and several seeds. Triton
+    runs under ``gpu_rounding`` (the GPU's bf16 rounding)."""
+    import copy
+
+    from kernel_checks import gpu_rounding
+
+    for hidden, inter, M in ((44, 37, 13), (36, 50, 21)):
+        for seed in range(3):
+            model = _rule_model(adapter, seed, hidden, inter, backend)
+            m64 = copy.deepcopy(model).double()
+            fa.set_backend(m64, "torch")
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                g = torch.Generator().manual_seed(seed + 7)
+                x = torch.randn(M, hidden, generator=g)
+                widths = [getattr(model.model.layers[0].self_attn, n, None) or getattr(model.model.layers[0].mlp, n)
+                          for n in names]
+                # upstream gradients exactly representable in bf16: every path sees the same dY
+                dys = [torch.randn(M, m.out_features, generator=g).to(torch.bfloat16).double() for m in widths]
+                want = _shared_dx(m64, names, x.double(), dys, autocast=False)
+                ref_t = _shared_dx(model, names, x, dys, autocast=True, plain=True)
+                got = {}
+                for shared in ("1", "0"):
+                    monkeypatch.setenv("FASTADAPTERS_SHARED_INPUT", shared)
+                    group_calls.clear()
+                    with gpu_rounding():
+                        got[shared] = _shared_dx(model, names, x, dys, autocast=True)
+                    grouped = backend == "triton" and shared == "1"
+                    assert group_calls == ([len(names)] if grouped else []), (backend, shared, group_calls)
+                e = lambda t: (t.double() - want).abs()  # noqa: E731
+                where = f"{adapter} {backend} {names} K={hidden} M={M} seed={seed}"
+                for stat in ("max", "mean"):
+                    err_t = getattr(e(ref_t), stat)().item()
+                    for shared, dx in got.items():
+                        assert dx.dtype == torch.float32
+                        err = getattr(e(dx), stat)().item()
+                        assert err <= 2 * err_t, (
+                            f"{where} shared={shared}: {stat} |dX - fp64| {err:.3g} > 2 x plain autocast's "
+                            f"{err_t:.3g} (ungrouped {getattr(e(got['0']), stat)().item():.3g})")
