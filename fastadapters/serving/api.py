@@ -1060,9 +1060,20 @@ def _auto_tool_calls(names, text: str, reason: str | None,
 
 def _byte_level_chars(tokenizer) -> dict[str, int] | None:
     """Character -> the byte it stands for, where ``tokenizer`` is byte-level BPE (its decoder is
-    ``tokenizers``' ByteLevel: GPT-2's map of the 256 bytes to printable characters); else None."""
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if type(decoder).__name__ != "ByteLevel":
+    ``tokenizers``' ByteLevel, alone or inside a Sequence -- transformers 5.17's GGUF conversion
+    writes SmolLM2's as ByteFallback, Fuse, Replace, ByteLevel --: GPT-2's map of the 256 bytes to
+    printable characters); else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    except (AttributeError, TypeError, ValueError):  # not a tokenizers backend we can read
+        return None
+
+    def byte_level(d) -> bool:
+        return isinstance(d, dict) and (d.get("type") == "ByteLevel" or (
+            d.get("type") == "Sequence" and any(byte_level(x) for x in d.get("decoders") or ())))
+
+    if not byte_level(decoder):
         return None
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
     cs, n = bs[:], 0
