@@ -221,8 +221,14 @@ _CHECKED: bool | None = None
 _PACK_CHECKED: bool | None = None
 
 
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    from ..patching import _output_head  # (None where the model has none or cannot say)
+
+    return _output_head(model)
+
+
 def _hookable(model: nn.Module, dtypes) -> list[nn.Linear]:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = _output_layer(model)
     return [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype in dtypes
             and m.weight.device.type == "cpu" and "forward" not in m.__dict__ and m is not out]
 
@@ -240,7 +246,7 @@ def install(model: nn.Module, pack: bool = False) -> LinearHooks:
     if not _op_works():
         return LinearHooks([])
     pack = pack and _op_works(pack=True)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = _output_layer(model)
     layers = _hookable(model, _DTYPES if pack else (torch.float32,))
     if out is not None and type(out) is nn.Linear and out.weight.dtype == torch.float32 \
             and out.weight.device.type == "cpu" and "forward" not in out.__dict__:
@@ -273,7 +279,7 @@ def weight_packing(model: nn.Module, requested: bool | None) -> bool:
     otherwise warn, saying how much they would take, and run the row-major weights."""
     if requested is not None:
         return bool(requested)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_layer(model)
     need = packed_bytes(model)
     if type(head) is nn.Linear and head.weight.dtype in _DTYPES:
         need += head.weight.numel() * head.weight.element_size()
